@@ -1,0 +1,35 @@
+# The two commands of the README. Both create .venv and install moe_lab into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test install lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python setup.py
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Trains the tiny config on the embedded synthetic tasks (CPU, a few minutes),
+# resumes it to prove checkpoints work, and prints a summary.
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/moe-lab info --config configs/tiny.py
+	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR)
+	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)
+
+test: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check moe_lab tests configs
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,25 @@
+"""`moe-lab bench NAME`: benchmarks that report ratios measured in one run.
+
+Each returns {"name", ..., "targets": [{name, value, limit, op, ok}]}.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from moe_lab.config import ConfigError
+
+BENCHMARKS = {
+    "train-step": "moe_lab.bench.train_step",
+    "moe": "moe_lab.bench.moe",
+}
+
+
+def run_benchmark(name: str, *, quick: bool = False, as_json: bool = False) -> dict:
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark '{name}' (available: {', '.join(BENCHMARKS)})")
+    module = importlib.import_module(BENCHMARKS[name])
+    result = module.run(quick=quick)
+    if not as_json:
+        module.main_print(result)
+    return result

@@ -1,0 +1,520 @@
+"""Configuration: Python config files -> validated, frozen dataclasses.
+
+A config file is a Python file with `get_config(arg=None)` returning an
+`ml_collections.ConfigDict` (or a plain nested dict).  The CLI loads it with
+`--config path.py[:arg]`, applies `--config.a.b=value` overrides and turns the
+result into the frozen `Config` dataclass below.  Every check happens here,
+before jax compiles anything; a bad value raises `ConfigError` with one line
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import types
+import typing
+from typing import Any
+
+DEFAULT_RULES = (
+    # logical axis -> mesh axes (None: replicated).  One table, printed at start-up.
+    ("batch", ("data", "fsdp", "expert")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("expert", "expert"),
+    ("layers", None),
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 0  # 0: model.mlp_hidden; smaller values give fine-grained experts
+    num_shared_experts: int = 0  # always-on experts of size expert_hidden (DeepSeekMoE)
+    first_dense_layers: int = 0  # the first N layers keep a dense SwiGLU
+    # topk_softmax: top-k of logits then softmax over the k (Mixtral)
+    # softmax_topk: softmax over all experts then top-k (optionally renormalised)
+    # sigmoid: sigmoid scores, selection-only bias for loss-free balancing (DeepSeek-V3)
+    # expert_choice: every expert takes its top-C tokens (Zhou et al. 2022)
+    router: str = "softmax_topk"
+    renormalize: bool = True
+    bias_update_rate: float = 1e-3  # sigmoid router: b_i += rate * sign(mean load - load_i)
+    router_jitter: float = 0.0  # multiplicative uniform noise on router inputs during training
+    aux_loss_weight: float = 1e-2  # Switch load-balance loss (2508.18672: 1e-2)
+    z_loss_weight: float = 1e-3  # router z-loss (ST-MoE; 2508.18672: 1e-3)
+    # reference: every expert on every token (slow, exact); capacity: sort + per-expert
+    # buffers, overflow dropped; dropless: nothing dropped; auto: dropless.
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    metrics: str = "aggregate"  # aggregate | per_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary size
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0: d_model // num_heads
+    mlp_hidden: int = 0  # 0: round(8/3 d_model) to a multiple of 8 (SwiGLU)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    norm_placement: str = "pre"  # pre | post
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots (save matmul outputs)
+    ffn: str = "dense"  # dense | moe
+    stack: str = "plain"  # plain | recursive
+    moe: MoEConfig = MoEConfig()
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def resolved_mlp_hidden(self) -> int:
+        return self.mlp_hidden or 8 * ((8 * self.d_model // 3 + 7) // 8)
+
+    @property
+    def resolved_expert_hidden(self) -> int:
+        return self.moe.expert_hidden or self.resolved_mlp_hidden
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.moe.first_dense_layers if self.ffn == "moe" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # "name:weight,name:weight"; names: facts, arith, file
+    mixture: str = "facts:1,arith:1"
+    seq_len: int = 128
+    seed: int = 0
+    # facts (memorization): num_entities invented names x relations
+    facts_num_entities: int = 200
+    # arith (reasoning): modular multi-step problems
+    arith_num_steps: int = 3
+    arith_eval_num_steps: int = 3
+    arith_modulus: int = 23
+    # file source: comma-separated paths of .txt or .jsonl files ({"text": ...} or
+    # {"prompt": ..., "answer": ...} rows)
+    files: str = ""
+    pack: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global batch, sequences
+    seed: int = 0
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: final fraction of steps with linear decay
+    end_lr_ratio: float = 0.1  # final lr = end_lr_ratio * lr (cosine, wsd)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 2
+    checkpoint_every: int = 100
+    keep_last: int = 2  # keep the newest N checkpoints ...
+    keep_every: int = 0  # ... plus every M-th step (0: none)
+    async_checkpoint: bool = True
+    progress: bool = True  # progress bar with ETA
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    rules: tuple = DEFAULT_RULES
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return ("data", "fsdp", "expert", "tensor")
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if sizes.count(-1) > 1:
+            raise ConfigError("mesh: at most one axis may be -1")
+        if -1 in sizes:
+            if num_devices % known:
+                raise ConfigError(
+                    f"mesh: fixed axes {sizes} (product {known}) do not divide the "
+                    f"{num_devices} devices"
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ConfigError(
+                f"mesh: shape data={sizes[0]} fsdp={sizes[1]} expert={sizes[2]} "
+                f"tensor={sizes[3]} needs {math.prod(sizes)} devices, have {num_devices}"
+            )
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    name: str = "run"
+
+    def to_dict(self) -> dict:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _to_jsonable(x):
+    if hasattr(x, "to_dict"):  # ml_collections.ConfigDict
+        x = x.to_dict()
+    if isinstance(x, dict):
+        return {k: _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks/converts one leaf to the dataclass field type, naming `key` on error."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"config key '{key}': expected a bool, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an int, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a float, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if typ is tuple:  # the rule table: a sequence of (logical, mesh axes) pairs
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config key '{key}': not valid JSON ({e})") from None
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list of pairs, got {value!r}")
+        rules = []
+        for pair in value:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise ConfigError(f"config key '{key}': bad rule {pair!r}, want (logical, mesh)")
+            axes = pair[1]
+            if isinstance(axes, list):
+                axes = tuple(axes)
+            rules.append((pair[0], axes))
+        return tuple(rules)
+    raise ConfigError(f"config key '{key}': unsupported type {typ}")
+
+
+def from_dict(cls, d: Any, prefix: str = ""):
+    """Builds dataclass `cls` from a nested mapping; unknown keys are errors."""
+    if hasattr(d, "to_dict"):
+        d = d.to_dict()
+    if not isinstance(d, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})"
+            )
+    kwargs = {}
+    for name in names:
+        if name not in d:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = from_dict(typ, d[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(d[name], typ, prefix + name)
+    return cls(**kwargs)
+
+
+def _load_module(path: str) -> types.ModuleType:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_moe_lab_cfg_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def split_config_arg(config_arg: str) -> tuple[str, str | None]:
+    path, _, arg = config_arg.partition(":")
+    return path, (arg or None)
+
+
+def load_raw(config_arg: str, fn: str = "get_config") -> Any:
+    """Calls `fn(arg)` of the config file named by 'path.py[:arg]'."""
+    path, arg = split_config_arg(config_arg)
+    module = _load_module(path)
+    if not hasattr(module, fn):
+        raise ConfigError(f"config file {path} has no {fn}(arg=None)")
+    try:
+        return getattr(module, fn)(arg)
+    except ConfigError:
+        raise
+    except Exception as e:  # a config file's own complaint, as one line
+        raise ConfigError(f"config file {path}: {fn}({arg!r}) failed: {e}") from None
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Applies {'model.d_model': '64', ...}; the key must exist in the schema."""
+    raw = json.loads(json.dumps(_to_jsonable(raw)))  # deep copy, plain types
+    for key, value in overrides.items():
+        parts = key.split(".")
+        _check_key_in_schema(parts, key)
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def _check_key_in_schema(parts: list[str], key: str) -> None:
+    cls = Config
+    for i, p in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if p not in fields:
+            raise ConfigError(
+                f"unknown config key '{key}' ('{p}' not in {', '.join(sorted(fields))})"
+            )
+        typ = typing.get_type_hints(cls)[p]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(typ):
+                raise ConfigError(f"unknown config key '{key}' ('{p}' is not a section)")
+            cls = typ
+
+
+def load_config(config_arg: str, overrides: dict[str, Any] | None = None) -> Config:
+    raw = load_raw(config_arg)
+    raw = apply_overrides(raw if raw is not None else {}, overrides or {})
+    return validate(from_dict(Config, raw))
+
+
+def config_from_json(path: str) -> Config:
+    if not os.path.isfile(path):
+        raise ConfigError(f"no config.json at {path}")
+    with open(path) as f:
+        return validate(from_dict(Config, json.load(f)))
+
+
+# --------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.norm_placement": ("pre", "post"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "model.ffn": ("dense", "moe"),
+    "model.stack": ("plain",),
+    "model.moe.router": ("topk_softmax", "softmax_topk", "sigmoid", "expert_choice"),
+    "model.moe.dispatch": ("reference", "capacity", "dropless", "auto"),
+    "model.moe.metrics": ("aggregate", "per_layer"),
+    "train.schedule": ("cosine", "wsd", "constant"),
+}
+
+
+def _get(cfg: Config, dotted: str):
+    node = cfg
+    for p in dotted.split("."):
+        node = getattr(node, p)
+    return node
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for k in keys:
+        v = _get(cfg, k)
+        if v <= 0:
+            raise ConfigError(f"config key '{k}' must be > 0, got {v}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks everything that can be checked without devices; returns cfg."""
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"config key '{key}'={v!r} is not one of {', '.join(choices)}")
+    m, t, d = cfg.model, cfg.train, cfg.data
+    _positive(cfg, "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+              "model.max_seq_len", "model.init_std", "train.steps", "train.batch_size",
+              "train.log_every", "train.eval_every", "train.checkpoint_every", "data.seq_len")
+    if m.d_model % m.num_heads and not m.head_dim:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model} "
+            "(or set model.head_dim)"
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}"
+        )
+    if m.resolved_head_dim % 2:
+        raise ConfigError(f"model head_dim={m.resolved_head_dim} must be even for RoPE")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
+    if not 0 <= t.decay_fraction <= 1:
+        raise ConfigError(f"config key 'train.decay_fraction' must be in [0, 1], got {t.decay_fraction}")
+    if t.keep_last < 1:
+        raise ConfigError(f"config key 'train.keep_last' must be >= 1, got {t.keep_last}")
+    if m.ffn == "moe":
+        _validate_moe(m)
+    for axis in ("data", "fsdp", "expert", "tensor"):
+        v = getattr(cfg.mesh, axis)
+        if v == 0 or v < -1:
+            raise ConfigError(f"config key 'mesh.{axis}' must be a positive size or -1, got {v}")
+    _validate_mixture(d)
+    return cfg
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    if e.num_experts < 1:
+        raise ConfigError(f"config key 'model.moe.num_experts' must be >= 1, got {e.num_experts}")
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(
+            f"model.moe.top_k={e.top_k} must be in [1, model.moe.num_experts={e.num_experts}]"
+        )
+    if e.capacity_factor <= 0:
+        raise ConfigError(f"model.moe.capacity_factor must be > 0, got {e.capacity_factor}")
+    if not 0 <= e.first_dense_layers < m.num_layers:
+        raise ConfigError(
+            f"model.moe.first_dense_layers={e.first_dense_layers} must be in "
+            f"[0, model.num_layers={m.num_layers})"
+        )
+    if e.num_shared_experts < 0:
+        raise ConfigError("model.moe.num_shared_experts must be >= 0")
+    if e.num_shared_experts and e.router == "expert_choice":
+        raise ConfigError(
+            "model.moe.num_shared_experts > 0 is not supported with router='expert_choice' "
+            "(expert choice already lets busy tokens use many experts)"
+        )
+    if e.router_jitter < 0 or e.aux_loss_weight < 0 or e.z_loss_weight < 0:
+        raise ConfigError("model.moe router_jitter, aux_loss_weight, z_loss_weight must be >= 0")
+
+
+def _validate_mixture(d: DataConfig) -> None:
+    parse_mixture(d.mixture)
+    names = [n for n, _ in parse_mixture(d.mixture)]
+    if "file" in names and not d.files:
+        raise ConfigError("data.mixture uses 'file' but data.files is empty")
+    for p in filter(None, d.files.split(",")):
+        if not os.path.isfile(p):
+            raise ConfigError(f"data.files: no such file: {p}")
+
+
+TASK_NAMES = ("facts", "arith", "file")
+
+
+def parse_mixture(mixture: str) -> list[tuple[str, float]]:
+    out = []
+    for item in filter(None, (s.strip() for s in mixture.split(","))):
+        name, _, w = item.partition(":")
+        if name not in TASK_NAMES:
+            raise ConfigError(f"data.mixture: unknown task '{name}' (valid: {', '.join(TASK_NAMES)})")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise ConfigError(f"data.mixture: bad weight '{w}' for task '{name}'") from None
+        if weight <= 0:
+            raise ConfigError(f"data.mixture: weight of '{name}' must be > 0")
+        out.append((name, weight))
+    if not out:
+        raise ConfigError("data.mixture is empty")
+    return out
+
+
+def validate_for_devices(cfg: Config, num_devices: int) -> tuple[int, ...]:
+    """Device-dependent checks: mesh shape, batch and expert divisibility."""
+    shape = cfg.mesh.shape(num_devices)
+    data, fsdp, expert, tensor = shape
+    batch_shards = data * fsdp * expert
+    if cfg.train.batch_size % batch_shards:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+            f"data*fsdp*expert mesh size {batch_shards}"
+        )
+    if cfg.model.ffn == "moe" and cfg.model.moe.num_experts % expert:
+        raise ConfigError(
+            f"model.moe.num_experts={cfg.model.moe.num_experts} is not divisible by "
+            f"mesh.expert={expert}"
+        )
+    return shape
+
+
+def parse_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Splits `--config.a.b=V` / `--config.a.b V` from the other arguments."""
+    overrides, rest, i = {}, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            body = a[len("--config."):]
+            if "=" in body:
+                k, v = body.split("=", 1)
+            else:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"override {a} has no value")
+                k, v = body, argv[i + 1]
+                i += 1
+            overrides[k] = v
+        else:
+            rest.append(a)
+        i += 1
+    return overrides, rest

@@ -1,0 +1,272 @@
+"""grain input pipeline: task mixture -> tokenized documents -> packed batches.
+
+Train pipeline (per host), every stage index-based and deterministic so that
+the iterator state is a handful of integers and resumes exactly:
+
+    per task t:  MapDataset.range(num_train_t).shuffle(seed_t).repeat()
+                 (a fresh permutation every epoch: grain folds the epoch into
+                 the shuffle seed)
+                 [shard_index::shard_count]   disjoint slice per host
+                 .map(tokenize)  -> {"doc": [n, 4]} per document, n <= T
+                 (columns: inputs, targets, task id, answer flag)
+    MapDataset.mix(tasks, weights)        deterministic interleave; the weights
+                                          count DOCUMENTS, not tokens
+    .to_iter_dataset(no threads)          in-memory generators: threads only
+                                          fight over the GIL
+    FirstFitPackIterDataset(T)            several documents per row, never split
+                                          (short task documents must keep their
+                                          prompt next to their answer)
+    .batch(B_host, collate)               -> the batch dict below
+
+Batch format (numpy, every field [B, T], T = data_cfg.seq_len):
+
+    inputs       int32    token ids (0 = <pad>)
+    targets      int32    next token *within the same document*
+    weights      float32  1 on real (input, target) pairs, 0 on padding
+    segment_ids  int32    1, 2, 3 ... per packed document in a row; 0 = padding
+    positions    int32    position within its document (restarts at 0)
+    task_ids     int32    index of the task in the mixture list (0 on padding:
+                          always combine with weights)
+    answer_mask  float32  1 where the target is an answer token ("task loss",
+                          2508.18672: NLL of the answer tokens only)
+
+Each document is BOS + text + EOS and is shifted *before* packing (inputs =
+doc[:-1], targets = doc[1:]), so no target ever crosses a document boundary and
+`weights` is simply segment_ids > 0. The model must mask attention with
+segment_ids and use `positions` for RoPE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from moe_lab.config import ConfigError, DataConfig, parse_mixture
+from moe_lab.data.tasks import Example, Task, make_task, stable_hash
+from moe_lab.data.tokenizer import TOKENIZER
+
+BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "task_ids",
+                "answer_mask")
+# Columns of a document's [n, 4] int32 array. Packing one 2-D feature instead of
+# four 1-D ones cuts grain's per-document packing overhead (it walks pytrees).
+_COLUMNS = ("inputs", "targets", "task_ids", "answer_mask")
+
+
+# ------------------------------------------------------------------ documents
+
+
+def document_N4(ex: Example, task_index: int, seq_len: int) -> np.ndarray:
+    """Example -> [n, 4] int32 columns (inputs, targets, task_ids, answer_mask),
+    n <= seq_len: BOS + text + EOS shifted by one.
+
+    The answer span is located by encoding the parts separately: byte-level
+    encoding is concatenative, so encode(a + b) == encode(a) + encode(b) as long
+    as no special string straddles the cut (the parts are whole strings)."""
+    tok = TOKENIZER
+    prefix = tok.encode_array(ex.prompt + ex.working + ex.marker)
+    answer = tok.encode_array(ex.answer)
+    parts = [[tok.bos_id], prefix, answer, [tok.eos_id]]
+    if ex.suffix:
+        parts.insert(3, tok.encode_array(ex.suffix))
+    doc = np.concatenate(parts)[: seq_len + 1]  # too long: truncate (FileTask pre-chunks text)
+    n = len(doc) - 1
+    out_N4 = np.empty((n, 4), np.int32)
+    out_N4[:, 0] = doc[:-1]
+    out_N4[:, 1] = doc[1:]
+    out_N4[:, 2] = task_index
+    out_N4[:, 3] = 0
+    # target k is doc[k + 1]; the answer occupies doc[1 + len(prefix): ... + len(answer)]
+    out_N4[len(prefix): len(prefix) + len(answer), 3] = 1
+    return out_N4
+
+
+def tokenize_example(ex: Example, task_index: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Example -> {inputs, targets, task_ids (int32), answer_mask (float32)}, each [n]."""
+    doc_N4 = document_N4(ex, task_index, seq_len)
+    out = {k: np.ascontiguousarray(doc_N4[:, c]) for c, k in enumerate(_COLUMNS)}
+    out["answer_mask"] = out["answer_mask"].astype(np.float32)
+    return out
+
+
+def _collate_packed(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Packed rows {doc [T, 4], doc_segment_ids [T], doc_positions [T]} -> batch."""
+    doc_BT4 = np.stack([r["doc"] for r in rows])
+    segment_ids = np.stack([r["doc_segment_ids"] for r in rows]).astype(np.int32)
+    return {
+        "inputs": np.ascontiguousarray(doc_BT4[..., 0]),
+        "targets": np.ascontiguousarray(doc_BT4[..., 1]),
+        "weights": (segment_ids > 0).astype(np.float32),
+        "segment_ids": segment_ids,
+        "positions": np.stack([r["doc_positions"] for r in rows]).astype(np.int32),
+        "task_ids": np.ascontiguousarray(doc_BT4[..., 2]),
+        "answer_mask": doc_BT4[..., 3].astype(np.float32),
+    }
+
+
+def pad_documents(docs: Sequence[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+    """One document per row, left-aligned, zero-padded: the unpacked batch."""
+    batch_size = len(docs)
+    out = {
+        "inputs": np.zeros((batch_size, seq_len), np.int32),
+        "targets": np.zeros((batch_size, seq_len), np.int32),
+        "weights": np.zeros((batch_size, seq_len), np.float32),
+        "segment_ids": np.zeros((batch_size, seq_len), np.int32),
+        "positions": np.zeros((batch_size, seq_len), np.int32),
+        "task_ids": np.zeros((batch_size, seq_len), np.int32),
+        "answer_mask": np.zeros((batch_size, seq_len), np.float32),
+    }
+    for b, d in enumerate(docs):
+        n = len(d["inputs"])
+        for k in _COLUMNS:
+            out[k][b, :n] = d[k]
+        out["weights"][b, :n] = 1.0
+        out["segment_ids"][b, :n] = 1
+        out["positions"][b, :n] = np.arange(n)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _PadCollate:
+    """Unpacked training (data.pack=False): [n, 4] documents -> padded batch."""
+
+    seq_len: int
+
+    def __call__(self, rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        docs = [{k: r["doc"][:, c] for c, k in enumerate(_COLUMNS)} for r in rows]
+        return pad_documents(docs, self.seq_len)
+
+
+# ------------------------------------------------------------------- training
+
+
+def make_tasks(data_cfg: DataConfig) -> list[Task]:
+    """One task per mixture entry, in mixture order (task_ids index this list)."""
+    return [make_task(name, data_cfg) for name, _ in parse_mixture(data_cfg.mixture)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainDocument:
+    """Map: example index of one task -> {"doc": [n, 4]} tokenized document."""
+
+    task: Task
+    task_index: int
+    seq_len: int
+
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        return {"doc": document_N4(self.task.train_example(int(i)), self.task_index, self.seq_len)}
+
+
+def _task_documents(task_index: int, task: Task, seq_len: int, seed: int, shard_index: int,
+                    shard_count: int) -> grain.MapDataset:
+    """Infinite stream of one task's documents, reshuffled every epoch, this
+    host's slice only."""
+    shuffle_seed = stable_hash(f"shuffle/{seed}/{task_index}/{task.name}") % 2**32
+    ds = grain.MapDataset.range(task.num_train).shuffle(seed=shuffle_seed).repeat()
+    return ds[shard_index::shard_count].map(_TrainDocument(task, task_index, seq_len))
+
+
+def make_train_dataset(
+    data_cfg: DataConfig,
+    global_batch_size: int,
+    *,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    tasks: Sequence[Task] | None = None,
+    num_packing_bins: int | None = None,
+    prefetch: int = 0,
+) -> grain.IterDataset:
+    """Packed training batches for host `shard_index` of `shard_count`.
+
+    `seed` drives the shuffles (the run's seed); `data_cfg.seed` fixes the task
+    contents (which facts exist, which problems), so two runs with different
+    training seeds see the same knowledge base in a different order.
+    Per-host batch = global_batch_size // shard_count rows. `num_packing_bins`
+    (default 2 x the host batch) trades packing density for latency.
+    `prefetch` > 0 adds a thread prefetch buffer of that many batches; grain's
+    thread prefetch checkpoints the state of the last *consumed* batch.
+    """
+    if global_batch_size % shard_count:
+        raise ConfigError(f"global batch {global_batch_size} not divisible by "
+                          f"{shard_count} hosts")
+    if not 0 <= shard_index < shard_count:
+        raise ConfigError(f"shard_index {shard_index} not in [0, {shard_count})")
+    host_batch = global_batch_size // shard_count
+    seq_len = data_cfg.seq_len
+    tasks = tuple(tasks) if tasks is not None else tuple(make_tasks(data_cfg))
+    weights = [w for _, w in parse_mixture(data_cfg.mixture)]
+    if len(weights) != len(tasks):
+        raise ConfigError(f"{len(tasks)} tasks given for a mixture of {len(weights)}")
+    # Shard each task stream, THEN mix: grain's mix is a fixed interleave
+    # (1:1 -> t0 t1 t0 t1 ...), so slicing the mixture would hand each host a
+    # different task (host 0 all t0, host 1 all t1). Sliced first, every host
+    # sees the full mixture over disjoint example indices.
+    streams = [_task_documents(t, task, seq_len, seed, shard_index, shard_count)
+               for t, task in enumerate(tasks)]
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if data_cfg.pack:
+        it_ds = grain.experimental.FirstFitPackIterDataset(
+            it_ds,
+            length_struct={"doc": seq_len},
+            num_packing_bins=num_packing_bins or 2 * host_batch,
+            seed=stable_hash(f"pack/{seed}/{shard_index}") % 2**31,
+            shuffle_bins=True,
+        )
+        it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=_collate_packed)
+    else:
+        it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=_PadCollate(seq_len))
+    if prefetch:
+        it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
+    return it_ds
+
+
+def make_train_iterator(data_cfg: DataConfig, global_batch_size: int, *, seed: int,
+                        shard_index: int = 0, shard_count: int = 1, **kwargs):
+    """`iter(make_train_dataset(...))`: a grain DatasetIterator with
+    get_state() / set_state(state) (a small JSON-able dict) for checkpoints."""
+    return iter(make_train_dataset(data_cfg, global_batch_size, seed=seed,
+                                   shard_index=shard_index, shard_count=shard_count, **kwargs))
+
+
+# ----------------------------------------------------------------------- eval
+
+
+def make_eval_batches(task: Task, data_cfg: DataConfig, batch_size: int, num_batches: int, *,
+                      task_index: int = 0, start: int = 0) -> list[dict[str, np.ndarray]]:
+    """Fixed, unpacked batches of the task's eval split (one example per row).
+
+    Same fields as training batches, so the same loss code gives eval loss
+    (weights) and task loss (answer_mask). Finite eval splits (facts, file) are
+    cycled if batch_size * num_batches exceeds them: duplicates do not bias a
+    mean loss, and fixed shapes keep the eval step compiled once."""
+    out = []
+    for b in range(num_batches):
+        docs = [tokenize_example(task.eval_example(start + b * batch_size + r), task_index,
+                                 data_cfg.seq_len) for r in range(batch_size)]
+        out.append(pad_documents(docs, data_cfg.seq_len))
+    return out
+
+
+def eval_prompts(task: Task, n: int, *, start: int = 0) -> list[Example]:
+    """The first n eval examples (prompt, answer) for generation-based accuracy;
+    feed `TOKENIZER.encode(ex.prompt, add_bos=True)` and score with `task.check`."""
+    return [task.eval_example(start + i) for i in range(n)]
+
+
+def describe_batch(batch: dict[str, np.ndarray], task_names: Sequence[str] = (),
+                   rows: int = 2) -> str:
+    """Human-readable summary: shapes, fill, documents per row, first rows."""
+    w = batch["weights"]
+    lines = [", ".join(f"{k}{tuple(v.shape)}:{v.dtype}" for k, v in batch.items()),
+             (f"fill {w.mean():.1%}  docs/row {batch['segment_ids'].max(1).mean():.1f}  "
+              f"answer tokens {int(batch['answer_mask'].sum())}")]
+    for t in np.unique(batch["task_ids"][w > 0]):
+        name = task_names[t] if t < len(task_names) else str(t)
+        lines.append(f"  task {name}: {int(((batch['task_ids'] == t) & (w > 0)).sum())} tokens")
+    for r in range(min(rows, len(w))):
+        lines.append(f"  row {r}: {TOKENIZER.decode(batch['inputs'][r])!r}")
+    return "\n".join(lines)

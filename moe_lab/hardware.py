@@ -1,0 +1,34 @@
+"""Peak FLOP/s of the machine, for MFU.
+
+Accelerators: the chip's datasheet dense peak for the compute dtype.  CPU: the
+matmul throughput this process measures (the attainable peak of these cores;
+the datasheet number of a CPU says little about what XLA reaches).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+# dense bf16 peak FLOP/s per chip (datasheets)
+_ACCELERATOR_PEAK_BF16 = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was obtained)."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        for name, peak in _ACCELERATOR_PEAK_BF16.items():
+            if name.lower() in dev.device_kind.lower():
+                return (peak if dtype == "bfloat16" else peak / 2), f"datasheet {name}"
+    from moe_lab.bench.common import matmul_peak_flops  # noqa: PLC0415
+
+    n = len(jax.devices())
+    # fake CPU devices share the same cores: measure on one, divide by the count
+    return matmul_peak_flops(1024) / n, "measured matmul (cpu)"

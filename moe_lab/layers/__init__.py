@@ -1,0 +1,1 @@
+"""Layers: attention, feed-forwards, norms, MoE. Nothing here imports train/ or eval/."""

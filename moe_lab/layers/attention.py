@@ -1,0 +1,93 @@
+"""Grouped-query causal self-attention with RoPE (Ainslie et al. 2023; Su et al. 2021).
+
+Dimension legend: B batch, T query time, S key time, D d_model, H query heads,
+G kv heads (groups), R = H // G query heads per kv head, K head dim.
+
+Positions are explicit inputs so that packed documents restart at 0 and so
+that a recursive stack can attend over a subset of tokens at their original
+positions. Packing is handled by `segment_ids`: a token attends only to
+earlier tokens of the same segment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_lab.config import ModelConfig
+from moe_lab.layers.base import dtype_of, param
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on the two halves of the head dim (the Llama/NeoX layout)."""
+    half = x_BTHK.shape[-1] // 2
+    inv_freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BTK2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K2
+    sin = jnp.sin(angle_BTK2)[:, :, None, :]
+    cos = jnp.cos(angle_BTK2)[:, :, None, :]
+    x1, x2 = x_BTHK[..., :half].astype(jnp.float32), x_BTHK[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHK.dtype)
+
+
+def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None):
+    """[B, T, S] bool: causal by position, same segment, and (optionally) valid keys."""
+    mask = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]
+    if q_seg_BT is not None:
+        mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    if k_valid_BS is not None:
+        mask &= k_valid_BS[:, None, :]
+    return mask
+
+
+def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
+    """Softmax attention with G kv heads shared by groups of R query heads (f32 softmax)."""
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32)
+    scores_BGRTS *= K**-0.5
+    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, -1e30)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
+    out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
+    return out_BTGRK.reshape(B, T, H, K)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        pd, std = dtype_of(cfg.param_dtype), cfg.init_std
+        self.q_DHK = param(rngs, (D, H, K), ("embed", "heads", "head_dim"), std=std, dtype=pd)
+        self.k_DGK = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+        self.v_DGK = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+        self.o_HKD = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), std=std, dtype=pd)
+        self.rope_theta = cfg.rope_theta
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+
+    def project_kv(self, x_BTD, positions_BT):
+        cd = self.compute_dtype
+        x = x_BTD.astype(cd)
+        k_BTGK = rope(jnp.einsum("btd,dgk->btgk", x, self.k_DGK[...].astype(cd)), positions_BT,
+                      self.rope_theta)
+        v_BTGK = jnp.einsum("btd,dgk->btgk", x, self.v_DGK[...].astype(cd))
+        return k_BTGK, v_BTGK
+
+    def project_q(self, x_BTD, positions_BT):
+        cd = self.compute_dtype
+        q = jnp.einsum("btd,dhk->bthk", x_BTD.astype(cd), self.q_DHK[...].astype(cd))
+        return rope(q, positions_BT, self.rope_theta)
+
+    def output(self, o_BTHK):
+        cd = self.compute_dtype
+        return jnp.einsum("bthk,hkd->btd", o_BTHK, self.o_HKD[...].astype(cd))
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+        q_BTHK = self.project_q(x_BTD, positions_BT)
+        k_BTGK, v_BTGK = self.project_kv(x_BTD, positions_BT)
+        # Causality by index within the row (positions restart per packed segment,
+        # so the segment test keeps documents apart).
+        T = x_BTD.shape[1]
+        idx_BT = jnp.broadcast_to(jnp.arange(T), x_BTD.shape[:2])
+        mask_BTS = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
+        return self.output(gqa(q_BTHK, k_BTGK, v_BTGK, mask_BTS))

@@ -1,0 +1,48 @@
+"""Parameter creation: the one place that attaches sharding metadata.
+
+Modules carry *logical* axis names only ("embed", "mlp", "heads", ...); the
+rule table in the config maps them to mesh axes (moe_lab/sharding.py).  The
+metadata key lives here alone because Flax renamed its own sharding keyword
+twice in a year (sharding -> sharding_names -> out_sharding); we keep ours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOGICAL_AXES_KEY = "logical_axes"
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str):
+    return DTYPES[name]
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    logical_axes: tuple[str | None, ...],
+    *,
+    init: str = "normal",
+    std: float = 0.02,
+    dtype=jnp.float32,
+) -> nnx.Param:
+    """An nnx.Param with `logical_axes` metadata (one name per dimension)."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {shape} and logical axes {logical_axes} differ in rank")
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init}")
+    return nnx.Param(value, **{LOGICAL_AXES_KEY: tuple(logical_axes)})
+
+
+def logical_axes_of(variable: nnx.Variable) -> tuple | None:
+    return variable.get_metadata().get(LOGICAL_AXES_KEY)

@@ -1,0 +1,36 @@
+"""SwiGLU feed-forward (Shazeer 2020): down(silu(x W_gate) * (x W_up)).
+
+Dimension legend: B batch, T time, D d_model, F hidden.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_lab.layers.base import dtype_of, param
+
+
+def swiglu(x_BTD, gate_DF, up_DF, down_FD):
+    """The SwiGLU function on explicit weights (also the MoE experts' reference)."""
+    h_BTF = jax.nn.silu(x_BTD @ gate_DF) * (x_BTD @ up_DF)
+    return h_BTF @ down_FD
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, hidden: int, *, init_std: float = 0.02,
+                 param_dtype: str = "float32", compute_dtype: str = "float32",
+                 rngs: nnx.Rngs):
+        pd = dtype_of(param_dtype)
+        self.gate_DF = param(rngs, (d_model, hidden), ("embed", "mlp"), std=init_std, dtype=pd)
+        self.up_DF = param(rngs, (d_model, hidden), ("embed", "mlp"), std=init_std, dtype=pd)
+        self.down_FD = param(rngs, (hidden, d_model), ("mlp", "embed"), std=init_std, dtype=pd)
+        self.compute_dtype = dtype_of(compute_dtype)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cd = self.compute_dtype
+        return swiglu(x_BTD.astype(cd), self.gate_DF[...].astype(cd),
+                      self.up_DF[...].astype(cd), self.down_FD[...].astype(cd))
+
+

@@ -1,0 +1,150 @@
+"""Meshes and the logical-axis rule table.
+
+Modules name their dimensions logically ("embed", "mlp", "expert", ...); the
+config's rule table maps each logical name to zero or more mesh axes
+("data", "fsdp", "expert", "tensor").  This file turns (logical axes, rules,
+mesh) into PartitionSpecs for parameters, optimizer state, batches and
+activation constraints, and prints the table so nobody has to guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from moe_lab.config import ConfigError, MeshConfig
+from moe_lab.layers.base import logical_axes_of
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# The rules in force for activation constraints (set by `use_rules`).
+_ACTIVE: dict[str, Any] = {"rules": None, "mesh": None}
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> jax.sharding.Mesh:
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_cfg.shape(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(logical_axes: Iterable[str | None], rules, mesh=None,
+                    shape: tuple[int, ...] | None = None, name: str = "") -> P:
+    """Maps logical names to a PartitionSpec; a mesh axis is used at most once.
+
+    With `shape` and `mesh`, mesh axes that do not divide the dimension are an
+    error naming the array (GSPMD would pad silently and waste memory).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, la in enumerate(logical_axes):
+        axes = tuple(a for a in _as_tuple(table.get(la)) if a not in used) if la else ()
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        if shape is not None and mesh is not None and axes:
+            size = math.prod(mesh.shape[a] for a in axes)
+            if shape[i] % size:
+                raise ConfigError(
+                    f"sharding: {name or 'array'} dim {i} ('{la}', size {shape[i]}) is not "
+                    f"divisible by mesh axes {axes} (size {size}); change the mesh or mesh.rules"
+                )
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*spec)
+
+
+def variable_logical_axes(variable: nnx.Variable) -> tuple:
+    """A variable's logical axes; stacked (scanned) layers get a leading 'layers'."""
+    axes = logical_axes_of(variable) or (None,) * variable.ndim
+    extra = variable.ndim - len(axes)
+    return ("layers",) * extra + tuple(axes)
+
+
+def state_logical_axes(abstract_model: nnx.Module, variable_type=nnx.Variable) -> dict:
+    """Pure-dict tree of logical-axis tuples for the model's variables."""
+    state = nnx.state(abstract_model, variable_type)
+    return nnx.State(jax.tree.map(variable_logical_axes, state,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))).to_pure_dict()
+
+
+def tree_specs(logical_tree: dict, shapes_tree: dict, rules, mesh) -> dict:
+    def one(path, la, shape):
+        return logical_to_spec(la, rules, mesh, shape.shape, jax.tree_util.keystr(path))
+    return jax.tree_util.tree_map_with_path(one, logical_tree, shapes_tree,
+                                            is_leaf=lambda x: isinstance(x, tuple))
+
+
+def opt_state_specs(tx: optax.GradientTransformation, opt_shapes, param_specs):
+    """Optimizer moments take their parameter's spec; counters are replicated."""
+    return optax.tree_map_params(tx, lambda _, spec: spec, opt_shapes, param_specs,
+                                 transform_non_params=lambda _: P(),
+                                 is_leaf=lambda x: isinstance(x, P))
+
+
+def named(mesh, spec_tree):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(rules, mesh=None) -> P:
+    return logical_to_spec(("batch", None), rules, mesh)
+
+
+@contextlib.contextmanager
+def use_rules(rules, mesh):
+    """Activates the rule table for `constrain` (activation sharding constraints)."""
+    old = dict(_ACTIVE)
+    _ACTIVE.update(rules=rules, mesh=mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE.update(old)
+
+
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op without active rules."""
+    rules, mesh = _ACTIVE["rules"], _ACTIVE["mesh"]
+    if rules is None or mesh is None or mesh.size == 1:
+        return x
+    spec = logical_to_spec(logical_axes, rules, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def format_rules(rules, mesh) -> str:
+    lines = [f"mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s)",
+             "logical axis -> mesh axes"]
+    for la, axes in rules:
+        active = [a for a in _as_tuple(axes) if mesh.shape.get(a, 1) > 1]
+        lines.append(f"  {la:<10} -> {', '.join(_as_tuple(axes)) or '(replicated)'}"
+                     + ("" if active or not _as_tuple(axes) else "   [size-1 axes: replicated]"))
+    return "\n".join(lines)
+
+
+def describe_specs(spec_tree, max_lines: int = 40) -> str:
+    flat = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=lambda x: isinstance(x, P))[0]
+    lines = [f"  {jax.tree_util.keystr(p):<48} {s}" for p, s in flat[:max_lines]]
+    if len(flat) > max_lines:
+        lines.append(f"  ... {len(flat) - max_lines} more")
+    return "\n".join(lines)
+
+
+def host_local_batch_to_global(batch: dict[str, np.ndarray], mesh, spec: P) -> dict:
+    """Builds global jax.Arrays from each process's local slice of the batch."""
+    sharding = NamedSharding(mesh, spec)
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

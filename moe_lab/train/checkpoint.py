@@ -1,0 +1,354 @@
+"""Checkpoints: the only module that talks to Orbax.
+
+Layout: ``DIR/checkpoints/<step>/`` holds one checkpoint with the items
+
+    state  the train-state pytree (nested dicts of jax.Arrays, possibly sharded)
+    data   the grain iterator state (optional: grown checkpoints have none)
+    meta   a JSON dict of counters (step, tokens_seen, flops_spent, ...)
+
+Why things are the way they are:
+
+- Atomicity comes from Orbax: a step is written to
+  ``<step>.orbax-checkpoint-tmp-<ts>/`` and renamed to ``<step>/`` only after
+  every item (and, async, every background write) has committed.  We list steps
+  from disk with ``ocp.utils.checkpoint_steps``, which only returns finalized
+  directories, so a save killed mid-write is never seen, not even by this
+  process while its own async save is still in flight.
+- Stale tmp dirs are removed on the first ``save`` of a Checkpointer, never at
+  construction: an evaluator opening a workdir while a trainer writes into it
+  must not delete the trainer's in-flight checkpoint.
+- Async saves copy device buffers to host before ``save`` returns, so the
+  caller may donate/overwrite its state right after; the grain handler is a
+  synchronous Orbax handler, so the iterator position is also captured then.
+- Shape/structure mismatches are found by comparing ``abstract_state`` with the
+  saved metadata tree *before* restoring: Orbax's own errors name tensorstore
+  paths and span many lines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import json
+import logging
+from typing import Any, Self
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from moe_lab.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, META = "state", "data", "meta"
+
+
+def _checkpoint_dir(workdir: str) -> epath.Path:
+    """DIR/checkpoints, refusing paths that exist but are files.  epath (not
+    os.path) so that gs:// workdirs on pods work the same as local ones."""
+    if "://" not in str(workdir):  # orbax (OCDBT) needs absolute local paths
+        workdir = os.path.abspath(workdir)
+    workdir = epath.Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    for path in (workdir, ckpt_dir):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"workdir: {path} exists but is not a directory")
+    return ckpt_dir
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Committed steps under DIR/checkpoints, ascending; [] if there are none."""
+    ckpt_dir = _checkpoint_dir(workdir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
+
+
+def _key_str(path) -> str:
+    """'params/w' from a jax key path; Orbax may return tuples as lists or
+    string-keyed dicts, so every key kind collapses to its plain string."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _shapes_by_key(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_key_str(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
+
+
+def _first_mismatch(saved: dict, wanted: dict) -> str | None:
+    """One line naming the first key whose presence or shape differs."""
+    for key in sorted(saved.keys() | wanted.keys()):
+        if key not in wanted:
+            return f"'{key}' (shape {saved[key]}) is in the checkpoint but not in abstract_state"
+        if key not in saved:
+            return f"'{key}' (shape {wanted[key]}) is in abstract_state but not in the checkpoint"
+        if saved[key] != wanted[key]:
+            return f"'{key}' has shape {saved[key]} in the checkpoint but {wanted[key]} in abstract_state"
+    return None
+
+
+def _jsonable(meta: dict) -> dict:
+    """Meta goes through json.dumps; numpy/jax scalars from metrics are common,
+    so convert them instead of failing inside a background save."""
+
+    def default(obj):
+        if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+            return np.asarray(obj).tolist()
+        raise TypeError(type(obj).__name__)
+
+    try:
+        return json.loads(json.dumps(meta, default=default))
+    except TypeError as e:
+        raise ConfigError(
+            f"checkpoint meta: value of type {e} is not JSON-serializable"
+        ) from None
+
+
+class Checkpointer:
+    """Saves/restores train state, data-iterator state and meta for one workdir.
+
+    keep_last: keep the newest N checkpoints (0: keep all).
+    keep_every: additionally keep every step that is a multiple of it (0: off).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep_last: int = 2,
+        keep_every: int = 0,
+        async_save: bool = True,
+        create: bool = True,
+    ):
+        if keep_last < 0 or keep_every < 0:
+            raise ConfigError(
+                f"checkpoint: keep_last={keep_last} and keep_every={keep_every} must be >= 0"
+            )
+        self.directory = _checkpoint_dir(workdir)
+        # Retention: the union of "latest N" and "every K-th step".  LatestN(None)
+        # keeps everything; LatestN(0) would delete even the newest step.
+        policies = [ocm.LatestN(n=keep_last or None)]
+        if keep_every:
+            policies.append(ocm.EveryNSteps(interval_steps=keep_every))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=create,
+            cleanup_tmp_directories=False,  # see module docstring; done in save()
+        )
+        # An explicit registry lets a fresh manager read item metadata and restore
+        # items before it has saved anything.
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add(STATE, ocp.args.PyTreeSave)
+        registry.add(STATE, ocp.args.PyTreeRestore)
+        registry.add(META, ocp.args.JsonSave)
+        registry.add(META, ocp.args.JsonRestore)
+        data_handler = grain.checkpoint.CheckpointHandler()
+        registry.add(DATA, grain.checkpoint.CheckpointSave, data_handler)
+        registry.add(DATA, grain.checkpoint.CheckpointRestore, data_handler)
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
+        self._cleaned_tmp = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- listing
+
+    def all_steps(self) -> list[int]:
+        """Committed steps (an in-flight async save is not listed until done)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(ocp.utils.checkpoint_steps(self.directory))
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _resolve(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise ConfigError(f"no checkpoint in {self.directory}")
+            return steps[-1]
+        if int(step) not in steps:
+            avail = ", ".join(map(str, steps)) or "none"
+            raise ConfigError(
+                f"no checkpoint at step {step} in {self.directory} (available: {avail})"
+            )
+        return int(step)
+
+    def _has_item(self, step: int, item: str) -> bool:
+        return (self.directory / str(step) / item).is_dir()
+
+    # ------------------------------------------------------------------ save
+
+    def _cleanup_stale_tmp(self) -> None:
+        """Remove tmp dirs left by a killed save.  Only the writer does this (and
+        only the primary process), before its first save, so no live save of
+        ours can be among them."""
+        if self._cleaned_tmp:
+            return
+        self._cleaned_tmp = True
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for path in ocp.path.step.all_temporary_paths(self.directory):
+            log.warning("removing unfinished checkpoint %s", path.get())
+            path.get().rmtree(missing_ok=True)
+
+    def save(
+        self,
+        step: int,
+        state,
+        *,
+        data_iterator=None,
+        meta: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Start saving `step`; returns False (and writes nothing) if the step is
+        already saved, or without `force` if it is not newer than the latest one.
+
+        Async: returns once the state is on host; call wait() to block until the
+        checkpoint is committed.  All processes must call this.
+        """
+        step = int(step)
+        meta = _jsonable({"step": step, **(meta or {})})
+        # No disk check here: the skip decision must be identical on every
+        # process, so it is left to Orbax's in-memory step list.
+        self._cleanup_stale_tmp()
+        items = {STATE: ocp.args.PyTreeSave(state), META: ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        try:
+            return bool(
+                self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+            )
+        except ocp.checkpoint_manager.StepAlreadyExistsError:  # only with force=True
+            log.warning(
+                "checkpoint step %d already exists in %s; not overwriting",
+                step,
+                self.directory,
+            )
+            return False
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves (and deletions of old steps), release threads."""
+        if not self._closed:
+            self._closed = True
+            self._mngr.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- restore
+
+    def _saved_tree(self, step: int):
+        """The saved state's metadata tree (ArrayMetadata leaves: shape, dtype)."""
+        if not self._has_item(step, STATE):
+            raise ConfigError(
+                f"checkpoint step {step} in {self.directory} has no '{STATE}' item"
+            )
+        md = self._mngr.metadata(step).item_metadata[STATE]
+        return md.tree if hasattr(md, "tree") else md
+
+    def restore(
+        self, step: int | None, abstract_state, *, data_iterator=None
+    ) -> tuple[Any, dict]:
+        """Restore (state, meta) from `step` (None: latest).
+
+        abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set; every
+        array is read directly into that sharding, whatever the sharding (or
+        device count) was at save time.  If `data_iterator` is given its state is
+        restored in place; a checkpoint without data state (e.g. a grown one)
+        leaves it untouched and logs a warning.
+        """
+        step = self._resolve(step)
+        problem = _first_mismatch(
+            _shapes_by_key(self._saved_tree(step)), _shapes_by_key(abstract_state)
+        )
+        if problem:
+            raise ConfigError(
+                f"checkpoint step {step} in {self.directory} does not match the model: {problem}"
+            )
+        items = {
+            STATE: ocp.args.PyTreeRestore(
+                item=abstract_state,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                    abstract_state
+                ),
+            )
+        }
+        if self._has_item(step, META):
+            items[META] = ocp.args.JsonRestore()
+        if data_iterator is not None:
+            if self._has_item(step, DATA):
+                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                log.warning(
+                    "checkpoint step %d has no data-iterator state; the iterator starts fresh",
+                    step,
+                )
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError) as e:
+            first = (
+                str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            )
+            raise ConfigError(
+                f"checkpoint step {step} in {self.directory}: {first}"
+            ) from e
+        meta = restored[META] if META in items else {}
+        return restored[STATE], dict(meta or {})
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        step = self._resolve(step)
+        if not self._has_item(step, META):
+            return {}
+        restored = self._mngr.restore(
+            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+        )
+        return dict(restored[META] or {})
+
+    def restore_raw(self, step: int | None = None):
+        """The saved state as host numpy arrays, structure taken from the
+        checkpoint: growth tools read a run without building its model, and
+        numpy avoids needing the devices/mesh the run was saved from."""
+        step = self._resolve(step)
+        saved = self._saved_tree(step)
+        restore_args = jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved
+        )
+        args = ocp.args.PyTreeRestore(item=None, restore_args=restore_args)
+        return self._mngr.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+
+
+def write_checkpoint(workdir: str, step: int, state, meta: dict | None) -> None:
+    """Synchronously write one checkpoint (state + meta, no data state) into
+    workdir/checkpoints/<step>/; used by `grow` to start a new run.  Refuses to
+    touch an existing step and keeps every other checkpoint there."""
+    if int(step) in checkpoint_steps(workdir):
+        raise ConfigError(
+            f"checkpoint step {step} already exists in {_checkpoint_dir(workdir)}"
+        )
+    with Checkpointer(workdir, keep_last=0, async_save=False) as ckpt:
+        if not ckpt.save(step, state, meta=meta, force=True):
+            raise ConfigError(
+                f"could not write checkpoint step {step} in {ckpt.directory}"
+            )

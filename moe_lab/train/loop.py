@@ -1,0 +1,287 @@
+"""The trainer: workdir handling, resume, the step loop, logging, eval, checkpoints.
+
+`train(cfg, workdir)` is what `moe-lab train` runs.  A workdir with checkpoints
+resumes from the newest one (model, optimizer, data-iterator state and
+counters), so an interrupted and resumed run reproduces the losses of an
+uninterrupted one.  SIGTERM (preemption) saves a checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from moe_lab import flops, sharding
+from moe_lab.config import Config, ConfigError, config_from_json, parse_mixture, validate_for_devices
+from moe_lab.train.metrics import MetricsWriter
+from moe_lab.train.state import make_setup, resolve_config
+from moe_lab.train.step import make_eval_step, make_train_step
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def prepare_workdir(cfg: Config, workdir: str) -> Config:
+    """Creates or re-opens a workdir; refuses one that belongs to a different model."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+    cfg_path = os.path.join(workdir, "config.json")
+    if os.path.exists(cfg_path):
+        old = config_from_json(cfg_path)
+        if old.model != cfg.model:
+            diffs = [f"{k}: {v} -> {getattr(cfg.model, k)}"
+                     for k, v in vars(old.model).items() if getattr(cfg.model, k) != v]
+            raise ConfigError(
+                f"workdir {workdir} holds a run with a different model ({'; '.join(diffs)[:200]}); "
+                "use a new --workdir"
+            )
+    elif os.path.isdir(workdir) and os.listdir(workdir):
+        raise ConfigError(f"workdir {workdir} is not empty and holds no moe_lab run (no config.json)")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        write_json_atomic(cfg_path, cfg.to_dict())
+    return cfg
+
+
+def _to_device(batch: dict, batch_sharding) -> dict:
+    return sharding.host_local_batch_to_global(batch, batch_sharding.mesh, batch_sharding.spec)
+
+
+class _Preempted:
+    """Turns SIGTERM into a flag checked between steps (save, then exit 0)."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, *_):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) -> dict:
+    """Eval loss and task loss (answer tokens only, bits/token) per task."""
+    sums = None
+    for batch in eval_batches:
+        out = eval_step(state["params"], state["model_state"], _to_device(batch, batch_sharding))
+        out = jax.tree.map(np.asarray, out)
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    result = {}
+    for i, name in enumerate(task_names):
+        if sums is None or sums["loss_den"][i] == 0:
+            continue
+        result[f"eval/{name}/loss"] = float(sums["loss_num"][i] / sums["loss_den"][i])
+        if sums["answer_den"][i] > 0:
+            nats = sums["answer_num"][i] / sums["answer_den"][i]
+            result[f"eval/{name}/task_loss_bits"] = float(nats / math.log(2))
+    return result
+
+
+def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the final summary dict.
+
+    `max_steps` stops early after that many steps of this invocation (tests use it
+    to simulate an interruption); checkpoints and counters behave as on a kill.
+    """
+    from moe_lab.data import pipeline  # noqa: PLC0415
+    from moe_lab.data.tasks import make_task  # noqa: PLC0415
+    from moe_lab.hardware import peak_flops_per_device  # noqa: PLC0415
+    from moe_lab.train.checkpoint import Checkpointer  # noqa: PLC0415
+
+    cfg = resolve_config(cfg)
+    validate_for_devices(cfg, jax.device_count())
+    cfg = prepare_workdir(cfg, workdir)
+    t = cfg.train
+    mesh = sharding.make_mesh(cfg.mesh)
+    _log(sharding.format_rules(cfg.mesh.rules, mesh))
+    setup = make_setup(cfg, mesh)
+
+    task_names = [name for name, _ in parse_mixture(cfg.data.mixture)]
+    train_iter = pipeline.make_train_iterator(
+        cfg.data, t.batch_size, seed=cfg.data.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    local_eval_bs = max(1, t.batch_size // jax.process_count())
+    eval_batches = []
+    for name in task_names:
+        task = make_task(name, cfg.data)
+        eval_batches += pipeline.make_eval_batches(
+            task, cfg.data, local_eval_bs, t.eval_batches, task_index=task_names.index(name))
+
+    ckpt = Checkpointer(os.path.join(workdir), keep_last=t.keep_last, keep_every=t.keep_every,
+                        async_save=t.async_checkpoint)
+    latest = ckpt.latest_step()
+    counters = {"tokens_seen": 0.0, "flops_spent": 0.0, "wall_seconds": 0.0}
+    if latest is not None:
+        state, meta = ckpt.restore(latest, setup.abstract_state, data_iterator=train_iter)
+        counters.update({k: meta[k] for k in counters if k in meta})
+        _log(f"resuming from {workdir}/checkpoints/{latest} (step {int(state['step'])})")
+    else:
+        state = setup.init_state()
+    start_step = int(state["step"])
+
+    counts = flops.param_counts(cfg.model)
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    flops_per_step = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    peak, peak_how = peak_flops_per_device(cfg.model.compute_dtype)
+    peak_total = peak * jax.device_count()
+    _log(f"params total {counts['total']:,} active {counts['active']:,} | "
+         f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
+         f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
+
+    num_tasks = len(task_names)
+    with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
+        train_step = jax.jit(
+            make_train_step(setup.graphdef, setup.tx, cfg, num_tasks, setup.schedule),
+            in_shardings=(setup.shardings, setup.batch_sharding),
+            out_shardings=(setup.shardings, None), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(setup.graphdef, num_tasks))
+        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                               resume_step=start_step if latest is not None else None)
+        summary = _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step,
+                            eval_batches, setup, ckpt, writer, counters, task_names,
+                            flops_per_step, tokens_per_step, peak_total, max_steps)
+    writer.close()
+    ckpt.close()
+    return summary
+
+
+def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step, eval_batches,
+              setup, ckpt, writer, counters, task_names, flops_per_step, tokens_per_step,
+              peak_total, max_steps):
+    t = cfg.train
+    last_step = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
+    bar = None
+    if t.progress and jax.process_index() == 0 and last_step > start_step:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a tty
+    pending = None  # (step, metrics on device): read one step late, never stall the device
+    last_row, last_eval = {}, {}
+    t_window, steps_window = time.perf_counter(), 0
+    t_run = time.perf_counter()
+
+    saved = {"step": None}
+
+    def save(step, force=False):
+        if saved["step"] == step:
+            return
+        saved["step"] = step
+        meta = {**counters, "step": step,
+                "wall_seconds": counters["wall_seconds"] + time.perf_counter() - t_run}
+        ckpt.save(step, state, data_iterator=train_iter, meta=meta, force=force)
+
+    def flush(pending):
+        nonlocal t_window, steps_window, last_row
+        step, m = pending
+        m = jax.device_get(m)
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping (see metrics.jsonl)")
+        now = time.perf_counter()
+        dt = (now - t_window) / max(steps_window, 1)
+        t_window, steps_window = now, 0
+        row = {k: v for k, v in m.items() if k not in ("task_loss_sum", "task_weight_sum")}
+        for i, name in enumerate(task_names):
+            if m["task_weight_sum"][i] > 0:
+                row[f"loss/{name}"] = m["task_loss_sum"][i] / m["task_weight_sum"][i]
+        row.update(tokens_seen=counters["tokens_seen"], flops_spent=counters["flops_spent"],
+                   tokens_per_sec=tokens_per_step / dt, mfu=flops_per_step / dt / peak_total,
+                   step_time=dt)
+        last_row = writer.write(step, row)
+        eta = (t.steps - step) * dt
+        msg = (f"step {step}/{t.steps} loss {row['loss']:.4f} "
+               + " ".join(f"{n} {row[f'loss/{n}']:.3f}" for n in task_names if f"loss/{n}" in row)
+               + f" | {row['tokens_per_sec']:.0f} tok/s | MFU {100 * row['mfu']:.1f}% | ETA {_fmt_time(eta)}")
+        if "moe/max_violation" in row:
+            msg += f" | maxvio {row['moe/max_violation']:.2f} drop {row['moe/drop_fraction']:.3f}"
+        (bar.write if bar else _log)(msg)
+
+    with _Preempted() as preempt:
+        step = start_step
+        while step < last_step:
+            batch = next(train_iter)
+            state, metrics = train_step(state, _to_device(batch, setup.batch_sharding))
+            step += 1
+            steps_window += 1
+            counters["tokens_seen"] += tokens_per_step
+            counters["flops_spent"] += flops_per_step
+            if pending is not None:
+                flush(pending)
+                pending = None
+            if step % t.log_every == 0 or step == last_step:
+                pending = (step, metrics)
+            if bar:
+                bar.update(1)
+            if step % t.eval_every == 0 or step == t.steps:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                last_eval = evaluate_losses(eval_step, state, eval_batches,
+                                            setup.batch_sharding, task_names)
+                writer.write(step, last_eval)
+                (bar.write if bar else _log)(
+                    f"eval @ {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in last_eval.items()))
+            if step % t.checkpoint_every == 0 or step == last_step:
+                save(step, force=step == last_step)
+            if preempt.flag:
+                _log(f"SIGTERM: saving step {step} and exiting")
+                save(step, force=True)
+                break
+        if pending is not None:
+            flush(pending)
+    if bar:
+        bar.close()
+    ckpt.wait()
+    elapsed = time.perf_counter() - t_run
+    summary = {"workdir": workdir, "step": int(step), "steps": t.steps,
+               "loss": last_row.get("loss"), **last_eval,
+               "tokens_seen": counters["tokens_seen"], "flops_spent": counters["flops_spent"],
+               "seconds_this_run": elapsed, "mfu": last_row.get("mfu"),
+               "tokens_per_sec": last_row.get("tokens_per_sec")}
+    return summary
+
+
+def load_final_state(workdir: str, step: int | None = None):
+    """(cfg, setup, state) of a run's checkpoint, for eval/analysis tools."""
+    from moe_lab.train.checkpoint import Checkpointer  # noqa: PLC0415
+
+    cfg = resolve_config(config_from_json(os.path.join(workdir, "config.json")))
+    mesh = sharding.make_mesh(cfg.mesh.__class__(data=-1, rules=cfg.mesh.rules))
+    setup = make_setup(cfg, mesh)
+    ckpt = Checkpointer(workdir, create=False)
+    state, _ = ckpt.restore(step, setup.abstract_state)
+    ckpt.close()
+    return cfg, setup, state
+

@@ -1,0 +1,94 @@
+"""Building the model, optimizer and sharded train state from a Config.
+
+The model is first built abstractly (nnx.eval_shape: no memory, no compute) to
+read its logical axes; the rule table turns them into shardings; then the real
+initialisation runs under jit with those out_shardings, so every array is born
+on its devices (no host round trip, no full copy on one device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from moe_lab import sharding
+from moe_lab.config import Config
+from moe_lab.models.transformer import Transformer
+from moe_lab.train.optim import make_optimizer, make_schedule
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Fills derived values (vocab size from the tokenizer) so config.json is explicit."""
+    if cfg.model.vocab_size:
+        return cfg
+    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
+
+    return cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=TOKENIZER.vocab_size))
+
+
+def build_model(cfg: Config, seed: int | None = None) -> Transformer:
+    seed = cfg.train.seed if seed is None else seed
+    return Transformer(cfg.model, rngs=nnx.Rngs(params=seed))
+
+
+def split_model(model: nnx.Module):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params.to_pure_dict(), rest.to_pure_dict()
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    cfg: Config
+    mesh: Any
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: Any
+    logical: dict  # {"params": tree of logical-axis tuples, "model_state": ...}
+    specs: dict  # PartitionSpec tree of the whole train state
+    shardings: dict  # NamedSharding tree of the whole train state
+    abstract_state: dict  # ShapeDtypeStruct tree with shardings (for restores)
+    batch_sharding: Any
+
+    def init_state(self) -> dict:
+        cfg, tx = self.cfg, self.tx
+
+        def init():
+            _, params, rest = split_model(build_model(cfg))
+            return {"params": params, "opt_state": tx.init(params), "model_state": rest,
+                    "step": jnp.zeros((), jnp.int32)}
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(init, out_shardings=self.shardings)()
+
+
+def make_setup(cfg: Config, mesh) -> TrainSetup:
+    abstract = nnx.eval_shape(lambda: build_model(cfg))
+    graphdef, params_shape, rest_shape = split_model(abstract)
+    logical_params = sharding.state_logical_axes(abstract, nnx.Param)
+    rest_filter = nnx.Not(nnx.Param)
+    logical_rest = sharding.state_logical_axes(abstract, rest_filter) if rest_shape else {}
+    rules = cfg.mesh.rules
+    tx = make_optimizer(cfg.train, logical_params)
+    param_specs = sharding.tree_specs(logical_params, params_shape, rules, mesh)
+    rest_specs = sharding.tree_specs(logical_rest, rest_shape, rules, mesh)
+    opt_shape = jax.eval_shape(tx.init, params_shape)
+    opt_specs = sharding.opt_state_specs(tx, opt_shape, param_specs)
+    specs = {"params": param_specs, "opt_state": opt_specs, "model_state": rest_specs,
+             "step": P()}
+    shardings = sharding.named(mesh, specs)
+    shapes = {"params": params_shape, "opt_state": opt_shape, "model_state": rest_shape,
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules, mesh))
+    return TrainSetup(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx,
+                      schedule=make_schedule(cfg.train),
+                      logical={"params": logical_params, "model_state": logical_rest},
+                      specs=specs, shardings=shardings, abstract_state=abstract_state,
+                      batch_sharding=batch_sharding)

@@ -1,0 +1,132 @@
+"""Pure train and eval steps: (graphdef, state, batch) -> (state, metrics).
+
+`state` is a plain pytree {"params", "opt_state", "model_state", "step"}:
+params and model_state are pure nested dicts (nnx.State.to_pure_dict()), so
+the same tree is what Orbax saves and what the growth transforms rewrite.
+`model_state` holds non-trainable variables (the sigmoid router's selection
+bias, updated here after each step; DeepSeek-V3 loss-free balancing).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe_lab.config import Config
+from moe_lab.models.transformer import total_aux_loss
+
+# Per-layer MoE aux entries summarised in metrics (mean over layers; max for violation).
+_MOE_SCALARS = ("load_balance_loss", "z_loss", "drop_fraction", "router_entropy",
+                "max_violation")
+
+
+def forward(graphdef, params, model_state, batch, *, train: bool, rng=None):
+    model = nnx.merge(graphdef, params, model_state)
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], train=train, rng=rng)
+
+
+def token_losses(logits_BTV, targets_BT):
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+
+
+def per_task_sums(values_BT, weights_BT, task_ids_BT, num_tasks: int):
+    """(sum of value*weight, sum of weight) per task id."""
+    flat_ids = task_ids_BT.reshape(-1)
+    num = jax.ops.segment_sum((values_BT * weights_BT).reshape(-1), flat_ids, num_tasks)
+    den = jax.ops.segment_sum(weights_BT.reshape(-1), flat_ids, num_tasks)
+    return num, den
+
+
+def moe_metrics(aux: dict, per_layer: bool) -> dict:
+    """Load, drops, entropy and aux losses from the stacked per-layer aux dicts."""
+    out = {}
+    for stack, a in aux.items():
+        if "tokens_per_expert_E" not in a:
+            continue
+        for k in _MOE_SCALARS:
+            v_L = a[k]
+            out[f"moe/{k}"] = jnp.max(v_L) if k == "max_violation" else jnp.mean(v_L)
+            if per_layer:
+                out[f"moe/{stack}/{k}_L"] = v_L
+        out["moe/tokens_per_expert_E"] = jnp.mean(a["tokens_per_expert_E"], axis=0)
+        if per_layer:
+            out[f"moe/{stack}/tokens_per_expert_LE"] = a["tokens_per_expert_E"]
+    return out
+
+
+def update_router_biases(model_state: dict, aux: dict, rate: float) -> dict:
+    """Loss-free balancing: b_i += rate * sign(mean load - load_i), per layer."""
+    if not model_state:
+        return model_state
+    from moe_lab.layers.routing import loss_free_bias_update  # noqa: PLC0415
+
+    new = jax.tree.map(lambda x: x, model_state)
+    for stack, a in aux.items():
+        bias = new.get(stack, {}).get("layers", {}).get("ffn", {}).get("bias_E")
+        if bias is None:
+            continue
+        new[stack]["layers"]["ffn"]["bias_E"] = jax.vmap(
+            lambda b, load: loss_free_bias_update(b, load, rate))(bias, a["tokens_per_expert_E"])
+    return new
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
+                    num_tasks: int, schedule: Callable) -> Callable:
+    per_layer = cfg.model.ffn == "moe" and cfg.model.moe.metrics == "per_layer"
+    base_key = jax.random.key(cfg.train.seed + 1)
+
+    def loss_fn(params, model_state, batch, rng):
+        logits_BTV, aux = forward(graphdef, params, model_state, batch, train=True, rng=rng)
+        ce_BT = token_losses(logits_BTV, batch["targets"])
+        w_BT = batch["weights"]
+        lm_loss = jnp.sum(ce_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+        aux_loss = total_aux_loss(aux)
+        return lm_loss + aux_loss, (lm_loss, aux_loss, ce_BT, aux)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(base_key, state["step"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (total, (lm_loss, aux_loss, ce_BT, aux)), grads = grad_fn(
+            state["params"], state["model_state"], batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        model_state = state["model_state"]
+        if cfg.model.ffn == "moe" and cfg.model.moe.router == "sigmoid":
+            model_state = update_router_biases(model_state, aux, cfg.model.moe.bias_update_rate)
+        num, den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
+        metrics = {
+            "loss": lm_loss,
+            "total_loss": total,
+            "aux_loss": aux_loss,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "lr": schedule(state["step"]),
+            "task_loss_sum": num,
+            "task_weight_sum": den,
+            "tokens": jnp.sum(batch["weights"]),
+            **moe_metrics(aux, per_layer),
+        }
+        new_state = {"params": params, "opt_state": opt_state, "model_state": model_state,
+                     "step": state["step"] + 1}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, num_tasks: int) -> Callable:
+    """Sums for eval loss and task loss (NLL of answer tokens only), per task."""
+
+    def eval_step(params, model_state, batch):
+        logits_BTV, _ = forward(graphdef, params, model_state, batch, train=False)
+        ce_BT = token_losses(logits_BTV, batch["targets"])
+        loss_num, loss_den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
+        ans_w = batch["answer_mask"] * batch["weights"]
+        ans_num, ans_den = per_task_sums(ce_BT, ans_w, batch["task_ids"], num_tasks)
+        return {"loss_num": loss_num, "loss_den": loss_den, "answer_num": ans_num,
+                "answer_den": ans_den}
+
+    return eval_step

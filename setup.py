@@ -1,0 +1,38 @@
+"""moe_lab: sparse MoE and recursive transformers in JAX (see README.md)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_lab",
+    version="0.1.0",
+    description="JAX research codebase for sparse Mixture-of-Experts and recursive transformers",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["moe_lab", "moe_lab.*"]),
+    install_requires=[
+        # the stack, pinned to the versions tested together
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1,<2",
+        "numpy>=2.0,<3",
+        "pandas>=2.2,<4",
+        "matplotlib>=3.9,<4",
+        "tqdm>=4.66,<5",  # progress bar with ETA
+        "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+            "ruff>=0.6",
+            "nbformat>=5.10,<6",
+            "nbclient>=0.10,<1",
+            "ipykernel>=6.29",
+        ],
+    },
+    entry_points={"console_scripts": ["moe-lab=moe_lab.cli:main"]},
+)

@@ -1,0 +1,38 @@
+"""8 fake CPU devices for sharding tests: XLA_FLAGS must be set before jax is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from moe_lab.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
+
+
+def tiny_config(**sections) -> Config:
+    """A very small config for fast tests; override sections with dicts."""
+    base = {
+        "model": dict(vocab_size=0, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      mlp_hidden=64, max_seq_len=64),
+        "data": dict(mixture="facts:1,arith:1", seq_len=32, facts_num_entities=20,
+                     arith_num_steps=2, arith_modulus=11),
+        "train": dict(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
+                      eval_every=10, checkpoint_every=10, eval_batches=1, progress=False,
+                      async_checkpoint=False),
+        "mesh": dict(data=1),
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    from moe_lab.config import from_dict, validate  # noqa: PLC0415
+    from moe_lab.train.state import resolve_config  # noqa: PLC0415
+
+    return resolve_config(validate(from_dict(Config, base)))
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
+
+
+__all__ = ["tiny_config", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig"]

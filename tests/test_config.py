@@ -1,0 +1,94 @@
+"""Bad config input: one clear line naming the key, exit code non-zero, before compiling."""
+
+import subprocess
+import sys
+
+import pytest
+
+from moe_lab.config import (Config, ConfigError, apply_overrides, from_dict, load_config,
+                            parse_override_args, validate, validate_for_devices)
+
+TINY = "configs/tiny.py"
+
+
+def _load(**overrides):
+    return load_config(TINY, {k: str(v) for k, v in overrides.items()})
+
+
+def test_tiny_config_loads_and_overrides_apply():
+    cfg = _load(**{"train.steps": 7, "model.d_model": 64, "model.tie_embeddings": "true"})
+    assert cfg.train.steps == 7 and cfg.model.d_model == 64 and cfg.model.tie_embeddings is True
+    moe = load_config(TINY + ":moe")
+    assert moe.model.ffn == "moe" and moe.model.moe.num_experts == 8
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"model.nonsense": 1}, "unknown config key 'model.nonsense'"),
+    ({"train.steps": "abc"}, "'train.steps': expected an int"),
+    ({"train.steps": 0}, "'train.steps' must be > 0"),
+    ({"model.num_heads": 5}, "num_heads=5 does not divide model.d_model=128"),
+    ({"model.num_kv_heads": 3}, "num_kv_heads=3 does not divide model.num_heads=4"),
+    ({"model.ffn": "sparse"}, "'model.ffn'='sparse' is not one of"),
+    ({"data.seq_len": 4096}, "exceeds model.max_seq_len"),
+    ({"data.mixture": "facts:1,poetry:2"}, "unknown task 'poetry'"),
+    ({"data.files": "/no/such/file.jsonl", "data.mixture": "file:1"}, "no such file"),
+    ({"model.ffn": "moe", "model.moe.top_k": 9}, "top_k=9 must be in [1, model.moe.num_experts=8]"),
+    ({"model.ffn": "moe", "model.moe.capacity_factor": 0}, "capacity_factor must be > 0"),
+    ({"model.ffn": "moe", "model.moe.router": "expert_choice", "model.moe.num_shared_experts": 1},
+     "not supported with router='expert_choice'"),
+])
+def test_bad_values_raise_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        _load(**overrides)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_mesh_must_match_device_count():
+    cfg = _load(**{"mesh.data": 3})
+    with pytest.raises(ConfigError, match="needs 3 devices, have 8"):
+        validate_for_devices(cfg, 8)
+    cfg = _load(**{"mesh.data": -1, "mesh.tensor": 3})
+    with pytest.raises(ConfigError, match="do not divide"):
+        validate_for_devices(cfg, 8)
+    assert validate_for_devices(_load(**{"mesh.data": -1, "mesh.fsdp": 2}), 8) == (4, 2, 1, 1)
+
+
+def test_expert_axis_must_divide_experts():
+    cfg = _load(**{"model.ffn": "moe", "model.moe.num_experts": 6, "model.moe.top_k": 2,
+                   "mesh.data": -1, "mesh.expert": 4})
+    with pytest.raises(ConfigError, match="num_experts=6 is not divisible by mesh.expert=4"):
+        validate_for_devices(cfg, 8)
+
+
+def test_missing_config_file_and_bad_arg():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("configs/nope.py")
+    with pytest.raises(ConfigError, match="unknown arg"):
+        load_config(TINY + ":bogus")
+
+
+def test_override_parsing():
+    ov, rest = parse_override_args(["train", "--config.a.b=1", "--config.c", "2", "--workdir", "x"])
+    assert ov == {"a.b": "1", "c": "2"} and rest == ["train", "--workdir", "x"]
+    with pytest.raises(ConfigError, match="unknown config key 'train.bogus'"):
+        apply_overrides({}, {"train.bogus": 1})
+
+
+def test_config_json_round_trip():
+    cfg = _load()
+    assert validate(from_dict(Config, cfg.to_dict())) == cfg
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--config", TINY, "--config.model.d_model=63", "--workdir", "x"], "num_heads=4 does not divide"),
+    (["train", "--config", "missing.py", "--workdir", "x"], "config file not found"),
+    (["info", "--config", TINY, "--config.train.steps=-5"], "'train.steps' must be > 0"),
+    (["bench", "nope"], "unknown benchmark 'nope'"),
+])
+def test_cli_errors_exit_nonzero_with_one_line(args, needle, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moe_lab", *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
