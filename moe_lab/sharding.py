@@ -77,8 +77,15 @@ def variable_logical_axes(variable: nnx.Variable) -> tuple:
 def state_logical_axes(abstract_model: nnx.Module, variable_type=nnx.Variable) -> dict:
     """Pure-dict tree of logical-axis tuples for the model's variables."""
     state = nnx.state(abstract_model, variable_type)
-    return nnx.State(jax.tree.map(variable_logical_axes, state,
-                                  is_leaf=lambda x: isinstance(x, nnx.Variable))).to_pure_dict()
+    pure = nnx.to_pure_dict(state)  # same nesting; leaves replaced below
+    flat = dict(nnx.to_flat_state(state))
+    return _replace_leaves(pure, (), flat)
+
+
+def _replace_leaves(node, path, flat):
+    if isinstance(node, dict):
+        return {k: _replace_leaves(v, path + (k,), flat) for k, v in node.items()}
+    return variable_logical_axes(flat[path])
 
 
 def tree_specs(logical_tree: dict, shapes_tree: dict, rules, mesh) -> dict:

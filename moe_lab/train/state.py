@@ -39,7 +39,7 @@ def build_model(cfg: Config, seed: int | None = None) -> Transformer:
 
 def split_model(model: nnx.Module):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params.to_pure_dict(), rest.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 @dataclasses.dataclass

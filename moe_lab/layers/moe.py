@@ -1,0 +1,126 @@
+"""Sparse Mixture-of-Experts feed-forward layer (router + SwiGLU experts + dispatch).
+
+Dimension legend: B batch, T time, D d_model, F expert hidden, E experts,
+K top-k, C capacity, N = B*T tokens, A = N*K assignments.
+
+y = sum_{e in topk(x)} gate_e(x) * SwiGLU_e(x)  [+ shared SwiGLU(x)]
+
+Papers: Shazeer et al. 2017 (arXiv 1701.06538, sparsely-gated MoE); GShard
+(arXiv 2006.16668, capacity); Switch Transformer (arXiv 2101.03961, load-balance
+loss, jitter); ST-MoE (arXiv 2202.08906, z-loss); Mixtral (arXiv 2401.04088);
+DeepSeekMoE (arXiv 2401.06066, shared experts); DeepSeek-V3 (arXiv 2412.19437,
+sigmoid router with loss-free balancing bias); Expert Choice (arXiv 2202.09368);
+MegaBlocks (arXiv 2211.15841, dropless).  Routers: moe_lab/layers/routing.py;
+dispatch algorithms: moe_lab/layers/dispatch.py.
+
+The module is pure in __call__ (no variable mutation, static shapes), so it can
+be created with nnx.vmap and applied under jax.lax.scan.  The sigmoid router's
+`bias_E` (a `RouterBias`, not a Param) is updated by the train step with
+`routing.loss_free_bias_update(bias_E, aux["tokens_per_expert_E"], rate)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_lab.config import ModelConfig
+from moe_lab.layers import dispatch as dsp
+from moe_lab.layers import routing
+from moe_lab.layers.base import dtype_of, param
+from moe_lab.layers.mlp import SwiGLU
+
+
+class MoE(nnx.Module):
+    """Token-choice or expert-choice MoE with SwiGLU experts.
+
+    Parameters (growth code relies on these names):
+      router_DE ("embed", None); gate_EDF, up_EDF ("expert", "embed", "mlp");
+      down_EFD ("expert", "mlp", "embed"); bias_E (RouterBias, sigmoid router
+      only); shared (SwiGLU, if num_shared_experts > 0).
+
+    `impl` (a static attribute, default "auto") picks the dispatch kernels
+    by backend: see dispatch.token_choice_moe.  Tests set it to exercise the
+    accelerator kernels on CPU.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m = cfg.moe
+        d, f, e = cfg.d_model, cfg.resolved_expert_hidden, m.num_experts
+        pd = dtype_of(cfg.param_dtype)
+        self.cfg = cfg
+        self.impl = "auto"
+        self.router_DE = param(rngs, (d, e), ("embed", None), std=cfg.init_std, dtype=pd)
+        self.gate_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=cfg.init_std, dtype=pd)
+        self.up_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=cfg.init_std, dtype=pd)
+        self.down_EFD = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std=cfg.init_std, dtype=pd)
+        if m.router == "sigmoid":
+            self.bias_E = routing.make_router_bias(e)
+        if m.num_shared_experts > 0:
+            self.shared = SwiGLU(d, m.num_shared_experts * f, init_std=cfg.init_std,
+                                 param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
+                                 rngs=rngs)
+
+    def router_logits(self, x_ND: jax.Array, *, train: bool, rng: jax.Array | None) -> jax.Array:
+        """float32 logits_NE (jitter on the router input while training)."""
+        m = self.cfg.moe
+        xr_ND = x_ND.astype(jnp.float32)
+        if train and m.router_jitter > 0:
+            if rng is None:
+                raise ValueError("MoE: router_jitter > 0 in training needs an `rng`")
+            xr_ND = routing.jitter(xr_ND, m.router_jitter, rng)
+        return xr_ND @ self.router_DE[...].astype(jnp.float32)
+
+    def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        m = self.cfg.moe
+        b, t, d = x_BTD.shape
+        n, e, k = b * t, m.num_experts, m.top_k
+        cd = dtype_of(self.cfg.compute_dtype)
+        x_ND = x_BTD.reshape(n, d)
+        logits_NE = self.router_logits(x_ND, train=train, rng=rng)
+        weights = (self.gate_EDF[...].astype(cd), self.up_EDF[...].astype(cd),
+                   self.down_EFD[...].astype(cd))
+        xc_ND = x_ND.astype(cd)
+        dispatch = "dropless" if m.dispatch == "auto" else m.dispatch
+
+        if m.router == "expert_choice":
+            cap = routing.capacity(n, k, e, m.capacity_factor)
+            ec = routing.ExpertChoiceRouter()(logits_NE, capacity=cap)
+            if dispatch == "reference":
+                gates_NE = jnp.zeros((n, e), jnp.float32).at[
+                    ec.token_EC, jnp.arange(e)[:, None]].add(ec.gate_EC)
+                y_ND = dsp.reference_moe(xc_ND, gates_NE.astype(cd), *weights)
+            else:
+                y_ND = dsp.expert_choice_moe(xc_ND, ec.token_EC, ec.gate_EC.astype(cd), weights,
+                                             impl=self.impl)
+            load_E = jnp.full((e,), cap, jnp.int32)
+            # tokens no expert picked (expert choice drops tokens, not assignments)
+            picked_N = jnp.zeros((n,), jnp.float32).at[ec.token_EC.reshape(-1)].set(1.0)
+            drop = 1.0 - jnp.mean(picked_N)
+            aux = routing.router_aux(logits_NE, ec.probs_NE, load_E, balance=False,
+                                     drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
+                                     z_loss_weight=m.z_loss_weight)
+        else:
+            router = routing.TOKEN_CHOICE_ROUTERS[m.router]
+            bias_E = self.bias_E[...] if m.router == "sigmoid" else None
+            tc = router(logits_NE, bias_E, top_k=k, renormalize=m.renormalize)
+            gate_NK = tc.gate_NK.astype(cd)
+            if dispatch == "reference":
+                y_ND = dsp.reference_moe(xc_ND, dsp.dense_gates(tc.expert_NK, gate_NK, e), *weights)
+                drop = jnp.zeros((), jnp.float32)
+            else:
+                cap = (routing.capacity(n, k, e, m.capacity_factor)
+                       if dispatch == "capacity" else None)
+                y_ND, layout = dsp.token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
+                                                    capacity=cap, impl=self.impl)
+                drop = 1.0 - jnp.mean(layout.keep_NK.astype(jnp.float32))
+            load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e)
+            aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True,
+                                     drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
+                                     z_loss_weight=m.z_loss_weight)
+
+        if m.num_shared_experts > 0:
+            y_ND = y_ND + self.shared(xc_ND)
+        return y_ND.reshape(b, t, d).astype(x_BTD.dtype), aux

@@ -1,0 +1,108 @@
+"""End-to-end training: learning, exact resume after interruption, SIGTERM, SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from moe_lab.config import ConfigError
+from moe_lab.train.loop import train
+from moe_lab.train.metrics import read_metrics
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_loss_decreases_on_facts(tmp_path):
+    cfg = tiny_config(data=dict(mixture="facts:1"),
+                      train=dict(steps=150, eval_every=150, checkpoint_every=150, log_every=10))
+    summary = train(cfg, str(tmp_path / "run"))
+    losses = _losses(str(tmp_path / "run"))
+    assert losses[10] > 2.0 and losses[150] < 0.6 * losses[10], losses
+    assert summary["eval/facts/loss"] < 2.0
+    rows = read_metrics(str(tmp_path / "run"))
+    assert {"lr", "grad_norm", "tokens_per_sec", "mfu", "flops_spent", "loss/facts"} <= set(rows[0])
+    assert os.path.isdir(tmp_path / "run" / "tb")
+
+
+def test_interrupted_run_resumes_with_identical_losses(tmp_path):
+    cfg = tiny_config(train=dict(steps=20, log_every=1, checkpoint_every=10, eval_every=10))
+    train(cfg, str(tmp_path / "full"))
+    train(cfg, str(tmp_path / "split"), max_steps=13)  # "killed" after step 13 ...
+    assert max(_losses(str(tmp_path / "split"))) == 13
+    train(cfg, str(tmp_path / "split"))  # ... resumes from checkpoint 10, re-logs 11..13
+    full, split = _losses(str(tmp_path / "full")), _losses(str(tmp_path / "split"))
+    assert sorted(split) == list(range(1, 21))  # no duplicated or missing rows
+    np.testing.assert_array_equal([full[s] for s in range(1, 21)], [split[s] for s in range(1, 21)])
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    train(tiny_config(train=dict(steps=2)), str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="different model"):
+        train(tiny_config(model=dict(d_model=64), train=dict(steps=2)), str(tmp_path / "r"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no moe_lab run"):
+        train(tiny_config(train=dict(steps=2)), str(tmp_path / "other"))
+
+
+def _cli_train(workdir, steps, extra=()):
+    args = [sys.executable, "-m", "moe_lab", "train", "--config", "configs/tiny.py",
+            "--workdir", str(workdir), f"--config.train.steps={steps}",
+            "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.mlp_hidden=64",
+            "--config.data.seq_len=32", "--config.train.batch_size=8",
+            "--config.train.checkpoint_every=5", "--config.train.log_every=1",
+            "--config.train.eval_every=1000", "--config.train.progress=false", *extra]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = read_metrics(str(workdir)) if os.path.exists(workdir / "metrics.jsonl") else []
+        if rows and rows[-1]["step"] >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    """SIGKILL at an arbitrary moment (possibly mid-save): the last complete
+    checkpoint resumes and the losses equal an uninterrupted run's."""
+    ref = _cli_train(tmp_path / "ref", 40)
+    killed = _cli_train(tmp_path / "killed", 40)
+    _wait_for_step(tmp_path / "killed", 17, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert ref.wait() == 0, ref.stdout.read()
+    resumed = _cli_train(tmp_path / "killed", 40)
+    out = resumed.communicate()[0]
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out
+    full, res = _losses(str(tmp_path / "ref")), _losses(str(tmp_path / "killed"))
+    assert sorted(res) == sorted(full)
+    np.testing.assert_array_equal([full[s] for s in sorted(full)], [res[s] for s in sorted(full)])
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = _cli_train(tmp_path / "t", 100000)
+    _wait_for_step(tmp_path / "t", 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    last = max(_losses(str(tmp_path / "t")))
+    steps = sorted(int(p) for p in os.listdir(tmp_path / "t" / "checkpoints") if p.isdigit())
+    assert steps[-1] == last and last > 7
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["train"]["steps"] == 100000
