@@ -22,7 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/moe-lab info --config configs/tiny.py
-	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR)
+	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR) --config.train.steps=150
+	@echo "--- interrupted at 150 on purpose; the same command with steps=300 resumes from the checkpoint"
+	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR) --config.train.steps=300
 	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)
 
 test: $(STAMP)

@@ -112,6 +112,7 @@ class DataConfig:
     arith_num_steps: int = 3
     arith_eval_num_steps: int = 3
     arith_modulus: int = 23
+    arith_self_correct: float = 0.0  # share of working with a wrong step, "Wait", the fix
     # file source: comma-separated paths of .txt or .jsonl files ({"text": ...} or
     # {"prompt": ..., "answer": ...} rows)
     files: str = ""
