@@ -132,3 +132,19 @@ def test_flops_per_token_counts_causal_attention():
     f64 = flops.forward_flops_per_token(m, 64)
     # the difference is attention only: 2*2*H*K*(T+1)/2 per layer
     assert f128 - f64 == pytest.approx(m.num_layers * 2 * 2 * m.num_heads * m.resolved_head_dim * 32)
+
+
+def test_param_counts_reproduce_the_sparsity_paper_example():
+    """2508.18672: d=1024, E=64, k=16, 16 layers, experts of hidden 2d -> 6.7B total,
+    1.9B active with total = L(4d^2 + 3*E*d*2d + dE) + 2Vd (norms aside)."""
+    from moe_lab.config import validate  # noqa: PLC0415
+    from moe_lab.config import load_config  # noqa: PLC0415
+
+    cfg = load_config("configs/sparsity_sweep.py:paper", {"model.vocab_size": "100000"})
+    m = validate(cfg).model
+    c = flops.param_counts(m)
+    d, E, k, L, V = 1024, 64, 16, 16, 100000
+    norms = L * 2 * d + d
+    assert c["total"] == L * (4 * d * d + 3 * E * d * 2 * d + d * E) + 2 * V * d + norms
+    assert c["active"] == L * (4 * d * d + 3 * k * d * 2 * d + d * E) + 2 * V * d + norms
+    assert round(c["total"] / 1e9, 1) == 6.7 and round(c["active"] / 1e9, 1) == 1.9

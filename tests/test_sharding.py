@@ -56,7 +56,7 @@ def _losses(cfg, devices, steps=3):
             batch = jax.device_put(_random_batch(cfg, seed=i), setup.batch_sharding)
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
-    shard = state["params"]["blocks"]["layers"]["ffn"]["gate_DF"].sharding
+    shard = state["params"]["blocks"]["layers"]["attn"]["q_DHK"].sharding
     return np.array(losses), shard
 
 
@@ -69,3 +69,20 @@ def test_sharded_equals_single_device(mesh):
     assert len(s8.device_set) == 8
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
     assert l1[-1] < l1[0]  # it trains
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_expert_parallel_equals_single_device(dispatch):
+    """Expert weights split over the mesh's expert axis (with data parallel on the
+    rest): the same losses as one device."""
+    moe = dict(ffn="moe", moe=dict(num_experts=8, top_k=2, expert_hidden=32, dispatch=dispatch,
+                                   capacity_factor=2.0))
+    cfg1 = _cfg(dict(data=1), **moe)
+    cfg8 = dataclasses.replace(cfg1, mesh=MeshConfig(data=2, expert=4))
+    l1, _ = _losses(cfg1, jax.devices()[:1])
+    mesh = sharding.make_mesh(cfg8.mesh)
+    specs = make_setup(cfg8, mesh).specs["params"]["blocks"]["layers"]["ffn"]
+    assert specs["gate_EDF"] == P(None, "expert", None, None)
+    assert specs["down_EFD"] == P(None, "expert", None, None)
+    l8, _ = _losses(cfg8, jax.devices())
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)

@@ -97,8 +97,8 @@ class MoE(nnx.Module):
                                              impl=self.impl)
             load_E = jnp.full((e,), cap, jnp.int32)
             # tokens no expert picked (expert choice drops tokens, not assignments)
-            picked_N = jnp.zeros((n,), jnp.float32).at[ec.token_EC.reshape(-1)].set(1.0)
-            drop = 1.0 - jnp.mean(picked_N)
+            unpicked_N = jnp.ones((n,), jnp.float32).at[ec.token_EC.reshape(-1)].set(0.0)
+            drop = jnp.mean(unpicked_N)
             aux = routing.router_aux(logits_NE, ec.probs_NE, load_E, balance=False,
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
                                      z_loss_weight=m.z_loss_weight)
@@ -115,7 +115,7 @@ class MoE(nnx.Module):
                        if dispatch == "capacity" else None)
                 y_ND, layout = dsp.token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
                                                     capacity=cap, impl=self.impl)
-                drop = 1.0 - jnp.mean(layout.keep_NK.astype(jnp.float32))
+                drop = jnp.mean(jnp.logical_not(layout.keep_NK).astype(jnp.float32))
             load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e)
             aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True,
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,

@@ -1,0 +1,328 @@
+"""MoE layer: every router x every dispatch against the dense reference (outputs and
+gradients), capacity drops, aux metrics against numpy, expert choice, loss-free
+bias balancing, expert parallelism on 8 fake devices.
+
+Legend: N tokens, D d_model, F expert hidden, E experts, K top-k, C capacity.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import dataclasses  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moe_lab.config import ModelConfig, MoEConfig  # noqa: E402
+from moe_lab.layers import routing  # noqa: E402
+from moe_lab.layers.moe import MoE  # noqa: E402
+
+ROUTERS = ["topk_softmax", "softmax_topk", "sigmoid", "expert_choice"]
+# (dispatch, impl): impl "loop" is the CPU kernel, "accelerator" the ragged_dot /
+# [E, C, D] buffer kernels used on GPU/TPU (slow but correct on CPU).
+FAST = [("capacity", "loop"), ("capacity", "accelerator"), ("dropless", "loop"),
+        ("dropless", "accelerator")]  # "auto" is "dropless" with impl "auto" (= "loop" on CPU)
+
+
+def make_cfg(router="softmax_topk", dispatch="reference", *, e=4, k=2, d=16, f=8, shared=0,
+             cf=100.0, renormalize=True, jitter=0.0, std=0.3):
+    return ModelConfig(d_model=d, ffn="moe", init_std=std, moe=MoEConfig(
+        num_experts=e, top_k=k, expert_hidden=f, num_shared_experts=shared, router=router,
+        dispatch=dispatch, capacity_factor=cf, renormalize=renormalize, router_jitter=jitter))
+
+
+def make_moe(cfg, impl="auto", bias_seed=3):
+    m = MoE(cfg, rngs=nnx.Rngs(0))
+    m.impl = impl
+    if cfg.moe.router == "sigmoid":  # non-zero selection bias
+        m.bias_E[...] = 0.3 * jax.random.normal(jax.random.PRNGKey(bias_seed), m.bias_E.shape)
+    return m
+
+
+def value_and_grads(m, x_BTD, ct_BTD):
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss(params, x_BTD):
+        y, aux = nnx.merge(graphdef, params, rest)(x_BTD, train=False)
+        return jnp.sum(y * ct_BTD) + aux["aux_loss"], (y, aux)
+
+    (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        params, x_BTD)
+    return y, aux, grads
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for u, v in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+def inputs(cfg, b=2, t=6, seed=1):
+    kx, kc = jax.random.split(jax.random.PRNGKey(seed))
+    return (jax.random.normal(kx, (b, t, cfg.d_model)),
+            jax.random.normal(kc, (b, t, cfg.d_model)))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_dispatch_matches_reference(router):
+    shared = 0 if router == "expert_choice" else 1
+    x, ct = inputs(make_cfg())
+    ref = value_and_grads(make_moe(make_cfg(router, "reference", shared=shared)), x, ct)
+    assert float(jnp.max(jnp.abs(ref[0]))) > 1e-2  # not trivially small
+    for dispatch, impl in FAST:
+        got = value_and_grads(make_moe(make_cfg(router, dispatch, shared=shared), impl), x, ct)
+        assert_trees_close(got[0], ref[0])  # outputs
+        assert_trees_close(got[2], ref[2])  # grads w.r.t. params and x
+        assert_trees_close(got[1], ref[1])  # aux metrics
+        assert float(got[1]["drop_fraction"]) == 0.0
+
+
+# ------------------------------------------------------------------ numpy side
+
+
+def np_swiglu(x_ND, g_DF, u_DF, d_FD):
+    a = x_ND @ g_DF
+    return (a / (1 + np.exp(-a)) * (x_ND @ u_DF)) @ d_FD
+
+
+def np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def np_route(router, logits_NE, k, renormalize, bias_E=None):
+    """Slow numpy token-choice routing: (expert_NK, gate_NK, probs_NE)."""
+    n, e = logits_NE.shape
+    expert_NK, gate_NK = np.zeros((n, k), int), np.zeros((n, k))
+    if router == "sigmoid":
+        scores = 1 / (1 + np.exp(-logits_NE))
+        probs = scores / scores.sum(-1, keepdims=True)
+    else:
+        probs = np_softmax(logits_NE)
+    for i in range(n):
+        if router == "topk_softmax":
+            idx = np.argsort(-logits_NE[i], kind="stable")[:k]
+            gate = np_softmax(logits_NE[i, idx])
+        elif router == "softmax_topk":
+            idx = np.argsort(-probs[i], kind="stable")[:k]
+            gate = probs[i, idx] / (probs[i, idx].sum() if renormalize else 1.0)
+        else:
+            idx = np.argsort(-(scores[i] + bias_E), kind="stable")[:k]
+            gate = scores[i, idx] / (scores[i, idx].sum() if renormalize else 1.0)
+        expert_NK[i], gate_NK[i] = idx, gate
+    return expert_NK, gate_NK, probs
+
+
+def np_aux(logits_NE, probs_NE, expert_NK, balance=True):
+    e = logits_NE.shape[1]
+    load = np.bincount(expert_NK.reshape(-1), minlength=e).astype(float)
+    f = load / load.sum()
+    lb = e * np.sum(f * probs_NE.mean(0)) if balance else 0.0
+    m = logits_NE.max(-1)
+    lse = m + np.log(np.exp(logits_NE - m[:, None]).sum(-1))
+    ent = -np.mean(np.sum(probs_NE * np.log(probs_NE), -1))
+    return {"load_balance_loss": lb, "z_loss": np.mean(lse**2), "tokens_per_expert_E": f,
+            "router_entropy": ent, "max_violation": load.max() / load.mean() - 1}
+
+
+def np_weights(m):
+    return [np.asarray(v[...], np.float64) for v in (m.gate_EDF, m.up_EDF, m.down_EFD)]
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "softmax_topk", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_gates_and_aux_match_numpy(router, renormalize):
+    cfg = make_cfg(router, "dropless", e=5, k=2, renormalize=renormalize, std=1.0)
+    m = make_moe(cfg)
+    x, _ = inputs(cfg, b=1, t=7)
+    x_ND = x.reshape(-1, cfg.d_model)
+    logits = np.asarray(m.router_logits(x_ND, train=False, rng=None), np.float64)
+    bias = np.asarray(m.bias_E[...]) if router == "sigmoid" else None
+    expert, gate, probs = np_route(router, logits, 2, renormalize, bias)
+    tc = routing.TOKEN_CHOICE_ROUTERS[router](
+        jnp.asarray(logits, jnp.float32), None if bias is None else jnp.asarray(bias),
+        top_k=2, renormalize=renormalize)
+    np.testing.assert_array_equal(np.asarray(tc.expert_NK), expert)
+    np.testing.assert_allclose(np.asarray(tc.gate_NK), gate, rtol=1e-5)
+    y, aux = m(x, train=False)
+    want = np_aux(logits, probs, expert)
+    for key, v in want.items():
+        np.testing.assert_allclose(np.asarray(aux[key]), v, rtol=1e-4, atol=1e-6, err_msg=key)
+    mc = cfg.moe
+    np.testing.assert_allclose(
+        float(aux["aux_loss"]),
+        mc.aux_loss_weight * want["load_balance_loss"] + mc.z_loss_weight * want["z_loss"],
+        rtol=1e-5)
+    g, u, d = np_weights(m)
+    xn = np.asarray(x_ND, np.float64)
+    y_np = np.zeros_like(xn)
+    for n in range(xn.shape[0]):
+        for j in range(2):
+            y_np[n] += gate[n, j] * np_swiglu(xn[n:n + 1], g[expert[n, j]], u[expert[n, j]],
+                                              d[expert[n, j]])[0]
+    np.testing.assert_allclose(np.asarray(y).reshape(xn.shape), y_np, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_softmax_vs_softmax_topk():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (16, 6)) * 2
+    a = routing.TOKEN_CHOICE_ROUTERS["topk_softmax"](logits, None, top_k=2, renormalize=False)
+    b = routing.TOKEN_CHOICE_ROUTERS["softmax_topk"](logits, None, top_k=2, renormalize=False)
+    c = routing.TOKEN_CHOICE_ROUTERS["softmax_topk"](logits, None, top_k=2, renormalize=True)
+    np.testing.assert_array_equal(a.expert_NK, b.expert_NK)  # same selection (monotone)
+    np.testing.assert_allclose(jnp.sum(a.gate_NK, -1), 1.0, rtol=1e-6)
+    assert float(jnp.max(jnp.sum(b.gate_NK, -1))) < 1.0 - 1e-3  # not renormalised
+    np.testing.assert_allclose(c.gate_NK, a.gate_NK, rtol=1e-5)  # renorm == softmax over top-k
+
+
+@pytest.mark.parametrize("impl", ["loop", "accelerator"])
+def test_capacity_drops_match_hand_count(impl):
+    cfg = make_cfg("softmax_topk", "capacity", e=4, k=2, cf=0.5, std=1.0)
+    m = make_moe(cfg, impl)
+    x, _ = inputs(cfg, b=2, t=8)
+    x_ND = np.asarray(x.reshape(-1, cfg.d_model), np.float64)
+    n = x_ND.shape[0]
+    cap = routing.capacity(n, 2, 4, 0.5)
+    assert cap == 4
+    logits = np.asarray(m.router_logits(x.reshape(n, -1), train=False, rng=None), np.float64)
+    expert, gate, _ = np_route("softmax_topk", logits, 2, True)
+    # first come, first served in (token, k) order, per expert
+    seen, kept = np.zeros(4, int), np.zeros((n, 2), bool)
+    for i in range(n):
+        for j in range(2):
+            kept[i, j] = seen[expert[i, j]] < cap
+            seen[expert[i, j]] += 1
+    assert (~kept).sum() > 0
+    y, aux = m(x, train=False)
+    np.testing.assert_allclose(float(aux["drop_fraction"]), (~kept).mean(), rtol=1e-6)
+    g, u, d = np_weights(m)
+    y_np = np.zeros_like(x_ND)
+    for i in range(n):
+        for j in range(2):
+            if kept[i, j]:
+                e = expert[i, j]
+                y_np[i] += gate[i, j] * np_swiglu(x_ND[i:i + 1], g[e], u[e], d[e])[0]
+    np.testing.assert_allclose(np.asarray(y).reshape(n, -1), y_np, rtol=1e-4, atol=1e-5)
+    # tokens_per_expert is measured before drops
+    np.testing.assert_allclose(aux["tokens_per_expert_E"], seen / seen.sum(), rtol=1e-6)
+
+
+def test_expert_choice_takes_exactly_c_tokens():
+    cfg = make_cfg("expert_choice", "dropless", e=4, k=2, cf=1.0, std=1.0)
+    m = make_moe(cfg, "loop")
+    x, _ = inputs(cfg, b=2, t=5)
+    n = 10
+    cap = routing.capacity(n, 2, 4, 1.0)  # ceil(1.0 * 10 * 2 / 4) = 5
+    assert cap == 5
+    logits = m.router_logits(x.reshape(n, -1), train=False, rng=None)
+    ec = routing.ExpertChoiceRouter()(logits, capacity=cap)
+    assert ec.token_EC.shape == (4, cap)
+    probs = np_softmax(np.asarray(logits, np.float64))
+    g, u, d = np_weights(m)
+    x_ND = np.asarray(x.reshape(n, -1), np.float64)
+    y_np = np.zeros_like(x_ND)
+    for e in range(4):
+        top = np.argsort(-probs[:, e], kind="stable")[:cap]
+        assert len(set(np.asarray(ec.token_EC[e]).tolist())) == cap
+        np.testing.assert_array_equal(np.sort(np.asarray(ec.token_EC[e])), np.sort(top))
+        np.testing.assert_allclose(np.sort(np.asarray(ec.gate_EC[e])),
+                                   np.sort(probs[top, e]), rtol=1e-5)
+        y_np[top] += probs[top, e][:, None] * np_swiglu(x_ND[top], g[e], u[e], d[e])
+    y, aux = m(x, train=False)
+    np.testing.assert_allclose(np.asarray(y).reshape(n, -1), y_np, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(aux["tokens_per_expert_E"], 0.25)
+    assert float(aux["load_balance_loss"]) == 0.0 and float(aux["max_violation"]) == 0.0
+    picked = np.zeros(n, bool)
+    picked[np.asarray(ec.token_EC).reshape(-1)] = True
+    np.testing.assert_allclose(float(aux["drop_fraction"]), 1 - picked.mean(), rtol=1e-6)
+
+
+def test_loss_free_bias_update_hand_example():
+    bias = jnp.array([0.0, 0.1, -0.1, 0.0])
+    load = jnp.array([0.4, 0.1, 0.25, 0.25])  # mean 0.25: expert 0 hot, 1 cold, 2/3 balanced
+    new = routing.loss_free_bias_update(bias, load, 0.01)
+    np.testing.assert_allclose(new, [-0.01, 0.11, -0.1, 0.0], atol=1e-7)
+    # repeated updates rebalance the sigmoid router's selection (k=1, all on expert 0)
+    logits_NE = jax.random.normal(jax.random.PRNGKey(0), (64, 4))
+    router = routing.TOKEN_CHOICE_ROUTERS["sigmoid"]
+
+    def max_violation(bias_E):
+        expert_NK = router(logits_NE, bias_E, top_k=1, renormalize=True).expert_NK
+        load_E = jnp.bincount(expert_NK.reshape(-1), length=4)
+        return load_E, jnp.max(load_E) / jnp.mean(load_E) - 1
+
+    def step(_, bias_E):
+        return routing.loss_free_bias_update(bias_E, max_violation(bias_E)[0], 0.05)
+
+    bias = jnp.array([10.0, 0.0, 0.0, 0.0])
+    assert float(max_violation(bias)[1]) == pytest.approx(3.0)
+    bias = jax.jit(lambda b: jax.lax.fori_loop(0, 300, step, b))(bias)
+    assert float(max_violation(bias)[1]) < 0.5
+
+
+def test_jitter_needs_rng_and_changes_routing_inputs():
+    cfg = make_cfg("softmax_topk", "dropless", jitter=0.1)
+    m = make_moe(cfg)
+    x, _ = inputs(cfg)
+    with pytest.raises(ValueError, match="rng"):
+        m(x, train=True)
+    y0, _ = m(x, train=False)
+    y1, _ = m(x, train=True, rng=jax.random.PRNGKey(0))
+    y2, _ = m(x, train=True, rng=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.allclose(y0, y1)
+
+
+def test_param_names_axes_and_stacked_scan():
+    from moe_lab.layers.base import logical_axes_of
+
+    cfg = make_cfg("sigmoid", "dropless", shared=1)
+    m = make_moe(cfg)
+    assert logical_axes_of(m.router_DE) == ("embed", None)
+    assert logical_axes_of(m.gate_EDF) == ("expert", "embed", "mlp")
+    assert logical_axes_of(m.down_EFD) == ("expert", "mlp", "embed")
+    assert isinstance(m.bias_E, routing.RouterBias) and logical_axes_of(m.bias_E) == (None,)
+    assert not isinstance(m.bias_E, nnx.Param)
+    assert m.shared.gate_DF.shape == (cfg.d_model, cfg.resolved_expert_hidden)
+
+    # created with nnx.vmap, applied with lax.scan (the model's usage); aux stacks
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(key):
+        return MoE(cfg, rngs=nnx.Rngs(key))
+
+    stack = create(jax.random.split(jax.random.PRNGKey(0), 3))
+    graphdef, state = nnx.split(stack)
+    x, _ = inputs(cfg)
+
+    def body(h, layer_state):
+        y, aux = nnx.merge(graphdef, layer_state)(h, train=False)
+        return h + y, aux
+
+    _, aux = jax.jit(lambda s, h: jax.lax.scan(body, h, s))(state, x)
+    assert aux["tokens_per_expert_E"].shape == (3, cfg.moe.num_experts)
+    assert aux["aux_loss"].shape == (3,)
+
+
+def test_expert_parallel_matches_unsharded():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    cfg = make_cfg("softmax_topk", "dropless", e=8, k=2, shared=1)
+    x, ct = inputs(cfg, b=4, t=8)
+    want = value_and_grads(make_moe(cfg), x, ct)
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    for dispatch in ("dropless", "capacity"):
+        m = make_moe(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch)))
+        with jax.set_mesh(mesh):
+            for name in ("gate_EDF", "up_EDF", "down_EFD"):
+                v = getattr(m, name)
+                v[...] = jax.device_put(v[...], NamedSharding(mesh, P("expert")))
+            got = value_and_grads(m, x, ct)
+        assert "expert" in str(m.gate_EDF[...].sharding.spec)
+        assert_trees_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        assert_trees_close(got[2], want[2], rtol=1e-5, atol=1e-5)
