@@ -1,4 +1,4 @@
-"""`moe-lab` command line: train, info, bench.
+"""`moe-lab` command line: train, info, grow, bench.
 
 Every command validates its input before anything compiles and reports bad
 input as one line on stderr with a non-zero exit code.
@@ -11,8 +11,15 @@ import json
 import os
 import sys
 
-from moe_lab.config import (Config, ConfigError, apply_overrides, from_dict, load_config,
-                            parse_override_args, validate)
+from moe_lab.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override_args,
+    validate,
+)
 
 
 def _config_from_args(args, overrides: dict) -> Config:
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config")
     i.add_argument("--workdir")
     i.set_defaults(fn=cmd_info)
+    from moe_lab.grow_cmd import add_grow_parser  # noqa: PLC0415
+
+    add_grow_parser(sub)
     b = sub.add_parser("bench", help="benchmarks: train-step, moe")
     b.add_argument("name")
     b.add_argument("--json", action="store_true", help="print one JSON object")

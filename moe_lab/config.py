@@ -187,7 +187,7 @@ class Config:
     def to_dict(self) -> dict:
         return _to_jsonable(dataclasses.asdict(self))
 
-    def replace(self, **sections) -> "Config":
+    def replace(self, **sections) -> Config:
         return dataclasses.replace(self, **sections)
 
 

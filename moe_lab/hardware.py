@@ -19,7 +19,7 @@ _ACCELERATOR_PEAK_BF16 = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
     """(peak FLOP/s of one device, how it was obtained)."""
     dev = jax.devices()[0]

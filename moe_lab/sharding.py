@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe_lab.config import ConfigError, MeshConfig
 from moe_lab.layers.base import logical_axes_of

@@ -5,8 +5,16 @@ import sys
 
 import pytest
 
-from moe_lab.config import (Config, ConfigError, apply_overrides, from_dict, load_config,
-                            parse_override_args, validate, validate_for_devices)
+from moe_lab.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override_args,
+    validate,
+    validate_for_devices,
+)
 
 TINY = "configs/tiny.py"
 
@@ -81,7 +89,8 @@ def test_config_json_round_trip():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["train", "--config", TINY, "--config.model.d_model=63", "--workdir", "x"], "num_heads=4 does not divide"),
+    (["train", "--config", TINY, "--config.model.d_model=63", "--workdir", "x"],
+     "num_heads=4 does not divide"),
     (["train", "--config", "missing.py", "--workdir", "x"], "config file not found"),
     (["info", "--config", TINY, "--config.train.steps=-5"], "'train.steps' must be > 0"),
     (["bench", "nope"], "unknown benchmark 'nope'"),

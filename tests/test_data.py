@@ -219,7 +219,7 @@ def test_batch_format_and_masks():
         np.testing.assert_array_equal(b["weights"], (~pad).astype(np.float32))
         assert not b["inputs"][pad].any() and not b["targets"][pad].any()
         assert not b["answer_mask"][pad].any()
-        for r, s, idx in _segments(b):
+        for r, _s, idx in _segments(b):
             assert np.all(np.diff(idx) == 1)  # contiguous
             np.testing.assert_array_equal(b["positions"][r, idx], np.arange(len(idx)))
             ins, tgt = b["inputs"][r, idx], b["targets"][r, idx]

@@ -137,8 +137,10 @@ def test_flops_per_token_counts_causal_attention():
 def test_param_counts_reproduce_the_sparsity_paper_example():
     """2508.18672: d=1024, E=64, k=16, 16 layers, experts of hidden 2d -> 6.7B total,
     1.9B active with total = L(4d^2 + 3*E*d*2d + dE) + 2Vd (norms aside)."""
-    from moe_lab.config import validate  # noqa: PLC0415
-    from moe_lab.config import load_config  # noqa: PLC0415
+    from moe_lab.config import (
+        load_config,  # noqa: PLC0415
+        validate,  # noqa: PLC0415
+    )
 
     cfg = load_config("configs/sparsity_sweep.py:paper", {"model.vocab_size": "100000"})
     m = validate(cfg).model

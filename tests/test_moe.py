@@ -9,17 +9,17 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import dataclasses  # noqa: E402
+import dataclasses
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
 
-from moe_lab.config import ModelConfig, MoEConfig  # noqa: E402
-from moe_lab.layers import routing  # noqa: E402
-from moe_lab.layers.moe import MoE  # noqa: E402
+from moe_lab.config import ModelConfig, MoEConfig
+from moe_lab.layers import routing
+from moe_lab.layers.moe import MoE
 
 ROUTERS = ["topk_softmax", "softmax_topk", "sigmoid", "expert_choice"]
 # (dispatch, impl): impl "loop" is the CPU kernel, "accelerator" the ragged_dot /
@@ -82,6 +82,38 @@ def test_every_dispatch_matches_reference(router):
         assert float(got[1]["drop_fraction"]) == 0.0
 
 
+@pytest.mark.parametrize("capacity", [None, 70])
+def test_loop_kernel_multi_tile_vs_reference(capacity):
+    """Groups spanning several main tiles plus tail tiles (the tiny configs above
+    only exercise tail tiles); with capacity 70 some rows are dropped."""
+    from moe_lab.layers import dispatch as dsp
+
+    n, d, f, e, k = 150, 8, 16, 3, 2
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    x_ND = jax.random.normal(keys[0], (n, d))
+    expert_NK = jnp.argsort(jax.random.uniform(keys[1], (n, e)), axis=1)[:, :k].astype(jnp.int32)
+    gate_NK = jax.random.uniform(keys[2], (n, k))
+    weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
+                    zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
+    assert dsp.choose_tile(n * k / e) == 32  # 100 rows per expert: main tiles of 32, tails of 8
+
+    def fast(x_ND, gate_NK, weights):
+        y, layout = dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
+                                         impl="loop")
+        return jnp.sum(y ** 2), layout.keep_NK
+
+    def ref(x_ND, gate_NK, weights):
+        _, keep_NK = fast(x_ND, gate_NK, weights)
+        gates_NE = dsp.dense_gates(expert_NK, jnp.where(keep_NK, gate_NK, 0), e)
+        return jnp.sum(dsp.reference_moe(x_ND, gates_NE, *weights) ** 2), keep_NK
+
+    (v1, keep), g1 = jax.value_and_grad(fast, argnums=(0, 1, 2), has_aux=True)(x_ND, gate_NK, weights)
+    (v2, _), g2 = jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True)(x_ND, gate_NK, weights)
+    assert bool(jnp.all(keep)) == (capacity is None)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    assert_trees_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------ numpy side
 
 
@@ -97,7 +129,7 @@ def np_softmax(z):
 
 def np_route(router, logits_NE, k, renormalize, bias_E=None):
     """Slow numpy token-choice routing: (expert_NK, gate_NK, probs_NE)."""
-    n, e = logits_NE.shape
+    n, _e = logits_NE.shape
     expert_NK, gate_NK = np.zeros((n, k), int), np.zeros((n, k))
     if router == "sigmoid":
         scores = 1 / (1 + np.exp(-logits_NE))
@@ -308,7 +340,8 @@ def test_param_names_axes_and_stacked_scan():
 
 
 def test_expert_parallel_matches_unsharded():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")

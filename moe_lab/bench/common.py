@@ -7,7 +7,7 @@ Every `moe-lab bench NAME` returns a dict of measurements plus `targets`: a list
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

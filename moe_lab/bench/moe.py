@@ -23,8 +23,8 @@ from moe_lab.config import ModelConfig, MoEConfig
 from moe_lab.layers.mlp import SwiGLU
 from moe_lab.layers.moe import MoE
 
-FULL = dict(batch=16, seq=1024, d_model=256, hidden=512, experts=(8, 32, 128, 256))
-QUICK = dict(batch=2, seq=64, d_model=32, hidden=64, experts=(4, 8))
+FULL = {"batch": 16, "seq": 1024, "d_model": 256, "hidden": 512, "experts": (8, 32, 128, 256)}
+QUICK = {"batch": 2, "seq": 64, "d_model": 32, "hidden": 64, "experts": (4, 8)}
 TOP_K, CAPACITY_FACTOR = 2, 1.25
 REFERENCE_MAX_E = 32
 

@@ -91,3 +91,26 @@ class Attention(nnx.Module):
         idx_BT = jnp.broadcast_to(jnp.arange(T), x_BTD.shape[:2])
         mask_BTS = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
         return self.output(gqa(q_BTHK, k_BTGK, v_BTGK, mask_BTS))
+
+    def decode(self, x_BTD, positions_BT, valid_BT, cache: dict, index):
+        """Attention for T new tokens against a KV cache (prefill: T = prompt length).
+
+        cache = {"k_BSGK", "v_BSGK", "valid_BS"}; the new keys/values are written at
+        slots [index, index + T). A new token at slot index + t attends to valid
+        slots s <= index + t (left-padded prompts mark their pads invalid).
+        """
+        q_BTHK = self.project_q(x_BTD, positions_BT)
+        k_BTGK, v_BTGK = self.project_kv(x_BTD, positions_BT)
+        def write(buf, new):
+            return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, 1)
+
+        k_BSGK = write(cache["k_BSGK"], k_BTGK)
+        v_BSGK = write(cache["v_BSGK"], v_BTGK)
+        valid_BS = jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], valid_BT, index, 1)
+        B, T = x_BTD.shape[:2]
+        S = k_BSGK.shape[1]
+        q_slot_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+        k_slot_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
+        mask_BTS = attention_mask(q_slot_BT, k_slot_BS, k_valid_BS=valid_BS)
+        out = self.output(gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS))
+        return out, {"k_BSGK": k_BSGK, "v_BSGK": v_BSGK, "valid_BS": valid_BS}

@@ -18,7 +18,8 @@ is dropped; tests/test_moe.py checks every pair):
   permute with custom VJP).
 * expert compute on the sorted rows, by backend:
     - `grouped_swiglu_loop` (CPU): a loop over experts and, inside, over tiles of
-      `tile` rows of that expert (dynamic trip counts), with a hand-written VJP.
+      `tile` rows of that expert, then tail tiles of tile/4 rows (dynamic trip
+      counts), with a hand-written VJP.
       Only occupied rows are computed, so cost ~ A*D*F and independent of E,
       with no static padding (capacity buffers are never materialised).
       `jax.lax.ragged_dot` is a dense loop over all experts on CPU (15-200x
@@ -101,7 +102,7 @@ def sorted_layout(expert_NK, num_experts: int, capacity: int, pad: int) -> Layou
     place but are never computed or read.
     """
     n, k = expert_NK.shape
-    e_A, order_A, load_E, starts_E, row_A, pos_A = _sort_by_expert(expert_NK, num_experts)
+    _e_A, order_A, load_E, starts_E, row_A, pos_A = _sort_by_expert(expert_NK, num_experts)
     keep_A = pos_A < capacity
     pad_i = jnp.zeros((pad,), jnp.int32)
     return Layout(
@@ -119,7 +120,7 @@ def sorted_layout(expert_NK, num_experts: int, capacity: int, pad: int) -> Layou
 def buffer_layout(expert_NK, num_experts: int, capacity: int) -> Layout:
     """Rows = E buffers of C slots (row e*C + c); empty slots are invalid."""
     n, k = expert_NK.shape
-    e_A, order_A, load_E, starts_E, row_A, pos_A = _sort_by_expert(expert_NK, num_experts)
+    e_A, order_A, load_E, starts_E, _row_A, pos_A = _sort_by_expert(expert_NK, num_experts)
     keep_A = pos_A < capacity
     c_C = jnp.arange(capacity, dtype=jnp.int32)
     counts_E = jnp.minimum(load_E, capacity)
@@ -152,7 +153,7 @@ def _gather_rows_fwd(x_ND, token_S, row_NK, keep_NK):
 
 
 def _gather_rows_bwd(res, dx_SD):
-    row_NK, keep_NK, token_S = res
+    row_NK, keep_NK, _token_S = res
     dx_NKD = jnp.where(keep_NK[..., None], dx_SD[row_NK], 0)
     return jnp.sum(dx_NKD, axis=1), None, None, None
 
@@ -193,15 +194,19 @@ combine_rows.defvjp(_combine_fwd, _combine_bwd)
 
 
 def choose_tile(rows_per_expert: float) -> int:
-    """Tile rows for the CPU loop: about a quarter of an expert's expected rows, in [16, 512].
+    """Main tile rows for the CPU loop: ~ half an expert's expected rows, in [16, 512].
 
-    Wasted work is at most tile-1 rows per expert (the last partial tile), i.e.
-    about tile/2 * E rows against A useful ones.
+    An expert's rows run as full main tiles, then the remainder as tiles of
+    tile // 4 rows (at least 8), so wasted work is < tile // 4 rows per expert.
     """
     t = 16
-    while t < 512 and 2 * t <= rows_per_expert / 4:
+    while t < 512 and 2 * t <= rows_per_expert / 2:
         t *= 2
     return t
+
+
+def _tail_tile(tile: int) -> int:
+    return max(8, tile // 4)
 
 
 def _silu_parts(g):
@@ -209,37 +214,46 @@ def _silu_parts(g):
     return g * s, s * (1 + g * (1 - s))  # silu(g), silu'(g)
 
 
-def _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tile):
-    """Tiles of expert e: rows starts_E[e] + j*tile, j < ceil(counts_E[e] / tile).
+def _tiles(start, count, tile):
+    """(static size, first row, number of tiles) of the two tile levels of one expert."""
+    tail = _tail_tile(tile)
+    n_main = count // tile
+    rest = count - n_main * tile
+    return ((tile, start, n_main), (tail, start + n_main * tile, (rest + tail - 1) // tail))
 
-    The last tile of an expert runs into the next expert's rows; experts are
-    processed in increasing order, so the next one overwrites them (rows past
-    the kept range of the last experts are never read).
+
+def _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tile):
+    """Expert e's kept rows [starts_E[e], starts_E[e] + counts_E[e]) in tiles.
+
+    The last tail tile of an expert may run into the next expert's rows; experts
+    are processed in increasing order, so the next one overwrites them (rows past
+    the kept range of an expert are never read).  Trip counts are dynamic: only
+    occupied rows are computed.
     """
-    num_experts = gate_EDF.shape[0]
     dt = x_SD.dtype
 
-    def expert_body(e, carry):
-        g_DF = lax.dynamic_index_in_dim(gate_EDF, e, keepdims=False)
-        u_DF = lax.dynamic_index_in_dim(up_EDF, e, keepdims=False)
-        d_FD = lax.dynamic_index_in_dim(down_EFD, e, keepdims=False)
-        start, count = starts_E[e], counts_E[e]
+    def expert_body(carry, inputs):
+        start, count, g_DF, u_DF, d_FD = inputs
+        for size, first, num in _tiles(start, count, tile):
 
-        def tile_body(j, c):
-            y_SD, g_SF, u_SF = c
-            r0 = start + j * tile
-            x_TD = lax.dynamic_slice_in_dim(x_SD, r0, tile)
-            g_TF, u_TF = x_TD @ g_DF, x_TD @ u_DF
-            y_TD = (jax.nn.silu(g_TF) * u_TF) @ d_FD
-            return (lax.dynamic_update_slice_in_dim(y_SD, y_TD, r0, 0),
-                    lax.dynamic_update_slice_in_dim(g_SF, g_TF, r0, 0),
-                    lax.dynamic_update_slice_in_dim(u_SF, u_TF, r0, 0))
+            def tile_body(j, c, size=size, first=first):
+                y_SD, g_SF, u_SF = c
+                r0 = first + j * size
+                x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
+                g_TF, u_TF = x_TD @ g_DF, x_TD @ u_DF
+                y_TD = (jax.nn.silu(g_TF) * u_TF) @ d_FD
+                return (lax.dynamic_update_slice_in_dim(y_SD, y_TD, r0, 0),
+                        lax.dynamic_update_slice_in_dim(g_SF, g_TF, r0, 0),
+                        lax.dynamic_update_slice_in_dim(u_SF, u_TF, r0, 0))
 
-        return lax.fori_loop(0, (count + tile - 1) // tile, tile_body, carry)
+            carry = lax.fori_loop(0, num, tile_body, carry)
+        return carry, None
 
     s, f = x_SD.shape[0], gate_EDF.shape[-1]
     init = (jnp.zeros_like(x_SD), jnp.zeros((s, f), dt), jnp.zeros((s, f), dt))
-    return lax.fori_loop(0, num_experts, expert_body, init)
+    # scan over experts: weights arrive as scan slices, row ranges as scalars
+    out, _ = lax.scan(expert_body, init, (starts_E, counts_E, gate_EDF, up_EDF, down_EFD))
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -258,43 +272,35 @@ def _loop_fwd(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tile):
 
 def _loop_bwd(tile, res, dy_SD):
     x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, g_SF, u_SF = res
-    num_experts = gate_EDF.shape[0]
-    arange_T = jnp.arange(tile)
 
-    def expert_body(e, carry):
-        dx_SD, dgate_EDF, dup_EDF, ddown_EFD = carry
-        g_DF = lax.dynamic_index_in_dim(gate_EDF, e, keepdims=False)
-        u_DF = lax.dynamic_index_in_dim(up_EDF, e, keepdims=False)
-        d_FD = lax.dynamic_index_in_dim(down_EFD, e, keepdims=False)
-        start, count = starts_E[e], counts_E[e]
+    def expert_body(dx_SD, inputs):
+        start, count, g_DF, u_DF, d_FD = inputs
+        carry = (dx_SD, jnp.zeros_like(g_DF), jnp.zeros_like(u_DF), jnp.zeros_like(d_FD))
+        for size, first, num in _tiles(start, count, tile):
 
-        def tile_body(j, c):
-            dx_SD, dg_DF, du_DF, dd_FD = c
-            r0 = start + j * tile
-            x_TD = lax.dynamic_slice_in_dim(x_SD, r0, tile)
-            g_TF = lax.dynamic_slice_in_dim(g_SF, r0, tile)
-            u_TF = lax.dynamic_slice_in_dim(u_SF, r0, tile)
-            mine_T1 = (arange_T + j * tile < count)[:, None]  # rows of this expert
-            dy_TD = jnp.where(mine_T1, lax.dynamic_slice_in_dim(dy_SD, r0, tile), 0)
-            silu_TF, dsilu_TF = _silu_parts(g_TF)
-            dd_FD = dd_FD + (silu_TF * u_TF).T @ dy_TD
-            dh_TF = dy_TD @ d_FD.T
-            dgate_TF = dh_TF * u_TF * dsilu_TF
-            dup_TF = dh_TF * silu_TF
-            dx_TD = dgate_TF @ g_DF.T + dup_TF @ u_DF.T
-            return (lax.dynamic_update_slice_in_dim(dx_SD, dx_TD, r0, 0),
-                    dg_DF + x_TD.T @ dgate_TF, du_DF + x_TD.T @ dup_TF, dd_FD)
+            def tile_body(j, c, size=size, first=first):
+                dx_SD, dg_DF, du_DF, dd_FD = c
+                r0 = first + j * size
+                x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
+                g_TF = lax.dynamic_slice_in_dim(g_SF, r0, size)
+                u_TF = lax.dynamic_slice_in_dim(u_SF, r0, size)
+                mine_T1 = (jnp.arange(size) + r0 < start + count)[:, None]  # this expert's rows
+                dy_TD = jnp.where(mine_T1, lax.dynamic_slice_in_dim(dy_SD, r0, size), 0)
+                silu_TF, dsilu_TF = _silu_parts(g_TF)
+                dd_FD = dd_FD + (silu_TF * u_TF).T @ dy_TD
+                dh_TF = dy_TD @ d_FD.T
+                dgate_TF = dh_TF * u_TF * dsilu_TF
+                dup_TF = dh_TF * silu_TF
+                dx_TD = dgate_TF @ g_DF.T + dup_TF @ u_DF.T
+                return (lax.dynamic_update_slice_in_dim(dx_SD, dx_TD, r0, 0),
+                        dg_DF + x_TD.T @ dgate_TF, du_DF + x_TD.T @ dup_TF, dd_FD)
 
-        zeros = (jnp.zeros_like(g_DF), jnp.zeros_like(u_DF), jnp.zeros_like(d_FD))
-        dx_SD, dg_DF, du_DF, dd_FD = lax.fori_loop(
-            0, (count + tile - 1) // tile, tile_body, (dx_SD, *zeros))
-        return (dx_SD, lax.dynamic_update_index_in_dim(dgate_EDF, dg_DF, e, 0),
-                lax.dynamic_update_index_in_dim(dup_EDF, du_DF, e, 0),
-                lax.dynamic_update_index_in_dim(ddown_EFD, dd_FD, e, 0))
+            carry = lax.fori_loop(0, num, tile_body, carry)
+        dx_SD, dg_DF, du_DF, dd_FD = carry
+        return dx_SD, (dg_DF, du_DF, dd_FD)  # weight grads stacked by scan, no zero-fill
 
-    init = (jnp.zeros_like(x_SD), jnp.zeros_like(gate_EDF), jnp.zeros_like(up_EDF),
-            jnp.zeros_like(down_EFD))
-    dx_SD, dgate_EDF, dup_EDF, ddown_EFD = lax.fori_loop(0, num_experts, expert_body, init)
+    dx_SD, (dgate_EDF, dup_EDF, ddown_EFD) = lax.scan(
+        expert_body, jnp.zeros_like(x_SD), (starts_E, counts_E, gate_EDF, up_EDF, down_EFD))
     return dx_SD, None, None, dgate_EDF, dup_EDF, ddown_EFD
 
 
@@ -332,9 +338,8 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
     'buffer' ([E, C, D] einsum, capacity only), 'accelerator' (ragged or
     buffer), 'auto' (by backend).
     """
-    gate_EDF, up_EDF, down_EFD = weights
     n, k = expert_NK.shape
-    num_experts = gate_EDF.shape[0]
+    num_experts = weights[0].shape[0]
     impl = default_impl() if impl == "auto" else impl
     if impl == "accelerator":
         impl = "ragged" if capacity is None else "buffer"
@@ -366,7 +371,6 @@ def expert_choice_moe(x_ND, token_EC, gate_EC, weights, *, impl: str = "auto"):
 
     The combine is a segment sum (a token has 0..E experts); its backward is a gather.
     """
-    gate_EDF, up_EDF, down_EFD = weights
     num_experts, cap = token_EC.shape
     impl = default_impl() if impl == "auto" else impl
     token_S = token_EC.reshape(-1)

@@ -6,7 +6,6 @@ Dimension legend: B batch, T time, D d_model, F hidden.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moe_lab.layers.base import dtype_of, param

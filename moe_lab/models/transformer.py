@@ -62,6 +62,22 @@ class Block(nnx.Module):
         return x_BTD + y_BTD, aux
 
 
+    def decode(self, x_BTD, positions_BT, valid_BT, cache, index):
+        """Like __call__ with a KV cache (inference only; see Attention.decode)."""
+        def attn(h_BTD):
+            return self.attn.decode(h_BTD, positions_BT, valid_BT, cache, index)
+
+        if self.post_norm:
+            a_BTD, cache = attn(x_BTD)
+            x_BTD = self.attn_norm(x_BTD + a_BTD)
+            y_BTD, _ = self._ffn(x_BTD, False, None)
+            return self.ffn_norm(x_BTD + y_BTD), cache
+        a_BTD, cache = attn(self.attn_norm(x_BTD))
+        x_BTD = x_BTD + a_BTD
+        y_BTD, _ = self._ffn(self.ffn_norm(x_BTD), False, None)
+        return x_BTD + y_BTD, cache
+
+
 class ScannedStack(nnx.Module):
     """`num_layers` Blocks with parameters stacked on axis 0, applied by lax.scan."""
 
@@ -74,6 +90,7 @@ class ScannedStack(nnx.Module):
         self.layers = make(rngs)
         self.num_layers = num_layers
         self.remat = cfg.remat
+        self.cfg = cfg
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng=None):
         graphdef, state_L = nnx.split(self.layers)
@@ -91,6 +108,23 @@ class ScannedStack(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
         x_BTD, aux_L = jax.lax.scan(body, x_BTD, (state_L, keys_L))
         return x_BTD, aux_L
+
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+        cfg = self.cfg
+        shape = (self.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+        return {"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype),
+                "valid_BS": jnp.zeros((self.num_layers, batch, max_len), bool)}
+
+    def decode(self, x_BTD, positions_BT, valid_BT, cache_L, index):
+        graphdef, state_L = nnx.split(self.layers)
+
+        def body(x_BTD, layer):
+            state, cache = layer
+            block = nnx.merge(graphdef, state)
+            return block.decode(x_BTD, positions_BT, valid_BT, cache, index)
+
+        return jax.lax.scan(body, x_BTD, (state_L, cache_L))
 
 
 class Transformer(nnx.Module):
@@ -136,6 +170,21 @@ class Transformer(nnx.Module):
             key = jax.random.fold_in(rng, i) if rng is not None else None
             x_BTD, aux[name] = stack(x_BTD, positions_BT, segment_ids_BT, train=train, rng=key)
         return self.logits(x_BTD), aux
+
+
+    # ------------------------------------------------------------ decoding (KV cache)
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        dtype = dtype_of(self.cfg.compute_dtype)
+        return {name: stack.init_cache(batch, max_len, dtype) for name, stack in self.stacks()}
+
+    def decode(self, tokens_BT, positions_BT, valid_BT, cache: dict, index):
+        """T new tokens at cache slots [index, index+T) -> (logits_BTV, new cache)."""
+        x_BTD = self.embed(tokens_BT)
+        new_cache = {}
+        for name, stack in self.stacks():
+            x_BTD, new_cache[name] = stack.decode(x_BTD, positions_BT, valid_BT, cache[name], index)
+        return self.logits(x_BTD), new_cache
 
 
 def total_aux_loss(aux: dict) -> jax.Array:

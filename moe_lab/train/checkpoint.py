@@ -27,10 +27,9 @@ Why things are the way they are:
 
 from __future__ import annotations
 
-import os
-
 import json
 import logging
+import os
 from typing import Any, Self
 
 import grain

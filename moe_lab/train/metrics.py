@@ -15,7 +15,7 @@ def _scalarize(v):
     a = np.asarray(v)
     if a.ndim == 0:
         return float(a) if a.dtype.kind == "f" else int(a)
-    return [round(float(x), 6) for x in a.reshape(-1)] if a.ndim == 1 else a.astype(np.float64).round(6).tolist()
+    return a.astype(np.float64).round(6).tolist()
 
 
 class MetricsWriter:

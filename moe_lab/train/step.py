@@ -9,7 +9,7 @@ bias, updated here after each step; DeepSeek-V3 loss-free balancing).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,247 @@
+"""`moe-lab grow`: grow a trained checkpoint into a new run (arXiv 2510.08008).
+
+    moe-lab grow --from DIR [--step N] --to NEWDIR [--depth interpose|stack]
+                 [--depth-factor 2] [--keep-first N] [--keep-last N] [--zero-copies]
+                 [--width-factor 2] [--noise 0.01] [--width-layout append|interleave]
+                 [--width-init copy|random] [--only-e | --only-k]
+                 [--order depth,width|width,depth] [--opt-state reset|grow] [--seed S]
+
+Any depth option turns on depth growth (method interpose unless --depth says
+otherwise); any width option turns on width growth (factor 2 unless
+--width-factor says otherwise).  DIR is only read.  NEWDIR gets config.json
+(the grown model; train settings unchanged: set the continued schedule with
+overrides at train time), checkpoints/0 (step 0, no data-iterator state) and
+lineage.json (parent, transforms, sunk FLOPs, param counts).  Everything is
+built in a sibling temp dir and renamed into place only after the written
+checkpoint was reloaded and, for function-preserving transforms, its logits
+were checked against the parent's on a real batch (REFERENCES.md sec. 5,
+complaint 3).  Then `moe-lab train --workdir NEWDIR` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+
+from moe_lab.config import Config, ConfigError, config_from_json
+
+LOGIT_TOLERANCE = 1e-4  # max |logits difference| accepted for a function-preserving growth
+
+
+def add_grow_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `grow` subcommand to `subparsers` (from add_subparsers)."""
+    g = subparsers.add_parser("grow", help="grow a checkpoint in depth and/or width (2510.08008)")
+    g.add_argument("--from", dest="from_dir", required=True, help="the parent run's workdir")
+    g.add_argument("--step", type=int, default=None, help="parent checkpoint step (default: latest)")
+    g.add_argument("--to", dest="to_dir", required=True, help="new workdir (must not exist or be empty)")
+    g.add_argument("--depth", choices=("interpose", "stack"), default=None)
+    g.add_argument("--depth-factor", type=int, default=None)
+    g.add_argument("--keep-first", type=int, default=None, help="first N layers stay single")
+    g.add_argument("--keep-last", type=int, default=None, help="last N layers stay single")
+    g.add_argument("--zero-copies", action="store_true", default=None,
+                   help="zero the output projections of the copies (function-preserving)")
+    g.add_argument("--width-factor", type=int, default=None)
+    g.add_argument("--noise", type=float, default=None, help="relative noise on copies (0.01)")
+    g.add_argument("--width-layout", choices=("append", "interleave"), default=None)
+    g.add_argument("--width-init", choices=("copy", "random"), default=None)
+    only = g.add_mutually_exclusive_group()
+    only.add_argument("--only-e", action="store_true", default=None, help="grow experts, not top-k")
+    only.add_argument("--only-k", action="store_true", default=None, help="grow top-k, not experts")
+    g.add_argument("--order", choices=("depth,width", "width,depth"), default="depth,width")
+    g.add_argument("--opt-state", choices=("reset", "grow"), default="reset")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the logits check against the parent")
+    g.set_defaults(fn=cmd_grow)
+    return g
+
+
+def transforms_from_args(args) -> list[tuple[str, dict]]:
+    """[("depth", kwargs), ("width", kwargs)] in the requested order."""
+    depth_opts = (args.depth, args.depth_factor, args.keep_first, args.keep_last, args.zero_copies)
+    width_opts = (args.width_factor, args.noise, args.width_layout, args.width_init, args.only_e,
+                  args.only_k)
+    steps = {}
+    if any(v is not None for v in depth_opts):
+        steps["depth"] = {"method": args.depth or "interpose", "factor": args.depth_factor or 2,
+                          "keep_first": args.keep_first or 0, "keep_last": args.keep_last or 0,
+                          "zero_copies": bool(args.zero_copies)}
+    if any(v is not None for v in width_opts):
+        steps["width"] = {"factor": args.width_factor or 2,
+                          "noise": 0.01 if args.noise is None else args.noise,
+                          "layout": args.width_layout or "append",
+                          "init": args.width_init or "copy",
+                          "grow_e": not args.only_k, "grow_k": not args.only_e}
+    if not steps:
+        raise ConfigError("grow: nothing to grow (give --depth ... and/or --width-factor ...)")
+    return [(name, steps[name]) for name in args.order.split(",") if name in steps]
+
+
+def _check_dirs(from_dir: str, to_dir: str) -> tuple[str, str]:
+    src, dst = os.path.realpath(from_dir), os.path.realpath(to_dir)
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise ConfigError(f"grow: --from {from_dir} holds no run (no config.json)")
+    if dst == src or dst.startswith(src + os.sep):
+        raise ConfigError(f"grow: --to {to_dir} is (inside) --from {from_dir}; never writing there")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ConfigError(f"grow: --to {to_dir} exists and is not empty; refusing to write there")
+    return src, dst
+
+
+def _one_device_setup(cfg: Config):
+    import jax
+
+    from moe_lab import sharding
+    from moe_lab.train.state import make_setup
+
+    mesh_cfg = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    return make_setup(cfg.replace(mesh=mesh_cfg), mesh)
+
+
+def _check_tree(state, abstract, what: str) -> None:
+    import jax
+
+    want = jax.tree_util.tree_flatten_with_path(abstract)
+    have = jax.tree_util.tree_flatten_with_path(state)
+    if jax.tree.structure(state) != jax.tree.structure(abstract):
+        raise ConfigError(f"grow: the {what} does not have the grown model's tree structure")
+    for (path, a), (_, b) in zip(want[0], have[0], strict=True):
+        if tuple(a.shape) != tuple(np.shape(b)):
+            name = jax.tree_util.keystr(path)
+            raise ConfigError(f"grow: {what} {name} has shape {np.shape(b)}, want {a.shape}")
+
+
+def verify_logits(parent_cfg: Config, parent_state: dict, cfg: Config, workdir: str,
+                  *, num_sequences: int = 2) -> float:
+    """Reloads workdir's checkpoint 0 and returns max |logits(grown) - logits(parent)|
+    on a real eval batch of the parent's data mixture."""
+    import jax
+
+    from moe_lab.config import parse_mixture
+    from moe_lab.data import pipeline
+    from moe_lab.data.tasks import make_task
+    from moe_lab.train.checkpoint import Checkpointer
+    from moe_lab.train.step import forward
+
+    name = parse_mixture(parent_cfg.data.mixture)[0][0]
+    batch = pipeline.make_eval_batches(make_task(name, parent_cfg.data), parent_cfg.data,
+                                       num_sequences, 1)[0]
+    setup = _one_device_setup(cfg)
+    with Checkpointer(workdir, create=False) as ckpt:
+        grown, _ = ckpt.restore(0, setup.abstract_state)
+    parent_setup = _one_device_setup(parent_cfg)
+
+    def logits(s, state):
+        fn = jax.jit(lambda p, m, b: forward(s.graphdef, p, m, b, train=False)[0])
+        with jax.set_mesh(s.mesh):
+            return np.asarray(fn(state["params"], state["model_state"], batch))
+
+    return float(np.max(np.abs(logits(setup, grown) - logits(parent_setup, parent_state))))
+
+
+def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
+             step: int | None = None, opt_state: str = "reset", seed: int = 0,
+             verify: bool = True, log=print) -> dict:
+    """Grows run `from_dir` (checkpoint `step`, default latest) into a new run
+    `to_dir`; returns the lineage dict (also written to to_dir/lineage.json)."""
+    src, dst = _check_dirs(from_dir, to_dir)
+    import jax
+
+    from moe_lab import flops, growth
+    from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
+    from moe_lab.train.loop import write_json_atomic
+    from moe_lab.train.state import resolve_config
+
+    cfg = resolve_config(config_from_json(os.path.join(src, "config.json")))
+    # Dry run on the config first: bad options fail before any checkpoint is read.
+    new_cfg, preserving = cfg, True
+    for what, kw in transforms:
+        if what == "depth":
+            preserving &= growth.depth_preserves_function(new_cfg, zero_copies=kw["zero_copies"])
+            new_cfg = growth.depth_plan(new_cfg, **{k: v for k, v in kw.items()
+                                                   if k != "zero_copies"}).cfg
+        else:
+            preserving &= growth.width_preserves_function(
+                new_cfg, noise=kw["noise"], grow_e=kw["grow_e"], grow_k=kw["grow_k"],
+                init=kw["init"])
+            new_cfg = growth.width_plan(new_cfg, **{k: v for k, v in kw.items()
+                                                   if k != "noise"}).cfg
+
+    with Checkpointer(src, create=False) as ckpt:
+        parent_step = ckpt.latest_step() if step is None else step
+        if parent_step is None:
+            raise ConfigError(f"grow: no checkpoint in {ckpt.directory}")
+        setup = _one_device_setup(cfg)
+        state, meta = ckpt.restore(parent_step, setup.abstract_state)
+    state = jax.device_get(state)
+
+    new_setup = _one_device_setup(new_cfg)
+    grown, grown_cfg = growth.grow_train_state(
+        state, cfg, transforms, opt_state=opt_state, seed=seed,
+        init_fn_for=lambda _: lambda p: jax.device_get(new_setup.tx.init(p)))
+    assert grown_cfg.model == new_cfg.model
+    _check_tree(grown, new_setup.abstract_state, "grown state")
+
+    spent = growth.sunk_flops(cfg, meta)
+    parent_counts, grown_counts = flops.param_counts(cfg.model), flops.param_counts(new_cfg.model)
+    lineage = {
+        "parent_workdir": src, "parent_step": int(parent_step),
+        "transforms": [{"kind": what, **kw} for what, kw in transforms],
+        "opt_state": opt_state, "seed": seed,
+        "sunk_flops": spent, "sunk_tokens": float(meta.get("tokens_seen", 0.0)),
+        "sunk_chinchilla_ratio": growth.chinchilla_ratio(cfg, spent),
+        "parent_params_total": parent_counts["total"],
+        "parent_params_active": parent_counts["active"],
+        "grown_params_total": grown_counts["total"],
+        "grown_params_active": grown_counts["active"],
+        "function_preserving": bool(preserving),
+    }
+    tmp = f"{dst}.growing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        # Counters start at 0 for the new run; the sunk cost lives in lineage.json.
+        write_checkpoint(tmp, 0, grown, {"tokens_seen": 0.0, "flops_spent": 0.0,
+                                         "wall_seconds": 0.0, "grown_from": src,
+                                         "parent_step": int(parent_step)})
+        if verify:
+            diff = verify_logits(cfg, state, new_cfg, tmp)
+            lineage["max_abs_logit_diff"] = diff
+            if preserving:
+                log(f"grow: function-preserving; max |logits - parent logits| = {diff:.3g}")
+                if not diff <= LOGIT_TOLERANCE:
+                    raise ConfigError(f"grow: grown model's logits differ from the parent's by "
+                                      f"{diff:.3g} > {LOGIT_TOLERANCE} (a bug; nothing written)")
+            else:
+                log(f"grow: max |logits - parent logits| = {diff:.3g} (not function-preserving)")
+        write_json_atomic(os.path.join(tmp, "lineage.json"), lineage)
+        write_json_atomic(os.path.join(tmp, "config.json"), new_cfg.to_dict())
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # empty (checked above)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    m0, m1 = cfg.model, new_cfg.model
+    log(f"grow: {src} step {parent_step} -> {dst}: layers {m0.num_layers} -> {m1.num_layers}"
+        + (f", experts {m0.moe.num_experts} -> {m1.moe.num_experts}, top-k {m0.moe.top_k} -> "
+           f"{m1.moe.top_k}" if m1.ffn == "moe" else "")
+        + f", params {parent_counts['total']:,} -> {grown_counts['total']:,} (active "
+          f"{parent_counts['active']:,} -> {grown_counts['active']:,}), sunk {spent:.3g} FLOPs")
+    return lineage
+
+
+def cmd_grow(args, overrides: dict | None = None) -> int:
+    """Entry point for `moe-lab grow` (cli.main calls fn(args, overrides))."""
+    if overrides:
+        raise ConfigError("grow takes no --config overrides (set them at train time)")
+    transforms = transforms_from_args(args)
+    grow_run(args.from_dir, args.to_dir, transforms, step=args.step, opt_state=args.opt_state,
+             seed=args.seed, verify=args.verify)
+    print(f"continue with: moe-lab train --workdir {args.to_dir} [--config.train.steps=N ...]")
+    return 0
