@@ -1,15 +1,19 @@
 """Sparsity vs reasoning (arXiv 2508.18672): a grid over experts E and top-k at fixed
 expert size, so active parameters depend on k only and total on E.
 
-    get_config('tiny')  -> CPU scale (d 64, 4 layers), get_sweep('tiny') its grid
+    get_config('tiny')  -> CPU scale (d 64, 4 layers, 400 steps), get_sweep('tiny') its grid:
+                           E in {2, 4, 8, 16, 32} x k in {1, 2}, k < E (9 points, about
+                           2-4 min each on a 2-core CPU: the grid fits in < 45 min)
+    get_config('micro') -> a few steps of a very small model (tests, CI, `make demo`)
     get_config('paper') -> the paper's recipe at d=1024 (16 layers, SwiGLU experts of
                            hidden 2d, 125B tokens, AdamW 0.9/0.95, wd 0.1, clip 1,
                            peak 4e-4 cosine to 4e-5 after 2000 warmup steps,
                            aux 1e-2, z 1e-3, softmax top-k, no dropping)
     get_sweep('paper')  -> d in {512, 1024, 2048} x E in {8..256} x k in {2..16}, k < E
 
-The sweep runner (`moe-lab sweep`) is tracked in the evaluation issue; each point
-here is an override dict usable as `--config.KEY=VALUE` flags today.
+Run it with the resumable, shardable runner (see moe_lab/sweep.py):
+
+    moe-lab sweep --config configs/sparsity_sweep.py:tiny --workdir runs/sparsity_tiny
 """
 
 import ml_collections
@@ -25,7 +29,19 @@ def get_config(arg=None):
                                            router="softmax_topk", dispatch="dropless"))
         c.data = dict(mixture="facts:1,arith:1", seq_len=128, facts_num_entities=200)
         c.train = dict(steps=400, batch_size=16, lr=3e-3, warmup_steps=40, log_every=50,
-                       eval_every=200, checkpoint_every=200)
+                       eval_every=200, checkpoint_every=200, progress=False)
+        c.eval = dict(num_examples=64, batch_size=32, max_new_tokens=48, longer_chains=5)
+        c.mesh = dict(data=-1)
+    elif arg == "micro":
+        c.model = dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, max_seq_len=64,
+                       ffn="moe", moe=dict(num_experts=4, top_k=1, expert_hidden=32,
+                                           router="softmax_topk", dispatch="dropless"))
+        c.data = dict(mixture="facts:1,arith:1", seq_len=48, facts_num_entities=20,
+                      arith_num_steps=2, arith_eval_num_steps=2, arith_modulus=11)
+        c.train = dict(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, log_every=3,
+                       eval_every=6, checkpoint_every=3, eval_batches=1, progress=False,
+                       async_checkpoint=False)
+        c.eval = dict(num_examples=8, batch_size=8, max_new_tokens=16, longer_chains=3)
         c.mesh = dict(data=-1)
     elif arg == "paper":
         d = 1024
@@ -44,21 +60,25 @@ def get_config(arg=None):
                        eval_every=1000, checkpoint_every=1000)
         c.mesh = dict(data=-1, fsdp=8, expert=8)
     else:
-        raise ValueError(f"unknown arg {arg!r} (tiny or paper)")
+        raise ValueError(f"unknown arg {arg!r} (tiny, micro or paper)")
     return c
 
 
 def get_sweep(arg=None):
     arg = arg or "tiny"
     if arg == "tiny":
-        grid = [(e, k) for e in (4, 8, 16) for k in (1, 2) if k < e]
+        grid = [(e, k) for e in (2, 4, 8, 16, 32) for k in (1, 2) if k < e]
         return [{"model.moe.num_experts": e, "model.moe.top_k": k} for e, k in grid]
+    if arg == "micro":
+        return [{"model.moe.num_experts": e, "model.moe.top_k": k} for e, k in
+                ((2, 1), (4, 1), (4, 2))]
     points = []
     for d in (512, 1024, 2048):
         for e in (8, 16, 32, 64, 128, 256):
             for k in (2, 4, 8, 16):
                 if k < e:
-                    points.append({"model.d_model": d, "model.moe.expert_hidden": 2 * d,
+                    points.append({"name": f"d{d}_e{e}_k{k}",
+                                   "model.d_model": d, "model.moe.expert_hidden": 2 * d,
                                    "model.num_heads": d // 64, "model.num_kv_heads": d // 64,
                                    "model.moe.num_experts": e, "model.moe.top_k": k})
     return points

@@ -36,9 +36,14 @@ def _config_from_args(args, overrides: dict) -> Config:
 
 def cmd_train(args, overrides) -> int:
     cfg = _config_from_args(args, overrides)
+    from moe_lab import distributed  # noqa: PLC0415
+
+    distributed.initialize(args)
     from moe_lab.train.loop import train  # noqa: PLC0415 (jax import after arg checks)
 
     summary = train(cfg, args.workdir)
+    if summary.get("process_index", 0) != 0:
+        return 0
     print("summary: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                                     for k, v in summary.items()}))
     return 0
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train or resume a run (overrides: --config.a.b=V)")
     t.add_argument("--config", help="config file, path.py[:arg]")
     t.add_argument("--workdir", required=True)
+    from moe_lab import distributed  # noqa: PLC0415
+
+    distributed.add_flags(t)
     t.set_defaults(fn=cmd_train)
     i = sub.add_parser("info", help="params, FLOPs, TPP, memory, mesh rules of a config")
     i.add_argument("--config")

@@ -62,6 +62,41 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoRConfig:
+    """Mixture-of-Recursions (arXiv 2507.10524); used when model.stack = "recursive".
+
+    See moe_lab/models/recursive.py for the algorithms.
+    """
+
+    num_recursions: int = 3  # N_r
+    # cycle: layer l uses pool[l mod L/N_r]; sequence: pool[floor(l/N_r)];
+    # middle_*: the first and last layers unique, the middle L-2 shared as above
+    sharing: str = "middle_cycle"
+    routing: str = "expert_choice"  # none (fixed depth) | expert_choice | token_choice
+    router_type: str = "linear"  # linear (no bias) | mlp
+    # expert choice: sigmoid | tanh; token choice: softmax | sigmoid ("" = the default of each)
+    router_func: str = ""
+    alpha: float = 0.1  # gate scale g = alpha * score (expert choice)
+    token_choice_alpha: float = 1.0  # gate scale for token choice
+    # expert choice capacities per step, comma-separated fractions of the sequence
+    # ("" = (N_r - r + 1) / N_r, i.e. 1, 2/3, 1/3 for N_r = 3)
+    capacities: str = ""
+    update: str = "paper"  # paper: h + g*(f(h) - h) | released: h + g*f(h) (f includes residual)
+    # causal decoding for expert choice: bce (aux BCE on router logits vs top-k
+    # membership) | aux_router (separate stop-gradient router) | none
+    causal_aux: str = "bce"
+    bce_weight: float = 1e-3
+    z_loss_weight: float = 0.0
+    eval_routing: str = "threshold"  # expert choice at train=False: threshold | topk
+    balance: str = "loss"  # token choice: loss (sum f_i P_i) | loss_free (selection bias)
+    balance_weight: float = 0.1
+    bias_update_rate: float = 1e-3
+    warmup_steps: int = 0  # token choice: every token at full depth for the first N steps
+    kv_cache: str = "recursion_wise"  # recursion_wise | shared (all steps reuse step 1's KV)
+    decode_buckets: int = 8  # depth-wise batching at decode: row buckets of B/n (0: off)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 0  # 0: the tokenizer's vocabulary size
     d_model: int = 128
@@ -82,6 +117,7 @@ class ModelConfig:
     ffn: str = "dense"  # dense | moe
     stack: str = "plain"  # plain | recursive
     moe: MoEConfig = MoEConfig()
+    mor: MoRConfig = MoRConfig()
 
     @property
     def resolved_head_dim(self) -> int:
@@ -145,6 +181,17 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation at the end of training and by `moe-lab eval`."""
+
+    num_examples: int = 64  # prompts per task for generation accuracy
+    batch_size: int = 32  # prompts per generation batch
+    max_new_tokens: int = 48  # generation budget per prompt
+    longer_chains: int = 0  # also eval arith at this many steps (0: off)
+    at_end: bool = True  # run the evaluation when training finishes
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
@@ -181,6 +228,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
     name: str = "run"
 
@@ -362,10 +410,19 @@ _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.ffn": ("dense", "moe"),
-    "model.stack": ("plain",),
+    "model.stack": ("plain", "recursive"),
     "model.moe.router": ("topk_softmax", "softmax_topk", "sigmoid", "expert_choice"),
     "model.moe.dispatch": ("reference", "capacity", "dropless", "auto"),
     "model.moe.metrics": ("aggregate", "per_layer"),
+    "model.mor.sharing": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
+    "model.mor.routing": ("none", "expert_choice", "token_choice"),
+    "model.mor.router_type": ("linear", "mlp"),
+    "model.mor.router_func": ("", "sigmoid", "tanh", "softmax"),
+    "model.mor.update": ("paper", "released"),
+    "model.mor.causal_aux": ("bce", "aux_router", "none"),
+    "model.mor.eval_routing": ("threshold", "topk"),
+    "model.mor.balance": ("loss", "loss_free"),
+    "model.mor.kv_cache": ("recursion_wise", "shared"),
     "train.schedule": ("cosine", "wsd", "constant"),
 }
 
@@ -417,6 +474,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.keep_last' must be >= 1, got {t.keep_last}")
     if m.ffn == "moe":
         _validate_moe(m)
+    if m.stack == "recursive":
+        _validate_mor(m)
     for axis in ("data", "fsdp", "expert", "tensor"):
         v = getattr(cfg.mesh, axis)
         if v == 0 or v < -1:
@@ -449,6 +508,67 @@ def _validate_moe(m: ModelConfig) -> None:
         )
     if e.router_jitter < 0 or e.aux_loss_weight < 0 or e.z_loss_weight < 0:
         raise ConfigError("model.moe router_jitter, aux_loss_weight, z_loss_weight must be >= 0")
+
+
+def mor_capacities(m: ModelConfig) -> tuple[float, ...]:
+    """Expert-choice capacity per recursion step (fractions of the sequence)."""
+    r = m.mor
+    if not r.capacities.strip():
+        return tuple((r.num_recursions - i) / r.num_recursions for i in range(r.num_recursions))
+    try:
+        return tuple(float(c) for c in r.capacities.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"model.mor.capacities={r.capacities!r} is not a comma-separated list of numbers"
+        ) from None
+
+
+def _validate_mor(m: ModelConfig) -> None:
+    r = m.mor
+    n = r.num_recursions
+    if n < 1:
+        raise ConfigError(f"config key 'model.mor.num_recursions' must be >= 1, got {n}")
+    middle = r.sharing.startswith("middle")
+    shared = m.num_layers - 2 if middle else m.num_layers
+    if shared < n or shared % n:
+        what = "model.num_layers - 2 (first and last layers are unique)" if middle else "model.num_layers"
+        raise ConfigError(
+            f"model.mor.num_recursions={n} does not divide the {shared} shared layers "
+            f"({what}) for sharing={r.sharing!r}"
+        )
+    func = r.router_func
+    if r.routing == "expert_choice" and func not in ("", "sigmoid", "tanh"):
+        raise ConfigError(f"model.mor.router_func={func!r}: expert choice needs sigmoid or tanh")
+    if r.routing == "token_choice" and func not in ("", "softmax", "sigmoid"):
+        raise ConfigError(f"model.mor.router_func={func!r}: token choice needs softmax or sigmoid")
+    caps = mor_capacities(m)
+    if r.routing == "expert_choice":
+        if len(caps) != n:
+            raise ConfigError(
+                f"model.mor.capacities has {len(caps)} entries, need num_recursions={n}")
+        if any(not 0 < c <= 1 for c in caps):
+            raise ConfigError(f"model.mor.capacities={r.capacities!r}: each must be in (0, 1]")
+        if any(b > a for a, b in zip(caps, caps[1:])):
+            raise ConfigError(
+                f"model.mor.capacities={r.capacities!r} must be non-increasing "
+                "(hierarchical filtering: step r keeps a subset of step r-1)")
+    elif r.capacities.strip():
+        raise ConfigError(
+            f"model.mor.capacities is only used by routing='expert_choice', got routing={r.routing!r}")
+    if r.kv_cache == "shared" and r.routing == "expert_choice" and caps[0] < 1:
+        raise ConfigError(
+            "model.mor.kv_cache='shared' reuses step 1's KV for every token, but expert-choice "
+            f"capacity at step 1 is {caps[0]} < 1 (use kv_cache='recursion_wise')")
+    if r.alpha <= 0 or r.token_choice_alpha <= 0:
+        raise ConfigError("model.mor.alpha and token_choice_alpha must be > 0")
+    for k in ("bce_weight", "z_loss_weight", "balance_weight", "bias_update_rate",
+              "warmup_steps", "decode_buckets"):
+        if getattr(r, k) < 0:
+            raise ConfigError(f"config key 'model.mor.{k}' must be >= 0, got {getattr(r, k)}")
+    if m.ffn == "moe" and m.moe.first_dense_layers > (1 if middle else 0):
+        raise ConfigError(
+            f"model.moe.first_dense_layers={m.moe.first_dense_layers}: a recursive stack can "
+            "only make its unique first layer dense (middle_* sharing)")
 
 
 def _validate_mixture(d: DataConfig) -> None:

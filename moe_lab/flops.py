@@ -9,6 +9,11 @@ Conventions (2508.18672 section 2; Kaplan et al. 2020; Hoffmann et al. 2022):
   layer; training FLOPs = 3 x forward (remat recomputation is not counted, so
   MFU stays comparable across remat settings).
 - TPP (tokens per parameter) = training tokens / TOTAL parameters.
+- recursive (MoR) stacks: the shared pool's parameters count once; forward FLOPs
+  count each recursion step on the tokens it keeps (per-recursion token counts,
+  causal attention among them; arXiv 2507.10524 sec. 3), so iso-FLOP step
+  counts against vanilla are honest. Token choice's dense implementation costs
+  more than this (see models/recursive.py); the count is the algorithm's.
 """
 
 from __future__ import annotations
@@ -32,8 +37,94 @@ def _ffn_params(m: ModelConfig, kind: str, active: bool) -> int:
     return 3 * D * F * (routed + e.num_shared_experts) + D * e.num_experts
 
 
+def _mor_router_params(m: ModelConfig) -> int:
+    r = m.mor
+    D, R = m.d_model, r.num_recursions
+    H = max(8, D // 4)  # layers/recursion_routing.py MLP router hidden size
+    if r.routing == "none":
+        return 0
+    if r.routing == "token_choice":
+        return D * R if r.router_type == "linear" else D * H + H * R
+    one = R * D if r.router_type == "linear" else R * (D * H + H)
+    return one * (2 if r.causal_aux == "aux_router" else 1)
+
+
+def _mor_layers(m: ModelConfig) -> tuple[int, int, str]:
+    """(unique first/last layers, shared pool layers, ffn kind of the first layer)."""
+    from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
+
+    s = recursion_schedule(m.num_layers, m.mor.num_recursions, m.mor.sharing)
+    first_ffn = "dense" if (m.ffn == "moe" and m.moe.first_dense_layers) else m.ffn
+    return 2 if s.first else 0, s.pool, first_ffn
+
+
+def _mor_param_counts(m: ModelConfig) -> dict[str, int]:
+    """Recursive stack: each distinct layer (the shared pool once) plus the routers."""
+    D, V = m.d_model, m.vocab_size
+    norms = 2 * D
+    n_unique, pool, first_ffn = _mor_layers(m)
+    embed = V * D * (1 if m.tie_embeddings else 2)
+    out = {}
+    for name, active in (("total", False), ("active", True)):
+        layer = _attention_params(m) + _ffn_params(m, m.ffn, active) + norms
+        layers = pool * layer + _mor_router_params(m)
+        if n_unique:
+            layers += layer + _attention_params(m) + _ffn_params(m, first_ffn, active) + norms
+        out[name] = layers + embed + D
+        out[f"{name}_non_embedding"] = layers + D
+    out["embedding"] = embed
+    return out
+
+
+def recursion_token_fractions(m: ModelConfig, seq_len: int) -> list[float]:
+    """Share of the tokens that take each recursion step (k_r / T).
+
+    expert choice: ceil(cap_r T) / T exactly; token choice: the balanced target
+    (each depth 1/N_r, so (N_r - r + 1)/N_r take step r); none: 1.
+    """
+    from moe_lab.config import mor_capacities  # noqa: PLC0415
+    from moe_lab.layers.recursion_routing import capacity_tokens  # noqa: PLC0415
+
+    R = m.mor.num_recursions
+    if m.mor.routing == "expert_choice":
+        return [capacity_tokens(c, seq_len) / seq_len for c in mor_capacities(m)]
+    if m.mor.routing == "token_choice":
+        return [(R - r) / R for r in range(R)]
+    return [1.0] * R
+
+
+def _mor_forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of a recursive model: unique layers on every token,
+    step r's shared layers on the k_r = f_r T tokens it keeps, with causal attention
+    among those k_r tokens (recursion-wise) or over step 1's keys (KV sharing:
+    steps >= 2 also skip the k/v projections). Routers and the LM head included."""
+    from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
+
+    D, H, G, K, T = m.d_model, m.num_heads, m.num_kv_heads, m.resolved_head_dim, seq_len
+    n_unique, _, first_ffn = _mor_layers(m)
+    attn_mm = _attention_params(m)
+    layer_mm = attn_mm + _ffn_params(m, m.ffn, True)
+    causal = 2 * 2 * H * K  # per (query, key) pair
+    flops = 0.0
+    if n_unique:
+        flops += 2.0 * (layer_mm + attn_mm + _ffn_params(m, first_ffn, True))
+        flops += 2 * causal * (T + 1) / 2
+    n = len(recursion_schedule(m.num_layers, m.mor.num_recursions, m.mor.sharing).steps[0])
+    shared_kv = m.mor.kv_cache == "shared"
+    for r, f in enumerate(recursion_token_fractions(m, T)):
+        k = f * T
+        mm = layer_mm - (2 * D * G * K if shared_kv and r > 0 else 0)
+        keys = (T + 1) / 2 if shared_kv and r > 0 else (k + 1) / 2
+        flops += n * f * (2.0 * mm + causal * keys)
+    flops += 2.0 * _mor_router_params(m)
+    flops += 2.0 * m.vocab_size * D  # LM head (tied or not)
+    return flops
+
+
 def param_counts(m: ModelConfig) -> dict[str, int]:
     """Exact parameter counts (norm scales included) for total and active params."""
+    if m.stack == "recursive":
+        return _mor_param_counts(m)
     D, V = m.d_model, m.vocab_size
     norms = 2 * D
     n_dense = m.moe.first_dense_layers if m.ffn == "moe" else 0
@@ -55,6 +146,8 @@ def sparsity(m: ModelConfig) -> float:
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token: active matmuls + causal attention at length seq_len."""
+    if m.stack == "recursive":
+        return _mor_forward_flops_per_token(m, seq_len)
     counts = param_counts(m)
     lookup = m.vocab_size * m.d_model  # the embedding gather is not a matmul
     # active matmul params: everything but the lookup table and the norm scales

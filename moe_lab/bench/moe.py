@@ -47,14 +47,16 @@ def _time_module(module, is_moe, x_BTD, iters):
 
 def run(quick: bool = False) -> dict:
     s = QUICK if quick else FULL
-    iters = 2 if quick else 3
+    iters = 2 if quick else 5
     x_BTD = jax.random.normal(jax.random.PRNGKey(0), (s["batch"], s["seq"], s["d_model"]))
     base = ModelConfig(d_model=s["d_model"], ffn="moe", moe=MoEConfig(
         top_k=TOP_K, expert_hidden=s["hidden"], router="softmax_topk",
         capacity_factor=CAPACITY_FACTOR, router_jitter=0.0))
     rows = []
+    # the dense baseline gets 2-D [N, D] input: on CPU, SwiGLU on [B, T, D] is slower
+    # (weight-gradient dots over two batch dims), which would flatter the MoE ratios
     dense = SwiGLU(s["d_model"], TOP_K * s["hidden"], rngs=nnx.Rngs(0))
-    t_dense = _time_module(dense, False, x_BTD, iters)
+    t_dense = _time_module(dense, False, x_BTD.reshape(-1, s["d_model"]), iters)
     rows.append({"layer": "dense SwiGLU", "experts": 0, "dispatch": "-", "time_s": t_dense})
     times = {}
     for e in s["experts"]:
@@ -63,7 +65,8 @@ def run(quick: bool = False) -> dict:
                 continue  # every expert on every token: E/k times the work
             cfg = dataclasses.replace(base, moe=dataclasses.replace(
                 base.moe, num_experts=e, dispatch=dispatch))
-            t = _time_module(MoE(cfg, rngs=nnx.Rngs(0)), True, x_BTD, iters)
+            n_iter = 1 if dispatch == "reference" else iters  # reference: seconds per call
+            t = _time_module(MoE(cfg, rngs=nnx.Rngs(0)), True, x_BTD, n_iter)
             times[(dispatch, e)] = t
             rows.append({"layer": "MoE", "experts": e, "dispatch": dispatch, "time_s": t,
                          "vs_dense": t / t_dense})

@@ -132,16 +132,24 @@ class Transformer(nnx.Module):
         V, D = cfg.vocab_size, cfg.d_model
         pd = dtype_of(cfg.param_dtype)
         self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), std=cfg.init_std, dtype=pd)
-        n_dense = cfg.moe.first_dense_layers if cfg.ffn == "moe" else 0
-        if n_dense:
-            self.dense_blocks = ScannedStack(cfg, n_dense, "dense", rngs=rngs)
-        self.blocks = ScannedStack(cfg, cfg.num_layers - n_dense, cfg.ffn, rngs=rngs)
+        if cfg.stack == "recursive":  # MoR (moe_lab/models/recursive.py)
+            from moe_lab.models.recursive import RecursiveStack  # noqa: PLC0415 (import cycle)
+
+            self.recursive = RecursiveStack(cfg, rngs=rngs)
+        else:
+            n_dense = cfg.moe.first_dense_layers if cfg.ffn == "moe" else 0
+            if n_dense:
+                self.dense_blocks = ScannedStack(cfg, n_dense, "dense", rngs=rngs)
+            self.blocks = ScannedStack(cfg, cfg.num_layers - n_dense, cfg.ffn, rngs=rngs)
         self.final_norm = RMSNorm(D, eps=cfg.norm_eps, dtype=pd)
         if not cfg.tie_embeddings:
             self.unembed_DV = param(rngs, (D, V), ("embed", "vocab"), std=cfg.init_std, dtype=pd)
         self.cfg = cfg
 
     def stacks(self) -> list[tuple[str, ScannedStack]]:
+        """(name, stack) in model order; a recursive model has one ("recursive", RecursiveStack)."""
+        if hasattr(self, "recursive"):
+            return [("recursive", self.recursive)]
         out = [("dense_blocks", self.dense_blocks)] if hasattr(self, "dense_blocks") else []
         return out + [("blocks", self.blocks)]
 
@@ -168,7 +176,11 @@ class Transformer(nnx.Module):
         aux = {}
         for i, (name, stack) in enumerate(self.stacks()):
             key = jax.random.fold_in(rng, i) if rng is not None else None
-            x_BTD, aux[name] = stack(x_BTD, positions_BT, segment_ids_BT, train=train, rng=key)
+            x_BTD, a = stack(x_BTD, positions_BT, segment_ids_BT, train=train, rng=key)
+            if name == "recursive":  # {"first", "shared", "last", "mor"}: one entry per stack
+                aux.update(a)
+            else:
+                aux[name] = a
         return self.logits(x_BTD), aux
 
 

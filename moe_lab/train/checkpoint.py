@@ -296,9 +296,17 @@ class Checkpointer:
         }
         if self._has_item(step, META):
             items[META] = ocp.args.JsonRestore()
+        data_fallback = None
         if data_iterator is not None:
-            if self._has_item(step, DATA):
+            own = self.directory / str(step) / DATA / (
+                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            if self._has_item(step, DATA) and own.exists():
                 items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            elif self._has_item(step, DATA):
+                # Saved under another process count (resharding restore). moe_lab's
+                # pipeline is host-independent (every host iterates the global batch
+                # and keeps its rows), so process 0's state is every host's state.
+                data_fallback = sorted((self.directory / str(step) / DATA).glob("process_0-of-*.json"))
             else:
                 log.warning(
                     "checkpoint step %d has no data-iterator state; the iterator starts fresh",
@@ -313,6 +321,8 @@ class Checkpointer:
             raise ConfigError(
                 f"checkpoint step {step} in {self.directory}: {first}"
             ) from e
+        if data_fallback:
+            data_iterator.set_state(json.loads(data_fallback[0].read_text()))
         meta = restored[META] if META in items else {}
         return restored[STATE], dict(meta or {})
 

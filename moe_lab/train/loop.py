@@ -52,10 +52,19 @@ def prepare_workdir(cfg: Config, workdir: str) -> Config:
             )
     elif os.path.isdir(workdir) and os.listdir(workdir):
         raise ConfigError(f"workdir {workdir} is not empty and holds no moe_lab run (no config.json)")
+    _barrier("moe_lab_workdir_checked")  # every host checked before anyone writes
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_json_atomic(cfg_path, cfg.to_dict())
+    _barrier("moe_lab_workdir_written")
     return cfg
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _to_device(batch: dict, batch_sharding) -> dict:
@@ -84,6 +93,46 @@ class _Preempted:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def local_values(tree):
+    """Host numpy copies of replicated arrays (works when they span several hosts)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def host_rows(batch: dict) -> dict:
+    """This process's contiguous slice of the rows of a global batch."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    rows = next(iter(batch.values())).shape[0] // n
+    return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+
+class HostRows:
+    """Wraps the global-batch iterator; keeps its get_state/set_state (checkpointable)."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return host_rows(next(self.iterator))
+
+    # grain's checkpoint handler stores non-DatasetIterator states as bytes
+    def get_state(self) -> bytes:
+        return json.dumps(self.iterator.get_state()).encode()
+
+    def set_state(self, state) -> None:
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
+        self.iterator.set_state(state)
+
+    def start_prefetch(self) -> None:
+        if hasattr(self.iterator, "start_prefetch"):
+            self.iterator.start_prefetch()
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -96,7 +145,7 @@ def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) 
     sums = None
     for batch in eval_batches:
         out = eval_step(state["params"], state["model_state"], _to_device(batch, batch_sharding))
-        out = jax.tree.map(np.asarray, out)
+        out = local_values(out)
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
     result = {}
     for i, name in enumerate(task_names):
@@ -129,15 +178,15 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     setup = make_setup(cfg, mesh)
 
     task_names = [name for name, _ in parse_mixture(cfg.data.mixture)]
-    train_iter = pipeline.make_train_iterator(
-        cfg.data, t.batch_size, seed=cfg.data.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
-    local_eval_bs = max(1, t.batch_size // jax.process_count())
+    # Every host iterates the same global batch and keeps its own rows: the data a
+    # run sees does not depend on the number of hosts, and the iterator state in a
+    # checkpoint restores under any process count.
+    train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=cfg.data.seed))
     eval_batches = []
     for name in task_names:
         task = make_task(name, cfg.data)
-        eval_batches += pipeline.make_eval_batches(
-            task, cfg.data, local_eval_bs, t.eval_batches, task_index=task_names.index(name))
+        eval_batches += [host_rows(b) for b in pipeline.make_eval_batches(
+            task, cfg.data, t.batch_size, t.eval_batches, task_index=task_names.index(name))]
 
     ckpt = Checkpointer(os.path.join(workdir), keep_last=t.keep_last, keep_every=t.keep_every,
                         async_save=t.async_checkpoint)
@@ -149,7 +198,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
         _log(f"resuming from {workdir}/checkpoints/{latest} (step {int(state['step'])})")
     else:
         state = setup.init_state()
-    start_step = int(state["step"])
+    start_step = int(local_values(state["step"]))
 
     counts = flops.param_counts(cfg.model)
     tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -161,12 +210,14 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
          f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
 
     num_tasks = len(task_names)
+    # metrics replicated: every host can read them without a cross-host gather
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         train_step = jax.jit(
             make_train_step(setup.graphdef, setup.tx, cfg, num_tasks, setup.schedule),
             in_shardings=(setup.shardings, setup.batch_sharding),
-            out_shardings=(setup.shardings, None), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(setup.graphdef, num_tasks))
+            out_shardings=(setup.shardings, replicated), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated)
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                resume_step=start_step if latest is not None else None)
         summary = _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step,
@@ -206,7 +257,7 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
     def flush(pending):
         nonlocal t_window, steps_window, last_row
         step, m = pending
-        m = jax.device_get(m)
+        m = local_values(m)
         if not np.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping (see metrics.jsonl)")
         now = time.perf_counter()
@@ -266,6 +317,7 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
     ckpt.wait()
     elapsed = time.perf_counter() - t_run
     summary = {"workdir": workdir, "step": int(step), "steps": t.steps,
+               "process_index": jax.process_index(),
                "loss": last_row.get("loss"), **last_eval,
                "tokens_seen": counters["tokens_seen"], "flops_spent": counters["flops_spent"],
                "seconds_this_run": elapsed, "mfu": last_row.get("mfu"),

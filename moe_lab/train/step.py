@@ -58,6 +58,37 @@ def moe_metrics(aux: dict, per_layer: bool) -> dict:
     return out
 
 
+# MoR scalars summarised in metrics (aux["mor"], see models/recursive.py).
+_MOR_KEYS = ("mean_depth", "depth_hist", "dead_token_ratio", "sampling_accuracy", "bce_loss",
+             "z_loss", "balance_loss", "max_violation", "tokens_per_depth_R", "aux_loss")
+
+
+def mor_metrics(aux: dict) -> dict:
+    """Mixture-of-Recursions metrics: depth histogram (fraction of tokens that took
+    0..N_r recursion steps), dead-token ratio, sampling accuracy, MaxVio, aux losses."""
+    a = aux.get("mor")
+    if not a:
+        return {}
+    return {f"mor/{k}": a[k] for k in _MOR_KEYS if k in a}
+
+
+def update_mor_state(model_state: dict, aux: dict, rate: float) -> dict:
+    """MoR token choice: loss-free bias b_i += rate * sign(mean load - load_i) and the
+    warm-up step counter (both non-trainable model_state, like update_router_biases)."""
+    node = model_state.get("recursive", {})
+    if "bias_R" not in node and "steps_seen" not in node:
+        return model_state
+    from moe_lab.layers.routing import loss_free_bias_update  # noqa: PLC0415
+
+    new = jax.tree.map(lambda x: x, model_state)
+    if "bias_R" in node:
+        new["recursive"]["bias_R"] = loss_free_bias_update(
+            node["bias_R"], aux["mor"]["tokens_per_depth_R"], rate)
+    if "steps_seen" in node:
+        new["recursive"]["steps_seen"] = node["steps_seen"] + 1
+    return new
+
+
 def update_router_biases(model_state: dict, aux: dict, rate: float) -> dict:
     """Loss-free balancing: b_i += rate * sign(mean load - load_i), per layer."""
     if not model_state:
@@ -97,6 +128,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
         model_state = state["model_state"]
         if cfg.model.ffn == "moe" and cfg.model.moe.router == "sigmoid":
             model_state = update_router_biases(model_state, aux, cfg.model.moe.bias_update_rate)
+        if cfg.model.stack == "recursive":
+            model_state = update_mor_state(model_state, aux, cfg.model.mor.bias_update_rate)
         num, den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
         metrics = {
             "loss": lm_loss,
@@ -109,6 +142,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
             "task_weight_sum": den,
             "tokens": jnp.sum(batch["weights"]),
             **moe_metrics(aux, per_layer),
+            **mor_metrics(aux),
         }
         new_state = {"params": params, "opt_state": opt_state, "model_state": model_state,
                      "step": state["step"] + 1}

@@ -1,0 +1,295 @@
+"""Evaluation of a trained run: `evaluate(workdir, step)` / `moe-lab eval --workdir DIR`.
+
+Three tiers per task, measured separately as in arXiv 2508.18672 (sec. 3):
+
+    eval_loss       mean next-token NLL (nats) over whole eval documents
+                    (the "pre-training loss" tier)
+    task_loss_bits  NLL of the answer tokens only, in bits/token
+    accuracy        exact match of greedy generations (KV cache, batched),
+                    scored by `Task.check` on the decoded continuation
+
+Tasks are grouped into memorization (`facts`, the TriviaQA analogue) and
+reasoning (`arith`, the GSM8K analogue, at `data.arith_eval_num_steps`; with
+`eval.longer_chains = N > 0` also `arith_long`, chains of N steps, to probe
+length generalisation).  Generation starts right after the prompt: the model
+must itself write the working (<think>...</think>), the <answer> marker and the
+answer, exactly as the training documents do.
+
+The result is written atomically to DIR/eval/<step>.json and printed as a table.
+Evaluation runs on one device by default (tiny models; no mesh collectives on
+fake CPU devices); `devices="all"` uses the run's own mesh layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from moe_lab.config import Config, ConfigError, config_from_json, parse_mixture
+
+MEMORIZATION, REASONING = "memorization", "reasoning"
+TASK_KIND = {"facts": MEMORIZATION, "arith": REASONING, "arith_long": REASONING, "file": "file"}
+GROUPS = {MEMORIZATION: ("facts",), REASONING: ("arith",), "reasoning_long": ("arith_long",)}
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: few compilations
+
+
+# ------------------------------------------------------------------- loading
+
+
+def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
+    """(cfg, setup, state, step) of a checkpoint; `devices`: "one" or "all"."""
+    import jax  # noqa: PLC0415
+
+    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps  # noqa: PLC0415
+    from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
+
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"eval: --workdir {workdir} holds no run (no config.json)")
+    cfg = resolve_config(config_from_json(cfg_path))
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise ConfigError(f"eval: no checkpoint in {workdir}/checkpoints")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ConfigError(f"eval: no checkpoint at step {step} in {workdir} (have {steps})")
+    if devices == "one":
+        mesh_cfg = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
+        mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    elif devices == "all":
+        mesh_cfg = cfg.mesh
+        mesh = sharding.make_mesh(mesh_cfg)
+    else:
+        raise ConfigError(f"eval: devices must be 'one' or 'all', got {devices!r}")
+    cfg = cfg.replace(mesh=mesh_cfg)
+    setup = make_setup(cfg, mesh)
+    with Checkpointer(workdir, create=False) as ckpt:
+        state, _ = ckpt.restore(step, setup.abstract_state)
+    return cfg, setup, state, int(step)
+
+
+# --------------------------------------------------------------------- tasks
+
+
+def eval_tasks(cfg: Config) -> list[tuple[str, object]]:
+    """[(name, Task)] evaluated for this config, in mixture order (+ arith_long)."""
+    from moe_lab.data.tasks import make_task  # noqa: PLC0415
+
+    out = [(name, make_task(name, cfg.data)) for name, _ in parse_mixture(cfg.data.mixture)]
+    n = cfg.eval.longer_chains
+    if n > 0:
+        if n > 25:
+            raise ConfigError(f"eval.longer_chains={n} must be <= 25")
+        long_data = dataclasses.replace(cfg.data, arith_eval_num_steps=n)
+        out.append(("arith_long", make_task("arith", long_data)))
+    return out
+
+
+def score_predictions(task, examples, predictions: list[str]) -> list[bool]:
+    """Exact match of each decoded continuation against its example (Task.check)."""
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    return [bool(task.check(p, ex)) for p, ex in zip(predictions, examples)]
+
+
+def generation_budget(examples, cap: int) -> int:
+    """Tokens to generate: enough for the longest reference completion (+ EOS and a
+    little slack), at most `cap` unless the reference itself needs more."""
+    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
+
+    need = max(len(TOKENIZER.encode(ex.completion)) for ex in examples) + 1
+    return max(min(cap, need + 8), need)
+
+
+def generate_batched(graphdef, params, model_state, prompts: list[list[int]], max_new_tokens: int,
+                     *, batch_size: int, pad_id: int, eos_id: int | None) -> list[list[int]]:
+    """Greedy KV-cache generation in fixed-shape batches (rows and prompt length
+    padded to buckets so the decoder compiles once or twice per task)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from moe_lab.eval import generate as gen  # noqa: PLC0415
+
+    width = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # fixed batch shape
+        tokens, valid = gen.left_pad(rows, pad_id)
+        extra = width - tokens.shape[1]
+        tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
+        valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
+        import jax  # noqa: PLC0415
+
+        new = gen._generate_cached(graphdef, params, model_state, jnp.asarray(tokens),
+                                   jnp.asarray(valid), jax.random.key(0),
+                                   max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
+        for row in np.asarray(new)[:len(chunk)].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[:row.index(eos_id)]
+            out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+_EVAL_STEPS: dict = {}  # (graphdef, num_tasks) -> jitted eval step (compiled once per model)
+
+
+def _loss_tier(cfg, setup, state, tasks) -> dict:
+    import jax  # noqa: PLC0415
+
+    from moe_lab.data import pipeline  # noqa: PLC0415
+    from moe_lab.train.loop import evaluate_losses  # noqa: PLC0415
+    from moe_lab.train.step import make_eval_step  # noqa: PLC0415
+
+    e = cfg.eval
+    bs = max(1, min(e.batch_size, e.num_examples))
+    num_batches = max(1, math.ceil(e.num_examples / bs))
+    data = cfg.data
+    if e.longer_chains > 0:  # documents of N-step chains need room; one length for all tasks
+        data = dataclasses.replace(data, seq_len=max(data.seq_len, 8 * e.longer_chains + 48))
+    batches = []
+    for i, (_, task) in enumerate(tasks):
+        batches += pipeline.make_eval_batches(task, data, bs, num_batches, task_index=i)
+    key = (setup.graphdef, len(tasks))
+    if key not in _EVAL_STEPS:
+        _EVAL_STEPS.clear()  # keep only the latest model's step alive
+        _EVAL_STEPS[key] = jax.jit(make_eval_step(setup.graphdef, len(tasks)))
+    return evaluate_losses(_EVAL_STEPS[key], state, batches, setup.batch_sharding,
+                           [name for name, _ in tasks])
+
+
+def _summary(per_task: dict) -> dict:
+    groups = {}
+    for group, names in GROUPS.items():
+        rows = [per_task[n] for n in names if n in per_task]
+        if not rows:
+            continue
+        g = {}
+        for key in ("accuracy", "task_loss_bits", "eval_loss"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                g[key] = float(np.mean(vals))
+        groups[group] = g
+    return groups
+
+
+def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
+             print_table: bool = True, devices: str = "one", num_examples: int | None = None,
+             num_samples: int = 3, eval_cfg=None) -> dict:
+    """Evaluates checkpoint `step` (default: latest) of the run in `workdir`.
+
+    Returns {"step", "tasks": {name: {kind, eval_loss, task_loss_bits, accuracy,
+    num_examples, max_new_tokens, ...}}, "groups": {memorization|reasoning|
+    reasoning_long: {...}}, "samples", ...} and writes DIR/eval/<step>.json.
+    `eval_cfg` (an EvalConfig) replaces the run's eval section.
+    """
+    import jax  # noqa: PLC0415
+
+    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.data import pipeline  # noqa: PLC0415
+    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    cfg, setup, state, step = load_run(workdir, step, devices=devices)
+    if eval_cfg is not None:
+        cfg = cfg.replace(eval=eval_cfg)
+    if num_examples is not None:
+        cfg = cfg.replace(eval=dataclasses.replace(cfg.eval, num_examples=num_examples))
+    tasks = eval_tasks(cfg)
+    e = cfg.eval
+    per_task: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    with jax.set_mesh(setup.mesh), sharding.use_rules(cfg.mesh.rules, setup.mesh):
+        losses = _loss_tier(cfg, setup, state, tasks)
+        # every task's prompts in one list: one prompt width and one budget, so the
+        # decoder compiles once per model (tiny models: compile time dominates)
+        examples = {name: [ex for ex in pipeline.eval_prompts(task, min(e.num_examples,
+                                                                          task.num_eval))
+                           if ex.answer] for name, task in tasks}
+        flat = [ex for exs in examples.values() for ex in exs]
+        preds: list[str] = []
+        budget = 0
+        if flat:
+            budget = generation_budget(flat, e.max_new_tokens)
+            prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in flat]
+            out = generate_batched(setup.graphdef, state["params"], state["model_state"],
+                                   prompts, budget, batch_size=min(e.batch_size, len(prompts)),
+                                   pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
+            preds = [TOKENIZER.decode(o) for o in out]
+    offset = 0
+    for name, task in tasks:
+        row = {"kind": TASK_KIND.get(name, name),
+               "eval_loss": losses.get(f"eval/{name}/loss"),
+               "task_loss_bits": losses.get(f"eval/{name}/task_loss_bits")}
+        if name in ("arith", "arith_long"):
+            row["num_steps"] = task.eval_num_steps
+        exs = examples[name]
+        if exs:
+            p = preds[offset:offset + len(exs)]
+            offset += len(exs)
+            correct = score_predictions(task, exs, p)
+            row.update(accuracy=float(np.mean(correct)), num_examples=len(exs),
+                       max_new_tokens=budget)
+            samples[name] = [{"prompt": ex.prompt, "answer": ex.answer, "prediction": q,
+                              "correct": c}
+                             for ex, q, c in list(zip(exs, p, correct))[:num_samples]]
+        per_task[name] = row
+    result = {"workdir": os.path.abspath(workdir), "step": step, "tasks": per_task,
+              "groups": _summary(per_task), "samples": samples,
+              "eval_config": dataclasses.asdict(cfg.eval),
+              "seconds": time.perf_counter() - t0}
+    if write and jax.process_index() == 0:
+        from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
+
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        write_json_atomic(eval_path(workdir, step), result)
+    if print_table:
+        print(format_table(result))
+    return result
+
+
+def eval_path(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "eval", f"{int(step)}.json")
+
+
+def read_eval(workdir: str, step: int | None = None) -> dict | None:
+    """The eval json of `step` (default: the highest step evaluated), or None."""
+    d = os.path.join(workdir, "eval")
+    if step is None:
+        steps = [int(f[:-5]) for f in os.listdir(d) if f[:-5].isdigit() and f.endswith(".json")] \
+            if os.path.isdir(d) else []
+        if not steps:
+            return None
+        step = max(steps)
+    path = eval_path(workdir, step)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"eval @ step {result['step']}  ({result['workdir']})",
+             f"{'task':<12} {'kind':<13} {'eval loss':>9} {'task bits':>9} {'accuracy':>8} {'n':>5}"]
+    for name, r in result["tasks"].items():
+        label = name + (f"@{r['num_steps']}" if "num_steps" in r else "")
+        lines.append(f"{label:<12} {r['kind']:<13} {_fmt(r.get('eval_loss'), '9.4f')} "
+                     f"{_fmt(r.get('task_loss_bits'), '9.4f')} {_fmt(r.get('accuracy'), '8.3f')} "
+                     f"{r.get('num_examples', 0):>5}")
+    for group, g in result.get("groups", {}).items():
+        lines.append(f"{'[' + group + ']':<26} {_fmt(g.get('eval_loss'), '9.4f')} "
+                     f"{_fmt(g.get('task_loss_bits'), '9.4f')} {_fmt(g.get('accuracy'), '8.3f')}")
+    return "\n".join(lines)

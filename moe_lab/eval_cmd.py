@@ -1,0 +1,84 @@
+"""`moe-lab eval`: evaluate a run's checkpoint, on the built-in tasks or on a user file.
+
+    moe-lab eval --workdir DIR [--step N] [--num-examples N] [--config.eval.KEY=V ...]
+    moe-lab eval --workdir DIR --data FILE.jsonl [--shots K] [--limit N] [--step N]
+
+The first form writes DIR/eval/<step>.json (eval loss, task loss in bits/token
+and greedy exact-match accuracy per task, memorization and reasoning groups;
+see moe_lab/eval/evaluate.py).  The second scores a JSONL file of
+{"prompt", "answer"[, "choices"]} rows (moe_lab/eval/harness.py) and writes
+DIR/eval/<step>-<file>-<K>shot.json.  Both print a table.  Only `eval.*`
+config keys may be overridden: the checkpoint fixes everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from moe_lab.config import ConfigError, EvalConfig, from_dict
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    e = subparsers.add_parser("eval", help="evaluate a checkpoint (built-in tasks or a JSONL file)")
+    e.add_argument("--workdir", required=True, help="the run to evaluate")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    e.add_argument("--data", default=None, help="JSONL file of prompt/answer[/choices] rows")
+    e.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (--data)")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N rows (--data)")
+    e.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (--data)")
+    e.add_argument("--num-examples", type=int, default=None,
+                   help="prompts per built-in task (default: the run's eval.num_examples)")
+    e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    e.set_defaults(fn=cmd_eval)
+    return e
+
+
+def eval_config_from(workdir: str, overrides: dict) -> EvalConfig | None:
+    """The run's eval section with `--config.eval.*` overrides applied (validated;
+    nothing is written: everything else is fixed by the checkpoint)."""
+    if not overrides:
+        return None
+    bad = [k for k in overrides if not k.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"eval: only --config.eval.* may be overridden, not {bad[0]}")
+    with open(os.path.join(workdir, "config.json")) as f:
+        section = dict(json.load(f).get("eval", {}))
+    section.update({k[len("eval."):]: v for k, v in overrides.items()})
+    ev = from_dict(EvalConfig, section, "eval.")
+    for name in ("num_examples", "batch_size", "max_new_tokens"):
+        if getattr(ev, name) <= 0:
+            raise ConfigError(f"config key 'eval.{name}' must be > 0, got {getattr(ev, name)}")
+    if ev.longer_chains < 0:
+        raise ConfigError(f"config key 'eval.longer_chains' must be >= 0, got {ev.longer_chains}")
+    return ev
+
+
+def cmd_eval(args, overrides: dict | None = None) -> int:
+    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+        raise ConfigError(f"eval: --workdir {args.workdir} holds no run (no config.json)")
+    if args.num_examples is not None and args.num_examples <= 0:
+        raise ConfigError(f"eval: --num-examples must be > 0, got {args.num_examples}")
+    if args.data is None:
+        if args.shots or args.limit is not None:
+            raise ConfigError("eval: --shots and --limit need --data FILE.jsonl")
+        eval_cfg = eval_config_from(args.workdir, overrides or {})
+        from moe_lab.eval.evaluate import evaluate  # noqa: PLC0415
+
+        result = evaluate(args.workdir, args.step, num_examples=args.num_examples,
+                          eval_cfg=eval_cfg)
+    else:
+        if overrides:
+            raise ConfigError("eval --data takes no --config overrides")
+        from moe_lab.eval.harness import load_items, run_harness, shot_indices  # noqa: PLC0415
+
+        items = load_items(args.data)  # a bad file fails before the model loads
+        if args.shots < 0:
+            raise ConfigError(f"eval: --shots must be >= 0, got {args.shots}")
+        shot_indices(len(items), 0, args.shots)
+        result = run_harness(args.workdir, args.data, shots=args.shots, step=args.step,
+                             limit=args.limit, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    return 0

@@ -1,0 +1,491 @@
+"""Mixture-of-Recursions stack (MoR, Bae et al. 2025, arXiv 2507.10524).
+
+Dimension legend: B batch, T time, D d_model, R recursion steps (N_r), k tokens
+kept at a step, n layer applications per step, P shared-pool layers, S cache
+slots, G kv heads, K head dim.
+
+Structure: [first] -> shared step x R -> [last].  The shared layers are ONE
+ScannedStack (`shared`, P layers stacked on axis 0); recursion step r applies
+the pool layers `schedule.steps[r]` (a static index list) by lax.scan, so the
+same variables are used R times and stored once.  Sharing strategies for L
+layers (paper sec. 2.1): cycle (layer l -> pool[l mod L/R]), sequence
+(pool[floor(l/R)]), middle_* (first and last layers unique, the middle L-2
+shared the same way); step r is the r-th slice of n = L_shared/R applications.
+
+Routing (the hidden state h entering step r; tokens not kept pass unchanged):
+  none           every token takes every step: h <- f(h) (fixed-depth baseline)
+  expert_choice  router_r scores z; keep the top k_r = ceil(cap_r T) of the
+                 tokens kept at step r-1 (per sequence), gather them in causal
+                 order, run f on them with attention among kept tokens at their
+                 ORIGINAL positions (RoPE) / order / segments, scatter back:
+                   paper:    h <- h + g (f(h) - h)     g = alpha sigmoid(z)
+                   released: h <- h + g f(h)           (f includes the residual)
+                 Causal decoding: threshold z >= 0 (see layers/recursion_routing.py),
+                 trained by an aux BCE loss vs top-k membership (or an aux router).
+  token_choice   one router on the first hidden state picks depth d in 1..R;
+                 step r updates tokens with d >= r.  Implemented dense: f runs on
+                 ALL T tokens and the update is masked (attention is restricted to
+                 active tokens), so training costs a full-depth pass; the
+                 FLOP accounting (flops.py) counts the routed work instead.
+
+KV caching (sec. 2.3): recursion_wise - step r stores and attends to the KV of
+tokens kept at step r only; shared - every step attends to step 1's KV (all
+tokens take step 1), steps >= 2 compute queries only.  The training forward
+uses the same attention pattern, so a trained model decodes as it was trained.
+
+Fast paths and their references (tests/test_mor.py): expert choice gathers k_r
+tokens (`impl="gather"`); `impl="dense"` is the masked reference (all tokens,
+non-kept ones isolated by a private segment id and not updated). Threshold
+routing at eval (train=False, eval_routing="threshold") uses the dense path,
+which is what the no-cache reference decode runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_lab import sharding
+from moe_lab.config import ModelConfig, mor_capacities
+from moe_lab.layers import recursion_routing as rr
+from moe_lab.layers.attention import attention_mask, gqa
+from moe_lab.layers.routing import make_router_bias
+from moe_lab.models.transformer import _REMAT_POLICIES, ScannedStack
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    first: bool
+    last: bool
+    pool: int  # P shared layers
+    steps: tuple[tuple[int, ...], ...]  # pool indices applied at each recursion step
+
+
+def recursion_schedule(num_layers: int, num_recursions: int, sharing: str) -> Schedule:
+    middle = sharing.startswith("middle")
+    shared = num_layers - 2 if middle else num_layers
+    R = num_recursions
+    pool = shared // R
+    if sharing.endswith("cycle"):
+        flat = [i % pool for i in range(shared)]
+    else:
+        flat = [i // R for i in range(shared)]
+    steps = tuple(tuple(flat[r * pool:(r + 1) * pool]) for r in range(R))
+    return Schedule(first=middle, last=middle, pool=pool, steps=steps)
+
+
+def layer_sequence(num_layers: int, num_recursions: int, sharing: str) -> list[tuple[str, int]]:
+    """The layer applied at each depth: ("first"|"shared"|"last", index in its stack)."""
+    s = recursion_schedule(num_layers, num_recursions, sharing)
+    seq = [("first", 0)] if s.first else []
+    seq += [("shared", i) for step in s.steps for i in step]
+    return seq + ([("last", 0)] if s.last else [])
+
+
+# ------------------------------------------------------------------ block helpers
+
+
+def block_forward(block, x_BTD, pos_BT, mask_BTS, *, kv=None, train: bool, rng=None):
+    """Block.__call__ with an explicit attention mask and optional external KV.
+
+    kv=None: keys/values from x itself; else (k_BSGK, v_BSGK) to attend to (KV sharing).
+    Returns (y_BTD, aux, (k, v) used).
+    """
+    attn = block.attn
+
+    def attend(h):
+        q = attn.project_q(h, pos_BT)
+        k, v = attn.project_kv(h, pos_BT) if kv is None else kv
+        return attn.output(gqa(q, k, v, mask_BTS)), (k, v)
+
+    if block.post_norm:
+        a, kv_used = attend(x_BTD)
+        x_BTD = block.attn_norm(x_BTD + a)
+        y, aux = block._ffn(x_BTD, train, rng)
+        return block.ffn_norm(x_BTD + y), aux, kv_used
+    a, kv_used = attend(block.attn_norm(x_BTD))
+    x_BTD = x_BTD + a
+    y, aux = block._ffn(block.ffn_norm(x_BTD), train, rng)
+    return x_BTD + y, aux, kv_used
+
+
+def block_decode(block, x_BTD, pos_BT, kv_valid_BT, cache, index, *, write: bool):
+    """One block for T new tokens at slots [index, index+T) against a read-only cache.
+
+    cache = (k_BSGK, v_BSGK, valid_BS) holding slots < index.  Attention is over the
+    cached valid slots < index plus (write=True) the new tokens' own KV, causal
+    among them; write=False (KV sharing, steps >= 2) attends to the cache only,
+    which already holds these tokens' step-1 KV.  The cache is never copied here:
+    the caller writes the returned new (k, v) into its buffers.
+    """
+    attn = block.attn
+    k_c, v_c, valid_c = cache
+    B, T = x_BTD.shape[:2]
+    S = k_c.shape[1]
+    slot_S = jnp.arange(S)
+
+    def attend(h):
+        q = attn.project_q(h, pos_BT)
+        q_slot_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+        if write:
+            k_new, v_new = attn.project_kv(h, pos_BT)
+            old_BS = valid_c & (slot_S < index)[None]
+            k = jnp.concatenate([k_c, k_new.astype(k_c.dtype)], axis=1)
+            v = jnp.concatenate([v_c, v_new.astype(v_c.dtype)], axis=1)
+            k_slot = jnp.concatenate([jnp.broadcast_to(slot_S, (B, S)), q_slot_BT], axis=1)
+            k_valid = jnp.concatenate([old_BS, kv_valid_BT], axis=1)
+            mask = attention_mask(q_slot_BT, k_slot, k_valid_BS=k_valid)
+            return attn.output(gqa(q, k, v, mask)), (k_new, v_new)
+        k_slot = jnp.broadcast_to(slot_S, (B, S))
+        mask = attention_mask(q_slot_BT, k_slot, k_valid_BS=valid_c)
+        return attn.output(gqa(q, k_c, v_c, mask)), None
+
+    if block.post_norm:
+        a, new = attend(x_BTD)
+        x_BTD = block.attn_norm(x_BTD + a)
+        y, _ = block._ffn(x_BTD, False, None)
+        return block.ffn_norm(x_BTD + y), new
+    a, new = attend(block.attn_norm(x_BTD))
+    x_BTD = x_BTD + a
+    y, _ = block._ffn(block.ffn_norm(x_BTD), False, None)
+    return x_BTD + y, new
+
+
+def _concat_aux(auxes):
+    auxes = [a for a in auxes if a]
+    if not auxes:
+        return {}
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *auxes)
+
+
+class RecursiveStack(nnx.Module):
+    """[first] + shared ScannedStack applied N_r times with routed depth + [last]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        mor = cfg.mor
+        R = mor.num_recursions
+        self.cfg = cfg
+        self.schedule = recursion_schedule(cfg.num_layers, R, mor.sharing)
+        first_ffn = "dense" if (cfg.ffn == "moe" and cfg.moe.first_dense_layers) else cfg.ffn
+        if self.schedule.first:
+            self.first = ScannedStack(cfg, 1, first_ffn, rngs=rngs)
+        self.shared = ScannedStack(cfg, self.schedule.pool, cfg.ffn, rngs=rngs)
+        if self.schedule.last:
+            self.last = ScannedStack(cfg, 1, cfg.ffn, rngs=rngs)
+        if mor.routing == "expert_choice":
+            self.router = rr.StepRouters(cfg.d_model, R, mor.router_type, cfg.init_std, rngs=rngs)
+            if mor.causal_aux == "aux_router":
+                self.aux_router = rr.StepRouters(cfg.d_model, R, mor.router_type, cfg.init_std,
+                                                 rngs=rngs)
+        elif mor.routing == "token_choice":
+            self.router = rr.DepthRouter(cfg.d_model, R, mor.router_type, cfg.init_std, rngs=rngs)
+            if mor.balance == "loss_free":
+                self.bias_R = make_router_bias(R)
+            if mor.warmup_steps:
+                self.steps_seen = rr.StepCounter(jnp.zeros((), jnp.int32))
+        self.capacities = mor_capacities(cfg)
+        self.impl = "gather"  # expert choice training path: gather | dense (reference)
+
+    # ------------------------------------------------------------- pieces
+
+    def _func(self) -> str:
+        f = self.cfg.mor.router_func
+        return f or ("sigmoid" if self.cfg.mor.routing == "expert_choice" else "softmax")
+
+    def _update(self, h, f_h, g):
+        if g is None:
+            return f_h
+        g = g[..., None].astype(h.dtype)
+        if self.cfg.mor.update == "paper":
+            return h + g * (f_h - h)
+        return h + g * f_h
+
+    def _layers(self, r, x_BTD, pos_BT, mask_BTS, *, kv_n=None, want_kv=False, train, rng):
+        """The pool layers of step r in order (scan); returns (x, aux_n, kv_n or None)."""
+        ids = self.schedule.steps[r]
+        graphdef, state_P = nnx.split(self.shared.layers)
+        keys = (jax.random.split(rng, len(ids)) if rng is not None
+                else jnp.zeros((len(ids), 2), jnp.uint32))
+
+        def body(x, xs):
+            i, key, kv = xs
+            block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
+            x, aux, kv_used = block_forward(block, x, pos_BT, mask_BTS, kv=kv, train=train,
+                                            rng=key if rng is not None else None)
+            x = sharding.constrain(x, ("batch", None, "embed"))
+            return x, (aux, kv_used if want_kv else None)
+
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
+        x, (aux_n, kv_out) = jax.lax.scan(body, x_BTD, (jnp.asarray(ids, jnp.int32), keys, kv_n))
+        return x, aux_n, kv_out
+
+    def _dense_step(self, r, h, pos, seg, sel, g, kv1, *, train, rng):
+        """All T tokens through f; only `sel` tokens (all if None) are updated.
+
+        Non-selected tokens get a private segment id, so selected ones never see them.
+        """
+        B, T = h.shape[:2]
+        idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        shared_kv = self.cfg.mor.kv_cache == "shared"
+        if shared_kv and r > 0:
+            mask = attention_mask(idx, idx, seg, seg)
+            f_h, aux, _ = self._layers(r, h, pos, mask, kv_n=kv1, train=train, rng=rng)
+            kv_out = None
+        else:
+            seg_q = seg if sel is None else jnp.where(sel, seg, -1 - idx)
+            mask = attention_mask(idx, idx, seg_q, seg_q)
+            f_h, aux, kv_out = self._layers(r, h, pos, mask, want_kv=shared_kv and r == 0,
+                                            train=train, rng=rng)
+        new = self._update(h, f_h, g)
+        return (new if sel is None else jnp.where(sel[..., None], new, h)), aux, kv_out
+
+    def _gather_step(self, r, h, pos, seg, idx_Bk, g, kv1, *, train, rng):
+        """Only the k kept tokens (causal order, original positions) through f."""
+        B, T = h.shape[:2]
+
+        def take(a):
+            ix = idx_Bk.reshape(idx_Bk.shape + (1,) * (a.ndim - 2))
+            return jnp.take_along_axis(a, ix, axis=1)
+
+        h_k, pos_k, seg_k, g_k = take(h), take(pos), take(seg), take(g)
+        if self.cfg.mor.kv_cache == "shared" and r > 0:
+            idx_T = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            mask = attention_mask(idx_Bk, idx_T, seg_k, seg)
+            f_k, aux, _ = self._layers(r, h_k, pos_k, mask, kv_n=kv1, train=train, rng=rng)
+        else:
+            mask = attention_mask(idx_Bk, idx_Bk, seg_k, seg_k)
+            f_k, aux, _ = self._layers(r, h_k, pos_k, mask, train=train, rng=rng)
+        new_k = self._update(h_k, f_k, g_k)
+        h = jax.vmap(lambda hb, ib, nb: hb.at[ib].set(nb))(h, idx_Bk, new_k)
+        return h, aux
+
+    # -------------------------------------------------------------- forward
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng=None):
+        """Returns (x_BTD, aux) with aux = {"first", "shared", "last", "mor"} (present ones)."""
+        key = (lambda i: jax.random.fold_in(rng, i)) if rng is not None else (lambda i: None)
+        aux = {}
+        if self.schedule.first:
+            x_BTD, aux["first"] = self.first(x_BTD, positions_BT, segment_ids_BT, train=train,
+                                             rng=key(0))
+        x_BTD, aux["shared"], aux["mor"] = self._recurse(x_BTD, positions_BT, segment_ids_BT,
+                                                         train=train, rng=key(1))
+        if self.schedule.last:
+            x_BTD, aux["last"] = self.last(x_BTD, positions_BT, segment_ids_BT, train=train,
+                                           rng=key(2))
+        return x_BTD, aux
+
+    def _recurse(self, h, pos, seg, *, train, rng):
+        mor = self.cfg.mor
+        R, routing = mor.num_recursions, mor.routing
+        B, T = h.shape[:2]
+        valid = seg > 0
+        cand = jnp.ones((B, T), bool)
+        depth = jnp.zeros((B, T), jnp.int32)
+        kv1, shared_aux = None, []
+        m = {}
+        losses = jnp.zeros((), jnp.float32)
+        step_keys = (jax.random.split(rng, R) if rng is not None else [None] * R)
+        if routing == "token_choice":
+            z_BTR = self.router(h)
+            bias = self.bias_R[...] if hasattr(self, "bias_R") else None
+            tc_depth, tc_gate, probs = rr.tc_route(z_BTR, self._func(), bias, mor.token_choice_alpha)
+            if hasattr(self, "steps_seen"):
+                tc_depth = jnp.where(self.steps_seen[...] < mor.warmup_steps, R, tc_depth)
+            bal, load_R, maxvio = rr.tc_balance(probs, tc_depth, valid)
+            zl = rr.masked_mean(jnp.square(jax.nn.logsumexp(z_BTR, axis=-1)), valid)
+            if mor.balance == "loss":
+                losses += mor.balance_weight * bal
+            losses += mor.z_loss_weight * zl
+            m.update(balance_loss=bal, z_loss=zl, tokens_per_depth_R=load_R, max_violation=maxvio)
+        bces, zls, accs, kept = [], [], [], []
+        for r in range(R):
+            g, idx_Bk = None, None
+            if routing == "none":
+                sel = None
+            elif routing == "token_choice":
+                sel, g = tc_depth > r, tc_gate
+            else:
+                z = self.router(h, r)
+                g = rr.ec_gate(z, self._func(), mor.alpha)
+                z_dec = z
+                if hasattr(self, "aux_router"):  # stop-gradient auxiliary router
+                    z_dec = self.aux_router(jax.lax.stop_gradient(h), r)
+                cap = self.capacities[r]
+                k = rr.capacity_tokens(cap, T)
+                if cap >= 1.0:
+                    sel = cand
+                else:
+                    idx_Bk, topk_sel = rr.ec_topk(z, cand, valid, k)
+                    live = cand & valid
+                    thr = rr.ec_threshold(z_dec, cand)
+                    accs.append(rr.masked_mean((thr == topk_sel).astype(jnp.float32), live))
+                    if mor.causal_aux != "none":
+                        bces.append(rr.masked_mean(rr.bce_with_logits(z_dec, topk_sel), live))
+                    if train or mor.eval_routing == "topk":
+                        sel = topk_sel
+                    else:
+                        sel, idx_Bk = thr, None
+                zls.append(rr.masked_mean(jnp.square(z), cand & valid))
+            if idx_Bk is not None and self.impl == "gather":
+                h, a = self._gather_step(r, h, pos, seg, idx_Bk, g, kv1, train=train,
+                                         rng=step_keys[r])
+            else:
+                h, a, kv_out = self._dense_step(r, h, pos, seg, None if routing == "none" else sel,
+                                                g, kv1, train=train, rng=step_keys[r])
+                if r == 0:
+                    kv1 = kv_out
+            shared_aux.append(a)
+            if sel is None:
+                sel = jnp.ones((B, T), bool)
+            depth += sel.astype(jnp.int32)
+            kept.append(sel)
+            cand = sel
+        if routing == "expert_choice":
+            bce = sum(bces) / len(bces) if bces else jnp.zeros((), jnp.float32)
+            zl = sum(zls) / len(zls)
+            losses += mor.bce_weight * bce + mor.z_loss_weight * zl
+            m.update(bce_loss=bce, z_loss=zl,
+                     sampling_accuracy=(sum(accs) / len(accs)) if accs else jnp.ones(()))
+            any_sel_T = jnp.any(cand & valid, axis=0)
+            any_valid_T = jnp.any(valid, axis=0)
+            m["dead_token_ratio"] = 1.0 - jnp.sum(any_sel_T) / jnp.maximum(jnp.sum(any_valid_T), 1)
+        m["kept_RBT"] = jnp.stack(kept)  # per-step kept masks (tests, analysis)
+        v = valid.astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(v), 1.0)
+        m["depth_hist"] = jnp.stack([jnp.sum(v * (depth == d)) / n for d in range(R + 1)])
+        m["mean_depth"] = jnp.sum(v * depth) / n
+        m["aux_loss"] = losses
+        return h, _concat_aux(shared_aux), m
+
+    # ------------------------------------------------------------- decoding
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+        cfg = self.cfg
+        c = {}
+        if self.schedule.first:
+            c["first"] = self.first.init_cache(batch, max_len, dtype)
+        if self.schedule.last:
+            c["last"] = self.last.init_cache(batch, max_len, dtype)
+        steps = cfg.mor.num_recursions if cfg.mor.kv_cache == "recursion_wise" else 1
+        n = len(self.schedule.steps[0])
+        shape = (steps, n, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+        c["shared"] = {"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype),
+                       "valid_BS": jnp.zeros(shape[:4], bool)}
+        return c
+
+    def decode(self, x_BTD, positions_BT, valid_BT, cache: dict, index, *, stats: bool = False):
+        """T new tokens -> (x_BTD, new cache); routing is causal (threshold / token choice).
+
+        stats=True also returns the per-step kept masks [R, B, T] (for benchmarks).
+        """
+        mor = self.cfg.mor
+        R, routing = mor.num_recursions, mor.routing
+        new = dict(cache)
+        if self.schedule.first:
+            x_BTD, new["first"] = self.first.decode(x_BTD, positions_BT, valid_BT,
+                                                    cache["first"], index)
+        h = x_BTD
+        B, T = h.shape[:2]
+        cand = jnp.ones((B, T), bool)
+        shared = cache["shared"]
+        if routing == "token_choice":
+            bias = self.bias_R[...] if hasattr(self, "bias_R") else None
+            tc_depth, tc_gate, _ = rr.tc_route(self.router(h), self._func(), bias,
+                                               mor.token_choice_alpha)
+            if hasattr(self, "steps_seen"):
+                tc_depth = jnp.where(self.steps_seen[...] < mor.warmup_steps, R, tc_depth)
+        kept = []
+        for r in range(R):
+            if routing == "none":
+                sel, g = cand, None
+            elif routing == "token_choice":
+                sel, g = tc_depth > r, tc_gate
+            else:
+                z = self.router(h, r)
+                g = rr.ec_gate(z, self._func(), mor.alpha)
+                z_dec = self.aux_router(h, r) if hasattr(self, "aux_router") else z
+                sel = cand if self.capacities[r] >= 1.0 else rr.ec_threshold(z_dec, cand)
+            h, shared = self._decode_step(r, h, positions_BT, valid_BT, sel, g, shared, index)
+            kept.append(sel)
+            cand = sel
+        new["shared"] = shared
+        if self.schedule.last:
+            h, new["last"] = self.last.decode(h, positions_BT, valid_BT, cache["last"], index)
+        if stats:
+            return h, new, jnp.stack(kept)
+        return h, new
+
+    def _decode_layers(self, r, h, pos, kv_valid, cache_n, index, write):
+        """Step r's pool layers against cache_n = (k_nBSGK, v_nBSGK, valid_nBS) (read-only)."""
+        graphdef, state_P = nnx.split(self.shared.layers)
+        ids = jnp.asarray(self.schedule.steps[r], jnp.int32)
+
+        def body(x, xs):
+            i, cache = xs
+            block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
+            return block_decode(block, x, pos, kv_valid, cache, index, write=write)
+
+        return jax.lax.scan(body, h, (ids, cache_n))
+
+    def _decode_step(self, r, h, pos, valid, sel, g, shared, index):
+        mor = self.cfg.mor
+        c = r if mor.kv_cache == "recursion_wise" else 0
+        write = mor.kv_cache == "recursion_wise" or r == 0
+        kb, vb, okb = shared["k_BSGK"], shared["v_BSGK"], shared["valid_BS"]
+        cache_n = (kb[c], vb[c], okb[c])
+        B, T = h.shape[:2]
+        routed = mor.routing != "none" and not (mor.routing == "expert_choice"
+                                                 and self.capacities[r] >= 1.0)
+
+        def finish(h_new, new_kv, rows=None, row_sel=None):
+            """Writes the new KV of `rows` (all rows if None) at slot `index`."""
+            if not write:
+                return shared
+            k_n, v_n = new_kv
+            if rows is None:
+                kv_valid = (valid & sel)[None].repeat(k_n.shape[0], 0)
+                upd = lambda buf, x: jax.lax.dynamic_update_slice(  # noqa: E731
+                    buf, x[None].astype(buf.dtype), (c, 0, 0, index) + (0,) * (buf.ndim - 4))
+                return {"k_BSGK": upd(kb, k_n), "v_BSGK": upd(vb, v_n), "valid_BS": upd(okb, kv_valid)}
+            n = k_n.shape[0]
+            at = (c, jnp.arange(n)[:, None], rows[None, :], index)  # -> [n, s] entries
+            kv_valid = jnp.broadcast_to((valid[rows, 0] & row_sel)[None], (n, rows.shape[0]))
+            return {"k_BSGK": kb.at[at].set(k_n[:, :, 0].astype(kb.dtype)),
+                    "v_BSGK": vb.at[at].set(v_n[:, :, 0].astype(vb.dtype)),
+                    "valid_BS": okb.at[at].set(kv_valid)}
+
+        if T > 1 or not routed or mor.decode_buckets == 0:
+            f_h, new_kv = self._decode_layers(r, h, pos, valid & sel, cache_n, index, write)
+            h = jnp.where(sel[..., None], self._update(h, f_h, g), h)
+            return h, finish(h, new_kv)
+
+        # Depth-wise batching (T == 1): only the rows whose token takes step r are
+        # computed, gathered into the smallest of `decode_buckets` static row
+        # buckets that holds them (lax.switch runs one branch).
+        sel_B = sel[:, 0]
+        nb = mor.decode_buckets
+        sizes = sorted({0} | {min(B, -(-B * i // nb)) for i in range(1, nb + 1)})
+        order = jnp.argsort(jnp.logical_not(sel_B), stable=True)
+        which = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(sel_B), side="left")
+
+        def branch(s):
+            def run(h, shared_):
+                if s == 0:
+                    return h, shared_
+                rows = order[:s]
+                row_sel = sel_B[rows]
+                cache_s = tuple(a[:, rows] for a in cache_n)
+                h_s = h[rows]
+                f_s, new_kv = self._decode_layers(r, h_s, pos[rows], (valid[rows, 0] & row_sel)[:, None],
+                                                  cache_s, index, write)
+                upd = jnp.where(row_sel[:, None, None],
+                                self._update(h_s, f_s, None if g is None else g[rows]), h_s)
+                return h.at[rows].set(upd), finish(None, new_kv, rows, row_sel)
+            return run
+
+        return jax.lax.switch(which, [branch(s) for s in sizes], h, shared)

@@ -1,0 +1,728 @@
+"""Sweeps: grid expansion, a resumable and shardable runner, and the results store.
+
+    moe-lab sweep --config configs/sparsity_sweep.py[:ARG] --workdir SWEEP
+                  [--shard I/N] [--dry-run] [--isolate subprocess|inprocess]
+                  [--point NAME] [--config.a.b=V ...]
+
+A config file's `get_sweep(arg)` returns a list of points; each point is a dict
+of `--config` overrides (dotted keys, applied on top of `get_config(arg)` and
+the command line's overrides) plus optional special keys:
+
+    "name":   run name (default: from the swept values, e.g. "e8_k2")
+    "from":   {"run": NAME, "step": N, "grow": {"depth": {...}, "width": {...},
+               "order": "depth,width", "opt_state": "reset", "seed": 0}}
+              start from point NAME's checkpoint at step N (default: its last),
+              growth transforms applied (moe_lab.grow_cmd.grow_run; "grow" may be
+              omitted: a plain continuation).  "kind": "module:function" plugs in
+              another way to make the run dir from the parent (e.g. for RL).
+              The point's config is then the grown config.json + its overrides.
+    "budget_flops":        train.steps = round(budget / training FLOPs per step of
+                           this point's (grown) model)
+    "budget_flops_total":  the same with the parent's sunk FLOPs subtracted
+    "trainer": "module:function"   fn(cfg, workdir) instead of moe_lab's train()
+    "post":   [{"kind": "harness", "data": F, "shots": K} | {"kind": "module:fn", ...}]
+              stages after the final evaluation; fn(run_dir, spec) -> dict of
+              columns for results.jsonl, saved in RUN/stages/<i>-<kind>.json
+    "tags":   {column: value} copied into the results row
+
+Each point runs in SWEEP/<name>/ as an ordinary run (train, then evaluate at
+the last step).  A point is *finished* when RUN/eval/<last step>.json (and every
+post stage's json) exists: finished points are skipped, interrupted ones resume
+through train()'s own checkpoint resume.  Points run in topological order of
+their "from" dependencies; `--shard I/N` takes every N-th point of that order,
+and a point whose parent is not finished yet is skipped with a message (a later
+invocation picks it up).  A failing point is appended to SWEEP/failures.jsonl
+and does not stop the others.  Every finished point has one row in
+SWEEP/results.jsonl (appended under a file lock, deduplicated by run name;
+`load_results` also dedupes, keeping the last row).
+
+Isolation: by default every point runs in a child process
+(`python -m moe_lab.sweep ... --point NAME`): a crash, an OOM or a leak of one
+point cannot take the sweep down, and each point starts with fresh device
+memory.  It costs a few seconds of imports per point; `--isolate inprocess`
+avoids that (the tests use it).  The child's output goes to the console and
+SWEEP/logs/<name>.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+
+from moe_lab.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_raw,
+    parse_override_args,
+    validate,
+)
+
+SPECIAL = ("name", "from", "budget_flops", "budget_flops_total", "trainer", "post", "tags")
+_ABBREV = {"num_experts": "e", "top_k": "k", "d_model": "d", "num_layers": "l",
+           "expert_hidden": "f", "num_heads": "h", "num_kv_heads": "kv", "steps": "s",
+           "batch_size": "b", "seed": "seed", "lr": "lr", "mixture": "mix",
+           "budget_flops": "B", "budget_flops_total": "BT"}
+RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
+
+
+# ------------------------------------------------------------------ expansion
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    index: int  # position in get_sweep()
+    name: str
+    overrides: dict  # dotted config keys -> values
+    source: dict | None = None  # the "from" spec
+    budget_flops: float | None = None
+    budget_flops_total: float | None = None
+    trainer: str | None = None
+    post: tuple = ()
+    tags: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def parent(self) -> str | None:
+        return self.source["run"] if self.source else None
+
+    @property
+    def swept(self) -> dict:
+        out = dict(self.overrides)
+        for k in ("budget_flops", "budget_flops_total"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, float):
+        v = f"{v:g}".replace("e+", "e")
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(v)).strip("-")
+
+
+def run_name(values: dict) -> str:
+    """Directory name from swept values: {"model.moe.num_experts": 8, ...} -> "e8_k2"."""
+    parts = []
+    for key, v in values.items():
+        leaf = key.rsplit(".", 1)[-1]
+        parts.append(_ABBREV.get(leaf, leaf) + _fmt_value(v))
+    return "_".join(parts) or "base"
+
+
+def make_points(raw_points) -> list[Point]:
+    """Checks the points of get_sweep() and names them; returns them in
+    dependency (topological) order, ties kept in get_sweep() order."""
+    if not isinstance(raw_points, (list, tuple)) or not raw_points:
+        raise ConfigError("get_sweep() must return a non-empty list of dicts")
+    points, names = [], {}
+    for i, p in enumerate(raw_points):
+        if hasattr(p, "to_dict"):
+            p = p.to_dict()
+        if not isinstance(p, dict):
+            raise ConfigError(f"sweep point {i}: expected a dict, got {type(p).__name__}")
+        overrides = {k: v for k, v in p.items() if k not in SPECIAL}
+        for k in overrides:
+            if "." not in k:
+                raise ConfigError(f"sweep point {i}: unknown key {k!r} (config keys are dotted, "
+                                  f"special keys: {', '.join(SPECIAL)})")
+        src = p.get("from")
+        if src is not None and not (isinstance(src, dict) and isinstance(src.get("run"), str)):
+            raise ConfigError(f"sweep point {i}: 'from' must be a dict with a 'run' name")
+        post = tuple(p.get("post") or ())
+        for s in post:
+            if not (isinstance(s, dict) and isinstance(s.get("kind"), str)):
+                raise ConfigError(f"sweep point {i}: each 'post' stage needs a 'kind'")
+        pt = Point(index=i, name="", overrides=overrides, source=src,
+                   budget_flops=p.get("budget_flops"),
+                   budget_flops_total=p.get("budget_flops_total"), trainer=p.get("trainer"),
+                   post=post, tags=dict(p.get("tags") or {}))
+        name = p.get("name") or run_name(pt.swept)
+        if src is not None and not p.get("name"):
+            name = f"{src['run']}_from{src.get('step', 'last')}" + ("_" + name if pt.swept else "")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@=+-]*", name):
+            raise ConfigError(f"sweep point {i}: bad run name {name!r}")
+        if name in names:
+            raise ConfigError(f"sweep points {names[name]} and {i} have the same name {name!r}; "
+                              "give them explicit 'name's")
+        names[name] = i
+        points.append(dataclasses.replace(pt, name=name))
+    by_name = {p.name: p for p in points}
+    for p in points:
+        if p.parent is not None and p.parent not in by_name:
+            raise ConfigError(f"sweep point {p.name!r}: 'from' run {p.parent!r} is not a point")
+    ordered, done = [], set()
+    remaining = list(points)
+    while remaining:
+        ready = [p for p in remaining if p.parent is None or p.parent in done]
+        if not ready:
+            raise ConfigError("sweep: 'from' dependencies form a cycle: "
+                              + ", ".join(p.name for p in remaining))
+        for p in ready:
+            ordered.append(p)
+            done.add(p.name)
+        remaining = [p for p in remaining if p.name not in done]
+    return ordered
+
+
+def load_sweep(config_arg: str, overrides: dict | None = None) -> tuple[dict, list[Point]]:
+    """(base raw config with command-line overrides applied, points in run order)."""
+    base = load_raw(config_arg, "get_config")
+    base = apply_overrides(base if base is not None else {}, overrides or {})
+    return base, make_points(load_raw(config_arg, "get_sweep"))
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise ConfigError(f"--shard {text!r}: want I/N with 0 <= I < N (e.g. 0/4)")
+    return int(m[1]), int(m[2])
+
+
+def shard_points(points: list[Point], shard: tuple[int, int]) -> list[Point]:
+    i, n = shard
+    return [p for k, p in enumerate(points) if k % n == i]
+
+
+# -------------------------------------------------------------- configuration
+
+
+def grow_transforms(spec: dict | None) -> tuple[list[tuple[str, dict]], dict]:
+    """A point's "grow" spec -> (grow_run transforms, {opt_state, seed}); defaults as
+    `moe-lab grow`."""
+    spec = dict(spec or {})
+    steps = {}
+    if "depth" in spec:
+        d = {"method": "interpose", "factor": 2, "keep_first": 0, "keep_last": 0,
+             "zero_copies": False, **(spec.pop("depth") or {})}
+        steps["depth"] = d
+    if "width" in spec:
+        w = {"factor": 2, "noise": 0.01, "layout": "append", "init": "copy", "grow_e": True,
+             "grow_k": True, **(spec.pop("width") or {})}
+        steps["width"] = w
+    order = spec.pop("order", "depth,width").split(",")
+    opts = {"opt_state": spec.pop("opt_state", "reset"), "seed": int(spec.pop("seed", 0))}
+    if spec:
+        raise ConfigError(f"sweep: unknown grow option(s) {sorted(spec)} "
+                          "(depth, width, order, opt_state, seed)")
+    return [(k, steps[k]) for k in order if k in steps], opts
+
+
+def _to_config(raw: dict) -> Config:
+    from moe_lab.train.state import resolve_config  # noqa: PLC0415
+
+    return resolve_config(validate(from_dict(Config, raw)))
+
+
+def _flops_per_step(cfg: Config) -> float:
+    from moe_lab import flops  # noqa: PLC0415
+
+    return flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
+        * cfg.data.seq_len
+
+
+def _apply_budget(cfg: Config, point: Point, sunk: float) -> Config:
+    budget = point.budget_flops
+    if point.budget_flops_total is not None:
+        budget = point.budget_flops_total - sunk
+    if budget is None:
+        return cfg
+    if budget <= 0:
+        raise ConfigError(f"sweep point {point.name}: FLOP budget {budget:.3g} <= 0 "
+                          f"(total budget minus sunk {sunk:.3g})")
+    steps = max(1, round(budget / _flops_per_step(cfg)))
+    return cfg.replace(train=dataclasses.replace(cfg.train, steps=steps))
+
+
+def planned_config(point: Point, base: dict, by_name: dict[str, Point]) -> tuple[Config, float]:
+    """(config, sunk FLOPs) a point will run with, computed without any run
+    (growth plans are pure functions of the config); used by --dry-run."""
+    if point.source is None:
+        cfg = _to_config(apply_overrides(base, point.overrides))
+        return _apply_budget(cfg, point, 0.0), 0.0
+    from moe_lab import growth  # noqa: PLC0415
+
+    parent_cfg, _ = planned_config(by_name[point.parent], base, by_name)
+    step = point.source.get("step", parent_cfg.train.steps)
+    sunk = _flops_per_step(parent_cfg) * step
+    cfg = parent_cfg
+    transforms, _ = grow_transforms(point.source.get("grow"))
+    for what, kw in transforms:
+        kw = {k: v for k, v in kw.items() if k not in ("zero_copies", "noise")}
+        cfg = (growth.depth_plan if what == "depth" else growth.width_plan)(cfg, **kw).cfg
+    cfg = _to_config(apply_overrides(cfg.to_dict(), point.overrides))
+    return _apply_budget(cfg, point, sunk), sunk
+
+
+# ------------------------------------------------------------------- run state
+
+
+def final_step(run_dir: str) -> int | None:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["train"]["steps"])
+
+
+def _stage_path(run_dir: str, i: int, spec: dict) -> str:
+    kind = re.sub(r"[^A-Za-z0-9_.-]", "_", spec["kind"])
+    return os.path.join(run_dir, "stages", f"{i}-{kind}.json")
+
+
+def is_finished(run_dir: str, point: Point | None = None) -> bool:
+    from moe_lab.eval.evaluate import eval_path  # noqa: PLC0415
+
+    step = final_step(run_dir)
+    if step is None or not os.path.isfile(eval_path(run_dir, step)):
+        return False
+    return all(os.path.isfile(_stage_path(run_dir, i, s))
+               for i, s in enumerate(point.post if point else ()))
+
+
+def _resolve_fn(spec: str, default_module: str | None = None):
+    mod, _, fn = spec.rpartition(":")
+    mod = mod or default_module
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"sweep: cannot load {spec!r} ({e})") from None
+
+
+def _post_harness(run_dir: str, spec: dict) -> dict:
+    from moe_lab.eval.harness import run_harness  # noqa: PLC0415
+
+    r = run_harness(run_dir, spec["data"], shots=int(spec.get("shots", 0)),
+                    limit=spec.get("limit"), print_table=True)
+    stem = spec.get("label") or os.path.splitext(os.path.basename(spec["data"]))[0]
+    return {f"{stem}_{k}": v for k, v in r.items()
+            if k.startswith("accuracy") or k == "task_loss_bits"}
+
+
+POST_STAGES = {"harness": _post_harness}  # kind -> fn(run_dir, spec) -> row columns
+
+
+def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point],
+              log=print) -> dict:
+    """Runs one point to completion in this process (grow/train/eval/post as
+    needed); returns its results row."""
+    from moe_lab.eval.evaluate import eval_path, evaluate  # noqa: PLC0415
+    from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
+
+    run_dir = os.path.join(sweep_dir, point.name)
+    sunk = 0.0
+    if point.source is None:
+        cfg = _apply_budget(_to_config(apply_overrides(base, point.overrides)), point, 0.0)
+    else:
+        parent_dir = os.path.join(sweep_dir, point.parent)
+        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            if not is_finished(parent_dir, by_name[point.parent]):
+                raise ConfigError(f"parent run {point.parent!r} is not finished")
+            kind = point.source.get("kind", "grow")
+            if kind == "grow":
+                from moe_lab.grow_cmd import grow_run  # noqa: PLC0415
+
+                transforms, opts = grow_transforms(point.source.get("grow"))
+                grow_run(parent_dir, run_dir, transforms, step=point.source.get("step"),
+                         log=log, **opts)
+            else:
+                _resolve_fn(kind)(parent_dir, point.source.get("step"), run_dir, point.source)
+        with open(os.path.join(run_dir, "config.json")) as f:
+            raw = json.load(f)
+        lineage = _read_json(os.path.join(run_dir, "lineage.json")) or {}
+        sunk = float(lineage.get("sunk_flops", 0.0))
+        cfg = _apply_budget(_to_config(apply_overrides(raw, point.overrides)), point, sunk)
+        # the sweep made this dir: the point's overrides become its config
+        write_json_atomic(os.path.join(run_dir, "config.json"), cfg.to_dict())
+    cfg = cfg.replace(name=point.name)
+    steps = cfg.train.steps
+    if not os.path.isfile(eval_path(run_dir, steps)):
+        trainer = _resolve_fn(point.trainer) if point.trainer else None
+        if trainer is None:
+            from moe_lab.train.loop import train as trainer  # noqa: PLC0415
+        summary = trainer(cfg, run_dir)
+        if summary and summary.get("step", steps) < steps:
+            raise RuntimeError(f"training stopped at step {summary['step']} of {steps} "
+                               "(preempted?); rerun the sweep to resume")
+        if not os.path.isfile(eval_path(run_dir, steps)):  # train() may already have done it
+            evaluate(run_dir, steps)
+    for i, spec in enumerate(point.post):
+        path = _stage_path(run_dir, i, spec)
+        if os.path.isfile(path):
+            continue
+        fn = POST_STAGES.get(spec["kind"]) or _resolve_fn(spec["kind"])
+        cols = fn(run_dir, spec)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, {"spec": spec, "columns": cols})
+    return results_row(point, run_dir)
+
+
+# -------------------------------------------------------------------- results
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def results_row(point: Point, run_dir: str) -> dict:
+    """One flat row: swept values, sizes, FLOPs, losses, task losses, accuracies."""
+    from moe_lab import flops  # noqa: PLC0415
+    from moe_lab.config import config_from_json  # noqa: PLC0415
+    from moe_lab.eval.evaluate import read_eval  # noqa: PLC0415
+    from moe_lab.train.metrics import read_metrics  # noqa: PLC0415
+
+    cfg = config_from_json(os.path.join(run_dir, "config.json"))
+    ev = read_eval(run_dir, cfg.train.steps) or {}
+    m = cfg.model
+    row = {"run": point.name, "sweep_index": point.index, **point.swept,
+           "d_model": m.d_model, "num_layers": m.num_layers, "ffn": m.ffn,
+           "num_experts": m.moe.num_experts if m.ffn == "moe" else 1,
+           "top_k": m.moe.top_k if m.ffn == "moe" else 1,
+           "expert_hidden": m.resolved_expert_hidden if m.ffn == "moe" else m.resolved_mlp_hidden,
+           "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+           "seq_len": cfg.data.seq_len}
+    summary = flops.run_summary(cfg)
+    row.update({k: summary[k] for k in ("params_total", "params_active",
+                                        "params_total_non_embedding",
+                                        "params_active_non_embedding", "sparsity", "tpp",
+                                        "train_tokens", "train_flops")})
+    metrics = read_metrics(run_dir)
+    losses = [r for r in metrics if "loss" in r]
+    if losses:
+        row["train_loss"] = losses[-1]["loss"]
+        row["flops_spent"] = losses[-1].get("flops_spent")
+    lineage = _read_json(os.path.join(run_dir, "lineage.json"))
+    row["sunk_flops"] = float(lineage["sunk_flops"]) if lineage else 0.0
+    row["total_flops"] = row["sunk_flops"] + row["train_flops"]
+    if lineage:
+        row.update(parent_run=point.parent, parent_step=lineage["parent_step"],
+                   grow=json.dumps(lineage["transforms"]),
+                   sunk_chinchilla_ratio=lineage.get("sunk_chinchilla_ratio"))
+    tasks = ev.get("tasks", {})
+    eval_losses = [t["eval_loss"] for n, t in tasks.items()
+                   if n != "arith_long" and t.get("eval_loss") is not None]
+    row["eval_loss"] = sum(eval_losses) / len(eval_losses) if eval_losses else None
+    for name, t in tasks.items():
+        for k in ("eval_loss", "task_loss_bits", "accuracy", "num_steps"):
+            if t.get(k) is not None:
+                row[f"{name}_{k}"] = t[k]
+    for group, g in ev.get("groups", {}).items():
+        for k, v in g.items():
+            row[f"{group}_{k}"] = v
+    for i, spec in enumerate(point.post):
+        stage = _read_json(_stage_path(run_dir, i, spec))
+        if stage:
+            row.update(stage.get("columns") or {})
+    row.update(point.tags)
+    row["eval_step"] = ev.get("step")
+    return row
+
+
+@contextlib.contextmanager
+def _locked(sweep_dir: str):
+    with open(os.path.join(sweep_dir, ".results.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_rows(path: str) -> list[dict]:
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a torn last line of a killed writer
+                    continue
+    return rows
+
+
+def record_result(sweep_dir: str, row: dict) -> None:
+    """Appends `row` to results.jsonl unless an identical row of that run is
+    there; a changed row replaces the old one (file rewritten atomically)."""
+    path = os.path.join(sweep_dir, RESULTS)
+    line = json.dumps(row, sort_keys=True)
+    with _locked(sweep_dir):
+        rows = _read_rows(path)
+        old = [r for r in rows if r.get("run") == row["run"]]
+        if old and json.dumps(old[-1], sort_keys=True) == line and len(old) == 1:
+            return
+        if old:
+            rows = [r for r in rows if r.get("run") != row["run"]] + [row]
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+            os.replace(tmp, path)
+        else:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+
+
+def record_failure(sweep_dir: str, point: Point, error: str, log_path: str | None = None) -> None:
+    row = {"run": point.name, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "log": log_path}
+    with _locked(sweep_dir), open(os.path.join(sweep_dir, FAILURES), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def load_results(path: str):
+    """results.jsonl (or a sweep dir holding one) -> pandas DataFrame, one row
+    per run (the last row of a run wins), in sweep order."""
+    import pandas as pd  # noqa: PLC0415
+
+    if os.path.isdir(path):
+        path = os.path.join(path, RESULTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no results file at {path} (run `moe-lab sweep` first)")
+    rows = {}
+    for r in _read_rows(path):
+        if "run" in r:
+            rows.pop(r["run"], None)
+            rows[r["run"]] = r
+    df = pd.DataFrame(list(rows.values()))
+    if "sweep_index" in df:
+        df = df.sort_values("sweep_index", kind="stable").reset_index(drop=True)
+    return df
+
+
+# --------------------------------------------------------------------- runner
+
+
+def point_commands(point: Point, base: dict, config_arg: str, sweep_dir: str,
+                   by_name: dict[str, Point], cli_overrides: dict) -> list[str]:
+    """The `moe-lab` commands equivalent to running this point."""
+    run_dir = os.path.join(sweep_dir, point.name)
+    try:
+        cfg, _ = planned_config(point, base, by_name)
+        steps = cfg.train.steps
+    except ConfigError as e:
+        return [f"# {point.name}: invalid point: {e}"]
+    flags = [f"--config.{k}={v}" for k, v in {**cli_overrides, **point.overrides}.items()]
+    if point.budget_flops is not None or point.budget_flops_total is not None:
+        flags.append(f"--config.train.steps={steps}")
+    q = shlex.quote
+    cmds = []
+    if point.source is None:
+        cmds.append(" ".join(["moe-lab train", "--config", q(config_arg), "--workdir", q(run_dir),
+                              *map(q, flags)]))
+    else:
+        src = point.source
+        parent = os.path.join(sweep_dir, point.parent)
+        transforms, opts = grow_transforms(src.get("grow"))
+        g = ["moe-lab grow", "--from", q(parent), "--to", q(run_dir)]
+        if "step" in src:
+            g += ["--step", str(src["step"])]
+        for what, kw in transforms:
+            if what == "depth":
+                g += ["--depth", kw["method"], "--depth-factor", str(kw["factor"])]
+                g += ["--keep-first", str(kw["keep_first"])] if kw["keep_first"] else []
+                g += ["--keep-last", str(kw["keep_last"])] if kw["keep_last"] else []
+                g += ["--zero-copies"] if kw["zero_copies"] else []
+            else:
+                g += ["--width-factor", str(kw["factor"]), "--noise", str(kw["noise"]),
+                      "--width-layout", kw["layout"], "--width-init", kw["init"]]
+                g += ["--only-e"] if not kw["grow_k"] else []
+                g += ["--only-k"] if not kw["grow_e"] else []
+        g += ["--order", ",".join(w for w, _ in transforms) or "depth,width",
+              "--opt-state", opts["opt_state"], "--seed", str(opts["seed"])]
+        if src.get("kind", "grow") != "grow":
+            g = [f"# {src['kind']}(from={parent}, step={src.get('step')}, to={run_dir})"]
+        cmds.append(" ".join(g))
+        cmds.append(" ".join(["moe-lab train", "--workdir", q(run_dir), *map(q, flags)]))
+    if point.trainer:
+        cmds[-1] = f"# trainer {point.trainer}: " + cmds[-1]
+    cmds.append(f"moe-lab eval --workdir {q(run_dir)} --step {steps}")
+    for spec in point.post:
+        if spec["kind"] == "harness":
+            cmds.append(f"moe-lab eval --workdir {q(run_dir)} --data {q(spec['data'])} "
+                        f"--shots {spec.get('shots', 0)}")
+        else:
+            cmds.append(f"# post stage {spec['kind']}({run_dir}, {spec})")
+    return cmds
+
+
+FAILED_MARK = "moe-lab sweep: point failed: "
+
+
+def _log_path(sweep_dir: str, point: Point) -> str:
+    return os.path.join(sweep_dir, "logs", f"{point.name}.log")
+
+
+def _run_child(point: Point, config_arg: str, sweep_dir: str, cli_overrides: dict,
+               log) -> str | None:
+    """Runs the point in a child process; returns None or the error line."""
+    log_path = _log_path(sweep_dir, point)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    cmd = [sys.executable, "-m", "moe_lab.sweep", "--config", config_arg, "--workdir", sweep_dir,
+           "--point", point.name, "--child", *[f"--config.{k}={v}" for k, v in cli_overrides.items()]]
+    error = None
+    with open(log_path, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                log(f"[{point.name}] {line.rstrip()}")
+                if line.startswith(FAILED_MARK):
+                    error = line.rstrip()[len(FAILED_MARK):]
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C / SIGTERM of the sweep: let the child checkpoint
+            proc.terminate()
+            proc.wait()
+            raise
+    if rc != 0 or error:
+        return error or f"child exited with code {rc} (see {log_path})"
+    return None
+
+
+def run_sweep(config_arg: str, sweep_dir: str, *, overrides: dict | None = None,
+              shard: tuple[int, int] = (0, 1), dry_run: bool = False,
+              isolate: str = "subprocess", only: str | None = None, child: bool = False,
+              log=print) -> dict:
+    """Runs (or with dry_run prints) this shard's unfinished points; returns
+    {"done": [...], "ran": [...], "skipped": [...], "failed": [...]} (run names)."""
+    overrides = dict(overrides or {})
+    base, points = load_sweep(config_arg, overrides)
+    by_name = {p.name: p for p in points}
+    mine = shard_points(points, shard)
+    if only is not None:
+        if only not in by_name:
+            raise ConfigError(f"sweep: no point named {only!r} (have {', '.join(by_name)})")
+        mine = [by_name[only]]
+    status = {"done": [], "ran": [], "skipped": [], "failed": []}
+    if dry_run:
+        for k, p in enumerate(mine):
+            log(f"# [{k + 1}/{len(mine)}] {p.name}"
+                + (f"  (after {p.parent})" if p.parent else ""))
+            for c in point_commands(p, base, config_arg, sweep_dir, by_name, overrides):
+                log(c)
+        return status
+    os.makedirs(sweep_dir, exist_ok=True)
+    failed = set()
+    t_start = time.perf_counter()
+    for k, p in enumerate(mine):
+        run_dir = os.path.join(sweep_dir, p.name)
+        head = f"sweep [{k + 1}/{len(mine)}] {p.name}"
+        if is_finished(run_dir, p):
+            record_result(sweep_dir, results_row(p, run_dir))
+            status["done"].append(p.name)
+            log(f"{head}: finished earlier, skipped")
+            continue
+        if p.parent is not None and not is_finished(os.path.join(sweep_dir, p.parent),
+                                                    by_name[p.parent]):
+            why = "failed" if p.parent in failed else "is not finished yet"
+            log(f"{head}: skipped, its parent {p.parent!r} {why} (rerun the sweep later)")
+            status["skipped"].append(p.name)
+            continue
+        log(f"{head}: running in {run_dir}")
+        t0 = time.perf_counter()
+        if isolate == "subprocess" and only is None:
+            error = _run_child(p, config_arg, sweep_dir, overrides, log)
+        else:
+            try:
+                run_point(p, base, sweep_dir, by_name, log=log)
+                error = None
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 (recorded; the sweep goes on)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                error = f"{type(e).__name__}: {first}"
+                traceback.print_exc()
+        if error is None and is_finished(run_dir, p):
+            record_result(sweep_dir, results_row(p, run_dir))
+            status["ran"].append(p.name)
+            log(f"{head}: done in {time.perf_counter() - t0:.0f}s")
+        else:
+            error = error or "run did not reach its final evaluation"
+            failed.add(p.name)
+            status["failed"].append(p.name)
+            if child:  # the parent sweep process records it
+                print(f"{FAILED_MARK}{error}", flush=True)
+            else:
+                record_failure(sweep_dir, p, error, _log_path(sweep_dir, p))
+            log(f"{head}: FAILED: {error}")
+    if only is None:
+        log(f"sweep: {len(status['ran'])} ran, {len(status['done'])} already done, "
+            f"{len(status['skipped'])} waiting, {len(status['failed'])} failed "
+            f"in {time.perf_counter() - t_start:.0f}s; results: {os.path.join(sweep_dir, RESULTS)}")
+    return status
+
+
+def format_results(df, columns: list[str] | None = None) -> str:
+    cols = columns or [c for c in ("run", "params_total", "params_active", "sparsity", "tpp",
+                                   "train_loss", "eval_loss", "memorization_accuracy",
+                                   "reasoning_accuracy", "reasoning_task_loss_bits")
+                       if c in df]
+    return df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser("sweep", help="run a config's get_sweep() grid, resumably")
+    s.add_argument("--config", required=True, help="config file with get_sweep, path.py[:arg]")
+    s.add_argument("--workdir", required=True, help="sweep directory")
+    s.add_argument("--shard", default=None, help="I/N: run every N-th point starting at I")
+    s.add_argument("--dry-run", action="store_true", help="print the equivalent commands")
+    s.add_argument("--isolate", choices=("subprocess", "inprocess"), default="subprocess",
+                   help="run each point in a child process (default) or in this one")
+    s.add_argument("--point", default=None, help="run only this point, in this process")
+    s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_sweep)
+    return s
+
+
+def cmd_sweep(args, overrides) -> int:
+    status = run_sweep(args.config, args.workdir, overrides=overrides,
+                       shard=parse_shard(args.shard), dry_run=args.dry_run,
+                       isolate=args.isolate, only=args.point, child=args.child)
+    if not args.dry_run and args.point is None and os.path.isfile(
+            os.path.join(args.workdir, RESULTS)):
+        print(format_results(load_results(args.workdir)))
+    return 1 if status["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m moe_lab.sweep")
+    sub = p.add_subparsers(dest="command")
+    add_sweep_parser(sub)
+    try:
+        overrides, rest = parse_override_args(argv)
+        args = p.parse_args(["sweep", *rest])
+        return args.fn(args, overrides)
+    except ConfigError as e:
+        if "--child" in argv:  # the parent sweep process records it
+            print(f"{FAILED_MARK}ConfigError: {e}", flush=True)
+        print(f"moe-lab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Mixture-of-Recursions: sharing schedules, N_r=1 == plain transformer, expert-choice
+gather vs dense reference, token choice vs a per-row Python reference (outputs and
+grads), cached decode == no-cache reference for each KV strategy, training, config errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from moe_lab.config import ConfigError, load_config
+from moe_lab.eval.generate import generate
+from moe_lab.layers import recursion_routing as rr
+from moe_lab.models.recursive import layer_sequence
+from moe_lab.train.state import build_model, split_model
+
+B, T = 2, 16
+
+
+def _mor(num_layers=5, init_std=0.02, **mor):
+    return tiny_config(model=dict(stack="recursive", num_layers=num_layers, init_std=init_std,
+                                  mor=mor), data=dict(seq_len=T))
+
+
+def _batch(seed=0, packed=True):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(3, 200, (B, T)), jnp.int32)
+    seg = np.ones((B, T), np.int32)
+    pos = np.broadcast_to(np.arange(T), (B, T)).copy()
+    if packed:  # row 0: two documents; row 1: trailing padding
+        seg[0, 9:] = 2
+        pos[0, 9:] = np.arange(T - 9)
+        seg[1, 13:] = 0
+    return tokens, jnp.asarray(pos, jnp.int32), jnp.asarray(seg)
+
+
+def _forward_fn(graphdef, rest, impl=None, train=True):
+    def f(params, tokens, pos, seg):
+        model = nnx.merge(graphdef, params, rest)
+        if impl is not None:
+            model.recursive.impl = impl
+        return model(tokens, pos, seg, train=train)
+    return f
+
+
+def _loss_fn(fwd, w_BTV):
+    def loss(params, *batch):
+        logits, aux = fwd(params, *batch)
+        return jnp.sum(logits * w_BTV) + aux["mor"]["aux_loss"]
+    return loss
+
+
+def _assert_close_trees(a, b, atol):
+    for (pa, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a),
+                               jax.tree_util.tree_leaves_with_path(b)):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=1e-4, err_msg=jax.tree_util.keystr(pa))
+
+
+def test_layer_sequences():
+    s = lambda *ix: [("shared", i) for i in ix]  # noqa: E731
+    assert layer_sequence(6, 3, "cycle") == s(0, 1, 0, 1, 0, 1)
+    assert layer_sequence(6, 3, "sequence") == s(0, 0, 0, 1, 1, 1)
+    assert layer_sequence(8, 3, "middle_cycle") == [("first", 0), *s(0, 1, 0, 1, 0, 1), ("last", 0)]
+    assert layer_sequence(8, 3, "middle_sequence") == [("first", 0), *s(0, 0, 0, 1, 1, 1), ("last", 0)]
+    assert layer_sequence(4, 1, "cycle") == s(0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("num_layers,n_r,sharing", [
+    (2, 1, "cycle"), (6, 3, "cycle"), (6, 3, "sequence"), (8, 3, "middle_cycle"),
+    (6, 2, "middle_sequence")])
+def test_fixed_depth_equals_plain_with_mapped_params(num_layers, n_r, sharing):
+    """routing none: the recursive model IS the plain model whose layer l holds the pool
+    layer of the schedule; N_r=1 cycle is the plain transformer with the same params."""
+    cfg = _mor(num_layers, routing="none", num_recursions=n_r, sharing=sharing)
+    gd, params, rest = split_model(build_model(cfg))
+    seq = layer_sequence(num_layers, n_r, sharing)
+    plain_cfg = tiny_config(model=dict(num_layers=len(seq)), data=dict(seq_len=T))
+    pgd, pparams, prest = split_model(build_model(plain_cfg))
+    rec = params["recursive"]
+    layers = [jax.tree.map(lambda a, i=i: a[i], rec[name]["layers"]) for name, i in seq]
+    pparams = {**{k: v for k, v in params.items() if k != "recursive"},
+               "blocks": {"layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}}
+    batch = _batch()
+    lp, _ = jax.jit(_forward_fn(pgd, prest, train=False))(pparams, *batch)
+    lr, aux = jax.jit(_forward_fn(gd, rest, train=False))(params, *batch)
+    np.testing.assert_allclose(lr, lp, atol=1e-5, rtol=1e-5)
+    assert float(aux["mor"]["mean_depth"]) == n_r
+
+
+def test_ec_topk_hierarchical_causal():
+    z = jax.random.normal(jax.random.key(0), (B, T))
+    cand = jnp.ones((B, T), bool)
+    valid = jnp.ones((B, T), bool)
+    for k in (11, 6, 2):
+        idx, sel = rr.ec_topk(z, cand, valid, k)
+        assert idx.shape == (B, k) and np.all(np.diff(np.asarray(idx), axis=1) > 0)  # causal order
+        assert np.all(np.asarray(sel).sum(1) == k) and np.all(np.asarray(sel) <= np.asarray(cand))
+        cand = sel
+
+
+def _reference_forward(model, tokens, pos, seg, kept_RBT, tc_depth=None):
+    """Slow reference: per row and step, gather the kept tokens (concrete indices) and
+    run the plain Block.__call__ on them (causal order = index order, original positions)."""
+    rs, mor = model.recursive, model.cfg.mor
+    x = model.embed(tokens)
+    if rs.schedule.first:
+        x, _ = rs.first(x, pos, seg, train=False)
+    graphdef, state = nnx.split(rs.shared.layers)
+    kept = np.asarray(kept_RBT)
+    if tc_depth is not None:
+        probs = jax.nn.softmax(rs.router(x), axis=-1)
+        gate_tc = mor.token_choice_alpha * jnp.take_along_axis(
+            probs, jnp.asarray(tc_depth - 1)[..., None], axis=-1)[..., 0]
+    for r in range(mor.num_recursions):
+        g = gate_tc if tc_depth is not None else rr.ec_gate(rs.router(x, r), "sigmoid", mor.alpha)
+        for b in range(B):
+            act = np.nonzero(kept[r, b])[0]
+            h = x[b, act][None]
+            y = h
+            for i in rs.schedule.steps[r]:
+                blk = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                y, _ = blk(y, pos[b, act][None], seg[b, act][None], train=False)
+            gb = g[b, act][None, :, None]
+            new = h + gb * (y - h) if mor.update == "paper" else h + gb * y
+            x = x.at[b, act].set(new[0])
+    if rs.schedule.last:
+        x, _ = rs.last(x, pos, seg, train=False)
+    return model.logits(x)
+
+
+@pytest.mark.parametrize("mor", [
+    dict(routing="expert_choice"),
+    dict(routing="expert_choice", update="released", capacities="0.75,0.5,0.25"),
+    dict(routing="token_choice"),
+])
+def test_routed_fast_path_matches_slow_reference(mor):
+    cfg = _mor(**mor)
+    gd, params, rest = split_model(build_model(cfg))
+    batch = _batch()
+    w = jax.random.normal(jax.random.key(1), (B, T, cfg.model.vocab_size))
+    fast = jax.jit(_forward_fn(gd, rest))
+    logits, aux = fast(params, *batch)
+    kept = np.asarray(aux["mor"]["kept_RBT"])
+    if mor["routing"] == "expert_choice":
+        caps = [1, 2 / 3, 1 / 3] if "capacities" not in mor else [0.75, 0.5, 0.25]
+        for r, c in enumerate(caps):
+            assert np.all(kept[r].sum(1) == rr.capacity_tokens(c, T))
+            if r:
+                assert np.all(kept[r] <= kept[r - 1])  # hierarchical filtering
+        # the dense masked reference: same outputs and gradients as the gathered path
+        dense = jax.jit(_forward_fn(gd, rest, impl="dense"))
+        np.testing.assert_allclose(dense(params, *batch)[0], logits, atol=1e-5)
+        g_fast = jax.jit(jax.grad(_loss_fn(fast, w)))(params, *batch)
+        g_dense = jax.jit(jax.grad(_loss_fn(dense, w)))(params, *batch)
+        _assert_close_trees(g_fast, g_dense, 1e-4)
+        tc_depth = None
+    else:
+        tc_depth = kept.sum(0)
+        assert 0 < kept[2].sum() < kept[0].sum()  # routed: some tokens stop early
+        g_fast = jax.jit(jax.grad(lambda p, *b: jnp.sum(fast(p, *b)[0] * w)))(params, *batch)
+
+    def ref(p, *b):
+        return _reference_forward(nnx.merge(gd, p, rest), *b, kept, tc_depth)
+
+    np.testing.assert_allclose(jax.jit(ref)(params, *batch), logits, atol=1e-5)
+    if tc_depth is not None:
+        g_ref = jax.jit(jax.grad(lambda p, *b: jnp.sum(ref(p, *b) * w)))(params, *batch)
+        _assert_close_trees(g_fast, g_ref, 1e-4)
+
+
+def test_kv_shared_gather_matches_dense():
+    cfg = _mor(kv_cache="shared")
+    gd, params, rest = split_model(build_model(cfg))
+    batch = _batch()
+    w = jax.random.normal(jax.random.key(1), (B, T, cfg.model.vocab_size))
+    fast, dense = (jax.jit(_forward_fn(gd, rest, impl=i)) for i in ("gather", "dense"))
+    np.testing.assert_allclose(fast(params, *batch)[0], dense(params, *batch)[0], atol=1e-5)
+    _assert_close_trees(jax.jit(jax.grad(_loss_fn(fast, w)))(params, *batch),
+                        jax.jit(jax.grad(_loss_fn(dense, w)))(params, *batch), 1e-4)
+
+
+PROMPTS = [[5, 17, 33, 80, 81, 100], [7, 8], [200, 201, 202, 9]]
+
+
+@pytest.mark.parametrize("mor", [
+    dict(routing="expert_choice", kv_cache="recursion_wise"),
+    dict(routing="expert_choice", kv_cache="shared"),
+    dict(routing="expert_choice", causal_aux="aux_router", decode_buckets=0),
+    dict(routing="token_choice", kv_cache="recursion_wise"),
+    dict(routing="token_choice", kv_cache="shared"),
+    dict(routing="none", kv_cache="shared"),
+])
+def test_cached_decode_matches_reference(mor):
+    cfg = _mor(init_std=0.2, **mor)
+    gd, params, rest = split_model(build_model(cfg))
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=6, temperature=temperature, seed=3)
+        fast = generate(gd, params, rest, PROMPTS, use_cache=True, **kw)
+        slow = generate(gd, params, rest, PROMPTS, use_cache=False, **kw)
+        assert fast == slow
+
+
+def test_decode_routes_some_tokens_out():
+    """Threshold routing at decode really exits tokens early (the buckets are exercised)."""
+    cfg = _mor(init_std=0.2)
+    model = build_model(cfg)
+    rs = model.recursive
+    cache = model.init_cache(4, 8)["recursive"]
+    x = model.embed(jnp.asarray(np.arange(32).reshape(4, 8) + 3, jnp.int32))
+    pos = jnp.broadcast_to(jnp.arange(8), (4, 8))
+    _, _, kept = rs.decode(x, pos, jnp.ones((4, 8), bool), cache, 0, stats=True)
+    frac = np.asarray(kept).mean(axis=(1, 2))
+    assert frac[0] == 1.0 and 0 < frac[2] <= frac[1] < 1.0
+
+
+def test_mor_tiny_trains_and_logs_depth_histogram():
+    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
+    from moe_lab.train.step import make_train_step  # noqa: PLC0415
+
+    cfg = load_config("configs/mor_tiny.py", {
+        "model.d_model": 32, "model.mlp_hidden": 64, "model.num_heads": 4, "data.seq_len": 16,
+        "train.batch_size": 4, "train.steps": 30, "train.warmup_steps": 2, "mesh.data": 1})
+    cfg = resolve_config(cfg)
+    setup = make_setup(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    step = jax.jit(make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule))
+    state = setup.init_state()
+    rng = np.random.default_rng(0)
+    toks = rng.integers(3, 40, (4, 17)).astype(np.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((4, 16), np.float32),
+             "segment_ids": np.ones((4, 16), np.int32), "task_ids": np.zeros((4, 16), np.int32),
+             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy(),
+             "answer_mask": np.zeros((4, 16), np.float32)}
+    losses = []
+    for _ in range(12):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.8 * losses[0], losses
+    hist = np.asarray(m["mor/depth_hist"])
+    assert hist.shape == (4,) and abs(hist.sum() - 1) < 1e-5
+    np.testing.assert_allclose(hist[1:], [5 / 16, 5 / 16, 6 / 16], atol=1e-6)  # k_r = 16, 11, 6
+    assert {"mor/dead_token_ratio", "mor/sampling_accuracy", "mor/bce_loss"} <= set(m)
+
+
+def test_token_choice_loss_free_bias_and_warmup_state():
+    from moe_lab.train.step import update_mor_state  # noqa: PLC0415
+
+    cfg = _mor(routing="token_choice", balance="loss_free", warmup_steps=2)
+    gd, params, rest = split_model(build_model(cfg))
+    _, aux = jax.jit(_forward_fn(gd, rest))(params, *_batch())
+    assert float(aux["mor"]["mean_depth"]) == 3.0  # warm-up: every token at full depth
+    new = update_mor_state(rest, aux, 1e-3)
+    assert int(new["recursive"]["steps_seen"]) == 1
+    assert np.all(np.abs(np.asarray(new["recursive"]["bias_R"])) <= 1e-3)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.num_layers": 6}, "does not divide the 4 shared layers"),
+    ({"model.mor.sharing": "cycle", "model.num_layers": 4}, "does not divide the 4 shared"),
+    ({"model.mor.capacities": "1,0.5,0.7"}, "non-increasing"),
+    ({"model.mor.capacities": "1,0.5,0"}, r"in \(0, 1\]"),
+    ({"model.mor.capacities": "1.2,0.5,0.2"}, r"in \(0, 1\]"),
+    ({"model.mor.capacities": "1,0.5"}, "need num_recursions=3"),
+    ({"model.mor.capacities": "0.9,0.5,0.2", "model.mor.kv_cache": "shared"}, "kv_cache='shared'"),
+    ({"model.mor.routing": "token_choice", "model.mor.router_func": "tanh"}, "softmax or sigmoid"),
+    ({"model.mor.sharing": "diagonal"}, "is not one of"),
+])
+def test_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config("configs/mor_tiny.py", overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_flops_count_routed_recursions():
+    from moe_lab import flops  # noqa: PLC0415
+
+    cfg = _mor(num_layers=5)
+    fixed = dataclasses.replace(cfg.model, mor=dataclasses.replace(cfg.model.mor, routing="none"))
+    plain = dataclasses.replace(cfg.model, stack="plain")
+    c_mor, c_plain = flops.param_counts(cfg.model), flops.param_counts(plain)
+    layer = (c_plain["total_non_embedding"] - cfg.model.d_model) // 5
+    assert c_plain["total_non_embedding"] - c_mor["total_non_embedding"] == 2 * layer - 3 * 32
+    f_fixed = flops.forward_flops_per_token(fixed, T)
+    f_mor = flops.forward_flops_per_token(cfg.model, T)
+    assert f_fixed == pytest.approx(flops.forward_flops_per_token(plain, T))
+    assert f_mor < f_fixed
