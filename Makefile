@@ -18,7 +18,8 @@ $(STAMP): $(BIN)/python setup.py
 install: $(STAMP)
 
 # Trains the tiny config on the embedded synthetic tasks (CPU, a few minutes),
-# resumes it to prove checkpoints work, and prints a summary.
+# resumes it to prove checkpoints work, prints a summary, then grows the trained
+# checkpoint deeper and continues training the grown model.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/moe-lab info --config configs/tiny.py
@@ -26,6 +27,13 @@ demo: $(STAMP)
 	@echo "--- interrupted at 150 on purpose; the same command with steps=300 resumes from the checkpoint"
 	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR) --config.train.steps=300
 	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)
+	@echo "--- grow the trained model 2x deeper by interposition (2510.08008), function-preserving start"
+	rm -rf $(DEMO_DIR)_grown
+	$(BIN)/moe-lab grow --from $(DEMO_DIR) --to $(DEMO_DIR)_grown --depth interpose --zero-copies
+	$(BIN)/moe-lab train --workdir $(DEMO_DIR)_grown --config.train.steps=60 \
+		--config.train.schedule=constant --config.train.warmup_steps=0 --config.train.lr=1e-3 \
+		--config.train.eval_every=60 --config.train.checkpoint_every=60
+	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)_grown
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 tests

@@ -109,11 +109,12 @@ def _check_tree(state, abstract, what: str) -> None:
     want = jax.tree_util.tree_flatten_with_path(abstract)
     have = jax.tree_util.tree_flatten_with_path(state)
     if jax.tree.structure(state) != jax.tree.structure(abstract):
-        raise ConfigError(f"grow: the {what} does not have the grown model's tree structure")
+        raise ConfigError(f"grow: the {what} does not match the model's tree structure")
     for (path, a), (_, b) in zip(want[0], have[0], strict=True):
         if tuple(a.shape) != tuple(np.shape(b)):
             name = jax.tree_util.keystr(path)
-            raise ConfigError(f"grow: {what} {name} has shape {np.shape(b)}, want {a.shape}")
+            raise ConfigError(f"grow: the {what} does not match its config: {name} has shape "
+                              f"{np.shape(b)}, want {a.shape}")
 
 
 def verify_logits(parent_cfg: Config, parent_state: dict, cfg: Config, workdir: str,
@@ -177,13 +178,35 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
         if parent_step is None:
             raise ConfigError(f"grow: no checkpoint in {ckpt.directory}")
         setup = _one_device_setup(cfg)
-        state, meta = ckpt.restore(parent_step, setup.abstract_state)
-    state = jax.device_get(state)
+        # Host numpy straight from disk (no device copy); the tree is checked
+        # against the config's abstract state before anything is transformed.
+        if parent_step not in ckpt.all_steps():
+            raise ConfigError(f"grow: no checkpoint at step {parent_step} in {ckpt.directory} "
+                              f"(available: {ckpt.all_steps()})")
+        if opt_state == "grow":  # the moments are needed, in optax's tree structure
+            state, meta = ckpt.restore(parent_step, setup.abstract_state)
+            state = jax.device_get(state)
+        else:
+            raw = ckpt.restore_raw(parent_step)
+            meta = ckpt.restore_meta(parent_step)
+            state = {"params": raw["params"], "model_state": raw.get("model_state") or {},
+                     "opt_state": None, "step": np.asarray(raw["step"])}
+            del raw
+            for part in ("params", "model_state"):
+                _check_tree(state[part], setup.abstract_state[part], f"checkpoint's {part}")
 
     new_setup = _one_device_setup(new_cfg)
+
+    def fresh_opt_state(params):
+        # Adam re-initialised (2510.08008): zeros of the right shapes, built on the
+        # host without materialising a second copy of the params on a device.
+        shapes = jax.eval_shape(new_setup.tx.init, params)
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
     grown, grown_cfg = growth.grow_train_state(
         state, cfg, transforms, opt_state=opt_state, seed=seed,
-        init_fn_for=lambda _: lambda p: jax.device_get(new_setup.tx.init(p)))
+        init_fn_for=lambda _: fresh_opt_state)
+    state = {"params": state["params"], "model_state": state["model_state"]}  # for verify
     assert grown_cfg.model == new_cfg.model
     _check_tree(grown, new_setup.abstract_state, "grown state")
 

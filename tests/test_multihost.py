@@ -16,7 +16,8 @@ TINY = ["--config", "configs/tiny.py", "--config.model.d_model=32", "--config.mo
         "--config.model.mlp_hidden=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
         "--config.train.log_every=1", "--config.train.eval_every=1000",
         "--config.train.checkpoint_every=3", "--config.train.progress=false",
-        "--config.train.schedule=constant", "--config.train.warmup_steps=2"]  # the total step count differs between runs
+        # constant LR: the runs compared below differ in their total step count
+        "--config.train.schedule=constant", "--config.train.warmup_steps=2"]
 
 
 def _free_port() -> int:

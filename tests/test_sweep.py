@@ -140,7 +140,7 @@ def test_dry_run_prints_commands(tmp_path):
     assert not os.path.exists(tmp_path / "sw")
     out = []
     sweep.run_sweep(cfg_path, str(tmp_path / "sw"), dry_run=True, shard=(1, 2), log=out.append)
-    assert [line.split()[-1] for line in out if line.startswith("# [")] == ["e4_k2", "grown"]
+    assert [line.split()[2] for line in out if line.startswith("# [")] == ["e4_k2", "grown"]
 
 
 def test_micro_sweep_runs_records_and_isolates_failures(micro_sweep):
@@ -188,7 +188,7 @@ def test_rerun_skips_finished_points_and_resumes_the_rest(micro_sweep):
         names = [json.loads(line)["run"] for line in f]
     assert sorted(names) == ["e2_k1", "e4_k2", "grown"]  # no duplicates
     # a shard whose points' parent is unfinished skips it with a message
-    status = sweep.run_sweep(cfg_path, d + "_other", isolate="inprocess", shard=(1, 2),
+    status = sweep.run_sweep(cfg_path, d + "_other", isolate="inprocess", shard=(3, 4),
                              log=(out := []).append)
     assert "grown" in status["skipped"] and any("parent 'e2_k1'" in s for s in out)
 

@@ -154,6 +154,43 @@ def block_decode(block, x_BTD, pos_BT, kv_valid_BT, cache, index, *, write: bool
     return x_BTD + y, new
 
 
+def _scan(body, carry, xs):
+    """lax.scan, or a direct call when there is one layer: a 1-step loop costs compile
+    time and nothing else (pools of one layer are common: middle_cycle L = N_r + 2)."""
+    if jax.tree.leaves(xs)[0].shape[0] != 1:
+        return jax.lax.scan(body, carry, xs)
+    carry, ys = body(carry, jax.tree.map(lambda a: a[0], xs))
+    return carry, jax.tree.map(lambda a: a[None], ys)
+
+
+def _apply_stack(stack, x_BTD, pos_BT, seg_BT, *, train, rng):
+    """A ScannedStack (first/last unique layers) through _scan."""
+    graphdef, state_L = nnx.split(stack.layers)
+    keys = (jax.random.split(rng, stack.num_layers) if rng is not None
+            else jnp.zeros((stack.num_layers, 2), jnp.uint32))
+
+    def body(x, layer):
+        state, key = layer
+        block = nnx.merge(graphdef, state)
+        x, aux = block(x, pos_BT, seg_BT, train=train, rng=key if rng is not None else None)
+        return sharding.constrain(x, ("batch", None, "embed")), aux
+
+    if stack.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[stack.remat])
+    return _scan(body, x_BTD, (state_L, keys))
+
+
+def _decode_stack(stack, x_BTD, pos_BT, valid_BT, cache_L, index):
+    """ScannedStack.decode through _scan."""
+    graphdef, state_L = nnx.split(stack.layers)
+
+    def body(x, layer):
+        state, cache = layer
+        return nnx.merge(graphdef, state).decode(x, pos_BT, valid_BT, cache, index)
+
+    return _scan(body, x_BTD, (state_L, cache_L))
+
+
 def _concat_aux(auxes):
     auxes = [a for a in auxes if a]
     if not auxes:
@@ -220,7 +257,7 @@ class RecursiveStack(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-        x, (aux_n, kv_out) = jax.lax.scan(body, x_BTD, (jnp.asarray(ids, jnp.int32), keys, kv_n))
+        x, (aux_n, kv_out) = _scan(body, x_BTD, (jnp.asarray(ids, jnp.int32), keys, kv_n))
         return x, aux_n, kv_out
 
     def _dense_step(self, r, h, pos, seg, sel, g, kv1, *, train, rng):
@@ -270,13 +307,13 @@ class RecursiveStack(nnx.Module):
         key = (lambda i: jax.random.fold_in(rng, i)) if rng is not None else (lambda i: None)
         aux = {}
         if self.schedule.first:
-            x_BTD, aux["first"] = self.first(x_BTD, positions_BT, segment_ids_BT, train=train,
-                                             rng=key(0))
+            x_BTD, aux["first"] = _apply_stack(self.first, x_BTD, positions_BT, segment_ids_BT,
+                                               train=train, rng=key(0))
         x_BTD, aux["shared"], aux["mor"] = self._recurse(x_BTD, positions_BT, segment_ids_BT,
                                                          train=train, rng=key(1))
         if self.schedule.last:
-            x_BTD, aux["last"] = self.last(x_BTD, positions_BT, segment_ids_BT, train=train,
-                                           rng=key(2))
+            x_BTD, aux["last"] = _apply_stack(self.last, x_BTD, positions_BT, segment_ids_BT,
+                                              train=train, rng=key(2))
         return x_BTD, aux
 
     def _recurse(self, h, pos, seg, *, train, rng):
@@ -387,8 +424,8 @@ class RecursiveStack(nnx.Module):
         R, routing = mor.num_recursions, mor.routing
         new = dict(cache)
         if self.schedule.first:
-            x_BTD, new["first"] = self.first.decode(x_BTD, positions_BT, valid_BT,
-                                                    cache["first"], index)
+            x_BTD, new["first"] = _decode_stack(self.first, x_BTD, positions_BT, valid_BT,
+                                                cache["first"], index)
         h = x_BTD
         B, T = h.shape[:2]
         cand = jnp.ones((B, T), bool)
@@ -415,7 +452,7 @@ class RecursiveStack(nnx.Module):
             cand = sel
         new["shared"] = shared
         if self.schedule.last:
-            h, new["last"] = self.last.decode(h, positions_BT, valid_BT, cache["last"], index)
+            h, new["last"] = _decode_stack(self.last, h, positions_BT, valid_BT, cache["last"], index)
         if stats:
             return h, new, jnp.stack(kept)
         return h, new
@@ -430,7 +467,7 @@ class RecursiveStack(nnx.Module):
             block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
             return block_decode(block, x, pos, kv_valid, cache, index, write=write)
 
-        return jax.lax.scan(body, h, (ids, cache_n))
+        return _scan(body, h, (ids, cache_n))
 
     def _decode_step(self, r, h, pos, valid, sel, g, shared, index):
         mor = self.cfg.mor
