@@ -53,7 +53,8 @@ def cmd_info(args, overrides) -> int:
     cfg = _config_from_args(args, overrides)
     from moe_lab.info import print_info  # noqa: PLC0415
 
-    print_info(cfg, workdir=getattr(args, "workdir", None))
+    print_info(cfg, workdir=getattr(args, "workdir", None), devices=args.devices,
+               hardware=args.hardware)
     return 0
 
 
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="params, FLOPs, TPP, memory, mesh rules of a config")
     i.add_argument("--config")
     i.add_argument("--workdir")
+    i.add_argument("--devices", type=int, help="plan for this many devices (abstract mesh)")
+    i.add_argument("--hardware", help="chip kind for the memory plan: tpu-v5p, tpu-v6e, h100, ...")
     i.set_defaults(fn=cmd_info)
     from moe_lab.grow_cmd import add_grow_parser  # noqa: PLC0415
 

@@ -198,6 +198,10 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     rules: tuple = DEFAULT_RULES
+    # For `moe-lab info` memory plans of pod configs on a laptop: the device count and
+    # the chip kind the config is written for (tpu-v5p, tpu-v6e, h100, h200, cpu).
+    plan_devices: int = 0
+    plan_hardware: str = ""
 
     @property
     def axis_names(self) -> tuple[str, ...]:

@@ -58,11 +58,40 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
     return int(tokens * (m.d_model * m.num_layers + per_token_layer) * itemsize + logits)
 
 
-def print_info(cfg: Config, workdir: str | None = None) -> None:
+# memory per chip (GiB) for the memory plan
+DEVICE_MEMORY_GIB = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "a100": 80,
+                     "h100": 80, "h200": 141, "b200": 180}
+
+
+def device_memory_gib(hardware: str) -> float | None:
+    if hardware in DEVICE_MEMORY_GIB:
+        return float(DEVICE_MEMORY_GIB[hardware])
+    if hardware == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return None
+
+
+def memory_plan(cfg: Config, setup, mesh) -> dict:
+    """Per-device bytes of params, optimizer state, grads and activations."""
+    data, fsdp, expert, _ = (mesh.shape[a] for a in sharding.MESH_AXES)
+    batch_per_device = max(1, cfg.train.batch_size // (data * fsdp * expert))
+    p = sharded_bytes(setup.abstract_state["params"], setup.specs["params"], mesh)
+    o = sharded_bytes(setup.abstract_state["opt_state"], setup.specs["opt_state"], mesh)
+    return {"params": p, "opt_state": o, "grads": p,
+            "activations": activation_bytes(cfg, batch_per_device),
+            "activations_remat_full": activation_bytes(cfg, batch_per_device, remat="full"),
+            "batch_per_device": batch_per_device}
+
+
+def print_info(cfg: Config, workdir: str | None = None, devices: int | None = None,
+               hardware: str | None = None) -> None:
     from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
 
     cfg = resolve_config(cfg)
-    shape = validate_for_devices(cfg, jax.device_count())
+    n = devices or cfg.mesh.plan_devices or jax.device_count()
+    hardware = hardware or cfg.mesh.plan_hardware or (
+        "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind.lower())
+    shape = validate_for_devices(cfg, n)
     m = cfg.model
     s = flops.run_summary(cfg)
     print(f"config '{cfg.name}': d_model {m.d_model}, layers {m.num_layers}, heads {m.num_heads}"
@@ -78,19 +107,26 @@ def print_info(cfg: Config, workdir: str | None = None) -> None:
     print(f"run: {cfg.train.steps} steps x {cfg.train.batch_size} x {cfg.data.seq_len} = "
           f"{s['train_tokens']:,} tokens, {s['train_flops']:.4g} FLOPs, TPP {s['tpp']:.3g} "
           f"(1x Chinchilla for active size: {s['chinchilla_flops_active']:.3g} FLOPs)")
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = (sharding.make_mesh(cfg.mesh) if n == jax.device_count()
+            else sharding.make_abstract_mesh(cfg.mesh, n))
     print(sharding.format_rules(cfg.mesh.rules, mesh))
     setup = make_setup(cfg, mesh)
-    shapes = jax.tree.map(lambda a: a, setup.abstract_state)
-    p_bytes = sharded_bytes(shapes["params"], setup.specs["params"], mesh)
-    o_bytes = sharded_bytes(shapes["opt_state"], setup.specs["opt_state"], mesh)
-    batch_per_device = cfg.train.batch_size // (shape[0] * shape[1] * shape[2])
-    a_bytes = activation_bytes(cfg, batch_per_device)
-    a_remat = activation_bytes(cfg, batch_per_device, remat="full")
+    plan = memory_plan(cfg, setup, mesh)
     gib = 2**30
-    print(f"memory per device (mesh {dict(mesh.shape)}): params {p_bytes / gib:.3f} GiB, "
-          f"optimizer {o_bytes / gib:.3f} GiB, grads {p_bytes / gib:.3f} GiB, activations "
-          f"~{a_bytes / gib:.3f} GiB (remat=full: ~{a_remat / gib:.3f} GiB)")
+    steady = plan["params"] + plan["opt_state"] + plan["grads"]
+    print(f"memory per device (mesh {dict(mesh.shape)}, {plan['batch_per_device']} sequences/device): "
+          f"params {plan['params'] / gib:.3f} GiB, optimizer {plan['opt_state'] / gib:.3f} GiB, "
+          f"grads {plan['grads'] / gib:.3f} GiB, activations ~{plan['activations'] / gib:.3f} GiB "
+          f"with remat={m.remat} (remat=full: ~{plan['activations_remat_full'] / gib:.3f} GiB)")
+    step_flops = s["train_flops_per_token"] * cfg.train.batch_size * cfg.data.seq_len
+    print(f"step FLOPs: {step_flops:.4g} total, {step_flops / n:.4g} per device")
+    cap = device_memory_gib(hardware)
+    if cap:
+        total = (steady + plan["activations"]) / gib
+        verdict = "fits" if total <= cap else "does NOT fit"
+        print(f"plan on {n} x {hardware} ({cap:.0f} GiB each): ~{total:.2f} GiB per device -> "
+              f"{verdict}" + ("" if total <= cap or m.remat == "full" else
+                              f" (with remat=full ~{(steady + plan['activations_remat_full']) / gib:.2f} GiB)"))
     print("parameter shardings:")
     print(sharding.describe_specs(setup.specs["params"]))
     if workdir and os.path.exists(os.path.join(workdir, "lineage.json")):

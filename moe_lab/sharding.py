@@ -37,6 +37,12 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> jax.sharding
                          devices=devices)
 
 
+def make_abstract_mesh(mesh_cfg: MeshConfig, num_devices: int):
+    """A device-less mesh of the configured shape (plans for pods on a laptop)."""
+    shape = mesh_cfg.shape(num_devices)
+    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def _as_tuple(axes) -> tuple[str, ...]:
     if axes is None:
         return ()
@@ -134,7 +140,9 @@ def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
 
 
 def format_rules(rules, mesh) -> str:
-    lines = [f"mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s)",
+    platform = (mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh)
+                else "planned (abstract)")
+    lines = [f"mesh {dict(mesh.shape)} on {mesh.size} {platform} device(s)",
              "logical axis -> mesh axes"]
     for la, axes in rules:
         active = [a for a in _as_tuple(axes) if mesh.shape.get(a, 1) > 1]

@@ -85,6 +85,12 @@ def test_eval_cli_arguments(run_dir):
     args = p.parse_args(["eval", "--workdir", run_dir + "_missing"])
     with pytest.raises(ConfigError, match="holds no run"):
         args.fn(args, {})
+    args = p.parse_args(["eval", "--workdir", run_dir, "--shots", "2"])
+    with pytest.raises(ConfigError, match="need --data"):
+        args.fn(args, {})
+    args = p.parse_args(["eval", "--workdir", run_dir, "--data", run_dir + "/x.jsonl"])
+    with pytest.raises(ConfigError, match="no such file"):
+        args.fn(args, {})
 
 
 # ------------------------------------------------------------------- harness

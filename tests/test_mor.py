@@ -46,13 +46,6 @@ def _forward_fn(graphdef, rest, impl=None, train=True):
     return f
 
 
-def _loss_fn(fwd, w_BTV):
-    def loss(params, *batch):
-        logits, aux = fwd(params, *batch)
-        return jnp.sum(logits * w_BTV) + aux["mor"]["aux_loss"]
-    return loss
-
-
 def _assert_close_trees(a, b, atol):
     for (pa, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a),
                                jax.tree_util.tree_leaves_with_path(b)):
@@ -69,8 +62,7 @@ def test_layer_sequences():
 
 
 @pytest.mark.parametrize("num_layers,n_r,sharing", [
-    (2, 1, "cycle"), (6, 3, "cycle"), (6, 3, "sequence"), (8, 3, "middle_cycle"),
-    (6, 2, "middle_sequence")])
+    (2, 1, "cycle"), (6, 3, "sequence"), (6, 2, "middle_cycle")])
 def test_fixed_depth_equals_plain_with_mapped_params(num_layers, n_r, sharing):
     """routing none: the recursive model IS the plain model whose layer l holds the pool
     layer of the schedule; N_r=1 cycle is the plain transformer with the same params."""
@@ -131,89 +123,87 @@ def _reference_forward(model, tokens, pos, seg, kept_RBT, tc_depth=None):
     return model.logits(x)
 
 
+def _vag(fwd, w):
+    """(logits, aux) and d/dparams of sum(logits * w) + aux loss, in one jit."""
+    def loss(params, *batch):
+        logits, aux = fwd(params, *batch)
+        return jnp.sum(logits * w) + aux["mor"]["aux_loss"], (logits, aux)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
 @pytest.mark.parametrize("mor", [
     dict(routing="expert_choice"),
-    dict(routing="expert_choice", update="released", capacities="0.75,0.5,0.25"),
-    dict(routing="token_choice"),
+    dict(routing="expert_choice", kv_cache="shared", update="released", capacities="1,0.5,0.25"),
 ])
-def test_routed_fast_path_matches_slow_reference(mor):
+def test_expert_choice_gather_matches_dense_reference(mor):
+    """Exactly k_r tokens per step, hierarchical; gathered fast path == dense masked
+    reference (outputs and gradients), for both updates and both KV patterns."""
     cfg = _mor(**mor)
     gd, params, rest = split_model(build_model(cfg))
     batch = _batch()
     w = jax.random.normal(jax.random.key(1), (B, T, cfg.model.vocab_size))
-    fast = jax.jit(_forward_fn(gd, rest))
-    logits, aux = fast(params, *batch)
+    (_, (logits, aux)), g_fast = _vag(_forward_fn(gd, rest, impl="gather"), w)(params, *batch)
     kept = np.asarray(aux["mor"]["kept_RBT"])
-    if mor["routing"] == "expert_choice":
-        caps = [1, 2 / 3, 1 / 3] if "capacities" not in mor else [0.75, 0.5, 0.25]
-        for r, c in enumerate(caps):
-            assert np.all(kept[r].sum(1) == rr.capacity_tokens(c, T))
-            if r:
-                assert np.all(kept[r] <= kept[r - 1])  # hierarchical filtering
-        # the dense masked reference: same outputs and gradients as the gathered path
-        dense = jax.jit(_forward_fn(gd, rest, impl="dense"))
-        np.testing.assert_allclose(dense(params, *batch)[0], logits, atol=1e-5)
-        g_fast = jax.jit(jax.grad(_loss_fn(fast, w)))(params, *batch)
-        g_dense = jax.jit(jax.grad(_loss_fn(dense, w)))(params, *batch)
-        _assert_close_trees(g_fast, g_dense, 1e-4)
-        tc_depth = None
-    else:
-        tc_depth = kept.sum(0)
-        assert 0 < kept[2].sum() < kept[0].sum()  # routed: some tokens stop early
-        g_fast = jax.jit(jax.grad(lambda p, *b: jnp.sum(fast(p, *b)[0] * w)))(params, *batch)
-
-    def ref(p, *b):
-        return _reference_forward(nnx.merge(gd, p, rest), *b, kept, tc_depth)
-
-    np.testing.assert_allclose(jax.jit(ref)(params, *batch), logits, atol=1e-5)
-    if tc_depth is not None:
-        g_ref = jax.jit(jax.grad(lambda p, *b: jnp.sum(ref(p, *b) * w)))(params, *batch)
-        _assert_close_trees(g_fast, g_ref, 1e-4)
+    caps = [float(c) for c in mor.get("capacities", "1,0.6666667,0.3333334").split(",")]
+    for r, c in enumerate(caps):
+        assert np.all(kept[r].sum(1) == rr.capacity_tokens(c, T))
+        if r:
+            assert np.all(kept[r] <= kept[r - 1])  # hierarchical filtering
+    (_, (logits_d, _)), g_dense = _vag(_forward_fn(gd, rest, impl="dense"), w)(params, *batch)
+    np.testing.assert_allclose(logits_d, logits, atol=1e-5)
+    _assert_close_trees(g_fast, g_dense, 1e-4)
 
 
-def test_kv_shared_gather_matches_dense():
-    cfg = _mor(kv_cache="shared")
+def test_token_choice_matches_per_row_reference():
+    """Token choice's dense masked path == per-row Python loop gathering the active
+    tokens and running the plain Block (outputs and gradients)."""
+    cfg = _mor(routing="token_choice")
     gd, params, rest = split_model(build_model(cfg))
     batch = _batch()
     w = jax.random.normal(jax.random.key(1), (B, T, cfg.model.vocab_size))
-    fast, dense = (jax.jit(_forward_fn(gd, rest, impl=i)) for i in ("gather", "dense"))
-    np.testing.assert_allclose(fast(params, *batch)[0], dense(params, *batch)[0], atol=1e-5)
-    _assert_close_trees(jax.jit(jax.grad(_loss_fn(fast, w)))(params, *batch),
-                        jax.jit(jax.grad(_loss_fn(dense, w)))(params, *batch), 1e-4)
+    (_, (logits, aux)), g_fast = _vag(_forward_fn(gd, rest), w)(params, *batch)
+    kept = np.asarray(aux["mor"]["kept_RBT"])
+    assert 0 < kept[2].sum() < kept[0].sum()  # routed: some tokens stop early
+    tc_depth = kept.sum(0)
+
+    def ref(p, *b):
+        logits = _reference_forward(nnx.merge(gd, p, rest), *b, kept, tc_depth)
+        return jnp.sum(logits * w), logits
+
+    (_, logits_ref), g_ref = jax.jit(jax.value_and_grad(ref, has_aux=True))(params, *batch)
+    np.testing.assert_allclose(logits_ref, logits, atol=1e-5)
+    _assert_close_trees(g_fast, g_ref, 1e-4)
 
 
 PROMPTS = [[5, 17, 33, 80, 81, 100], [7, 8], [200, 201, 202, 9]]
 
 
-@pytest.mark.parametrize("mor", [
-    dict(routing="expert_choice", kv_cache="recursion_wise"),
-    dict(routing="expert_choice", kv_cache="shared"),
-    dict(routing="expert_choice", causal_aux="aux_router", decode_buckets=0),
-    dict(routing="token_choice", kv_cache="recursion_wise"),
-    dict(routing="token_choice", kv_cache="shared"),
-    dict(routing="none", kv_cache="shared"),
+@pytest.mark.parametrize("mor,temperature", [
+    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0),
+    (dict(routing="expert_choice", kv_cache="shared", causal_aux="aux_router", decode_buckets=0), 0.0),
+    (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0),
 ])
-def test_cached_decode_matches_reference(mor):
+def test_cached_decode_matches_reference(mor, temperature):
+    """Cached decode (threshold routing, depth-wise row buckets) == the no-cache
+    reference decode, which runs the full forward with the same threshold routing."""
     cfg = _mor(init_std=0.2, **mor)
     gd, params, rest = split_model(build_model(cfg))
-    for temperature in (0.0, 1.0):
-        kw = dict(max_new_tokens=6, temperature=temperature, seed=3)
-        fast = generate(gd, params, rest, PROMPTS, use_cache=True, **kw)
-        slow = generate(gd, params, rest, PROMPTS, use_cache=False, **kw)
-        assert fast == slow
+    kw = dict(max_new_tokens=5, temperature=temperature, seed=3)
+    fast = generate(gd, params, rest, PROMPTS, use_cache=True, **kw)
+    slow = generate(gd, params, rest, PROMPTS, use_cache=False, **kw)
+    assert fast == slow
+    if mor["routing"] == "expert_choice" and mor["kv_cache"] == "recursion_wise":
+        # threshold routing really exits tokens early at decode
+        def prefill(p, tokens):
+            model = nnx.merge(gd, p, rest)
+            cache = model.init_cache(4, 8)["recursive"]
+            pos = jnp.broadcast_to(jnp.arange(8), (4, 8))
+            return model.recursive.decode(model.embed(tokens), pos, jnp.ones((4, 8), bool),
+                                          cache, 0, stats=True)[2]
 
-
-def test_decode_routes_some_tokens_out():
-    """Threshold routing at decode really exits tokens early (the buckets are exercised)."""
-    cfg = _mor(init_std=0.2)
-    model = build_model(cfg)
-    rs = model.recursive
-    cache = model.init_cache(4, 8)["recursive"]
-    x = model.embed(jnp.asarray(np.arange(32).reshape(4, 8) + 3, jnp.int32))
-    pos = jnp.broadcast_to(jnp.arange(8), (4, 8))
-    _, _, kept = rs.decode(x, pos, jnp.ones((4, 8), bool), cache, 0, stats=True)
-    frac = np.asarray(kept).mean(axis=(1, 2))
-    assert frac[0] == 1.0 and 0 < frac[2] <= frac[1] < 1.0
+        kept = jax.jit(prefill)(params, jnp.asarray(np.arange(32).reshape(4, 8) + 3, jnp.int32))
+        frac = np.asarray(kept).mean(axis=(1, 2))
+        assert frac[0] == 1.0 and 0 < frac[2] <= frac[1] < 1.0
 
 
 def test_mor_tiny_trains_and_logs_depth_histogram():
@@ -235,7 +225,7 @@ def test_mor_tiny_trains_and_logs_depth_histogram():
              "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy(),
              "answer_mask": np.zeros((4, 16), np.float32)}
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.8 * losses[0], losses
