@@ -55,6 +55,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -620,13 +621,42 @@ def run_sweep(config_arg: str, sweep_dir: str, *, overrides: dict | None = None,
                 log(c)
         return status
     os.makedirs(sweep_dir, exist_ok=True)
+    if isolate == "subprocess" and only is None:
+        with _sigterm_as_interrupt():  # so a killed sweep stops (and checkpoints) its child
+            return _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status,
+                               isolate, only, child, log)
+    return _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, isolate,
+                       only, child, log)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def handler(*_):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, isolate, only,
+                child, log) -> dict:
     failed = set()
     t_start = time.perf_counter()
     for k, p in enumerate(mine):
         run_dir = os.path.join(sweep_dir, p.name)
         head = f"sweep [{k + 1}/{len(mine)}] {p.name}"
         if is_finished(run_dir, p):
-            record_result(sweep_dir, results_row(p, run_dir))
+            try:
+                record_result(sweep_dir, results_row(p, run_dir))
+            except Exception as e:  # noqa: BLE001
+                log(f"{head}: finished, but its results row failed: {type(e).__name__}: {e}")
             status["done"].append(p.name)
             log(f"{head}: finished earlier, skipped")
             continue
@@ -651,7 +681,11 @@ def run_sweep(config_arg: str, sweep_dir: str, *, overrides: dict | None = None,
                 error = f"{type(e).__name__}: {first}"
                 traceback.print_exc()
         if error is None and is_finished(run_dir, p):
-            record_result(sweep_dir, results_row(p, run_dir))
+            try:
+                record_result(sweep_dir, results_row(p, run_dir))
+            except Exception as e:  # noqa: BLE001 (e.g. a config.json this process can't read)
+                error = f"results row: {type(e).__name__}: {e}"
+        if error is None and is_finished(run_dir, p):
             status["ran"].append(p.name)
             log(f"{head}: done in {time.perf_counter() - t0:.0f}s")
         else:

@@ -12,6 +12,7 @@ from moe_lab.config import ConfigError
 BENCHMARKS = {
     "train-step": "moe_lab.bench.train_step",
     "moe": "moe_lab.bench.moe",
+    "decode": "moe_lab.bench.decode",
     "growth": "moe_lab.bench.growth",
 }
 

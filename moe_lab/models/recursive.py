@@ -408,11 +408,13 @@ class RecursiveStack(nnx.Module):
             c["first"] = self.first.init_cache(batch, max_len, dtype)
         if self.schedule.last:
             c["last"] = self.last.init_cache(batch, max_len, dtype)
+        # one buffer set per cached step (a tuple, not a stacked axis: slicing a step out
+        # of a stacked buffer would copy it at every decode step)
         steps = cfg.mor.num_recursions if cfg.mor.kv_cache == "recursion_wise" else 1
         n = len(self.schedule.steps[0])
-        shape = (steps, n, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
-        c["shared"] = {"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype),
-                       "valid_BS": jnp.zeros(shape[:4], bool)}
+        shape = (n, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+        c["shared"] = tuple({"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype),
+                             "valid_BS": jnp.zeros(shape[:3], bool)} for _ in range(steps))
         return c
 
     def decode(self, x_BTD, positions_BT, valid_BT, cache: dict, index, *, stats: bool = False):
@@ -473,56 +475,72 @@ class RecursiveStack(nnx.Module):
         mor = self.cfg.mor
         c = r if mor.kv_cache == "recursion_wise" else 0
         write = mor.kv_cache == "recursion_wise" or r == 0
-        kb, vb, okb = shared["k_BSGK"], shared["v_BSGK"], shared["valid_BS"]
-        cache_n = (kb[c], vb[c], okb[c])
+        kb, vb, okb = shared[c]["k_BSGK"], shared[c]["v_BSGK"], shared[c]["valid_BS"]
+        cache_n = (kb, vb, okb)
         B, T = h.shape[:2]
         routed = mor.routing != "none" and not (mor.routing == "expert_choice"
                                                  and self.capacities[r] >= 1.0)
 
-        def finish(h_new, new_kv, rows=None, row_sel=None):
-            """Writes the new KV of `rows` (all rows if None) at slot `index`."""
+        def write_slot(k_nBT, v_nBT, kv_valid_BT):
+            """Writes the new KV (all B rows, T slots) at slots [index, index+T) of step c.
+
+            Rows/tokens not kept write zeros marked invalid: their slots are fresh (each
+            slot is written once per step), so nothing is overwritten. dynamic_update_slice
+            on the carried buffer is in place; the cache is never copied.
+            """
             if not write:
                 return shared
-            k_n, v_n = new_kv
-            if rows is None:
-                kv_valid = (valid & sel)[None].repeat(k_n.shape[0], 0)
-                upd = lambda buf, x: jax.lax.dynamic_update_slice(  # noqa: E731
-                    buf, x[None].astype(buf.dtype), (c, 0, 0, index) + (0,) * (buf.ndim - 4))
-                return {"k_BSGK": upd(kb, k_n), "v_BSGK": upd(vb, v_n), "valid_BS": upd(okb, kv_valid)}
-            n = k_n.shape[0]
-            at = (c, jnp.arange(n)[:, None], rows[None, :], index)  # -> [n, s] entries
-            kv_valid = jnp.broadcast_to((valid[rows, 0] & row_sel)[None], (n, rows.shape[0]))
-            return {"k_BSGK": kb.at[at].set(k_n[:, :, 0].astype(kb.dtype)),
-                    "v_BSGK": vb.at[at].set(v_n[:, :, 0].astype(vb.dtype)),
-                    "valid_BS": okb.at[at].set(kv_valid)}
+            n = k_nBT.shape[0]
+            valid_nBT = jnp.broadcast_to(kv_valid_BT[None], (n,) + kv_valid_BT.shape)
+
+            def upd(buf, x):
+                start = (0, 0, index) + (0,) * (buf.ndim - 3)
+                return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), start)
+
+            step_c = {"k_BSGK": upd(kb, k_nBT), "v_BSGK": upd(vb, v_nBT),
+                      "valid_BS": upd(okb, valid_nBT)}
+            return shared[:c] + (step_c,) + shared[c + 1:]
 
         if T > 1 or not routed or mor.decode_buckets == 0:
             f_h, new_kv = self._decode_layers(r, h, pos, valid & sel, cache_n, index, write)
             h = jnp.where(sel[..., None], self._update(h, f_h, g), h)
-            return h, finish(h, new_kv)
+            return h, (write_slot(*new_kv, valid & sel) if write else shared)
 
         # Depth-wise batching (T == 1): only the rows whose token takes step r are
         # computed, gathered into the smallest of `decode_buckets` static row
-        # buckets that holds them (lax.switch runs one branch).
+        # buckets that holds them (lax.switch runs one branch). Branches return only
+        # row-sized arrays (h and the new KV), never the cache.
         sel_B = sel[:, 0]
         nb = mor.decode_buckets
         sizes = sorted({0} | {min(B, -(-B * i // nb)) for i in range(1, nb + 1)})
         order = jnp.argsort(jnp.logical_not(sel_B), stable=True)
         which = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(sel_B), side="left")
+        n = len(self.schedule.steps[r])
+        kv_shape = (n, B, 1) + kb.shape[-2:]  # noqa: RUF005
 
         def branch(s):
-            def run(h, shared_):
+            def run(h):
+                zeros = (jnp.zeros(kv_shape, kb.dtype), jnp.zeros(kv_shape, kb.dtype))
                 if s == 0:
-                    return h, shared_
+                    return (h, *zeros) if write else h
                 rows = order[:s]
                 row_sel = sel_B[rows]
                 cache_s = tuple(a[:, rows] for a in cache_n)
                 h_s = h[rows]
-                f_s, new_kv = self._decode_layers(r, h_s, pos[rows], (valid[rows, 0] & row_sel)[:, None],
+                f_s, new_kv = self._decode_layers(r, h_s, pos[rows],
+                                                  (valid[rows, 0] & row_sel)[:, None],
                                                   cache_s, index, write)
                 upd = jnp.where(row_sel[:, None, None],
                                 self._update(h_s, f_s, None if g is None else g[rows]), h_s)
-                return h.at[rows].set(upd), finish(None, new_kv, rows, row_sel)
+                h = h.at[rows].set(upd)
+                if not write:
+                    return h
+                k_full, v_full = (z.at[:, rows].set(x.astype(z.dtype)) for z, x in zip(zeros, new_kv))
+                return h, k_full, v_full
             return run
 
-        return jax.lax.switch(which, [branch(s) for s in sizes], h, shared)
+        out = jax.lax.switch(which, [branch(s) for s in sizes], h)
+        if not write:
+            return out, shared
+        h, k_full, v_full = out
+        return h, write_slot(k_full, v_full, valid & sel)
