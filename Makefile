@@ -34,6 +34,12 @@ demo: $(STAMP)
 		--config.train.schedule=constant --config.train.warmup_steps=0 --config.train.lr=1e-3 \
 		--config.train.eval_every=60 --config.train.checkpoint_every=60
 	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)_grown
+	@echo "--- a micro sparsity sweep (experts x top-k), its results table and plots"
+	$(BIN)/moe-lab sweep --config configs/sparsity_sweep.py:micro --workdir $(DEMO_DIR)/sweep \
+		--config.train.steps=60 --config.train.checkpoint_every=30 --config.train.eval_every=30
+	MOE_LAB_RESULTS=$(DEMO_DIR)/sweep/results.jsonl MOE_LAB_FIGURES=$(DEMO_DIR)/sweep \
+		$(BIN)/jupyter-execute notebooks/sparsity_vs_reasoning.ipynb
+	@ls $(DEMO_DIR)/sweep/*.png
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 tests

@@ -1,4 +1,4 @@
-"""`moe-lab` command line: train, info, grow, bench.
+"""`moe-lab` command line: train, eval, info, grow, sweep, bench.
 
 Every command validates its input before anything compiles and reports bad
 input as one line on stderr with a non-zero exit code.
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     from moe_lab.grow_cmd import add_grow_parser  # noqa: PLC0415
 
     add_grow_parser(sub)
+    from moe_lab.eval_cmd import add_eval_parser  # noqa: PLC0415
+    from moe_lab.sweep import add_sweep_parser  # noqa: PLC0415
+
+    add_eval_parser(sub)
+    add_sweep_parser(sub)
     b = sub.add_parser("bench", help="benchmarks: train-step, moe")
     b.add_argument("name")
     b.add_argument("--json", action="store_true", help="print one JSON object")

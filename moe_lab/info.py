@@ -91,7 +91,7 @@ def print_info(cfg: Config, workdir: str | None = None, devices: int | None = No
     n = devices or cfg.mesh.plan_devices or jax.device_count()
     hardware = hardware or cfg.mesh.plan_hardware or (
         "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind.lower())
-    shape = validate_for_devices(cfg, n)
+    validate_for_devices(cfg, n)
     m = cfg.model
     s = flops.run_summary(cfg)
     print(f"config '{cfg.name}': d_model {m.d_model}, layers {m.num_layers}, heads {m.num_heads}"
@@ -124,9 +124,10 @@ def print_info(cfg: Config, workdir: str | None = None, devices: int | None = No
     if cap:
         total = (steady + plan["activations"]) / gib
         verdict = "fits" if total <= cap else "does NOT fit"
+        remat_total = (steady + plan["activations_remat_full"]) / gib
         print(f"plan on {n} x {hardware} ({cap:.0f} GiB each): ~{total:.2f} GiB per device -> "
               f"{verdict}" + ("" if total <= cap or m.remat == "full" else
-                              f" (with remat=full ~{(steady + plan['activations_remat_full']) / gib:.2f} GiB)"))
+                              f" (with remat=full ~{remat_total:.2f} GiB)"))
     print("parameter shardings:")
     print(sharding.describe_specs(setup.specs["params"]))
     if workdir and os.path.exists(os.path.join(workdir, "lineage.json")):

@@ -25,6 +25,7 @@ def tiny_config(**sections) -> Config:
         "train": dict(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
                       eval_every=10, checkpoint_every=10, eval_batches=1, progress=False,
                       async_checkpoint=False),
+        "eval": dict(at_end=False),
         "mesh": dict(data=-1),
     }
     for k, v in sections.items():

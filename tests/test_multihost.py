@@ -14,7 +14,7 @@ from moe_lab.train.metrics import read_metrics
 
 TINY = ["--config", "configs/tiny.py", "--config.model.d_model=32", "--config.model.num_layers=2",
         "--config.model.mlp_hidden=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
-        "--config.train.log_every=1", "--config.train.eval_every=1000",
+        "--config.train.log_every=1", "--config.train.eval_every=1000", "--config.eval.at_end=false",
         "--config.train.checkpoint_every=3", "--config.train.progress=false",
         # constant LR: the runs compared below differ in their total step count
         "--config.train.schedule=constant", "--config.train.warmup_steps=2"]

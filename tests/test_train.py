@@ -59,7 +59,8 @@ def _cli_train(workdir, steps, extra=()):
             "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.mlp_hidden=64",
             "--config.data.seq_len=32", "--config.train.batch_size=8",
             "--config.train.checkpoint_every=5", "--config.train.log_every=1",
-            "--config.train.eval_every=1000", "--config.train.progress=false", *extra]
+            "--config.train.eval_every=1000", "--config.train.progress=false",
+            "--config.eval.at_end=false", *extra]
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)

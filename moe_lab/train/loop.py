@@ -225,6 +225,12 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
                             flops_per_step, tokens_per_step, peak_total, max_steps)
     writer.close()
     ckpt.close()
+    if cfg.eval.at_end and summary["step"] == t.steps:
+        from moe_lab.eval.evaluate import evaluate  # noqa: PLC0415
+
+        res = evaluate(workdir, summary["step"],
+                       devices="one" if jax.process_count() == 1 else "all")
+        summary.update({f"{g}/{k}": v for g, d in res["groups"].items() for k, v in d.items()})
     return summary
 
 
