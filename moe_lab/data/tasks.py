@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import struct
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moe_lab.config import ConfigError, DataConfig
+from moe_lab.data.jsonl import iter_jsonl
 from moe_lab.data.tokenizer import ANSWER, EOS, SEP, THINK_END, THINK_START
 
 # ------------------------------------------------------------------ primitives
@@ -411,36 +411,25 @@ def _plain(text: str) -> Example:
 
 def _read_jsonl(path: str) -> list[tuple[int, Example]]:
     docs: list[tuple[int, Example]] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ConfigError(f"data.files: {path}:{lineno}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"data.files: {path}:{lineno}: invalid JSON ({e.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("text"), str):
-                if row["text"].strip():
-                    docs.append((lineno, _plain(row["text"])))
-            elif (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-                  and isinstance(row.get("answer"), str)):
-                working = row.get("working", "")
-                if not isinstance(working, str):
-                    raise ConfigError(f"data.files: {path}:{lineno}: 'working' must be a string")
-                if working:
-                    working = THINK_START + working + THINK_END
-                docs.append((lineno, Example(prompt=row["prompt"], answer=row["answer"],
-                                             working=working,
-                                             key=row["prompt"] + ANSWER + row["answer"])))
-            else:
-                raise ConfigError(
-                    f"data.files: {path}:{lineno}: row needs a string 'text', or string "
-                    "'prompt' and 'answer' fields"
-                )
+    for lineno, row in iter_jsonl(path, "data.files:"):
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            if row["text"].strip():
+                docs.append((lineno, _plain(row["text"])))
+        elif (isinstance(row, dict) and isinstance(row.get("prompt"), str)
+              and isinstance(row.get("answer"), str)):
+            working = row.get("working", "")
+            if not isinstance(working, str):
+                raise ConfigError(f"data.files: {path}:{lineno}: 'working' must be a string")
+            if working:
+                working = THINK_START + working + THINK_END
+            docs.append((lineno, Example(prompt=row["prompt"], answer=row["answer"],
+                                         working=working,
+                                         key=row["prompt"] + ANSWER + row["answer"])))
+        else:
+            raise ConfigError(
+                f"data.files: {path}:{lineno}: row needs a string 'text', or string "
+                "'prompt' and 'answer' fields"
+            )
     return docs
 
 

@@ -29,7 +29,6 @@ Scoring:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -39,6 +38,7 @@ import time
 import numpy as np
 
 from moe_lab.config import ConfigError
+from moe_lab.data.jsonl import iter_jsonl
 from moe_lab.data.tasks import KeyedRng, extract_answer
 from moe_lab.data.tokenizer import ANSWER, TOKENIZER
 
@@ -59,40 +59,29 @@ def load_items(path: str) -> list[Item]:
     if not os.path.isfile(path):
         raise ConfigError(f"eval --data: no such file: {path}")
     items: list[Item] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"eval --data {path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ConfigError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"{where}: each row needs a string 'prompt'")
-            answer, choices = row.get("answer"), row.get("choices")
-            if choices is None:
-                if not isinstance(answer, str) or not answer.strip():
-                    raise ConfigError(f"{where}: 'answer' must be a non-empty string")
-                items.append(Item(row["prompt"], answer, line=lineno))
-                continue
-            if (not isinstance(choices, list) or len(choices) < 2
-                    or not all(isinstance(c, str) and c for c in choices)):
-                raise ConfigError(f"{where}: 'choices' must be a list of >= 2 non-empty strings")
-            if isinstance(answer, int) and not isinstance(answer, bool):
-                if not 0 <= answer < len(choices):
-                    raise ConfigError(f"{where}: answer index {answer} out of range "
-                                      f"(0..{len(choices) - 1})")
-                label = answer
-            elif isinstance(answer, str) and answer in choices:
-                label = choices.index(answer)
-            else:
-                raise ConfigError(f"{where}: 'answer' must be one of 'choices' or its index")
-            items.append(Item(row["prompt"], choices[label], tuple(choices), label, lineno))
+    for lineno, row in iter_jsonl(path, "eval --data"):
+        where = f"eval --data {path}:{lineno}"
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{where}: each row needs a string 'prompt'")
+        answer, choices = row.get("answer"), row.get("choices")
+        if choices is None:
+            if not isinstance(answer, str) or not answer.strip():
+                raise ConfigError(f"{where}: 'answer' must be a non-empty string")
+            items.append(Item(row["prompt"], answer, line=lineno))
+            continue
+        if (not isinstance(choices, list) or len(choices) < 2
+                or not all(isinstance(c, str) and c for c in choices)):
+            raise ConfigError(f"{where}: 'choices' must be a list of >= 2 non-empty strings")
+        if isinstance(answer, int) and not isinstance(answer, bool):
+            if not 0 <= answer < len(choices):
+                raise ConfigError(f"{where}: answer index {answer} out of range "
+                                  f"(0..{len(choices) - 1})")
+            label = answer
+        elif isinstance(answer, str) and answer in choices:
+            label = choices.index(answer)
+        else:
+            raise ConfigError(f"{where}: 'answer' must be one of 'choices' or its index")
+        items.append(Item(row["prompt"], choices[label], tuple(choices), label, lineno))
     if not items:
         raise ConfigError(f"eval --data {path}: no rows (empty file)")
     kinds = {bool(it.choices) for it in items}
