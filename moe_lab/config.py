@@ -11,13 +11,8 @@ naming the key.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import math
 import os
-import types
-import typing
-from typing import Any
 
 DEFAULT_RULES = (
     # logical axis -> mesh axes (None: replicated).  One table, printed at start-up.
@@ -138,7 +133,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # "name:weight,name:weight"; names: facts, arith, file
+    # "name:weight,name:weight"; names: facts, arith, countdown, file
     mixture: str = "facts:1,arith:1"
     seq_len: int = 128
     seed: int = 0
@@ -149,6 +144,9 @@ class DataConfig:
     arith_eval_num_steps: int = 3
     arith_modulus: int = 23
     arith_self_correct: float = 0.0  # share of working with a wrong step, "Wait", the fix
+    # countdown (TinyZero): reach a target from N numbers in [1, max] with + - * /
+    countdown_num_numbers: int = 3
+    countdown_max_number: int = 20
     # file source: comma-separated paths of .txt or .jsonl files ({"text": ...} or
     # {"prompt": ..., "answer": ...} rows)
     files: str = ""
@@ -254,156 +252,6 @@ def _to_jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_to_jsonable(v) for v in x]
     return x
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Checks/converts one leaf to the dataclass field type, naming `key` on error."""
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        raise ConfigError(f"config key '{key}': expected a bool, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an int, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected an int, got {value!r}")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a float, got {value!r}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    if typ is tuple:  # the rule table: a sequence of (logical, mesh axes) pairs
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config key '{key}': not valid JSON ({e})") from None
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list of pairs, got {value!r}")
-        rules = []
-        for pair in value:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise ConfigError(f"config key '{key}': bad rule {pair!r}, want (logical, mesh)")
-            axes = pair[1]
-            if isinstance(axes, list):
-                axes = tuple(axes)
-            rules.append((pair[0], axes))
-        return tuple(rules)
-    raise ConfigError(f"config key '{key}': unsupported type {typ}")
-
-
-def from_dict(cls, d: Any, prefix: str = ""):
-    """Builds dataclass `cls` from a nested mapping; unknown keys are errors."""
-    if hasattr(d, "to_dict"):
-        d = d.to_dict()
-    if not isinstance(d, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in d:
-        if k not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})"
-            )
-    kwargs = {}
-    for name in names:
-        if name not in d:
-            continue
-        typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            kwargs[name] = from_dict(typ, d[name], f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(d[name], typ, prefix + name)
-    return cls(**kwargs)
-
-
-def _load_module(path: str) -> types.ModuleType:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"_moe_lab_cfg_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def split_config_arg(config_arg: str) -> tuple[str, str | None]:
-    path, _, arg = config_arg.partition(":")
-    return path, (arg or None)
-
-
-def load_raw(config_arg: str, fn: str = "get_config") -> Any:
-    """Calls `fn(arg)` of the config file named by 'path.py[:arg]'."""
-    path, arg = split_config_arg(config_arg)
-    module = _load_module(path)
-    if not hasattr(module, fn):
-        raise ConfigError(f"config file {path} has no {fn}(arg=None)")
-    try:
-        return getattr(module, fn)(arg)
-    except ConfigError:
-        raise
-    except Exception as e:  # a config file's own complaint, as one line
-        raise ConfigError(f"config file {path}: {fn}({arg!r}) failed: {e}") from None
-
-
-def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    """Applies {'model.d_model': '64', ...}; the key must exist in the schema."""
-    raw = json.loads(json.dumps(_to_jsonable(raw)))  # deep copy, plain types
-    for key, value in overrides.items():
-        parts = key.split(".")
-        _check_key_in_schema(parts, key)
-        node = raw
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key '{key}': '{p}' is not a section")
-        node[parts[-1]] = value
-    return raw
-
-
-def _check_key_in_schema(parts: list[str], key: str) -> None:
-    cls = Config
-    for i, p in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if p not in fields:
-            raise ConfigError(
-                f"unknown config key '{key}' ('{p}' not in {', '.join(sorted(fields))})"
-            )
-        typ = typing.get_type_hints(cls)[p]
-        if i < len(parts) - 1:
-            if not dataclasses.is_dataclass(typ):
-                raise ConfigError(f"unknown config key '{key}' ('{p}' is not a section)")
-            cls = typ
-
-
-def load_config(config_arg: str, overrides: dict[str, Any] | None = None) -> Config:
-    raw = load_raw(config_arg)
-    raw = apply_overrides(raw if raw is not None else {}, overrides or {})
-    return validate(from_dict(Config, raw))
-
-
-def config_from_json(path: str) -> Config:
-    if not os.path.isfile(path):
-        raise ConfigError(f"no config.json at {path}")
-    with open(path) as f:
-        return validate(from_dict(Config, json.load(f)))
 
 
 # --------------------------------------------------------------------- validation
@@ -585,7 +433,7 @@ def _validate_mixture(d: DataConfig) -> None:
             raise ConfigError(f"data.files: no such file: {p}")
 
 
-TASK_NAMES = ("facts", "arith", "file")
+TASK_NAMES = ("facts", "arith", "countdown", "file")
 
 
 def parse_mixture(mixture: str) -> list[tuple[str, float]]:
@@ -624,22 +472,17 @@ def validate_for_devices(cfg: Config, num_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def parse_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Splits `--config.a.b=V` / `--config.a.b V` from the other arguments."""
-    overrides, rest, i = {}, [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--config."):
-            body = a[len("--config."):]
-            if "=" in body:
-                k, v = body.split("=", 1)
-            else:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"override {a} has no value")
-                k, v = body, argv[i + 1]
-                i += 1
-            overrides[k] = v
-        else:
-            rest.append(a)
-        i += 1
-    return overrides, rest
+# Loading (config files, overrides, JSON) lives in config_loading.py; re-exported here
+# so that `from moe_lab.config import load_config` keeps working.
+from moe_lab.config_loading import (  # noqa: E402
+    apply_overrides,
+    config_from_json,
+    from_dict,
+    load_config,
+    load_raw,
+    parse_override_args,
+    split_config_arg,
+)
+
+__all__ = ["apply_overrides", "config_from_json", "from_dict", "load_config", "load_raw",
+           "parse_override_args", "split_config_arg"]

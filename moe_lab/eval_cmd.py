@@ -2,13 +2,19 @@
 
     moe-lab eval --workdir DIR [--step N] [--num-examples N] [--config.eval.KEY=V ...]
     moe-lab eval --workdir DIR --data FILE.jsonl [--shots K] [--limit N] [--step N]
+    moe-lab eval --workdir DIR --ttc [--ttc-n 16] [--ttc-prompts 32] [--ttc-task arith]
+                 [--ttc-budgets 2,4,8,16,32] [--ttc-waits 0,1,2,4] [--ttc-temperature 1.0]
 
 The first form writes DIR/eval/<step>.json (eval loss, task loss in bits/token
 and greedy exact-match accuracy per task, memorization and reasoning groups;
 see moe_lab/eval/evaluate.py).  The second scores a JSONL file of
 {"prompt", "answer"[, "choices"]} rows (moe_lab/eval/harness.py) and writes
 DIR/eval/<step>-<file>-<K>shot.json.  Both print a table.  Only `eval.*`
-config keys may be overridden: the checkpoint fixes everything else.
+config keys may be overridden: the checkpoint fixes everything else.  The third
+(test-time compute, moe_lab/eval/test_time.py) prints coverage@k / majority@k
+and the budget-forcing tables (s1 Control / Scaling / Performance; recursive
+models also accuracy and log-likelihood vs recursion depth) and writes
+DIR/eval/<step>-ttc.json.
 """
 
 from __future__ import annotations
@@ -31,6 +37,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--num-examples", type=int, default=None,
                    help="prompts per built-in task (default: the run's eval.num_examples)")
     e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    e.add_argument("--ttc", action="store_true",
+                   help="test-time compute: majority/coverage@k and budget forcing tables")
+    e.add_argument("--ttc-n", type=int, default=16, help="samples per prompt (--ttc)")
+    e.add_argument("--ttc-prompts", type=int, default=32, help="prompts (--ttc)")
+    e.add_argument("--ttc-task", default="", help="task (--ttc; default arith if trained)")
+    e.add_argument("--ttc-temperature", type=float, default=1.0, help="sampling T (--ttc)")
+    e.add_argument("--ttc-top-p", type=float, default=1.0, help="nucleus mass (--ttc)")
+    e.add_argument("--ttc-budgets", default="2,4,8,16,32", help="max thinking tokens (--ttc)")
+    e.add_argument("--ttc-waits", default="0,1,2,4", help="'Wait' counts N (--ttc)")
+    e.add_argument("--ttc-depths", default="", help="recursion depths (--ttc, MoR models)")
+    e.add_argument("--ttc-seed", type=int, default=0, help="sampling seed (--ttc)")
     e.set_defaults(fn=cmd_eval)
     return e
 
@@ -60,7 +77,18 @@ def cmd_eval(args, overrides: dict | None = None) -> int:
         raise ConfigError(f"eval: --workdir {args.workdir} holds no run (no config.json)")
     if args.num_examples is not None and args.num_examples <= 0:
         raise ConfigError(f"eval: --num-examples must be > 0, got {args.num_examples}")
-    if args.data is None:
+    if args.ttc:
+        if args.data is not None or overrides:
+            raise ConfigError("eval --ttc takes neither --data nor --config overrides")
+        from moe_lab.eval.test_time import evaluate_ttc, ttc_config_from  # noqa: PLC0415
+
+        ttc = ttc_config_from({"n": args.ttc_n, "num_prompts": args.ttc_prompts,
+                               "task": args.ttc_task, "temperature": args.ttc_temperature,
+                               "top_p": args.ttc_top_p, "budgets": args.ttc_budgets,
+                               "waits": args.ttc_waits, "depths": args.ttc_depths,
+                               "seed": args.ttc_seed})
+        result = evaluate_ttc(args.workdir, args.step, ttc=ttc)
+    elif args.data is None:
         if args.shots or args.limit is not None:
             raise ConfigError("eval: --shots and --limit need --data FILE.jsonl")
         eval_cfg = eval_config_from(args.workdir, overrides or {})

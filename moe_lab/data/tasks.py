@@ -502,8 +502,13 @@ def make_task(name: str, data_cfg: DataConfig) -> Task:
                          eval_num_steps=data_cfg.arith_eval_num_steps,
                          modulus=data_cfg.arith_modulus,
                          self_correct=float(getattr(data_cfg, "arith_self_correct", 0.0)))
+    if name == "countdown":
+        from moe_lab.data.countdown import CountdownTask  # noqa: PLC0415 (imports this module)
+
+        return CountdownTask(seed=data_cfg.seed, num_numbers=data_cfg.countdown_num_numbers,
+                             max_number=data_cfg.countdown_max_number)
     if name == "file":
         paths = [p.strip() for p in data_cfg.files.split(",") if p.strip()]
         # BOS + content + EOS = seq_len + 1 tokens -> seq_len (input, target) pairs
         return FileTask(paths, seed=data_cfg.seed, max_doc_tokens=max(1, data_cfg.seq_len - 1))
-    raise ConfigError(f"data.mixture: unknown task '{name}' (valid: facts, arith, file)")
+    raise ConfigError(f"data.mixture: unknown task '{name}' (valid: facts, arith, countdown, file)")

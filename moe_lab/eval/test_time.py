@@ -1,0 +1,747 @@
+"""Test-time compute: coverage@k and majority@k from n samples, budget forcing
+(s1, arXiv 2501.19393), and accuracy / log-likelihood vs the recursion depth
+allowed at inference (MoR, arXiv 2507.10524 sec. 4).
+
+Estimators (computed from ONE set of n samples per prompt, then averaged over prompts):
+
+    coverage@k   P(at least one of k samples is correct), k drawn without
+                 replacement from the n: the unbiased estimator of Chen et al.
+                 2021 (HumanEval, eq. 1), 1 - C(n-c, k) / C(n, k) with c the
+                 number of correct samples, in its stable product form.
+    majority@k   the EXACT expectation, over all C(n, k) subsets of size k, of
+                 "the most frequent answer of the subset is correct", ties
+                 broken uniformly at random (a tie of t answers that includes
+                 the correct one counts 1/t).  Computed by a dynamic program
+                 over answer classes (`majority_at_k`), no bootstrap; tested
+                 against brute-force enumeration.  Answers are grouped by a
+                 vote key: the extracted answer (`extract_answer`), or
+                 `task.vote_key(prediction, example)` where a task defines it
+                 (countdown: the value of a legal expression).
+
+Budget forcing (s1 sec. 3.1), a token-level controller around the KV-cache
+decoder (`budget_force`); every row emits exactly one token per step (sampled
+or forced), so all rows keep writing the same cache slot:
+
+    max budget   when a row has written `max_think` thinking tokens without
+                 closing its working, "</think><answer>" is forced and the
+                 answer is generated.
+    min budget / extrapolation   when a row tries to end its thinking
+                 ("</think>", "<answer>" or EOS) before `min_think` tokens or
+                 before it has been pushed `num_waits` times, the end token is
+                 suppressed and " Wait" is appended instead (s1: N = 2, 4, 6).
+
+Metrics over a set A of budgets with accuracy f(a) (REFERENCES.md sec. 4):
+Control = share of runs whose thinking length stays within the budget;
+Scaling = mean over pairs a < b of (f(b) - f(a)) / (b - a); Performance =
+max_a f(a) (`budget_metrics`).
+
+`evaluate_ttc(workdir)` / `moe-lab eval --ttc` runs all of it on a checkpoint
+and writes DIR/eval/<step>-ttc.json; `sweep_stage` is the sweep post stage
+(`{"kind": "moe_lab.eval.test_time:sweep_stage", ...}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from moe_lab.config import ConfigError
+
+# --------------------------------------------------------------- estimators
+
+
+def coverage_at_k(n: int, c: int, k: int) -> float:
+    """1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as 1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_at_k(keys: Sequence, correct: Sequence[bool], k: int) -> float:
+    """E over k-subsets of the n samples of [majority answer is correct] (ties: 1/t).
+
+    keys[i] is sample i's vote key, correct[i] whether it is right; samples that
+    share a key must share correctness.  Dynamic program: fix j = how many copies
+    of the correct answer the subset holds; count the ways to pick the other k-j
+    samples with every other answer appearing <= j times, split by the number t of
+    answers that tie at exactly j (credit 1/(t+1)).
+    """
+    n = len(keys)
+    if len(correct) != n:
+        raise ValueError(f"{n} keys but {len(correct)} correctness flags")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n={n}, got k={k}")
+    right = {kk for kk, c in zip(keys, correct) if c}
+    wrong = {kk for kk, c in zip(keys, correct) if not c}
+    if right & wrong:
+        raise ValueError(f"vote keys {sorted(map(str, right & wrong))[:3]} are both right and wrong")
+    if not right:
+        return 0.0
+    counts = Counter(keys)
+    # several distinct right keys (possible for verifier tasks): each is its own class
+    total = 0.0
+    for rk in right:
+        m_c = counts[rk]
+        others = [m for kk, m in counts.items() if kk != rk]
+        for j in range(1, min(k, m_c) + 1):
+            rest = k - j
+            # dp[s, t]: ways to choose s samples from the classes seen so far, each
+            # class <= j copies, t of them exactly j (floats: C(256,128) ~ 6e75 fits)
+            dp = np.zeros((rest + 1, len(others) + 1))
+            dp[0, 0] = 1.0
+            for m in others:
+                new = np.zeros_like(dp)
+                for x in range(min(m, j, rest) + 1):
+                    w = math.comb(m, x)
+                    tie = 1 if x == j else 0
+                    new[x:, tie:] += w * dp[:rest + 1 - x, :dp.shape[1] - tie]
+                dp = new
+            credit = np.sum(dp[rest] / (np.arange(dp.shape[1]) + 1.0))
+            total += math.comb(m_c, j) * credit
+    return float(total / math.comb(n, k))
+
+
+def majority_bruteforce(keys: Sequence, correct: Sequence[bool], k: int) -> float:
+    """Reference for `majority_at_k`: enumerate every k-subset (small n only)."""
+    right = {kk for kk, c in zip(keys, correct) if c}
+    acc, num = 0.0, 0
+    for subset in itertools.combinations(range(len(keys)), k):
+        cnt = Counter(keys[i] for i in subset)
+        top = max(cnt.values())
+        tied = [kk for kk, v in cnt.items() if v == top]
+        acc += sum(kk in right for kk in tied) / len(tied)
+        num += 1
+    return acc / num
+
+
+def coverage_bruteforce(correct: Sequence[bool], k: int) -> float:
+    subsets = list(itertools.combinations(range(len(correct)), k))
+    return sum(any(correct[i] for i in s) for s in subsets) / len(subsets)
+
+
+def default_ks(n: int, max_k: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to min(n, max_k)."""
+    top = min(n, max_k or n)
+    return [2**i for i in range(int(math.log2(top)) + 1)]
+
+
+def ttc_curves(keys_PN: Sequence[Sequence], correct_PN: Sequence[Sequence[bool]],
+               ks: Sequence[int]) -> dict:
+    """Mean over prompts of coverage@k and majority@k: {"coverage": {k: v}, "majority": ...}."""
+    cov = {k: float(np.mean([coverage_at_k(len(c), int(sum(c)), k) for c in correct_PN]))
+           for k in ks}
+    maj = {k: float(np.mean([majority_at_k(list(kk), list(c), k)
+                             for kk, c in zip(keys_PN, correct_PN)])) for k in ks}
+    return {"coverage": cov, "majority": maj}
+
+
+def budget_metrics(budgets: Sequence[float], accuracy: Sequence[float],
+                   within: Sequence[Sequence[bool]] | Sequence[float]) -> dict:
+    """s1's Control / Scaling / Performance over a budget set A (REFERENCES.md sec. 4).
+
+    budgets: the a in A; accuracy: f(a); within: per budget, the flags "this run's
+    thinking stayed within a" (or the share directly).  Control pools all runs.
+    Scaling = mean over pairs a<b of (f(b)-f(a))/(b-a), in units of f per budget unit.
+    """
+    if len(budgets) != len(accuracy) or len(budgets) != len(within):
+        raise ValueError("budgets, accuracy and within must have the same length")
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"budgets must be distinct, got {list(budgets)}")
+    flags = []
+    for w in within:
+        flags.extend([bool(x) for x in w] if np.ndim(w) else [float(w)])
+    control = float(np.mean(flags)) if flags else float("nan")
+    pts = sorted(zip(budgets, accuracy))
+    slopes = [(fb - fa) / (b - a) for (a, fa), (b, fb) in itertools.combinations(pts, 2)]
+    scaling = float(np.mean(slopes)) if slopes else float("nan")
+    return {"control": control, "scaling": scaling, "performance": float(max(accuracy))}
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def sample_batched(graphdef, params, model_state, prompts: list[list[int]], n: int,
+                   max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
+                   seed: int = 0, batch_size: int = 64, pad_id: int = 0,
+                   eos_id: int | None = None) -> list[list[list[int]]]:
+    """n samples per prompt from the KV-cache decoder: out[p][i] = tokens (cut at EOS).
+
+    Rows are prompt-major (each prompt repeated n times) in fixed-shape batches;
+    batch b uses key fold_in(key(seed), b), so a call is a pure function of seed.
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from moe_lab.eval import generate as gen  # noqa: PLC0415
+    from moe_lab.eval.evaluate import PROMPT_BUCKET  # noqa: PLC0415
+
+    rows = [p for p in prompts for _ in range(n)]
+    width = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
+    bs = min(batch_size, len(rows))
+    flat: list[list[int]] = []
+    for b, s in enumerate(range(0, len(rows), bs)):
+        chunk = rows[s:s + bs]
+        padded = chunk + [chunk[0]] * (bs - len(chunk))
+        tokens, valid = gen.left_pad(padded, pad_id)
+        extra = width - tokens.shape[1]
+        tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
+        valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
+        key = jax.random.fold_in(jax.random.key(seed), b)
+        new = gen._generate_cached(graphdef, params, model_state, jnp.asarray(tokens),
+                                   jnp.asarray(valid), key, max_new_tokens=max_new_tokens,
+                                   temperature=float(temperature), top_p=float(top_p))
+        for row in np.asarray(new)[:len(chunk)].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[:row.index(eos_id)]
+            flat.append(row)
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def vote_key(task, prediction: str, example) -> str:
+    """The answer a sample votes for: task.vote_key if defined, else the extracted answer."""
+    fn = getattr(task, "vote_key", None)
+    if fn is not None:
+        return fn(prediction, example)
+    from moe_lab.data.tasks import extract_answer  # noqa: PLC0415
+
+    return extract_answer(prediction)
+
+
+# ------------------------------------------------------------ budget forcing
+
+
+@dataclasses.dataclass(frozen=True)
+class Forcing:
+    """One budget-forcing setting (token counts are thinking tokens after <think>)."""
+
+    max_think: int | None = None  # force "</think><answer>" on reaching it (None: no cap)
+    min_think: int = 0  # suppress an earlier end of thinking (append `wait`)
+    num_waits: int = 0  # suppress the first N ends of thinking (append `wait`)
+    wait: str = " Wait"
+    max_answer: int = 8  # answer tokens after <answer> (then the row stops)
+    open_think: bool = True  # force "<think>" as the first token
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+_THINK, _ANSWER, _DONE = 0, 1, 2
+
+
+def _sample_host(logits_BV: np.ndarray, rng: np.random.Generator, temperature: float,
+                 top_p: float) -> np.ndarray:
+    if temperature == 0.0:
+        return np.argmax(logits_BV, axis=-1)
+    z = logits_BV / temperature
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        ps = np.take_along_axis(p, order, -1)
+        keep = np.cumsum(ps, -1) - ps < top_p
+        mask = np.zeros_like(p, bool)
+        np.put_along_axis(mask, order, keep, -1)
+        p = np.where(mask, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p])
+
+
+def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: int = 0,
+                 max_steps: int | None = None) -> list[dict]:
+    """Runs the budget-forcing controller; returns per row {"tokens", "think_len",
+    "forced_end", "waits", "ended"}.
+
+    first_logits_BV: the model's logits for the first new token (after the prompt);
+    step_fn(tokens_B) feeds one token per row and returns the next logits [B, V]
+    (a KV-cache decoder, or any scripted fake model).  Token ids come from the
+    tokenizer (THINK_START / THINK_END / ANSWER / EOS, " Wait" as bytes).
+    """
+    from moe_lab.data.tokenizer import TOKENIZER as tok  # noqa: PLC0415
+
+    f = forcing
+    if f.max_think is not None and f.max_think < 0:
+        raise ValueError(f"max_think must be >= 0, got {f.max_think}")
+    wait_ids = tok.encode(f.wait)
+    end_ids = {tok.think_end_id, tok.answer_id, tok.eos_id}
+    logits = np.asarray(first_logits_BV)
+    B = logits.shape[0]
+    rng = np.random.default_rng(seed)
+    rows = [{"tokens": [], "think_len": 0, "forced_end": False, "waits": 0, "ended": False,
+             "phase": _THINK, "queue": [tok.think_start_id] if f.open_think else [],
+             "opened": not f.open_think, "answer_len": 0} for _ in range(B)]
+    cap = f.max_think if f.max_think is not None else 10**9
+    limit = max_steps or (min(cap, 4096) + (len(wait_ids) + 1) * (f.num_waits + 1)
+                          + f.min_think + f.max_answer + 4)
+    for _ in range(limit):
+        if all(r["phase"] == _DONE for r in rows):
+            break
+        sampled = _sample_host(logits, rng, f.temperature, f.top_p)
+        feed = np.full((B,), tok.pad_id, np.int32)
+        for b, r in enumerate(rows):
+            if r["phase"] == _DONE:
+                feed[b] = tok.eos_id
+                continue
+            if r["phase"] == _THINK and r["opened"] and not r["queue"] and r["think_len"] >= cap:
+                r["queue"] = [tok.think_end_id, tok.answer_id]  # max budget reached
+                r["forced_end"] = True
+            if r["queue"]:
+                t = r["queue"].pop(0)
+                forced = True
+            else:
+                t, forced = int(sampled[b]), False
+            if r["phase"] == _THINK:
+                if t == tok.think_start_id and not r["opened"]:
+                    r["opened"] = True
+                elif not forced and t in end_ids:
+                    push = r["waits"] < f.num_waits or r["think_len"] < f.min_think
+                    if push and r["think_len"] + len(wait_ids) <= cap:
+                        r["waits"] += 1  # suppress the end, append "Wait"
+                        r["queue"] = wait_ids[1:]
+                        t = wait_ids[0]
+                        r["think_len"] += 1
+                    else:
+                        r["phase"] = _ANSWER if t != tok.eos_id else _DONE
+                        r["ended"] = True
+                        if t == tok.think_end_id:
+                            r["queue"] = [tok.answer_id]
+                elif forced and t == tok.think_end_id:
+                    pass  # forced end: <answer> is already queued
+                elif forced and t == tok.answer_id:
+                    r["phase"] = _ANSWER
+                else:
+                    r["think_len"] += 1
+            elif r["phase"] == _ANSWER:
+                if t == tok.answer_id and forced:
+                    pass
+                elif t == tok.eos_id:
+                    r["phase"] = _DONE
+                else:
+                    r["answer_len"] += 1
+                    if r["answer_len"] >= f.max_answer:
+                        r["phase"] = _DONE
+            r["tokens"].append(t)
+            feed[b] = t
+        if all(r["phase"] == _DONE for r in rows):
+            break
+        logits = np.asarray(step_fn(feed))
+    return [{k: r[k] for k in ("tokens", "think_len", "forced_end", "waits", "ended")}
+            for r in rows]
+
+
+class CachedStepper:
+    """A KV-cache decoder exposed as (first logits, step_fn) for `budget_force`."""
+
+    def __init__(self, graphdef, params, model_state, prompts: list[list[int]], max_new: int,
+                 pad_id: int = 0):
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        from moe_lab.eval import generate as gen  # noqa: PLC0415
+        from moe_lab.eval.evaluate import PROMPT_BUCKET  # noqa: PLC0415
+
+        tokens, valid = gen.left_pad(prompts, pad_id)
+        width = PROMPT_BUCKET * math.ceil(tokens.shape[1] / PROMPT_BUCKET)
+        extra = width - tokens.shape[1]
+        tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
+        valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
+        self.args = (graphdef, params, model_state)
+        max_len = width + PROMPT_BUCKET * math.ceil(max_new / PROMPT_BUCKET)
+        self.first_logits, self.cache, self.pos = _prefill(
+            graphdef, params, model_state, jnp.asarray(tokens), jnp.asarray(valid),
+            max_len=max_len)
+        self.index, self.max_len = width, max_len
+
+    def __call__(self, tokens_B):
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        if self.index >= self.max_len:
+            raise RuntimeError("CachedStepper: cache full (raise max_new)")
+        self.pos = self.pos + 1
+        logits, self.cache = _decode_one(*self.args, self.cache, jnp.asarray(tokens_B, jnp.int32),
+                                         self.pos, jnp.int32(self.index))
+        self.index += 1
+        return logits
+
+
+@functools.cache
+def _jitted():
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+    def prefill(graphdef, params, model_state, tokens_BP, valid_BP, *, max_len):
+        model = nnx.merge(graphdef, params, model_state)
+        cache = model.init_cache(tokens_BP.shape[0], max_len)
+        pos_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0).astype(jnp.int32)
+        logits_BPV, cache = model.decode(tokens_BP, pos_BP, valid_BP, cache, 0)
+        return logits_BPV[:, -1], cache, pos_BP[:, -1]
+
+    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+    def decode_one(graphdef, params, model_state, cache, token_B, pos_B, index):
+        model = nnx.merge(graphdef, params, model_state)
+        B = token_B.shape[0]
+        logits_B1V, cache = model.decode(token_B[:, None], pos_B[:, None],
+                                         jnp.ones((B, 1), bool), cache, index)
+        return logits_B1V[:, 0], cache
+
+    return prefill, decode_one
+
+
+def _prefill(*a, **kw):
+    return _jitted()[0](*a, **kw)
+
+
+def _decode_one(*a, **kw):
+    return _jitted()[1](*a, **kw)
+
+
+def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing, *,
+                batch_size: int = 64, seed: int = 0) -> dict:
+    """Budget forcing on `examples`: accuracy, control (within max_think), mean thinking."""
+    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
+
+    cap = forcing.max_think if forcing.max_think is not None else 256
+    max_new = cap + (len(TOKENIZER.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
+        + forcing.min_think + forcing.max_answer + 8
+    rows = []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in chunk]
+        prompts += [prompts[0]] * (batch_size - len(prompts))  # fixed shapes
+        stepper = CachedStepper(graphdef, params, model_state, prompts, max_new,
+                                pad_id=TOKENIZER.pad_id)
+        out = budget_force(stepper.first_logits, stepper, forcing, seed=seed + s,
+                           max_steps=max_new - 1)
+        for ex, r in zip(chunk, out):
+            text = TOKENIZER.decode(t for t in r["tokens"] if t != TOKENIZER.eos_id)
+            rows.append({**r, "correct": bool(task.check(text, ex)), "text": text})
+    within = [forcing.max_think is None or r["think_len"] <= forcing.max_think for r in rows]
+    return {"accuracy": float(np.mean([r["correct"] for r in rows])),
+            "control": float(np.mean(within)), "within": within,
+            "think_lens": [r["think_len"] for r in rows],
+            "mean_think": float(np.mean([r["think_len"] for r in rows])),
+            "forced_end": float(np.mean([r["forced_end"] for r in rows])),
+            "mean_waits": float(np.mean([r["waits"] for r in rows])),
+            "sample": rows[0]["text"] if rows else ""}
+
+
+# ------------------------------------------------------- recursion depth (MoR)
+
+
+def with_recursions(cfg, state: dict, depth: int):
+    """(cfg', params', model_state') of a recursive model run with `depth` recursion
+    steps of the SAME shared pool (depth > trained: extrapolation).
+
+    The pool of P shared layers is unchanged (num_layers' = P*depth (+2 for
+    middle_* sharing)); expert-choice step routers beyond the trained ones reuse the
+    last trained router (fewer steps: the first `depth` routers).  Token-choice
+    routing picks a depth among the trained N_r up front, so it cannot be capped or
+    extended without changing its router: refused.
+    """
+    m = cfg.model
+    if m.stack != "recursive":
+        raise ConfigError("recursion depth sweep needs model.stack='recursive'")
+    mor = m.mor
+    if mor.routing == "token_choice":
+        raise ConfigError("recursion depth sweep: token-choice routing fixes depths 1..N_r "
+                          "in its router; only routing='none' or 'expert_choice' can vary depth")
+    if depth < 1:
+        raise ConfigError(f"recursion depth must be >= 1, got {depth}")
+    from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
+
+    R = mor.num_recursions
+    pool = recursion_schedule(m.num_layers, R, mor.sharing).pool
+    middle = mor.sharing.startswith("middle")
+    if mor.sharing.endswith("sequence") and pool > 1:
+        raise ConfigError("recursion depth sweep: 'sequence' sharing with a pool > 1 applies "
+                          "each layer N_r times in a row; its depth cannot be changed")
+    caps = ""
+    if mor.capacities.strip():
+        old = [c.strip() for c in mor.capacities.split(",")]
+        caps = ",".join((old + [old[-1]] * depth)[:depth])
+    mor2 = dataclasses.replace(mor, num_recursions=depth, capacities=caps)
+    m2 = dataclasses.replace(m, num_layers=pool * depth + (2 if middle else 0), mor=mor2)
+    params = dict(state["params"])
+    if mor.routing == "expert_choice":
+        rec = dict(params["recursive"])
+
+        def resize(name):
+            node = dict(rec[name])
+            for k, v in node.items():
+                v = np.asarray(v)
+                idx = [min(i, R - 1) for i in range(depth)]
+                node[k] = v[idx]
+            rec[name] = node
+
+        resize("router")
+        if "aux_router" in rec:
+            resize("aux_router")
+        params["recursive"] = rec
+    return cfg.replace(model=m2), params, state["model_state"]
+
+
+def depth_sweep(cfg, state: dict, task_name: str, examples, depths: Sequence[int], *,
+                max_new_tokens: int, batch_size: int = 32, num_loss_batches: int = 2) -> list[dict]:
+    """Per depth: greedy accuracy on `examples`, eval loss and answer NLL of the task."""
+    import jax  # noqa: PLC0415
+
+    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.data import pipeline  # noqa: PLC0415
+    from moe_lab.data.tasks import make_task  # noqa: PLC0415
+    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
+    from moe_lab.eval.evaluate import generate_batched  # noqa: PLC0415
+    from moe_lab.train.loop import evaluate_losses  # noqa: PLC0415
+    from moe_lab.train.state import make_setup  # noqa: PLC0415
+    from moe_lab.train.step import make_eval_step  # noqa: PLC0415
+
+    task = make_task(task_name, cfg.data)
+    mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1),
+                              jax.devices()[:1])
+    out = []
+    for d in depths:
+        cfg2, params, ms = with_recursions(cfg, state, d)
+        setup = make_setup(cfg2, mesh)
+        params = jax.device_put(params, setup.shardings["params"])
+        with jax.set_mesh(mesh), sharding.use_rules(cfg2.mesh.rules, mesh):
+            batches = pipeline.make_eval_batches(task, cfg2.data, batch_size, num_loss_batches)
+            losses = evaluate_losses(jax.jit(make_eval_step(setup.graphdef, 1)),
+                                     {"params": params, "model_state": ms}, batches,
+                                     setup.batch_sharding, [task_name])
+            prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in examples]
+            gen = generate_batched(setup.graphdef, params, ms, prompts, max_new_tokens,
+                                   batch_size=min(batch_size, len(prompts)),
+                                   pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
+        correct = [task.check(TOKENIZER.decode(g), ex) for g, ex in zip(gen, examples)]
+        bits = losses.get(f"eval/{task_name}/task_loss_bits")
+        out.append({"depth": int(d), "trained_depth": cfg.model.mor.num_recursions,
+                    "accuracy": float(np.mean(correct)),
+                    "eval_loss": losses.get(f"eval/{task_name}/loss"),
+                    "task_loss_bits": bits,
+                    "answer_loglik_nats": None if bits is None else -bits * math.log(2)})
+    return out
+
+
+# ----------------------------------------------------------------- evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class TTCConfig:
+    task: str = ""  # "" = arith if in the mixture, else the first task with answers
+    num_prompts: int = 32
+    n: int = 16  # samples per prompt (128 on accelerators)
+    max_k: int = 0  # 0 = n
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 64
+    max_new_tokens: int = 0  # 0: from the reference completions (eval.generation_budget)
+    budgets: tuple = (2, 4, 8, 16, 32)  # max thinking tokens
+    waits: tuple = (0, 1, 2, 4)  # N for the extrapolation sweep
+    wait_cap: int = 64  # max thinking tokens during the extrapolation sweep
+    depths: tuple = ()  # recursive models: () = 1 .. N_r + 2
+
+
+def _pick_task(cfg, name: str) -> str:
+    from moe_lab.config import parse_mixture  # noqa: PLC0415
+
+    names = [n for n, _ in parse_mixture(cfg.data.mixture)]
+    if name:
+        return name
+    for cand in ("arith", "countdown"):
+        if cand in names:
+            return cand
+    return next((n for n in names if n != "file"), names[0])
+
+
+def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None = None,
+                 write: bool = True, print_table: bool = True) -> dict:
+    """Coverage/majority curves, budget-forcing tables and (MoR) the depth sweep of a
+    checkpoint; writes DIR/eval/<step>-ttc.json."""
+    import jax  # noqa: PLC0415
+
+    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.data import pipeline  # noqa: PLC0415
+    from moe_lab.data.tasks import make_task  # noqa: PLC0415
+    from moe_lab.data.tokenizer import THINK_START, TOKENIZER  # noqa: PLC0415
+    from moe_lab.eval.evaluate import generate_batched, generation_budget, load_run  # noqa: PLC0415
+
+    t = ttc or TTCConfig()
+    if t.n < 1 or t.num_prompts < 1 or t.batch_size < 1:
+        raise ConfigError(f"ttc: n={t.n}, num_prompts={t.num_prompts} and batch_size must be >= 1")
+    if t.temperature < 0 or not 0 < t.top_p <= 1:
+        raise ConfigError(f"ttc: temperature must be >= 0 and top_p in (0, 1], got "
+                          f"{t.temperature}, {t.top_p}")
+    for what in ("budgets", "waits", "depths"):
+        v = getattr(t, what)
+        if any(x < (1 if what == "depths" else 0) for x in v) or len(set(v)) != len(v):
+            raise ConfigError(f"ttc: {what} must be distinct non-negative integers, got {v}")
+    t0 = time.perf_counter()
+    cfg, setup, state, step = load_run(workdir, step, devices="one")
+    name = _pick_task(cfg, t.task)
+    task = make_task(name, cfg.data)
+    examples = [ex for ex in pipeline.eval_prompts(task, min(t.num_prompts, task.num_eval))
+                if ex.answer]
+    if not examples:
+        raise ConfigError(f"ttc: task {name!r} has no eval examples with answers")
+    budget = t.max_new_tokens or generation_budget(examples, cfg.eval.max_new_tokens)
+    ks = default_ks(t.n, t.max_k or None)
+    gd, params, ms = setup.graphdef, state["params"], state["model_state"]
+    prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in examples]
+    result = {"workdir": os.path.abspath(workdir), "step": step, "task": name,
+              "num_prompts": len(examples), "n": t.n, "ks": ks,
+              "ttc_config": dataclasses.asdict(t), "max_new_tokens": budget}
+    with jax.set_mesh(setup.mesh), sharding.use_rules(cfg.mesh.rules, setup.mesh):
+        greedy = generate_batched(gd, params, ms, prompts, budget,
+                                  batch_size=min(t.batch_size, len(prompts)),
+                                  pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
+        result["greedy_accuracy"] = float(np.mean(
+            [task.check(TOKENIZER.decode(g), ex) for g, ex in zip(greedy, examples)]))
+        samples = sample_batched(gd, params, ms, prompts, t.n, budget,
+                                 temperature=t.temperature, top_p=t.top_p, seed=t.seed,
+                                 batch_size=t.batch_size, pad_id=TOKENIZER.pad_id,
+                                 eos_id=TOKENIZER.eos_id)
+        keys, correct = [], []
+        for ex, outs in zip(examples, samples):
+            texts = [TOKENIZER.decode(o) for o in outs]
+            correct.append([bool(task.check(x, ex)) for x in texts])
+            keys.append([vote_key(task, x, ex) for x in texts])
+        curves = ttc_curves(keys, correct, ks)
+        result["coverage"] = {str(k): v for k, v in curves["coverage"].items()}
+        result["majority"] = {str(k): v for k, v in curves["majority"].items()}
+        result["sample_accuracy"] = float(np.mean(correct))
+        if examples[0].working.startswith(THINK_START):
+            result["budget_forcing"] = _forcing_tables(gd, params, ms, task, examples, t)
+    if cfg.model.stack == "recursive" and cfg.model.mor.routing != "token_choice":
+        depths = t.depths or tuple(range(1, cfg.model.mor.num_recursions + 3))
+        result["recursion_depth"] = depth_sweep(cfg, state, name, examples, depths,
+                                                max_new_tokens=budget,
+                                                batch_size=min(t.batch_size, 32))
+    result["seconds"] = time.perf_counter() - t0
+    if write and jax.process_index() == 0:
+        from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
+
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        write_json_atomic(ttc_path(workdir, step), result)
+    if print_table:
+        print(format_ttc(result))
+    return result
+
+
+def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig) -> dict:
+    bs = min(t.batch_size, len(examples))
+    free = run_forcing(gd, params, ms, task, examples, Forcing(max_think=t.wait_cap),
+                       batch_size=bs, seed=t.seed)
+    rows_max = []
+    for a in t.budgets:
+        r = run_forcing(gd, params, ms, task, examples, Forcing(max_think=int(a)),
+                        batch_size=bs, seed=t.seed)
+        # the unforced run of the same prompts judged against budget a (s1's baseline)
+        r["unforced_control"] = float(np.mean([x <= a for x in free["think_lens"]]))
+        rows_max.append({"budget": int(a), **_public(r)})
+    m_max = budget_metrics([r["budget"] for r in rows_max], [r["accuracy"] for r in rows_max],
+                           [r["control"] for r in rows_max])
+    rows_wait = []
+    for n in t.waits:
+        r = run_forcing(gd, params, ms, task, examples,
+                        Forcing(max_think=t.wait_cap, num_waits=int(n)), batch_size=bs,
+                        seed=t.seed)
+        rows_wait.append({"waits": int(n), **_public(r)})
+    m_wait = budget_metrics([r["waits"] for r in rows_wait], [r["accuracy"] for r in rows_wait],
+                            [r["control"] for r in rows_wait])
+    return {"max_budget": {"rows": rows_max, "metrics": m_max},
+            "extrapolation": {"rows": rows_wait, "metrics": m_wait, "think_cap": t.wait_cap},
+            "unforced": _public(free)}
+
+
+def _public(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in ("within", "think_lens")}
+
+
+def ttc_path(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "eval", f"{int(step)}-ttc.json")
+
+
+def format_ttc(r: dict) -> str:
+    lines = [f"test-time compute @ step {r['step']}  task {r['task']}  "
+             f"({r['num_prompts']} prompts x n={r['n']}, greedy acc {r['greedy_accuracy']:.3f})",
+             f"{'k':>5} {'coverage@k':>11} {'majority@k':>11}"]
+    for k in r["ks"]:
+        lines.append(f"{k:>5} {r['coverage'][str(k)]:>11.3f} {r['majority'][str(k)]:>11.3f}")
+    bf = r.get("budget_forcing")
+    if bf:
+        lines.append("budget forcing (max thinking tokens; s1):")
+        lines.append(f"{'budget':>7} {'accuracy':>9} {'control':>8} {'think':>7} {'forced':>7}")
+        for row in bf["max_budget"]["rows"]:
+            lines.append(f"{row['budget']:>7} {row['accuracy']:>9.3f} {row['control']:>8.3f} "
+                         f"{row['mean_think']:>7.1f} {row['forced_end']:>7.2f}")
+        lines.append(_metrics_line(bf["max_budget"]["metrics"], "per thinking token"))
+        lines.append(f"extrapolation (suppress end of thinking, append 'Wait' N times; "
+                     f"cap {bf['extrapolation']['think_cap']}):")
+        lines.append(f"{'N':>7} {'accuracy':>9} {'control':>8} {'think':>7} {'waits':>7}")
+        for row in bf["extrapolation"]["rows"]:
+            lines.append(f"{row['waits']:>7} {row['accuracy']:>9.3f} {row['control']:>8.3f} "
+                         f"{row['mean_think']:>7.1f} {row['mean_waits']:>7.2f}")
+        lines.append(_metrics_line(bf["extrapolation"]["metrics"], "per Wait"))
+    for row in r.get("recursion_depth", []):
+        lines.append(f"depth {row['depth']} (trained {row['trained_depth']}): accuracy "
+                     f"{row['accuracy']:.3f}  answer loglik {row['answer_loglik_nats']:.4f} "
+                     f"nats/token  eval loss {row['eval_loss']:.4f}")
+    return "\n".join(lines)
+
+
+def _metrics_line(m: dict, unit: str) -> str:
+    return (f"  Control {100 * m['control']:.1f}%  Scaling {100 * m['scaling']:.3f} "
+            f"points {unit}  Performance {100 * m['performance']:.1f}%")
+
+
+def sweep_columns(r: dict) -> dict:
+    """results.jsonl columns of a ttc result."""
+    cols = {"ttc_task": r["task"], "ttc_n": r["n"], "greedy_accuracy": r["greedy_accuracy"]}
+    cols.update({f"coverage@{k}": v for k, v in r["coverage"].items()})
+    cols.update({f"majority@{k}": v for k, v in r["majority"].items()})
+    bf = r.get("budget_forcing")
+    if bf:
+        for which in ("max_budget", "extrapolation"):
+            for k, v in bf[which]["metrics"].items():
+                cols[f"bf_{which}_{k}"] = v
+    for row in r.get("recursion_depth", []):
+        cols[f"depth{row['depth']}_accuracy"] = row["accuracy"]
+        cols[f"depth{row['depth']}_answer_loglik"] = row["answer_loglik_nats"]
+    return cols
+
+
+def ttc_config_from(spec: dict) -> TTCConfig:
+    """TTCConfig from a dict of overrides (sweep spec / CLI), unknown keys refused."""
+    names = {f.name: f for f in dataclasses.fields(TTCConfig)}
+    kw = {}
+    for k, v in spec.items():
+        if k in ("kind", "step", "label"):
+            continue
+        if k not in names:
+            raise ConfigError(f"ttc: unknown key {k!r} (valid: {', '.join(sorted(names))})")
+        default = getattr(TTCConfig(), k)
+        if isinstance(default, tuple):
+            v = tuple(int(x) for x in (v.split(",") if isinstance(v, str) else v) if str(x).strip())
+        elif isinstance(default, bool):
+            v = str(v).lower() in ("1", "true")
+        else:
+            v = type(default)(v)
+        kw[k] = v
+    return TTCConfig(**kw)
+
+
+def sweep_stage(run_dir: str, spec: dict) -> dict:
+    """Sweep post stage: {"kind": "moe_lab.eval.test_time:sweep_stage", "n": 16, ...}
+    (keys of TTCConfig) -> coverage@k, majority@k, budget-forcing metrics columns."""
+    r = evaluate_ttc(run_dir, spec.get("step"), ttc=ttc_config_from(spec))
+    return sweep_columns(r)
