@@ -386,7 +386,9 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
         ref_params = jax.tree.map(jnp.copy, ref_state["params"])
         ref_ms = jax.tree.map(jnp.copy, ref_state["model_state"])  # state is donated
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        start = int(local_values(state["step"]))
+        # RL steps (rollout batches); the optimizer's own counter advances updates_per_batch
+        # times per RL step
+        start = int(latest) if latest is not None else 0
         step_fn = jax.jit(make_grpo_step(setup.graphdef, setup.tx, rl),
                           in_shardings=(setup.shardings, setup.batch_sharding),
                           out_shardings=(setup.shardings, replicated), donate_argnums=0)
@@ -441,7 +443,6 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
                 for _ in range(rl.updates_per_batch):
                     state, m = step_fn(state, dbatch)
                     ms.append(m)
-                # one optimizer step per update; the RL step counter is s + 1
                 s += 1
                 m = {k: float(np.mean([local_values(x)[k] for x in ms])) for k in ms[0]}
                 row = {"reward": float(reward.mean()), "accuracy": float(correct.mean()),

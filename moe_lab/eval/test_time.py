@@ -405,14 +405,22 @@ def _decode_one(*a, **kw):
     return _jitted()[1](*a, **kw)
 
 
-def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing, *,
-                batch_size: int = 64, seed: int = 0) -> dict:
-    """Budget forcing on `examples`: accuracy, control (within max_think), mean thinking."""
+def forcing_tokens(forcing: Forcing) -> int:
+    """An upper bound on the tokens one row writes under `forcing`."""
     from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
 
     cap = forcing.max_think if forcing.max_think is not None else 256
-    max_new = cap + (len(TOKENIZER.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
+    return cap + (len(TOKENIZER.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
         + forcing.min_think + forcing.max_answer + 8
+
+
+def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing, *,
+                batch_size: int = 64, seed: int = 0, max_new: int | None = None) -> dict:
+    """Budget forcing on `examples`: accuracy, control (within max_think), mean thinking.
+    `max_new` (>= forcing_tokens) fixes the cache length: one compilation for a table."""
+    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
+
+    max_new = max(max_new or 0, forcing_tokens(forcing))
     rows = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
@@ -639,12 +647,14 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
 
 def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig) -> dict:
     bs = min(t.batch_size, len(examples))
+    settings = [Forcing(max_think=max(t.budgets + (t.wait_cap,)), num_waits=max(t.waits + (0,)))]
+    L = max(forcing_tokens(f) for f in settings)
     free = run_forcing(gd, params, ms, task, examples, Forcing(max_think=t.wait_cap),
-                       batch_size=bs, seed=t.seed)
+                       batch_size=bs, seed=t.seed, max_new=L)
     rows_max = []
     for a in t.budgets:
         r = run_forcing(gd, params, ms, task, examples, Forcing(max_think=int(a)),
-                        batch_size=bs, seed=t.seed)
+                        batch_size=bs, seed=t.seed, max_new=L)
         # the unforced run of the same prompts judged against budget a (s1's baseline)
         r["unforced_control"] = float(np.mean([x <= a for x in free["think_lens"]]))
         rows_max.append({"budget": int(a), **_public(r)})
@@ -654,7 +664,7 @@ def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig) -> dict:
     for n in t.waits:
         r = run_forcing(gd, params, ms, task, examples,
                         Forcing(max_think=t.wait_cap, num_waits=int(n)), batch_size=bs,
-                        seed=t.seed)
+                        seed=t.seed, max_new=L)
         rows_wait.append({"waits": int(n), **_public(r)})
     m_wait = budget_metrics([r["waits"] for r in rows_wait], [r["accuracy"] for r in rows_wait],
                             [r["control"] for r in rows_wait])
