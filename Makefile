@@ -35,11 +35,12 @@ demo: $(STAMP)
 		--config.train.eval_every=60 --config.train.checkpoint_every=60
 	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)_grown
 	@echo "--- a micro sparsity sweep (experts x top-k), its results table and plots"
-	$(BIN)/moe-lab sweep --config configs/sparsity_sweep.py:micro --workdir $(DEMO_DIR)/sweep \
+	rm -rf $(DEMO_DIR)_sweep
+	$(BIN)/moe-lab sweep --config configs/sparsity_sweep.py:micro --workdir $(DEMO_DIR)_sweep \
 		--config.train.steps=60 --config.train.checkpoint_every=30 --config.train.eval_every=30
-	MOE_LAB_RESULTS=$(DEMO_DIR)/sweep/results.jsonl MOE_LAB_FIGURES=$(DEMO_DIR)/sweep \
+	MOE_LAB_RESULTS=$(CURDIR)/$(DEMO_DIR)_sweep/results.jsonl MOE_LAB_FIGURES=$(CURDIR)/$(DEMO_DIR)_sweep \
 		$(BIN)/jupyter-execute notebooks/sparsity_vs_reasoning.ipynb
-	@ls $(DEMO_DIR)/sweep/*.png
+	@ls $(DEMO_DIR)_sweep/*.png
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 tests
