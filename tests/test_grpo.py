@@ -25,11 +25,10 @@ from moe_lab.eval import grpo
 
 def slow_loss(logp, old, ref, adv, mask, *, eps, beta, agg, kl="k3"):
     """Per-token python loop, written from the formula (module docstring of grpo.py)."""
-    B, T = mask.shape
     seq_terms, tok_sum, n_tok = [], 0.0, 0
-    for b in range(B):
+    for b in range(len(mask)):
         s, n = 0.0, 0
-        for t in range(T):
+        for t in range(len(mask[b])):
             if not mask[b][t]:
                 continue
             ratio = jnp.exp(logp[b][t] - old[b][t])
@@ -40,7 +39,7 @@ def slow_loss(logp, old, ref, adv, mask, *, eps, beta, agg, kl="k3"):
             s, n = s + pg + beta * k, n + 1
         tok_sum, n_tok = tok_sum + s, n_tok + n
         seq_terms.append(s / max(n, 1))
-    return sum(seq_terms) / B if agg == "sequence" else tok_sum / max(n_tok, 1)
+    return sum(seq_terms) / len(mask) if agg == "sequence" else tok_sum / max(n_tok, 1)
 
 
 @pytest.mark.parametrize("agg,kl", [("sequence", "k3"), ("token", "k3"), ("sequence", "k1")])
@@ -75,7 +74,11 @@ def _model(kind):
              "recursive": dict(num_layers=3, stack="recursive",
                                mor=dict(num_recursions=1, routing="none"))}[kind]
     cfg = tiny_config(model=model)
-    return split_model(build_model(cfg))
+    from flax import nnx
+
+    gd = split_model(nnx.eval_shape(lambda: build_model(cfg)))[0]
+    params, ms = jax.jit(lambda: split_model(build_model(cfg))[1:])()  # jit: eager is slow
+    return gd, params, ms
 
 
 def _rows():
@@ -85,18 +88,16 @@ def _rows():
 
 
 def _slow_logprobs(gd, params, ms, prompts, responses, lengths):
-    """log pi of each response token from a forward pass over its unpadded prefix."""
+    """log pi of each response token, picked one by one from a forward pass over the
+    row alone (no padding, positions 0..n-1; causal, so logits at t see only t's prefix)."""
     from flax import nnx
 
     model = nnx.merge(gd, params, ms)
     out = []
     for p, r, n in zip(prompts, responses, lengths):
-        row = []
-        for t in range(n):
-            seq = jnp.asarray([p + r[:t]], jnp.int32)
-            logits, _ = model(seq)
-            row.append(jax.nn.log_softmax(logits[0, -1])[r[t]])
-        out.append(row)
+        logits, _ = model(jnp.asarray([p + r[:n]], jnp.int32))
+        logp = jax.nn.log_softmax(logits[0], axis=-1)
+        out.append([logp[len(p) - 1 + t, r[t]] for t in range(n)])
     return out
 
 
@@ -106,9 +107,9 @@ def test_batched_logprobs_match_per_prefix_forward(kind):
     prompts, responses = _rows()
     b = grpo.build_batch(prompts, responses, 8, TOK.eos_id, TOK.pad_id)
     assert b["lengths"].tolist() == [3, 4, 1]
-    fast, _ = grpo.token_logprobs(gd, params, ms, jnp.asarray(b["tokens"]),
-                                  jnp.asarray(b["valid"]))
-    slow = _slow_logprobs(gd, params, ms, prompts, responses, b["lengths"])
+    fast = jax.jit(lambda p: grpo.token_logprobs(gd, p, ms, jnp.asarray(b["tokens"]),
+                                                 jnp.asarray(b["valid"]))[0])(params)
+    slow = jax.jit(lambda p: _slow_logprobs(gd, p, ms, prompts, responses, b["lengths"]))(params)
     for i in range(3):
         got = np.asarray(fast[i])[b["mask"][i]]
         np.testing.assert_allclose(got, np.asarray(slow[i]), rtol=1e-4, atol=1e-5)
@@ -124,8 +125,10 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
     b = grpo.build_batch(prompts, responses, 8, TOK.eos_id, TOK.pad_id)
     adv = jnp.asarray([1.0, -0.7, 0.4], jnp.float32)
     tokens, valid = jnp.asarray(b["tokens"]), jnp.asarray(b["valid"])
-    ref_fast, _ = grpo.token_logprobs(gd, ref_params, ms, tokens, valid)
-    cur, _ = grpo.token_logprobs(gd, params, ms, tokens, valid)
+    logprobs = jax.jit(lambda p: grpo.token_logprobs(gd, p, ms, tokens, valid)[0])
+    ref_fast, cur = logprobs(ref_params), logprobs(params)
+    ref_slow = jax.jit(lambda p: _slow_logprobs(gd, p, ms, prompts, responses,
+                                                b["lengths"]))(ref_params)
     old_fast = cur + 0.25 * jnp.sin(jnp.arange(cur.size).reshape(cur.shape))  # off-policy
     eps, beta = 0.2, 0.1
 
@@ -136,13 +139,12 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
 
     def slow(p):
         lp = _slow_logprobs(gd, p, ms, prompts, responses, b["lengths"])
-        ref = _slow_logprobs(gd, ref_params, ms, prompts, responses, b["lengths"])
         olds = [[old_fast[i][j] for j in np.flatnonzero(b["mask"][i])] for i in range(3)]
         mask = [[True] * len(r) for r in lp]
-        return slow_loss(lp, olds, ref, adv, mask, eps=eps, beta=beta, agg="sequence")
+        return slow_loss(lp, olds, ref_slow, adv, mask, eps=eps, beta=beta, agg="sequence")
 
-    v, g = jax.value_and_grad(fast)(params)
-    sv, sg = jax.value_and_grad(slow)(params)
+    v, g = jax.jit(jax.value_and_grad(fast))(params)
+    sv, sg = jax.jit(jax.value_and_grad(slow))(params)
     np.testing.assert_allclose(v, sv, rtol=1e-4)
     for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(sg)):
         np.testing.assert_allclose(a, c, rtol=2e-3, atol=1e-6)

@@ -152,7 +152,7 @@ def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_eps: fl
 
 def make_grpo_step(graphdef, tx, rl: GRPOConfig):
     """state, batch -> (state, metrics); batch: tokens, valid [B, S], mask, ref_logp
-    (and old_logp when updates_per_batch > 1) [B, S-1], adv [B]."""
+    (and old_logp when updates_per_batch > 1) [B, S-1], adv_B1 [B, 1]."""
     import jax  # noqa: PLC0415
     import optax  # noqa: PLC0415
 
@@ -164,7 +164,7 @@ def make_grpo_step(graphdef, tx, rl: GRPOConfig):
         logp, aux = token_logprobs(graphdef, params, model_state, batch["tokens"],
                                    batch["valid"])
         old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
-        loss, m = grpo_loss(logp, old, batch["ref_logp"], batch["adv"], batch["mask"],
+        loss, m = grpo_loss(logp, old, batch["ref_logp"], batch["adv_B1"][:, 0], batch["mask"],
                             clip_eps=rl.clip_eps, kl_coef=rl.kl_coef, loss_agg=rl.loss_agg,
                             kl_estimator=rl.kl_estimator)
         aux_loss = total_aux_loss(aux)
@@ -432,7 +432,8 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
                                        rl.scale_rewards).reshape(-1)
                 dev = {"tokens": jnp.asarray(batch["tokens"]),
                        "valid": jnp.asarray(batch["valid"])}
-                dbatch = {**dev, "mask": jnp.asarray(batch["mask"]), "adv": jnp.asarray(adv)}
+                dbatch = {**dev, "mask": jnp.asarray(batch["mask"]),
+                          "adv_B1": jnp.asarray(adv)[:, None]}  # rank 2: batch sharding
                 dbatch["ref_logp"] = (logp_fn(ref_params, ref_ms, *dev.values())
                                       if rl.kl_coef > 0 else jnp.zeros(batch["mask"].shape))
                 if rl.updates_per_batch > 1:
