@@ -228,9 +228,9 @@ def test_batch_format_and_masks():
             (task_id,) = np.unique(b["task_ids"][r, idx])
             text = TOK.decode(ins[1:])
             answer = TOK.decode(tgt[b["answer_mask"][r, idx] > 0])
-            if task_id == 0:  # arith: answer mask = the tokens after <answer>
-                assert text.endswith("<answer>" + answer)
-                assert answer == str(_solve(text.split("<think>")[0])[0])
+            if task_id == 0:  # arith: answer mask = working + <answer> + the answer
+                assert text.endswith(answer) and answer.startswith("<think>")
+                assert answer.split("<answer>")[1] == str(_solve(text.split("<think>")[0])[0])
             else:  # facts: answer mask = the value, and it is the true value
                 m = (re.fullmatch(r"Q: (\w+) (\w+)\? A: (.+)", text)
                      or re.fullmatch(r"(\w+)'s (.+) is (.+)\.", text))
@@ -311,7 +311,7 @@ def test_unpacked_training_and_eval_batches():
         for r in range(4):
             ex = prompts[4 * k + r]
             mask = batch["answer_mask"][r] > 0
-            assert TOK.decode(batch["targets"][r][mask]) == ex.answer
+            assert TOK.decode(batch["targets"][r][mask]) == ex.working + ex.marker + ex.answer
             n = int(batch["weights"][r].sum())
             assert TOK.decode(batch["inputs"][r, :n]) == "<s>" + ex.text
     again = pipeline.make_eval_batches(task, CFG, batch_size=4, num_batches=2)

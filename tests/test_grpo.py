@@ -58,8 +58,9 @@ def test_grpo_loss_matches_slow_reference(agg, kl):
         return grpo.grpo_loss(lp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05,
                               loss_agg=agg, kl_estimator=kl)[0]
 
-    val, g = jax.value_and_grad(fast)(logp)
-    sval, sg = jax.value_and_grad(lambda lp: slow_loss(lp, old, ref, adv, mask, **kw))(logp)
+    val, g = jax.jit(jax.value_and_grad(fast))(logp)
+    sval, sg = jax.jit(jax.value_and_grad(lambda lp: slow_loss(lp, old, ref, adv, mask, **kw)))(
+        logp)
     np.testing.assert_allclose(val, sval, rtol=1e-5)
     np.testing.assert_allclose(g, sg, rtol=1e-5, atol=1e-7)
     _, m = grpo.grpo_loss(logp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05)

@@ -241,17 +241,20 @@ def test_recursion_depth_override_keeps_the_pool_and_extrapolates():
     cfg = tiny_config(model=dict(num_layers=3, stack="recursive",
                                  mor=dict(num_recursions=1, sharing="middle_cycle",
                                           routing="expert_choice")))
-    model = build_model(cfg)
-    gd, params, ms = split_model(model)
+    params, ms = jax.jit(lambda: split_model(build_model(cfg))[1:])()  # jit: eager is slow
     state = {"params": jax.tree.map(np.asarray, params), "model_state": ms}
     toks = jnp.asarray([[1, 30, 40, 50, 60, 70]], jnp.int32)
-    ref, _ = model(toks)
+
+    def forward(c, p, m):
+        g = split_model(nnx.eval_shape(lambda: build_model(c)))[0]
+        return jax.jit(lambda p, m: nnx.merge(g, p, m)(toks)[0])(p, m)
+
+    ref = forward(cfg, params, ms)
     outs = {}
     for d in (1, 3):
         cfg2, p2, ms2 = tt.with_recursions(cfg, state, d)
         assert cfg2.model.num_layers == d + 2
-        m2 = nnx.merge(split_model(nnx.eval_shape(lambda c=cfg2: build_model(c)))[0], p2, ms2)
-        outs[d], _ = m2(toks)
+        outs[d] = forward(cfg2, p2, ms2)
     np.testing.assert_allclose(outs[1], ref, rtol=1e-6, atol=1e-6)  # trained depth: same model
     assert not np.allclose(outs[3], outs[1])  # more recursions change the function
     tc = tiny_config(model=dict(num_layers=3, stack="recursive",

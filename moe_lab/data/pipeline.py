@@ -27,8 +27,8 @@ Batch format (numpy, every field [B, T], T = data_cfg.seq_len):
     positions    int32    position within its document (restarts at 0)
     task_ids     int32    index of the task in the mixture list (0 on padding:
                           always combine with weights)
-    answer_mask  float32  1 where the target is an answer token ("task loss",
-                          2508.18672: NLL of the answer tokens only)
+    answer_mask  float32  1 where the target belongs to the completion (working,
+                          answer marker, answer): the "task loss" of 2508.18672
 
 Each document is BOS + text + EOS and is shifted *before* packing (inputs =
 doc[:-1], targets = doc[1:]), so no target ever crosses a document boundary and
@@ -66,8 +66,17 @@ def document_N4(ex: Example, task_index: int, seq_len: int) -> np.ndarray:
     encoding is concatenative, so encode(a + b) == encode(a) + encode(b) as long
     as no special string straddles the cut (the parts are whole strings)."""
     tok = TOKENIZER
-    prefix = tok.encode_array(ex.prompt + ex.working + ex.marker)
-    answer = tok.encode_array(ex.answer)
+    # Task loss covers the whole completion (working + answer marker + answer): as in
+    # GSM8K, whose answers include the worked solution (2508.18672 scores the NLL of
+    # the answer field). Masking only the final answer would measure copying the last
+    # value of the teacher-forced working, which a model gets right while failing
+    # every problem.
+    # Tasks without working (facts) keep the answer value alone.
+    if ex.working:
+        prefix, answer = ex.prompt, ex.working + ex.marker + ex.answer
+    else:
+        prefix, answer = ex.prompt + ex.marker, ex.answer
+    prefix, answer = tok.encode_array(prefix), tok.encode_array(answer)
     parts = [[tok.bos_id], prefix, answer, [tok.eos_id]]
     if ex.suffix:
         parts.insert(3, tok.encode_array(ex.suffix))
