@@ -1,4 +1,4 @@
-"""`moe-lab` command line: train, eval, info, grow, sweep, bench.
+"""`moe-lab` command line: train, eval, info, grow, sweep, rl, bench.
 
 Every command validates its input before anything compiles and reports bad
 input as one line on stderr with a non-zero exit code.
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_sweep_parser(sub)
+    from moe_lab.rl_cmd import add_rl_parser  # noqa: PLC0415
+
+    add_rl_parser(sub)
     b = sub.add_parser("bench", help="benchmarks: train-step, moe")
     b.add_argument("name")
     b.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,7 +14,9 @@ from moe_lab import sweep
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 FIGURES = {"sparsity_vs_reasoning": ("loss_vs_total_params.png", "accuracy_vs_pretrain_loss.png",
                                      "accuracy_vs_tpp.png"),
-           "sunk_compute": ("sunk_compute.png",)}
+           "sunk_compute": ("sunk_compute.png",),
+           # without *-ttc.json next to the results it draws labelled empty panels
+           "test_time_compute": ("ttc_curves.png", "budget_forcing.png")}
 # two sparsities (k = 1, 2) and a tiny sunk-compute study on the same base run
 POINTS = [{"name": "base", "model.moe.num_experts": 2, "model.moe.top_k": 1,
            "tags": {"study": "base", "grown_at": None}},
