@@ -50,22 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m moe_lab.rl_cmd --from DIR --to NEWDIR ...` (same as `moe-lab rl`)."""
     import sys  # noqa: PLC0415
 
-    from moe_lab.config import parse_override_args  # noqa: PLC0415
+    from moe_lab.cli import main as cli_main  # noqa: PLC0415
 
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m moe_lab.rl_cmd")
-    sub = p.add_subparsers(dest="command")
-    add_rl_parser(sub)
-    try:
-        overrides, rest = parse_override_args(argv)
-        args = p.parse_args(["rl", *rest])
-        return args.fn(args, overrides)
-    except ConfigError as e:
-        print(f"moe-lab: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moe-lab: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["rl", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

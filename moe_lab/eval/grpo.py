@@ -150,6 +150,34 @@ def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_eps: fl
     return loss, metrics
 
 
+_JIT_CACHE: dict = {}  # compiled step / log-prob functions, reused across runs of one model
+
+
+def _logp_jit():
+    import jax  # noqa: PLC0415
+
+    if "logp" not in _JIT_CACHE:
+        _JIT_CACHE["logp"] = jax.jit(lambda gd, p, ms, t, v: token_logprobs(gd, p, ms, t, v)[0],
+                                     static_argnums=0)
+    return _JIT_CACHE["logp"]
+
+
+def _step_jit(setup, rl: GRPOConfig, replicated):
+    """The jitted GRPO step, cached by everything it closes over (sweeps and resumes in
+    one process compile it once)."""
+    import jax  # noqa: PLC0415
+
+    loss_keys = ("clip_eps", "kl_coef", "loss_agg", "kl_estimator")
+    key = ("step", setup.graphdef, repr(setup.cfg.train), rl.updates_per_batch == 1,
+           tuple(getattr(rl, k) for k in loss_keys), setup.mesh.shape_tuple,
+           tuple(d.id for d in setup.mesh.devices.flat))
+    if key not in _JIT_CACHE:
+        _JIT_CACHE[key] = jax.jit(make_grpo_step(setup.graphdef, setup.tx, rl),
+                                  in_shardings=(setup.shardings, setup.batch_sharding),
+                                  out_shardings=(setup.shardings, replicated), donate_argnums=0)
+    return _JIT_CACHE[key]
+
+
 def make_grpo_step(graphdef, tx, rl: GRPOConfig):
     """state, batch -> (state, metrics); batch: tokens, valid [B, S], mask, ref_logp
     (and old_logp when updates_per_batch > 1) [B, S-1], adv_B1 [B, 1]."""
@@ -389,10 +417,11 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
         # RL steps (rollout batches); the optimizer's own counter advances updates_per_batch
         # times per RL step
         start = int(latest) if latest is not None else 0
-        step_fn = jax.jit(make_grpo_step(setup.graphdef, setup.tx, rl),
-                          in_shardings=(setup.shardings, setup.batch_sharding),
-                          out_shardings=(setup.shardings, replicated), donate_argnums=0)
-        logp_fn = jax.jit(lambda p, ms, t, v: token_logprobs(setup.graphdef, p, ms, t, v)[0])
+        step_fn = _step_jit(setup, rl, replicated)
+        logp_jit = _logp_jit()
+
+        def logp_fn(p, ms, t, v):
+            return logp_jit(setup.graphdef, p, ms, t, v)
         if latest is None and os.path.exists(os.path.join(dst, "metrics.jsonl")):
             os.remove(os.path.join(dst, "metrics.jsonl"))  # killed before its first checkpoint
         writer = MetricsWriter(dst, resume_step=start if latest is not None else None)
