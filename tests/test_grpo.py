@@ -102,7 +102,7 @@ def _slow_logprobs(gd, params, ms, prompts, responses, lengths):
     return out
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "recursive"])
+@pytest.mark.parametrize("kind", ["dense", "recursive"])  # MoE: same code path, in the sweep check
 def test_batched_logprobs_match_per_prefix_forward(kind):
     gd, params, ms = _model(kind)
     prompts, responses = _rows()
@@ -145,7 +145,7 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
         return slow_loss(lp, olds, ref_slow, adv, mask, eps=eps, beta=beta, agg="sequence")
 
     v, g = jax.jit(jax.value_and_grad(fast))(params)
-    sv, sg = jax.value_and_grad(slow)(params)  # eager: 3 small forwards, no compile
+    sv, sg = jax.jit(jax.value_and_grad(slow))(params)
     np.testing.assert_allclose(v, sv, rtol=1e-4)
     for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(sg)):
         np.testing.assert_allclose(a, c, rtol=2e-3, atol=1e-6)
