@@ -86,10 +86,12 @@ def test_every_dispatch_matches_reference(router):
         assert float(got[1]["drop_fraction"]) == 0.0
 
 
-def test_loop_kernel_multi_tile_vs_reference(capacity=70):
-    """Groups spanning several main tiles plus tail tiles (the tiny configs above
-    only exercise tail tiles); with capacity 70 of ~100 rows per expert, some rows
-    are dropped (dropped rows sit between the groups: the hardest layout)."""
+@pytest.mark.parametrize("tiles", [(32, 8), (128, 32)])
+def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
+    """Groups spanning several main tiles plus tail tiles, or one main tile larger
+    than the group (the tiny configs above only run the latter); with capacity 70
+    of ~100 rows per expert, some rows are dropped (dropped rows sit between the
+    groups: the hardest layout)."""
     from moe_lab.layers import dispatch as dsp
 
     n, d, f, e, k = 150, 8, 16, 3, 2
@@ -99,11 +101,12 @@ def test_loop_kernel_multi_tile_vs_reference(capacity=70):
     gate_NK = jax.random.uniform(keys[2], (n, k))
     weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
                     zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
-    assert dsp.choose_tile(n * k / e) == 32  # 100 rows per expert: main tiles of 32, tails of 8
+    assert dsp.choose_tiles(100) == (104, 26)  # main tile = the expected rows
+    assert dsp.choose_tiles(1000) == (256, 64)  # main tiles of ~half, quarter-size tails
 
     def fast(x_ND, gate_NK, weights):
         y, layout = dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
-                                         impl="loop")
+                                         impl="loop", tiles=tiles)
         return jnp.sum(y ** 2), layout.keep_NK
 
     def ref(x_ND, gate_NK, weights):

@@ -7,7 +7,12 @@ dispatch ("reference" only up to E=32: it runs every expert on every token),
 plus a dense SwiGLU with the same active parameters (hidden k*512).
 
 Targets (ratios measured in the same run): the cost of an MoE layer should
-depend on k, not E (DESIGN.md, performance principles).
+depend on k, not E (DESIGN.md, performance principles).  Also reported: the
+"matmul floor", the same expert SwiGLUs on perfectly balanced [E, N*K/E, D]
+buffers with no router and no dispatch.  On the 2-core CPU its E=256/E=8 ratio
+is ~1.2-1.4 by itself (XLA's dots repack each expert's weights per call, and
+128-row matmuls run slower than 4096-row ones), so it bounds what any dispatch
+built on XLA dots can reach.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flax import nnx
 
 from moe_lab.bench.common import target, time_fn
 from moe_lab.config import ModelConfig, MoEConfig
+from moe_lab.layers.dispatch import buffer_swiglu
 from moe_lab.layers.mlp import SwiGLU
 from moe_lab.layers.moe import MoE
 
@@ -40,37 +46,63 @@ def _grad_fn(module: nnx.Module, is_moe: bool):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
 
-def _time_module(module, is_moe, x_BTD, iters):
-    fn, params = _grad_fn(module, is_moe)
-    return time_fn(fn, params, x_BTD, warmup=1, iters=iters)
+def _matmul_floor_fn(s: dict, e: int):
+    """fwd+bwd of E experts' SwiGLU on perfectly balanced [E, N*K/E, D] buffers.
+
+    No router, no sort, no gather, no padding: what XLA's batched dots alone cost
+    at this many rows per expert on this machine.  The E-scaling of this floor is
+    a lower bound for any dispatch built on XLA dots (reported, not a target).
+    """
+    rows = s["batch"] * s["seq"] * TOP_K // e
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    x_ECD = jax.random.normal(keys[0], (e, rows, s["d_model"]))
+    shapes = [(e, s["d_model"], s["hidden"])] * 2 + [(e, s["hidden"], s["d_model"])]
+    weights = [0.02 * jax.random.normal(k, sh) for k, sh in zip(keys[1:], shapes)]
+    fn = jax.jit(jax.value_and_grad(lambda w, x: jnp.sum(buffer_swiglu(x, *w)), argnums=(0, 1)))
+    return fn, (weights, x_ECD)
 
 
 def run(quick: bool = False) -> dict:
     s = QUICK if quick else FULL
-    iters = 2 if quick else 5
+    iters = 2 if quick else 7
     x_BTD = jax.random.normal(jax.random.PRNGKey(0), (s["batch"], s["seq"], s["d_model"]))
     base = ModelConfig(d_model=s["d_model"], ffn="moe", moe=MoEConfig(
         top_k=TOP_K, expert_hidden=s["hidden"], router="softmax_topk",
         capacity_factor=CAPACITY_FACTOR, router_jitter=0.0))
-    rows = []
+    # (row label, jitted fn, args): built and compiled in the first round
+    cases: dict[tuple, tuple] = {}
     # the dense baseline gets 2-D [N, D] input: on CPU, SwiGLU on [B, T, D] is slower
     # (weight-gradient dots over two batch dims), which would flatter the MoE ratios
     dense = SwiGLU(s["d_model"], TOP_K * s["hidden"], rngs=nnx.Rngs(0))
-    t_dense = _time_module(dense, False, x_BTD.reshape(-1, s["d_model"]), iters)
-    rows.append({"layer": "dense SwiGLU", "experts": 0, "dispatch": "-", "time_s": t_dense})
-    times = {}
+    fn, params = _grad_fn(dense, False)
+    cases[("dense SwiGLU", 0, "-")] = (fn, (params, x_BTD.reshape(-1, s["d_model"])))
     for e in s["experts"]:
         for dispatch in ("capacity", "dropless", "reference"):
             if dispatch == "reference" and e > REFERENCE_MAX_E:
                 continue  # every expert on every token: E/k times the work
             cfg = dataclasses.replace(base, moe=dataclasses.replace(
                 base.moe, num_experts=e, dispatch=dispatch))
-            n_iter = 1 if dispatch == "reference" else iters  # reference: seconds per call
-            t = _time_module(MoE(cfg, rngs=nnx.Rngs(0)), True, x_BTD, n_iter)
-            times[(dispatch, e)] = t
-            rows.append({"layer": "MoE", "experts": e, "dispatch": dispatch, "time_s": t,
-                         "vs_dense": t / t_dense})
+            fn, params = _grad_fn(MoE(cfg, rngs=nnx.Rngs(0)), True)
+            cases[("MoE", e, dispatch)] = (fn, (params, x_BTD))
     e_lo, e_hi = s["experts"][0], s["experts"][-1]
+    for e in (e_lo, e_hi):
+        cases[("matmul floor", e, "balanced")] = _matmul_floor_fn(s, e)
+    # Two rounds, the second in reverse order, each case's time = the smaller of its
+    # two medians: this shared 2-core machine drifts by +-10% over a minute, and the
+    # targets are ratios of cases measured minutes apart.  Reference: one round, 1 call.
+    times: dict[tuple, float] = {}
+    for round_keys in (list(cases), [k for k in reversed(cases) if k[2] != "reference"]):
+        for key in round_keys:
+            fn, args = cases[key]
+            ref = key[2] == "reference"
+            # 2 warm-up calls: the first steps still grow the heap (page faults)
+            t = time_fn(fn, *args, warmup=1 if ref else 2, iters=1 if ref else iters)
+            times[key] = min(t, times.get(key, t))
+    t_dense = times[("dense SwiGLU", 0, "-")]
+    rows = [{"layer": k[0], "experts": k[1], "dispatch": k[2], "time_s": t, "vs_dense": t / t_dense}
+            for k, t in times.items()]
+    times = {(k[2], k[1]): t for k, t in times.items()}
+    floor = {e: times[("balanced", e)] for e in (e_lo, e_hi)}
     targets = [
         target(f"capacity time(E={e_hi})/time(E={e_lo})",
                times[("capacity", e_hi)] / times[("capacity", e_lo)], 1.3),
@@ -82,7 +114,8 @@ def run(quick: bool = False) -> dict:
             "shape": {"tokens": s["batch"] * s["seq"], "d_model": s["d_model"],
                       "expert_hidden": s["hidden"], "top_k": TOP_K,
                       "capacity_factor": CAPACITY_FACTOR},
-            "results": rows, "targets": targets}
+            "results": rows, "targets": targets,
+            "floor_ratio": round(floor[e_hi] / floor[e_lo], 4)}
 
 
 def main_print(result: dict) -> None:
@@ -94,6 +127,8 @@ def main_print(result: dict) -> None:
         rel = f"{r['vs_dense']:.2f}" if "vs_dense" in r else "1.00"
         print(f"  {r['layer']:<14}{r['experts']:>5}  {r['dispatch']:<10}"
               f"{1e3 * r['time_s']:>11.1f}{rel:>9}")
+    print(f"  matmul floor time(E=hi)/time(E=lo): {result['floor_ratio']} (balanced expert "
+          "SwiGLU alone, no routing or dispatch: a lower bound for the ratios below)")
     for t in result["targets"]:
         mark = "OK  " if t["ok"] else "MISS"
         print(f"  [{mark}] {t['name']}: {t['value']} (target {t['op']} {t['limit']})")
