@@ -87,6 +87,10 @@ class MoRConfig:
     balance_weight: float = 0.1
     bias_update_rate: float = 1e-3
     warmup_steps: int = 0  # token choice: every token at full depth for the first N steps
+    # expert choice: every capacity 1 (all tokens, full depth) for the first N train
+    # steps, then the configured capacities.  k_r is static, so the warm-up runs as a
+    # second compiled train step (moe_lab/train/loop.py), not as a traced condition.
+    capacity_warmup_steps: int = 0
     kv_cache: str = "recursion_wise"  # recursion_wise | shared (all steps reuse step 1's KV)
     decode_buckets: int = 8  # depth-wise batching at decode: row buckets of B/n (0: off)
 
@@ -404,9 +408,10 @@ def _validate_mor(m: ModelConfig) -> None:
             raise ConfigError(
                 f"model.mor.capacities={r.capacities!r} must be non-increasing "
                 "(hierarchical filtering: step r keeps a subset of step r-1)")
-    elif r.capacities.strip():
+    elif r.capacities.strip() or r.capacity_warmup_steps:
         raise ConfigError(
-            f"model.mor.capacities is only used by routing='expert_choice', got routing={r.routing!r}")
+            "model.mor.capacities and capacity_warmup_steps are only used by "
+            f"routing='expert_choice', got routing={r.routing!r}")
     if r.kv_cache == "shared" and r.routing == "expert_choice" and caps[0] < 1:
         raise ConfigError(
             "model.mor.kv_cache='shared' reuses step 1's KV for every token, but expert-choice "
@@ -414,7 +419,7 @@ def _validate_mor(m: ModelConfig) -> None:
     if r.alpha <= 0 or r.token_choice_alpha <= 0:
         raise ConfigError("model.mor.alpha and token_choice_alpha must be > 0")
     for k in ("bce_weight", "z_loss_weight", "balance_weight", "bias_update_rate",
-              "warmup_steps", "decode_buckets"):
+              "warmup_steps", "capacity_warmup_steps", "decode_buckets"):
         if getattr(r, k) < 0:
             raise ConfigError(f"config key 'model.mor.{k}' must be >= 0, got {getattr(r, k)}")
     if m.ffn == "moe" and m.moe.first_dense_layers > (1 if middle else 0):

@@ -281,3 +281,29 @@ def test_flops_count_routed_recursions():
     f_mor = flops.forward_flops_per_token(cfg.model, T)
     assert f_fixed == pytest.approx(flops.forward_flops_per_token(plain, T))
     assert f_mor < f_fixed
+
+
+def test_capacity_warmup_runs_full_depth_first_then_routed(tmp_path):
+    """Expert-choice capacity warm-up: steps 1-2 at full depth (all capacities 1, counted
+    with full-depth FLOPs), then the configured capacities, in one `train` run."""
+    import json  # noqa: PLC0415
+
+    from moe_lab.train.loop import train  # noqa: PLC0415
+
+    cfg = tiny_config(model=dict(stack="recursive", num_layers=5, mor=dict(capacity_warmup_steps=2)),
+                      data=dict(seq_len=16),
+                      train=dict(steps=4, batch_size=8, log_every=1, eval_every=100,
+                                 checkpoint_every=100))
+    train(cfg, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = {r["step"]: r for r in rows if "mor/mean_depth" in r}
+    assert [rows[s]["mor/mean_depth"] for s in (1, 2)] == [3.0, 3.0]
+    assert all(rows[s]["mor/mean_depth"] < 2.5 for s in (3, 4))  # capacities 1, 2/3, 1/3
+    f = [rows[s]["flops_spent"] for s in (1, 2, 3, 4)]
+    assert f[1] - f[0] == pytest.approx(f[0]) and f[3] - f[2] < 0.9 * (f[1] - f[0])
+
+
+def test_capacity_warmup_needs_expert_choice():
+    with pytest.raises(ConfigError, match="capacity_warmup_steps are only used by"):
+        load_config("configs/mor_tiny.py", {"model.mor.routing": "token_choice",
+                                            "model.mor.capacity_warmup_steps": 5})

@@ -20,6 +20,7 @@ import numpy as np
 from moe_lab import flops, sharding
 from moe_lab.config import Config, ConfigError, config_from_json, parse_mixture, validate_for_devices
 from moe_lab.train.metrics import MetricsWriter
+from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
 from moe_lab.train.state import make_setup, resolve_config
 from moe_lab.train.step import make_eval_step, make_train_step
 
@@ -213,10 +214,20 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     # metrics replicated: every host can read them without a cross-host gather
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
-        train_step = jax.jit(
-            make_train_step(setup.graphdef, setup.tx, cfg, num_tasks, setup.schedule),
-            in_shardings=(setup.shardings, setup.batch_sharding),
-            out_shardings=(setup.shardings, replicated), donate_argnums=0)
+        def jit_step(graphdef, step_cfg):
+            return jax.jit(make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule),
+                           in_shardings=(setup.shardings, setup.batch_sharding),
+                           out_shardings=(setup.shardings, replicated), donate_argnums=0)
+
+        train_step = PhasedStep(jit_step(setup.graphdef, cfg), flops_per_step)
+        warm_cfg = capacity_warmup_config(cfg)
+        if warm_cfg is not None and start_step < warm_cfg.model.mor.capacity_warmup_steps:
+            train_step.warm = jit_step(warmup_graphdef(warm_cfg), warm_cfg)
+            train_step.warm_until = warm_cfg.model.mor.capacity_warmup_steps
+            train_step.warm_flops = flops.train_flops_per_token(
+                warm_cfg.model, cfg.data.seq_len) * tokens_per_step
+            _log(f"capacity warm-up: steps {start_step} -> {train_step.warm_until} at full depth "
+                 f"({train_step.warm_flops / tokens_per_step:.3g} train FLOPs/token)")
         eval_step = jax.jit(make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated)
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                resume_step=start_step if latest is not None else None)
@@ -245,7 +256,9 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
 
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a tty
-    pending = None  # (step, metrics on device): read one step late, never stall the device
+    # (step, metrics on device, counters after that step, its FLOPs): read one step
+    # late, never stall the device
+    pending = None
     last_row, last_eval = {}, {}
     t_window, steps_window = time.perf_counter(), 0
     t_run = time.perf_counter()
@@ -262,7 +275,7 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
 
     def flush(pending):
         nonlocal t_window, steps_window, last_row
-        step, m = pending
+        step, m, counted, step_flops = pending
         m = local_values(m)
         if not np.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping (see metrics.jsonl)")
@@ -273,8 +286,8 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
         for i, name in enumerate(task_names):
             if m["task_weight_sum"][i] > 0:
                 row[f"loss/{name}"] = m["task_loss_sum"][i] / m["task_weight_sum"][i]
-        row.update(tokens_seen=counters["tokens_seen"], flops_spent=counters["flops_spent"],
-                   tokens_per_sec=tokens_per_step / dt, mfu=flops_per_step / dt / peak_total,
+        row.update(tokens_seen=counted["tokens_seen"], flops_spent=counted["flops_spent"],
+                   tokens_per_sec=tokens_per_step / dt, mfu=step_flops / dt / peak_total,
                    step_time=dt)
         last_row = writer.write(step, row)
         eta = (t.steps - step) * dt
@@ -289,16 +302,17 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
         step = start_step
         while step < last_step:
             batch = next(train_iter)
-            state, metrics = train_step(state, _to_device(batch, setup.batch_sharding))
+            step_fn, step_flops = train_step.at(step)
+            state, metrics = step_fn(state, _to_device(batch, setup.batch_sharding))
             step += 1
             steps_window += 1
             counters["tokens_seen"] += tokens_per_step
-            counters["flops_spent"] += flops_per_step
+            counters["flops_spent"] += step_flops
             if pending is not None:
                 flush(pending)
                 pending = None
             if step % t.log_every == 0 or step == last_step:
-                pending = (step, metrics)
+                pending = (step, metrics, dict(counters), step_flops)
             if bar:
                 bar.update(1)
             if step % t.eval_every == 0 or step == t.steps:
