@@ -11,16 +11,55 @@ expert size, so active parameters depend on k only and total on E.
                            aux 1e-2, z 1e-3, softmax top-k, no dropping)
     get_sweep('paper')  -> d in {512, 1024, 2048} x E in {8..256} x k in {2..16}, k < E
 
+    ARG+post (e.g. 'tiny+post', 'micro+post') -> the same grid, and after each run's
+                           pre-training and evaluation two post stages: test-time
+                           compute (coverage@k, majority@k, budget forcing on arith)
+                           and GRPO on arith (post-GRPO greedy accuracy), so
+                           results.jsonl can answer: does test-time compute or RL
+                           change the ranking of sparsities? (2508.18672 sec. 5)
+
 Run it with the resumable, shardable runner (see moe_lab/sweep.py):
 
     moe-lab sweep --config configs/sparsity_sweep.py:tiny --workdir runs/sparsity_tiny
+    moe-lab sweep --config configs/sparsity_sweep.py:tiny+post --workdir runs/sparsity_tiny_post
 """
+
+import os
 
 import ml_collections
 
+# post stages per scale: (test-time compute spec, GRPO spec); keys of
+# moe_lab.eval.test_time.TTCConfig and moe_lab.eval.grpo.GRPOConfig
+POST = {
+    "tiny": ({"n": 16, "num_prompts": 32},
+             {"steps": 100, "lr": 3e-4, "prompts_per_step": 8, "eval_every": 50,
+              "checkpoint_every": 50, "eval_examples": 64, "devices": "one"}),
+    "micro": ({"n": 4, "num_prompts": 4, "budgets": "2,8", "waits": "0,1"},
+              {"steps": 2, "lr": 3e-4, "prompts_per_step": 2, "num_rollouts": 2,
+               "eval_every": 2, "checkpoint_every": 2, "eval_examples": 4, "devices": "one"}),
+    "paper": ({"n": 128, "num_prompts": 256},
+              {"steps": 200, "prompts_per_step": 64, "eval_examples": 512}),
+}
+
+
+def _split(arg):
+    """'tiny+post' -> ('tiny', True)."""
+    base, _, extra = (arg or "tiny").partition("+")
+    if extra not in ("", "post"):
+        raise ValueError(f"unknown suffix {extra!r} in {arg!r} (only +post)")
+    return base or "tiny", extra == "post"
+
+
+def post_stages(scale):
+    ttc, grpo = POST[scale]
+    return [{"kind": "moe_lab.eval.test_time:sweep_stage", **ttc},
+            {"kind": "moe_lab.eval.grpo:sweep_stage", "to": "grpo",
+             "config": os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.py"),
+             **grpo}]
+
 
 def get_config(arg=None):
-    arg = arg or "tiny"
+    arg, _ = _split(arg)
     c = ml_collections.ConfigDict()
     c.name = f"sparsity_{arg}"
     if arg == "tiny":
@@ -65,7 +104,14 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    arg = arg or "tiny"
+    scale, post = _split(arg)
+    points = _grid(scale)
+    if post:
+        points = [{**p, "post": post_stages(scale)} for p in points]
+    return points
+
+
+def _grid(arg):
     if arg == "tiny":
         grid = [(e, k) for e in (2, 4, 8, 16, 32) for k in (1, 2) if k < e]
         return [{"model.moe.num_experts": e, "model.moe.top_k": k} for e, k in grid]

@@ -2,6 +2,7 @@
 that breaks (or stops producing its figures) fails the suite."""
 
 import glob
+import importlib.util
 import os
 
 import nbformat
@@ -11,17 +12,27 @@ from test_sweep import REPO, compile_cache, write_config
 
 from moe_lab import sweep
 
+
+def sparsity_post_stages(scale):
+    path = os.path.join(REPO, "configs", "sparsity_sweep.py")
+    spec = importlib.util.spec_from_file_location("sparsity_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.post_stages(scale)
+
+
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 FIGURES = {"sparsity_vs_reasoning": ("loss_vs_total_params.png", "accuracy_vs_pretrain_loss.png",
-                                     "accuracy_vs_tpp.png"),
+                                     "accuracy_vs_tpp.png", "ttc_grpo_vs_sparsity.png"),
            "sunk_compute": ("sunk_compute.png",),
            # without *-ttc.json next to the results it draws labelled empty panels
            "test_time_compute": ("ttc_curves.png", "budget_forcing.png")}
-# two sparsities (k = 1, 2) and a tiny sunk-compute study on the same base run
+# two sparsities (k = 1, 2) and a tiny sunk-compute study on the same base run; one
+# point also runs the +post stages (test-time compute, GRPO) of configs/sparsity_sweep.py
 POINTS = [{"name": "base", "model.moe.num_experts": 2, "model.moe.top_k": 1,
            "tags": {"study": "base", "grown_at": None}},
           {"name": "scratch", "model.moe.num_experts": 4, "model.moe.top_k": 2,
-           "tags": {"study": "grow", "grown_at": 0}},
+           "tags": {"study": "grow", "grown_at": 0}, "post": sparsity_post_stages("micro")},
           {"name": "g2", "from": {"run": "base", "step": 2, "grow": {"width": {}}},
            "tags": {"study": "grow", "grown_at": 2}},
           {"name": "g4", "from": {"run": "base", "step": 4, "grow": {"width": {}}},
