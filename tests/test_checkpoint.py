@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -259,7 +260,7 @@ _KILLED_SAVE = textwrap.dedent("""
 def test_save_killed_mid_write_is_never_listed(tmp_path):
     workdir = str(tmp_path)
     script = _KILLED_SAVE.format(repo=REPO, workdir=workdir)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}"}
     proc = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

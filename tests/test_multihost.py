@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import FAST_COMPILE_FLAGS
 
 from moe_lab.train.metrics import read_metrics
 
@@ -32,8 +33,8 @@ def _cmd(workdir, steps, extra=()):
 
 
 def _env(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu"}
+    flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
 def _run(cmd, devices):

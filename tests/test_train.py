@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import FAST_COMPILE_FLAGS, tiny_config
 
 from moe_lab.config import ConfigError
 from moe_lab.train.loop import train
@@ -61,7 +61,7 @@ def _cli_train(workdir, steps, extra=()):
             "--config.train.checkpoint_every=5", "--config.train.log_every=1",
             "--config.train.eval_every=1000", "--config.train.progress=false",
             "--config.eval.at_end=false", *extra]
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
 
