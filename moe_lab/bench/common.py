@@ -33,6 +33,26 @@ def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 5, min_time: floa
     return float(np.median(times))
 
 
+def paired_ratio(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs: int = 7) -> float:
+    """Median over `pairs` back-to-back (num, den) calls of time(num) / time(den).
+
+    For ratio targets on a shared machine: both cases of a pair see the same load,
+    so drift over minutes cancels (a ratio of medians taken minutes apart does
+    not).  Both functions must already be compiled and warm.
+    """
+    ratios = []
+    for i in range(pairs):
+        order = (num, den) if i % 2 == 0 else (den, num)  # alternate who goes first
+        t = {}
+        for which, (fn, args) in zip(("first", "second"), order):
+            t0 = time.perf_counter()
+            block(fn(*args))
+            t[which] = time.perf_counter() - t0
+        t_num, t_den = (t["first"], t["second"]) if i % 2 == 0 else (t["second"], t["first"])
+        ratios.append(t_num / t_den)
+    return float(np.median(ratios))
+
+
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
     """FLOP/s of a large square matmul on the default backend, measured now.
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab.bench.common import target, time_fn
+from moe_lab.bench.common import paired_ratio, target, time_fn
 from moe_lab.config import ModelConfig, MoEConfig
 from moe_lab.layers.dispatch import buffer_swiglu
 from moe_lab.layers.mlp import SwiGLU
@@ -87,9 +87,9 @@ def run(quick: bool = False) -> dict:
     e_lo, e_hi = s["experts"][0], s["experts"][-1]
     for e in (e_lo, e_hi):
         cases[("matmul floor", e, "balanced")] = _matmul_floor_fn(s, e)
-    # Two rounds, the second in reverse order, each case's time = the smaller of its
-    # two medians: this shared 2-core machine drifts by +-10% over a minute, and the
-    # targets are ratios of cases measured minutes apart.  Reference: one round, 1 call.
+    # The table: two rounds, the second in reverse order, each case's time = the
+    # smaller of its two medians (this shared 2-core machine drifts by +-10% over a
+    # minute).  Reference: one round, 1 call.  The targets below use paired ratios.
     times: dict[tuple, float] = {}
     for round_keys in (list(cases), [k for k in reversed(cases) if k[2] != "reference"]):
         for key in round_keys:
@@ -102,20 +102,27 @@ def run(quick: bool = False) -> dict:
     rows = [{"layer": k[0], "experts": k[1], "dispatch": k[2], "time_s": t, "vs_dense": t / t_dense}
             for k, t in times.items()]
     times = {(k[2], k[1]): t for k, t in times.items()}
-    floor = {e: times[("balanced", e)] for e in (e_lo, e_hi)}
+    # the targets: medians of back-to-back pairs (drift cancels within a pair)
+    n_pairs = 3 if quick else 7
+
+    def ratio(num, den):
+        return paired_ratio(cases[num], cases[den], pairs=n_pairs)
+
+    dense_key = ("dense SwiGLU", 0, "-")
     targets = [
         target(f"capacity time(E={e_hi})/time(E={e_lo})",
-               times[("capacity", e_hi)] / times[("capacity", e_lo)], 1.3),
+               ratio(("MoE", e_hi, "capacity"), ("MoE", e_lo, "capacity")), 1.3),
         target(f"dropless time(E={e_hi})/time(E={e_lo})",
-               times[("dropless", e_hi)] / times[("dropless", e_lo)], 1.6),
-        target(f"capacity(E={e_lo})/dense", times[("capacity", e_lo)] / t_dense, 1.4),
+               ratio(("MoE", e_hi, "dropless"), ("MoE", e_lo, "dropless")), 1.6),
+        target(f"capacity(E={e_lo})/dense", ratio(("MoE", e_lo, "capacity"), dense_key), 1.4),
     ]
+    floor_ratio = ratio(("matmul floor", e_hi, "balanced"), ("matmul floor", e_lo, "balanced"))
     return {"name": "moe", "backend": jax.default_backend(),
             "shape": {"tokens": s["batch"] * s["seq"], "d_model": s["d_model"],
                       "expert_hidden": s["hidden"], "top_k": TOP_K,
                       "capacity_factor": CAPACITY_FACTOR},
             "results": rows, "targets": targets,
-            "floor_ratio": round(floor[e_hi] / floor[e_lo], 4)}
+            "floor_ratio": round(floor_ratio, 4)}
 
 
 def main_print(result: dict) -> None:
