@@ -247,14 +247,24 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
               "groups": _summary(per_task), "samples": samples,
               "eval_config": dataclasses.asdict(cfg.eval),
               "seconds": time.perf_counter() - t0}
-    if write and jax.process_index() == 0:
-        from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
-
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        write_json_atomic(eval_path(workdir, step), result)
+    if write:
+        save_result(eval_path(workdir, step), result)
     if print_table:
         print(format_table(result))
     return result
+
+
+def save_result(path: str, result: dict) -> None:
+    """Writes an evaluation result json atomically (directories made; process 0 only)."""
+    import jax  # noqa: PLC0415
+
+    from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
+
+    if jax.process_index() != 0:
+        return
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, result)
 
 
 def eval_path(workdir: str, step: int) -> str:

@@ -252,11 +252,10 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
                        for k, i in enumerate(todo[:num_samples])]
     result["samples"] = samples
     result["seconds"] = time.perf_counter() - t0
-    if write and jax.process_index() == 0:
-        from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
+    if write:
+        from moe_lab.eval.evaluate import save_result  # noqa: PLC0415
 
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        write_json_atomic(harness_path(workdir, step, data_path, shots), result)
+        save_result(harness_path(workdir, step, data_path, shots), result)
     if print_table:
         print(format_harness(result))
     return result

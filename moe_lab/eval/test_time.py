@@ -419,11 +419,10 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
                                                 max_new_tokens=budget,
                                                 batch_size=min(t.batch_size, 32))
     result["seconds"] = time.perf_counter() - t0
-    if write and jax.process_index() == 0:
-        from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
+    if write:
+        from moe_lab.eval.evaluate import save_result  # noqa: PLC0415
 
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        write_json_atomic(ttc_path(workdir, step), result)
+        save_result(ttc_path(workdir, step), result)
     if print_table:
         print(format_ttc(result))
     return result
