@@ -221,13 +221,14 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
 
         train_step = PhasedStep(jit_step(setup.graphdef, cfg), flops_per_step)
         warm_cfg = capacity_warmup_config(cfg)
-        if warm_cfg is not None and start_step < warm_cfg.model.mor.capacity_warmup_steps:
-            train_step.warm = jit_step(warmup_graphdef(warm_cfg), warm_cfg)
-            train_step.warm_until = warm_cfg.model.mor.capacity_warmup_steps
-            train_step.warm_flops = flops.train_flops_per_token(
-                warm_cfg.model, cfg.data.seq_len) * tokens_per_step
-            _log(f"capacity warm-up: steps {start_step} -> {train_step.warm_until} at full depth "
-                 f"({train_step.warm_flops / tokens_per_step:.3g} train FLOPs/token)")
+        warm_until = warm_cfg.model.mor.capacity_warmup_steps if warm_cfg else 0
+        if start_step < warm_until:  # a resume after the warm-up never compiles it
+            warm_flops = flops.train_flops_per_token(warm_cfg.model, cfg.data.seq_len)
+            train_step = PhasedStep(train_step.main, flops_per_step,
+                                    jit_step(warmup_graphdef(warm_cfg), warm_cfg),
+                                    warm_flops * tokens_per_step, warm_until)
+            _log(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
+                 f"({warm_flops:.3g} train FLOPs/token)")
         eval_step = jax.jit(make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated)
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                resume_step=start_step if latest is not None else None)
