@@ -19,14 +19,22 @@ def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
     assert 0 < r["floor_ratio"] < 100
 
 
-def test_paired_ratio_measures_the_ratio_of_two_functions():
-    import time
+def test_paired_ratio_measures_the_ratio_of_two_functions(monkeypatch):
+    """On a fake clock the functions advance by 3 and 1 units (plus drift that both
+    members of a pair share): the paired ratio is exactly 3 despite the drift."""
+    from moe_lab.bench import common
 
-    from moe_lab.bench.common import paired_ratio
+    clock = {"t": 0.0, "calls": 0}
 
-    slow, fast = (lambda: time.sleep(0.03), ()), (lambda: time.sleep(0.01), ())
-    assert 2.0 < paired_ratio(slow, fast, pairs=3) < 4.0
-    assert 0.25 < paired_ratio(fast, slow, pairs=3) < 0.5
+    def run(cost):
+        def fn():
+            clock["calls"] += 1
+            clock["t"] += cost * (1 + (clock["calls"] - 1) // 2)  # load grows pair by pair
+        return fn, ()
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["t"])
+    assert common.paired_ratio(run(3.0), run(1.0), pairs=5) == pytest.approx(3.0)
+    assert common.paired_ratio(run(1.0), run(3.0), pairs=4) == pytest.approx(1 / 3)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
