@@ -16,7 +16,7 @@ def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
     assert [t["name"] for t in r["targets"]] == [
         "capacity time(E=8)/time(E=4)", "dropless time(E=8)/time(E=4)", "capacity(E=4)/dense"]
     assert all(0 < t["value"] < 100 and t["ok"] == (t["value"] <= t["limit"]) for t in r["targets"])
-    assert 0 < r["floor_ratio"] < 100
+    assert 0 < r["floor_ratio"] < 100 and 0 < r["ideal_ratio"] < 100
 
 
 def test_paired_ratio_measures_the_ratio_of_two_functions(monkeypatch):

@@ -86,7 +86,7 @@ def test_every_dispatch_matches_reference(router):
         assert float(got[1]["drop_fraction"]) == 0.0
 
 
-@pytest.mark.parametrize("tiles", [(32, 8), (128, 32)])
+@pytest.mark.parametrize("tiles", [(32, 8), (128, 32), (70, 0)])
 def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
     """Groups spanning several main tiles plus tail tiles, or one main tile larger
     than the group (the tiny configs above only run the latter); with capacity 70

@@ -206,7 +206,11 @@ def choose_tiles(rows_per_expert: float) -> tuple[int, int]:
     expert the number of tiles, not the padding, sets the cost.  Measured
     (bench moe shape, E=256, fwd+bwd): main = expected rows 694-726 ms; one
     window of 1.25x 747-931 ms; main = half the rows plus quarter tails (the
-    rule used above 512 rows) 993-1103 ms.
+    rule used above 512 rows) 993-1103 ms.  The loop-free window mode
+    (tiles = (capacity, 0), one window of C rows per expert, weight gradients
+    straight from the dots) measured the same as (128, 32) inside the full layer
+    (paired E=256/E=8 ratios 1.46-1.50 vs 1.42-1.50), so token choice keeps the
+    loop; expert choice, where every expert holds exactly C rows, uses windows.
     """
     if rows_per_expert <= 512:
         main = max(8, 8 * math.ceil(rows_per_expert / 8))
@@ -234,31 +238,35 @@ def _tiles(start, count, tiles):
     return ((tile, start, n_main), (tail, start + n_main * tile, (rest + tail - 1) // tail))
 
 
+def _fwd_tile(carry, x_SD, r0, size, g_DF, u_DF, d_FD):
+    """Rows [r0, r0 + size) through one expert; writes y and the saved g, u rows."""
+    y_SD, g_SF, u_SF = carry
+    x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
+    g_TF, u_TF = x_TD @ g_DF, x_TD @ u_DF
+    y_TD = (jax.nn.silu(g_TF) * u_TF) @ d_FD
+    return (lax.dynamic_update_slice_in_dim(y_SD, y_TD, r0, 0),
+            lax.dynamic_update_slice_in_dim(g_SF, g_TF, r0, 0),
+            lax.dynamic_update_slice_in_dim(u_SF, u_TF, r0, 0))
+
+
 def _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles):
     """Expert e's kept rows [starts_E[e], starts_E[e] + counts_E[e]) in tiles.
 
-    The last tail tile of an expert may run into the next expert's rows; experts
+    The last tile of an expert may run into the next expert's rows; experts
     are processed in increasing order, so the next one overwrites them (rows past
-    the kept range of an expert are never read).  Trip counts are dynamic: only
-    occupied rows are computed.
+    the kept range of an expert are never read).  Loop mode (tail > 0): dynamic
+    trip counts, only occupied tiles are computed.  Window mode (tail == 0): one
+    tile of `main` rows per expert, no inner loop (needs counts_E <= main).
     """
     dt = x_SD.dtype
 
     def expert_body(carry, inputs):
         start, count, g_DF, u_DF, d_FD = inputs
+        if tiles[1] == 0:
+            return _fwd_tile(carry, x_SD, start, tiles[0], g_DF, u_DF, d_FD), None
         for size, first, num in _tiles(start, count, tiles):
-
-            def tile_body(j, c, size=size, first=first):
-                y_SD, g_SF, u_SF = c
-                r0 = first + j * size
-                x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
-                g_TF, u_TF = x_TD @ g_DF, x_TD @ u_DF
-                y_TD = (jax.nn.silu(g_TF) * u_TF) @ d_FD
-                return (lax.dynamic_update_slice_in_dim(y_SD, y_TD, r0, 0),
-                        lax.dynamic_update_slice_in_dim(g_SF, g_TF, r0, 0),
-                        lax.dynamic_update_slice_in_dim(u_SF, u_TF, r0, 0))
-
-            carry = lax.fori_loop(0, num, tile_body, carry)
+            carry = lax.fori_loop(0, num, lambda j, c, size=size, first=first: _fwd_tile(
+                c, x_SD, first + j * size, size, g_DF, u_DF, d_FD), carry)
         return carry, None
 
     s, f = x_SD.shape[0], gate_EDF.shape[-1]
@@ -273,8 +281,9 @@ def grouped_swiglu_loop(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD,
                         tiles: tuple[int, int]):
     """y rows of expert e = SwiGLU_e(x rows of e) for the kept rows; other rows undefined.
 
-    tiles = (main, tail) rows (see choose_tiles); x_SD needs >= main rows of
-    padding after the last expert's rows.
+    tiles = (main, tail) rows (see choose_tiles), or (window, 0) for one window
+    per expert (counts_E <= window); x_SD needs >= main rows of padding after
+    the last expert's rows.
     """
     return _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles)[0]
 
@@ -284,34 +293,45 @@ def _loop_fwd(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles):
     return y_SD, (x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, g_SF, u_SF)
 
 
+def _bwd_tile(dx_SD, saved, r0, size, start, count, g_DF, u_DF, d_FD):
+    """Backward of one tile: (dx_SD with the tile's rows written, (dg_DF, du_DF, dd_FD))."""
+    x_SD, g_SF, u_SF, dy_SD = saved
+    x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
+    g_TF = lax.dynamic_slice_in_dim(g_SF, r0, size)
+    u_TF = lax.dynamic_slice_in_dim(u_SF, r0, size)
+    mine_T1 = (jnp.arange(size) + r0 < start + count)[:, None]  # this expert's rows
+    dy_TD = jnp.where(mine_T1, lax.dynamic_slice_in_dim(dy_SD, r0, size), 0)
+    silu_TF, dsilu_TF = _silu_parts(g_TF)
+    dd_FD = (silu_TF * u_TF).T @ dy_TD
+    dh_TF = dy_TD @ d_FD.T
+    dgate_TF = dh_TF * u_TF * dsilu_TF
+    dup_TF = dh_TF * silu_TF
+    dx_TD = dgate_TF @ g_DF.T + dup_TF @ u_DF.T
+    return (lax.dynamic_update_slice_in_dim(dx_SD, dx_TD, r0, 0),
+            (x_TD.T @ dgate_TF, x_TD.T @ dup_TF, dd_FD))
+
+
 def _loop_bwd(tiles, res, dy_SD):
     x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, g_SF, u_SF = res
+    saved = (x_SD, g_SF, u_SF, dy_SD)
 
     def expert_body(dx_SD, inputs):
         start, count, g_DF, u_DF, d_FD = inputs
-        carry = (dx_SD, jnp.zeros_like(g_DF), jnp.zeros_like(u_DF), jnp.zeros_like(d_FD))
+        if tiles[1] == 0:
+            # window mode: weight grads come straight from the dots.  Why it
+            # matters: at ~128 rows per expert, zero-filling and accumulating
+            # three D x F gradients per tile costs about as much as the tile.
+            return _bwd_tile(dx_SD, saved, start, tiles[0], start, count, g_DF, u_DF, d_FD)
+        carry = (dx_SD, (jnp.zeros_like(g_DF), jnp.zeros_like(u_DF), jnp.zeros_like(d_FD)))
         for size, first, num in _tiles(start, count, tiles):
 
             def tile_body(j, c, size=size, first=first):
-                dx_SD, dg_DF, du_DF, dd_FD = c
-                r0 = first + j * size
-                x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
-                g_TF = lax.dynamic_slice_in_dim(g_SF, r0, size)
-                u_TF = lax.dynamic_slice_in_dim(u_SF, r0, size)
-                mine_T1 = (jnp.arange(size) + r0 < start + count)[:, None]  # this expert's rows
-                dy_TD = jnp.where(mine_T1, lax.dynamic_slice_in_dim(dy_SD, r0, size), 0)
-                silu_TF, dsilu_TF = _silu_parts(g_TF)
-                dd_FD = dd_FD + (silu_TF * u_TF).T @ dy_TD
-                dh_TF = dy_TD @ d_FD.T
-                dgate_TF = dh_TF * u_TF * dsilu_TF
-                dup_TF = dh_TF * silu_TF
-                dx_TD = dgate_TF @ g_DF.T + dup_TF @ u_DF.T
-                return (lax.dynamic_update_slice_in_dim(dx_SD, dx_TD, r0, 0),
-                        dg_DF + x_TD.T @ dgate_TF, du_DF + x_TD.T @ dup_TF, dd_FD)
+                dx_SD, grads = _bwd_tile(c[0], saved, first + j * size, size, start, count,
+                                         g_DF, u_DF, d_FD)
+                return dx_SD, jax.tree.map(jnp.add, c[1], grads)
 
             carry = lax.fori_loop(0, num, tile_body, carry)
-        dx_SD, dg_DF, du_DF, dd_FD = carry
-        return dx_SD, (dg_DF, du_DF, dd_FD)  # weight grads stacked by scan, no zero-fill
+        return carry  # weight grads stacked by scan, no zero-fill
 
     dx_SD, (dgate_EDF, dup_EDF, ddown_EFD) = lax.scan(
         expert_body, jnp.zeros_like(x_SD), (starts_E, counts_E, gate_EDF, up_EDF, down_EFD))
@@ -393,11 +413,10 @@ def expert_choice_moe(x_ND, token_EC, gate_EC, weights, *, impl: str = "auto"):
     if impl in ("buffer", "ragged", "accelerator"):
         y_SD = buffer_swiglu(x_SD.reshape(num_experts, cap, -1), *weights).reshape(x_SD.shape)
     elif impl == "loop":
-        tiles = choose_tiles(cap)  # every expert holds exactly C rows
-        x_SD = jnp.concatenate([x_SD, jnp.zeros((tiles[0], x_SD.shape[1]), x_SD.dtype)])
+        # every expert holds exactly C rows: one window each, no padding rows
         starts_E = jnp.arange(num_experts, dtype=jnp.int32) * cap
         counts_E = jnp.full((num_experts,), cap, jnp.int32)
-        y_SD = grouped_swiglu_loop(x_SD, starts_E, counts_E, *weights, tiles)[: num_experts * cap]
+        y_SD = grouped_swiglu_loop(x_SD, starts_E, counts_E, *weights, (cap, 0))
     else:
         raise ValueError(f"unknown MoE impl {impl!r}")
     w_S = gate_EC.reshape(-1).astype(y_SD.dtype)
