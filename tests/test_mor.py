@@ -24,9 +24,14 @@ _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_le
                                                     "xla_llvm_disable_expensive_passes": True})
 
 
-def _mor(num_layers=5, init_std=0.02, **mor):
+# MoE feed-forwards inside the shared block (dropless: a token's output does not
+# depend on which other tokens the step runs, so gathered / cached paths must match)
+MOE_FFN = dict(ffn="moe", moe=dict(num_experts=4, top_k=2, expert_hidden=32, dispatch="dropless"))
+
+
+def _mor(num_layers=5, init_std=0.02, model_extra=None, **mor):
     return tiny_config(model=dict(stack="recursive", num_layers=num_layers, init_std=init_std,
-                                  mor=mor), data=dict(seq_len=T))
+                                  mor=mor, **(model_extra or {})), data=dict(seq_len=T))
 
 
 def _batch(seed=0, packed=True):
@@ -135,14 +140,17 @@ def _vag(fwd, w):
     return _jit(jax.value_and_grad(loss, has_aux=True))
 
 
-@pytest.mark.parametrize("mor", [
-    dict(routing="expert_choice"),
-    dict(routing="expert_choice", kv_cache="shared", update="released", capacities="1,0.5,0.25"),
+@pytest.mark.parametrize("mor,extra", [
+    (dict(routing="expert_choice"), None),
+    (dict(routing="expert_choice", kv_cache="shared", update="released", capacities="1,0.5,0.25"),
+     None),
+    (dict(routing="expert_choice"), MOE_FFN),
 ])
-def test_expert_choice_gather_matches_dense_reference(mor):
+def test_expert_choice_gather_matches_dense_reference(mor, extra):
     """Exactly k_r tokens per step, hierarchical; gathered fast path == dense masked
-    reference (outputs and gradients), for both updates and both KV patterns."""
-    cfg = _mor(**mor)
+    reference (outputs and gradients), for both updates and both KV patterns, and
+    with an MoE feed-forward in the shared block."""
+    cfg = _mor(model_extra=extra, **mor)
     gd, params, rest = split_model(build_model(cfg))
     batch = _batch()
     w = jax.random.normal(jax.random.key(1), (B, T, cfg.model.vocab_size))
@@ -182,15 +190,18 @@ def test_token_choice_matches_per_row_reference():
 PROMPTS = [[5, 17, 33, 80, 81, 100], [7, 8], [200, 201, 202, 9]]
 
 
-@pytest.mark.parametrize("mor,temperature", [
-    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0),
-    (dict(routing="expert_choice", kv_cache="shared", causal_aux="aux_router", decode_buckets=0), 0.0),
-    (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0),
+@pytest.mark.parametrize("mor,temperature,extra", [
+    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0, None),
+    (dict(routing="expert_choice", kv_cache="shared", causal_aux="aux_router", decode_buckets=0),
+     0.0, None),
+    (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0, None),
+    (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, MOE_FFN),
 ])
-def test_cached_decode_matches_reference(mor, temperature):
+def test_cached_decode_matches_reference(mor, temperature, extra):
     """Cached decode (threshold routing, depth-wise row buckets) == the no-cache
-    reference decode, which runs the full forward with the same threshold routing."""
-    cfg = _mor(init_std=0.2, **mor)
+    reference decode, which runs the full forward with the same threshold routing
+    (also with MoE feed-forwards in the shared block)."""
+    cfg = _mor(init_std=0.2, model_extra=extra, **mor)
     gd, params, rest = split_model(build_model(cfg))
     kw = dict(max_new_tokens=5, temperature=temperature, seed=3)
     fast = generate(gd, params, rest, PROMPTS, use_cache=True, **kw)

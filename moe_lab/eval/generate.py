@@ -47,17 +47,25 @@ def sample_logits(logits_BV, rng, temperature: float, top_p: float):
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
-def _generate_cached(graphdef, params, model_state, tokens_BP, valid_BP, rng, *,
-                     max_new_tokens: int, temperature: float, top_p: float):
-    model = nnx.merge(graphdef, params, model_state)
+def prefill(model, tokens_BP, valid_BP, rng, *, max_new_tokens: int, temperature: float,
+            top_p: float):
+    """Runs the prompt through `model` into a fresh cache; returns the decode state.
+
+    State = (first sampled token_B, cache, last prompt position_B, per-step keys).
+    """
     B, P = tokens_BP.shape
     cache = model.init_cache(B, P + max_new_tokens)
     positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0).astype(jnp.int32)
     logits_BPV, cache = model.decode(tokens_BP, positions_BP, valid_BP, cache, 0)
     keys = jax.random.split(rng, max_new_tokens)
     first_B = sample_logits(logits_BPV[:, -1], keys[0], temperature, top_p)
-    last_pos_B = positions_BP[:, -1]
+    return first_B, cache, positions_BP[:, -1], keys
+
+
+def decode_steps(model, state, prompt_len: int, *, temperature: float, top_p: float):
+    """The max_new_tokens - 1 single-token decode steps after `prefill`: tokens [B, N]."""
+    first_B, cache, last_pos_B, keys = state
+    B, P = first_B.shape[0], prompt_len
 
     def step(carry, i):
         token_B, cache = carry
@@ -67,8 +75,17 @@ def _generate_cached(graphdef, params, model_state, tokens_BP, valid_BP, rng, *,
         nxt_B = sample_logits(logits_B1V[:, 0], keys[i], temperature, top_p)
         return (nxt_B, cache), nxt_B
 
-    (_, _), rest_NB = jax.lax.scan(step, (first_B, cache), jnp.arange(1, max_new_tokens))
+    (_, _), rest_NB = jax.lax.scan(step, (first_B, cache), jnp.arange(1, keys.shape[0]))
     return jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
+def _generate_cached(graphdef, params, model_state, tokens_BP, valid_BP, rng, *,
+                     max_new_tokens: int, temperature: float, top_p: float):
+    model = nnx.merge(graphdef, params, model_state)
+    sampling = {"temperature": temperature, "top_p": top_p}
+    state = prefill(model, tokens_BP, valid_BP, rng, max_new_tokens=max_new_tokens, **sampling)
+    return decode_steps(model, state, tokens_BP.shape[1], **sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
