@@ -46,3 +46,20 @@ def test_host_allocator_tuned_on_import_and_opt_out():
                          env=env)
     assert on.stdout.strip() == "True"
     assert off.stdout.strip() == "False"
+
+
+def test_decode_bench_quick_reports_paired_speedups_and_kv_ratios():
+    from moe_lab.bench import decode
+
+    r = decode.run(quick=True, d_model=64, batch=4, new_tokens=4)
+    assert set(r["models"]) == {"vanilla", "vanilla_plain_path", "mor_recursion_wise",
+                                "mor_kv_shared"}
+    assert all(m["tokens_per_sec"] > 0 and m["end_to_end_tokens_per_sec"] > 0
+               for m in r["models"].values())
+    for key in ("speedup_recursion_wise", "speedup_kv_shared", "speedup_kv_shared_equal_kv_memory"):
+        assert 0.05 < r[key] < 20
+    # KV sharing stores step 1's KV only: 1/N_r of the recursive part, half the buffers
+    assert r["models"]["mor_kv_shared"]["kv_stored_ratio_recursive_part"] == pytest.approx(1 / 3)
+    assert r["kv_alloc_ratio_shared"] == pytest.approx(0.5)
+    assert [t["ok"] == (t["value"] >= t["limit"] if t["op"] == ">=" else t["value"] <= t["limit"])
+            for t in r["targets"]] == [True] * 4
