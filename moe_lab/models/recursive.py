@@ -183,17 +183,6 @@ def _apply_stack(stack, x_BTD, pos_BT, seg_BT, *, train, rng):
     return _scan(body, x_BTD, (state_L, keys))
 
 
-def _decode_stack(stack, x_BTD, pos_BT, valid_BT, cache_L, index):
-    """ScannedStack.decode through _scan."""
-    graphdef, state_L = nnx.split(stack.layers)
-
-    def body(x, layer):
-        state, cache = layer
-        return nnx.merge(graphdef, state).decode(x, pos_BT, valid_BT, cache, index)
-
-    return _scan(body, x_BTD, (state_L, cache_L))
-
-
 def _concat_aux(auxes):
     auxes = [a for a in auxes if a]
     if not auxes:
@@ -429,8 +418,8 @@ class RecursiveStack(nnx.Module):
         R, routing = mor.num_recursions, mor.routing
         new = dict(cache)
         if self.schedule.first:
-            x_BTD, new["first"] = _decode_stack(self.first, x_BTD, positions_BT, valid_BT,
-                                                cache["first"], index)
+            x_BTD, new["first"] = self.first.decode(x_BTD, positions_BT, valid_BT,
+                                                    cache["first"], index)
         h = x_BTD
         B, T = h.shape[:2]
         cand = jnp.ones((B, T), bool)
@@ -457,7 +446,7 @@ class RecursiveStack(nnx.Module):
             cand = sel
         new["shared"] = shared
         if self.schedule.last:
-            h, new["last"] = _decode_stack(self.last, h, positions_BT, valid_BT, cache["last"], index)
+            h, new["last"] = self.last.decode(h, positions_BT, valid_BT, cache["last"], index)
         if stats:
             return h, new, jnp.stack(kept)
         return h, new

@@ -62,10 +62,10 @@ class Block(nnx.Module):
         return x_BTD + y_BTD, aux
 
 
-    def decode(self, x_BTD, positions_BT, valid_BT, cache, index):
+    def decode(self, x_BTD, positions_BT, valid_BT, cache, index, layer=None):
         """Like __call__ with a KV cache (inference only; see Attention.decode)."""
         def attn(h_BTD):
-            return self.attn.decode(h_BTD, positions_BT, valid_BT, cache, index)
+            return self.attn.decode(h_BTD, positions_BT, valid_BT, cache, index, layer)
 
         if self.post_norm:
             a_BTD, cache = attn(x_BTD)
@@ -117,14 +117,20 @@ class ScannedStack(nnx.Module):
                 "valid_BS": jnp.zeros((self.num_layers, batch, max_len), bool)}
 
     def decode(self, x_BTD, positions_BT, valid_BT, cache_L, index):
+        """The stack on T new tokens; cache_L ([L, B, S, ...] arrays) is carried through
+        the layer scan and written in place (see Attention.decode)."""
         graphdef, state_L = nnx.split(self.layers)
 
-        def body(x_BTD, layer):
-            state, cache = layer
+        def body(carry, layer):
+            x_BTD, cache_L = carry
+            state, i = layer
             block = nnx.merge(graphdef, state)
-            return block.decode(x_BTD, positions_BT, valid_BT, cache, index)
+            return block.decode(x_BTD, positions_BT, valid_BT, cache_L, index, layer=i), None
 
-        return jax.lax.scan(body, x_BTD, (state_L, cache_L))
+        layers = (state_L, jnp.arange(self.num_layers, dtype=jnp.int32))
+        if self.num_layers == 1:  # a 1-step loop costs compile time and nothing else
+            return body((x_BTD, cache_L), jax.tree.map(lambda a: a[0], layers))[0]
+        return jax.lax.scan(body, (x_BTD, cache_L), layers)[0]
 
 
 class Transformer(nnx.Module):
