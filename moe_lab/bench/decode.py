@@ -221,6 +221,8 @@ def main_print(r: dict) -> None:
     print(f"decode benchmark on {r['backend']}: batch {r['batch']}, prompt {r['prompt_len']}, "
           f"{r['new_tokens']} new tokens, d_model {r['d_model']}, "
           f"{r['layer_applications']} layer applications at full depth")
+    print("  (per-model tok/s: medians taken minutes apart, which drift on a shared machine; "
+          "the speed-ups are medians of back-to-back pairs)")
     for name, x in r["models"].items():
         line = (f"  {name:<20} {x['tokens_per_sec']:7.0f} tok/s decode "
                 f"({x['end_to_end_tokens_per_sec']:5.0f} with prefill)  KV alloc "
