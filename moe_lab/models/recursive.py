@@ -53,7 +53,7 @@ from moe_lab.config import ModelConfig, mor_capacities
 from moe_lab.layers import recursion_routing as rr
 from moe_lab.layers.attention import attention_mask, gqa
 from moe_lab.layers.routing import make_router_bias
-from moe_lab.models.transformer import _REMAT_POLICIES, ScannedStack
+from moe_lab.models.transformer import _REMAT_POLICIES, ScannedStack, scan_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,17 +157,8 @@ def block_decode(block, x_BTD, pos_BT, kv_valid_BT, cache, index, *, write: bool
     return x_BTD + y, new
 
 
-def _scan(body, carry, xs):
-    """lax.scan, or a direct call when there is one layer: a 1-step loop costs compile
-    time and nothing else (pools of one layer are common: middle_cycle L = N_r + 2)."""
-    if jax.tree.leaves(xs)[0].shape[0] != 1:
-        return jax.lax.scan(body, carry, xs)
-    carry, ys = body(carry, jax.tree.map(lambda a: a[0], xs))
-    return carry, jax.tree.map(lambda a: a[None], ys)
-
-
 def _apply_stack(stack, x_BTD, pos_BT, seg_BT, *, train, rng):
-    """A ScannedStack (first/last unique layers) through _scan."""
+    """A ScannedStack (first/last unique layers) through scan_layers."""
     graphdef, state_L = nnx.split(stack.layers)
     keys = (jax.random.split(rng, stack.num_layers) if rng is not None
             else jnp.zeros((stack.num_layers, 2), jnp.uint32))
@@ -180,7 +171,7 @@ def _apply_stack(stack, x_BTD, pos_BT, seg_BT, *, train, rng):
 
     if stack.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[stack.remat])
-    return _scan(body, x_BTD, (state_L, keys))
+    return scan_layers(body, x_BTD, (state_L, keys))
 
 
 def _concat_aux(auxes):
@@ -249,7 +240,7 @@ class RecursiveStack(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-        x, (aux_n, kv_out) = _scan(body, x_BTD, (jnp.asarray(ids, jnp.int32), keys, kv_n))
+        x, (aux_n, kv_out) = scan_layers(body, x_BTD, (jnp.asarray(ids, jnp.int32), keys, kv_n))
         return x, aux_n, kv_out
 
     def _dense_step(self, r, h, pos, seg, sel, g, kv1, *, train, rng):
@@ -461,7 +452,7 @@ class RecursiveStack(nnx.Module):
             block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
             return block_decode(block, x, pos, kv_valid, cache, index, write=write)
 
-        return _scan(body, h, (ids, cache_n))
+        return scan_layers(body, h, (ids, cache_n))
 
     def _decode_step(self, r, h, pos, valid, sel, g, shared, index):
         mor = self.cfg.mor

@@ -78,6 +78,16 @@ class Block(nnx.Module):
         return x_BTD + y_BTD, cache
 
 
+def scan_layers(body, carry, xs):
+    """lax.scan over stacked layers, or a direct call when there is one layer: a
+    1-step loop costs compile time and nothing else (one-layer stacks are common:
+    MoR's unique first / last layers, middle_cycle pools with L = N_r + 2)."""
+    if jax.tree.leaves(xs)[0].shape[0] != 1:
+        return jax.lax.scan(body, carry, xs)
+    carry, ys = body(carry, jax.tree.map(lambda a: a[0], xs))
+    return carry, jax.tree.map(lambda a: a[None], ys)
+
+
 class ScannedStack(nnx.Module):
     """`num_layers` Blocks with parameters stacked on axis 0, applied by lax.scan."""
 
@@ -128,9 +138,7 @@ class ScannedStack(nnx.Module):
             return block.decode(x_BTD, positions_BT, valid_BT, cache_L, index, layer=i), None
 
         layers = (state_L, jnp.arange(self.num_layers, dtype=jnp.int32))
-        if self.num_layers == 1:  # a 1-step loop costs compile time and nothing else
-            return body((x_BTD, cache_L), jax.tree.map(lambda a: a[0], layers))[0]
-        return jax.lax.scan(body, (x_BTD, cache_L), layers)[0]
+        return scan_layers(body, (x_BTD, cache_L), layers)[0]
 
 
 class Transformer(nnx.Module):
