@@ -114,6 +114,10 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
         gates_NE = dsp.dense_gates(expert_NK, jnp.where(keep_NK, gate_NK, 0), e)
         return jnp.sum(dsp.reference_moe(x_ND, gates_NE, *weights) ** 2), keep_NK
 
+    if tiles[1] == 0:  # a window shorter than the capacity would skip kept rows
+        with pytest.raises(ValueError, match="needs capacity <= 32"):
+            dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
+                                 impl="loop", tiles=(32, 0))
     (v1, keep), g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2), has_aux=True))(
         x_ND, gate_NK, weights)
     (v2, _), g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True))(

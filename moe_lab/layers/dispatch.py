@@ -391,6 +391,9 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
         y_SD = grouped_swiglu_ragged(x_SD, layout.counts_E, *weights)
     elif impl == "loop":
         tiles = tiles or choose_tiles(min(cap, n * k / num_experts))
+        if tiles[1] == 0 and (capacity is None or capacity > tiles[0]):
+            raise ValueError(f"tiles={tiles}: a window of {tiles[0]} rows per expert needs "
+                             f"capacity <= {tiles[0]} (got {capacity})")
         layout = sorted_layout(expert_NK, num_experts, cap, pad=tiles[0])
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = grouped_swiglu_loop(x_SD, layout.starts_E, layout.counts_E, *weights, tiles)
