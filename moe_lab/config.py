@@ -52,6 +52,9 @@ class MoEConfig:
     # reference: every expert on every token (slow, exact); capacity: sort + per-expert
     # buffers, overflow dropped; dropless: nothing dropped; auto: dropless.
     dispatch: str = "dropless"
+    # expert kernels (moe_lab/layers/dispatch.py): auto picks by backend (CPU: loop;
+    # GPU: buffer for capacity, blocks for dropless; TPU: buffer / ragged)
+    kernel: str = "auto"  # auto | loop | buffer | ragged | blocks
     capacity_factor: float = 1.25
     metrics: str = "aggregate"  # aggregate | per_layer
 
@@ -269,6 +272,7 @@ _CHOICES = {
     "model.stack": ("plain", "recursive"),
     "model.moe.router": ("topk_softmax", "softmax_topk", "sigmoid", "expert_choice"),
     "model.moe.dispatch": ("reference", "capacity", "dropless", "auto"),
+    "model.moe.kernel": ("auto", "loop", "buffer", "ragged", "blocks"),
     "model.moe.metrics": ("aggregate", "per_layer"),
     "model.mor.sharing": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
     "model.mor.routing": ("none", "expert_choice", "token_choice"),
@@ -362,6 +366,16 @@ def _validate_moe(m: ModelConfig) -> None:
             "model.moe.num_shared_experts > 0 is not supported with router='expert_choice' "
             "(expert choice already lets busy tokens use many experts)"
         )
+    dropless = e.dispatch in ("dropless", "auto")
+    if e.router == "expert_choice" and e.kernel in ("ragged", "blocks"):
+        raise ConfigError(f"model.moe.kernel={e.kernel!r} is for token choice; expert choice "
+                          "runs 'loop' or 'buffer' (every expert holds exactly C tokens)")
+    if e.router != "expert_choice" and e.kernel in ("ragged", "blocks") and not dropless:
+        raise ConfigError(f"model.moe.kernel={e.kernel!r} needs model.moe.dispatch='dropless' "
+                          f"(got {e.dispatch!r})")
+    if e.router != "expert_choice" and e.kernel == "buffer" and dropless:
+        raise ConfigError("model.moe.kernel='buffer' needs model.moe.dispatch='capacity' (a "
+                          "dropless buffer would hold every token for every expert)")
     if e.router_jitter < 0 or e.aux_loss_weight < 0 or e.z_loss_weight < 0:
         raise ConfigError("model.moe router_jitter, aux_loss_weight, z_loss_weight must be >= 0")
 

@@ -44,6 +44,13 @@ def test_tiny_config_loads_and_overrides_apply():
     ({"model.ffn": "moe", "model.moe.capacity_factor": 0}, "capacity_factor must be > 0"),
     ({"model.ffn": "moe", "model.moe.router": "expert_choice", "model.moe.num_shared_experts": 1},
      "not supported with router='expert_choice'"),
+    ({"model.ffn": "moe", "model.moe.kernel": "blocks", "model.moe.dispatch": "capacity"},
+     "kernel='blocks' needs model.moe.dispatch='dropless'"),
+    ({"model.ffn": "moe", "model.moe.kernel": "buffer"},
+     "kernel='buffer' needs model.moe.dispatch='capacity'"),
+    ({"model.ffn": "moe", "model.moe.router": "expert_choice", "model.moe.kernel": "ragged"},
+     "kernel='ragged' is for token choice"),
+    ({"model.ffn": "moe", "model.moe.kernel": "cuda"}, "'model.moe.kernel'='cuda' is not one of"),
 ])
 def test_bad_values_raise_one_line(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -5,11 +5,10 @@ bias balancing, expert parallelism on 8 fake devices.
 Legend: N tokens, D d_model, F expert hidden, E experts, K top-k, C capacity.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +21,13 @@ from moe_lab.layers import routing
 from moe_lab.layers.moe import MoE
 
 ROUTERS = ["topk_softmax", "softmax_topk", "sigmoid", "expert_choice"]
-# (dispatch, impl): impl "loop" is the CPU kernel, "accelerator" the ragged_dot /
-# [E, C, D] buffer kernels used on GPU/TPU (slow but correct on CPU).
-# "auto" is "dropless" with impl "auto" (= "loop" on CPU).  The accelerator kernels do
-# not look at the router (they see expert_NK / gate_NK only), so they are run for
-# two routers to keep the file fast.
+# (dispatch, impl): impl "loop" is the CPU kernel; the accelerator kernels are the
+# [E, C, D] buffers (capacity), ragged_dot (TPU dropless) and blocks (GPU dropless),
+# slow but correct on CPU.  "auto" is "dropless" with impl "auto" (= "loop" on CPU).
+# The accelerator kernels do not look at the router (they see expert_NK / gate_NK
+# only), so they are run for two routers to keep the file fast.
 FAST = [("capacity", "loop"), ("dropless", "loop")]
-ACCEL = [("capacity", "accelerator"), ("dropless", "accelerator")]
+ACCEL = [("capacity", "accelerator"), ("dropless", "ragged"), ("dropless", "blocks")]
 ACCEL_ROUTERS = ("softmax_topk", "expert_choice")
 
 
@@ -125,6 +124,63 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
     assert bool(jnp.all(keep)) == (capacity is None)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     assert_trees_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_block_kernel_vs_reference(skew):
+    """The GPU dropless kernel: groups of several blocks, partial last blocks, and
+    (skew) one expert taking every token's first choice, which the static block
+    bound must still hold."""
+    from moe_lab.layers import dispatch as dsp
+
+    n, d, f, e, k = 150, 8, 16, 5, 2
+    keys = jax.random.split(jax.random.PRNGKey(1), 6)
+    x_ND = jax.random.normal(keys[0], (n, d))
+    expert_NK = jnp.argsort(jax.random.uniform(keys[1], (n, e)), axis=1)[:, :k].astype(jnp.int32)
+    if skew:
+        expert_NK = jnp.stack([jnp.zeros((n,), jnp.int32), 1 + expert_NK[:, 1] % (e - 1)], 1)
+    gate_NK = jax.random.uniform(keys[2], (n, k))
+    weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
+                    zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
+    block = dsp.choose_block(n * k, e)
+    assert block == 16
+    layout, block_expert_J = dsp.block_layout(expert_NK, e, block)
+    load = np.bincount(np.asarray(expert_NK).ravel(), minlength=e)
+    assert int(np.sum(-(-load // block))) <= block_expert_J.shape[0]
+    rows = np.asarray(layout.row_NK)
+    assert len(set(rows.ravel().tolist())) == n * k  # every assignment its own row
+    # each assignment's row sits in a block of its expert
+    np.testing.assert_array_equal(np.asarray(block_expert_J)[rows // block], np.asarray(expert_NK))
+    assert int(np.sum(np.asarray(layout.valid_S))) == n * k
+
+    def fast(x_ND, gate_NK, weights):
+        y, _ = dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=None,
+                                    impl="blocks")
+        return jnp.sum(y ** 2)
+
+    def ref(x_ND, gate_NK, weights):
+        return jnp.sum(dsp.reference_moe(x_ND, dsp.dense_gates(expert_NK, gate_NK, e),
+                                         *weights) ** 2)
+
+    v1, g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
+    v2, g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    assert_trees_close(g1, g2, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dropless only"):
+        dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=40, impl="blocks")
+
+
+def test_kernel_config_reaches_the_layer():
+    """model.moe.kernel picks the layer's kernels (here the GPU dropless one, on CPU)."""
+    cfg = make_cfg("softmax_topk", "dropless")
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, kernel="blocks"))
+    m = MoE(cfg, rngs=nnx.Rngs(0))
+    assert m.impl == "blocks"
+    x, ct = inputs(cfg)
+    ref = value_and_grads(make_moe(make_cfg("softmax_topk", "reference")), x, ct)
+    got = value_and_grads(m, x, ct)
+    assert_trees_close(got[0], ref[0])
+    assert_trees_close(got[2], ref[2])
 
 
 # ------------------------------------------------------------------ numpy side

@@ -29,6 +29,7 @@ from flax import nnx
 from moe_lab.bench.common import paired_ratio, target, time_fn
 from moe_lab.config import ModelConfig, MoEConfig
 from moe_lab.layers import routing
+from moe_lab.layers.base import router_matmul
 from moe_lab.layers.dispatch import buffer_swiglu, combine_rows, gather_rows, sorted_layout
 from moe_lab.layers.mlp import SwiGLU
 from moe_lab.layers.moe import MoE
@@ -84,7 +85,7 @@ def _ideal_fn(s: dict, e: int):
 
     def loss(params, x_ND):
         router_DE, *weights = params
-        tc = routing.SoftmaxTopKRouter()(x_ND @ router_DE, None, top_k=TOP_K, renormalize=False)
+        tc = routing.SoftmaxTopKRouter()(router_matmul(x_ND, router_DE), None, top_k=TOP_K, renormalize=False)
         layout = sorted_layout(tc.expert_NK, e, n, pad=0)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = buffer_swiglu(x_SD.reshape(e, -1, d), *weights).reshape(x_SD.shape)

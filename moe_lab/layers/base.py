@@ -21,6 +21,17 @@ def dtype_of(name: str):
     return DTYPES[name]
 
 
+def router_matmul(x, w):
+    """x @ w in real float32, for router logits (MoE experts, MoR depths).
+
+    Precision HIGHEST: the default float32 matmul is bf16 passes on TPU and
+    TF32 on recent GPUs, and near-tied logits decide the routing (top-k,
+    thresholds).  No change on CPU, where float32 dots are float32.
+    """
+    return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
 def param(
     rngs: nnx.Rngs | None,
     shape: tuple[int, ...],

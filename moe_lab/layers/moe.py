@@ -28,7 +28,7 @@ from flax import nnx
 from moe_lab.config import ModelConfig
 from moe_lab.layers import dispatch as dsp
 from moe_lab.layers import routing
-from moe_lab.layers.base import dtype_of, param
+from moe_lab.layers.base import dtype_of, param, router_matmul
 from moe_lab.layers.mlp import SwiGLU
 
 
@@ -40,9 +40,9 @@ class MoE(nnx.Module):
       down_EFD ("expert", "mlp", "embed"); bias_E (RouterBias, sigmoid router
       only); shared (SwiGLU, if num_shared_experts > 0).
 
-    `impl` (a static attribute, default "auto") picks the dispatch kernels
-    by backend: see dispatch.token_choice_moe.  Tests set it to exercise the
-    accelerator kernels on CPU.
+    `impl` (a static attribute, model.moe.kernel, default "auto": by backend)
+    picks the dispatch kernels: see dispatch.token_choice_moe.  Tests set it to
+    exercise the accelerator kernels on CPU.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -50,7 +50,7 @@ class MoE(nnx.Module):
         d, f, e = cfg.d_model, cfg.resolved_expert_hidden, m.num_experts
         pd = dtype_of(cfg.param_dtype)
         self.cfg = cfg
-        self.impl = "auto"
+        self.impl = cfg.moe.kernel
         self.router_DE = param(rngs, (d, e), ("embed", None), std=cfg.init_std, dtype=pd)
         self.gate_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=cfg.init_std, dtype=pd)
         self.up_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=cfg.init_std, dtype=pd)
@@ -70,7 +70,7 @@ class MoE(nnx.Module):
             if rng is None:
                 raise ValueError("MoE: router_jitter > 0 in training needs an `rng`")
             xr_ND = routing.jitter(xr_ND, m.router_jitter, rng)
-        return xr_ND @ self.router_DE[...].astype(jnp.float32)
+        return router_matmul(xr_ND, self.router_DE[...])
 
     def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:

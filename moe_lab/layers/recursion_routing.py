@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab.layers.base import param
+from moe_lab.layers.base import param, router_matmul
 
 
 class StepCounter(nnx.Variable):
@@ -49,11 +49,10 @@ class StepRouters(nnx.Module):
             self.w2_RH = param(rngs, (num_steps, h), (None, None), std=init_std)
 
     def __call__(self, h_BTD: jax.Array, r: int) -> jax.Array:
-        x = h_BTD.astype(jnp.float32)
         if self.kind == "linear":
-            return x @ self.w_RD[r].astype(jnp.float32)
-        hid = jax.nn.gelu(x @ self.w1_RDH[r].astype(jnp.float32))
-        return hid @ self.w2_RH[r].astype(jnp.float32)
+            return router_matmul(h_BTD, self.w_RD[r])
+        hid = jax.nn.gelu(router_matmul(h_BTD, self.w1_RDH[r]))
+        return router_matmul(hid, self.w2_RH[r])
 
 
 class DepthRouter(nnx.Module):
@@ -69,10 +68,9 @@ class DepthRouter(nnx.Module):
             self.w2_HR = param(rngs, (h, num_steps), (None, None), std=init_std)
 
     def __call__(self, h_BTD: jax.Array) -> jax.Array:
-        x = h_BTD.astype(jnp.float32)
         if self.kind == "linear":
-            return x @ self.w_DR[...].astype(jnp.float32)
-        return jax.nn.gelu(x @ self.w1_DH[...].astype(jnp.float32)) @ self.w2_HR[...].astype(jnp.float32)
+            return router_matmul(h_BTD, self.w_DR[...])
+        return router_matmul(jax.nn.gelu(router_matmul(h_BTD, self.w1_DH[...])), self.w2_HR[...])
 
 
 # ------------------------------------------------------------------ expert choice

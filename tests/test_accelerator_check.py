@@ -1,0 +1,20 @@
+"""experiments/accelerator_check/run.py, the script run on GPU hosts, keeps working
+(on CPU here: its dispatch-vs-reference table for the GPU dropless kernel)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "accelerator_check" / "run.py"
+
+
+def test_accelerator_check_runs_and_reports(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("accelerator_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "check.json"
+    assert mod.main(["--skip-mfu", "--cases", "blocks", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["dispatch"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert rows[0]["max"] < 1e-5 < rows[1]["max"] < 3e-2  # f32 exact-ish, bf16 rounding
+    assert "token choice blocks, dropless" in capsys.readouterr().out
