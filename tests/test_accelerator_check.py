@@ -1,5 +1,6 @@
 """experiments/accelerator_check/run.py, the script run on GPU hosts, keeps working
-(on CPU here: its dispatch-vs-reference table for the GPU dropless kernel)."""
+(on CPU here: its dispatch-vs-reference table for the GPU dropless kernel, and
+its train-step MFU path at a tiny size)."""
 
 import importlib.util
 import json
@@ -13,8 +14,13 @@ def test_accelerator_check_runs_and_reports(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "check.json"
-    assert mod.main(["--skip-mfu", "--cases", "blocks", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["dispatch"]
+    assert mod.main(["--cases", "blocks", "--mfu-size", "tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["dispatch"]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     assert rows[0]["max"] < 1e-5 < rows[1]["max"] < 3e-2  # f32 exact-ish, bf16 rounding
     assert "token choice blocks, dropless" in capsys.readouterr().out
+    for ffn in ("dense", "moe"):  # the MFU path runs end to end (tiny model, CPU)
+        assert 0 < result["mfu"][ffn]["mfu"] < 1
+    moe = result["mfu"]["moe"]
+    assert moe["active_params"] < moe["params"]  # top-2 of 4 experts

@@ -18,7 +18,7 @@ buffers) on CPU only.  This script runs them on the machine's default backend:
    the bf16 matmul rate this process measures on random 8192^3 operands.
 
     python experiments/accelerator_check/run.py [--out check.json] [--skip-mfu]
-        [--skip-kernels] [--cases blocks]
+        [--skip-kernels] [--cases blocks] [--mfu-size tiny]
 
 Exit code 1 if any correctness case exceeds its tolerance.  What it printed on
 an H100 is in README.md beside this file.
@@ -172,19 +172,27 @@ def kernel_times(rows: int = 32768, d: int = 256, f: int = 512):
             yield row
 
 
-def _mfu_config(ffn: str) -> Config:
-    # 16 x (d 1024): dense ~270M params with embeddings; MoE 32 experts of 512 (top-2),
-    # ~1.1B total.  Batch 8 x 1024: the [B, H, T, T] attention probabilities are
-    # saved for the backward (no flash attention, remat none): ~1 GiB per layer
-    # per 4096 tokens.
-    moe = MoEConfig(num_experts=32, top_k=2, expert_hidden=512, dispatch="capacity",
-                    router="softmax_topk")
+# MFU model sizes.  full: 16 x (d 1024), dense ~270M params with embeddings; MoE 32
+# experts of 512 (top-2), ~1.1B total.  Batch 8 x 1024: without flash attention the
+# [B, H, T, T] probabilities are saved for the backward (remat none): ~1 GiB per
+# layer per 4096 tokens.  tiny: the same code path in seconds on CPU (tests).
+MFU_SIZES = {
+    "full": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8, experts=32, hidden=512,
+                 vocab=32768, peak_n=8192, iters=10),
+    "tiny": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2, experts=4, hidden=32,
+                 vocab=512, peak_n=256, iters=2),
+}
+
+
+def _mfu_config(ffn: str, z: dict) -> Config:
+    moe = MoEConfig(num_experts=z["experts"], top_k=2, expert_hidden=z["hidden"],
+                    dispatch="capacity", router="softmax_topk")
     cfg = Config(
-        model=ModelConfig(vocab_size=32768, d_model=1024, num_layers=16, num_heads=16,
-                          num_kv_heads=8, max_seq_len=1024, compute_dtype="bfloat16",
-                          ffn=ffn, moe=moe),
-        data=DataConfig(seq_len=1024, mixture="arith:1"),
-        train=TrainConfig(steps=1000, batch_size=8, warmup_steps=10),
+        model=ModelConfig(vocab_size=z["vocab"], d_model=z["d"], num_layers=z["layers"],
+                          num_heads=z["heads"], num_kv_heads=z["kv"], max_seq_len=z["seq"],
+                          compute_dtype="bfloat16", ffn=ffn, moe=moe),
+        data=DataConfig(seq_len=z["seq"], mixture="arith:1"),
+        train=TrainConfig(steps=1000, batch_size=z["batch"], warmup_steps=10),
         mesh=MeshConfig(data=1))
     return resolve_config(validate(cfg))
 
@@ -196,14 +204,18 @@ def bf16_peak(n: int = 8192) -> float:
     return 2 * n**3 / time_fn(f, a, b, warmup=3, iters=10)
 
 
-def check_mfu() -> dict:
-    peak = bf16_peak()
-    out = {"bf16_matmul_peak_tflops": peak / 1e12}
+def check_mfu(size: str = "full") -> dict:
+    z = MFU_SIZES[size]
+    peak = bf16_peak(z["peak_n"])
+    out = {"bf16_matmul_peak_tflops": peak / 1e12, "size": size}
     for ffn in ("dense", "moe"):
-        cfg = _mfu_config(ffn)
-        r = measure_throughput(cfg, peak, iters=10)
+        cfg = _mfu_config(ffn, z)
+        r = measure_throughput(cfg, peak, iters=z["iters"])
         r["active_params"] = flops.param_counts(cfg.model)["active"]
         out[ffn] = r
+        print(f"  {ffn:<6} {r['params'] / 1e6:7.1f}M params ({r['active_params'] / 1e6:.1f}M "
+              f"active)  {1e3 * r['step_seconds']:8.1f} ms/step  {r['tokens_per_sec']:9.0f} "
+              f"tok/s  MFU {100 * r['mfu']:.1f}%", flush=True)
     return out
 
 
@@ -212,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     p.add_argument("--skip-mfu", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--mfu-size", default="full", choices=sorted(MFU_SIZES))
     p.add_argument("--cases", default="", help="only dispatch cases whose label contains this")
     args = p.parse_args(argv)
     print(f"backend {jax.default_backend()}: {jax.devices()}")
@@ -235,15 +248,10 @@ def main(argv=None) -> int:
                   f"blocks(b={r['block']}) {r['blocks_ms']:8.2f}  [E, C, D] buffers "
                   f"{r['buffer_ms']:8.2f}", flush=True)
     if not args.skip_mfu:
-        m = check_mfu()
-        result["mfu"] = m
-        print(f"train step, bf16 compute; bf16 matmul peak measured "
-              f"{m['bf16_matmul_peak_tflops']:.0f} TFLOP/s")
-        for ffn in ("dense", "moe"):
-            r = m[ffn]
-            print(f"  {ffn:<6} {r['params'] / 1e6:7.1f}M params ({r['active_params'] / 1e6:.1f}M "
-                  f"active)  {1e3 * r['step_seconds']:8.1f} ms/step  {r['tokens_per_sec']:9.0f} "
-                  f"tok/s  MFU {100 * r['mfu']:.1f}%")
+        print(f"train step ({args.mfu_size}), bf16 compute; MFU against the bf16 matmul rate "
+              "measured now", flush=True)
+        result["mfu"] = check_mfu(args.mfu_size)
+        print(f"  bf16 matmul peak {result['mfu']['bf16_matmul_peak_tflops']:.1f} TFLOP/s")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1, default=float)
