@@ -40,6 +40,7 @@ from moe_lab import flops
 from moe_lab.bench.common import time_fn
 from moe_lab.bench.train_step import measure_throughput
 from moe_lab.config import Config, DataConfig, MeshConfig, ModelConfig, MoEConfig, TrainConfig, validate
+from moe_lab.hardware import peak_flops_per_device
 from moe_lab.layers.dispatch import (
     buffer_swiglu,
     choose_block,
@@ -207,15 +208,19 @@ def bf16_peak(n: int = 8192) -> float:
 def check_mfu(size: str = "full") -> dict:
     z = MFU_SIZES[size]
     peak = bf16_peak(z["peak_n"])
-    out = {"bf16_matmul_peak_tflops": peak / 1e12, "size": size}
+    sheet, how = peak_flops_per_device("bfloat16")  # what `moe-lab train` reports MFU against
+    out = {"bf16_matmul_peak_tflops": peak / 1e12, "size": size,
+           "train_peak_tflops": sheet / 1e12, "train_peak_source": how}
     for ffn in ("dense", "moe"):
         cfg = _mfu_config(ffn, z)
         r = measure_throughput(cfg, peak, iters=z["iters"])
         r["active_params"] = flops.param_counts(cfg.model)["active"]
+        r["mfu_vs_train_peak"] = r["mfu"] * peak / sheet
         out[ffn] = r
         print(f"  {ffn:<6} {r['params'] / 1e6:7.1f}M params ({r['active_params'] / 1e6:.1f}M "
               f"active)  {1e3 * r['step_seconds']:8.1f} ms/step  {r['tokens_per_sec']:9.0f} "
-              f"tok/s  MFU {100 * r['mfu']:.1f}%", flush=True)
+              f"tok/s  MFU {100 * r['mfu']:.1f}% of measured, "
+              f"{100 * r['mfu_vs_train_peak']:.1f}% of {how}", flush=True)
     return out
 
 
