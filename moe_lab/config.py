@@ -55,6 +55,11 @@ class MoEConfig:
     # expert kernels (moe_lab/layers/dispatch.py): auto picks by backend (CPU: loop;
     # GPU: buffer for capacity, blocks for dropless; TPU: buffer / ragged)
     kernel: str = "auto"  # auto | loop | buffer | ragged | blocks
+    # expert parallelism with capacity dispatch on a mesh whose `expert` axis > 1:
+    # auto / all_to_all: tokens go to their experts' devices by all-to-all, capacity per
+    # device (GShard; layers/expert_parallel.py); all_to_all also rejects configs where
+    # it cannot apply | gspmd: the global sort of dispatch.py, partitioned by XLA
+    expert_parallel: str = "auto"
     capacity_factor: float = 1.25
     metrics: str = "aggregate"  # aggregate | per_layer
 
@@ -273,6 +278,7 @@ _CHOICES = {
     "model.moe.router": ("topk_softmax", "softmax_topk", "sigmoid", "expert_choice"),
     "model.moe.dispatch": ("reference", "capacity", "dropless", "auto"),
     "model.moe.kernel": ("auto", "loop", "buffer", "ragged", "blocks"),
+    "model.moe.expert_parallel": ("auto", "all_to_all", "gspmd"),
     "model.moe.metrics": ("aggregate", "per_layer"),
     "model.mor.sharing": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
     "model.mor.routing": ("none", "expert_choice", "token_choice"),
@@ -376,6 +382,11 @@ def _validate_moe(m: ModelConfig) -> None:
     if e.router != "expert_choice" and e.kernel == "buffer" and dropless:
         raise ConfigError("model.moe.kernel='buffer' needs model.moe.dispatch='capacity' (a "
                           "dropless buffer would hold every token for every expert)")
+    if e.expert_parallel == "all_to_all" and (e.dispatch != "capacity"
+                                              or e.router == "expert_choice"):
+        raise ConfigError("model.moe.expert_parallel='all_to_all' needs token-choice routing "
+                          f"with model.moe.dispatch='capacity' (got router={e.router!r}, "
+                          f"dispatch={e.dispatch!r})")
     if e.router_jitter < 0 or e.aux_loss_weight < 0 or e.z_loss_weight < 0:
         raise ConfigError("model.moe router_jitter, aux_loss_weight, z_loss_weight must be >= 0")
 

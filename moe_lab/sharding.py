@@ -130,6 +130,11 @@ def use_rules(rules, mesh):
         _ACTIVE.update(old)
 
 
+def active_rules_and_mesh():
+    """(rules, mesh) set by `use_rules` while a model is traced; (None, None) outside."""
+    return _ACTIVE["rules"], _ACTIVE["mesh"]
+
+
 def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op without active rules."""
     rules, mesh = _ACTIVE["rules"], _ACTIVE["mesh"]

@@ -26,14 +26,14 @@ pairs: on this shared 2-core machine medians taken minutes apart drift by up to
 Compute bound: vanilla runs 8 layer applications per token, MoR 2 + 2 x (sum of the
 kept fractions per step): 6 with capacities (1, 2/3, 1/3) exactly, so at the same
 batch the speed-up cannot exceed 8/6 = 1.33x there; the fitted routers keep a little
-less at decode (measured [1, 0.55, 0.24]: 1.43x).  The benchmark prints this bound
-(ideal_speedup) from what decode actually kept, next to the measured speed-up.  On CPU at batch 64 a layer's matmuls are partly bound by
-reading the weights, which MoR does at every step that keeps any row ([64, 512] x
-[512, 1536] takes 654 us, [40, ...] 545 us, [16, ...] 329 us), so skipped rows save
-less than their share and the measured speed-up stays below that bound.  The
-paper's larger gains (up to 2.06x) use the largest batch that fits in memory; the
-KV-sharing model allocates half of vanilla's cache here, so it is also timed at
-twice the batch (equal KV memory).
+less at decode (measured [1, 0.55, 0.24]: 1.43x). The benchmark prints this bound
+(ideal_speedup) from what decode actually kept, next to the measured speed-up. On CPU
+at batch 64 a layer's matmuls are partly bound by reading the weights, which MoR does
+at every step that keeps any row ([64, 512] x [512, 1536] takes 654 us, [40, ...] 545
+us, [16, ...] 329 us), so skipped rows save less than their share and the measured
+speed-up stays below that bound. The paper's larger gains (up to 2.06x) use the
+largest batch that fits in memory; the KV-sharing model allocates half of vanilla's
+cache here, so it is also timed at twice the batch (equal KV memory).
 
 KV memory: entries actually stored (valid) relative to vanilla, for the recursive
 part and the whole model; the expected shared-part ratios are (N_r+1)/(2N_r) and

@@ -27,6 +27,7 @@ from flax import nnx
 
 from moe_lab.config import ModelConfig
 from moe_lab.layers import dispatch as dsp
+from moe_lab.layers import expert_parallel as ep
 from moe_lab.layers import routing
 from moe_lab.layers.base import dtype_of, param, router_matmul
 from moe_lab.layers.mlp import SwiGLU
@@ -72,6 +73,17 @@ class MoE(nnx.Module):
             xr_ND = routing.jitter(xr_ND, m.router_jitter, rng)
         return router_matmul(xr_ND, self.router_DE[...])
 
+    def _all_to_all(self, dispatch: str, num_tokens: int) -> bool:
+        """Expert parallelism by all-to-all (layers/expert_parallel.py) for this call?
+
+        Yes for capacity dispatch on an `expert` mesh axis > 1 whose token shards
+        divide the tokens, unless model.moe.expert_parallel = "gspmd".  Calls
+        whose tokens do not divide (small decode batches) take the GSPMD path.
+        """
+        if self.cfg.moe.expert_parallel == "gspmd" or dispatch != "capacity":
+            return False
+        return ep.expert_axis_size() > 1 and num_tokens % ep.token_shards() == 0
+
     def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
         m = self.cfg.moe
@@ -111,11 +123,16 @@ class MoE(nnx.Module):
                 y_ND = dsp.reference_moe(xc_ND, dsp.dense_gates(tc.expert_NK, gate_NK, e), *weights)
                 drop = jnp.zeros((), jnp.float32)
             else:
-                cap = (routing.capacity(n, k, e, m.capacity_factor)
-                       if dispatch == "capacity" else None)
-                y_ND, layout = dsp.token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
-                                                    capacity=cap, impl=self.impl)
-                drop = jnp.mean(jnp.logical_not(layout.keep_NK).astype(jnp.float32))
+                if self._all_to_all(dispatch, n):
+                    y_ND, keep_NK = ep.all_to_all_moe(xc_ND, tc.expert_NK, gate_NK, weights,
+                                                      capacity_factor=m.capacity_factor)
+                else:
+                    cap = (routing.capacity(n, k, e, m.capacity_factor)
+                           if dispatch == "capacity" else None)
+                    y_ND, layout = dsp.token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
+                                                        capacity=cap, impl=self.impl)
+                    keep_NK = layout.keep_NK
+                drop = jnp.mean(jnp.logical_not(keep_NK).astype(jnp.float32))
             load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e)
             aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True,
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,

@@ -1,0 +1,95 @@
+"""Expert parallelism by all-to-all: tokens travel to the devices that hold their experts.
+
+GShard (Lepikhin et al. 2020, arXiv 2006.16668, sec. 3.2) / Switch (Fedus et al.
+2021): with tokens sharded over the batch mesh axes and the E experts over the
+`expert` axis (X devices, E_loc = E / X experts each), every device
+
+ 1. lays out its own n tokens' assignments in capacity buffers [E, C, D],
+    C = ceil(capacity_factor * n * k / E) (first come, first served among its
+    tokens: capacity is per device, as in GShard's groups),
+ 2. all-to-all over `expert`: the buffers of experts [i E_loc, (i+1) E_loc) go
+    to device i, which receives [X, E_loc, C, D] (one slab per sender),
+ 3. runs its E_loc experts on X * C rows each (batched einsums),
+ 4. all-to-all back, and combines its tokens' outputs (gates, drops) locally.
+
+Per device the expert compute is k * n * capacity_factor rows, whatever E is,
+and the traffic is two all-to-alls of [E, C, D], no all-gather of tokens or
+weights over the `expert` axis.  Without this (model.moe.expert_parallel =
+"gspmd"), the global sort of dispatch.py is partitioned by XLA.
+
+Legend: n local tokens, D d_model, F expert hidden, E experts, X expert-axis
+devices, e = E_loc local experts, C local capacity, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from moe_lab import sharding
+from moe_lab.layers import routing
+from moe_lab.layers.dispatch import buffer_layout, buffer_swiglu, combine_rows, gather_rows
+
+EXPERT_AXIS = "expert"
+
+
+def expert_axis_size() -> int:
+    """Devices on the `expert` axis of the mesh the model is traced under (1: none)."""
+    _rules, mesh = sharding.active_rules_and_mesh()
+    if mesh is None or EXPERT_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[EXPERT_AXIS])
+
+
+def _token_spec(rules, mesh) -> P:
+    return sharding.logical_to_spec(("batch", None), rules, mesh)
+
+
+def token_shards() -> int:
+    """How many shards the token dimension has under the active rules and mesh."""
+    rules, mesh = sharding.active_rules_and_mesh()
+    if mesh is None:
+        return 1
+    axes = _token_spec(rules, mesh)[0]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def all_to_all_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float):
+    """Token-choice MoE with capacity, experts sharded over the `expert` mesh axis.
+
+    x_ND, expert_NK, gate_NK: global arrays whose token dimension is sharded by
+    the logical "batch" rule; weights (gate_EDF, up_EDF, down_EFD) sharded on E
+    over `expert`.  Returns (y_ND, keep_NK).  Must be traced under
+    `sharding.use_rules` with a mesh that has an `expert` axis.
+    """
+    rules, mesh = sharding.active_rules_and_mesh()
+    num_experts = weights[0].shape[0]
+    x_axes = mesh.shape[EXPERT_AXIS]
+    local_experts = num_experts // x_axes
+    token_spec = _token_spec(rules, mesh)
+    expert_spec = P(EXPERT_AXIS, None, None)
+
+    def local(x_nD, expert_nK, gate_nK, g_eDF, u_eDF, d_eFD):
+        n, k = expert_nK.shape
+        d = x_nD.shape[-1]
+        cap = routing.capacity(n, k, num_experts, capacity_factor)
+        layout = buffer_layout(expert_nK, num_experts, cap)
+        x_SD = gather_rows(x_nD, layout.token_S, layout.row_NK, layout.keep_NK)
+        # [X, e, C, D]: slab i holds this device's rows for device i's experts
+        send_XeCD = x_SD.reshape(x_axes, local_experts, cap, d)
+        recv_XeCD = jax.lax.all_to_all(send_XeCD, EXPERT_AXIS, 0, 0, tiled=True)
+        rows_eRD = recv_XeCD.transpose(1, 0, 2, 3).reshape(local_experts, x_axes * cap, d)
+        y_eRD = buffer_swiglu(rows_eRD, g_eDF, u_eDF, d_eFD)
+        back_XeCD = y_eRD.reshape(local_experts, x_axes, cap, d).transpose(1, 0, 2, 3)
+        y_SD = jax.lax.all_to_all(back_XeCD, EXPERT_AXIS, 0, 0, tiled=True).reshape(-1, d)
+        y_nD = combine_rows(y_SD, gate_nK, layout.row_NK, layout.keep_NK,
+                            layout.token_S, layout.assign_S, layout.valid_S)
+        return y_nD, layout.keep_NK
+
+    fn = jax.shard_map(local, mesh=mesh,
+                       in_specs=(token_spec, token_spec, token_spec) + (expert_spec,) * 3,
+                       out_specs=(token_spec, token_spec))
+    return fn(x_ND, expert_NK, gate_NK, *weights)
