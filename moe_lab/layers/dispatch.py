@@ -155,15 +155,18 @@ def block_layout(expert_NK, num_experts: int, block: int) -> tuple[Layout, jax.A
     """Dropless rows grouped by expert, each expert's group padded to whole blocks.
 
     Returns (layout, block_expert_J): row s belongs to block s // block, and
-    every block holds rows of one expert, block_expert_J[j].  J is the static
-    bound ceil((A + E (block - 1)) / block) >= sum_e ceil(load_e / block);
-    padding rows and unused trailing blocks are invalid (their outputs are
-    never combined, and their gradients are zero).
+    every block holds rows of one expert, block_expert_J[j].  J is a static
+    bound on sum_e ceil(load_e / block), the smaller of
+    ceil((A + E (block - 1)) / block) and min(E, A) + A // block (each
+    non-empty expert's last block plus its full ones; the tighter one when
+    E > A / block, e.g. decoding a few tokens).  Padding rows and unused
+    trailing blocks are invalid (never combined; zero gradients).
     """
     n, k = expert_NK.shape
     a = n * k
     e_A, order_A, load_E, _starts, _row, pos_A = _sort_by_expert(expert_NK, num_experts)
-    num_blocks = -(-(a + num_experts * (block - 1)) // block)
+    num_blocks = min(-(-(a + num_experts * (block - 1)) // block),
+                     min(num_experts, a) + a // block)
     blocks_E = (load_E + block - 1) // block
     end_E = jnp.cumsum(blocks_E).astype(jnp.int32)  # exclusive end block of each expert
     starts_E = (end_E - blocks_E) * block
