@@ -16,6 +16,7 @@ import numpy as np
 
 from moe_lab import flops, sharding
 from moe_lab.config import Config, validate_for_devices
+from moe_lab.layers import expert_parallel
 from moe_lab.layers.base import dtype_of
 
 
@@ -110,6 +111,8 @@ def print_info(cfg: Config, workdir: str | None = None, devices: int | None = No
     mesh = (sharding.make_mesh(cfg.mesh) if n == jax.device_count()
             else sharding.make_abstract_mesh(cfg.mesh, n))
     print(sharding.format_rules(cfg.mesh.rules, mesh))
+    if m.ffn == "moe":
+        print(expert_parallel.plan_line(cfg, mesh))
     setup = make_setup(cfg, mesh)
     plan = memory_plan(cfg, setup, mesh)
     gib = 2**30

@@ -119,3 +119,18 @@ def test_all_to_all_config_needs_token_choice_capacity():
         validate(cfg)
     validate(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, moe=dataclasses.replace(moe, dispatch="capacity"))))
+
+
+def test_plan_line_says_which_expert_parallelism_runs():
+    """Printed at train start and by `moe-lab info` (abstract mesh: no devices needed)."""
+    from moe_lab.config import load_config
+
+    def line(arg, **mesh):
+        cfg = load_config("configs/moe_tiny.py" + arg, {f"mesh.{k}": str(v) for k, v in mesh.items()})
+        return ep.plan_line(cfg, sharding.make_abstract_mesh(cfg.mesh, 8))
+
+    cap = line(":capacity", data=2, expert=4)
+    # moe_tiny: batch 16 x seq 128 over 8 token shards; C = ceil(1.25 * 256 * 2 / 8)
+    assert "kernel buffer | all-to-all over expert=4: 256 tokens per device, capacity 80" in cap
+    assert "by GSPMD (global sort)" in line("", data=2, expert=4)  # dropless
+    assert "no expert parallelism" in line(":capacity", data=-1)

@@ -30,7 +30,14 @@ from jax.sharding import PartitionSpec as P
 
 from moe_lab import sharding
 from moe_lab.layers import routing
-from moe_lab.layers.dispatch import buffer_layout, buffer_swiglu, combine_rows, gather_rows
+from moe_lab.layers.dispatch import (
+    accelerator_impl,
+    buffer_layout,
+    buffer_swiglu,
+    combine_rows,
+    default_impl,
+    gather_rows,
+)
 
 EXPERT_AXIS = "expert"
 
@@ -93,3 +100,28 @@ def all_to_all_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float)
                        in_specs=(token_spec, token_spec, token_spec) + (expert_spec,) * 3,
                        out_specs=(token_spec, token_spec))
     return fn(x_ND, expert_NK, gate_NK, *weights)
+
+
+def plan_line(cfg, mesh) -> str:
+    """One start-up line: which MoE kernels and which expert parallelism a run uses."""
+    m = cfg.model.moe
+    dispatch = "dropless" if m.dispatch == "auto" else m.dispatch
+    kernel = m.kernel if m.kernel != "auto" else default_impl()
+    if kernel == "accelerator":
+        kernel = "buffer" if m.router == "expert_choice" else accelerator_impl(dispatch != "capacity")
+    x_devices = int(mesh.shape.get(EXPERT_AXIS, 1))
+    a2a = (x_devices > 1 and m.expert_parallel != "gspmd" and dispatch == "capacity"
+           and m.router != "expert_choice")
+    line = (f"MoE: {m.num_experts} experts, top-{m.top_k}, {m.router}, dispatch {dispatch}, "
+            f"kernel {'buffer' if a2a else kernel}"
+            + (f" (auto, on {jax.default_backend()})" if m.kernel == "auto" and not a2a else ""))
+    if x_devices == 1:
+        return line + " | expert axis 1: no expert parallelism"
+    if not a2a:
+        return line + f" | experts over expert={x_devices} by GSPMD (global sort)"
+    spec = _token_spec(cfg.mesh.rules, mesh)[0]
+    axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
+    tokens = cfg.train.batch_size * cfg.data.seq_len // math.prod(mesh.shape[a] for a in axes)
+    cap = routing.capacity(tokens, m.top_k, m.num_experts, m.capacity_factor)
+    return (line + f" | all-to-all over expert={x_devices}: {tokens} tokens per device, "
+            f"capacity {cap} per expert per device")

@@ -19,6 +19,7 @@ import numpy as np
 
 from moe_lab import flops, sharding
 from moe_lab.config import Config, ConfigError, config_from_json, parse_mixture, validate_for_devices
+from moe_lab.layers import expert_parallel
 from moe_lab.train.metrics import MetricsWriter
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
 from moe_lab.train.state import make_setup, resolve_config
@@ -209,6 +210,8 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     _log(f"params total {counts['total']:,} active {counts['active']:,} | "
          f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
          f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
+    if cfg.model.ffn == "moe":
+        _log(expert_parallel.plan_line(cfg, mesh))
 
     num_tasks = len(task_names)
     # metrics replicated: every host can read them without a cross-host gather
