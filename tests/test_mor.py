@@ -190,18 +190,21 @@ def test_token_choice_matches_per_row_reference():
 PROMPTS = [[5, 17, 33, 80, 81, 100], [7, 8], [200, 201, 202, 9]]
 
 
-@pytest.mark.parametrize("mor,temperature,extra", [
-    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0, None),
+@pytest.mark.parametrize("mor,temperature,extra,layers", [
+    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0, None, 5),
     (dict(routing="expert_choice", kv_cache="shared", causal_aux="aux_router", decode_buckets=0),
-     0.0, None),
-    (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0, None),
-    (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, MOE_FFN),
+     0.0, None, 5),
+    (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0, None, 5),
+    (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, MOE_FFN, 5),
+    # a pool of 2 layers per step: each layer has its own cache slot in the step's buffer
+    (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, None, 8),
+    (dict(routing="expert_choice", kv_cache="shared"), 0.0, None, 8),
 ])
-def test_cached_decode_matches_reference(mor, temperature, extra):
+def test_cached_decode_matches_reference(mor, temperature, extra, layers):
     """Cached decode (threshold routing, depth-wise row buckets) == the no-cache
     reference decode, which runs the full forward with the same threshold routing
-    (also with MoE feed-forwards in the shared block)."""
-    cfg = _mor(init_std=0.2, model_extra=extra, **mor)
+    (also with MoE feed-forwards in the shared block, and pools of several layers)."""
+    cfg = _mor(num_layers=layers, init_std=0.2, model_extra=extra, **mor)
     gd, params, rest = split_model(build_model(cfg))
     kw = dict(max_new_tokens=5, temperature=temperature, seed=3)
     fast = generate(gd, params, rest, PROMPTS, use_cache=True, **kw)

@@ -112,49 +112,32 @@ def block_forward(block, x_BTD, pos_BT, mask_BTS, *, kv=None, train: bool, rng=N
     return x_BTD + y, aux, kv_used
 
 
-def block_decode(block, x_BTD, pos_BT, kv_valid_BT, cache, index, *, write: bool):
-    """One block for T new tokens at slots [index, index+T) against a read-only cache.
+def block_decode_shared_kv(block, x_BTD, pos_BT, cache, index):
+    """One block for T new tokens attending only to a read-only cache (KV sharing,
+    steps >= 2: the cache already holds these tokens' step-1 KV at their slots).
 
-    cache = (k_BSGK, v_BSGK, valid_BS) holding slots < index.  Attention is over the
-    cached valid slots < index plus (write=True) the new tokens' own KV, causal
-    among them; write=False (KV sharing, steps >= 2) attends to the cache only,
-    which already holds these tokens' step-1 KV.  The cache buffers are not written
-    here (the caller writes the returned new (k, v) into them); with write=True the
-    attention reads a concatenation of cache and new KV, i.e. one copy per layer and
-    step.  A split softmax over the two parts without the copy measured slower on
-    CPU (bench decode, d 512, batch 64: vanilla 970 -> 848 tok/s), so it is not used.
+    cache = (k_BSGK, v_BSGK, valid_BS).  Steps that store KV use Block.decode,
+    which writes the carried cache in place (see RecursiveStack._decode_layers).
     """
     attn = block.attn
     k_c, v_c, valid_c = cache
     B, T = x_BTD.shape[:2]
     S = k_c.shape[1]
-    slot_S = jnp.arange(S)
 
     def attend(h):
         q = attn.project_q(h, pos_BT)
         q_slot_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
-        if write:
-            k_new, v_new = attn.project_kv(h, pos_BT)
-            old_BS = valid_c & (slot_S < index)[None]
-            k = jnp.concatenate([k_c, k_new.astype(k_c.dtype)], axis=1)
-            v = jnp.concatenate([v_c, v_new.astype(v_c.dtype)], axis=1)
-            k_slot = jnp.concatenate([jnp.broadcast_to(slot_S, (B, S)), q_slot_BT], axis=1)
-            k_valid = jnp.concatenate([old_BS, kv_valid_BT], axis=1)
-            mask = attention_mask(q_slot_BT, k_slot, k_valid_BS=k_valid)
-            return attn.output(gqa(q, k, v, mask)), (k_new, v_new)
-        k_slot = jnp.broadcast_to(slot_S, (B, S))
-        mask = attention_mask(q_slot_BT, k_slot, k_valid_BS=valid_c)
-        return attn.output(gqa(q, k_c, v_c, mask)), None
+        mask = attention_mask(q_slot_BT, jnp.broadcast_to(jnp.arange(S), (B, S)),
+                              k_valid_BS=valid_c)
+        return attn.output(gqa(q, k_c, v_c, mask))
 
     if block.post_norm:
-        a, new = attend(x_BTD)
-        x_BTD = block.attn_norm(x_BTD + a)
+        x_BTD = block.attn_norm(x_BTD + attend(x_BTD))
         y, _ = block._ffn(x_BTD, False, None)
-        return block.ffn_norm(x_BTD + y), new
-    a, new = attend(block.attn_norm(x_BTD))
-    x_BTD = x_BTD + a
+        return block.ffn_norm(x_BTD + y)
+    x_BTD = x_BTD + attend(block.attn_norm(x_BTD))
     y, _ = block._ffn(block.ffn_norm(x_BTD), False, None)
-    return x_BTD + y, new
+    return x_BTD + y
 
 
 def _apply_stack(stack, x_BTD, pos_BT, seg_BT, *, train, rng):
@@ -443,63 +426,67 @@ class RecursiveStack(nnx.Module):
         return h, new
 
     def _decode_layers(self, r, h, pos, kv_valid, cache_n, index, write):
-        """Step r's pool layers against cache_n = (k_nBSGK, v_nBSGK, valid_nBS) (read-only)."""
+        """Step r's pool layers on T new tokens -> (h, cache_n).
+
+        cache_n = {"k_BSGK", "v_BSGK", "valid_BS"} with a leading axis over the
+        step's n layers.  write=True: carried through the layer scan and each
+        layer's new KV written in place at slots [index, index+T) (Block.decode
+        with a layer index; a concatenation of cache and new KV per layer copied
+        the cache every step).  write=False (KV sharing, steps >= 2): read only.
+        """
         graphdef, state_P = nnx.split(self.shared.layers)
         ids = jnp.asarray(self.schedule.steps[r], jnp.int32)
+        local = jnp.arange(len(self.schedule.steps[r]), dtype=jnp.int32)
 
-        def body(x, xs):
-            i, cache = xs
-            block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
-            return block_decode(block, x, pos, kv_valid, cache, index, write=write)
+        def layer(i):
+            return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
 
-        return scan_layers(body, h, (ids, cache_n))
+        if write:
+            def body(carry, xs):
+                x, cache = carry
+                i, j = xs
+                return layer(i).decode(x, pos, kv_valid, cache, index, layer=j), None
+
+            return scan_layers(body, (h, cache_n), (ids, local))[0]
+
+        def body_ro(x, xs):
+            i, j = xs
+            cache = tuple(cache_n[k][j] for k in ("k_BSGK", "v_BSGK", "valid_BS"))
+            return block_decode_shared_kv(layer(i), x, pos, cache, index), None
+
+        return scan_layers(body_ro, h, (ids, local))[0], cache_n
 
     def _decode_step(self, r, h, pos, valid, sel, g, shared, index):
         mor = self.cfg.mor
         c = r if mor.kv_cache == "recursion_wise" else 0
         write = mor.kv_cache == "recursion_wise" or r == 0
-        kb, vb, okb = shared[c]["k_BSGK"], shared[c]["v_BSGK"], shared[c]["valid_BS"]
-        cache_n = (kb, vb, okb)
+        cache_n = shared[c]
         B, T = h.shape[:2]
         routed = mor.routing != "none" and not (mor.routing == "expert_choice"
                                                  and self.capacities[r] >= 1.0)
 
-        def write_slot(k_nBT, v_nBT, kv_valid_BT):
-            """Writes the new KV (all B rows, T slots) at slots [index, index+T) of step c.
-
-            Rows/tokens not kept write zeros marked invalid: their slots are fresh (each
-            slot is written once per step), so nothing is overwritten. dynamic_update_slice
-            on the carried buffer is in place; the cache is never copied.
-            """
-            if not write:
-                return shared
-            n = k_nBT.shape[0]
-            valid_nBT = jnp.broadcast_to(kv_valid_BT[None], (n,) + kv_valid_BT.shape)
-
-            def upd(buf, x):
-                start = (0, 0, index) + (0,) * (buf.ndim - 3)
-                return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), start)
-
-            step_c = {"k_BSGK": upd(kb, k_nBT), "v_BSGK": upd(vb, v_nBT),
-                      "valid_BS": upd(okb, valid_nBT)}
-            return shared[:c] + (step_c,) + shared[c + 1:]
+        def with_step(cache):
+            return shared[:c] + (cache,) + shared[c + 1:]
 
         if T > 1 or not routed or mor.decode_buckets == 0:
-            f_h, new_kv = self._decode_layers(r, h, pos, valid & sel, cache_n, index, write)
+            # every row computed; rows not kept write their slots marked invalid (each
+            # slot is written once per step, so nothing valid is overwritten)
+            f_h, cache_n = self._decode_layers(r, h, pos, valid & sel, cache_n, index, write)
             h = jnp.where(sel[..., None], self._update(h, f_h, g), h)
-            return h, (write_slot(*new_kv, valid & sel) if write else shared)
+            return h, with_step(cache_n)
 
         # Depth-wise batching (T == 1): only the rows whose token takes step r are
         # computed, gathered into the smallest of `decode_buckets` static row
         # buckets that holds them (lax.switch runs one branch). Branches return only
-        # row-sized arrays (h and the new KV), never the cache.
+        # row-sized arrays (h and the new KV slot), never the cache; the bucket's
+        # rows of the cache are gathered (a copy of s rows) and written in place.
         sel_B = sel[:, 0]
         nb = mor.decode_buckets
         sizes = sorted({0} | {min(B, -(-B * i // nb)) for i in range(1, nb + 1)})
         order = jnp.argsort(jnp.logical_not(sel_B), stable=True)
         which = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(sel_B), side="left")
-        n = len(self.schedule.steps[r])
-        kv_shape = (n, B, 1) + kb.shape[-2:]  # noqa: RUF005
+        kb = cache_n["k_BSGK"]
+        kv_shape = (kb.shape[0], B, 1) + kb.shape[-2:]  # noqa: RUF005
 
         def branch(s):
             def run(h):
@@ -508,17 +495,19 @@ class RecursiveStack(nnx.Module):
                     return (h, *zeros) if write else h
                 rows = order[:s]
                 row_sel = sel_B[rows]
-                cache_s = tuple(a[:, rows] for a in cache_n)
+                cache_s = {k: a[:, rows] for k, a in cache_n.items()}
                 h_s = h[rows]
-                f_s, new_kv = self._decode_layers(r, h_s, pos[rows],
-                                                  (valid[rows, 0] & row_sel)[:, None],
-                                                  cache_s, index, write)
+                f_s, cache_s = self._decode_layers(r, h_s, pos[rows],
+                                                   (valid[rows, 0] & row_sel)[:, None],
+                                                   cache_s, index, write)
                 upd = jnp.where(row_sel[:, None, None],
                                 self._update(h_s, f_s, None if g is None else g[rows]), h_s)
                 h = h.at[rows].set(upd)
                 if not write:
                     return h
-                k_full, v_full = (z.at[:, rows].set(x.astype(z.dtype)) for z, x in zip(zeros, new_kv))
+                new_kv = (jax.lax.dynamic_slice_in_dim(cache_s[k], index, 1, axis=2)
+                          for k in ("k_BSGK", "v_BSGK"))
+                k_full, v_full = (z.at[:, rows].set(x) for z, x in zip(zeros, new_kv))
                 return h, k_full, v_full
             return run
 
@@ -526,4 +515,13 @@ class RecursiveStack(nnx.Module):
         if not write:
             return out, shared
         h, k_full, v_full = out
-        return h, write_slot(k_full, v_full, valid & sel)
+        n = kb.shape[0]
+        valid_nBT = jnp.broadcast_to((valid & sel)[None], (n, B, T))
+
+        def upd(buf, x):  # in place on the carried buffer
+            return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype),
+                                                (0, 0, index) + (0,) * (buf.ndim - 3))
+
+        return h, with_step({"k_BSGK": upd(cache_n["k_BSGK"], k_full),
+                             "v_BSGK": upd(cache_n["v_BSGK"], v_full),
+                             "valid_BS": upd(cache_n["valid_BS"], valid_nBT)})
