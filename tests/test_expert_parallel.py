@@ -134,3 +134,11 @@ def test_plan_line_says_which_expert_parallelism_runs():
     assert "kernel buffer | all-to-all over expert=4: 256 tokens per device, capacity 80" in cap
     assert "by GSPMD (global sort)" in line("", data=2, expert=4)  # dropless
     assert "no expert parallelism" in line(":capacity", data=-1)
+    # custom rules that do not split the batch over `expert`: GSPMD, said so
+    cfg = load_config("configs/moe_tiny.py:capacity", {"mesh.data": "2", "mesh.expert": "4"})
+    rules = tuple((k, ("data",) if k == "batch" else v) for k, v in cfg.mesh.rules)
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=rules))
+    mesh = sharding.make_abstract_mesh(cfg.mesh, 8)
+    assert "tokens not split over expert" in ep.plan_line(cfg, mesh)
+    with sharding.use_rules(rules, mesh):
+        assert ep.token_shards() == 0  # so MoE._all_to_all says no

@@ -54,14 +54,20 @@ def _token_spec(rules, mesh) -> P:
     return sharding.logical_to_spec(("batch", None), rules, mesh)
 
 
+def _token_axes(rules, mesh) -> tuple[str, ...]:
+    axes = _token_spec(rules, mesh)[0]
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
 def token_shards() -> int:
-    """How many shards the token dimension has under the active rules and mesh."""
+    """How many shards the token dimension has under the active rules and mesh;
+    0 when the tokens are not split over `expert` (custom rules), where the
+    all-to-all does not apply."""
     rules, mesh = sharding.active_rules_and_mesh()
     if mesh is None:
         return 1
-    axes = _token_spec(rules, mesh)[0]
-    axes = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
-    return math.prod(mesh.shape[a] for a in axes)
+    axes = _token_axes(rules, mesh)
+    return math.prod(mesh.shape[a] for a in axes) if EXPERT_AXIS in axes else 0
 
 
 def all_to_all_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float):
@@ -119,8 +125,9 @@ def plan_line(cfg, mesh) -> str:
         return line + " | expert axis 1: no expert parallelism"
     if not a2a:
         return line + f" | experts over expert={x_devices} by GSPMD (global sort)"
-    spec = _token_spec(cfg.mesh.rules, mesh)[0]
-    axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
+    axes = _token_axes(cfg.mesh.rules, mesh)
+    if EXPERT_AXIS not in axes:
+        return line + f" | experts over expert={x_devices} by GSPMD (tokens not split over expert)"
     tokens = cfg.train.batch_size * cfg.data.seq_len // math.prod(mesh.shape[a] for a in axes)
     cap = routing.capacity(tokens, m.top_k, m.num_experts, m.capacity_factor)
     return (line + f" | all-to-all over expert={x_devices}: {tokens} tokens per device, "

@@ -76,13 +76,14 @@ class MoE(nnx.Module):
     def _all_to_all(self, dispatch: str, num_tokens: int) -> bool:
         """Expert parallelism by all-to-all (layers/expert_parallel.py) for this call?
 
-        Yes for capacity dispatch on an `expert` mesh axis > 1 whose token shards
-        divide the tokens, unless model.moe.expert_parallel = "gspmd".  Calls
-        whose tokens do not divide (small decode batches) take the GSPMD path.
+        Yes for capacity dispatch on an `expert` mesh axis > 1 that splits the
+        tokens, unless model.moe.expert_parallel = "gspmd".  Calls whose tokens
+        the token shards do not divide (small decode batches) take the GSPMD path.
         """
         if self.cfg.moe.expert_parallel == "gspmd" or dispatch != "capacity":
             return False
-        return ep.expert_axis_size() > 1 and num_tokens % ep.token_shards() == 0
+        shards = ep.token_shards()  # 0: tokens not split over `expert` (custom rules)
+        return ep.expert_axis_size() > 1 and shards > 0 and num_tokens % shards == 0
 
     def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
