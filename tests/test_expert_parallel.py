@@ -101,7 +101,8 @@ def test_moe_layer_takes_the_all_to_all_path_and_matches_unsharded():
     (v_want, drop_want), g_want = jax.jit(fn)(params, x_BTD)
     mesh = _mesh()
     with jax.set_mesh(mesh), sharding.use_rules(DEFAULT_RULES, mesh):
-        assert ep.expert_axis_size() == 4 and ep.token_shards() == 8
+        assert ep.why_not_all_to_all(cfg.moe, DEFAULT_RULES, mesh, 64) == ""
+        assert "do not divide" in ep.why_not_all_to_all(cfg.moe, DEFAULT_RULES, mesh, 60)
         assert "all-to-all" in jax.jit(fn).lower(params, x_BTD).compile().as_text()
         (v_got, drop_got), g_got = jax.jit(fn)(params, x_BTD)
     assert float(drop_got) == float(drop_want) == 0.0
@@ -140,5 +141,4 @@ def test_plan_line_says_which_expert_parallelism_runs():
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=rules))
     mesh = sharding.make_abstract_mesh(cfg.mesh, 8)
     assert "tokens not split over expert" in ep.plan_line(cfg, mesh)
-    with sharding.use_rules(rules, mesh):
-        assert ep.token_shards() == 0  # so MoE._all_to_all says no
+    assert "tokens not split" in ep.why_not_all_to_all(cfg.model.moe, rules, mesh, 2048)

@@ -427,16 +427,20 @@ def buffer_swiglu(x_ECD, gate_EDF, up_EDF, down_EFD):
 # ------------------------------------------------------------ entry points
 
 
-def default_impl() -> str:
-    """'loop' on CPU, 'accelerator' elsewhere (see `accelerator_impl`)."""
-    return "loop" if jax.default_backend() == "cpu" else "accelerator"
-
-
-def accelerator_impl(dropless: bool) -> str:
-    """capacity: 'buffer'; dropless: 'ragged' on TPU, 'blocks' on GPU (see module doc)."""
-    if not dropless:
-        return "buffer"
-    return "ragged" if jax.default_backend() == "tpu" else "blocks"
+def resolve_impl(impl: str, *, dropless: bool, expert_choice: bool = False) -> str:
+    """The expert kernel a call runs: 'auto' is 'loop' on CPU and 'accelerator'
+    elsewhere; 'accelerator' is 'buffer' for capacity, and for dropless 'ragged'
+    on TPU, 'blocks' on GPU (see module doc).  Expert choice (exactly C rows per
+    expert) runs buffers for every accelerator kernel."""
+    if impl == "auto":
+        impl = "loop" if jax.default_backend() == "cpu" else "accelerator"
+    if expert_choice:
+        return "buffer" if impl in ("accelerator", "buffer", "ragged", "blocks") else impl
+    if impl == "accelerator":
+        if not dropless:
+            return "buffer"
+        return "ragged" if jax.default_backend() == "tpu" else "blocks"
+    return impl
 
 
 def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
@@ -446,15 +450,13 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
     Returns (y_ND, layout); layout.keep_NK tells which assignments were dropped.
     impl: 'loop' (CPU grouped loop), 'ragged' (ragged_dot, dropless only),
     'blocks' (block-padded batched einsum, dropless only), 'buffer' ([E, C, D]
-    einsum, capacity only), 'accelerator' (`accelerator_impl`), 'auto' (by
+    einsum, capacity only), 'accelerator' (`resolve_impl`), 'auto' (by
     backend).  tiles: (main, tail) rows of the CPU loop, default
     choose_tiles(expected rows per expert).
     """
     n, k = expert_NK.shape
     num_experts = weights[0].shape[0]
-    impl = default_impl() if impl == "auto" else impl
-    if impl == "accelerator":
-        impl = accelerator_impl(dropless=capacity is None)
+    impl = resolve_impl(impl, dropless=capacity is None)
     cap = n if capacity is None else capacity  # an expert gets each token at most once
     if impl in ("ragged", "blocks") and capacity is not None:
         raise ValueError(f"impl={impl!r} is dropless only (got capacity={capacity})")
@@ -492,10 +494,10 @@ def expert_choice_moe(x_ND, token_EC, gate_EC, weights, *, impl: str = "auto"):
     The combine is a segment sum (a token has 0..E experts); its backward is a gather.
     """
     num_experts, cap = token_EC.shape
-    impl = default_impl() if impl == "auto" else impl
+    impl = resolve_impl(impl, dropless=False, expert_choice=True)
     token_S = token_EC.reshape(-1)
     x_SD = x_ND[token_S]
-    if impl in ("buffer", "ragged", "blocks", "accelerator"):  # exactly C rows each: buffers
+    if impl == "buffer":
         y_SD = buffer_swiglu(x_SD.reshape(num_experts, cap, -1), *weights).reshape(x_SD.shape)
     elif impl == "loop":
         # every expert holds exactly C rows: one window each, no padding rows

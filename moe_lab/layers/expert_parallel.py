@@ -31,23 +31,14 @@ from jax.sharding import PartitionSpec as P
 from moe_lab import sharding
 from moe_lab.layers import routing
 from moe_lab.layers.dispatch import (
-    accelerator_impl,
     buffer_layout,
     buffer_swiglu,
     combine_rows,
-    default_impl,
     gather_rows,
+    resolve_impl,
 )
 
 EXPERT_AXIS = "expert"
-
-
-def expert_axis_size() -> int:
-    """Devices on the `expert` axis of the mesh the model is traced under (1: none)."""
-    _rules, mesh = sharding.active_rules_and_mesh()
-    if mesh is None or EXPERT_AXIS not in mesh.axis_names:
-        return 1
-    return int(mesh.shape[EXPERT_AXIS])
 
 
 def _token_spec(rules, mesh) -> P:
@@ -59,15 +50,26 @@ def _token_axes(rules, mesh) -> tuple[str, ...]:
     return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
-def token_shards() -> int:
-    """How many shards the token dimension has under the active rules and mesh;
-    0 when the tokens are not split over `expert` (custom rules), where the
-    all-to-all does not apply."""
-    rules, mesh = sharding.active_rules_and_mesh()
-    if mesh is None:
-        return 1
+def why_not_all_to_all(moe, rules, mesh, num_tokens: int) -> str:
+    """'' where the all-to-all applies to a call of `num_tokens` tokens, else why not.
+
+    It applies to token-choice capacity dispatch on an `expert` mesh axis > 1
+    that splits the tokens evenly, unless model.moe.expert_parallel = "gspmd".
+    (The one decision; MoE.__call__ and `plan_line` both use it.)
+    """
+    x_devices = 1 if mesh is None else int(dict(mesh.shape).get(EXPERT_AXIS, 1))
+    if x_devices == 1:
+        return "expert axis 1: no expert parallelism"
+    gspmd = f"experts over expert={x_devices} by GSPMD"
+    dispatch = "dropless" if moe.dispatch == "auto" else moe.dispatch
+    if moe.expert_parallel == "gspmd" or dispatch != "capacity" or moe.router == "expert_choice":
+        return f"{gspmd} (global sort)"
     axes = _token_axes(rules, mesh)
-    return math.prod(mesh.shape[a] for a in axes) if EXPERT_AXIS in axes else 0
+    if EXPERT_AXIS not in axes:
+        return f"{gspmd} (tokens not split over expert)"
+    if num_tokens % math.prod(mesh.shape[a] for a in axes):
+        return f"{gspmd} (tokens do not divide over the token shards)"
+    return ""
 
 
 def all_to_all_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float):
@@ -112,23 +114,16 @@ def plan_line(cfg, mesh) -> str:
     """One start-up line: which MoE kernels and which expert parallelism a run uses."""
     m = cfg.model.moe
     dispatch = "dropless" if m.dispatch == "auto" else m.dispatch
-    kernel = m.kernel if m.kernel != "auto" else default_impl()
-    if kernel == "accelerator":
-        kernel = "buffer" if m.router == "expert_choice" else accelerator_impl(dispatch != "capacity")
-    x_devices = int(mesh.shape.get(EXPERT_AXIS, 1))
-    a2a = (x_devices > 1 and m.expert_parallel != "gspmd" and dispatch == "capacity"
-           and m.router != "expert_choice")
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    why_not = why_not_all_to_all(m, cfg.mesh.rules, mesh, tokens)
+    kernel = "buffer" if not why_not else resolve_impl(
+        m.kernel, dropless=dispatch != "capacity", expert_choice=m.router == "expert_choice")
     line = (f"MoE: {m.num_experts} experts, top-{m.top_k}, {m.router}, dispatch {dispatch}, "
-            f"kernel {'buffer' if a2a else kernel}"
-            + (f" (auto, on {jax.default_backend()})" if m.kernel == "auto" and not a2a else ""))
-    if x_devices == 1:
-        return line + " | expert axis 1: no expert parallelism"
-    if not a2a:
-        return line + f" | experts over expert={x_devices} by GSPMD (global sort)"
-    axes = _token_axes(cfg.mesh.rules, mesh)
-    if EXPERT_AXIS not in axes:
-        return line + f" | experts over expert={x_devices} by GSPMD (tokens not split over expert)"
-    tokens = cfg.train.batch_size * cfg.data.seq_len // math.prod(mesh.shape[a] for a in axes)
-    cap = routing.capacity(tokens, m.top_k, m.num_experts, m.capacity_factor)
-    return (line + f" | all-to-all over expert={x_devices}: {tokens} tokens per device, "
-            f"capacity {cap} per expert per device")
+            f"kernel {kernel}"
+            + (f" (auto, on {jax.default_backend()})" if m.kernel == "auto" and why_not else ""))
+    if why_not:
+        return f"{line} | {why_not}"
+    local = tokens // math.prod(mesh.shape[a] for a in _token_axes(cfg.mesh.rules, mesh))
+    cap = routing.capacity(local, m.top_k, m.num_experts, m.capacity_factor)
+    return (f"{line} | all-to-all over expert={mesh.shape[EXPERT_AXIS]}: {local} tokens per "
+            f"device, capacity {cap} per expert per device")

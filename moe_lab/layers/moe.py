@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_lab import sharding
 from moe_lab.config import ModelConfig
 from moe_lab.layers import dispatch as dsp
 from moe_lab.layers import expert_parallel as ep
@@ -73,17 +74,12 @@ class MoE(nnx.Module):
             xr_ND = routing.jitter(xr_ND, m.router_jitter, rng)
         return router_matmul(xr_ND, self.router_DE[...])
 
-    def _all_to_all(self, dispatch: str, num_tokens: int) -> bool:
+    def _all_to_all(self, num_tokens: int) -> bool:
         """Expert parallelism by all-to-all (layers/expert_parallel.py) for this call?
-
-        Yes for capacity dispatch on an `expert` mesh axis > 1 that splits the
-        tokens, unless model.moe.expert_parallel = "gspmd".  Calls whose tokens
-        the token shards do not divide (small decode batches) take the GSPMD path.
-        """
-        if self.cfg.moe.expert_parallel == "gspmd" or dispatch != "capacity":
-            return False
-        shards = ep.token_shards()  # 0: tokens not split over `expert` (custom rules)
-        return ep.expert_axis_size() > 1 and shards > 0 and num_tokens % shards == 0
+        Calls whose tokens the token shards do not divide (small decode batches)
+        take the GSPMD path."""
+        rules, mesh = sharding.active_rules_and_mesh()
+        return not ep.why_not_all_to_all(self.cfg.moe, rules, mesh, num_tokens)
 
     def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -124,7 +120,7 @@ class MoE(nnx.Module):
                 y_ND = dsp.reference_moe(xc_ND, dsp.dense_gates(tc.expert_NK, gate_NK, e), *weights)
                 drop = jnp.zeros((), jnp.float32)
             else:
-                if self._all_to_all(dispatch, n):
+                if self._all_to_all(n):
                     y_ND, keep_NK = ep.all_to_all_moe(xc_ND, tc.expert_NK, gate_NK, weights,
                                                       capacity_factor=m.capacity_factor)
                 else:
