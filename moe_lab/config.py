@@ -44,7 +44,7 @@ class MoEConfig:
     # sigmoid: sigmoid scores, selection-only bias for loss-free balancing (DeepSeek-V3)
     # expert_choice: every expert takes its top-C tokens (Zhou et al. 2022)
     router: str = "softmax_topk"
-    renormalize: bool = True
+    renormalize: bool = True  # softmax_topk / sigmoid at k > 1 (at k = 1 the gate stays p)
     bias_update_rate: float = 1e-3  # sigmoid router: b_i += rate * sign(mean load - load_i)
     router_jitter: float = 0.0  # multiplicative uniform noise on router inputs during training
     aux_loss_weight: float = 1e-2  # Switch load-balance loss (2508.18672: 1e-2)
@@ -307,16 +307,45 @@ def _positive(cfg: Config, *keys: str) -> None:
             raise ConfigError(f"config key '{k}' must be > 0, got {v}")
 
 
+def _floats_finite(node, prefix: str = "") -> None:
+    """nan / inf in any float field (lr=nan would only show up as a NaN loss later)."""
+    for f in dataclasses.fields(node):
+        v, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            _floats_finite(v, key + ".")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
+
+
+def _validate_rules(rules) -> None:
+    axes = tuple(f.name for f in dataclasses.fields(MeshConfig) if f.type in ("int", int))
+    for rule in rules:
+        if len(rule) != 2:
+            raise ConfigError(f"mesh.rules entry {rule!r} must be [logical_axis, mesh_axes]")
+        targets = rule[1] if isinstance(rule[1], (list, tuple)) else (rule[1],)
+        bad = [a for a in targets if a is not None and a not in axes[:4]]
+        if bad:
+            raise ConfigError(f"mesh.rules maps {rule[0]!r} to unknown mesh axis {bad[0]!r} "
+                              f"(mesh axes: {', '.join(axes[:4])})")
+
+
 def validate(cfg: Config) -> Config:
     """Checks everything that can be checked without devices; returns cfg."""
     for key, choices in _CHOICES.items():
         v = _get(cfg, key)
         if v not in choices:
             raise ConfigError(f"config key '{key}'={v!r} is not one of {', '.join(choices)}")
+    _floats_finite(cfg)
     m, t, d = cfg.model, cfg.train, cfg.data
     _positive(cfg, "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-              "model.max_seq_len", "model.init_std", "train.steps", "train.batch_size",
-              "train.log_every", "train.eval_every", "train.checkpoint_every", "data.seq_len")
+              "model.max_seq_len", "model.init_std", "model.rope_theta", "train.steps",
+              "train.batch_size", "train.log_every", "train.eval_every", "train.checkpoint_every",
+              "data.seq_len", "eval.num_examples", "eval.batch_size", "eval.max_new_tokens")
+    for key in ("model.head_dim", "model.mlp_hidden", "model.moe.expert_hidden",
+                "model.vocab_size", "eval.longer_chains"):  # 0: the default
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0 (0: default), got {_get(cfg, key)}")
+    _validate_rules(cfg.mesh.rules)
     if m.d_model % m.num_heads and not m.head_dim:
         raise ConfigError(
             f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model} "
@@ -360,6 +389,10 @@ def _validate_moe(m: ModelConfig) -> None:
         )
     if e.capacity_factor <= 0:
         raise ConfigError(f"model.moe.capacity_factor must be > 0, got {e.capacity_factor}")
+    if e.router == "topk_softmax" and e.top_k == 1:
+        raise ConfigError("model.moe.router='topk_softmax' with top_k=1 gives every token gate 1 "
+                          "(a softmax over one logit), so the router would learn nothing from "
+                          "the loss; use router='softmax_topk' (Switch: gate = p)")
     if not 0 <= e.first_dense_layers < m.num_layers:
         raise ConfigError(
             f"model.moe.first_dense_layers={e.first_dense_layers} must be in "
@@ -409,6 +442,14 @@ def _validate_mor(m: ModelConfig) -> None:
     n = r.num_recursions
     if n < 1:
         raise ConfigError(f"config key 'model.mor.num_recursions' must be >= 1, got {n}")
+    if m.ffn == "moe" and r.routing != "none" and (m.moe.router == "expert_choice"
+                                                    or m.moe.dispatch == "capacity"):
+        # the dense recursion paths (token choice, threshold eval, prefill) run the
+        # block on every token and mask only attention: capacity or expert-choice
+        # experts would give their slots to tokens that are not recursing
+        raise ConfigError("model.stack='recursive' with routed depth needs token-choice "
+                          "dropless MoE experts (got model.moe.router="
+                          f"{m.moe.router!r}, dispatch={m.moe.dispatch!r})")
     middle = r.sharing.startswith("middle")
     shared = m.num_layers - 2 if middle else m.num_layers
     if shared < n or shared % n:

@@ -33,8 +33,10 @@ def _ffn_params(m: ModelConfig, kind: str, active: bool) -> int:
     e, F = m.moe, m.resolved_expert_hidden
     routed = e.top_k if active else e.num_experts
     if e.router == "expert_choice" and active:
-        routed = e.top_k  # on average each token is taken by k experts (capacity = k N / E)
-    return 3 * D * F * (routed + e.num_shared_experts) + D * e.num_experts
+        # every expert takes C = cf * N * k / E tokens, so a token is processed by
+        # E * C / N = cf * k experts on average (Zhou et al. 2022: "c" experts per token)
+        routed = e.capacity_factor * e.top_k
+    return round(3 * D * F * (routed + e.num_shared_experts)) + D * e.num_experts
 
 
 def _mor_router_params(m: ModelConfig) -> int:

@@ -17,6 +17,19 @@ def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
         "capacity time(E=8)/time(E=4)", "dropless time(E=8)/time(E=4)", "capacity(E=4)/dense"]
     assert all(0 < t["value"] < 100 and t["ok"] == (t["value"] <= t["limit"]) for t in r["targets"])
     assert 0 < r["floor_ratio"] < 100 and 0 < r["ideal_ratio"] < 100
+    for t in r["targets"]:  # the median of the pairs, inside their interquartile range
+        assert t["pairs"] == 3 and t["iqr"][0] <= t["value"] <= t["iqr"][1]
+    assert all(v > 0 for v in r["copy_bandwidth_gbs"].values())
+
+
+def test_spread_and_target_judge_the_median_and_keep_the_range():
+    from moe_lab.bench import common
+
+    st = common.spread([1.0, 1.2, 1.4, 2.0, 9.0])
+    assert (st["median"], st["q25"], st["q75"], st["pairs"]) == (1.4, 1.2, 2.0, 5)
+    t = common.target("x", st, 1.3)
+    assert (t["value"], t["ok"], t["iqr"]) == (1.4, False, [1.2, 2.0])
+    assert common.target("x", st, 1.5)["ok"] and common.target("y", 1.4, 1.3)["ok"] is False
 
 
 def test_paired_ratio_measures_the_ratio_of_two_functions(monkeypatch):

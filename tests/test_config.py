@@ -51,6 +51,15 @@ def test_tiny_config_loads_and_overrides_apply():
     ({"model.ffn": "moe", "model.moe.router": "expert_choice", "model.moe.kernel": "ragged"},
      "kernel='ragged' is for token choice"),
     ({"model.ffn": "moe", "model.moe.kernel": "cuda"}, "'model.moe.kernel'='cuda' is not one of"),
+    ({"model.ffn": "moe", "model.moe.router": "topk_softmax", "model.moe.top_k": 1},
+     "router='topk_softmax' with top_k=1 gives every token gate 1"),
+    ({"train.lr": "nan"}, "'train.lr' must be a finite number"),
+    ({"model.ffn": "moe", "model.moe.capacity_factor": "inf"}, "must be a finite number"),
+    ({"model.mlp_hidden": -8}, "'model.mlp_hidden' must be >= 0"),
+    ({"model.head_dim": -2}, "'model.head_dim' must be >= 0"),
+    ({"model.rope_theta": 0}, "'model.rope_theta' must be > 0"),
+    ({"eval.batch_size": 0}, "'eval.batch_size' must be > 0"),
+    ({"mesh.rules": '[["batch", ["bogus"]]]'}, "unknown mesh axis 'bogus'"),
 ])
 def test_bad_values_raise_one_line(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -108,3 +117,11 @@ def test_cli_errors_exit_nonzero_with_one_line(args, needle, tmp_path):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_vocab_smaller_than_the_tokenizer_is_an_error():
+    from moe_lab.train.state import resolve_config  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="model.vocab_size=5 is smaller than the tokenizer"):
+        resolve_config(_load(**{"model.vocab_size": 5}))
+    assert resolve_config(_load(**{"model.vocab_size": 512})).model.vocab_size == 512

@@ -52,3 +52,15 @@ def test_eos_truncates():
     cut = generate(gd, params, rest, PROMPTS[:1], max_new_tokens=8, eos_id=eos)[0]
     assert cut == row[:row.index(eos)]
     assert np.all(np.array(cut) != eos)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=4, top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+])
+def test_bad_sampling_arguments_are_one_line_errors(kw, needle):
+    gd, params, rest = _model()
+    with pytest.raises(ValueError) as e:
+        generate(gd, params, rest, PROMPTS, **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)

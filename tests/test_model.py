@@ -107,6 +107,44 @@ def test_moe_param_count_total_vs_active():
     assert flops.sparsity(cfg.model) == pytest.approx(0.75)
 
 
+def test_expert_choice_active_params_count_capacity_factor_times_k_experts():
+    """Expert choice: every expert takes C = cf*N*k/E tokens, so a token passes
+    through cf*k experts on average (FLOPs and active parameters count that)."""
+    def counts(router, cf):
+        cfg = tiny_config(model=dict(ffn="moe", moe=dict(num_experts=8, top_k=2, expert_hidden=16,
+                                                         router=router, capacity_factor=cf)))
+        return cfg.model, flops.param_counts(cfg.model)
+
+    m, tc = counts("softmax_topk", 1.25)
+    _, ec = counts("expert_choice", 1.25)
+    ffn_layers = m.num_layers - m.moe.first_dense_layers
+    assert ec["active"] - tc["active"] == ffn_layers * 3 * m.d_model * 16 * (1.25 * 2 - 2)
+    assert ec["total"] == tc["total"]
+
+
+def test_router_learns_from_the_loss_at_top1():
+    """k = 1 with renormalize: the gate stays p (Switch), not p / p = 1, so the
+    router's gradient from the LM loss alone (aux weights 0) is not zero."""
+    from moe_lab.config import ModelConfig, MoEConfig  # noqa: PLC0415
+    from moe_lab.layers.moe import MoE  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
+    w = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
+
+    def router_grad(router, renormalize):
+        cfg = ModelConfig(d_model=16, init_std=0.5, ffn="moe", moe=MoEConfig(
+            num_experts=4, top_k=1, expert_hidden=8, router=router, renormalize=renormalize,
+            aux_loss_weight=0.0, z_loss_weight=0.0))
+        graphdef, params, rest = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        g = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x, train=True)[0] * w))(params)
+        return np.asarray(g["router_DE"][...])
+
+    for router in ("softmax_topk", "sigmoid"):
+        g = router_grad(router, True)
+        assert np.linalg.norm(g) > 1e-2, router  # p / p = 1 gave ~1e-7 here
+        np.testing.assert_allclose(g, router_grad(router, False), rtol=1e-6)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_same_loss_and_grads(remat):
     cfg, model = _model()

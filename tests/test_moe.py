@@ -298,13 +298,14 @@ def test_capacity_drops_match_hand_count(impl):
     assert cap == 4
     logits = np.asarray(m.router_logits(x.reshape(n, -1), train=False, rng=None), np.float64)
     expert, gate, _ = np_route("softmax_topk", logits, 2, True)
-    # first come, first served in (token, k) order, per expert
+    # per expert: every token's first choice before any second choice (GShard),
+    # first come first served within a rank
     seen, kept = np.zeros(4, int), np.zeros((n, 2), bool)
-    for i in range(n):
-        for j in range(2):
+    for j in range(2):
+        for i in range(n):
             kept[i, j] = seen[expert[i, j]] < cap
             seen[expert[i, j]] += 1
-    assert (~kept).sum() > 0
+    assert (~kept).sum() > 0 and (~kept[:, 1]).sum() > (~kept[:, 0]).sum()
     y, aux = apply(m, x)
     np.testing.assert_allclose(float(aux["drop_fraction"]), (~kept).mean(), rtol=1e-6)
     g, u, d = np_weights(m)

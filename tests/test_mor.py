@@ -126,6 +126,9 @@ def _reference_forward(model, tokens, pos, seg, kept_RBT, tc_depth=None):
                 y, _ = blk(y, pos[b, act][None], seg[b, act][None], train=False)
             gb = g[b, act][None, :, None]
             new = h + gb * (y - h) if mor.update == "paper" else h + gb * y
+            if tc_depth is not None:  # token choice gates a token's last step only
+                last = (np.asarray(tc_depth)[b, act] == r + 1)[None, :, None]
+                new = jnp.where(last, new, y)
             x = x.at[b, act].set(new[0])
     if rs.schedule.last:
         x, _ = rs.last(x, pos, seg, train=False)
@@ -164,6 +167,9 @@ def test_expert_choice_gather_matches_dense_reference(mor, extra):
     (_, (logits_d, _)), g_dense = _vag(_forward_fn(gd, rest, impl="dense"), w)(params, *batch)
     np.testing.assert_allclose(logits_d, logits, atol=1e-5)
     _assert_close_trees(g_fast, g_dense, 1e-4)
+    if mor.get("kv_cache") != "shared":  # and an independent one: a per-row Python loop
+        ref = _reference_forward(nnx.merge(gd, params, rest), *batch, kept)
+        np.testing.assert_allclose(ref, logits, atol=1e-5)
 
 
 def test_token_choice_matches_per_row_reference():
@@ -253,6 +259,40 @@ def test_mor_tiny_trains_and_logs_depth_histogram():
     assert {"mor/dead_token_ratio", "mor/sampling_accuracy", "mor/bce_loss"} <= set(m)
 
 
+@pytest.mark.parametrize("stack", ["plain", "recursive"])
+def test_train_step_updates_every_sigmoid_router_bias(stack):
+    """Loss-free balancing (DeepSeek-V3) through the train step: every MoE layer's
+    selection bias moves by rate * sign(mean load - load).  In a recursive stack the
+    biases live under model_state["recursive"] and a pool layer's load is the mean
+    over its applications (this update used to be skipped there)."""
+    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
+    from moe_lab.train.step import make_train_step  # noqa: PLC0415
+
+    moe = dict(num_experts=4, top_k=2, expert_hidden=16, router="sigmoid", dispatch="dropless",
+               bias_update_rate=0.01)
+    cfg = resolve_config(tiny_config(model=dict(num_layers=5, stack=stack, ffn="moe", moe=moe,
+                                                 mor=dict(routing="token_choice")),
+                                     train=dict(batch_size=4), data=dict(seq_len=16)))
+    setup = make_setup(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    step = _jit(make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule))
+    state = setup.init_state()
+    toks = np.random.default_rng(0).integers(3, 40, (4, 17)).astype(np.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((4, 16), np.float32),
+             "segment_ids": np.ones((4, 16), np.int32), "task_ids": np.zeros((4, 16), np.int32),
+             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy(),
+             "answer_mask": np.zeros((4, 16), np.float32)}
+    new, _ = step(state, batch)
+    before = jax.tree_util.tree_leaves_with_path(state["model_state"])
+    after = dict(jax.tree_util.tree_leaves_with_path(new["model_state"]))
+    biases = [(path, b) for path, b in before if "bias_E" in jax.tree_util.keystr(path)]
+    assert len(biases) == (3 if stack == "recursive" else 1)  # first / shared / last stacks
+    for path, b in biases:
+        moved = np.abs(np.asarray(after[path]) - np.asarray(b))
+        assert np.all((moved == 0.0) | np.isclose(moved, 0.01)), jax.tree_util.keystr(path)
+        assert np.any(moved > 0), jax.tree_util.keystr(path)
+
+
 def test_token_choice_loss_free_bias_and_warmup_state():
     from moe_lab.train.step import update_mor_state  # noqa: PLC0415
 
@@ -262,7 +302,16 @@ def test_token_choice_loss_free_bias_and_warmup_state():
     assert float(aux["mor"]["mean_depth"]) == 3.0  # warm-up: every token at full depth
     new = update_mor_state(rest, aux, 1e-3)
     assert int(new["recursive"]["steps_seen"]) == 1
-    assert np.all(np.abs(np.asarray(new["recursive"]["bias_R"])) <= 1e-3)
+    # forced full depth says nothing about balance: the bias must not move in warm-up
+    # (it used to drift towards the shallow depths by 1e-3 per warm-up step)
+    np.testing.assert_array_equal(np.asarray(new["recursive"]["bias_R"]), 0.0)
+    done = update_mor_state(update_mor_state(new, aux, 1e-3), aux, 1e-3)
+    _, aux_after = _jit(_forward_fn(gd, done))(params, *_batch())
+    assert float(aux_after["mor"]["warming_up"]) == 0.0
+    after = update_mor_state(done, aux_after, 1e-3)
+    load = np.asarray(aux_after["mor"]["tokens_per_depth_R"])
+    np.testing.assert_allclose(np.asarray(after["recursive"]["bias_R"]),
+                               1e-3 * np.sign(load.mean() - load), atol=1e-7)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -275,6 +324,8 @@ def test_token_choice_loss_free_bias_and_warmup_state():
     ({"model.mor.capacities": "0.9,0.5,0.2", "model.mor.kv_cache": "shared"}, "kv_cache='shared'"),
     ({"model.mor.routing": "token_choice", "model.mor.router_func": "tanh"}, "softmax or sigmoid"),
     ({"model.mor.sharing": "diagonal"}, "is not one of"),
+    ({"model.ffn": "moe", "model.moe.dispatch": "capacity"}, "needs token-choice dropless MoE"),
+    ({"model.ffn": "moe", "model.moe.router": "expert_choice"}, "needs token-choice dropless"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:

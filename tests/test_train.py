@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,12 +36,59 @@ def test_loss_decreases_on_facts(tmp_path):
 def test_interrupted_run_resumes_with_identical_losses(tmp_path):
     cfg = tiny_config(train=dict(steps=20, log_every=1, checkpoint_every=10, eval_every=10))
     train(cfg, str(tmp_path / "full"))
-    train(cfg, str(tmp_path / "split"), max_steps=13)  # "killed" after step 13 ...
+    train(cfg, str(tmp_path / "split"), max_steps=13)  # stops after step 13 (and saves it) ...
     assert max(_losses(str(tmp_path / "split"))) == 13
+    # ... as if killed before that save: the last checkpoint is 10
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "13")
     train(cfg, str(tmp_path / "split"))  # ... resumes from checkpoint 10, re-logs 11..13
     full, split = _losses(str(tmp_path / "full")), _losses(str(tmp_path / "split"))
     assert sorted(split) == list(range(1, 21))  # no duplicated or missing rows
     np.testing.assert_array_equal([full[s] for s in range(1, 21)], [split[s] for s in range(1, 21)])
+
+
+def test_row_of_a_checkpointed_step_survives_a_kill_right_after_its_save(tmp_path, monkeypatch):
+    """The metrics row of step s is written before checkpoint s: a resume from s
+    re-logs only s+1.., so a kill between the two must not lose row s."""
+    from moe_lab.train import checkpoint as ck  # noqa: PLC0415
+
+    save = ck.Checkpointer.save
+
+    def save_then_die(self, step, *args, **kw):
+        out = save(self, step, *args, **kw)
+        if step == 5:
+            self.wait()
+            raise KeyboardInterrupt  # killed right after checkpoint 5 is on disk
+        return out
+
+    monkeypatch.setattr(ck.Checkpointer, "save", save_then_die)
+    cfg = tiny_config(train=dict(steps=8, log_every=1, checkpoint_every=5, eval_every=100))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(tmp_path / "r"))
+    monkeypatch.setattr(ck.Checkpointer, "save", save)
+    assert max(_losses(str(tmp_path / "r"))) == 5
+    train(cfg, str(tmp_path / "r"))
+    assert sorted(_losses(str(tmp_path / "r"))) == list(range(1, 9))
+
+
+def test_resume_with_other_data_or_batches_is_refused(tmp_path):
+    train(tiny_config(train=dict(steps=2)), str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"different data \(data.mixture"):
+        train(tiny_config(data=dict(mixture="facts:1"), train=dict(steps=4)), str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"different batch \(train.batch_size"):
+        train(tiny_config(train=dict(steps=4, batch_size=16)), str(tmp_path / "r"))
+    train(tiny_config(train=dict(steps=4, lr=1e-3)), str(tmp_path / "r"))  # steps, lr: fine
+
+
+def test_config_that_cannot_build_leaves_no_workdir(tmp_path, monkeypatch):
+    from moe_lab.train import loop  # noqa: PLC0415
+
+    def broken(cfg, mesh):
+        raise ConfigError("cannot build")
+
+    monkeypatch.setattr(loop, "make_setup", broken)
+    with pytest.raises(ConfigError, match="cannot build"):
+        train(tiny_config(train=dict(steps=2)), str(tmp_path / "r"))
+    assert not os.path.exists(tmp_path / "r" / "config.json")
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):

@@ -33,8 +33,9 @@ def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 5, min_time: floa
     return float(np.median(times))
 
 
-def paired_ratio(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs: int = 7) -> float:
-    """Median over `pairs` back-to-back (num, den) calls of time(num) / time(den).
+def paired_ratios(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs: int = 7
+                  ) -> list[float]:
+    """time(num) / time(den) of each of `pairs` back-to-back (num, den) calls.
 
     For ratio targets on a shared machine: both cases of a pair see the same load,
     so drift over minutes cancels (a ratio of medians taken minutes apart does
@@ -50,7 +51,31 @@ def paired_ratio(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs
             t[which] = time.perf_counter() - t0
         t_num, t_den = (t["first"], t["second"]) if i % 2 == 0 else (t["second"], t["first"])
         ratios.append(t_num / t_den)
-    return float(np.median(ratios))
+    return ratios
+
+
+def paired_ratio(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs: int = 7) -> float:
+    """Median of `paired_ratios`."""
+    return float(np.median(paired_ratios(num, den, pairs)))
+
+
+def spread(ratios: list[float], scale: float = 1.0) -> dict:
+    """Median and interquartile range of paired ratios (times `scale`), for reports:
+    on a shared machine one run's pairs disagree by tens of percent, and a reader
+    should see how far before trusting the median against a target."""
+    q25, q50, q75 = (scale * float(q) for q in np.percentile(ratios, [25, 50, 75]))
+    return {"median": q50, "q25": q25, "q75": q75, "pairs": len(ratios)}
+
+
+def copy_bandwidth_gbs(mib: int = 256) -> float:
+    """Effective memory bandwidth now (GB/s, bytes read + written by an array copy
+    far larger than any cache).  Printed by memory-bound benchmarks at their start
+    and end: neighbours on a shared host take bandwidth, and the E=256 MoE layer,
+    which streams 400 MB of expert weights three times per step, slows down with it."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    t = min(time_fn(f, x, warmup=2, iters=3) for _ in range(2))
+    return 2 * x.nbytes / t / 1e9
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
@@ -66,13 +91,23 @@ def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
     return 2 * n**3 / t
 
 
-def target(name: str, value: float, limit: float, *, at_least: bool = False) -> dict:
+def target(name: str, value: float | dict, limit: float, *, at_least: bool = False) -> dict:
+    """A target judged on `value` (a number, or a `spread` dict: judged on its median,
+    the interquartile range is kept for the report)."""
+    stats = value if isinstance(value, dict) else None
+    value = stats["median"] if stats else value
     ok = value >= limit if at_least else value <= limit
-    return {"name": name, "value": round(float(value), 4), "limit": limit,
-            "op": ">=" if at_least else "<=", "ok": bool(ok)}
+    out = {"name": name, "value": round(float(value), 4), "limit": limit,
+           "op": ">=" if at_least else "<=", "ok": bool(ok)}
+    if stats:
+        out["iqr"] = [round(stats["q25"], 4), round(stats["q75"], 4)]
+        out["pairs"] = stats["pairs"]
+    return out
 
 
 def print_targets(targets: list[dict]) -> None:
     for t in targets:
         mark = "OK  " if t["ok"] else "MISS"
-        print(f"  [{mark}] {t['name']}: {t['value']} (target {t['op']} {t['limit']})")
+        iqr = (f", middle half of {t['pairs']} pairs {t['iqr'][0]}-{t['iqr'][1]}"
+               if "iqr" in t else "")
+        print(f"  [{mark}] {t['name']}: {t['value']} (target {t['op']} {t['limit']}{iqr})")

@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_lab.bench.common import paired_ratio, print_targets, target, time_fn
+from moe_lab.bench.common import paired_ratio, paired_ratios, print_targets, spread, target, time_fn
 from moe_lab.config import Config, DataConfig, ModelConfig, MoRConfig, validate
 from moe_lab.eval.generate import _generate_cached, decode_steps, prefill
 from moe_lab.train.state import build_model, resolve_config, split_model
@@ -118,14 +118,16 @@ def _bytes(tree) -> int:
 
 
 def run(quick: bool = False, d_model: int | None = None, batch: int | None = None,
-        new_tokens: int | None = None) -> dict:
+        new_tokens: int | None = None, pool: int = 2) -> dict:
+    """pool: shared layers per recursion step (2: 1 + 3x2 + 1 = 8 layer applications;
+    10 is the layout of the paper's 360M models, 1 + 3x10 + 1 = 32)."""
     # d_model 512, batch 64: decode is compute-bound on CPU there; at d_model 256 / batch 32
     # per-op overheads dominate and skipping rows saves nothing (measured ~1.0x).
     d, B = (128, 8) if quick else (512, 64)
     d, B = d_model or d, batch or B
     P, N = 16, new_tokens or (16 if quick else 32)
     S = P + N
-    n_r, pool = 3, 2
+    n_r = 3
     layers = 2 + n_r * pool
     base = MoRConfig(num_recursions=n_r, sharing="middle_cycle", routing="expert_choice")
     cfgs = {
@@ -192,8 +194,11 @@ def run(quick: bool = False, d_model: int | None = None, batch: int | None = Non
     pairs = 3 if quick else 7
     van = decoders["vanilla"]
     rw, sh = results["mor_recursion_wise"], results["mor_kv_shared"]
-    out["speedup_recursion_wise"] = paired_ratio(van, decoders["mor_recursion_wise"], pairs)
-    out["speedup_kv_shared"] = paired_ratio(van, decoders["mor_kv_shared"], pairs)
+    stats = {k: spread(paired_ratios(van, decoders[f"mor_{k}"], pairs))
+             for k in ("recursion_wise", "kv_shared")}
+    for k, st in stats.items():
+        out[f"speedup_{k}"] = st["median"]
+        out[f"speedup_{k}_iqr"] = [st["q25"], st["q75"]]
     out["ideal_speedup"] = {k: results[k]["ideal_speedup"] for k in ("mor_recursion_wise",
                                                                      "mor_kv_shared")}
     vanilla_alloc = results["vanilla"]["kv_cache_bytes_allocated"]
@@ -205,10 +210,15 @@ def run(quick: bool = False, d_model: int | None = None, batch: int | None = Non
                                                     pairs) for k in ("mor_recursion_wise",
                                                                      "mor_kv_shared"))
     out["expected_kv_ratio"] = {"recursion_wise": (n_r + 1) / (2 * n_r), "shared": 1 / n_r}
+    # the same bound had decode kept exactly the trained capacities (1, 2/3, 1/3):
+    # 8 / 6 = 1.33x at pool 2, 32 / 22 = 1.45x at the paper's pool 10; the same-batch
+    # target of 1.5x is above it for middle_cycle at N_r = 3 whatever the depth
+    out["bound_at_trained_capacities"] = layers / (2 + pool * sum(
+        (n_r - r) / n_r for r in range(n_r)))
     out["targets"] = [
-        target("MoR recursion-wise decode tokens/s vs vanilla", out["speedup_recursion_wise"], 1.5,
+        target("MoR recursion-wise decode tokens/s vs vanilla", stats["recursion_wise"], 1.5,
                at_least=True),
-        target("MoR KV-sharing decode tokens/s vs vanilla", out["speedup_kv_shared"], 1.5,
+        target("MoR KV-sharing decode tokens/s vs vanilla", stats["kv_shared"], 1.5,
                at_least=True),
         target("recursion-wise stored KV (recursive part) vs vanilla",
                rw["kv_stored_ratio_recursive_part"], round((n_r + 1) / (2 * n_r) + 0.1, 4)),
@@ -238,7 +248,8 @@ def main_print(r: dict) -> None:
           f"{r['speedup_vs_plain_path']:.2f}x)")
     ib = r["ideal_speedup"]
     print(f"  compute bound (layer applications, vanilla / MoR as routed): recursion-wise "
-          f"{ib['mor_recursion_wise']:.2f}x, KV sharing {ib['mor_kv_shared']:.2f}x")
+          f"{ib['mor_recursion_wise']:.2f}x, KV sharing {ib['mor_kv_shared']:.2f}x; at exactly "
+          f"the trained capacities {r['bound_at_trained_capacities']:.2f}x")
     print(f"  KV sharing at vanilla's KV-cache memory (allocated {r['kv_alloc_ratio_shared']:.2f}x "
           f"of vanilla, so batch {2 * r['batch']}): {r['speedup_kv_shared_equal_kv_memory']:.2f}x "
           "vanilla tokens/s (the paper's max-batch protocol; not the same-batch target)")

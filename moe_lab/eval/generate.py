@@ -118,6 +118,12 @@ def generate(graphdef, params, model_state, prompts: list[list[int]], max_new_to
              pad_id: int = 0, eos_id: int | None = None, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> list[list[int]]:
     """Generates up to `max_new_tokens` per prompt; output stops at (and drops) eos_id."""
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:  # top_p <= 0 would mask every token, and sample token 0
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if not temperature >= 0.0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     tokens, valid = left_pad(prompts, pad_id)
     fn = _generate_cached if use_cache else _generate_reference
     out = fn(graphdef, params, model_state, jnp.asarray(tokens), jnp.asarray(valid),

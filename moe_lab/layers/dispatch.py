@@ -10,9 +10,9 @@ is dropped; tests/test_moe.py checks every pair):
 * `reference_moe`: every expert on every token, weighted by the dense gate
   matrix `gates_NE` (zeros where unselected).  Slow, obviously correct.
 * token choice, expert-sorted:  `sorted_layout` sorts the A assignments by
-  expert (stable, so within an expert tokens keep their order: GShard/Switch
-  capacity semantics "first come, first served"); an expert's rows beyond
-  capacity C are dropped.  Tokens are moved with `gather_rows`, results brought
+  expert, then choice rank, then token (GShard capacity semantics: all first
+  choices are served before any second choice, first come first served within
+  a rank); an expert's rows beyond capacity C are dropped.  Tokens are moved with `gather_rows`, results brought
   back with `combine_rows`; both have custom VJPs whose backward passes are
   gathers too (no scatter-add in either direction; cf. MaxText's sort-based
   permute with custom VJP).
@@ -95,9 +95,15 @@ class Layout(NamedTuple):
 
 
 def _sort_by_expert(expert_NK, num_experts):
+    """Assignments sorted by expert, and within an expert by choice rank, then token:
+    every token's first choice is served before any token's second choice (GShard
+    Algorithm 1; flaxformer's Switch router), so capacity drops hit the lower-ranked
+    choices first and do not depend on where a token sits in the batch."""
     n, k = expert_NK.shape
     e_A = expert_NK.reshape(-1)
-    order_A = jnp.argsort(e_A, stable=True).astype(jnp.int32)  # sorted row -> assignment
+    rank_A = jnp.tile(jnp.arange(k, dtype=jnp.int32), n)
+    # stable, so equal (expert, rank) keys keep token order
+    order_A = jnp.argsort(e_A * k + rank_A, stable=True).astype(jnp.int32)  # row -> assignment
     load_E = jnp.bincount(e_A, length=num_experts).astype(jnp.int32)
     starts_E = (jnp.cumsum(load_E) - load_E).astype(jnp.int32)
     arange_A = jnp.arange(n * k, dtype=jnp.int32)

@@ -5,8 +5,9 @@ GShard (Lepikhin et al. 2020, arXiv 2006.16668, sec. 3.2) / Switch (Fedus et al.
 `expert` axis (X devices, E_loc = E / X experts each), every device
 
  1. lays out its own n tokens' assignments in capacity buffers [E, C, D],
-    C = ceil(capacity_factor * n * k / E) (first come, first served among its
-    tokens: capacity is per device, as in GShard's groups),
+    C = ceil(capacity_factor * n * k / E) (first choices before second ones,
+    then token order, among its tokens: capacity is per device, as in GShard's
+    groups),
  2. all-to-all over `expert`: the buffers of experts [i E_loc, (i+1) E_loc) go
     to device i, which receives [X, E_loc, C, D] (one slab per sender),
  3. runs its E_loc experts on X * C rows each (batched einsums),

@@ -88,13 +88,17 @@ class SoftmaxTopKRouter:
     Steps:
       1. probs_NE = softmax(logits_NE) over E
       2. gate_NK, expert_NK = top_k(probs_NE, K)
-      3. if renormalize: gate_NK /= sum_k gate_NK (otherwise gates sum to < 1)
+      3. if renormalize and K > 1: gate_NK /= sum_k gate_NK (otherwise gates sum to < 1)
+
+    At K = 1 the gate stays the raw probability p (Switch eq. 2): renormalised it
+    would be p / p = 1 for every token, and the router would get no gradient from
+    the LM loss, only from the auxiliary losses.
     """
 
     def __call__(self, logits_NE, bias_E, *, top_k: int, renormalize: bool) -> TokenChoice:
         probs_NE = jax.nn.softmax(logits_NE, axis=-1)
         gate_NK, expert_NK = jax.lax.top_k(probs_NE, top_k)
-        if renormalize:
+        if renormalize and top_k > 1:
             gate_NK = gate_NK / jnp.sum(gate_NK, axis=-1, keepdims=True)
         return TokenChoice(expert_NK.astype(jnp.int32), gate_NK, probs_NE)
 
@@ -106,7 +110,8 @@ class SigmoidRouter:
       1. scores_NE = sigmoid(logits_NE)
       2. expert_NK = top_k(scores_NE + bias_E, K)  -- the bias only steers selection
       3. gate_NK = scores_NE[expert_NK]  (unbiased scores)
-      4. if renormalize: gate_NK /= sum_k gate_NK
+      4. if renormalize and K > 1: gate_NK /= sum_k gate_NK (at K = 1 it would be 1
+         for every token, cutting the router off from the LM loss)
       5. probs_NE = scores_NE / sum_e scores_NE (for balance loss / entropy)
     """
 
@@ -115,7 +120,7 @@ class SigmoidRouter:
         biased_NE = scores_NE if bias_E is None else scores_NE + bias_E.astype(jnp.float32)
         _, expert_NK = jax.lax.top_k(jax.lax.stop_gradient(biased_NE), top_k)
         gate_NK = jnp.take_along_axis(scores_NE, expert_NK, axis=-1)
-        if renormalize:
+        if renormalize and top_k > 1:
             gate_NK = gate_NK / jnp.sum(gate_NK, axis=-1, keepdims=True)
         probs_NE = scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True)
         return TokenChoice(expert_NK.astype(jnp.int32), gate_NK, probs_NE)

@@ -43,6 +43,7 @@ which is what the no-cache reference decode runs.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,15 @@ def _concat_aux(auxes):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *auxes)
 
 
+class FinalStepGate(NamedTuple):
+    """Token choice's gate (2507.10524 sec. 2.2.1, released code): a token chose its
+    depth up front, and only its last step is gated, h <- h + g (f(h) - h); the
+    steps before it apply the block plainly, h <- f(h)."""
+
+    gate_BT: jax.Array
+    final_BT: jax.Array
+
+
 class RecursiveStack(nnx.Module):
     """[first] + shared ScannedStack applied N_r times with routed depth + [last]."""
 
@@ -201,10 +211,21 @@ class RecursiveStack(nnx.Module):
     def _update(self, h, f_h, g):
         if g is None:
             return f_h
+        if isinstance(g, FinalStepGate):  # token choice: gated at the last step only
+            return jnp.where(g.final_BT[..., None], self._update(h, f_h, g.gate_BT), f_h)
         g = g[..., None].astype(h.dtype)
         if self.cfg.mor.update == "paper":
             return h + g * (f_h - h)
         return h + g * f_h
+
+    def _tc_warmup(self, depth_BT, gate_BT, probs_BTR):
+        """Token-choice warm-up: every token at full depth R, gated by its probability
+        of depth R (the released code gathers the gate at the forced depth)."""
+        mor = self.cfg.mor
+        warming = self.steps_seen[...] < mor.warmup_steps
+        full_gate_BT = mor.token_choice_alpha * probs_BTR[..., -1]
+        return (jnp.where(warming, mor.num_recursions, depth_BT),
+                jnp.where(warming, full_gate_BT, gate_BT), warming)
 
     def _layers(self, r, x_BTD, pos_BT, mask_BTS, *, kv_n=None, want_kv=False, train, rng):
         """The pool layers of step r in order (scan); returns (x, aux_n, kv_n or None)."""
@@ -298,7 +319,8 @@ class RecursiveStack(nnx.Module):
             bias = self.bias_R[...] if hasattr(self, "bias_R") else None
             tc_depth, tc_gate, probs = rr.tc_route(z_BTR, self._func(), bias, mor.token_choice_alpha)
             if hasattr(self, "steps_seen"):
-                tc_depth = jnp.where(self.steps_seen[...] < mor.warmup_steps, R, tc_depth)
+                tc_depth, tc_gate, warming = self._tc_warmup(tc_depth, tc_gate, probs)
+                m["warming_up"] = warming.astype(jnp.float32)  # no bias update (train/step.py)
             bal, load_R, maxvio = rr.tc_balance(probs, tc_depth, valid)
             zl = rr.masked_mean(jnp.square(jax.nn.logsumexp(z_BTR, axis=-1)), valid)
             if mor.balance == "loss":
@@ -311,7 +333,7 @@ class RecursiveStack(nnx.Module):
             if routing == "none":
                 sel = None
             elif routing == "token_choice":
-                sel, g = tc_depth > r, tc_gate
+                sel, g = tc_depth > r, FinalStepGate(tc_gate, tc_depth == r + 1)
             else:
                 z = self.router(h, r)
                 g = rr.ec_gate(z, self._func(), mor.alpha)
@@ -400,16 +422,16 @@ class RecursiveStack(nnx.Module):
         shared = cache["shared"]
         if routing == "token_choice":
             bias = self.bias_R[...] if hasattr(self, "bias_R") else None
-            tc_depth, tc_gate, _ = rr.tc_route(self.router(h), self._func(), bias,
-                                               mor.token_choice_alpha)
+            tc_depth, tc_gate, probs = rr.tc_route(self.router(h), self._func(), bias,
+                                                   mor.token_choice_alpha)
             if hasattr(self, "steps_seen"):
-                tc_depth = jnp.where(self.steps_seen[...] < mor.warmup_steps, R, tc_depth)
+                tc_depth, tc_gate, _ = self._tc_warmup(tc_depth, tc_gate, probs)
         kept = []
         for r in range(R):
             if routing == "none":
                 sel, g = cand, None
             elif routing == "token_choice":
-                sel, g = tc_depth > r, tc_gate
+                sel, g = tc_depth > r, FinalStepGate(tc_gate, tc_depth == r + 1)
             else:
                 z = self.router(h, r)
                 g = rr.ec_gate(z, self._func(), mor.alpha)
@@ -501,7 +523,7 @@ class RecursiveStack(nnx.Module):
                                                    (valid[rows, 0] & row_sel)[:, None],
                                                    cache_s, index, write)
                 upd = jnp.where(row_sel[:, None, None],
-                                self._update(h_s, f_s, None if g is None else g[rows]), h_s)
+                                self._update(h_s, f_s, None if g is None else jax.tree.map(lambda a: a[rows], g)), h_s)
                 h = h.at[rows].set(upd)
                 if not write:
                     return h

@@ -8,6 +8,7 @@ uninterrupted one.  SIGTERM (preemption) saves a checkpoint and returns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +39,21 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+# What a resumed run may not change: the model, what it trains on and in what
+# batches (the saved data iterator state only means something for the same
+# pipeline and shuffle seed).  Steps, schedule, eval and checkpoint settings may
+# change (the demo extends train.steps on resume).
+_RESUME_FIXED = {"train": ("batch_size", "seed")}
+_EVAL_ONLY = {"data": ("arith_eval_num_steps",)}
+
+
+def _resume_diffs(old, new, section: str) -> list[str]:
+    keys = _RESUME_FIXED.get(section) or [f.name for f in dataclasses.fields(old)
+                                          if f.name not in _EVAL_ONLY.get(section, ())]
+    return [f"{section}.{k}: {getattr(old, k)} -> {getattr(new, k)}"
+            for k in keys if getattr(old, k) != getattr(new, k)]
+
+
 def prepare_workdir(cfg: Config, workdir: str) -> Config:
     """Creates or re-opens a workdir; refuses one that belongs to a different model."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -45,13 +61,12 @@ def prepare_workdir(cfg: Config, workdir: str) -> Config:
     cfg_path = os.path.join(workdir, "config.json")
     if os.path.exists(cfg_path):
         old = config_from_json(cfg_path)
-        if old.model != cfg.model:
-            diffs = [f"{k}: {v} -> {getattr(cfg.model, k)}"
-                     for k, v in vars(old.model).items() if getattr(cfg.model, k) != v]
-            raise ConfigError(
-                f"workdir {workdir} holds a run with a different model ({'; '.join(diffs)[:200]}); "
-                "use a new --workdir"
-            )
+        for section, what in (("model", "model"), ("data", "data"), ("train", "batch")):
+            diffs = _resume_diffs(getattr(old, section), getattr(cfg, section), section)
+            if diffs:
+                raise ConfigError(
+                    f"workdir {workdir} holds a run with a different {what} "
+                    f"({'; '.join(diffs)[:200]}); use a new --workdir")
     elif os.path.isdir(workdir) and os.listdir(workdir):
         raise ConfigError(f"workdir {workdir} is not empty and holds no moe_lab run (no config.json)")
     _barrier("moe_lab_workdir_checked")  # every host checked before anyone writes
@@ -173,17 +188,20 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
 
     cfg = resolve_config(cfg)
     validate_for_devices(cfg, jax.device_count())
-    cfg = prepare_workdir(cfg, workdir)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
-    _log(sharding.format_rules(cfg.mesh.rules, mesh))
+    # the model and its shardings are built (abstractly) before the workdir is written:
+    # a config that cannot build leaves no config.json behind to block the fixed rerun
     setup = make_setup(cfg, mesh)
+    cfg = prepare_workdir(cfg, workdir)
+    _log(sharding.format_rules(cfg.mesh.rules, mesh))
 
     task_names = [name for name, _ in parse_mixture(cfg.data.mixture)]
     # Every host iterates the same global batch and keeps its own rows: the data a
     # run sees does not depend on the number of hosts, and the iterator state in a
     # checkpoint restores under any process count.
-    train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=cfg.data.seed))
+    # shuffles follow the run's seed; data.seed fixes the tasks' contents (pipeline.py)
+    train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=t.seed))
     eval_batches = []
     for name in task_names:
         task = make_task(name, cfg.data)
@@ -264,7 +282,10 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
     # late, never stall the device
     pending = None
     last_row, last_eval = {}, {}
-    t_window, steps_window = time.perf_counter(), 0
+    # throughput window: from the last flushed (completed) step to the one being
+    # flushed, minus eval and checkpoint time spent in between; the first window
+    # opens when this invocation's first step (its compilation) has finished
+    clock = {"t": time.perf_counter(), "step": start_step, "excluded": 0.0}
     t_run = time.perf_counter()
 
     saved = {"step": None}
@@ -278,14 +299,15 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
         ckpt.save(step, state, data_iterator=train_iter, meta=meta, force=force)
 
     def flush(pending):
-        nonlocal t_window, steps_window, last_row
+        nonlocal last_row
         step, m, counted, step_flops = pending
-        m = local_values(m)
+        m = local_values(m)  # blocks until `step` has run
         if not np.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping (see metrics.jsonl)")
         now = time.perf_counter()
-        dt = (now - t_window) / max(steps_window, 1)
-        t_window, steps_window = now, 0
+        # the first row of an invocation times its first step, compilation included
+        dt = (now - clock["t"] - clock["excluded"]) / max(step - clock["step"], 1)
+        clock.update(t=now, step=step, excluded=0.0)
         row = {k: v for k, v in m.items() if k not in ("task_loss_sum", "task_weight_sum")}
         for i, name in enumerate(task_names):
             if m["task_weight_sum"][i] > 0:
@@ -309,7 +331,9 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
             step_fn, step_flops = train_step.at(step)
             state, metrics = step_fn(state, _to_device(batch, setup.batch_sharding))
             step += 1
-            steps_window += 1
+            if step == start_step + 1 and step < last_step and step % t.log_every:
+                jax.block_until_ready(metrics)  # compiled and run: the window opens here
+                clock.update(t=time.perf_counter(), step=step, excluded=0.0)
             counters["tokens_seen"] += tokens_per_step
             counters["flops_spent"] += step_flops
             if pending is not None:
@@ -323,17 +347,29 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
                 if pending is not None:
                     flush(pending)
                     pending = None
+                t0 = time.perf_counter()
                 last_eval = evaluate_losses(eval_step, state, eval_batches,
                                             setup.batch_sharding, task_names)
                 writer.write(step, last_eval)
                 (bar.write if bar else _log)(
                     f"eval @ {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in last_eval.items()))
-            if step % t.checkpoint_every == 0 or step == last_step:
+                clock["excluded"] += time.perf_counter() - t0
+            checkpoint_now = step % t.checkpoint_every == 0 or step == last_step
+            if (checkpoint_now or preempt.flag) and pending is not None:
+                # the row of a checkpointed step is written before the checkpoint: a
+                # resume re-logs only the steps after it, so a later kill loses nothing
+                flush(pending)
+                pending = None
+            if checkpoint_now or preempt.flag:
+                jax.block_until_ready(state["step"])  # the step's own time stays in the window
+            t0 = time.perf_counter()
+            if checkpoint_now:
                 save(step, force=step == last_step)
             if preempt.flag:
                 _log(f"SIGTERM: saving step {step} and exiting")
                 save(step, force=True)
                 break
+            clock["excluded"] += time.perf_counter() - t0
         if pending is not None:
             flush(pending)
     if bar:

@@ -18,17 +18,20 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moe_lab import sharding
-from moe_lab.config import Config
+from moe_lab.config import Config, ConfigError
 from moe_lab.models.transformer import Transformer
 from moe_lab.train.optim import make_optimizer, make_schedule
 
 
 def resolve_config(cfg: Config) -> Config:
     """Fills derived values (vocab size from the tokenizer) so config.json is explicit."""
-    if cfg.model.vocab_size:
-        return cfg
     from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
 
+    if cfg.model.vocab_size:
+        if cfg.model.vocab_size < TOKENIZER.vocab_size:  # token ids past the embedding table
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                              f"tokenizer's {TOKENIZER.vocab_size} ids (0: use the tokenizer's)")
+        return cfg
     return cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=TOKENIZER.vocab_size))
 
 

@@ -82,32 +82,62 @@ def update_mor_state(model_state: dict, aux: dict, rate: float) -> dict:
 
     new = jax.tree.map(lambda x: x, model_state)
     if "bias_R" in node:
-        new["recursive"]["bias_R"] = loss_free_bias_update(
-            node["bias_R"], aux["mor"]["tokens_per_depth_R"], rate)
+        bias_R = loss_free_bias_update(node["bias_R"], aux["mor"]["tokens_per_depth_R"], rate)
+        if "warming_up" in aux["mor"]:  # every token is forced to full depth: no signal
+            bias_R = jnp.where(aux["mor"]["warming_up"] > 0, node["bias_R"], bias_R)
+        new["recursive"]["bias_R"] = bias_R
     if "steps_seen" in node:
         new["recursive"]["steps_seen"] = node["steps_seen"] + 1
     return new
 
 
-def update_router_biases(model_state: dict, aux: dict, rate: float) -> dict:
-    """Loss-free balancing: b_i += rate * sign(mean load - load_i), per layer."""
+def update_router_biases(model_state: dict, aux: dict, rate: float,
+                         shared_pool_ids: tuple[int, ...] | None = None) -> dict:
+    """Loss-free balancing: b_i += rate * sign(mean load - load_i), per layer.
+
+    Plain stacks: model_state[stack]["layers"]["ffn"]["bias_E"] is [L, E], one row per
+    row of aux[stack]["tokens_per_expert_E"].  A recursive stack keeps its stacks under
+    model_state["recursive"], and its shared pool's aux has a row per layer
+    *application* (step-major, pool layer `shared_pool_ids[i]` at row i): a pool
+    layer's load is the mean of its applications' load fractions.
+    """
     if not model_state:
         return model_state
     from moe_lab.layers.routing import loss_free_bias_update  # noqa: PLC0415
 
     new = jax.tree.map(lambda x: x, model_state)
+    recursive = "recursive" in new
+    stacks = new["recursive"] if recursive else new
     for stack, a in aux.items():
-        bias = new.get(stack, {}).get("layers", {}).get("ffn", {}).get("bias_E")
-        if bias is None:
+        node = stacks.get(stack)  # aux also has non-stack keys ("mor")
+        ffn = node.get("layers", {}).get("ffn", {}) if hasattr(node, "get") else {}
+        bias_LE = ffn.get("bias_E")
+        if bias_LE is None:
             continue
-        new[stack]["layers"]["ffn"]["bias_E"] = jax.vmap(
-            lambda b, load: loss_free_bias_update(b, load, rate))(bias, a["tokens_per_expert_E"])
+        load_LE = a["tokens_per_expert_E"]
+        if recursive and stack == "shared":
+            if shared_pool_ids is None or len(shared_pool_ids) != load_LE.shape[0]:
+                raise ValueError("update_router_biases: a recursive stack's shared pool needs "
+                                 "the pool layer of each aux row (shared_pool_ids)")
+            ids = jnp.asarray(shared_pool_ids, jnp.int32)
+            pool = bias_LE.shape[0]
+            uses_L = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids, pool)
+            load_LE = jax.ops.segment_sum(load_LE, ids, pool) / jnp.maximum(uses_L, 1.0)[:, None]
+        ffn["bias_E"] = jax.vmap(lambda b, load: loss_free_bias_update(b, load, rate))(
+            bias_LE, load_LE)
     return new
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
                     num_tasks: int, schedule: Callable) -> Callable:
     per_layer = cfg.model.ffn == "moe" and cfg.model.moe.metrics == "per_layer"
+    shared_pool_ids = None
+    if cfg.model.stack == "recursive":  # pool layer of each row of aux["shared"]
+        from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
+
+        sched = recursion_schedule(cfg.model.num_layers, cfg.model.mor.num_recursions,
+                                   cfg.model.mor.sharing)
+        shared_pool_ids = tuple(i for step in sched.steps for i in step)
     base_key = jax.random.key(cfg.train.seed + 1)
 
     def loss_fn(params, model_state, batch, rng):
@@ -127,7 +157,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
         params = optax.apply_updates(state["params"], updates)
         model_state = state["model_state"]
         if cfg.model.ffn == "moe" and cfg.model.moe.router == "sigmoid":
-            model_state = update_router_biases(model_state, aux, cfg.model.moe.bias_update_rate)
+            model_state = update_router_biases(model_state, aux, cfg.model.moe.bias_update_rate,
+                                               shared_pool_ids)
         if cfg.model.stack == "recursive":
             model_state = update_mor_state(model_state, aux, cfg.model.mor.bias_update_rate)
         num, den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
