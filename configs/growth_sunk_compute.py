@@ -108,6 +108,8 @@ def get_sweep(arg=None):
         grown_arch = {"model.num_layers": 2 * c.model.num_layers,
                       "model.moe.num_experts": 2 * c.model.moe.num_experts,
                       "model.moe.top_k": 2 * c.model.moe.top_k}
+        if c.model.moe.top_k == 1:  # width growth from top-1 keeps gates unnormalised
+            grown_arch["model.moe.renormalize"] = False  # (growth.width_plan)
         stack_at = grow_steps[-2:-1]
         total_at = grow_steps[:-1]
     total = base_fps * steps + budget  # fixed-total-budget variant: base run + B

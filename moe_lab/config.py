@@ -57,8 +57,11 @@ class MoEConfig:
     kernel: str = "auto"  # auto | loop | buffer | ragged | blocks
     # expert parallelism with capacity dispatch on a mesh whose `expert` axis > 1:
     # auto / all_to_all: tokens go to their experts' devices by all-to-all, capacity per
-    # device (GShard; layers/expert_parallel.py); all_to_all also rejects configs where
-    # it cannot apply | gspmd: the global sort of dispatch.py, partitioned by XLA
+    # device (GShard; layers/expert_parallel.py); all_to_all is also an error where it
+    # cannot apply to the training batch (dropless, expert choice, mesh.rules that do not
+    # split the batch over `expert`); calls whose tokens the shards do not divide (small
+    # decode batches) take the GSPMD path in both | gspmd: the global sort of
+    # dispatch.py, partitioned by XLA
     expert_parallel: str = "auto"
     capacity_factor: float = 1.25
     metrics: str = "aggregate"  # aggregate | per_layer
@@ -90,7 +93,9 @@ class MoRConfig:
     causal_aux: str = "bce"
     bce_weight: float = 1e-3
     z_loss_weight: float = 0.0
-    eval_routing: str = "threshold"  # expert choice at train=False: threshold | topk
+    # expert choice at train=False: threshold (causal, what decoding does) | topk (looks
+    # at future tokens: eval losses then describe a model that generation cannot run)
+    eval_routing: str = "threshold"
     balance: str = "loss"  # token choice: loss (sum f_i P_i) | loss_free (selection bias)
     balance_weight: float = 0.1
     bias_update_rate: float = 1e-3

@@ -164,7 +164,14 @@ def config_from_json(path: str) -> Config:
     if not os.path.isfile(path):
         raise ConfigError(f"no config.json at {path}")
     with open(path) as f:
-        return validate(from_dict(Config, json.load(f)))
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                              "was it cut short?") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold a config (a JSON object)")
+    return validate(from_dict(Config, raw))
 
 
 def parse_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -21,12 +21,14 @@ Width (2510.08008 sec. "width growth"): E -> f*E experts and top_k -> f*k.  New
 experts (gate/up/down), their router columns and routing biases are copies of
 the originals plus eps ~ N(0, (noise * std(tensor))^2), std per layer of the
 original tensor; the noise goes to the copies only.  With noise 0 the function
-is preserved exactly for softmax_topk (renormalised or not), topk_softmax,
-sigmoid with renormalize=True and expert_choice (C = cf*N*k/E is unchanged, each
+is preserved exactly for softmax_topk (renormalised or not; a k = 1 parent,
+whose gate is the raw p, grows into renormalize=False), topk_softmax, sigmoid
+with renormalize=True at k > 1 and expert_choice (C = cf*N*k/E is unchanged, each
 copy picks the original's tokens with half the gate): each group of copies has
 equal logits, all copies are selected, gates sum to the original's.  Not
-preserved: sigmoid without renormalisation (gates sum to f times the original),
-growing only E or only k (the paper's inferior ablations), init="random".
+preserved: sigmoid without renormalisation or from k = 1 (gates sum to f times
+the original's score, or to 1), growing only E or only k (the paper's inferior
+ablations), init="random".
 
 Optimizer state: "reset" (the paper) re-initialises Adam; "grow" transforms the
 moments like their weights (copies, no noise; zeros for zeroed copies and for
@@ -215,7 +217,13 @@ def width_plan(cfg: Config, *, factor: int = 2, layout: str = "append", grow_k: 
     is_copy = np.zeros(len(index), bool)
     is_copy[np.unique(index, return_index=True)[1]] = True
     is_copy = ~is_copy  # the first occurrence of each expert is the original
-    new_cfg = _replace_model(cfg, moe={"num_experts": new_e, "top_k": new_k})
+    moe = {"num_experts": new_e, "top_k": new_k}
+    if k == 1 and new_k > 1 and m.moe.router == "softmax_topk" and m.moe.renormalize:
+        # at k = 1 the parent's gate is the raw p (routing.SoftmaxTopKRouter); the f
+        # copies' gates p/f sum to it only without renormalisation (which would make
+        # them sum to 1)
+        moe["renormalize"] = False
+    new_cfg = _replace_model(cfg, moe=moe)
     return WidthPlan(index=index.astype(np.int32), is_copy=is_copy, cfg=new_cfg, init=init)
 
 
@@ -280,7 +288,9 @@ def width_preserves_function(cfg: Config, *, noise: float, grow_e: bool, grow_k:
                              init: str) -> bool:
     """Whether width growth with these options keeps the logits (see module docstring)."""
     moe = cfg.model.moe
-    router_ok = moe.router != "sigmoid" or moe.renormalize
+    # sigmoid copies keep the full score s each: only renormalised gates over k > 1
+    # choices sum back to the parent's (at k = 1 the parent's gate is s itself)
+    router_ok = moe.router != "sigmoid" or (moe.renormalize and moe.top_k > 1)
     return noise == 0 and grow_e and grow_k and init == "copy" and router_ok
 
 

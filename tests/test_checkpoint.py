@@ -2,6 +2,7 @@
 and crash safety (a save killed mid-write is never listed)."""
 
 import os
+import shutil
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -20,7 +21,12 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_lab.config import ConfigError
-from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps, write_checkpoint
+from moe_lab.train.checkpoint import (
+    Checkpointer,
+    checkpoint_steps,
+    grown_steps,
+    write_checkpoint,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,6 +188,28 @@ def test_retention_keep_last_and_every(tmp_path):
             assert ckpt.save(step, small)
     assert checkpoint_steps(str(tmp_path)) == [5, 10, 11, 12]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "11", "12", "5"]
+
+
+def test_training_retention_keeps_the_checkpoint_grow_made(tmp_path):
+    small = {"x": jnp.arange(4)}
+    write_checkpoint(str(tmp_path), 0, small, {"grown_from": "parent"})
+    assert grown_steps(str(tmp_path)) == (0,)
+    with Checkpointer(str(tmp_path), keep_last=2, keep_steps=grown_steps(str(tmp_path))) as ckpt:
+        for step in (2, 4, 6):
+            assert ckpt.save(step, small)
+    assert checkpoint_steps(str(tmp_path)) == [0, 4, 6]
+
+
+def test_damaged_checkpoint_is_a_one_line_error(tmp_path):
+    mesh = _mesh()
+    state = _state(mesh)
+    with Checkpointer(str(tmp_path), async_save=False) as ckpt:
+        ckpt.save(3, state)
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "state" / "d")  # the array data
+    for read in (lambda c: c.restore(3, _abstract(state, mesh)), lambda c: c.restore_raw(3)):
+        with pytest.raises(ConfigError) as e:
+            read(Checkpointer(str(tmp_path)))
+        assert "checkpoint step 3" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_errors_are_one_line_config_errors(tmp_path):

@@ -125,3 +125,13 @@ def test_vocab_smaller_than_the_tokenizer_is_an_error():
     with pytest.raises(ConfigError, match="model.vocab_size=5 is smaller than the tokenizer"):
         resolve_config(_load(**{"model.vocab_size": 5}))
     assert resolve_config(_load(**{"model.vocab_size": 512})).model.vocab_size == 512
+
+
+def test_truncated_config_json_is_a_one_line_error(tmp_path):
+    from moe_lab.config_loading import config_from_json  # noqa: PLC0415
+
+    path = tmp_path / "config.json"
+    path.write_text('{"model": {"d_model": 6')
+    with pytest.raises(ConfigError, match="is not valid JSON") as e:
+        config_from_json(str(path))
+    assert "\n" not in str(e.value)

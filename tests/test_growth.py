@@ -139,6 +139,21 @@ def test_width_noise0_preserves_logits(router, layout):
     assert diff < 1e-5, diff
 
 
+def test_width_from_top1_preserves_logits():
+    """A k = 1 parent's gate is the raw p (Switch), so its k = 2 child must not
+    renormalise: the two copies' gates p/2 sum back to p."""
+    cfg = moe_cfg(router="softmax_topk", top_k=1, renormalize=True)
+    params, ms = init(cfg)
+    g, gms, c = growth.grow_width(params, ms, cfg, noise=0.0)
+    assert (c.model.moe.top_k, c.model.moe.renormalize) == (2, False)
+    assert growth.width_preserves_function(cfg, noise=0.0, grow_e=True, grow_k=True, init="copy")
+    toks = tokens(cfg)
+    assert np.max(np.abs(logits(c, g, gms, toks) - logits(cfg, params, ms, toks))) < 1e-5
+    top1_sigmoid = moe_cfg(router="sigmoid", top_k=1, renormalize=True)
+    assert not growth.width_preserves_function(top1_sigmoid, noise=0.0, grow_e=True,
+                                               grow_k=True, init="copy")
+
+
 def test_width_sigmoid_without_renormalisation_is_not_preserved():
     cfg = moe_cfg(router="sigmoid", renormalize=False)
     assert not growth.width_preserves_function(cfg, noise=0.0, grow_e=True, grow_k=True,

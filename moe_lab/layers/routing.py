@@ -177,7 +177,10 @@ def router_aux(logits_NE: jax.Array, probs_NE: jax.Array, load_E: jax.Array, *,
     - tokens_per_expert_E = f_i = load_i / sum(load)  (sums to 1)
     - load_balance_loss = E * sum_i f_i * P_i, P_i = mean_n probs_NE  (Switch eq. 4-6;
       1 at perfect balance); 0 when `balance` is False (expert choice is balanced
-      by construction)
+      by construction).  Normalisation for k > 1: f_i over the N*K assignments, as
+      Megatron-LM and MegaBlocks do (1 at balance); HF Mixtral and MaxText count
+      f over tokens per choice, which is K times larger, so their weight w
+      corresponds to K*w here.
     - z_loss = mean_n logsumexp(logits_n)^2  (ST-MoE eq. 5)
     - router_entropy = mean_n -sum_e p log p
     - max_violation = max_i load_i / mean_i load_i - 1  (MaxVio, arXiv 2408.15664)

@@ -119,6 +119,7 @@ class Checkpointer:
     """Saves/restores train state, data-iterator state and meta for one workdir.
 
     keep_last: keep the newest N checkpoints (0: keep all).
+    keep_steps: steps kept whatever the rest says (checkpoints this run did not make).
     keep_every: additionally keep every step that is a multiple of it (0: off).
     """
 
@@ -128,6 +129,7 @@ class Checkpointer:
         *,
         keep_last: int = 2,
         keep_every: int = 0,
+        keep_steps: tuple[int, ...] = (),
         async_save: bool = True,
         create: bool = True,
     ):
@@ -141,6 +143,8 @@ class Checkpointer:
         policies = [ocm.LatestN(n=keep_last or None)]
         if keep_every:
             policies.append(ocm.EveryNSteps(interval_steps=keep_every))
+        if keep_steps:  # e.g. the checkpoint `grow` started this run from (grown_steps)
+            policies.append(ocm.CustomSteps(steps=sorted(int(x) for x in keep_steps)))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
@@ -264,8 +268,18 @@ class Checkpointer:
             raise ConfigError(
                 f"checkpoint step {step} in {self.directory} has no '{STATE}' item"
             )
-        md = self._mngr.metadata(step).item_metadata[STATE]
+        md = self._read(step, lambda: self._mngr.metadata(step).item_metadata[STATE])
         return md.tree if hasattr(md, "tree") else md
+
+    def _read(self, step: int, fn):
+        """fn() with a damaged checkpoint (missing or corrupt files) reported as one
+        line naming the step, not orbax / tensorstore's multi-page traceback."""
+        try:
+            return fn()
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint step {step} in {self.directory} cannot be read "
+                              f"(damaged?): {first[:300]}") from e
 
     def restore(
         self, step: int | None, abstract_state, *, data_iterator=None
@@ -314,7 +328,7 @@ class Checkpointer:
                 )
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, OSError) as e:
             first = (
                 str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             )
@@ -330,9 +344,8 @@ class Checkpointer:
         step = self._resolve(step)
         if not self._has_item(step, META):
             return {}
-        restored = self._mngr.restore(
-            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
-        )
+        restored = self._read(step, lambda: self._mngr.restore(
+            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})))
         return dict(restored[META] or {})
 
     def restore_raw(self, step: int | None = None):
@@ -345,7 +358,23 @@ class Checkpointer:
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved
         )
         args = ocp.args.PyTreeRestore(item=None, restore_args=restore_args)
-        return self._mngr.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+        return self._read(step, lambda: self._mngr.restore(
+            step, args=ocp.args.Composite(**{STATE: args}))[STATE])
+
+
+def grown_steps(workdir: str) -> tuple[int, ...]:
+    """Checkpoints `moe-lab grow` wrote into this workdir (meta 'grown_from'): a
+    training run keeps them whatever its retention, since it did not make them."""
+    out = []
+    for step in checkpoint_steps(workdir):
+        path = _checkpoint_dir(workdir) / str(step) / META / "metadata"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and "grown_from" in meta:
+            out.append(step)
+    return tuple(out)
 
 
 def write_checkpoint(workdir: str, step: int, state, meta: dict | None) -> None:

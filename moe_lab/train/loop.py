@@ -77,6 +77,19 @@ def prepare_workdir(cfg: Config, workdir: str) -> Config:
     return cfg
 
 
+def _check_expert_parallel(cfg: Config, mesh) -> None:
+    """expert_parallel='all_to_all' asked for explicitly must apply to the training
+    batch (decode calls whose few tokens do not divide still fall back to GSPMD)."""
+    m = cfg.model.moe
+    if cfg.model.ffn != "moe" or m.expert_parallel != "all_to_all" or mesh.shape["expert"] == 1:
+        return
+    why = expert_parallel.why_not_all_to_all(m, cfg.mesh.rules, mesh,
+                                             cfg.train.batch_size * cfg.data.seq_len)
+    if why:
+        raise ConfigError(f"model.moe.expert_parallel='all_to_all' cannot apply to the training "
+                          f"batch here: {why}; use 'auto' or change mesh.rules")
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -184,7 +197,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     from moe_lab.data import pipeline  # noqa: PLC0415
     from moe_lab.data.tasks import make_task  # noqa: PLC0415
     from moe_lab.hardware import peak_flops_per_device  # noqa: PLC0415
-    from moe_lab.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from moe_lab.train.checkpoint import Checkpointer, grown_steps  # noqa: PLC0415
 
     cfg = resolve_config(cfg)
     validate_for_devices(cfg, jax.device_count())
@@ -193,6 +206,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     # the model and its shardings are built (abstractly) before the workdir is written:
     # a config that cannot build leaves no config.json behind to block the fixed rerun
     setup = make_setup(cfg, mesh)
+    _check_expert_parallel(cfg, mesh)
     cfg = prepare_workdir(cfg, workdir)
     _log(sharding.format_rules(cfg.mesh.rules, mesh))
 
@@ -209,7 +223,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
             task, cfg.data, t.batch_size, t.eval_batches, task_index=task_names.index(name))]
 
     ckpt = Checkpointer(os.path.join(workdir), keep_last=t.keep_last, keep_every=t.keep_every,
-                        async_save=t.async_checkpoint)
+                        keep_steps=grown_steps(workdir), async_save=t.async_checkpoint)
     latest = ckpt.latest_step()
     counters = {"tokens_seen": 0.0, "flops_spent": 0.0, "wall_seconds": 0.0}
     if latest is not None:
@@ -387,7 +401,7 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
 
 def load_final_state(workdir: str, step: int | None = None):
     """(cfg, setup, state) of a run's checkpoint, for eval/analysis tools."""
-    from moe_lab.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from moe_lab.train.checkpoint import Checkpointer, grown_steps  # noqa: PLC0415
 
     cfg = resolve_config(config_from_json(os.path.join(workdir, "config.json")))
     mesh = sharding.make_mesh(cfg.mesh.__class__(data=-1, rules=cfg.mesh.rules))
