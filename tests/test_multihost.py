@@ -70,3 +70,33 @@ def test_two_processes_match_one_and_reshard(tmp_path):
     _run(_cmd(tmp_path / "resharded", 9, ["--config.mesh.fsdp=1", "--config.mesh.data=-1"]), 1)
     lr = _losses(tmp_path / "resharded")
     np.testing.assert_allclose([lr[s] for s in (7, 8, 9)], [l1[s] for s in (7, 8, 9)], rtol=1e-5)
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """Preemption notices reach hosts at different moments: the hosts agree at the
+    next log step and save that step together (a host leaving alone would hang the
+    others in the collective save)."""
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    port = _free_port()
+    wd = tmp_path / "run"
+    procs = [subprocess.Popen(
+        _cmd(wd, 2000, ["--coordinator", f"localhost:{port}", "--num-processes", "2",
+                        "--process-id", str(i), "--config.train.checkpoint_every=1000"]),
+        env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        t0 = time.time()
+        while not (wd / "metrics.jsonl").exists() or max(_losses(wd), default=0) < 4:
+            assert time.time() - t0 < 240 and procs[0].poll() is None, "no progress"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)  # host 1 only
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "SIGTERM on another host: saving step" in outs[0]
+    saved = sorted(int(s) for s in os.listdir(wd / "checkpoints") if s.isdigit())
+    assert saved and saved[-1] == max(_losses(wd)) < 2000

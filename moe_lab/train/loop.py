@@ -118,6 +118,20 @@ class _Preempted:
     def _handler(self, *_):
         self.flag = True
 
+    def should_stop(self, step: int, sync_point: bool) -> bool:
+        """Whether to save and exit after `step`.  One process: as soon as its flag is
+        up.  Several: only at sync points (log and checkpoint steps, the same on every
+        host), and then all together if any host got SIGTERM: a host that stopped
+        alone would leave the others waiting forever in the collective save."""
+        if jax.process_count() == 1:
+            return self.flag
+        if not sync_point:
+            return False
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        flags = multihost_utils.process_allgather(np.asarray([self.flag], np.int32))
+        return bool(np.any(flags))
+
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
@@ -369,18 +383,20 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
                     f"eval @ {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in last_eval.items()))
                 clock["excluded"] += time.perf_counter() - t0
             checkpoint_now = step % t.checkpoint_every == 0 or step == last_step
-            if (checkpoint_now or preempt.flag) and pending is not None:
+            stop = preempt.should_stop(step, step % t.log_every == 0 or checkpoint_now)
+            if (checkpoint_now or stop) and pending is not None:
                 # the row of a checkpointed step is written before the checkpoint: a
                 # resume re-logs only the steps after it, so a later kill loses nothing
                 flush(pending)
                 pending = None
-            if checkpoint_now or preempt.flag:
+            if checkpoint_now or stop:
                 jax.block_until_ready(state["step"])  # the step's own time stays in the window
             t0 = time.perf_counter()
             if checkpoint_now:
                 save(step, force=step == last_step)
-            if preempt.flag:
-                _log(f"SIGTERM: saving step {step} and exiting")
+            if stop:
+                _log(f"SIGTERM{'' if preempt.flag else ' on another host'}: saving step "
+                     f"{step} and exiting")
                 save(step, force=True)
                 break
             clock["excluded"] += time.perf_counter() - t0
