@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moe_lab.rl_cmd import add_rl_parser  # noqa: PLC0415
 
     add_rl_parser(sub)
-    b = sub.add_parser("bench", help="benchmarks: train-step, moe")
+    b = sub.add_parser("bench", help="benchmarks: train-step, moe, decode, growth")
     b.add_argument("name")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
