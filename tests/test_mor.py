@@ -164,9 +164,13 @@ def test_expert_choice_gather_matches_dense_reference(mor, extra):
         assert np.all(kept[r].sum(1) == rr.capacity_tokens(c, T))
         if r:
             assert np.all(kept[r] <= kept[r - 1])  # hierarchical filtering
-    (_, (logits_d, _)), g_dense = _vag(_forward_fn(gd, rest, impl="dense"), w)(params, *batch)
+    (_, (logits_d, aux_d)), g_dense = _vag(_forward_fn(gd, rest, impl="dense"), w)(params, *batch)
     np.testing.assert_allclose(logits_d, logits, atol=1e-5)
     _assert_close_trees(g_fast, g_dense, 1e-4)
+    if extra is not None:  # MoE statistics count the tokens a step runs, in both paths
+        for key in ("tokens_per_expert_E", "load_balance_loss", "z_loss", "router_entropy"):
+            np.testing.assert_allclose(aux_d["shared"][key], aux["shared"][key], atol=1e-5,
+                                       err_msg=key)
     if mor.get("kv_cache") != "shared" and extra is None:  # and an independent one: a
         # per-row Python loop (slow; the MoE case is covered by the dense path above)
         ref = _reference_forward(nnx.merge(gd, params, rest), *batch, kept)

@@ -12,10 +12,10 @@ is dropped; tests/test_moe.py checks every pair):
 * token choice, expert-sorted:  `sorted_layout` sorts the A assignments by
   expert, then choice rank, then token (GShard capacity semantics: all first
   choices are served before any second choice, first come first served within
-  a rank); an expert's rows beyond capacity C are dropped.  Tokens are moved with `gather_rows`, results brought
-  back with `combine_rows`; both have custom VJPs whose backward passes are
-  gathers too (no scatter-add in either direction; cf. MaxText's sort-based
-  permute with custom VJP).
+  a rank); an expert's rows beyond capacity C are dropped.  Tokens are moved
+  with `gather_rows`, results brought back with `combine_rows`; both have
+  custom VJPs whose backward passes are gathers too (no scatter-add in either
+  direction; cf. MaxText's sort-based permute with custom VJP).
 * expert compute on the sorted rows, by backend:
     - `grouped_swiglu_loop` (CPU): a loop over experts and, inside, over tiles of
       that expert's rows (dynamic trip counts), with a hand-written VJP: main

@@ -81,11 +81,15 @@ class MoE(nnx.Module):
         rules, mesh = sharding.active_rules_and_mesh()
         return not ep.why_not_all_to_all(self.cfg.moe, rules, mesh, num_tokens)
 
-    def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None,
+                 active_BT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """active_BT: tokens counted in the load, balance, z-loss and drop statistics
+        (all if None).  Every token is still computed; a recursive stack's dense path
+        passes the tokens its recursion step really runs."""
         m = self.cfg.moe
         b, t, d = x_BTD.shape
         n, e, k = b * t, m.num_experts, m.top_k
+        mask_N = None if active_BT is None else active_BT.reshape(n)
         cd = dtype_of(self.cfg.compute_dtype)
         x_ND = x_BTD.reshape(n, d)
         logits_NE = self.router_logits(x_ND, train=train, rng=rng)
@@ -110,7 +114,7 @@ class MoE(nnx.Module):
             drop = jnp.mean(unpicked_N)
             aux = routing.router_aux(logits_NE, ec.probs_NE, load_E, balance=False,
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
-                                     z_loss_weight=m.z_loss_weight)
+                                     z_loss_weight=m.z_loss_weight, mask_N=mask_N)
         else:
             router = routing.TOKEN_CHOICE_ROUTERS[m.router]
             bias_E = self.bias_E[...] if m.router == "sigmoid" else None
@@ -129,11 +133,15 @@ class MoE(nnx.Module):
                     y_ND, layout = dsp.token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
                                                         capacity=cap, impl=self.impl)
                     keep_NK = layout.keep_NK
-                drop = jnp.mean(jnp.logical_not(keep_NK).astype(jnp.float32))
-            load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e)
+                dropped_NK = jnp.logical_not(keep_NK).astype(jnp.float32)
+                drop = (jnp.mean(dropped_NK) if mask_N is None else jnp.sum(
+                    dropped_NK * mask_N[:, None]) / jnp.maximum(k * jnp.sum(mask_N), 1))
+            load_E = (jnp.bincount(tc.expert_NK.reshape(-1), length=e) if mask_N is None else
+                      jnp.bincount(tc.expert_NK.reshape(-1), length=e,
+                                   weights=jnp.repeat(mask_N.astype(jnp.float32), k)))
             aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True,
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
-                                     z_loss_weight=m.z_loss_weight)
+                                     z_loss_weight=m.z_loss_weight, mask_N=mask_N)
 
         if m.num_shared_experts > 0:
             y_ND = y_ND + self.shared(xc_ND)

@@ -170,10 +170,11 @@ def jitter(x_ND: jax.Array, eps: float, rng: jax.Array) -> jax.Array:
 
 def router_aux(logits_NE: jax.Array, probs_NE: jax.Array, load_E: jax.Array, *,
                balance: bool, drop_fraction: jax.Array, aux_loss_weight: float,
-               z_loss_weight: float) -> dict[str, jax.Array]:
+               z_loss_weight: float, mask_N: jax.Array | None = None) -> dict[str, jax.Array]:
     """The aux dict (all float32; same keys for every router so layers can be scanned).
 
-    load_E: assignments per expert BEFORE capacity drops (counts).
+    load_E: assignments per expert BEFORE capacity drops (counts), of the tokens in
+    mask_N (all if None); the means below are over those tokens too.
     - tokens_per_expert_E = f_i = load_i / sum(load)  (sums to 1)
     - load_balance_loss = E * sum_i f_i * P_i, P_i = mean_n probs_NE  (Switch eq. 4-6;
       1 at perfect balance); 0 when `balance` is False (expert choice is balanced
@@ -187,12 +188,19 @@ def router_aux(logits_NE: jax.Array, probs_NE: jax.Array, load_E: jax.Array, *,
     """
     num_experts = logits_NE.shape[-1]
     f_E = load_E.astype(jnp.float32) / jnp.maximum(jnp.sum(load_E).astype(jnp.float32), 1.0)
-    p_E = jnp.mean(probs_NE, axis=0)
+    # means over the tokens that count (mask_N: e.g. those a recursion step really runs)
+    w_N = (jnp.ones(logits_NE.shape[:1], jnp.float32) if mask_N is None
+           else mask_N.astype(jnp.float32))
+
+    def mean_n(v_N):
+        return jnp.sum(v_N * w_N) / jnp.maximum(jnp.sum(w_N), 1.0)
+
+    p_E = jnp.sum(probs_NE * w_N[:, None], axis=0) / jnp.maximum(jnp.sum(w_N), 1.0)
     lb = num_experts * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
     lb = lb if balance else jnp.zeros((), jnp.float32)
-    z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE, axis=-1)))
+    z = mean_n(jnp.square(jax.nn.logsumexp(logits_NE, axis=-1)))
     plogp = jnp.where(probs_NE > 0, probs_NE * jnp.log(jnp.where(probs_NE > 0, probs_NE, 1.0)), 0.0)
-    entropy = -jnp.mean(jnp.sum(plogp, axis=-1))
+    entropy = -mean_n(jnp.sum(plogp, axis=-1))
     max_violation = num_experts * jnp.max(f_E) - 1.0
     return {
         "aux_loss": (aux_loss_weight * lb + z_loss_weight * z).astype(jnp.float32),

@@ -23,10 +23,12 @@ Routing (the hidden state h entering step r; tokens not kept pass unchanged):
                  Causal decoding: threshold z >= 0 (see layers/recursion_routing.py),
                  trained by an aux BCE loss vs top-k membership (or an aux router).
   token_choice   one router on the first hidden state picks depth d in 1..R;
-                 step r updates tokens with d >= r.  Implemented dense: f runs on
-                 ALL T tokens and the update is masked (attention is restricted to
-                 active tokens), so training costs a full-depth pass; the
-                 FLOP accounting (flops.py) counts the routed work instead.
+                 step r updates tokens with d >= r: h <- f(h) before a token's
+                 last step, the gated update at it (FinalStepGate).  Implemented
+                 dense: f runs on ALL T tokens and the update is masked (attention
+                 is restricted to active tokens; MoE statistics count active
+                 tokens only), so training costs a full-depth pass; the FLOP
+                 accounting (flops.py) counts the routed work instead.
 
 KV caching (sec. 2.3): recursion_wise - step r stores and attends to the KV of
 tokens kept at step r only; shared - every step attends to step 1's KV (all
@@ -89,7 +91,8 @@ def layer_sequence(num_layers: int, num_recursions: int, sharing: str) -> list[t
 # ------------------------------------------------------------------ block helpers
 
 
-def block_forward(block, x_BTD, pos_BT, mask_BTS, *, kv=None, train: bool, rng=None):
+def block_forward(block, x_BTD, pos_BT, mask_BTS, *, kv=None, train: bool, rng=None,
+                  active_BT=None):
     """Block.__call__ with an explicit attention mask and optional external KV.
 
     kv=None: keys/values from x itself; else (k_BSGK, v_BSGK) to attend to (KV sharing).
@@ -105,11 +108,11 @@ def block_forward(block, x_BTD, pos_BT, mask_BTS, *, kv=None, train: bool, rng=N
     if block.post_norm:
         a, kv_used = attend(x_BTD)
         x_BTD = block.attn_norm(x_BTD + a)
-        y, aux = block._ffn(x_BTD, train, rng)
+        y, aux = block._ffn(x_BTD, train, rng, active_BT)
         return block.ffn_norm(x_BTD + y), aux, kv_used
     a, kv_used = attend(block.attn_norm(x_BTD))
     x_BTD = x_BTD + a
-    y, aux = block._ffn(block.ffn_norm(x_BTD), train, rng)
+    y, aux = block._ffn(block.ffn_norm(x_BTD), train, rng, active_BT)
     return x_BTD + y, aux, kv_used
 
 
@@ -227,8 +230,10 @@ class RecursiveStack(nnx.Module):
         return (jnp.where(warming, mor.num_recursions, depth_BT),
                 jnp.where(warming, full_gate_BT, gate_BT), warming)
 
-    def _layers(self, r, x_BTD, pos_BT, mask_BTS, *, kv_n=None, want_kv=False, train, rng):
-        """The pool layers of step r in order (scan); returns (x, aux_n, kv_n or None)."""
+    def _layers(self, r, x_BTD, pos_BT, mask_BTS, *, kv_n=None, want_kv=False, train, rng,
+                active_BT=None):
+        """The pool layers of step r in order (scan); returns (x, aux_n, kv_n or None).
+        active_BT: the tokens this step really runs (MoE statistics count only them)."""
         ids = self.schedule.steps[r]
         graphdef, state_P = nnx.split(self.shared.layers)
         keys = (jax.random.split(rng, len(ids)) if rng is not None
@@ -238,7 +243,8 @@ class RecursiveStack(nnx.Module):
             i, key, kv = xs
             block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
             x, aux, kv_used = block_forward(block, x, pos_BT, mask_BTS, kv=kv, train=train,
-                                            rng=key if rng is not None else None)
+                                            rng=key if rng is not None else None,
+                                            active_BT=active_BT)
             x = sharding.constrain(x, ("batch", None, "embed"))
             return x, (aux, kv_used if want_kv else None)
 
@@ -257,13 +263,14 @@ class RecursiveStack(nnx.Module):
         shared_kv = self.cfg.mor.kv_cache == "shared"
         if shared_kv and r > 0:
             mask = attention_mask(idx, idx, seg, seg)
-            f_h, aux, _ = self._layers(r, h, pos, mask, kv_n=kv1, train=train, rng=rng)
+            f_h, aux, _ = self._layers(r, h, pos, mask, kv_n=kv1, train=train, rng=rng,
+                                       active_BT=sel)
             kv_out = None
         else:
             seg_q = seg if sel is None else jnp.where(sel, seg, -1 - idx)
             mask = attention_mask(idx, idx, seg_q, seg_q)
             f_h, aux, kv_out = self._layers(r, h, pos, mask, want_kv=shared_kv and r == 0,
-                                            train=train, rng=rng)
+                                            train=train, rng=rng, active_BT=sel)
         new = self._update(h, f_h, g)
         return (new if sel is None else jnp.where(sel[..., None], new, h)), aux, kv_out
 
@@ -522,8 +529,8 @@ class RecursiveStack(nnx.Module):
                 f_s, cache_s = self._decode_layers(r, h_s, pos[rows],
                                                    (valid[rows, 0] & row_sel)[:, None],
                                                    cache_s, index, write)
-                upd = jnp.where(row_sel[:, None, None],
-                                self._update(h_s, f_s, None if g is None else jax.tree.map(lambda a: a[rows], g)), h_s)
+                g_s = None if g is None else jax.tree.map(lambda a: a[rows], g)
+                upd = jnp.where(row_sel[:, None, None], self._update(h_s, f_s, g_s), h_s)
                 h = h.at[rows].set(upd)
                 if not write:
                     return h

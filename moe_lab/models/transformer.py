@@ -47,9 +47,11 @@ class Block(nnx.Module):
         self.ffn_kind = ffn_kind
         self.post_norm = cfg.norm_placement == "post"
 
-    def _ffn(self, h_BTD, train, rng):
+    def _ffn(self, h_BTD, train, rng, active_BT=None):
+        """active_BT: the tokens the MoE's load, balance and z-loss statistics count
+        (a recursive stack's dense path runs tokens that are not recursing)."""
         if self.ffn_kind == "moe":
-            return self.ffn(h_BTD, train=train, rng=rng)
+            return self.ffn(h_BTD, train=train, rng=rng, active_BT=active_BT)
         return self.ffn(h_BTD), {}
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng=None):

@@ -55,7 +55,8 @@ def _resume_diffs(old, new, section: str) -> list[str]:
 
 
 def prepare_workdir(cfg: Config, workdir: str) -> Config:
-    """Creates or re-opens a workdir; refuses one that belongs to a different model."""
+    """Creates or re-opens a workdir; refuses one whose run has another model, data or
+    batches (`_resume_diffs`)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
     cfg_path = os.path.join(workdir, "config.json")
@@ -417,7 +418,7 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
 
 def load_final_state(workdir: str, step: int | None = None):
     """(cfg, setup, state) of a run's checkpoint, for eval/analysis tools."""
-    from moe_lab.train.checkpoint import Checkpointer, grown_steps  # noqa: PLC0415
+    from moe_lab.train.checkpoint import Checkpointer  # noqa: PLC0415
 
     cfg = resolve_config(config_from_json(os.path.join(workdir, "config.json")))
     mesh = sharding.make_mesh(cfg.mesh.__class__(data=-1, rules=cfg.mesh.rules))
