@@ -47,14 +47,19 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if "loss" in r}
 
 
-def test_two_processes_match_one_and_reshard(tmp_path):
+def _two_processes(workdir, steps, extra=()):
+    """Two local processes x 4 CPU devices with a localhost coordinator."""
     port = _free_port()
-    two = tmp_path / "two"
-    procs = [subprocess.Popen(
-        _cmd(two, 6, ["--coordinator", f"localhost:{port}", "--num-processes", "2",
-                      "--process-id", str(i), "--config.mesh.fsdp=2"]),
+    return [subprocess.Popen(
+        _cmd(workdir, steps, ["--coordinator", f"localhost:{port}", "--num-processes", "2",
+                              "--process-id", str(i), *extra]),
         env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
+
+
+def test_two_processes_match_one_and_reshard(tmp_path):
+    two = tmp_path / "two"
+    procs = _two_processes(two, 6, ["--config.mesh.fsdp=2"])
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     assert "summary:" in outs[0] and "summary:" not in outs[1]  # only process 0 reports
@@ -79,13 +84,8 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     import signal  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    port = _free_port()
     wd = tmp_path / "run"
-    procs = [subprocess.Popen(
-        _cmd(wd, 2000, ["--coordinator", f"localhost:{port}", "--num-processes", "2",
-                        "--process-id", str(i), "--config.train.checkpoint_every=1000"]),
-        env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    procs = _two_processes(wd, 2000, ["--config.train.checkpoint_every=1000"])
     try:
         t0 = time.time()
         while not (wd / "metrics.jsonl").exists() or max(_losses(wd), default=0) < 4:
