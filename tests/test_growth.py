@@ -313,9 +313,13 @@ def test_grow_command_then_train(tmp_path, capsys):
     assert (grown_cfg["num_layers"], grown_cfg["moe"]["num_experts"], grown_cfg["moe"]["top_k"]) \
         == (4, 8, 4)
     assert sorted(os.listdir(tmp_path)) == ["child", "parent"]  # no temp dir left behind
-    summary = train(config_from_json(os.path.join(child, "config.json")), child)
+    # the grown run is continued with its own batch size (grow's checkpoint has no
+    # data iterator state, so nothing ties the continuation to the parent's batches)
+    child_cfg = config_from_json(os.path.join(child, "config.json"))
+    child_cfg = child_cfg.replace(train=dataclasses.replace(child_cfg.train, batch_size=16))
+    summary = train(child_cfg, child)
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
-    assert summary["flops_spent"] > 0 and summary["tokens_seen"] == 2 * 8 * 16  # from 0
+    assert summary["flops_spent"] > 0 and summary["tokens_seen"] == 2 * 16 * 16  # from 0
 
 
 def test_grow_refusals(tmp_path):

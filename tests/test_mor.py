@@ -298,6 +298,26 @@ def test_train_step_updates_every_sigmoid_router_bias(stack):
         assert np.any(moved > 0), jax.tree_util.keystr(path)
 
 
+def test_pool_bias_update_weighs_applications_by_their_tokens():
+    """A pool layer's load sums its applications' assignments: a step that ran 2
+    tokens must not outvote one that ran 1000 (as a mean of fractions would)."""
+    from moe_lab.train.step import moe_metrics, update_router_biases  # noqa: PLC0415
+
+    frac = jnp.asarray([[0.3, 0.3, 0.2, 0.2], [0.0, 0.0, 0.5, 0.5]])
+    aux = {"shared": {"tokens_per_expert_E": frac, "num_tokens": jnp.asarray([1000.0, 2.0])}}
+    state = {"recursive": {"shared": {"layers": {"ffn": {"bias_E": jnp.zeros((1, 4))}}}}}
+    new = update_router_biases(state, aux, 0.1, shared_pool_ids=(0, 0))
+    np.testing.assert_allclose(new["recursive"]["shared"]["layers"]["ffn"]["bias_E"],
+                               [[-0.1, -0.1, 0.1, 0.1]])  # totals 300, 300, 201, 201
+    # logged averages weigh rows by their tokens; a row that ran none does not count
+    scalars = {k: jnp.asarray([1.0, 5.0, 9.0]) for k in (
+        "load_balance_loss", "z_loss", "drop_fraction", "router_entropy", "max_violation")}
+    m = moe_metrics({"shared": {**scalars, "num_tokens": jnp.asarray([3.0, 1.0, 0.0]),
+                                "tokens_per_expert_E": jnp.eye(3)}}, per_layer=False)
+    assert float(m["moe/z_loss"]) == 2.0 and float(m["moe/max_violation"]) == 5.0
+    np.testing.assert_allclose(m["moe/tokens_per_expert_E"], [0.75, 0.25, 0.0])
+
+
 def test_token_choice_loss_free_bias_and_warmup_state():
     from moe_lab.train.step import update_mor_state  # noqa: PLC0415
 

@@ -12,7 +12,10 @@ is dropped; tests/test_moe.py checks every pair):
 * token choice, expert-sorted:  `sorted_layout` sorts the A assignments by
   expert, then choice rank, then token (GShard capacity semantics: all first
   choices are served before any second choice, first come first served within
-  a rank); an expert's rows beyond capacity C are dropped.  Tokens are moved
+  a rank; so a token's second choice can lose its slot to a later token's
+  first choice: capacity dispatch is not causal, as in GShard, and a prefix
+  and the full sequence may drop differently); an expert's rows beyond
+  capacity C are dropped.  Tokens are moved
   with `gather_rows`, results brought back with `combine_rows`; both have
   custom VJPs whose backward passes are gathers too (no scatter-add in either
   direction; cf. MaxText's sort-based permute with custom VJP).

@@ -210,4 +210,6 @@ def router_aux(logits_NE: jax.Array, probs_NE: jax.Array, load_E: jax.Array, *,
         "drop_fraction": jnp.asarray(drop_fraction, jnp.float32),
         "router_entropy": jax.lax.stop_gradient(entropy).astype(jnp.float32),
         "max_violation": jax.lax.stop_gradient(max_violation).astype(jnp.float32),
+        # tokens these statistics are over: weights for averaging layers / applications
+        "num_tokens": jax.lax.stop_gradient(jnp.sum(w_N)),
     }

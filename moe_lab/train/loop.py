@@ -54,6 +54,13 @@ def _resume_diffs(old, new, section: str) -> list[str]:
             for k in keys if getattr(old, k) != getattr(new, k)]
 
 
+def _latest_has_data_state(workdir: str) -> bool:
+    from moe_lab.train.checkpoint import DATA, checkpoint_steps  # noqa: PLC0415
+
+    steps = checkpoint_steps(workdir)
+    return bool(steps) and os.path.isdir(os.path.join(workdir, "checkpoints", str(steps[-1]), DATA))
+
+
 def prepare_workdir(cfg: Config, workdir: str) -> Config:
     """Creates or re-opens a workdir; refuses one whose run has another model, data or
     batches (`_resume_diffs`)."""
@@ -62,7 +69,13 @@ def prepare_workdir(cfg: Config, workdir: str) -> Config:
     cfg_path = os.path.join(workdir, "config.json")
     if os.path.exists(cfg_path):
         old = config_from_json(cfg_path)
-        for section, what in (("model", "model"), ("data", "data"), ("train", "batch")):
+        # data and batches matter only where a checkpoint holds a data iterator state
+        # (not a fresh workdir, nor the checkpoint `grow` wrote, whose config.json
+        # the user is told to override)
+        fixed = (("model", "model"), ("data", "data"), ("train", "batch"))
+        if not _latest_has_data_state(workdir):
+            fixed = fixed[:1]
+        for section, what in fixed:
             diffs = _resume_diffs(getattr(old, section), getattr(cfg, section), section)
             if diffs:
                 raise ConfigError(
@@ -123,7 +136,9 @@ class _Preempted:
         """Whether to save and exit after `step`.  One process: as soon as its flag is
         up.  Several: only at sync points (log and checkpoint steps, the same on every
         host), and then all together if any host got SIGTERM: a host that stopped
-        alone would leave the others waiting forever in the collective save."""
+        alone would leave the others waiting forever in the collective save.  Cost:
+        the all-gather waits for the step to finish, one pipeline stall per log step
+        on multi-host runs (carrying the flag in the step's metrics would avoid it)."""
         if jax.process_count() == 1:
             return self.flag
         if not sync_point:
@@ -376,6 +391,7 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
                 if pending is not None:
                     flush(pending)
                     pending = None
+                jax.block_until_ready(state["step"])  # queued train steps stay in the window
                 t0 = time.perf_counter()
                 last_eval = evaluate_losses(eval_step, state, eval_batches,
                                             setup.batch_sharding, task_names)

@@ -42,19 +42,29 @@ def per_task_sums(values_BT, weights_BT, task_ids_BT, num_tasks: int):
 
 
 def moe_metrics(aux: dict, per_layer: bool) -> dict:
-    """Load, drops, entropy and aux losses from the stacked per-layer aux dicts."""
-    out = {}
+    """Load, drops, entropy and aux losses from the stacked per-layer aux dicts of
+    every stack, averaged over layers (and MoR applications) weighted by the tokens
+    each counted: a recursion step that ran few tokens weighs little, one that ran
+    none not at all.  max_violation is the worst layer's."""
+    out, rows = {}, []
     for stack, a in aux.items():
         if "tokens_per_expert_E" not in a:
             continue
-        for k in _MOE_SCALARS:
-            v_L = a[k]
-            out[f"moe/{k}"] = jnp.max(v_L) if k == "max_violation" else jnp.mean(v_L)
-            if per_layer:
-                out[f"moe/{stack}/{k}_L"] = v_L
-        out["moe/tokens_per_expert_E"] = jnp.mean(a["tokens_per_expert_E"], axis=0)
+        rows.append(a)
         if per_layer:
+            for k in _MOE_SCALARS:
+                out[f"moe/{stack}/{k}_L"] = a[k]
             out[f"moe/{stack}/tokens_per_expert_LE"] = a["tokens_per_expert_E"]
+    if not rows:
+        return out
+    cat = {k: jnp.concatenate([a[k] for a in rows], axis=0)
+           for k in (*_MOE_SCALARS, "tokens_per_expert_E", "num_tokens")}
+    w_L = cat["num_tokens"]
+    total = jnp.maximum(jnp.sum(w_L), 1.0)
+    for k in _MOE_SCALARS:
+        out[f"moe/{k}"] = (jnp.max(jnp.where(w_L > 0, cat[k], -jnp.inf)) if k == "max_violation"
+                           else jnp.sum(cat[k] * w_L) / total)
+    out["moe/tokens_per_expert_E"] = jnp.sum(cat["tokens_per_expert_E"] * w_L[:, None], 0) / total
     return out
 
 
@@ -99,7 +109,7 @@ def update_router_biases(model_state: dict, aux: dict, rate: float,
     row of aux[stack]["tokens_per_expert_E"].  A recursive stack keeps its stacks under
     model_state["recursive"], and its shared pool's aux has a row per layer
     *application* (step-major, pool layer `shared_pool_ids[i]` at row i): a pool
-    layer's load is the mean of its applications' load fractions.
+    layer's load is the sum of its applications' assignment counts.
     """
     if not model_state:
         return model_state
@@ -119,10 +129,11 @@ def update_router_biases(model_state: dict, aux: dict, rate: float,
             if shared_pool_ids is None or len(shared_pool_ids) != load_LE.shape[0]:
                 raise ValueError("update_router_biases: a recursive stack's shared pool needs "
                                  "the pool layer of each aux row (shared_pool_ids)")
+            # a pool layer's load: assignments summed over its applications (fractions
+            # times the tokens each application ran), so small steps weigh little
             ids = jnp.asarray(shared_pool_ids, jnp.int32)
-            pool = bias_LE.shape[0]
-            uses_L = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids, pool)
-            load_LE = jax.ops.segment_sum(load_LE, ids, pool) / jnp.maximum(uses_L, 1.0)[:, None]
+            counts_LE = load_LE * a["num_tokens"][:, None]
+            load_LE = jax.ops.segment_sum(counts_LE, ids, bias_LE.shape[0])
         ffn["bias_E"] = jax.vmap(lambda b, load: loss_free_bias_update(b, load, rate))(
             bias_LE, load_LE)
     return new
