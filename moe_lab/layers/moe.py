@@ -89,7 +89,9 @@ class MoE(nnx.Module):
         m = self.cfg.moe
         b, t, d = x_BTD.shape
         n, e, k = b * t, m.num_experts, m.top_k
-        mask_N = None if active_BT is None else active_BT.reshape(n)
+        # weight 1 for each token the statistics count
+        w_N = (jnp.ones((n,), jnp.float32) if active_BT is None
+               else active_BT.reshape(n).astype(jnp.float32))
         cd = dtype_of(self.cfg.compute_dtype)
         x_ND = x_BTD.reshape(n, d)
         logits_NE = self.router_logits(x_ND, train=train, rng=rng)
@@ -114,7 +116,7 @@ class MoE(nnx.Module):
             drop = jnp.mean(unpicked_N)
             aux = routing.router_aux(logits_NE, ec.probs_NE, load_E, balance=False,
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
-                                     z_loss_weight=m.z_loss_weight, mask_N=mask_N)
+                                     z_loss_weight=m.z_loss_weight, mask_N=w_N)
         else:
             router = routing.TOKEN_CHOICE_ROUTERS[m.router]
             bias_E = self.bias_E[...] if m.router == "sigmoid" else None
@@ -134,14 +136,11 @@ class MoE(nnx.Module):
                                                         capacity=cap, impl=self.impl)
                     keep_NK = layout.keep_NK
                 dropped_NK = jnp.logical_not(keep_NK).astype(jnp.float32)
-                drop = (jnp.mean(dropped_NK) if mask_N is None else jnp.sum(
-                    dropped_NK * mask_N[:, None]) / jnp.maximum(k * jnp.sum(mask_N), 1))
-            load_E = (jnp.bincount(tc.expert_NK.reshape(-1), length=e) if mask_N is None else
-                      jnp.bincount(tc.expert_NK.reshape(-1), length=e,
-                                   weights=jnp.repeat(mask_N.astype(jnp.float32), k)))
+                drop = jnp.sum(dropped_NK * w_N[:, None]) / jnp.maximum(k * jnp.sum(w_N), 1.0)
+            load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e, weights=jnp.repeat(w_N, k))
             aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True,
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
-                                     z_loss_weight=m.z_loss_weight, mask_N=mask_N)
+                                     z_loss_weight=m.z_loss_weight, mask_N=w_N)
 
         if m.num_shared_experts > 0:
             y_ND = y_ND + self.shared(xc_ND)

@@ -8,6 +8,7 @@ uninterrupted one.  SIGTERM (preemption) saves a checkpoint and returns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -342,6 +343,21 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
                 "wall_seconds": counters["wall_seconds"] + time.perf_counter() - t_run}
         ckpt.save(step, state, data_iterator=train_iter, meta=meta, force=force)
 
+    def flush_pending():
+        nonlocal pending
+        if pending is not None:
+            flush(pending)
+            pending = None
+
+    @contextlib.contextmanager
+    def untimed():
+        """Eval and checkpoint time stays out of the throughput window; the train
+        steps still queued before it stay in (they are waited for first)."""
+        jax.block_until_ready(state["step"])
+        t0 = time.perf_counter()
+        yield
+        clock["excluded"] += time.perf_counter() - t0
+
     def flush(pending):
         nonlocal last_row
         step, m, counted, step_flops = pending
@@ -380,45 +396,35 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
                 clock.update(t=time.perf_counter(), step=step, excluded=0.0)
             counters["tokens_seen"] += tokens_per_step
             counters["flops_spent"] += step_flops
-            if pending is not None:
-                flush(pending)
-                pending = None
+            flush_pending()
             if step % t.log_every == 0 or step == last_step:
                 pending = (step, metrics, dict(counters), step_flops)
             if bar:
                 bar.update(1)
             if step % t.eval_every == 0 or step == t.steps:
-                if pending is not None:
-                    flush(pending)
-                    pending = None
-                jax.block_until_ready(state["step"])  # queued train steps stay in the window
-                t0 = time.perf_counter()
-                last_eval = evaluate_losses(eval_step, state, eval_batches,
-                                            setup.batch_sharding, task_names)
-                writer.write(step, last_eval)
-                (bar.write if bar else _log)(
-                    f"eval @ {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in last_eval.items()))
-                clock["excluded"] += time.perf_counter() - t0
+                flush_pending()
+                with untimed():
+                    last_eval = evaluate_losses(eval_step, state, eval_batches,
+                                                setup.batch_sharding, task_names)
+                    writer.write(step, last_eval)
+                    (bar.write if bar else _log)(f"eval @ {step}: " + " ".join(
+                        f"{k[5:]} {v:.3f}" for k, v in last_eval.items()))
             checkpoint_now = step % t.checkpoint_every == 0 or step == last_step
             stop = preempt.should_stop(step, step % t.log_every == 0 or checkpoint_now)
-            if (checkpoint_now or stop) and pending is not None:
+            if checkpoint_now or stop:
                 # the row of a checkpointed step is written before the checkpoint: a
                 # resume re-logs only the steps after it, so a later kill loses nothing
-                flush(pending)
-                pending = None
-            if checkpoint_now or stop:
-                jax.block_until_ready(state["step"])  # the step's own time stays in the window
-            t0 = time.perf_counter()
-            if checkpoint_now:
-                save(step, force=step == last_step)
-            if stop:
-                _log(f"SIGTERM{'' if preempt.flag else ' on another host'}: saving step "
-                     f"{step} and exiting")
-                save(step, force=True)
-                break
-            clock["excluded"] += time.perf_counter() - t0
-        if pending is not None:
-            flush(pending)
+                flush_pending()
+                with untimed():
+                    if checkpoint_now:
+                        save(step, force=step == last_step)
+                    if stop:
+                        _log(f"SIGTERM{'' if preempt.flag else ' on another host'}: saving "
+                             f"step {step} and exiting")
+                        save(step, force=True)
+                if stop:
+                    break
+        flush_pending()
     if bar:
         bar.close()
     ckpt.wait()
