@@ -49,3 +49,29 @@ def tiny():
 
 
 __all__ = ["tiny_config", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig"]
+
+
+def _modules_with_shared_fixtures() -> set[str]:
+    """Test modules (file names) that define a module-scoped fixture."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return {name for name in os.listdir(here) if name.startswith("test_") and name.endswith(".py")
+            and 'fixture(scope="module")' in open(os.path.join(here, name)).read()}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n`: a module whose tests share a module-scoped fixture is one work unit
+    (one worker builds the fixture once; the notebooks' and the sweep's micro-sweeps
+    cost 40-75 s each), every other test its own unit.  These units go out first
+    (xdist orders units by size), so the long fixtures do not end the run on one
+    worker.  Why not `--dist loadgroup`: with pytest 9 its node-id suffix is ignored
+    and the groups are silently split."""
+    from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415
+
+    shared = _modules_with_shared_fixtures()
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if os.path.basename(module) in shared else nodeid
+
+    return SharedFixtureScheduling(config, log)

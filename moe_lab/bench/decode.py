@@ -54,7 +54,7 @@ from flax import nnx
 
 from moe_lab.bench.common import paired_ratio, paired_ratios, print_targets, spread, target, time_fn
 from moe_lab.config import Config, DataConfig, ModelConfig, MoRConfig, validate
-from moe_lab.eval.generate import _generate_cached, decode_steps, prefill
+from moe_lab.eval.generate import decode_steps, prefill
 from moe_lab.train.state import build_model, resolve_config, split_model
 
 
@@ -100,17 +100,18 @@ def _routing_stats(graphdef, params, rest, tokens_BS):
 
 
 def _decode_fn(gd, params, rest, prompts_BP, valid_BP, new_tokens: int):
-    """(jitted fn, args) running only the N - 1 single-token decode steps after the prefill.
+    """(jitted fn, args) running only the N - 1 single-token decode steps after the
+    prefill, and the jitted prefill (params -> decode state).
 
     Decode throughput is what MoR's depth routing speeds up; the prompt's prefill
     (T > 1, every row computed) is timed separately and not in the target.
     """
     greedy = {"temperature": 0.0, "top_p": 1.0}
-    state = jax.jit(lambda p: prefill(nnx.merge(gd, p, rest), prompts_BP, valid_BP,
-                                      jax.random.key(0), max_new_tokens=new_tokens, **greedy))(params)
+    prefill_fn = jax.jit(lambda p: prefill(nnx.merge(gd, p, rest), prompts_BP, valid_BP,
+                                           jax.random.key(0), max_new_tokens=new_tokens, **greedy))
     fn = jax.jit(lambda p, st: decode_steps(nnx.merge(gd, p, rest), st, prompts_BP.shape[1],
                                             **greedy))
-    return fn, (params, state)
+    return (fn, (params, prefill_fn(params))), prefill_fn
 
 
 def _bytes(tree) -> int:
@@ -153,19 +154,20 @@ def run(quick: bool = False, d_model: int | None = None, batch: int | None = Non
             params = _fit_routers(cfg, params, rest, gd, S, 30 if quick else 150)
             t_fit = time.perf_counter() - t0
 
-        def gen(params=params, gd=gd, rest=rest, prompts=prompts, valid=valid):
-            return _generate_cached(gd, params, rest, prompts, valid, jax.random.key(0),
-                                    max_new_tokens=N, temperature=0.0, top_p=1.0)
+        decoders[name], prefill_fn = _decode_fn(gd, params, rest, prompts, valid, N)
+        fn, args = decoders[name]
+
+        def gen(params=params, prefill_fn=prefill_fn, fn=fn):  # prefill + decode: all N tokens
+            return fn(params, prefill_fn(params))
 
         dt_all = time_fn(gen, warmup=1, iters=2 if quick else 3)
-        decoders[name] = _decode_fn(gd, params, rest, prompts, valid, N)
-        dt = time_fn(decoders[name][0], *decoders[name][1], warmup=1, iters=2 if quick else 5)
+        dt = time_fn(fn, *args, warmup=1, iters=2 if quick else 5)
         if name == "mor_kv_shared":
             # the paper's throughput protocol (2507.10524 sec. 4.4): the largest batch
             # that fits the memory of vanilla's KV cache; sharing allocates 1/N_r of it
             # for the recursive part, so twice the batch here (2 + 2 vs 8 layer buffers)
-            decoders["mor_kv_shared_2x_batch"] = _decode_fn(gd, params, rest, prompts_all,
-                                                            jnp.ones((2 * B, P), bool), N)
+            decoders["mor_kv_shared_2x_batch"], _ = _decode_fn(
+                gd, params, rest, prompts_all, jnp.ones((2 * B, P), bool), N)
             time_fn(decoders["mor_kv_shared_2x_batch"][0],
                     *decoders["mor_kv_shared_2x_batch"][1], warmup=1, iters=1)
         model = nnx.merge(gd, params, rest)
