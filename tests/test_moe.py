@@ -85,12 +85,12 @@ def test_every_dispatch_matches_reference(router):
         assert float(got[1]["drop_fraction"]) == 0.0
 
 
-@pytest.mark.parametrize("tiles", [(32, 8), (128, 32), (70, 0)])
+@pytest.mark.parametrize("tiles", [(32, 8), (128, 32), (70, 70), (24, 16), (40, 8)])
 def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
-    """Groups spanning several main tiles plus tail tiles, or one main tile larger
-    than the group (the tiny configs above only run the latter); with capacity 70
-    of ~100 rows per expert, some rows are dropped (dropped rows sit between the
-    groups: the hardest layout)."""
+    """Groups spanning several full tiles plus a window, or one window larger than
+    the group, of every size (the tiny configs above only run the latter), window
+    sizes that do not divide W (24, 16); with capacity 70 of ~100 rows per expert,
+    some rows are dropped (dropped rows sit between the groups: the hardest layout)."""
     from moe_lab.layers import dispatch as dsp
 
     n, d, f, e, k = 150, 8, 16, 3, 2
@@ -100,8 +100,10 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
     gate_NK = jax.random.uniform(keys[2], (n, k))
     weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
                     zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
-    assert dsp.choose_tiles(100) == (104, 26)  # main tile = the expected rows
-    assert dsp.choose_tiles(1000) == (256, 64)  # main tiles of ~half, quarter-size tails
+    assert dsp.choose_tiles(100) == (152, 16)  # one window up to 1.5x the expected rows
+    assert dsp.choose_tiles(100, 125) == (128, 16)  # ... or covering the capacity
+    assert dsp.choose_tiles(1000) == (256, 24)  # full tiles of ~half, then a window
+    assert dsp._window_sizes((24, 16)) == [16, 24]
 
     def fast(x_ND, gate_NK, weights):
         y, layout = dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
@@ -113,10 +115,6 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
         gates_NE = dsp.dense_gates(expert_NK, jnp.where(keep_NK, gate_NK, 0), e)
         return jnp.sum(dsp.reference_moe(x_ND, gates_NE, *weights) ** 2), keep_NK
 
-    if tiles[1] == 0:  # a window shorter than the capacity would skip kept rows
-        with pytest.raises(ValueError, match="needs capacity <= 32"):
-            dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
-                                 impl="loop", tiles=(32, 0))
     (v1, keep), g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2), has_aux=True))(
         x_ND, gate_NK, weights)
     (v2, _), g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True))(

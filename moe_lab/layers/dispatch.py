@@ -20,11 +20,13 @@ is dropped; tests/test_moe.py checks every pair):
   custom VJPs whose backward passes are gathers too (no scatter-add in either
   direction; cf. MaxText's sort-based permute with custom VJP).
 * expert compute on the sorted rows, by backend:
-    - `grouped_swiglu_loop` (CPU): a loop over experts and, inside, over tiles of
-      that expert's rows (dynamic trip counts), with a hand-written VJP: main
-      tiles then quarter-size tail tiles (`choose_tiles`).  Only tiles holding
-      the expert's rows are computed, so cost ~ A*D*F and independent of E,
-      without [E, C, D] buffers.
+    - `grouped_swiglu_loop` (CPU): a loop over experts with a hand-written VJP;
+      an expert's rows run as full tiles of W rows (a loop with a dynamic trip
+      count, usually zero) and then one window whose size, a multiple of g, is
+      picked by `lax.switch` (`choose_tiles`, `_expert_tiles`): usually one
+      matmul per weight matrix and expert, < g padding rows, weight gradients
+      straight from the dots.  Only rows the expert holds (rounded up to g) are
+      computed, so cost ~ A*D*F and independent of E, without [E, C, D] buffers.
       `jax.lax.ragged_dot` is a dense loop over all experts on CPU (15-200x
       slower than a matmul), which is why it is not used there.
     - `grouped_swiglu_ragged` (TPU, dropless): `jax.lax.ragged_dot` grouped
@@ -257,31 +259,32 @@ combine_rows.defvjp(_combine_fwd, _combine_bwd)
 # ---------------------------------------------------- grouped expert compute
 
 
-def choose_tiles(rows_per_expert: float) -> tuple[int, int]:
-    """(main, tail) tile rows of the CPU loop for an expert's expected row count.
+def choose_tiles(rows_per_expert: float, max_rows: int | None = None) -> tuple[int, int]:
+    """(W, g) of the CPU loop for an expert's expected row count: an expert's rows run
+    as full tiles of W rows while more than W remain, then the last 1..W rows as one
+    window of the next multiple of g rows (see `_expert_tiles`).
 
-    An expert runs max(1, count // main) main tiles, then its remaining rows in
-    tail tiles of main // 4 (at least 8).  Up to 512 expected rows, main = the
-    expected rows (rounded up to 8), so a typical expert runs one matmul per
-    weight matrix; more rows: main tiles of about half the expected rows, at
-    most 512.  Why: each tile is a separate matmul that packs its expert's
-    D x F weights again (from DRAM when E*D*F is large), so at few rows per
-    expert the number of tiles, not the padding, sets the cost.  Measured
-    (bench moe shape, E=256, fwd+bwd): main = expected rows 694-726 ms; one
-    window of 1.25x 747-931 ms; main = half the rows plus quarter tails (the
-    rule used above 512 rows) 993-1103 ms.  The loop-free window mode
-    (tiles = (capacity, 0), one window of C rows per expert, weight gradients
-    straight from the dots) measured the same as (128, 32) inside the full layer
-    (paired E=256/E=8 ratios 1.46-1.50 vs 1.42-1.50), so token choice keeps the
-    loop; expert choice, where every expert holds exactly C rows, uses windows.
+    max_rows: a bound on any expert's rows (the capacity).  Up to 512 expected rows,
+    W covers max_rows (or 1.5x the expected rows) so that nearly every expert runs
+    exactly one matmul per weight matrix with <= g - 1 padding rows; more rows: full
+    tiles of about half the expected rows, at most 512.  g gives at most 12 window
+    sizes.  Why one window per expert: each tile is a separate matmul that packs its
+    expert's D x F weights again (from DRAM when E*D*F is large), and a tile's weight
+    gradients must be zero-filled and accumulated, which at ~128 rows per expert
+    costs about as much as the tile; so at few rows per expert the number of tiles,
+    not the padding, sets the cost.  Measured (bench moe shape, E=256, fwd+bwd):
+    main tiles of the expected rows plus quarter-size tails 694-726 ms (earlier
+    kernel); one window of the capacity (25% padding) 747-931 ms; main tiles of half
+    the rows with quarter tails 993-1103 ms.
     """
     if rows_per_expert <= 512:
-        main = max(8, 8 * math.ceil(rows_per_expert / 8))
+        cover = max_rows if max_rows is not None else 1.5 * rows_per_expert
+        w = max(8, 8 * math.ceil(min(cover, 1.5 * rows_per_expert, 768) / 8))
     else:
-        main = 16
-        while main < 512 and 2 * main <= rows_per_expert / 2:
-            main *= 2
-    return main, max(8, main // 4)
+        w = 16
+        while w < 512 and 2 * w <= rows_per_expert / 2:
+            w *= 2
+    return w, max(8, 8 * math.ceil(w / 96))
 
 
 def _silu_parts(g):
@@ -289,50 +292,91 @@ def _silu_parts(g):
     return g * s, s * (1 + g * (1 - s))  # silu(g), silu'(g)
 
 
-def _tiles(start, count, tiles):
-    """(static size, first row, number of tiles) of the two tile levels of one expert.
+def _expert_tiles(start, count, tiles):
+    """(number of full W-row tiles, first row of the window, window branch) of one expert.
 
-    At least one main tile when count > 0 (rows past the expert's range are
-    computed and then overwritten or never read, see _loop_forward).
+    Full tiles cover rows [start, start + n_full W) while more rows follow them; the
+    remaining r = count - n_full W rows (1..W, or 0 for an empty expert) run as one
+    window of ceil(r / g) * g rows (capped at W): branch ceil(r / g) of `_window_sizes`
+    (branch 0: nothing).  Window rows past the expert's range are computed and then
+    overwritten by the next expert (experts run in increasing order) or never read.
     """
-    tile, tail = tiles
-    n_main = jnp.maximum(jnp.minimum(count, 1), count // tile)
-    rest = jnp.maximum(count - n_main * tile, 0)
-    return ((tile, start, n_main), (tail, start + n_main * tile, (rest + tail - 1) // tail))
+    w, g = tiles
+    n_full = jnp.maximum(count - 1, 0) // w
+    rest = count - n_full * w
+    return n_full, start + n_full * w, (rest + g - 1) // g
 
 
-def _fwd_tile(carry, x_SD, r0, size, g_DF, u_DF, d_FD):
-    """Rows [r0, r0 + size) through one expert; writes y and the saved g, u rows."""
-    y_SD, g_SF, u_SF = carry
-    x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
+def _window_sizes(tiles) -> list[int]:
+    w, g = tiles
+    return [min(i * g, w) for i in range(1, -(-w // g) + 1)]
+
+
+def _fwd_rows(x_TD, g_DF, u_DF, d_FD):
     g_TF, u_TF = x_TD @ g_DF, x_TD @ u_DF
-    y_TD = (jax.nn.silu(g_TF) * u_TF) @ d_FD
-    return (lax.dynamic_update_slice_in_dim(y_SD, y_TD, r0, 0),
-            lax.dynamic_update_slice_in_dim(g_SF, g_TF, r0, 0),
-            lax.dynamic_update_slice_in_dim(u_SF, u_TF, r0, 0))
+    return (jax.nn.silu(g_TF) * u_TF) @ d_FD, g_TF, u_TF
+
+
+def _bwd_rows(x_TD, g_TF, u_TF, dy_TD, g_DF, u_DF, d_FD):
+    """(dx_TD, (dgate_DF, dup_DF, ddown_FD)) of SwiGLU rows given the saved g, u."""
+    silu_TF, dsilu_TF = _silu_parts(g_TF)
+    dd_FD = (silu_TF * u_TF).T @ dy_TD
+    dh_TF = dy_TD @ d_FD.T
+    dgate_TF = dh_TF * u_TF * dsilu_TF
+    dup_TF = dh_TF * silu_TF
+    dx_TD = dgate_TF @ g_DF.T + dup_TF @ u_DF.T
+    return dx_TD, (x_TD.T @ dgate_TF, x_TD.T @ dup_TF, dd_FD)
+
+
+def _bwd_window(*args):
+    dx_TD, grads = _bwd_rows(*args)
+    return (dx_TD,), grads
+
+
+def _pad_rows(a_TX, rows: int):
+    return jnp.pad(a_TX, ((0, rows - a_TX.shape[0]), (0, 0)))
+
+
+def _window(tiles, branch, fn, zeros, row_args, other_args):
+    """lax.switch over the window sizes: branch i runs `fn` on the first
+    _window_sizes[i-1] of the W rows in `row_args` and pads its row outputs back to W
+    rows; branch 0 returns `zeros`.  One matmul per weight matrix, whatever the size."""
+    w = tiles[0]
+
+    def sized(rows):
+        def run(row_args, other_args):
+            rows_out, rest = fn(*[a[:rows] for a in row_args], *other_args)
+            return tuple(_pad_rows(a, w) for a in rows_out), rest
+        return run
+
+    branches = [lambda row_args, other_args: zeros] + [sized(r) for r in _window_sizes(tiles)]
+    return lax.switch(branch, branches, row_args, other_args)
 
 
 def _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles):
-    """Expert e's kept rows [starts_E[e], starts_E[e] + counts_E[e]) in tiles.
-
-    The last tile of an expert may run into the next expert's rows; experts
-    are processed in increasing order, so the next one overwrites them (rows past
-    the kept range of an expert are never read).  Loop mode (tail > 0): dynamic
-    trip counts, only occupied tiles are computed.  Window mode (tail == 0): one
-    tile of `main` rows per expert, no inner loop (needs counts_E <= main).
-    """
+    """Expert e's kept rows [starts_E[e], starts_E[e] + counts_E[e]): full tiles, then
+    one window (`_expert_tiles`); returns y_SD and the saved g_SF, u_SF."""
     dt = x_SD.dtype
+    s, f = x_SD.shape[0], gate_EDF.shape[-1]
+    w = tiles[0]
 
     def expert_body(carry, inputs):
         start, count, g_DF, u_DF, d_FD = inputs
-        if tiles[1] == 0:
-            return _fwd_tile(carry, x_SD, start, tiles[0], g_DF, u_DF, d_FD), None
-        for size, first, num in _tiles(start, count, tiles):
-            carry = lax.fori_loop(0, num, lambda j, c, size=size, first=first: _fwd_tile(
-                c, x_SD, first + j * size, size, g_DF, u_DF, d_FD), carry)
-        return carry, None
+        n_full, row, branch = _expert_tiles(start, count, tiles)
 
-    s, f = x_SD.shape[0], gate_EDF.shape[-1]
+        def full_tile(j, c):
+            r0 = start + j * w
+            outs = _fwd_rows(lax.dynamic_slice_in_dim(x_SD, r0, w), g_DF, u_DF, d_FD)
+            return tuple(lax.dynamic_update_slice_in_dim(a, o, r0, 0) for a, o in zip(c, outs))
+
+        carry = lax.fori_loop(0, n_full, full_tile, carry)
+        zeros = ((jnp.zeros((w, x_SD.shape[1]), dt), jnp.zeros((w, f), dt), jnp.zeros((w, f), dt)),
+                 ())
+        outs, _ = _window(tiles, branch, lambda x_TD, *ws: (_fwd_rows(x_TD, *ws), ()), zeros,
+                          (lax.dynamic_slice_in_dim(x_SD, row, w),), (g_DF, u_DF, d_FD))
+        return tuple(lax.dynamic_update_slice_in_dim(a, o, row, 0)
+                     for a, o in zip(carry, outs)), None
+
     init = (jnp.zeros_like(x_SD), jnp.zeros((s, f), dt), jnp.zeros((s, f), dt))
     # scan over experts: weights arrive as scan slices, row ranges as scalars
     out, _ = lax.scan(expert_body, init, (starts_E, counts_E, gate_EDF, up_EDF, down_EFD))
@@ -344,9 +388,8 @@ def grouped_swiglu_loop(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD,
                         tiles: tuple[int, int]):
     """y rows of expert e = SwiGLU_e(x rows of e) for the kept rows; other rows undefined.
 
-    tiles = (main, tail) rows (see choose_tiles), or (window, 0) for one window
-    per expert (counts_E <= window); x_SD needs >= main rows of padding after
-    the last expert's rows.
+    tiles = (W, g) (see choose_tiles; expert choice: (C, C), one window of C rows);
+    x_SD needs >= W rows of padding after the last expert's rows.
     """
     return _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles)[0]
 
@@ -356,45 +399,36 @@ def _loop_fwd(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles):
     return y_SD, (x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, g_SF, u_SF)
 
 
-def _bwd_tile(dx_SD, saved, r0, size, start, count, g_DF, u_DF, d_FD):
-    """Backward of one tile: (dx_SD with the tile's rows written, (dg_DF, du_DF, dd_FD))."""
-    x_SD, g_SF, u_SF, dy_SD = saved
-    x_TD = lax.dynamic_slice_in_dim(x_SD, r0, size)
-    g_TF = lax.dynamic_slice_in_dim(g_SF, r0, size)
-    u_TF = lax.dynamic_slice_in_dim(u_SF, r0, size)
-    mine_T1 = (jnp.arange(size) + r0 < start + count)[:, None]  # this expert's rows
-    dy_TD = jnp.where(mine_T1, lax.dynamic_slice_in_dim(dy_SD, r0, size), 0)
-    silu_TF, dsilu_TF = _silu_parts(g_TF)
-    dd_FD = (silu_TF * u_TF).T @ dy_TD
-    dh_TF = dy_TD @ d_FD.T
-    dgate_TF = dh_TF * u_TF * dsilu_TF
-    dup_TF = dh_TF * silu_TF
-    dx_TD = dgate_TF @ g_DF.T + dup_TF @ u_DF.T
-    return (lax.dynamic_update_slice_in_dim(dx_SD, dx_TD, r0, 0),
-            (x_TD.T @ dgate_TF, x_TD.T @ dup_TF, dd_FD))
-
-
 def _loop_bwd(tiles, res, dy_SD):
     x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, g_SF, u_SF = res
-    saved = (x_SD, g_SF, u_SF, dy_SD)
+    w = tiles[0]
+
+    def rows(a_SX, r0):
+        return lax.dynamic_slice_in_dim(a_SX, r0, w)
 
     def expert_body(dx_SD, inputs):
         start, count, g_DF, u_DF, d_FD = inputs
-        if tiles[1] == 0:
-            # window mode: weight grads come straight from the dots.  Why it
-            # matters: at ~128 rows per expert, zero-filling and accumulating
-            # three D x F gradients per tile costs about as much as the tile.
-            return _bwd_tile(dx_SD, saved, start, tiles[0], start, count, g_DF, u_DF, d_FD)
-        carry = (dx_SD, (jnp.zeros_like(g_DF), jnp.zeros_like(u_DF), jnp.zeros_like(d_FD)))
-        for size, first, num in _tiles(start, count, tiles):
+        weights = (g_DF, u_DF, d_FD)
+        n_full, row, branch = _expert_tiles(start, count, tiles)
+        # the window first: its weight gradients start the sum (no zero-fill, and
+        # nothing to add when the expert has no full tile, the usual case)
+        mine_W1 = (jnp.arange(w) < start + count - row)[:, None]
+        dy_WD = jnp.where(mine_W1, rows(dy_SD, row), 0)
+        zeros = ((jnp.zeros((w, x_SD.shape[1]), x_SD.dtype),),
+                 tuple(jnp.zeros_like(a) for a in weights))
+        (dx_WD,), grads = _window(tiles, branch, _bwd_window, zeros,
+                                  (rows(x_SD, row), rows(g_SF, row), rows(u_SF, row), dy_WD),
+                                  weights)
 
-            def tile_body(j, c, size=size, first=first):
-                dx_SD, grads = _bwd_tile(c[0], saved, first + j * size, size, start, count,
-                                         g_DF, u_DF, d_FD)
-                return dx_SD, jax.tree.map(jnp.add, c[1], grads)
+        def full_tile(j, c):
+            r0 = start + j * w
+            dx_TD, tile_grads = _bwd_rows(rows(x_SD, r0), rows(g_SF, r0), rows(u_SF, r0),
+                                          rows(dy_SD, r0), *weights)
+            return (lax.dynamic_update_slice_in_dim(c[0], dx_TD, r0, 0),
+                    jax.tree.map(jnp.add, c[1], tile_grads))
 
-            carry = lax.fori_loop(0, num, tile_body, carry)
-        return carry  # weight grads stacked by scan, no zero-fill
+        dx_SD, grads = lax.fori_loop(0, n_full, full_tile, (dx_SD, grads))
+        return lax.dynamic_update_slice_in_dim(dx_SD, dx_WD, row, 0), grads
 
     dx_SD, (dgate_EDF, dup_EDF, ddown_EFD) = lax.scan(
         expert_body, jnp.zeros_like(x_SD), (starts_E, counts_E, gate_EDF, up_EDF, down_EFD))
@@ -460,8 +494,8 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
     impl: 'loop' (CPU grouped loop), 'ragged' (ragged_dot, dropless only),
     'blocks' (block-padded batched einsum, dropless only), 'buffer' ([E, C, D]
     einsum, capacity only), 'accelerator' (`resolve_impl`), 'auto' (by
-    backend).  tiles: (main, tail) rows of the CPU loop, default
-    choose_tiles(expected rows per expert).
+    backend).  tiles: (W, g) rows of the CPU loop, default
+    choose_tiles(expected rows per expert, capacity).
     """
     n, k = expert_NK.shape
     num_experts = weights[0].shape[0]
@@ -483,10 +517,7 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = grouped_swiglu_ragged(x_SD, layout.counts_E, *weights)
     elif impl == "loop":
-        tiles = tiles or choose_tiles(min(cap, n * k / num_experts))
-        if tiles[1] == 0 and (capacity is None or capacity > tiles[0]):
-            raise ValueError(f"tiles={tiles}: a window of {tiles[0]} rows per expert needs "
-                             f"capacity <= {tiles[0]} (got {capacity})")
+        tiles = tiles or choose_tiles(min(cap, n * k / num_experts), capacity)
         layout = sorted_layout(expert_NK, num_experts, cap, pad=tiles[0])
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = grouped_swiglu_loop(x_SD, layout.starts_E, layout.counts_E, *weights, tiles)
@@ -512,7 +543,7 @@ def expert_choice_moe(x_ND, token_EC, gate_EC, weights, *, impl: str = "auto"):
         # every expert holds exactly C rows: one window each, no padding rows
         starts_E = jnp.arange(num_experts, dtype=jnp.int32) * cap
         counts_E = jnp.full((num_experts,), cap, jnp.int32)
-        y_SD = grouped_swiglu_loop(x_SD, starts_E, counts_E, *weights, (cap, 0))
+        y_SD = grouped_swiglu_loop(x_SD, starts_E, counts_E, *weights, (cap, cap))
     else:
         raise ValueError(f"unknown MoE impl {impl!r}")
     w_S = gate_EC.reshape(-1).astype(y_SD.dtype)
