@@ -85,18 +85,22 @@ def test_every_dispatch_matches_reference(router):
         assert float(got[1]["drop_fraction"]) == 0.0
 
 
-@pytest.mark.parametrize("tiles", [(32, 8), (128, 32), (70, 70), (24, 16), (40, 8)])
-def test_loop_kernel_multi_tile_vs_reference(tiles, capacity=70):
+@pytest.mark.parametrize("tiles, empty", [((32, 8), False), ((128, 32), False), ((70, 70), False),
+                                          ((24, 16), False), ((40, 8), False), ((32, 8), True)])
+def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     """Groups spanning several full tiles plus a window, or one window larger than
     the group, of every size (the tiny configs above only run the latter), window
-    sizes that do not divide W (24, 16); with capacity 70 of ~100 rows per expert,
-    some rows are dropped (dropped rows sit between the groups: the hardest layout)."""
+    sizes that do not divide W (24, 16), (empty) an expert between two others that
+    gets no token; with capacity 70 of ~100 rows per expert, some rows are dropped
+    (dropped rows sit between the groups: the hardest layout)."""
     from moe_lab.layers import dispatch as dsp
 
-    n, d, f, e, k = 150, 8, 16, 3, 2
+    n, d, f, e, k = 150, 8, 16, 3 + empty, 2
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
     x_ND = jax.random.normal(keys[0], (n, d))
-    expert_NK = jnp.argsort(jax.random.uniform(keys[1], (n, e)), axis=1)[:, :k].astype(jnp.int32)
+    expert_NK = jnp.argsort(jax.random.uniform(keys[1], (n, 3)), axis=1)[:, :k].astype(jnp.int32)
+    if empty:  # experts 0, 2, 3 hold the rows; expert 1 none
+        expert_NK = jnp.where(expert_NK >= 1, expert_NK + 1, expert_NK)
     gate_NK = jax.random.uniform(keys[2], (n, k))
     weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
                     zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))

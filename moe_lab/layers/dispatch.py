@@ -265,8 +265,9 @@ def choose_tiles(rows_per_expert: float, max_rows: int | None = None) -> tuple[i
     window of the next multiple of g rows (see `_expert_tiles`).
 
     max_rows: a bound on any expert's rows (the capacity).  Up to 512 expected rows,
-    W covers max_rows (or 1.5x the expected rows) so that nearly every expert runs
-    exactly one matmul per weight matrix with <= g - 1 padding rows; more rows: full
+    W = the smaller of max_rows and 1.5x the expected rows (at most 768), so that
+    nearly every expert runs exactly one matmul per weight matrix with <= g - 1
+    padding rows (more rows than W: full tiles first); more expected rows: full
     tiles of about half the expected rows, at most 512.  g gives at most 12 window
     sizes.  Why one window per expert: each tile is a separate matmul that packs its
     expert's D x F weights again (from DRAM when E*D*F is large), and a tile's weight
@@ -275,7 +276,8 @@ def choose_tiles(rows_per_expert: float, max_rows: int | None = None) -> tuple[i
     not the padding, sets the cost.  Measured (bench moe shape, E=256, fwd+bwd):
     main tiles of the expected rows plus quarter-size tails 694-726 ms (earlier
     kernel); one window of the capacity (25% padding) 747-931 ms; main tiles of half
-    the rows with quarter tails 993-1103 ms.
+    the rows with quarter tails 993-1103 ms.  This scheme against main + quarter
+    tails, one A/B in one process: 717 vs 861 ms at E=256, 545 vs 547 ms at E=8.
     """
     if rows_per_expert <= 512:
         cover = max_rows if max_rows is not None else 1.5 * rows_per_expert
@@ -328,7 +330,13 @@ def _bwd_rows(x_TD, g_TF, u_TF, dy_TD, g_DF, u_DF, d_FD):
     return dx_TD, (x_TD.T @ dgate_TF, x_TD.T @ dup_TF, dd_FD)
 
 
+def _fwd_window(x_TD, *weights):
+    """`_fwd_rows` as a `_window` fn: (row outputs (y, g, u), no other outputs)."""
+    return _fwd_rows(x_TD, *weights), ()
+
+
 def _bwd_window(*args):
+    """`_bwd_rows` as a `_window` fn: (row outputs (dx,), weight gradients)."""
     dx_TD, grads = _bwd_rows(*args)
     return (dx_TD,), grads
 
@@ -377,7 +385,7 @@ def _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles):
         carry = lax.fori_loop(0, n_full, full_tile, carry)
         zeros = ((jnp.zeros((w, x_SD.shape[1]), dt), jnp.zeros((w, f), dt), jnp.zeros((w, f), dt)),
                  ())
-        outs, _ = _window(tiles, branch, lambda x_TD, *ws: (_fwd_rows(x_TD, *ws), ()), zeros,
+        outs, _ = _window(tiles, branch, _fwd_window, zeros,
                           (lax.dynamic_slice_in_dim(x_SD, row, w),), (g_DF, u_DF, d_FD))
         return tuple(lax.dynamic_update_slice_in_dim(a, o, row, 0)
                      for a, o in zip(carry, outs)), None
