@@ -1,6 +1,7 @@
 """8 fake CPU devices for sharding tests: XLA_FLAGS must be set before jax is imported."""
 
 import os
+import pathlib
 
 # The suite's models are tiny: compiling them dominates, so LLVM runs without its
 # expensive passes (HLO-level optimisation and fusion are unchanged; measured on
@@ -53,9 +54,8 @@ __all__ = ["tiny_config", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfi
 
 def _modules_with_shared_fixtures() -> set[str]:
     """Test modules (file names) that define a module-scoped fixture."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return {name for name in os.listdir(here) if name.startswith("test_") and name.endswith(".py")
-            and 'fixture(scope="module")' in open(os.path.join(here, name)).read()}
+    here = pathlib.Path(__file__).parent
+    return {p.name for p in here.glob("test_*.py") if 'fixture(scope="module")' in p.read_text()}
 
 
 def pytest_xdist_make_scheduler(config, log):
