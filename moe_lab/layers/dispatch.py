@@ -275,8 +275,13 @@ def choose_tiles(rows_per_expert: float, max_rows: int | None = None,
     W = the smaller of max_rows and 1.5x the expected rows (at most 768), so that
     nearly every expert runs exactly one matmul per weight matrix with <= g - 1
     padding rows (more rows than W: full tiles first); more expected rows: full
-    tiles of about half the expected rows, at most 512.  g gives at most 12 window
-    sizes.  Why one window per expert: each tile is a separate matmul that packs its
+    tiles of about half the expected rows, at most 512.  g: at most 16 window sizes
+    when one window is the rule (its padding, < g rows, is then a share of every
+    expert's compute: at 160 expected rows and W=200, g = 24 -> 16 gave a paired
+    A/B median of 0.968 over 15 pairs; at the bench shape's E=256, W=160, g = 16 -> 8
+    gave 0.982 over 31 pairs, inside the noise, for 1.6 s more compile), at most 12
+    when full tiles are (the window is then the tail of a long expert).
+    Why one window per expert: each tile is a separate matmul that packs its
     expert's D x F weights again (from DRAM when E*D*F is large), and a tile's weight
     gradients must be zero-filled and accumulated, which at ~128 rows per expert
     costs about as much as the tile; so at few rows per expert the number of tiles,
@@ -300,7 +305,7 @@ def choose_tiles(rows_per_expert: float, max_rows: int | None = None,
             w *= 2
     if row_macs is not None and w * row_macs <= SINGLE_WINDOW_MACS:
         return w, w
-    return w, max(8, 8 * math.ceil(w / 96))
+    return w, max(8, 8 * math.ceil(w / (128 if rows_per_expert <= 512 else 96)))
 
 
 def _silu_parts(g):
