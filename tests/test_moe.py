@@ -107,7 +107,7 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     assert dsp.choose_tiles(100) == (152, 16)  # one window up to 1.5x the expected rows
     assert dsp.choose_tiles(100, 125) == (128, 8)  # ... or covering the capacity
     assert dsp.choose_tiles(1000) == (256, 24)  # full tiles of ~half, then a window
-    assert dsp.choose_tiles(160, 200, row_macs=256 * 512) == (200, 16)  # g: <= 16 sizes  # bench-sized experts
+    assert dsp.choose_tiles(160, 200, row_macs=256 * 512) == (200, 16)  # <= 16 window sizes
     assert dsp.choose_tiles(100, row_macs=32 * 64) == (152, 152)  # tiny: one window size
     assert dsp._window_sizes((24, 16)) == [16, 24]
 
