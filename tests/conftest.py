@@ -60,8 +60,8 @@ def _modules_with_shared_fixtures() -> set[str]:
 
 def pytest_xdist_make_scheduler(config, log):
     """Under `-n`: a module whose tests share a module-scoped fixture is one work unit
-    (one worker builds the fixture once; the notebooks' and the sweep's micro-sweeps
-    cost 40-75 s each), every other test its own unit.  These units go out first
+    (one worker builds the fixture once; the micro-sweep that the sweep and notebook
+    tests share costs ~50 s), every other test its own unit.  These units go out first
     (xdist orders units by size), so the long fixtures do not end the run on one
     worker.  Why not `--dist loadgroup`: with pytest 9 its node-id suffix is ignored
     and the groups are silently split."""

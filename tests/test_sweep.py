@@ -1,13 +1,19 @@
-"""Sweep runner: expansion, naming, shards, dry run, resume, failures, results, stages."""
+"""Sweep runner: expansion, naming, shards, dry run, resume, failures, results, stages;
+and every notebook executed on the micro-sweep's results (one micro-sweep serves both:
+a notebook that breaks, or stops producing its figures, fails the suite)."""
 
 import contextlib
+import glob
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import nbformat
 import pytest
+from nbclient import NotebookClient
 
 from moe_lab import sweep
 from moe_lab.config import ConfigError
@@ -49,18 +55,37 @@ def write_config(path, points) -> str:
     return str(path)
 
 
-GROWN = {"name": "grown", "from": {"run": "e2_k1", "step": 4,
-                                   "grow": {"width": {"factor": 2, "noise": 0.0}}}}
-POINTS = [{"model.moe.num_experts": 2, "model.moe.top_k": 1},
-          {"model.moe.num_experts": 4, "model.moe.top_k": 2},
+def sparsity_post_stages(scale):
+    path = os.path.join(REPO, "configs", "sparsity_sweep.py")
+    spec = importlib.util.spec_from_file_location("sparsity_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.post_stages(scale)
+
+
+def grown_from_e2_k1(name, step):
+    """A width-grown e2_k1 (-> the e4_k2 architecture), tagged for the sunk-compute notebook."""
+    return {"name": name, "from": {"run": "e2_k1", "step": step,
+                                   "grow": {"width": {"factor": 2, "noise": 0.0}}},
+            "tags": {"study": "grow", "grown_at": step}}
+
+
+# two sparsities (k = 1, 2), a bad point and a tiny sunk-compute study grown from e2_k1;
+# e4_k2, the study's from-scratch baseline, also runs the +post stages (test-time
+# compute, GRPO) of configs/sparsity_sweep.py
+GROWN = grown_from_e2_k1("grown", 4)
+POINTS = [{"model.moe.num_experts": 2, "model.moe.top_k": 1,
+           "tags": {"study": "base", "grown_at": None}},
+          {"model.moe.num_experts": 4, "model.moe.top_k": 2,
+           "tags": {"study": "grow", "grown_at": 0}, "post": sparsity_post_stages("micro")},
           {"name": "bad", "model.moe.num_experts": 2, "model.moe.top_k": 3},
-          GROWN]
+          GROWN,
+          grown_from_e2_k1("g2", 2)]
 
 
 @pytest.fixture(scope="module")
 def micro_sweep(tmp_path_factory):
-    """e2_k1 (interrupted after 2 steps before the sweep starts), e4_k2, a bad
-    point and a width-grown e2_k1 (-> the e4_k2 architecture), in-process."""
+    """POINTS in-process; e2_k1 is interrupted after 2 steps before the sweep starts."""
     from moe_lab.config import apply_overrides
     from moe_lab.train.loop import train
 
@@ -127,12 +152,13 @@ def test_dry_run_prints_commands(tmp_path):
     assert not os.path.exists(tmp_path / "sw")
     out = []
     sweep.run_sweep(cfg_path, str(tmp_path / "sw"), dry_run=True, shard=(1, 2), log=out.append)
-    assert [line.split()[2] for line in out if line.startswith("# [")] == ["e4_k2", "grown"]
+    assert [line.split()[2] for line in out if line.startswith("# [")] == ["e4_k2", "grown",
+                                                                           "budget"]
 
 
 def test_micro_sweep_runs_records_and_isolates_failures(micro_sweep):
     d, status = micro_sweep["dir"], micro_sweep["status"]
-    assert status["ran"] == ["e2_k1", "e4_k2", "grown"] and status["failed"] == ["bad"]
+    assert status["ran"] == ["e2_k1", "e4_k2", "grown", "g2"] and status["failed"] == ["bad"]
     for name in status["ran"]:
         assert sweep.is_finished(os.path.join(d, name))
     with open(os.path.join(d, "failures.jsonl")) as f:
@@ -143,7 +169,7 @@ def test_micro_sweep_runs_records_and_isolates_failures(micro_sweep):
         steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
     assert steps == [1, 2, 3, 4]
     df = sweep.load_results(d)
-    assert list(df["run"]) == ["e2_k1", "e4_k2", "grown"]
+    assert list(df["run"]) == ["e2_k1", "e4_k2", "grown", "g2"]
     want = {"run", "model.moe.num_experts", "model.moe.top_k", "num_experts", "top_k",
             "params_total", "params_active", "sparsity", "tpp", "train_flops", "train_loss",
             "eval_loss", "facts_eval_loss", "facts_task_loss_bits", "facts_accuracy",
@@ -163,17 +189,17 @@ def test_micro_sweep_runs_records_and_isolates_failures(micro_sweep):
 
 def test_rerun_skips_finished_points_and_resumes_the_rest(micro_sweep):
     d, cfg_path = micro_sweep["dir"], micro_sweep["config"]
-    evals = {n: os.path.join(d, n, "eval", "4.json") for n in ("e2_k1", "e4_k2", "grown")}
+    evals = {n: os.path.join(d, n, "eval", "4.json") for n in ("e2_k1", "e4_k2", "grown", "g2")}
     mtimes = {n: os.stat(p).st_mtime_ns for n, p in evals.items()}
     os.remove(evals["e4_k2"])  # killed between training and evaluation
     with compile_cache():
         status = sweep.run_sweep(cfg_path, d, isolate="inprocess", log=lambda *_: None)
-    assert status["done"] == ["e2_k1", "grown"] and status["ran"] == ["e4_k2"]
-    assert os.stat(evals["e2_k1"]).st_mtime_ns == mtimes["e2_k1"]
-    assert os.stat(evals["grown"]).st_mtime_ns == mtimes["grown"]
+    assert status["done"] == ["e2_k1", "grown", "g2"] and status["ran"] == ["e4_k2"]
+    for name in ("e2_k1", "grown", "g2"):
+        assert os.stat(evals[name]).st_mtime_ns == mtimes[name]
     with open(os.path.join(d, "results.jsonl")) as f:
         names = [json.loads(line)["run"] for line in f]
-    assert sorted(names) == ["e2_k1", "e4_k2", "grown"]  # no duplicates
+    assert sorted(names) == ["e2_k1", "e4_k2", "g2", "grown"]  # no duplicates
     # a shard whose points' parent is unfinished skips it with a message
     status = sweep.run_sweep(cfg_path, d + "_other", isolate="inprocess", shard=(3, 4),
                              log=(out := []).append)
@@ -234,3 +260,31 @@ def test_sweep_cli_parser():
                          "--dry-run"])
     assert args.fn is sweep.cmd_sweep and args.shard == "1/4" and args.dry_run
     assert textwrap.dedent(sweep.__doc__).startswith("Sweeps")
+
+
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+FIGURES = {"sparsity_vs_reasoning": ("loss_vs_total_params.png", "accuracy_vs_pretrain_loss.png",
+                                     "accuracy_vs_tpp.png", "ttc_grpo_vs_sparsity.png"),
+           "sunk_compute": ("sunk_compute.png",),
+           # without *-ttc.json next to the results it draws labelled empty panels
+           "test_time_compute": ("ttc_curves.png", "budget_forcing.png")}
+
+
+def test_every_notebook_is_covered():
+    names = {os.path.splitext(os.path.basename(p))[0] for p in NOTEBOOKS}
+    assert names == set(FIGURES), "add the new notebook's figures to FIGURES"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_executes(path, micro_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LAB_RESULTS", os.path.join(micro_sweep["dir"], "results.jsonl"))
+    monkeypatch.setenv("MOE_LAB_FIGURES", str(tmp_path))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:  # analysis only: no training or model code in notebooks
+        assert "train(" not in cell.source and "moe_lab.train" not in cell.source
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    name = os.path.splitext(os.path.basename(path))[0]
+    for png in FIGURES[name]:
+        assert os.path.getsize(tmp_path / png) > 1000, png

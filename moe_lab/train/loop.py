@@ -219,6 +219,24 @@ def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) 
     return result
 
 
+# The jitted steps of the latest train() in this process, kept for the next call with
+# the same config, mesh and tasks (everything the steps close over: the optimizer and
+# schedule are functions of cfg.train, the shardings of cfg.mesh and the mesh): a
+# run resumed in the same process (an in-process sweep that resumes a point, a
+# notebook that trains on) reuses the compiled executables instead of compiling
+# again.  One config at a time, like evaluate's eval-step cache.
+_STEPS: dict = {"key": None, "fns": {}}
+
+
+def _cached_jit(key, name: str, build):
+    """build() (a jitted fn) for this config key, kept until a train() with another key."""
+    if _STEPS["key"] != key:
+        _STEPS["key"], _STEPS["fns"] = key, {}
+    if name not in _STEPS["fns"]:
+        _STEPS["fns"][name] = build()
+    return _STEPS["fns"][name]
+
+
 def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the final summary dict.
 
@@ -279,23 +297,27 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     num_tasks = len(task_names)
     # metrics replicated: every host can read them without a cross-host gather
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # the run's name is a label: runs that differ only in it share the compiled steps
+    cache_key = (setup.cfg.replace(name=""), cfg.replace(name=""), mesh, num_tasks)
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
-        def jit_step(graphdef, step_cfg):
-            return jax.jit(make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule),
-                           in_shardings=(setup.shardings, setup.batch_sharding),
-                           out_shardings=(setup.shardings, replicated), donate_argnums=0)
+        def jit_step(name, graphdef, step_cfg):
+            return _cached_jit(cache_key, name, lambda: jax.jit(
+                make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule),
+                in_shardings=(setup.shardings, setup.batch_sharding),
+                out_shardings=(setup.shardings, replicated), donate_argnums=0))
 
-        train_step = PhasedStep(jit_step(setup.graphdef, cfg), flops_per_step)
+        train_step = PhasedStep(jit_step("train", setup.graphdef, cfg), flops_per_step)
         warm_cfg = capacity_warmup_config(cfg)
         warm_until = warm_cfg.model.mor.capacity_warmup_steps if warm_cfg else 0
         if start_step < warm_until:  # a resume after the warm-up never compiles it
             warm_flops = flops.train_flops_per_token(warm_cfg.model, cfg.data.seq_len)
             train_step = PhasedStep(train_step.main, flops_per_step,
-                                    jit_step(warmup_graphdef(warm_cfg), warm_cfg),
+                                    jit_step("warm-up", warmup_graphdef(warm_cfg), warm_cfg),
                                     warm_flops * tokens_per_step, warm_until)
             _log(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
                  f"({warm_flops:.3g} train FLOPs/token)")
-        eval_step = jax.jit(make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated)
+        eval_step = _cached_jit(cache_key, "eval", lambda: jax.jit(
+            make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated))
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                resume_step=start_step if latest is not None else None)
         summary = _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step,
