@@ -17,6 +17,9 @@ def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
         "capacity time(E=8)/time(E=4)", "dropless time(E=8)/time(E=4)", "capacity(E=4)/dense"]
     assert all(0 < t["value"] < 100 and t["ok"] == (t["value"] <= t["limit"]) for t in r["targets"])
     assert 0 < r["floor_ratio"] < 100 and 0 < r["ideal_ratio"] < 100
+    assert times[("f32", 4)] > 0 and times[("f32", 8)] > 0  # the router alone, timed
+    assert r["router_share"] == pytest.approx(
+        (times[("f32", 8)] - times[("f32", 4)]) / times[("capacity", 4)], abs=1e-4)
     for t in r["targets"]:  # the median of the pairs, inside their interquartile range
         assert t["pairs"] == 3 and t["iqr"][0] <= t["value"] <= t["iqr"][1]
     assert all(v > 0 for v in r["copy_bandwidth_gbs"].values())

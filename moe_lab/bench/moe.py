@@ -22,7 +22,7 @@ benchmark prints a copy bandwidth at its start and end.  And the "ideal layer": 
 real router and token movement with the experts timed as if perfectly balanced
 (no capacity padding, no tiles).  Its ratio is what a perfect dispatch built on
 XLA dots could reach here; the router's f32 [N, D] x [D, E] matmul, which grows
-with E by design, is part of it.
+with E by design, is part of it; the "router alone" rows time that router by itself.
 """
 
 from __future__ import annotations
@@ -102,6 +102,26 @@ def _ideal_fn(s: dict, e: int):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x_ND)
 
 
+def _router_fn(s: dict, e: int):
+    """fwd+bwd of the router alone, as the MoE layer runs it: f32 logits matmul,
+    softmax, top-k, the load count and the aux losses (balance, z, entropy).  Its
+    cost grows with E by design (an [N, D] x [D, E] matmul and [N, E] elementwise
+    work): reported so that a reader can see how much of an MoE ratio it is."""
+    n, d = s["batch"] * s["seq"], s["d_model"]
+    x_ND = jax.random.normal(jax.random.PRNGKey(0), (n, d))
+    router_DE = 0.02 * jax.random.normal(jax.random.PRNGKey(1), (d, e))
+
+    def loss(router_DE, x_ND):
+        logits_NE = router_matmul(x_ND, router_DE)
+        tc = routing.SoftmaxTopKRouter()(logits_NE, None, top_k=TOP_K, renormalize=False)
+        load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e)
+        aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True, drop_fraction=0.0,
+                                 aux_loss_weight=1e-2, z_loss_weight=1e-3)
+        return jnp.sum(tc.gate_NK) + aux["aux_loss"] + aux["router_entropy"]
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (router_DE, x_ND)
+
+
 def run(quick: bool = False) -> dict:
     s = QUICK if quick else FULL
     iters = 2 if quick else 7
@@ -129,6 +149,7 @@ def run(quick: bool = False) -> dict:
     for e in (e_lo, e_hi):
         cases[("matmul floor", e, "balanced")] = _matmul_floor_fn(s, e)
         cases[("ideal layer", e, "balanced")] = _ideal_fn(s, e)
+        cases[("router alone", e, "f32")] = _router_fn(s, e)
     # The table: two rounds, the second in reverse order, each case's time = the
     # smaller of its two medians (this shared 2-core machine drifts by +-10% over a
     # minute).  Reference: one round, 1 call.  The targets below use paired ratios.
@@ -173,6 +194,10 @@ def run(quick: bool = False) -> dict:
             # best median), next to the paired medians the targets use
             "table_ratios": {d: round(times[(d, e_hi)] / times[(d, e_lo)], 4)
                              for d in ("capacity", "dropless")},
+            # the router's extra time at E=hi, as a share of the E=lo capacity layer: the
+            # part of the capacity ratio that the router alone adds
+            "router_share": round((times[("f32", e_hi)] - times[("f32", e_lo)])
+                                  / times[("capacity", e_lo)], 4),
             "copy_bandwidth_gbs": {"start": round(bandwidth_start, 2),
                                    "end": round(copy_bandwidth_gbs(16 if quick else 256), 2)}}
 
@@ -192,6 +217,8 @@ def main_print(result: dict) -> None:
     print(f"  ideal layer time(E=hi)/time(E=lo): {result['ideal_ratio']} [{ii[0]}-{ii[1]}] "
           "(real router, sort, gather and combine; experts as if perfectly balanced, no "
           "padding: a lower bound for the ratios below)")
+    print(f"  router alone (f32 logits, softmax, top-k, aux losses), E=hi minus E=lo: "
+          f"{result['router_share']:+.3f} of the E=lo capacity layer's time")
     tr, bw = result["table_ratios"], result["copy_bandwidth_gbs"]
     print(f"  from the table's times: capacity {tr['capacity']}, dropless {tr['dropless']}; "
           f"memory copy bandwidth {bw['start']} GB/s at start, {bw['end']} at end (neighbours "

@@ -297,8 +297,10 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     num_tasks = len(task_names)
     # metrics replicated: every host can read them without a cross-host gather
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # the run's name is a label: runs that differ only in it share the compiled steps
-    cache_key = (setup.cfg.replace(name=""), cfg.replace(name=""), mesh, num_tasks)
+    # every config value as JSON text (hashable whatever the field types); the run's
+    # name is a label: runs that differ only in it share the compiled steps
+    cache_key = (*(json.dumps(c.replace(name="").to_dict(), sort_keys=True) for c in (setup.cfg, cfg)),
+                 mesh, num_tasks)
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         def jit_step(name, graphdef, step_cfg):
             return _cached_jit(cache_key, name, lambda: jax.jit(
