@@ -98,6 +98,8 @@ def micro_sweep(tmp_path_factory):
         cfg = sweep._to_config(apply_overrides(base, points[0].overrides))
         train(cfg, os.path.join(sweep_dir, "e2_k1"), max_steps=2)  # "killed" at step 2
         status = sweep.run_sweep(cfg_path, sweep_dir, isolate="inprocess", log=lines.append)
+    # every test of this module, the notebooks' too, reads a complete sweep
+    assert status["ran"] == ["e2_k1", "e4_k2", "grown", "g2"] and status["failed"] == ["bad"]
     return {"dir": sweep_dir, "config": cfg_path, "status": status, "log": lines}
 
 

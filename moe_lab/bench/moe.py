@@ -92,7 +92,7 @@ def _ideal_fn(s: dict, e: int):
 
     def loss(params, x_ND):
         router_DE, *weights = params
-        tc = routing.SoftmaxTopKRouter()(router_matmul(x_ND, router_DE), None, top_k=TOP_K, renormalize=False)
+        tc = routing.SoftmaxTopKRouter()(router_matmul(x_ND, router_DE), None, top_k=TOP_K, renormalize=True)
         layout = sorted_layout(tc.expert_NK, e, n, pad=0)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = buffer_swiglu(x_SD.reshape(e, -1, d), *weights).reshape(x_SD.shape)
@@ -113,7 +113,7 @@ def _router_fn(s: dict, e: int):
 
     def loss(router_DE, x_ND):
         logits_NE = router_matmul(x_ND, router_DE)
-        tc = routing.SoftmaxTopKRouter()(logits_NE, None, top_k=TOP_K, renormalize=False)
+        tc = routing.SoftmaxTopKRouter()(logits_NE, None, top_k=TOP_K, renormalize=True)
         load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e)
         aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True, drop_fraction=0.0,
                                  aux_loss_weight=1e-2, z_loss_weight=1e-3)

@@ -292,7 +292,7 @@ def choose_tiles(rows_per_expert: float, max_rows: int | None = None,
     tails, one A/B in one process: 717 vs 861 ms at E=256, 545 vs 547 ms at E=8.
 
     row_macs: multiply-adds per row and weight matrix (D * F).  When a whole window
-    costs under SINGLE_WINDOW_MACS, g = W: one window size, fewer branches to
+    costs at most SINGLE_WINDOW_MACS, g = W: one window size, fewer branches to
     compile (a 1-layer d=32 MoE run of the test suite: train step compile 4.3 -> 3.1 s,
     eval step 1.5 -> 0.8 s, cached generate 1.8 -> 1.1 s).
     """
