@@ -140,14 +140,14 @@ def generate_batched(graphdef, params, model_state, prompts: list[list[int]], ma
 # ------------------------------------------------------------------ evaluate
 
 
-_EVAL_STEPS: dict = {}  # (graphdef, num_tasks) -> jitted eval step (compiled once per model)
+_EVAL_STEPS: dict = {}  # the latest model's jitted eval step (train.loop.cached_for)
 
 
 def _loss_tier(cfg, setup, state, tasks) -> dict:
     import jax  # noqa: PLC0415
 
     from moe_lab.data import pipeline  # noqa: PLC0415
-    from moe_lab.train.loop import evaluate_losses  # noqa: PLC0415
+    from moe_lab.train.loop import cached_for, evaluate_losses  # noqa: PLC0415
     from moe_lab.train.step import make_eval_step  # noqa: PLC0415
 
     e = cfg.eval
@@ -159,11 +159,9 @@ def _loss_tier(cfg, setup, state, tasks) -> dict:
     batches = []
     for i, (_, task) in enumerate(tasks):
         batches += pipeline.make_eval_batches(task, data, bs, num_batches, task_index=i)
-    key = (setup.graphdef, len(tasks))
-    if key not in _EVAL_STEPS:
-        _EVAL_STEPS.clear()  # keep only the latest model's step alive
-        _EVAL_STEPS[key] = jax.jit(make_eval_step(setup.graphdef, len(tasks)))
-    return evaluate_losses(_EVAL_STEPS[key], state, batches, setup.batch_sharding,
+    eval_step = cached_for(_EVAL_STEPS, (setup.graphdef, len(tasks)), "eval",
+                           lambda: jax.jit(make_eval_step(setup.graphdef, len(tasks))))
+    return evaluate_losses(eval_step, state, batches, setup.batch_sharding,
                            [name for name, _ in tasks])
 
 

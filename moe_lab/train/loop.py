@@ -219,22 +219,24 @@ def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) 
     return result
 
 
+def cached_for(cache: dict, key, name: str, build):
+    """build() (a jitted fn) kept in `cache` under `name` while calls pass the same `key`;
+    another key empties the cache first, so only the latest model's compiled functions
+    stay alive.  The key must hold everything the built functions close over."""
+    if cache.get("key") != key:
+        cache.clear()
+        cache["key"] = key
+    if name not in cache:
+        cache[name] = build()
+    return cache[name]
+
+
 # The jitted steps of the latest train() in this process, kept for the next call with
 # the same config, mesh and tasks (everything the steps close over: the optimizer and
 # schedule are functions of cfg.train, the shardings of cfg.mesh and the mesh): a
 # run resumed in the same process (an in-process sweep that resumes a point, a
-# notebook that trains on) reuses the compiled executables instead of compiling
-# again.  One config at a time, like evaluate's eval-step cache.
-_STEPS: dict = {"key": None, "fns": {}}
-
-
-def _cached_jit(key, name: str, build):
-    """build() (a jitted fn) for this config key, kept until a train() with another key."""
-    if _STEPS["key"] != key:
-        _STEPS["key"], _STEPS["fns"] = key, {}
-    if name not in _STEPS["fns"]:
-        _STEPS["fns"][name] = build()
-    return _STEPS["fns"][name]
+# notebook that trains on) reuses the compiled executables instead of compiling again.
+_STEPS: dict = {}
 
 
 def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
@@ -297,13 +299,13 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     num_tasks = len(task_names)
     # metrics replicated: every host can read them without a cross-host gather
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # every config value as JSON text (hashable whatever the field types); the run's
-    # name is a label: runs that differ only in it share the compiled steps
-    cache_key = (*(json.dumps(c.replace(name="").to_dict(), sort_keys=True) for c in (setup.cfg, cfg)),
-                 mesh, num_tasks)
+    # every config value as JSON text (hashable whatever the field types; setup was
+    # built from this cfg); the run's name is a label: runs that differ only in it
+    # share the compiled steps
+    cache_key = (json.dumps(cfg.replace(name="").to_dict(), sort_keys=True), mesh, num_tasks)
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         def jit_step(name, graphdef, step_cfg):
-            return _cached_jit(cache_key, name, lambda: jax.jit(
+            return cached_for(_STEPS, cache_key, name, lambda: jax.jit(
                 make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule),
                 in_shardings=(setup.shardings, setup.batch_sharding),
                 out_shardings=(setup.shardings, replicated), donate_argnums=0))
@@ -318,7 +320,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
                                     warm_flops * tokens_per_step, warm_until)
             _log(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
                  f"({warm_flops:.3g} train FLOPs/token)")
-        eval_step = _cached_jit(cache_key, "eval", lambda: jax.jit(
+        eval_step = cached_for(_STEPS, cache_key, "eval", lambda: jax.jit(
             make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated))
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                resume_step=start_step if latest is not None else None)
