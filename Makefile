@@ -26,14 +26,14 @@ demo: $(STAMP)
 	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR) --config.train.steps=150
 	@echo "--- interrupted at 150 on purpose; the same command with steps=300 resumes from the checkpoint"
 	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR) --config.train.steps=300
-	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)
+	$(BIN)/python -m moe_lab.cli.demo_summary $(DEMO_DIR)
 	@echo "--- grow the trained model 2x deeper by interposition (2510.08008), function-preserving start"
 	rm -rf $(DEMO_DIR)_grown
 	$(BIN)/moe-lab grow --from $(DEMO_DIR) --to $(DEMO_DIR)_grown --depth interpose --zero-copies
 	$(BIN)/moe-lab train --workdir $(DEMO_DIR)_grown --config.train.steps=60 \
 		--config.train.schedule=constant --config.train.warmup_steps=0 --config.train.lr=1e-3 \
 		--config.train.eval_every=60 --config.train.checkpoint_every=60
-	$(BIN)/python -m moe_lab.demo_summary $(DEMO_DIR)_grown
+	$(BIN)/python -m moe_lab.cli.demo_summary $(DEMO_DIR)_grown
 	@echo "--- a micro sparsity sweep (experts x top-k), its results table and plots"
 	rm -rf $(DEMO_DIR)_sweep
 	$(BIN)/moe-lab sweep --config configs/sparsity_sweep.py:micro --workdir $(DEMO_DIR)_sweep \

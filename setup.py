@@ -34,5 +34,5 @@ setup(
             "ipykernel>=6.29",
         ],
     },
-    entry_points={"console_scripts": ["moe-lab=moe_lab.cli:main"]},
+    entry_points={"console_scripts": ["moe-lab=moe_lab.cli.main:main"]},
 )

@@ -77,9 +77,10 @@ def get_config(arg=None):
 
 def _flops_per_step(c) -> float:
     """Training FLOPs of one step of config dict `c` (moe_lab.flops conventions)."""
-    from moe_lab.config import ModelConfig, from_dict
+    from moe_lab.accounting.flops import train_flops_per_token
+    from moe_lab.config.load import from_dict
+    from moe_lab.config.schema import ModelConfig
     from moe_lab.data.tokenizer import TOKENIZER
-    from moe_lab.flops import train_flops_per_token
 
     model = from_dict(ModelConfig, {**c.model.to_dict(), "vocab_size": TOKENIZER.vocab_size})
     return train_flops_per_token(model, c.data.seq_len) * c.train.batch_size * c.data.seq_len

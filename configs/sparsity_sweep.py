@@ -53,7 +53,7 @@ def _split(arg):
 def post_stages(scale):
     ttc, grpo = POST[scale]
     return [{"kind": "moe_lab.eval.test_time:sweep_stage", **ttc},
-            {"kind": "moe_lab.eval.grpo:sweep_stage", "to": "grpo",
+            {"kind": "moe_lab.rl.grpo:sweep_stage", "to": "grpo",
              "config": os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.py"),
              **grpo}]
 

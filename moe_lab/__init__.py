@@ -1,5 +1,5 @@
 """moe_lab: sparse MoE and recursive transformers in JAX."""
-from moe_lab.host_allocator import tune_host_allocator
+from moe_lab.parallel.host_allocator import tune_host_allocator
 
 __version__ = "0.1.0"
 

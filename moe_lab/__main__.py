@@ -1,4 +1,4 @@
-from moe_lab.cli import main
+from moe_lab.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

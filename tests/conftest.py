@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import pytest  # noqa: E402
 
-from moe_lab.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
+from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
 
 
 def tiny_config(**sections) -> Config:
@@ -38,7 +38,8 @@ def tiny_config(**sections) -> Config:
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
-    from moe_lab.config import from_dict, validate  # noqa: PLC0415
+    from moe_lab.config.load import from_dict  # noqa: PLC0415
+    from moe_lab.config.validate import validate  # noqa: PLC0415
     from moe_lab.train.state import resolve_config  # noqa: PLC0415
 
     return resolve_config(validate(from_dict(Config, base)))

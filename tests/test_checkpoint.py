@@ -20,7 +20,7 @@ from conftest import FAST_COMPILE_FLAGS
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
 from moe_lab.train.checkpoint import (
     Checkpointer,
     checkpoint_steps,

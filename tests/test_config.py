@@ -5,16 +5,9 @@ import sys
 
 import pytest
 
-from moe_lab.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_config,
-    parse_override_args,
-    validate,
-    validate_for_devices,
-)
+from moe_lab.config.load import apply_overrides, from_dict, load_config, parse_override_args
+from moe_lab.config.schema import Config, ConfigError
+from moe_lab.config.validate import validate, validate_for_devices
 
 TINY = "configs/tiny.py"
 
@@ -128,7 +121,7 @@ def test_vocab_smaller_than_the_tokenizer_is_an_error():
 
 
 def test_truncated_config_json_is_a_one_line_error(tmp_path):
-    from moe_lab.config_loading import config_from_json  # noqa: PLC0415
+    from moe_lab.config.load import config_from_json  # noqa: PLC0415
 
     path = tmp_path / "config.json"
     path.write_text('{"model": {"d_model": 6')

@@ -9,9 +9,12 @@ import re
 import numpy as np
 import pytest
 
-from moe_lab.config import ConfigError, DataConfig
+from moe_lab.config.schema import ConfigError, DataConfig
 from moe_lab.data import pipeline
-from moe_lab.data.tasks import RELATIONS, ArithTask, FactsTask, FileTask, make_task
+from moe_lab.data.tasks.arith import ArithTask
+from moe_lab.data.tasks.facts import RELATIONS, FactsTask
+from moe_lab.data.tasks.file import FileTask
+from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import TOKENIZER, Tokenizer
 
 TOK = TOKENIZER

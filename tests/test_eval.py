@@ -10,11 +10,13 @@ import pytest
 from conftest import tiny_config
 from test_sweep import compile_cache
 
-from moe_lab.config import ConfigError
-from moe_lab.data.tasks import ArithTask, Example, FactsTask
+from moe_lab.cli.eval import add_eval_parser
+from moe_lab.config.schema import ConfigError
+from moe_lab.data.tasks.arith import ArithTask
+from moe_lab.data.tasks.base import Example
+from moe_lab.data.tasks.facts import FactsTask
 from moe_lab.eval import harness
 from moe_lab.eval.evaluate import evaluate, format_table, read_eval, score_predictions
-from moe_lab.eval_cmd import add_eval_parser
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_lab import sharding
-from moe_lab.config import DEFAULT_RULES, ConfigError, ModelConfig, MoEConfig, validate
+from moe_lab.config.schema import DEFAULT_RULES, ConfigError, ModelConfig, MoEConfig
+from moe_lab.config.validate import validate
 from moe_lab.layers import expert_parallel as ep
 from moe_lab.layers import routing
-from moe_lab.layers.dispatch import token_choice_moe
 from moe_lab.layers.moe import MoE
+from moe_lab.layers.moe_kernels.dispatch import token_choice_moe
+from moe_lab.parallel import sharding
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 
@@ -112,7 +113,7 @@ def test_moe_layer_takes_the_all_to_all_path_and_matches_unsharded():
 
 
 def test_all_to_all_config_needs_token_choice_capacity():
-    from moe_lab.config import Config
+    from moe_lab.config.schema import Config
 
     moe = MoEConfig(dispatch="dropless", expert_parallel="all_to_all")
     cfg = Config(model=ModelConfig(ffn="moe", moe=moe))
@@ -124,7 +125,7 @@ def test_all_to_all_config_needs_token_choice_capacity():
 
 def test_plan_line_says_which_expert_parallelism_runs():
     """Printed at train start and by `moe-lab info` (abstract mesh: no devices needed)."""
-    from moe_lab.config import load_config
+    from moe_lab.config.load import load_config
 
     def line(arg, **mesh):
         cfg = load_config("configs/moe_tiny.py" + arg, {f"mesh.{k}": str(v) for k, v in mesh.items()})

@@ -13,13 +13,16 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from moe_lab import growth
-from moe_lab.config import ConfigError, config_from_json, parse_mixture
+from moe_lab.cli.grow import add_grow_parser
+from moe_lab.config.load import config_from_json
+from moe_lab.config.schema import ConfigError, parse_mixture
 from moe_lab.data import pipeline
-from moe_lab.data.tasks import make_task
-from moe_lab.grow_cmd import _one_device_setup, add_grow_parser, grow_run
+from moe_lab.data.tasks.registry import make_task
+from moe_lab.growth import transforms as growth
+from moe_lab.growth.grow import _one_device_setup, grow_run
 from moe_lab.train.checkpoint import write_checkpoint
-from moe_lab.train.loop import train, write_json_atomic
+from moe_lab.train.loop import train
+from moe_lab.train.run_dir import write_json_atomic
 from moe_lab.train.state import build_model, split_model
 
 

@@ -14,11 +14,12 @@ import pytest
 from conftest import tiny_config
 from test_test_time import make_run, tiny_model_config
 
-from moe_lab.config import ConfigError
-from moe_lab.data.countdown import CountdownTask, parse_expression, verify
-from moe_lab.data.tasks import Example, make_task
+from moe_lab.config.schema import ConfigError
+from moe_lab.data.tasks.base import Example
+from moe_lab.data.tasks.countdown import CountdownTask, parse_expression, verify
+from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import TOKENIZER as TOK
-from moe_lab.eval import grpo
+from moe_lab.rl import grpo
 
 # ------------------------------------------------------------------ the loss
 
@@ -204,7 +205,7 @@ def test_countdown_task_solutions_verify_and_vote_keys():
 
 
 def _rl_args(src, dst, *extra):
-    from moe_lab.rl_cmd import add_rl_parser
+    from moe_lab.cli.rl import add_rl_parser
 
     p = argparse.ArgumentParser()
     add_rl_parser(p.add_subparsers())

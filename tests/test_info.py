@@ -8,8 +8,8 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from moe_lab import sharding
-from moe_lab.info import memory_plan
+from moe_lab.accounting.plan import memory_plan
+from moe_lab.parallel import sharding
 from moe_lab.train.state import make_setup
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from moe_lab import flops
+from moe_lab.accounting import flops
 from moe_lab.layers.attention import rope
 from moe_lab.train.state import build_model, split_model
 
@@ -125,7 +125,7 @@ def test_expert_choice_active_params_count_capacity_factor_times_k_experts():
 def test_router_learns_from_the_loss_at_top1():
     """k = 1 with renormalize: the gate stays p (Switch), not p / p = 1, so the
     router's gradient from the LM loss alone (aux weights 0) is not zero."""
-    from moe_lab.config import ModelConfig, MoEConfig  # noqa: PLC0415
+    from moe_lab.config.schema import ModelConfig, MoEConfig  # noqa: PLC0415
     from moe_lab.layers.moe import MoE  # noqa: PLC0415
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
@@ -175,10 +175,8 @@ def test_flops_per_token_counts_causal_attention():
 def test_param_counts_reproduce_the_sparsity_paper_example():
     """2508.18672: d=1024, E=64, k=16, 16 layers, experts of hidden 2d -> 6.7B total,
     1.9B active with total = L(4d^2 + 3*E*d*2d + dE) + 2Vd (norms aside)."""
-    from moe_lab.config import (
-        load_config,  # noqa: PLC0415
-        validate,  # noqa: PLC0415
-    )
+    from moe_lab.config.load import load_config
+    from moe_lab.config.validate import validate
 
     cfg = load_config("configs/sparsity_sweep.py:paper", {"model.vocab_size": "100000"})
     m = validate(cfg).model

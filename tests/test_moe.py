@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_lab.config import ModelConfig, MoEConfig
+from moe_lab.config.schema import ModelConfig, MoEConfig
 from moe_lab.layers import routing
 from moe_lab.layers.moe import MoE
 
@@ -93,7 +93,9 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     sizes that do not divide W (24, 16), (empty) an expert between two others that
     gets no token; with capacity 70 of ~100 rows per expert, some rows are dropped
     (dropped rows sit between the groups: the hardest layout)."""
-    from moe_lab.layers import dispatch as dsp
+    from moe_lab.layers.moe_kernels.cpu_loop import _window_sizes, choose_tiles
+    from moe_lab.layers.moe_kernels.dispatch import token_choice_moe
+    from moe_lab.layers.moe_kernels.reference import dense_gates, reference_moe
 
     n, d, f, e, k = 150, 8, 16, 3 + empty, 2
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
@@ -104,22 +106,22 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     gate_NK = jax.random.uniform(keys[2], (n, k))
     weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
                     zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
-    assert dsp.choose_tiles(100) == (152, 16)  # one window up to 1.5x the expected rows
-    assert dsp.choose_tiles(100, 125) == (128, 8)  # ... or covering the capacity
-    assert dsp.choose_tiles(1000) == (256, 24)  # full tiles of ~half, then a window
-    assert dsp.choose_tiles(160, 200, row_macs=256 * 512) == (200, 16)  # <= 16 window sizes
-    assert dsp.choose_tiles(100, row_macs=32 * 64) == (152, 152)  # tiny: one window size
-    assert dsp._window_sizes((24, 16)) == [16, 24]
+    assert choose_tiles(100) == (152, 16)  # one window up to 1.5x the expected rows
+    assert choose_tiles(100, 125) == (128, 8)  # ... or covering the capacity
+    assert choose_tiles(1000) == (256, 24)  # full tiles of ~half, then a window
+    assert choose_tiles(160, 200, row_macs=256 * 512) == (200, 16)  # <= 16 window sizes
+    assert choose_tiles(100, row_macs=32 * 64) == (152, 152)  # tiny: one window size
+    assert _window_sizes((24, 16)) == [16, 24]
 
     def fast(x_ND, gate_NK, weights):
-        y, layout = dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
+        y, layout = token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
                                          impl="loop", tiles=tiles)
         return jnp.sum(y ** 2), layout.keep_NK
 
     def ref(x_ND, gate_NK, weights):
         _, keep_NK = fast(x_ND, gate_NK, weights)
-        gates_NE = dsp.dense_gates(expert_NK, jnp.where(keep_NK, gate_NK, 0), e)
-        return jnp.sum(dsp.reference_moe(x_ND, gates_NE, *weights) ** 2), keep_NK
+        gates_NE = dense_gates(expert_NK, jnp.where(keep_NK, gate_NK, 0), e)
+        return jnp.sum(reference_moe(x_ND, gates_NE, *weights) ** 2), keep_NK
 
     (v1, keep), g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2), has_aux=True))(
         x_ND, gate_NK, weights)
@@ -135,7 +137,9 @@ def test_block_kernel_vs_reference(skew, n):
     """The GPU dropless kernel: groups of several blocks, partial last blocks,
     (skew) one expert taking every token's first choice, and (n=2) fewer
     assignments than experts, as in decoding: the static block bound must hold."""
-    from moe_lab.layers import dispatch as dsp
+    from moe_lab.layers.moe_kernels.dispatch import token_choice_moe
+    from moe_lab.layers.moe_kernels.layout import block_layout, choose_block
+    from moe_lab.layers.moe_kernels.reference import dense_gates, reference_moe
 
     d, f, e, k = 8, 16, 5, 2
     keys = jax.random.split(jax.random.PRNGKey(1), 6)
@@ -146,9 +150,9 @@ def test_block_kernel_vs_reference(skew, n):
     gate_NK = jax.random.uniform(keys[2], (n, k))
     weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
                     zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
-    block = dsp.choose_block(n * k, e)
+    block = choose_block(n * k, e)
     assert block == 16
-    layout, block_expert_J = dsp.block_layout(expert_NK, e, block)
+    layout, block_expert_J = block_layout(expert_NK, e, block)
     load = np.bincount(np.asarray(expert_NK).ravel(), minlength=e)
     assert int(np.sum(-(-load // block))) <= block_expert_J.shape[0]
     if n == 2:
@@ -160,12 +164,12 @@ def test_block_kernel_vs_reference(skew, n):
     assert int(np.sum(np.asarray(layout.valid_S))) == n * k
 
     def fast(x_ND, gate_NK, weights):
-        y, _ = dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=None,
+        y, _ = token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=None,
                                     impl="blocks")
         return jnp.sum(y ** 2)
 
     def ref(x_ND, gate_NK, weights):
-        return jnp.sum(dsp.reference_moe(x_ND, dsp.dense_gates(expert_NK, gate_NK, e),
+        return jnp.sum(reference_moe(x_ND, dense_gates(expert_NK, gate_NK, e),
                                          *weights) ** 2)
 
     v1, g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
@@ -173,7 +177,7 @@ def test_block_kernel_vs_reference(skew, n):
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     assert_trees_close(g1, g2, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="dropless only"):
-        dsp.token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=2, impl="blocks")
+        token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=2, impl="blocks")
 
 
 def test_kernel_config_reaches_the_layer():
@@ -392,7 +396,7 @@ def test_jitter_needs_rng_and_changes_routing_inputs():
 
 
 def test_param_names_axes_and_stacked_scan():
-    from moe_lab.layers.base import logical_axes_of
+    from moe_lab.parallel.sharding import logical_axes_of
 
     cfg = make_cfg("sigmoid", "dropless", shared=1)
     m = make_moe(cfg)

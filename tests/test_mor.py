@@ -12,7 +12,8 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from moe_lab.config import ConfigError, load_config
+from moe_lab.config.load import load_config
+from moe_lab.config.schema import ConfigError
 from moe_lab.eval.generate import generate
 from moe_lab.layers import recursion_routing as rr
 from moe_lab.models.recursive import layer_sequence
@@ -236,7 +237,7 @@ def test_cached_decode_matches_reference(mor, temperature, extra, layers):
 
 
 def test_mor_tiny_trains_and_logs_depth_histogram():
-    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.parallel import sharding  # noqa: PLC0415
     from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
     from moe_lab.train.step import make_train_step  # noqa: PLC0415
 
@@ -270,7 +271,7 @@ def test_train_step_updates_every_sigmoid_router_bias(stack):
     selection bias moves by rate * sign(mean load - load).  In a recursive stack the
     biases live under model_state["recursive"] and a pool layer's load is the mean
     over its applications (this update used to be skipped there)."""
-    from moe_lab import sharding  # noqa: PLC0415
+    from moe_lab.parallel import sharding  # noqa: PLC0415
     from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
     from moe_lab.train.step import make_train_step  # noqa: PLC0415
 
@@ -359,7 +360,7 @@ def test_config_errors(overrides, match):
 
 
 def test_flops_count_routed_recursions():
-    from moe_lab import flops  # noqa: PLC0415
+    from moe_lab.accounting import flops  # noqa: PLC0415
 
     cfg = _mor(num_layers=5)
     fixed = dataclasses.replace(cfg.model, mor=dataclasses.replace(cfg.model.mor, routing="none"))

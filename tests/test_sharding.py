@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from moe_lab import sharding
 from moe_lab.bench.train_step import _random_batch
-from moe_lab.config import ConfigError, MeshConfig
+from moe_lab.config.schema import ConfigError, MeshConfig
+from moe_lab.parallel import sharding
 from moe_lab.train.state import make_setup
 from moe_lab.train.step import make_train_step
 

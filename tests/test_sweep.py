@@ -15,8 +15,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from moe_lab import sweep
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
+from moe_lab.sweep import runner as sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ POINTS = [{"model.moe.num_experts": 2, "model.moe.top_k": 1,
 @pytest.fixture(scope="module")
 def micro_sweep(tmp_path_factory):
     """POINTS in-process; e2_k1 is interrupted after 2 steps before the sweep starts."""
-    from moe_lab.config import apply_overrides
+    from moe_lab.config.load import apply_overrides
     from moe_lab.train.loop import train
 
     root = tmp_path_factory.mktemp("sweep")
@@ -223,7 +223,7 @@ def test_results_dedupe_and_load_results(tmp_path):
 def test_subprocess_isolation_records_a_crashing_point(tmp_path):
     cfg_path = write_config(tmp_path / "c.py", [{"name": "bad", "model.moe.top_k": 5}])
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-m", "moe_lab.sweep", "--config", cfg_path,
+    r = subprocess.run([sys.executable, "-m", "moe_lab.cli.sweep", "--config", cfg_path,
                         "--workdir", str(tmp_path / "sw")], capture_output=True, text=True,
                        env=env, cwd=REPO, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -14,6 +14,7 @@ from conftest import tiny_config
 
 from moe_lab.data.tokenizer import TOKENIZER as TOK
 from moe_lab.eval import test_time as tt
+from moe_lab.growth.transforms import with_recursions
 
 
 def make_run(path: str, cfg) -> str:
@@ -21,9 +22,9 @@ def make_run(path: str, cfg) -> str:
     (no training: these tests exercise plumbing, not learning)."""
     import jax
 
-    from moe_lab import sharding
+    from moe_lab.parallel import sharding
     from moe_lab.train.checkpoint import write_checkpoint
-    from moe_lab.train.loop import write_json_atomic
+    from moe_lab.train.run_dir import write_json_atomic
     from moe_lab.train.state import make_setup
 
     mesh_cfg = dataclasses.replace(cfg.mesh, data=1)
@@ -208,7 +209,7 @@ def test_sampling_and_cached_stepper_match_the_decoder(run_dir):
 
 
 def test_eval_ttc_command_writes_tables(run_dir, capsys):
-    from moe_lab.eval_cmd import add_eval_parser
+    from moe_lab.cli.eval import add_eval_parser
 
     p = argparse.ArgumentParser()
     add_eval_parser(p.add_subparsers())
@@ -252,7 +253,7 @@ def test_recursion_depth_override_keeps_the_pool_and_extrapolates():
     ref = forward(cfg, params, ms)
     outs = {}
     for d in (1, 3):
-        cfg2, p2, ms2 = tt.with_recursions(cfg, state, d)
+        cfg2, p2, ms2 = with_recursions(cfg, state, d)
         assert cfg2.model.num_layers == d + 2
         outs[d] = forward(cfg2, p2, ms2)
     np.testing.assert_allclose(outs[1], ref, rtol=1e-6, atol=1e-6)  # trained depth: same model
@@ -260,4 +261,4 @@ def test_recursion_depth_override_keeps_the_pool_and_extrapolates():
     tc = tiny_config(model=dict(num_layers=3, stack="recursive",
                                 mor=dict(num_recursions=1, routing="token_choice")))
     with pytest.raises(Exception, match="token-choice"):
-        tt.with_recursions(tc, state, 2)
+        with_recursions(tc, state, 2)

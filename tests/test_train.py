@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE_FLAGS, tiny_config
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
 from moe_lab.train import loop
 from moe_lab.train.loop import train
 from moe_lab.train.metrics import read_metrics

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
 
 BENCHMARKS = {
     "train-step": "moe_lab.bench.train_step",

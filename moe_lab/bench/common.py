@@ -13,24 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def block(x):
-    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
-
-
-def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 5, min_time: float = 0.0) -> float:
-    """Median wall time (seconds) of fn(*args) after warm-up (compilation excluded)."""
-    for _ in range(warmup):
-        block(fn(*args))
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - start_all < min_time:
-        t0 = time.perf_counter()
-        block(fn(*args))
-        times.append(time.perf_counter() - t0)
-        if len(times) > 100 * iters:
-            break
-    return float(np.median(times))
+from moe_lab.accounting.timing import block, time_fn
 
 
 def paired_ratios(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs: int = 7
@@ -76,19 +59,6 @@ def copy_bandwidth_gbs(mib: int = 256) -> float:
     f = jax.jit(lambda a: a * 1.0001)
     t = min(time_fn(f, x, warmup=2, iters=3) for _ in range(2))
     return 2 * x.nbytes / t / 1e9
-
-
-def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
-    """FLOP/s of a large square matmul on the default backend, measured now.
-
-    MFU on CPU is reported against this (the machine's own attainable peak), on
-    accelerators against the chip's datasheet peak where known.
-    """
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    t = time_fn(f, a, b, warmup=2, iters=5)
-    return 2 * n**3 / t
 
 
 def target(name: str, value: float | dict, limit: float, *, at_least: bool = False) -> dict:

@@ -52,8 +52,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_lab.bench.common import paired_ratio, paired_ratios, print_targets, spread, target, time_fn
-from moe_lab.config import Config, DataConfig, ModelConfig, MoRConfig, validate
+from moe_lab.accounting.timing import time_fn
+from moe_lab.bench.common import paired_ratio, paired_ratios, print_targets, spread, target
+from moe_lab.config.schema import Config, DataConfig, ModelConfig, MoRConfig
+from moe_lab.config.validate import validate
 from moe_lab.eval.generate import decode_steps, prefill
 from moe_lab.train.state import build_model, resolve_config, split_model
 

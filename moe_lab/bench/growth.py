@@ -22,7 +22,7 @@ from moe_lab.bench.common import print_targets, target
 
 
 def _config(quick: bool):
-    from moe_lab.config import Config, DataConfig, MeshConfig, ModelConfig, MoEConfig, TrainConfig
+    from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, MoEConfig, TrainConfig
     from moe_lab.train.state import resolve_config
 
     d = 64 if quick else 256
@@ -41,9 +41,9 @@ def _dir_bytes(path: str) -> int:
 def _make_source(workdir: str, quick: bool) -> None:
     import jax
 
-    from moe_lab import sharding
+    from moe_lab.parallel import sharding
     from moe_lab.train.checkpoint import write_checkpoint
-    from moe_lab.train.loop import write_json_atomic
+    from moe_lab.train.run_dir import write_json_atomic
     from moe_lab.train.state import make_setup
 
     cfg = _config(quick)
@@ -72,14 +72,14 @@ def _child(mode: str, src: str, dst: str) -> None:
         ck.close()
         write_checkpoint(dst, 10, state, meta)
     elif mode == "grow":
-        from moe_lab.grow_cmd import grow_run
+        from moe_lab.growth.grow import grow_run
 
         depth = {"method": "interpose", "factor": 2, "keep_first": 0, "keep_last": 0,
                  "zero_copies": False}
         grow_run(src, dst, [("depth", depth)], verify=False,
                  log=lambda *a: None)
     elif mode == "baseline":
-        import moe_lab.grow_cmd  # noqa: F401
+        import moe_lab.growth.grow  # noqa: F401
         import moe_lab.train.checkpoint  # noqa: F401
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -112,8 +112,8 @@ def run(quick: bool = False) -> dict:
         grown_bytes = _dir_bytes(os.path.join(tmp, "grown", "checkpoints"))
         # memory is compared with the grown state's size in memory (params + Adam
         # moments, f32), not its (compressed) size on disk
-        from moe_lab import flops
-        from moe_lab.growth import depth_plan
+        from moe_lab.accounting import flops
+        from moe_lab.growth.transforms import depth_plan
         grown_cfg = depth_plan(_config(quick), method="interpose", factor=2).cfg
         grown_state_bytes = 3 * 4 * flops.param_counts(grown_cfg.model)["total"]
         grow_mem = gr["maxrss_bytes"] - base["maxrss_bytes"]

@@ -35,13 +35,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab.bench.common import copy_bandwidth_gbs, paired_ratios, print_targets, spread, target, time_fn
-from moe_lab.config import ModelConfig, MoEConfig
+from moe_lab.accounting.timing import time_fn
+from moe_lab.bench.common import copy_bandwidth_gbs, paired_ratios, print_targets, spread, target
+from moe_lab.config.schema import ModelConfig, MoEConfig
 from moe_lab.layers import routing
 from moe_lab.layers.base import router_matmul
-from moe_lab.layers.dispatch import buffer_swiglu, combine_rows, gather_rows, sorted_layout
 from moe_lab.layers.mlp import SwiGLU
 from moe_lab.layers.moe import MoE
+from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu
+from moe_lab.layers.moe_kernels.layout import combine_rows, gather_rows, sorted_layout
 
 FULL = {"batch": 16, "seq": 1024, "d_model": 256, "hidden": 512, "experts": (8, 32, 128, 256)}
 QUICK = {"batch": 2, "seq": 64, "d_model": 32, "hidden": 64, "experts": (4, 8)}

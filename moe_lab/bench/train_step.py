@@ -15,9 +15,13 @@ import time
 import jax
 import numpy as np
 
-from moe_lab import flops, sharding
-from moe_lab.bench.common import matmul_peak_flops, print_targets, target, time_fn
-from moe_lab.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig, validate
+from moe_lab.accounting import flops
+from moe_lab.accounting.hardware import matmul_peak_flops
+from moe_lab.accounting.timing import time_fn
+from moe_lab.bench.common import print_targets, target
+from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from moe_lab.config.validate import validate
+from moe_lab.parallel import sharding
 from moe_lab.train.state import make_setup, resolve_config
 from moe_lab.train.step import make_train_step
 

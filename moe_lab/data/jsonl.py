@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
 
 
 def iter_jsonl(path: str, what: str) -> Iterator[tuple[int, object]]:

@@ -44,8 +44,9 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from moe_lab.config import ConfigError, DataConfig, parse_mixture
-from moe_lab.data.tasks import Example, Task, make_task, stable_hash
+from moe_lab.config.schema import ConfigError, DataConfig, parse_mixture
+from moe_lab.data.tasks.base import Example, Task, stable_hash
+from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import TOKENIZER
 
 BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "task_ids",

@@ -14,7 +14,15 @@ import functools
 import math
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.data.tokenizer import TOKENIZER as tok
+from moe_lab.eval import generate as gen
+from moe_lab.eval.evaluate import PROMPT_BUCKET
 
 # ------------------------------------------------------------ budget forcing
 
@@ -65,7 +73,6 @@ def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: 
     (a KV-cache decoder, or any scripted fake model).  Token ids come from the
     tokenizer (THINK_START / THINK_END / ANSWER / EOS, " Wait" as bytes).
     """
-    from moe_lab.data.tokenizer import TOKENIZER as tok  # noqa: PLC0415
 
     f = forcing
     if f.max_think is not None and f.max_think < 0:
@@ -142,10 +149,7 @@ class CachedStepper:
 
     def __init__(self, graphdef, params, model_state, prompts: list[list[int]], max_new: int,
                  pad_id: int = 0):
-        import jax.numpy as jnp  # noqa: PLC0415
 
-        from moe_lab.eval import generate as gen  # noqa: PLC0415
-        from moe_lab.eval.evaluate import PROMPT_BUCKET  # noqa: PLC0415
 
         tokens, valid = gen.left_pad(prompts, pad_id)
         width = PROMPT_BUCKET * math.ceil(tokens.shape[1] / PROMPT_BUCKET)
@@ -160,7 +164,6 @@ class CachedStepper:
         self.index, self.max_len = width, max_len
 
     def __call__(self, tokens_B):
-        import jax.numpy as jnp  # noqa: PLC0415
 
         if self.index >= self.max_len:
             raise RuntimeError("CachedStepper: cache full (raise max_new)")
@@ -173,9 +176,6 @@ class CachedStepper:
 
 @functools.cache
 def _jitted():
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
 
     @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
     def prefill(graphdef, params, model_state, tokens_BP, valid_BP, *, max_len):
@@ -206,7 +206,6 @@ def _decode_one(*a, **kw):
 
 def forcing_tokens(forcing: Forcing) -> int:
     """An upper bound on the tokens one row writes under `forcing`."""
-    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
 
     cap = forcing.max_think if forcing.max_think is not None else 256
     return cap + (len(TOKENIZER.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
@@ -217,7 +216,6 @@ def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing,
                 batch_size: int = 64, seed: int = 0, max_new: int | None = None) -> dict:
     """Budget forcing on `examples`: accuracy, control (within max_think), mean thinking.
     `max_new` (>= forcing_tokens) fixes the cache length: one compilation for a table."""
-    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
 
     max_new = max(max_new or 0, forcing_tokens(forcing))
     rows = []

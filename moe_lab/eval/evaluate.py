@@ -28,9 +28,22 @@ import math
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from moe_lab.config import Config, ConfigError, config_from_json, parse_mixture
+from moe_lab.config.load import config_from_json
+from moe_lab.config.schema import Config, ConfigError, parse_mixture
+from moe_lab.data import pipeline
+from moe_lab.data.tasks.registry import make_task
+from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.eval import generate as gen
+from moe_lab.parallel import sharding
+from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps
+from moe_lab.train.jit_cache import cached_for
+from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.state import resolve_config, setup_on_devices
+from moe_lab.train.step import make_eval_step
 
 MEMORIZATION, REASONING = "memorization", "reasoning"
 TASK_KIND = {"facts": MEMORIZATION, "arith": REASONING, "arith_long": REASONING, "file": "file"}
@@ -43,11 +56,7 @@ PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: few compila
 
 def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
     """(cfg, setup, state, step) of a checkpoint; `devices`: "one" or "all"."""
-    import jax  # noqa: PLC0415
 
-    from moe_lab import sharding  # noqa: PLC0415
-    from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps  # noqa: PLC0415
-    from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
 
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -60,16 +69,7 @@ def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
         step = max(steps)
     elif step not in steps:
         raise ConfigError(f"eval: no checkpoint at step {step} in {workdir} (have {steps})")
-    if devices == "one":
-        mesh_cfg = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
-        mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
-    elif devices == "all":
-        mesh_cfg = cfg.mesh
-        mesh = sharding.make_mesh(mesh_cfg)
-    else:
-        raise ConfigError(f"eval: devices must be 'one' or 'all', got {devices!r}")
-    cfg = cfg.replace(mesh=mesh_cfg)
-    setup = make_setup(cfg, mesh)
+    cfg, setup = setup_on_devices(cfg, devices)
     with Checkpointer(workdir, create=False) as ckpt:
         state, _ = ckpt.restore(step, setup.abstract_state)
     return cfg, setup, state, int(step)
@@ -80,7 +80,6 @@ def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
 
 def eval_tasks(cfg: Config) -> list[tuple[str, object]]:
     """[(name, Task)] evaluated for this config, in mixture order (+ arith_long)."""
-    from moe_lab.data.tasks import make_task  # noqa: PLC0415
 
     out = [(name, make_task(name, cfg.data)) for name, _ in parse_mixture(cfg.data.mixture)]
     n = cfg.eval.longer_chains
@@ -102,7 +101,6 @@ def score_predictions(task, examples, predictions: list[str]) -> list[bool]:
 def generation_budget(examples, cap: int) -> int:
     """Tokens to generate: enough for the longest reference completion (+ EOS and a
     little slack), at most `cap` unless the reference itself needs more."""
-    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
 
     need = max(len(TOKENIZER.encode(ex.completion)) for ex in examples) + 1
     return max(min(cap, need + 8), need)
@@ -112,9 +110,7 @@ def generate_batched(graphdef, params, model_state, prompts: list[list[int]], ma
                      *, batch_size: int, pad_id: int, eos_id: int | None) -> list[list[int]]:
     """Greedy KV-cache generation in fixed-shape batches (rows and prompt length
     padded to buckets so the decoder compiles once or twice per task)."""
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    from moe_lab.eval import generate as gen  # noqa: PLC0415
 
     width = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
     out: list[list[int]] = []
@@ -125,7 +121,6 @@ def generate_batched(graphdef, params, model_state, prompts: list[list[int]], ma
         extra = width - tokens.shape[1]
         tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
         valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
-        import jax  # noqa: PLC0415
 
         new = gen._generate_cached(graphdef, params, model_state, jnp.asarray(tokens),
                                    jnp.asarray(valid), jax.random.key(0),
@@ -144,11 +139,8 @@ _EVAL_STEPS: dict = {}  # the latest model's jitted eval step (train.loop.cached
 
 
 def _loss_tier(cfg, setup, state, tasks) -> dict:
-    import jax  # noqa: PLC0415
 
-    from moe_lab.data import pipeline  # noqa: PLC0415
-    from moe_lab.train.loop import cached_for, evaluate_losses  # noqa: PLC0415
-    from moe_lab.train.step import make_eval_step  # noqa: PLC0415
+    from moe_lab.train.loop import evaluate_losses  # noqa: PLC0415
 
     e = cfg.eval
     bs = max(1, min(e.batch_size, e.num_examples))
@@ -190,11 +182,7 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
     reasoning_long: {...}}, "samples", ...} and writes DIR/eval/<step>.json.
     `eval_cfg` (an EvalConfig) replaces the run's eval section.
     """
-    import jax  # noqa: PLC0415
 
-    from moe_lab import sharding  # noqa: PLC0415
-    from moe_lab.data import pipeline  # noqa: PLC0415
-    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
 
     t0 = time.perf_counter()
     cfg, setup, state, step = load_run(workdir, step, devices=devices)
@@ -254,9 +242,7 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
 
 def save_result(path: str, result: dict) -> None:
     """Writes an evaluation result json atomically (directories made; process 0 only)."""
-    import jax  # noqa: PLC0415
 
-    from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
 
     if jax.process_index() != 0:
         return

@@ -35,12 +35,17 @@ import re
 import string
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
 from moe_lab.data.jsonl import iter_jsonl
-from moe_lab.data.tasks import KeyedRng, extract_answer
+from moe_lab.data.tasks.base import KeyedRng, extract_answer
 from moe_lab.data.tokenizer import ANSWER, TOKENIZER
+from moe_lab.eval.evaluate import generate_batched, load_run, save_result
+from moe_lab.parallel import sharding
+from moe_lab.train.step import forward
 
 LENGTH_BUCKET = 32  # sequences are right-padded to a multiple of this (few compilations)
 
@@ -138,10 +143,7 @@ def _choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
                      max_len: int) -> list[np.ndarray]:
     """Per-token log p(continuation | context) for each pair (teacher forcing).
     Contexts longer than `max_len` - len(continuation) lose their oldest tokens."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    from moe_lab.train.step import forward  # noqa: PLC0415
 
     seqs, starts = [], []
     for ctx, cont in zip(contexts, continuations):
@@ -184,10 +186,7 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
                 write: bool = True, print_table: bool = True, num_samples: int = 3) -> dict:
     """Scores the run's checkpoint on a user JSONL file; writes
     DIR/eval/<step>-<file stem>-<K>shot.json."""
-    import jax  # noqa: PLC0415
 
-    from moe_lab import sharding  # noqa: PLC0415
-    from moe_lab.eval.evaluate import generate_batched, load_run  # noqa: PLC0415
 
     items = load_items(data_path)
     if shots < 0:
@@ -253,7 +252,6 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
     result["samples"] = samples
     result["seconds"] = time.perf_counter() - t0
     if write:
-        from moe_lab.eval.evaluate import save_result  # noqa: PLC0415
 
         save_result(harness_path(workdir, step, data_path, shots), result)
     if print_table:

@@ -50,9 +50,27 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError, parse_mixture
+from moe_lab.data import pipeline
+from moe_lab.data.tasks.base import extract_answer
+from moe_lab.data.tasks.registry import make_task
+from moe_lab.data.tokenizer import THINK_START, TOKENIZER
+from moe_lab.eval import generate as gen
+from moe_lab.eval.budget_forcing import (
+    Forcing,
+    forcing_tokens,
+    run_forcing,
+)
+from moe_lab.eval.evaluate import PROMPT_BUCKET, generate_batched, generation_budget, load_run, save_result
+from moe_lab.growth.transforms import with_recursions
+from moe_lab.parallel import sharding
+from moe_lab.train.loop import evaluate_losses
+from moe_lab.train.state import make_setup
+from moe_lab.train.step import make_eval_step
 
 # --------------------------------------------------------------- estimators
 
@@ -178,11 +196,7 @@ def sample_batched(graphdef, params, model_state, prompts: list[list[int]], n: i
     Rows are prompt-major (each prompt repeated n times) in fixed-shape batches;
     batch b uses key fold_in(key(seed), b), so a call is a pure function of seed.
     """
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    from moe_lab.eval import generate as gen  # noqa: PLC0415
-    from moe_lab.eval.evaluate import PROMPT_BUCKET  # noqa: PLC0415
 
     rows = [p for p in prompts for _ in range(n)]
     width = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
@@ -211,90 +225,21 @@ def vote_key(task, prediction: str, example) -> str:
     fn = getattr(task, "vote_key", None)
     if fn is not None:
         return fn(prediction, example)
-    from moe_lab.data.tasks import extract_answer  # noqa: PLC0415
 
     return extract_answer(prediction)
 
 
 # ------------------------------------------------------------ budget forcing
 # (moe_lab/eval/budget_forcing.py; re-exported here)
-from moe_lab.eval.budget_forcing import (  # noqa: E402, F401, I001
-    CachedStepper,
-    Forcing,
-    budget_force,
-    forcing_tokens,
-    run_forcing,
-)
 
 
 # ------------------------------------------------------- recursion depth (MoR)
 
 
-def with_recursions(cfg, state: dict, depth: int):
-    """(cfg', params', model_state') of a recursive model run with `depth` recursion
-    steps of the SAME shared pool (depth > trained: extrapolation).
-
-    The pool of P shared layers is unchanged (num_layers' = P*depth (+2 for
-    middle_* sharing)); expert-choice step routers beyond the trained ones reuse the
-    last trained router (fewer steps: the first `depth` routers).  Token-choice
-    routing picks a depth among the trained N_r up front, so it cannot be capped or
-    extended without changing its router: refused.
-    """
-    m = cfg.model
-    if m.stack != "recursive":
-        raise ConfigError("recursion depth sweep needs model.stack='recursive'")
-    mor = m.mor
-    if mor.routing == "token_choice":
-        raise ConfigError("recursion depth sweep: token-choice routing fixes depths 1..N_r "
-                          "in its router; only routing='none' or 'expert_choice' can vary depth")
-    if depth < 1:
-        raise ConfigError(f"recursion depth must be >= 1, got {depth}")
-    from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
-
-    R = mor.num_recursions
-    pool = recursion_schedule(m.num_layers, R, mor.sharing).pool
-    middle = mor.sharing.startswith("middle")
-    if mor.sharing.endswith("sequence") and pool > 1:
-        raise ConfigError("recursion depth sweep: 'sequence' sharing with a pool > 1 applies "
-                          "each layer N_r times in a row; its depth cannot be changed")
-    caps = ""
-    if mor.capacities.strip():
-        old = [c.strip() for c in mor.capacities.split(",")]
-        caps = ",".join((old + [old[-1]] * depth)[:depth])
-    mor2 = dataclasses.replace(mor, num_recursions=depth, capacities=caps)
-    m2 = dataclasses.replace(m, num_layers=pool * depth + (2 if middle else 0), mor=mor2)
-    params = dict(state["params"])
-    if mor.routing == "expert_choice":
-        rec = dict(params["recursive"])
-
-        def resize(name):
-            node = dict(rec[name])
-            for k, v in node.items():
-                v = np.asarray(v)
-                idx = [min(i, R - 1) for i in range(depth)]
-                node[k] = v[idx]
-            rec[name] = node
-
-        resize("router")
-        if "aux_router" in rec:
-            resize("aux_router")
-        params["recursive"] = rec
-    return cfg.replace(model=m2), params, state["model_state"]
-
-
 def depth_sweep(cfg, state: dict, task_name: str, examples, depths: Sequence[int], *,
                 max_new_tokens: int, batch_size: int = 32, num_loss_batches: int = 2) -> list[dict]:
     """Per depth: greedy accuracy on `examples`, eval loss and answer NLL of the task."""
-    import jax  # noqa: PLC0415
 
-    from moe_lab import sharding  # noqa: PLC0415
-    from moe_lab.data import pipeline  # noqa: PLC0415
-    from moe_lab.data.tasks import make_task  # noqa: PLC0415
-    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
-    from moe_lab.eval.evaluate import generate_batched  # noqa: PLC0415
-    from moe_lab.train.loop import evaluate_losses  # noqa: PLC0415
-    from moe_lab.train.state import make_setup  # noqa: PLC0415
-    from moe_lab.train.step import make_eval_step  # noqa: PLC0415
 
     task = make_task(task_name, cfg.data)
     mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1),
@@ -344,7 +289,6 @@ class TTCConfig:
 
 
 def _pick_task(cfg, name: str) -> str:
-    from moe_lab.config import parse_mixture  # noqa: PLC0415
 
     names = [n for n, _ in parse_mixture(cfg.data.mixture)]
     if name:
@@ -359,13 +303,7 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
                  write: bool = True, print_table: bool = True) -> dict:
     """Coverage/majority curves, budget-forcing tables and (MoR) the depth sweep of a
     checkpoint; writes DIR/eval/<step>-ttc.json."""
-    import jax  # noqa: PLC0415
 
-    from moe_lab import sharding  # noqa: PLC0415
-    from moe_lab.data import pipeline  # noqa: PLC0415
-    from moe_lab.data.tasks import make_task  # noqa: PLC0415
-    from moe_lab.data.tokenizer import THINK_START, TOKENIZER  # noqa: PLC0415
-    from moe_lab.eval.evaluate import generate_batched, generation_budget, load_run  # noqa: PLC0415
 
     t = ttc or TTCConfig()
     if t.n < 1 or t.num_prompts < 1 or t.batch_size < 1:
@@ -420,7 +358,6 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
                                                 batch_size=min(t.batch_size, 32))
     result["seconds"] = time.perf_counter() - t0
     if write:
-        from moe_lab.eval.evaluate import save_result  # noqa: PLC0415
 
         save_result(ttc_path(workdir, step), result)
     if print_table:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-LOGICAL_AXES_KEY = "logical_axes"
+from moe_lab.parallel.sharding import LOGICAL_AXES_KEY
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -55,5 +55,3 @@ def param(
     return nnx.Param(value, **{LOGICAL_AXES_KEY: tuple(logical_axes)})
 
 
-def logical_axes_of(variable: nnx.Variable) -> tuple | None:
-    return variable.get_metadata().get(LOGICAL_AXES_KEY)

@@ -29,15 +29,11 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from moe_lab import sharding
 from moe_lab.layers import routing
-from moe_lab.layers.dispatch import (
-    buffer_layout,
-    buffer_swiglu,
-    combine_rows,
-    gather_rows,
-    resolve_impl,
-)
+from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu
+from moe_lab.layers.moe_kernels.dispatch import resolve_impl
+from moe_lab.layers.moe_kernels.layout import buffer_layout, combine_rows, gather_rows
+from moe_lab.parallel import sharding
 
 EXPERT_AXIS = "expert"
 

@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab import sharding
-from moe_lab.config import ModelConfig
-from moe_lab.layers import dispatch as dsp
+from moe_lab.config.schema import ModelConfig
 from moe_lab.layers import expert_parallel as ep
 from moe_lab.layers import routing
 from moe_lab.layers.base import dtype_of, param, router_matmul
 from moe_lab.layers.mlp import SwiGLU
+from moe_lab.layers.moe_kernels.dispatch import expert_choice_moe, token_choice_moe
+from moe_lab.layers.moe_kernels.reference import dense_gates, reference_moe
+from moe_lab.parallel import sharding
 
 
 class MoE(nnx.Module):
@@ -106,9 +107,9 @@ class MoE(nnx.Module):
             if dispatch == "reference":
                 gates_NE = jnp.zeros((n, e), jnp.float32).at[
                     ec.token_EC, jnp.arange(e)[:, None]].add(ec.gate_EC)
-                y_ND = dsp.reference_moe(xc_ND, gates_NE.astype(cd), *weights)
+                y_ND = reference_moe(xc_ND, gates_NE.astype(cd), *weights)
             else:
-                y_ND = dsp.expert_choice_moe(xc_ND, ec.token_EC, ec.gate_EC.astype(cd), weights,
+                y_ND = expert_choice_moe(xc_ND, ec.token_EC, ec.gate_EC.astype(cd), weights,
                                              impl=self.impl)
             load_E = jnp.full((e,), cap, jnp.int32)
             # tokens no expert picked (expert choice drops tokens, not assignments)
@@ -123,7 +124,7 @@ class MoE(nnx.Module):
             tc = router(logits_NE, bias_E, top_k=k, renormalize=m.renormalize)
             gate_NK = tc.gate_NK.astype(cd)
             if dispatch == "reference":
-                y_ND = dsp.reference_moe(xc_ND, dsp.dense_gates(tc.expert_NK, gate_NK, e), *weights)
+                y_ND = reference_moe(xc_ND, dense_gates(tc.expert_NK, gate_NK, e), *weights)
                 drop = jnp.zeros((), jnp.float32)
             else:
                 if self._all_to_all(n):
@@ -132,7 +133,7 @@ class MoE(nnx.Module):
                 else:
                     cap = (routing.capacity(n, k, e, m.capacity_factor)
                            if dispatch == "capacity" else None)
-                    y_ND, layout = dsp.token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
+                    y_ND, layout = token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
                                                         capacity=cap, impl=self.impl)
                     keep_NK = layout.keep_NK
                 dropped_NK = jnp.logical_not(keep_NK).astype(jnp.float32)

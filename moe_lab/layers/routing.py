@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab.layers.base import LOGICAL_AXES_KEY
+from moe_lab.parallel.sharding import LOGICAL_AXES_KEY
 
 
 class RouterBias(nnx.Variable):

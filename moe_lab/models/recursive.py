@@ -51,12 +51,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab import sharding
-from moe_lab.config import ModelConfig, mor_capacities
+from moe_lab.config.schema import ModelConfig, mor_capacities
 from moe_lab.layers import recursion_routing as rr
 from moe_lab.layers.attention import attention_mask, gqa
 from moe_lab.layers.routing import make_router_bias
 from moe_lab.models.transformer import _REMAT_POLICIES, ScannedStack, scan_layers
+from moe_lab.parallel import sharding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab import sharding
-from moe_lab.config import ModelConfig
+from moe_lab.config.schema import ModelConfig
 from moe_lab.layers.attention import Attention
 from moe_lab.layers.base import dtype_of, param
 from moe_lab.layers.mlp import SwiGLU
+from moe_lab.layers.moe import MoE
 from moe_lab.layers.norms import RMSNorm
+from moe_lab.parallel import sharding
 
 _REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
@@ -37,7 +38,6 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=pd)
         if ffn_kind == "moe":
-            from moe_lab.layers.moe import MoE  # noqa: PLC0415 (MoE is optional per config)
 
             self.ffn = MoE(cfg, rngs=rngs)
         else:

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,23 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from moe_lab import flops, sharding
-from moe_lab.config import Config, ConfigError, config_from_json, parse_mixture, validate_for_devices
+from moe_lab.accounting import flops
+from moe_lab.accounting.hardware import peak_flops_per_device
+from moe_lab.config.load import config_from_json
+from moe_lab.config.schema import Config, ConfigError, parse_mixture
+from moe_lab.config.validate import validate_for_devices
+from moe_lab.data import pipeline
+from moe_lab.data.tasks.registry import make_task
 from moe_lab.layers import expert_parallel
+from moe_lab.parallel import sharding
+from moe_lab.train.checkpoint import DATA, Checkpointer, checkpoint_steps, grown_steps
+from moe_lab.train.jit_cache import cached_for
 from moe_lab.train.metrics import MetricsWriter
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
+from moe_lab.train.run_dir import write_json_atomic
 from moe_lab.train.state import make_setup, resolve_config
 from moe_lab.train.step import make_eval_step, make_train_step
 
@@ -31,13 +42,6 @@ from moe_lab.train.step import make_eval_step, make_train_step
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 # What a resumed run may not change: the model, what it trains on and in what
@@ -56,7 +60,6 @@ def _resume_diffs(old, new, section: str) -> list[str]:
 
 
 def _latest_has_data_state(workdir: str) -> bool:
-    from moe_lab.train.checkpoint import DATA, checkpoint_steps  # noqa: PLC0415
 
     steps = checkpoint_steps(workdir)
     return bool(steps) and os.path.isdir(os.path.join(workdir, "checkpoints", str(steps[-1]), DATA))
@@ -107,7 +110,6 @@ def _check_expert_parallel(cfg: Config, mesh) -> None:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
 
         multihost_utils.sync_global_devices(name)
 
@@ -144,7 +146,6 @@ class _Preempted:
             return self.flag
         if not sync_point:
             return False
-        from jax.experimental import multihost_utils  # noqa: PLC0415
 
         flags = multihost_utils.process_allgather(np.asarray([self.flag], np.int32))
         return bool(np.any(flags))
@@ -219,18 +220,6 @@ def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) 
     return result
 
 
-def cached_for(cache: dict, key, name: str, build):
-    """build() (a jitted fn) kept in `cache` under `name` while calls pass the same `key`;
-    another key empties the cache first, so only the latest model's compiled functions
-    stay alive.  The key must hold everything the built functions close over."""
-    if cache.get("key") != key:
-        cache.clear()
-        cache["key"] = key
-    if name not in cache:
-        cache[name] = build()
-    return cache[name]
-
-
 # The jitted steps of the latest train() in this process, kept for the next call with
 # the same config, mesh and tasks (everything the steps close over: the optimizer and
 # schedule are functions of cfg.train, the shardings of cfg.mesh and the mesh): a
@@ -245,10 +234,6 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     `max_steps` stops early after that many steps of this invocation (tests use it
     to simulate an interruption); checkpoints and counters behave as on a kill.
     """
-    from moe_lab.data import pipeline  # noqa: PLC0415
-    from moe_lab.data.tasks import make_task  # noqa: PLC0415
-    from moe_lab.hardware import peak_flops_per_device  # noqa: PLC0415
-    from moe_lab.train.checkpoint import Checkpointer, grown_steps  # noqa: PLC0415
 
     cfg = resolve_config(cfg)
     validate_for_devices(cfg, jax.device_count())
@@ -345,7 +330,6 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
     last_step = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
     bar = None
     if t.progress and jax.process_index() == 0 and last_step > start_step:
-        from tqdm import tqdm  # noqa: PLC0415
 
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a tty
@@ -466,7 +450,6 @@ def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step
 
 def load_final_state(workdir: str, step: int | None = None):
     """(cfg, setup, state) of a run's checkpoint, for eval/analysis tools."""
-    from moe_lab.train.checkpoint import Checkpointer  # noqa: PLC0415
 
     cfg = resolve_config(config_from_json(os.path.join(workdir, "config.json")))
     mesh = sharding.make_mesh(cfg.mesh.__class__(data=-1, rules=cfg.mesh.rules))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_lab.config import TrainConfig
+from moe_lab.config.schema import TrainConfig
 
 
 def make_schedule(t: TrainConfig) -> optax.Schedule:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from moe_lab.config import Config
+from moe_lab.config.schema import Config
+from moe_lab.train.state import build_model, split_model
 
 
 def capacity_warmup_config(cfg: Config) -> Config | None:
@@ -32,7 +33,6 @@ def capacity_warmup_config(cfg: Config) -> Config | None:
 
 def warmup_graphdef(warm_cfg: Config):
     """Graphdef of the warm-up model (same parameter tree; only static capacities differ)."""
-    from moe_lab.train.state import build_model, split_model  # noqa: PLC0415
 
     return split_model(nnx.eval_shape(lambda: build_model(warm_cfg)))[0]
 

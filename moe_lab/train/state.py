@@ -17,15 +17,15 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe_lab import sharding
-from moe_lab.config import Config, ConfigError
+from moe_lab.config.schema import Config, ConfigError
+from moe_lab.data.tokenizer import TOKENIZER
 from moe_lab.models.transformer import Transformer
+from moe_lab.parallel import sharding
 from moe_lab.train.optim import make_optimizer, make_schedule
 
 
 def resolve_config(cfg: Config) -> Config:
     """Fills derived values (vocab size from the tokenizer) so config.json is explicit."""
-    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
 
     if cfg.model.vocab_size:
         if cfg.model.vocab_size < TOKENIZER.vocab_size:  # token ids past the embedding table
@@ -95,3 +95,18 @@ def make_setup(cfg: Config, mesh) -> TrainSetup:
                       logical={"params": logical_params, "model_state": logical_rest},
                       specs=specs, shardings=shardings, abstract_state=abstract_state,
                       batch_sharding=batch_sharding)
+
+
+def setup_on_devices(cfg: Config, devices: str = "one") -> tuple[Config, TrainSetup]:
+    """(cfg with its mesh, setup) on one device ("one": evaluation, growth checks, RL on one
+    host; every mesh axis 1) or on all devices ("all": the config's own mesh)."""
+    if devices == "one":
+        mesh_cfg = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
+        mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    elif devices == "all":
+        mesh_cfg = cfg.mesh
+        mesh = sharding.make_mesh(mesh_cfg)
+    else:
+        raise ConfigError(f"devices must be 'one' or 'all', got {devices!r}")
+    cfg = cfg.replace(mesh=mesh_cfg)
+    return cfg, make_setup(cfg, mesh)

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_lab.config import Config
+from moe_lab.config.schema import Config
+from moe_lab.layers.routing import loss_free_bias_update
+from moe_lab.models.recursive import recursion_schedule
 from moe_lab.models.transformer import total_aux_loss
 
 # Per-layer MoE aux entries summarised in metrics (mean over layers; max for violation).
@@ -88,7 +90,6 @@ def update_mor_state(model_state: dict, aux: dict, rate: float) -> dict:
     node = model_state.get("recursive", {})
     if "bias_R" not in node and "steps_seen" not in node:
         return model_state
-    from moe_lab.layers.routing import loss_free_bias_update  # noqa: PLC0415
 
     new = jax.tree.map(lambda x: x, model_state)
     if "bias_R" in node:
@@ -113,7 +114,6 @@ def update_router_biases(model_state: dict, aux: dict, rate: float,
     """
     if not model_state:
         return model_state
-    from moe_lab.layers.routing import loss_free_bias_update  # noqa: PLC0415
 
     new = jax.tree.map(lambda x: x, model_state)
     recursive = "recursive" in new
@@ -144,7 +144,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
     per_layer = cfg.model.ffn == "moe" and cfg.model.moe.metrics == "per_layer"
     shared_pool_ids = None
     if cfg.model.stack == "recursive":  # pool layer of each row of aux["shared"]
-        from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
 
         sched = recursion_schedule(cfg.model.num_layers, cfg.model.mor.num_recursions,
                                    cfg.model.mor.sharing)

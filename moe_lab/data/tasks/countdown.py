@@ -24,8 +24,8 @@ import re
 from collections import Counter
 from fractions import Fraction
 
-from moe_lab.config import ConfigError
-from moe_lab.data.tasks import Example, KeyedRng, Task, _held_out, extract_answer
+from moe_lab.config.schema import ConfigError
+from moe_lab.data.tasks.base import Example, KeyedRng, Task, _held_out, extract_answer
 from moe_lab.data.tokenizer import THINK_END, THINK_START
 
 _PROMPT_RE = re.compile(r"^Make (\d+) from ((?:\d+ )*\d+) with \+-\*/\.$")

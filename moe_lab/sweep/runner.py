@@ -37,7 +37,7 @@ SWEEP/results.jsonl (appended under a file lock, deduplicated by run name;
 `load_results` also dedupes, keeping the last row).
 
 Isolation: by default every point runs in a child process
-(`python -m moe_lab.sweep ... --point NAME`): a crash, an OOM or a leak of one
+(`python -m moe_lab.cli.sweep ... --point NAME`): a crash, an OOM or a leak of one
 point cannot take the sweep down, and each point starts with fresh device
 memory.  It costs a few seconds of imports per point; `--isolate inprocess`
 avoids that (the tests use it).  The child's output goes to the console and
@@ -46,7 +46,6 @@ SWEEP/logs/<name>.log.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import importlib
@@ -59,33 +58,11 @@ import sys
 import time
 import traceback
 
-from moe_lab.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    parse_override_args,
-    validate,
-)
-from moe_lab.results import (  # noqa: E402  (the results store; load_results for notebooks)
-    RESULTS,
-    _read_json,
-    _stage_path,
-    format_results,
-    load_results,
-    record_failure,
-    record_result,
-    results_row,
-)
-from moe_lab.sweep_points import (  # noqa: E402, F401, I001  (grid expansion)
-    SPECIAL,
-    Point,
-    load_sweep,
-    make_points,
-    parse_shard,
-    run_name,
-    shard_points,
-)
+from moe_lab.config.load import apply_overrides, from_dict
+from moe_lab.config.schema import Config, ConfigError
+from moe_lab.config.validate import validate
+from moe_lab.sweep.points import SPECIAL, Point, load_sweep, make_points, parse_shard, run_name, shard_points  # noqa: E402, F401, I001  (grid expansion)
+from moe_lab.sweep.results import RESULTS, _read_json, _stage_path, record_failure, record_result, results_row  # noqa: E402  (the results store; load_results for notebooks)
 
 # -------------------------------------------------------------- configuration
 
@@ -118,7 +95,7 @@ def _to_config(raw: dict) -> Config:
 
 
 def _flops_per_step(cfg: Config) -> float:
-    from moe_lab import flops  # noqa: PLC0415
+    from moe_lab.accounting import flops  # noqa: PLC0415
 
     return flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
         * cfg.data.seq_len
@@ -143,7 +120,7 @@ def planned_config(point: Point, base: dict, by_name: dict[str, Point]) -> tuple
     if point.source is None:
         cfg = _to_config(apply_overrides(base, point.overrides))
         return _apply_budget(cfg, point, 0.0), 0.0
-    from moe_lab import growth  # noqa: PLC0415
+    from moe_lab.growth import transforms as growth  # noqa: PLC0415
 
     parent_cfg, _ = planned_config(by_name[point.parent], base, by_name)
     step = point.source.get("step", parent_cfg.train.steps)
@@ -205,7 +182,7 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
     """Runs one point to completion in this process (grow/train/eval/post as
     needed); returns its results row."""
     from moe_lab.eval.evaluate import eval_path, evaluate  # noqa: PLC0415
-    from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
+    from moe_lab.train.run_dir import write_json_atomic  # noqa: PLC0415
 
     run_dir = os.path.join(sweep_dir, point.name)
     sunk = 0.0
@@ -218,7 +195,7 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
                 raise ConfigError(f"parent run {point.parent!r} is not finished")
             kind = point.source.get("kind", "grow")
             if kind == "grow":
-                from moe_lab.grow_cmd import grow_run  # noqa: PLC0415
+                from moe_lab.growth.grow import grow_run  # noqa: PLC0415
 
                 transforms, opts = grow_transforms(point.source.get("grow"))
                 grow_run(parent_dir, run_dir, transforms, step=point.source.get("step"),
@@ -323,7 +300,7 @@ def _run_child(point: Point, config_arg: str, sweep_dir: str, cli_overrides: dic
     """Runs the point in a child process; returns None or the error line."""
     log_path = _log_path(sweep_dir, point)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = [sys.executable, "-m", "moe_lab.sweep", "--config", config_arg, "--workdir", sweep_dir,
+    cmd = [sys.executable, "-m", "moe_lab.cli.sweep", "--config", config_arg, "--workdir", sweep_dir,
            "--point", point.name, "--child", *[f"--config.{k}={v}" for k, v in cli_overrides.items()]]
     error = None
     with open(log_path, "a") as f:
@@ -452,51 +429,3 @@ def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, i
     return status
 
 
-# ------------------------------------------------------------------------ CLI
-
-
-def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
-    s = subparsers.add_parser("sweep", help="run a config's get_sweep() grid, resumably")
-    s.add_argument("--config", required=True, help="config file with get_sweep, path.py[:arg]")
-    s.add_argument("--workdir", required=True, help="sweep directory")
-    s.add_argument("--shard", default=None, help="I/N: run every N-th point starting at I")
-    s.add_argument("--dry-run", action="store_true", help="print the equivalent commands")
-    s.add_argument("--isolate", choices=("subprocess", "inprocess"), default="subprocess",
-                   help="run each point in a child process (default) or in this one")
-    s.add_argument("--point", default=None, help="run only this point, in this process")
-    s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    s.set_defaults(fn=cmd_sweep)
-    return s
-
-
-def cmd_sweep(args, overrides) -> int:
-    status = run_sweep(args.config, args.workdir, overrides=overrides,
-                       shard=parse_shard(args.shard), dry_run=args.dry_run,
-                       isolate=args.isolate, only=args.point, child=args.child)
-    if not args.dry_run and args.point is None and os.path.isfile(
-            os.path.join(args.workdir, RESULTS)):
-        print(format_results(load_results(args.workdir)))
-    return 1 if status["failed"] else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m moe_lab.sweep")
-    sub = p.add_subparsers(dest="command")
-    add_sweep_parser(sub)
-    try:
-        overrides, rest = parse_override_args(argv)
-        args = p.parse_args(["sweep", *rest])
-        return args.fn(args, overrides)
-    except ConfigError as e:
-        if "--child" in argv:  # the parent sweep process records it
-            print(f"{FAILED_MARK}ConfigError: {e}", flush=True)
-        print(f"moe-lab: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moe-lab: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

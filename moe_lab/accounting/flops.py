@@ -18,7 +18,9 @@ Conventions (2508.18672 section 2; Kaplan et al. 2020; Hoffmann et al. 2022):
 
 from __future__ import annotations
 
-from moe_lab.config import Config, ModelConfig
+from moe_lab.config.schema import Config, ModelConfig, mor_capacities
+from moe_lab.layers.recursion_routing import capacity_tokens
+from moe_lab.models.recursive import recursion_schedule
 
 
 def _attention_params(m: ModelConfig) -> int:
@@ -53,7 +55,6 @@ def _mor_router_params(m: ModelConfig) -> int:
 
 def _mor_layers(m: ModelConfig) -> tuple[int, int, str]:
     """(unique first/last layers, shared pool layers, ffn kind of the first layer)."""
-    from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
 
     s = recursion_schedule(m.num_layers, m.mor.num_recursions, m.mor.sharing)
     first_ffn = "dense" if (m.ffn == "moe" and m.moe.first_dense_layers) else m.ffn
@@ -84,8 +85,6 @@ def recursion_token_fractions(m: ModelConfig, seq_len: int) -> list[float]:
     expert choice: ceil(cap_r T) / T exactly; token choice: the balanced target
     (each depth 1/N_r, so (N_r - r + 1)/N_r take step r); none: 1.
     """
-    from moe_lab.config import mor_capacities  # noqa: PLC0415
-    from moe_lab.layers.recursion_routing import capacity_tokens  # noqa: PLC0415
 
     R = m.mor.num_recursions
     if m.mor.routing == "expert_choice":
@@ -100,7 +99,6 @@ def _mor_forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     step r's shared layers on the k_r = f_r T tokens it keeps, with causal attention
     among those k_r tokens (recursion-wise) or over step 1's keys (KV sharing:
     steps >= 2 also skip the k/v projections). Routers and the LM head included."""
-    from moe_lab.models.recursive import recursion_schedule  # noqa: PLC0415
 
     D, H, G, K, T = m.d_model, m.num_heads, m.num_kv_heads, m.resolved_head_dim, seq_len
     n_unique, _, first_ffn = _mor_layers(m)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from moe_lab.config import ConfigError, apply_overrides, load_raw
+from moe_lab.config.load import apply_overrides, load_raw
+from moe_lab.config.schema import ConfigError
 
 SPECIAL = ("name", "from", "budget_flops", "budget_flops_total", "trainer", "post", "tags")
 _ABBREV = {"num_experts": "e", "top_k": "k", "d_model": "d", "num_layers": "l",

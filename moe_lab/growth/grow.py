@@ -1,84 +1,28 @@
-"""`moe-lab grow`: grow a trained checkpoint into a new run (arXiv 2510.08008).
+"""grow_run: a trained run's checkpoint -> a new, grown run directory (arXiv 2510.08008).
 
-    moe-lab grow --from DIR [--step N] --to NEWDIR [--depth interpose|stack]
-                 [--depth-factor 2] [--keep-first N] [--keep-last N] [--zero-copies]
-                 [--width-factor 2] [--noise 0.01] [--width-layout append|interleave]
-                 [--width-init copy|random] [--only-e | --only-k]
-                 [--order depth,width|width,depth] [--opt-state reset|grow] [--seed S]
-
-Any depth option turns on depth growth (method interpose unless --depth says
-otherwise); any width option turns on width growth (factor 2 unless
---width-factor says otherwise).  DIR is only read.  NEWDIR gets config.json
-(the grown model; train settings unchanged: set the continued schedule with
-overrides at train time), checkpoints/0 (step 0, no data-iterator state) and
-lineage.json (parent, transforms, sunk FLOPs, param counts).  Everything is
-built in a sibling temp dir and renamed into place only after the written
-checkpoint was reloaded and, for function-preserving transforms, its logits
-were checked against the parent's on a real batch (REFERENCES.md sec. 5,
-complaint 3).  Then `moe-lab train --workdir NEWDIR` continues from it.
+Library code shared by `moe-lab grow` (moe_lab/cli/grow.py), the sweep runner and the growth benchmark.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import shutil
 
+import jax
 import numpy as np
 
-from moe_lab.config import Config, ConfigError, config_from_json
+from moe_lab.accounting import flops
+from moe_lab.config.load import config_from_json
+from moe_lab.config.schema import Config, ConfigError, parse_mixture
+from moe_lab.data import pipeline
+from moe_lab.data.tasks.registry import make_task
+from moe_lab.growth import transforms as growth
+from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
+from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.state import resolve_config, setup_on_devices
+from moe_lab.train.step import forward
 
 LOGIT_TOLERANCE = 1e-4  # max |logits difference| accepted for a function-preserving growth
-
-
-def add_grow_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the `grow` subcommand to `subparsers` (from add_subparsers)."""
-    g = subparsers.add_parser("grow", help="grow a checkpoint in depth and/or width (2510.08008)")
-    g.add_argument("--from", dest="from_dir", required=True, help="the parent run's workdir")
-    g.add_argument("--step", type=int, default=None, help="parent checkpoint step (default: latest)")
-    g.add_argument("--to", dest="to_dir", required=True, help="new workdir (must not exist or be empty)")
-    g.add_argument("--depth", choices=("interpose", "stack"), default=None)
-    g.add_argument("--depth-factor", type=int, default=None)
-    g.add_argument("--keep-first", type=int, default=None, help="first N layers stay single")
-    g.add_argument("--keep-last", type=int, default=None, help="last N layers stay single")
-    g.add_argument("--zero-copies", action="store_true", default=None,
-                   help="zero the output projections of the copies (function-preserving)")
-    g.add_argument("--width-factor", type=int, default=None)
-    g.add_argument("--noise", type=float, default=None, help="relative noise on copies (0.01)")
-    g.add_argument("--width-layout", choices=("append", "interleave"), default=None)
-    g.add_argument("--width-init", choices=("copy", "random"), default=None)
-    only = g.add_mutually_exclusive_group()
-    only.add_argument("--only-e", action="store_true", default=None, help="grow experts, not top-k")
-    only.add_argument("--only-k", action="store_true", default=None, help="grow top-k, not experts")
-    g.add_argument("--order", choices=("depth,width", "width,depth"), default="depth,width")
-    g.add_argument("--opt-state", choices=("reset", "grow"), default="reset")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the logits check against the parent")
-    g.set_defaults(fn=cmd_grow)
-    return g
-
-
-def transforms_from_args(args) -> list[tuple[str, dict]]:
-    """[("depth", kwargs), ("width", kwargs)] in the requested order."""
-    depth_opts = (args.depth, args.depth_factor, args.keep_first, args.keep_last, args.zero_copies)
-    width_opts = (args.width_factor, args.noise, args.width_layout, args.width_init, args.only_e,
-                  args.only_k)
-    steps = {}
-    if any(v is not None for v in depth_opts):
-        steps["depth"] = {"method": args.depth or "interpose", "factor": args.depth_factor or 2,
-                          "keep_first": args.keep_first or 0, "keep_last": args.keep_last or 0,
-                          "zero_copies": bool(args.zero_copies)}
-    if any(v is not None for v in width_opts):
-        steps["width"] = {"factor": args.width_factor or 2,
-                          "noise": 0.01 if args.noise is None else args.noise,
-                          "layout": args.width_layout or "append",
-                          "init": args.width_init or "copy",
-                          "grow_e": not args.only_k, "grow_k": not args.only_e}
-    if not steps:
-        raise ConfigError("grow: nothing to grow (give --depth ... and/or --width-factor ...)")
-    return [(name, steps[name]) for name in args.order.split(",") if name in steps]
 
 
 def _check_dirs(from_dir: str, to_dir: str) -> tuple[str, str]:
@@ -92,19 +36,7 @@ def _check_dirs(from_dir: str, to_dir: str) -> tuple[str, str]:
     return src, dst
 
 
-def _one_device_setup(cfg: Config):
-    import jax
-
-    from moe_lab import sharding
-    from moe_lab.train.state import make_setup
-
-    mesh_cfg = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
-    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
-    return make_setup(cfg.replace(mesh=mesh_cfg), mesh)
-
-
 def _check_tree(state, abstract, what: str) -> None:
-    import jax
 
     want = jax.tree_util.tree_flatten_with_path(abstract)
     have = jax.tree_util.tree_flatten_with_path(state)
@@ -121,21 +53,15 @@ def verify_logits(parent_cfg: Config, parent_state: dict, cfg: Config, workdir: 
                   *, num_sequences: int = 2) -> float:
     """Reloads workdir's checkpoint 0 and returns max |logits(grown) - logits(parent)|
     on a real eval batch of the parent's data mixture."""
-    import jax
 
-    from moe_lab.config import parse_mixture
-    from moe_lab.data import pipeline
-    from moe_lab.data.tasks import make_task
-    from moe_lab.train.checkpoint import Checkpointer
-    from moe_lab.train.step import forward
 
     name = parse_mixture(parent_cfg.data.mixture)[0][0]
     batch = pipeline.make_eval_batches(make_task(name, parent_cfg.data), parent_cfg.data,
                                        num_sequences, 1)[0]
-    setup = _one_device_setup(cfg)
+    setup = setup_on_devices(cfg)[1]
     with Checkpointer(workdir, create=False) as ckpt:
         grown, _ = ckpt.restore(0, setup.abstract_state)
-    parent_setup = _one_device_setup(parent_cfg)
+    parent_setup = setup_on_devices(parent_cfg)[1]
 
     def logits(s, state):
         fn = jax.jit(lambda p, m, b: forward(s.graphdef, p, m, b, train=False)[0])
@@ -151,12 +77,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
     """Grows run `from_dir` (checkpoint `step`, default latest) into a new run
     `to_dir`; returns the lineage dict (also written to to_dir/lineage.json)."""
     src, dst = _check_dirs(from_dir, to_dir)
-    import jax
 
-    from moe_lab import flops, growth
-    from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
-    from moe_lab.train.loop import write_json_atomic
-    from moe_lab.train.state import resolve_config
 
     cfg = resolve_config(config_from_json(os.path.join(src, "config.json")))
     # Dry run on the config first: bad options fail before any checkpoint is read.
@@ -177,7 +98,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
         parent_step = ckpt.latest_step() if step is None else step
         if parent_step is None:
             raise ConfigError(f"grow: no checkpoint in {ckpt.directory}")
-        setup = _one_device_setup(cfg)
+        setup = setup_on_devices(cfg)[1]
         # Host numpy straight from disk (no device copy); the tree is checked
         # against the config's abstract state before anything is transformed.
         if parent_step not in ckpt.all_steps():
@@ -195,7 +116,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
             for part in ("params", "model_state"):
                 _check_tree(state[part], setup.abstract_state[part], f"checkpoint's {part}")
 
-    new_setup = _one_device_setup(new_cfg)
+    new_setup = setup_on_devices(new_cfg)[1]
 
     def fresh_opt_state(params):
         # Adam re-initialised (2510.08008): zeros of the right shapes, built on the
@@ -259,12 +180,3 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
     return lineage
 
 
-def cmd_grow(args, overrides: dict | None = None) -> int:
-    """Entry point for `moe-lab grow` (cli.main calls fn(args, overrides))."""
-    if overrides:
-        raise ConfigError("grow takes no --config overrides (set them at train time)")
-    transforms = transforms_from_args(args)
-    grow_run(args.from_dir, args.to_dir, transforms, step=args.step, opt_state=args.opt_state,
-             seed=args.seed, verify=args.verify)
-    print(f"continue with: moe-lab train --workdir {args.to_dir} [--config.train.steps=N ...]")
-    return 0

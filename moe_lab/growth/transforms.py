@@ -48,8 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_lab import flops
-from moe_lab.config import Config, ConfigError, validate
+from moe_lab.accounting import flops
+from moe_lab.config.schema import Config, ConfigError
+from moe_lab.config.validate import validate
+from moe_lab.models.recursive import recursion_schedule
 
 STACKS = ("dense_blocks", "blocks")  # in model order
 # Output projections of a block: zeroing them makes a pre-norm block the identity.
@@ -439,3 +441,56 @@ def chinchilla_ratio(cfg: Config, spent: float) -> float:
     once the base has seen more than about 1x Chinchilla FLOPs of its active size."""
     n_a = flops.param_counts(cfg.model)["active"]
     return spent / (6.0 * n_a * 20 * n_a) if n_a else math.nan
+
+
+# ------------------------------------------------ recursion depth (MoR, test time)
+
+
+def with_recursions(cfg, state: dict, depth: int):
+    """(cfg', params', model_state') of a recursive model run with `depth` recursion
+    steps of the SAME shared pool (depth > trained: extrapolation).
+
+    The pool of P shared layers is unchanged (num_layers' = P*depth (+2 for
+    middle_* sharing)); expert-choice step routers beyond the trained ones reuse the
+    last trained router (fewer steps: the first `depth` routers).  Token-choice
+    routing picks a depth among the trained N_r up front, so it cannot be capped or
+    extended without changing its router: refused.
+    """
+    m = cfg.model
+    if m.stack != "recursive":
+        raise ConfigError("recursion depth sweep needs model.stack='recursive'")
+    mor = m.mor
+    if mor.routing == "token_choice":
+        raise ConfigError("recursion depth sweep: token-choice routing fixes depths 1..N_r "
+                          "in its router; only routing='none' or 'expert_choice' can vary depth")
+    if depth < 1:
+        raise ConfigError(f"recursion depth must be >= 1, got {depth}")
+    R = mor.num_recursions
+    pool = recursion_schedule(m.num_layers, R, mor.sharing).pool
+    middle = mor.sharing.startswith("middle")
+    if mor.sharing.endswith("sequence") and pool > 1:
+        raise ConfigError("recursion depth sweep: 'sequence' sharing with a pool > 1 applies "
+                          "each layer N_r times in a row; its depth cannot be changed")
+    caps = ""
+    if mor.capacities.strip():
+        old = [c.strip() for c in mor.capacities.split(",")]
+        caps = ",".join((old + [old[-1]] * depth)[:depth])
+    mor2 = dataclasses.replace(mor, num_recursions=depth, capacities=caps)
+    m2 = dataclasses.replace(m, num_layers=pool * depth + (2 if middle else 0), mor=mor2)
+    params = dict(state["params"])
+    if mor.routing == "expert_choice":
+        rec = dict(params["recursive"])
+
+        def resize(name):
+            node = dict(rec[name])
+            for k, v in node.items():
+                v = np.asarray(v)
+                idx = [min(i, R - 1) for i in range(depth)]
+                node[k] = v[idx]
+            rec[name] = node
+
+        resize("router")
+        if "aux_router" in rec:
+            resize("aux_router")
+        params["recursive"] = rec
+    return cfg.replace(model=m2), params, state["model_state"]

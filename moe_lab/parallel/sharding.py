@@ -21,8 +21,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_lab.config import ConfigError, MeshConfig
-from moe_lab.layers.base import logical_axes_of
+from moe_lab.config.schema import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -170,3 +169,10 @@ def host_local_batch_to_global(batch: dict[str, np.ndarray], mesh, spec: P) -> d
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+LOGICAL_AXES_KEY = "logical_axes"
+
+
+def logical_axes_of(variable: nnx.Variable) -> tuple | None:
+    return variable.get_metadata().get(LOGICAL_AXES_KEY)

@@ -14,7 +14,8 @@ import types
 import typing
 from typing import Any
 
-from moe_lab.config import Config, ConfigError, _to_jsonable, validate
+from moe_lab.config.schema import Config, ConfigError, _to_jsonable
+from moe_lab.config.validate import validate
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+
+from moe_lab.accounting.timing import time_fn
 
 # dense bf16 peak FLOP/s per chip (datasheets)
 _ACCELERATOR_PEAK_BF16 = {
@@ -27,8 +30,21 @@ def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
         for name, peak in _ACCELERATOR_PEAK_BF16.items():
             if name.lower() in dev.device_kind.lower():
                 return (peak if dtype == "bfloat16" else peak / 2), f"datasheet {name}"
-    from moe_lab.bench.common import matmul_peak_flops  # noqa: PLC0415
+    from moe_lab.accounting.hardware import matmul_peak_flops  # noqa: PLC0415
 
     n = len(jax.devices())
     # fake CPU devices share the same cores: measure on one, divide by the count
     return matmul_peak_flops(1024) / n, "measured matmul (cpu)"
+
+
+def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
+    """FLOP/s of a large square matmul on the default backend, measured now.
+
+    MFU on CPU is reported against this (the machine's own attainable peak), on
+    accelerators against the chip's datasheet peak where known.
+    """
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    t = time_fn(f, a, b, warmup=2, iters=5)
+    return 2 * n**3 / t

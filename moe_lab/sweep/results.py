@@ -13,10 +13,10 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from moe_lab import flops
+from moe_lab.accounting import flops
 
 if TYPE_CHECKING:
-    from moe_lab.sweep import Point
+    from moe_lab.sweep.points import Point
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
 
@@ -38,7 +38,7 @@ def _read_json(path: str):
 
 def results_row(point: Point, run_dir: str) -> dict:
     """One flat row: swept values, sizes, FLOPs, losses, task losses, accuracies."""
-    from moe_lab.config import config_from_json  # noqa: PLC0415
+    from moe_lab.config.load import config_from_json  # noqa: PLC0415
     from moe_lab.eval.evaluate import read_eval  # noqa: PLC0415
     from moe_lab.train.metrics import read_metrics  # noqa: PLC0415
 

@@ -15,7 +15,8 @@ import argparse
 import json
 import os
 
-from moe_lab.config import ConfigError
+from moe_lab.config.schema import ConfigError
+from moe_lab.rl.grpo import load_grpo_config, run_grpo
 
 
 def add_rl_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +37,6 @@ def cmd_rl(args, overrides: dict | None = None) -> int:
         raise ConfigError(f"rl: --from {args.src} holds no run (no config.json)")
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"rl: --max-steps must be >= 1, got {args.max_steps}")
-    from moe_lab.eval.grpo import load_grpo_config, run_grpo  # noqa: PLC0415
 
     rl = load_grpo_config(args.config, overrides or {})
     summary = run_grpo(args.src, args.dst, rl, step=args.step, max_steps=args.max_steps)
@@ -44,16 +44,3 @@ def cmd_rl(args, overrides: dict | None = None) -> int:
     summary["reward_mean_last5"] = sum(rewards[-5:]) / max(len(rewards[-5:]), 1)
     print("summary: " + json.dumps(summary))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m moe_lab.rl_cmd --from DIR --to NEWDIR ...` (same as `moe-lab rl`)."""
-    import sys  # noqa: PLC0415
-
-    from moe_lab.cli import main as cli_main  # noqa: PLC0415
-
-    return cli_main(["rl", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

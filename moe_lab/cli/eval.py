@@ -23,7 +23,11 @@ import argparse
 import json
 import os
 
-from moe_lab.config import ConfigError, EvalConfig, from_dict
+from moe_lab.config.load import from_dict
+from moe_lab.config.schema import ConfigError, EvalConfig
+from moe_lab.eval.evaluate import evaluate
+from moe_lab.eval.harness import load_items, run_harness, shot_indices
+from moe_lab.eval.test_time import evaluate_ttc, ttc_config_from
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,7 +84,6 @@ def cmd_eval(args, overrides: dict | None = None) -> int:
     if args.ttc:
         if args.data is not None or overrides:
             raise ConfigError("eval --ttc takes neither --data nor --config overrides")
-        from moe_lab.eval.test_time import evaluate_ttc, ttc_config_from  # noqa: PLC0415
 
         ttc = ttc_config_from({"n": args.ttc_n, "num_prompts": args.ttc_prompts,
                                "task": args.ttc_task, "temperature": args.ttc_temperature,
@@ -92,14 +95,12 @@ def cmd_eval(args, overrides: dict | None = None) -> int:
         if args.shots or args.limit is not None:
             raise ConfigError("eval: --shots and --limit need --data FILE.jsonl")
         eval_cfg = eval_config_from(args.workdir, overrides or {})
-        from moe_lab.eval.evaluate import evaluate  # noqa: PLC0415
 
         result = evaluate(args.workdir, args.step, num_examples=args.num_examples,
                           eval_cfg=eval_cfg)
     else:
         if overrides:
             raise ConfigError("eval --data takes no --config overrides")
-        from moe_lab.eval.harness import load_items, run_harness, shot_indices  # noqa: PLC0415
 
         items = load_items(args.data)  # a bad file fails before the model loads
         if args.shots < 0:

@@ -11,15 +11,17 @@ import json
 import os
 import sys
 
-from moe_lab.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_config,
-    parse_override_args,
-    validate,
-)
+from moe_lab.bench import run_benchmark
+from moe_lab.cli.eval import add_eval_parser
+from moe_lab.cli.grow import add_grow_parser
+from moe_lab.cli.info import print_info
+from moe_lab.cli.rl import add_rl_parser
+from moe_lab.cli.sweep import add_sweep_parser
+from moe_lab.config.load import apply_overrides, from_dict, load_config, parse_override_args
+from moe_lab.config.schema import Config, ConfigError
+from moe_lab.config.validate import validate
+from moe_lab.parallel import distributed
+from moe_lab.train.loop import train
 
 
 def _config_from_args(args, overrides: dict) -> Config:
@@ -36,10 +38,8 @@ def _config_from_args(args, overrides: dict) -> Config:
 
 def cmd_train(args, overrides) -> int:
     cfg = _config_from_args(args, overrides)
-    from moe_lab import distributed  # noqa: PLC0415
 
     distributed.initialize(args)
-    from moe_lab.train.loop import train  # noqa: PLC0415 (jax import after arg checks)
 
     summary = train(cfg, args.workdir)
     if summary.get("process_index", 0) != 0:
@@ -51,7 +51,6 @@ def cmd_train(args, overrides) -> int:
 
 def cmd_info(args, overrides) -> int:
     cfg = _config_from_args(args, overrides)
-    from moe_lab.info import print_info  # noqa: PLC0415
 
     print_info(cfg, workdir=getattr(args, "workdir", None), devices=args.devices,
                hardware=args.hardware)
@@ -59,7 +58,6 @@ def cmd_info(args, overrides) -> int:
 
 
 def cmd_bench(args, overrides) -> int:
-    from moe_lab.bench import run_benchmark  # noqa: PLC0415
 
     result = run_benchmark(args.name, quick=args.quick, as_json=args.json)
     if args.json:
@@ -73,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train or resume a run (overrides: --config.a.b=V)")
     t.add_argument("--config", help="config file, path.py[:arg]")
     t.add_argument("--workdir", required=True)
-    from moe_lab import distributed  # noqa: PLC0415
 
     distributed.add_flags(t)
     t.set_defaults(fn=cmd_train)
@@ -83,15 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--devices", type=int, help="plan for this many devices (abstract mesh)")
     i.add_argument("--hardware", help="chip kind for the memory plan: tpu-v5p, tpu-v6e, h100, ...")
     i.set_defaults(fn=cmd_info)
-    from moe_lab.grow_cmd import add_grow_parser  # noqa: PLC0415
 
     add_grow_parser(sub)
-    from moe_lab.eval_cmd import add_eval_parser  # noqa: PLC0415
-    from moe_lab.sweep import add_sweep_parser  # noqa: PLC0415
 
     add_eval_parser(sub)
     add_sweep_parser(sub)
-    from moe_lab.rl_cmd import add_rl_parser  # noqa: PLC0415
 
     add_rl_parser(sub)
     b = sub.add_parser("bench", help="benchmarks: train-step, moe, decode, growth")

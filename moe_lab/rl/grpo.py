@@ -38,9 +38,29 @@ import math
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
-from moe_lab.config import Config, ConfigError, config_from_json, from_dict, load_raw
+from moe_lab.config.load import config_from_json, from_dict, load_raw
+from moe_lab.config.schema import Config, ConfigError
+from moe_lab.data import pipeline
+from moe_lab.data.tasks.base import extract_answer
+from moe_lab.data.tasks.registry import make_task
+from moe_lab.data.tokenizer import EOS, THINK_END, THINK_START, TOKENIZER
+from moe_lab.data.tokenizer import TOKENIZER as tok
+from moe_lab.eval import generate as gen
+from moe_lab.eval.evaluate import PROMPT_BUCKET, generate_batched, generation_budget
+from moe_lab.eval.generate import left_pad
+from moe_lab.models.transformer import total_aux_loss
+from moe_lab.parallel import sharding
+from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps, write_checkpoint
+from moe_lab.train.loop import _Preempted, local_values
+from moe_lab.train.metrics import MetricsWriter, read_metrics
+from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.state import make_setup, resolve_config
 
 _LOSS_AGG = ("sequence", "token")
 _KL = ("k3", "k1")
@@ -113,9 +133,6 @@ def load_grpo_config(config_arg: str | None, overrides: dict | None = None) -> G
 def token_logprobs(graphdef, params, model_state, tokens_BS, valid_BS):
     """(log pi(tokens[:, t+1] | tokens[:, :t+1]) [B, S-1], aux): left-padded rows,
     positions counting real tokens only and pads in their own segment, as in decoding."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
 
     model = nnx.merge(graphdef, params, model_state)
     inputs, targets, valid = tokens_BS[:, :-1], tokens_BS[:, 1:], valid_BS[:, :-1]
@@ -128,7 +145,6 @@ def token_logprobs(graphdef, params, model_state, tokens_BS, valid_BS):
 def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_eps: float,
               kl_coef: float, loss_agg: str = "sequence", kl_estimator: str = "k3"):
     """The clipped GRPO objective (module docstring, step 4) -> (loss, metrics)."""
-    import jax.numpy as jnp  # noqa: PLC0415
 
     mask = mask_BT.astype(jnp.float32)
     ratio = jnp.exp(logp_BT - old_logp_BT)
@@ -154,7 +170,6 @@ _JIT_CACHE: dict = {}  # compiled step / log-prob functions, reused across runs 
 
 
 def _logp_jit():
-    import jax  # noqa: PLC0415
 
     if "logp" not in _JIT_CACHE:
         _JIT_CACHE["logp"] = jax.jit(lambda gd, p, ms, t, v: token_logprobs(gd, p, ms, t, v)[0],
@@ -165,7 +180,6 @@ def _logp_jit():
 def _step_jit(setup, rl: GRPOConfig, replicated):
     """The jitted GRPO step, cached by everything it closes over (sweeps and resumes in
     one process compile it once)."""
-    import jax  # noqa: PLC0415
 
     loss_keys = ("clip_eps", "kl_coef", "loss_agg", "kl_estimator")
     key = ("step", setup.graphdef, repr(setup.cfg.train), rl.updates_per_batch == 1,
@@ -181,10 +195,7 @@ def _step_jit(setup, rl: GRPOConfig, replicated):
 def make_grpo_step(graphdef, tx, rl: GRPOConfig):
     """state, batch -> (state, metrics); batch: tokens, valid [B, S], mask, ref_logp
     (and old_logp when updates_per_batch > 1) [B, S-1], adv_B1 [B, 1]."""
-    import jax  # noqa: PLC0415
-    import optax  # noqa: PLC0415
 
-    from moe_lab.models.transformer import total_aux_loss  # noqa: PLC0415
 
     on_policy = rl.updates_per_batch == 1
 
@@ -224,8 +235,6 @@ def group_advantages(rewards_PG: np.ndarray, scale: bool = True) -> np.ndarray:
 def format_ok(text: str, example) -> bool:
     """The completion has the training documents' shape: working (if the task has
     any), the answer marker, a non-empty answer, then EOS."""
-    from moe_lab.data.tasks import extract_answer  # noqa: PLC0415
-    from moe_lab.data.tokenizer import EOS, THINK_END, THINK_START  # noqa: PLC0415
 
     if not text.endswith(EOS):
         return False
@@ -241,7 +250,6 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], width: int
                 pad_id: int) -> dict:
     """tokens/valid [B, W+N] (prompt left-padded to W, then the N generated tokens) and
     mask [B, W+N-1] over the targets that are response tokens up to and incl. EOS."""
-    from moe_lab.eval.generate import left_pad  # noqa: PLC0415
 
     tok_p, val_p = left_pad(prompts, pad_id)
     extra = width - tok_p.shape[1]
@@ -283,8 +291,6 @@ _RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "checkpoint_every", "k
 
 def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
     """(run cfg, rl cfg, parent step, resuming) after checking/creating NEWDIR."""
-    from moe_lab.train.checkpoint import checkpoint_steps  # noqa: PLC0415
-    from moe_lab.train.loop import write_json_atomic  # noqa: PLC0415
 
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ConfigError("rl: --to must differ from --from")
@@ -316,7 +322,6 @@ def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
     step = max(steps) if step is None else int(step)
     if step not in steps:
         raise ConfigError(f"rl: no checkpoint at step {step} in {src} (have {steps})")
-    from moe_lab.data.tasks import make_task  # noqa: PLC0415
 
     parent = config_from_json(os.path.join(src, "config.json"))
     make_task(rl.task, parent.data)  # an unknown task fails before anything is written
@@ -331,8 +336,6 @@ def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
 
 
 def _greedy_accuracy(graphdef, params, model_state, task, examples, max_new: int) -> float:
-    from moe_lab.data.tokenizer import TOKENIZER  # noqa: PLC0415
-    from moe_lab.eval.evaluate import generate_batched  # noqa: PLC0415
 
     prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in examples]
     out = generate_batched(graphdef, params, model_state, prompts, max_new,
@@ -345,19 +348,7 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
              max_steps: int | None = None, log=print) -> dict:
     """GRPO from run `src` (checkpoint `step`, default latest) into `dst`; resumes a
     GRPO run already in `dst`.  `max_steps` stops after that many steps of this call."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    from moe_lab import sharding  # noqa: PLC0415
-    from moe_lab.data import pipeline  # noqa: PLC0415
-    from moe_lab.data.tasks import make_task  # noqa: PLC0415
-    from moe_lab.data.tokenizer import TOKENIZER as tok  # noqa: PLC0415
-    from moe_lab.eval import generate as gen  # noqa: PLC0415
-    from moe_lab.eval.evaluate import PROMPT_BUCKET, generation_budget  # noqa: PLC0415
-    from moe_lab.train.checkpoint import Checkpointer, write_checkpoint  # noqa: PLC0415
-    from moe_lab.train.loop import _Preempted, local_values  # noqa: PLC0415
-    from moe_lab.train.metrics import MetricsWriter  # noqa: PLC0415
-    from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
 
     rl = validate_grpo(rl)
     if jax.process_count() > 1:
@@ -505,13 +496,12 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
 
 
 def read_rl_metrics(workdir: str) -> list[dict]:
-    from moe_lab.train.metrics import read_metrics  # noqa: PLC0415
 
     return read_metrics(workdir)
 
 
 def sweep_stage(run_dir: str, spec: dict) -> dict:
-    """Sweep post stage {"kind": "moe_lab.eval.grpo:sweep_stage", "to": "grpo",
+    """Sweep post stage {"kind": "moe_lab.rl.grpo:sweep_stage", "to": "grpo",
     "config": "configs/grpo.py", <GRPOConfig keys>...}: GRPO from the run's last
     checkpoint into RUN/<to> (resumable), then columns grpo_accuracy (greedy exact
     match on the task's eval prompts after GRPO), grpo_accuracy_before, grpo_reward_first /

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 
-from moe_lab.config import ConfigError
+import jax
+
+from moe_lab.config.schema import ConfigError
 
 _ENV = ("MOE_LAB_COORDINATOR", "MOE_LAB_NUM_PROCESSES", "MOE_LAB_PROCESS_ID")
 
@@ -48,7 +50,6 @@ def initialize(args) -> None:
     kwargs = settings(args)
     if kwargs is None:
         return
-    import jax  # noqa: PLC0415
 
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         # cross-process collectives on CPU (tests, laptops) go through gloo

@@ -1,0 +1,86 @@
+"""`moe-lab grow`: grow a trained checkpoint into a new run (arXiv 2510.08008).
+
+    moe-lab grow --from DIR [--step N] --to NEWDIR [--depth interpose|stack]
+                 [--depth-factor 2] [--keep-first N] [--keep-last N] [--zero-copies]
+                 [--width-factor 2] [--noise 0.01] [--width-layout append|interleave]
+                 [--width-init copy|random] [--only-e | --only-k]
+                 [--order depth,width|width,depth] [--opt-state reset|grow] [--seed S]
+
+Any depth option turns on depth growth (method interpose unless --depth says
+otherwise); any width option turns on width growth (factor 2 unless
+--width-factor says otherwise).  DIR is only read.  NEWDIR gets config.json
+(the grown model; train settings unchanged: set the continued schedule with
+overrides at train time), checkpoints/0 (step 0, no data-iterator state) and
+lineage.json (parent, transforms, sunk FLOPs, param counts).  Everything is
+built in a sibling temp dir and renamed into place only after the written
+checkpoint was reloaded and, for function-preserving transforms, its logits
+were checked against the parent's on a real batch (REFERENCES.md sec. 5,
+complaint 3).  Then `moe-lab train --workdir NEWDIR` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moe_lab.config.schema import ConfigError
+from moe_lab.growth.grow import grow_run
+
+
+def add_grow_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `grow` subcommand to `subparsers` (from add_subparsers)."""
+    g = subparsers.add_parser("grow", help="grow a checkpoint in depth and/or width (2510.08008)")
+    g.add_argument("--from", dest="from_dir", required=True, help="the parent run's workdir")
+    g.add_argument("--step", type=int, default=None, help="parent checkpoint step (default: latest)")
+    g.add_argument("--to", dest="to_dir", required=True, help="new workdir (must not exist or be empty)")
+    g.add_argument("--depth", choices=("interpose", "stack"), default=None)
+    g.add_argument("--depth-factor", type=int, default=None)
+    g.add_argument("--keep-first", type=int, default=None, help="first N layers stay single")
+    g.add_argument("--keep-last", type=int, default=None, help="last N layers stay single")
+    g.add_argument("--zero-copies", action="store_true", default=None,
+                   help="zero the output projections of the copies (function-preserving)")
+    g.add_argument("--width-factor", type=int, default=None)
+    g.add_argument("--noise", type=float, default=None, help="relative noise on copies (0.01)")
+    g.add_argument("--width-layout", choices=("append", "interleave"), default=None)
+    g.add_argument("--width-init", choices=("copy", "random"), default=None)
+    only = g.add_mutually_exclusive_group()
+    only.add_argument("--only-e", action="store_true", default=None, help="grow experts, not top-k")
+    only.add_argument("--only-k", action="store_true", default=None, help="grow top-k, not experts")
+    g.add_argument("--order", choices=("depth,width", "width,depth"), default="depth,width")
+    g.add_argument("--opt-state", choices=("reset", "grow"), default="reset")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the logits check against the parent")
+    g.set_defaults(fn=cmd_grow)
+    return g
+
+
+def transforms_from_args(args) -> list[tuple[str, dict]]:
+    """[("depth", kwargs), ("width", kwargs)] in the requested order."""
+    depth_opts = (args.depth, args.depth_factor, args.keep_first, args.keep_last, args.zero_copies)
+    width_opts = (args.width_factor, args.noise, args.width_layout, args.width_init, args.only_e,
+                  args.only_k)
+    steps = {}
+    if any(v is not None for v in depth_opts):
+        steps["depth"] = {"method": args.depth or "interpose", "factor": args.depth_factor or 2,
+                          "keep_first": args.keep_first or 0, "keep_last": args.keep_last or 0,
+                          "zero_copies": bool(args.zero_copies)}
+    if any(v is not None for v in width_opts):
+        steps["width"] = {"factor": args.width_factor or 2,
+                          "noise": 0.01 if args.noise is None else args.noise,
+                          "layout": args.width_layout or "append",
+                          "init": args.width_init or "copy",
+                          "grow_e": not args.only_k, "grow_k": not args.only_e}
+    if not steps:
+        raise ConfigError("grow: nothing to grow (give --depth ... and/or --width-factor ...)")
+    return [(name, steps[name]) for name in args.order.split(",") if name in steps]
+
+
+def cmd_grow(args, overrides: dict | None = None) -> int:
+    """Entry point for `moe-lab grow` (cli.main calls fn(args, overrides))."""
+    if overrides:
+        raise ConfigError("grow takes no --config overrides (set them at train time)")
+    transforms = transforms_from_args(args)
+    grow_run(args.from_dir, args.to_dir, transforms, step=args.step, opt_state=args.opt_state,
+             seed=args.seed, verify=args.verify)
+    print(f"continue with: moe-lab train --workdir {args.to_dir} [--config.train.steps=N ...]")
+    return 0
