@@ -22,7 +22,7 @@ from flax import nnx
 from moe_lab.data.tokenizer import TOKENIZER
 from moe_lab.data.tokenizer import TOKENIZER as tok
 from moe_lab.eval import generate as gen
-from moe_lab.eval.evaluate import PROMPT_BUCKET
+from moe_lab.eval.generate import PROMPT_BUCKET
 
 # ------------------------------------------------------------ budget forcing
 

@@ -29,7 +29,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe_lab.config.load import config_from_json
@@ -37,7 +36,7 @@ from moe_lab.config.schema import Config, ConfigError, parse_mixture
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import TOKENIZER
-from moe_lab.eval import generate as gen
+from moe_lab.eval.generate import generate_batched, generation_budget
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps
 from moe_lab.train.jit_cache import cached_for
@@ -48,7 +47,6 @@ from moe_lab.train.step import make_eval_step
 MEMORIZATION, REASONING = "memorization", "reasoning"
 TASK_KIND = {"facts": MEMORIZATION, "arith": REASONING, "arith_long": REASONING, "file": "file"}
 GROUPS = {MEMORIZATION: ("facts",), REASONING: ("arith",), "reasoning_long": ("arith_long",)}
-PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: few compilations
 
 
 # ------------------------------------------------------------------- loading
@@ -96,40 +94,6 @@ def score_predictions(task, examples, predictions: list[str]) -> list[bool]:
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     return [bool(task.check(p, ex)) for p, ex in zip(predictions, examples)]
-
-
-def generation_budget(examples, cap: int) -> int:
-    """Tokens to generate: enough for the longest reference completion (+ EOS and a
-    little slack), at most `cap` unless the reference itself needs more."""
-
-    need = max(len(TOKENIZER.encode(ex.completion)) for ex in examples) + 1
-    return max(min(cap, need + 8), need)
-
-
-def generate_batched(graphdef, params, model_state, prompts: list[list[int]], max_new_tokens: int,
-                     *, batch_size: int, pad_id: int, eos_id: int | None) -> list[list[int]]:
-    """Greedy KV-cache generation in fixed-shape batches (rows and prompt length
-    padded to buckets so the decoder compiles once or twice per task)."""
-
-
-    width = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
-    out: list[list[int]] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # fixed batch shape
-        tokens, valid = gen.left_pad(rows, pad_id)
-        extra = width - tokens.shape[1]
-        tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
-        valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
-
-        new = gen._generate_cached(graphdef, params, model_state, jnp.asarray(tokens),
-                                   jnp.asarray(valid), jax.random.key(0),
-                                   max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
-        for row in np.asarray(new)[:len(chunk)].tolist():
-            if eos_id is not None and eos_id in row:
-                row = row[:row.index(eos_id)]
-            out.append(row)
-    return out
 
 
 # ------------------------------------------------------------------ evaluate

@@ -12,11 +12,14 @@ count real tokens only, so a padded row computes exactly what it would alone.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from moe_lab.data.tokenizer import TOKENIZER
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,3 +138,40 @@ def generate(graphdef, params, model_state, prompts: list[list[int]], max_new_to
             row = row[:row.index(eos_id)]
         result.append(row)
     return result
+
+
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: few compilations
+
+
+def generation_budget(examples, cap: int) -> int:
+    """Tokens to generate: enough for the longest reference completion (+ EOS and a
+    little slack), at most `cap` unless the reference itself needs more."""
+
+    need = max(len(TOKENIZER.encode(ex.completion)) for ex in examples) + 1
+    return max(min(cap, need + 8), need)
+
+
+def generate_batched(graphdef, params, model_state, prompts: list[list[int]], max_new_tokens: int,
+                     *, batch_size: int, pad_id: int, eos_id: int | None) -> list[list[int]]:
+    """Greedy KV-cache generation in fixed-shape batches (rows and prompt length
+    padded to buckets so the decoder compiles once or twice per task)."""
+
+
+    width = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # fixed batch shape
+        tokens, valid = left_pad(rows, pad_id)
+        extra = width - tokens.shape[1]
+        tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
+        valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
+
+        new = _generate_cached(graphdef, params, model_state, jnp.asarray(tokens),
+                                   jnp.asarray(valid), jax.random.key(0),
+                                   max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
+        for row in np.asarray(new)[:len(chunk)].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[:row.index(eos_id)]
+            out.append(row)
+    return out

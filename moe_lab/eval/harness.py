@@ -43,7 +43,8 @@ from moe_lab.config.schema import ConfigError
 from moe_lab.data.jsonl import iter_jsonl
 from moe_lab.data.tasks.base import KeyedRng, extract_answer
 from moe_lab.data.tokenizer import ANSWER, TOKENIZER
-from moe_lab.eval.evaluate import generate_batched, load_run, save_result
+from moe_lab.eval.evaluate import load_run, save_result
+from moe_lab.eval.generate import generate_batched
 from moe_lab.parallel import sharding
 from moe_lab.train.step import forward
 

@@ -65,7 +65,8 @@ from moe_lab.eval.budget_forcing import (
     forcing_tokens,
     run_forcing,
 )
-from moe_lab.eval.evaluate import PROMPT_BUCKET, generate_batched, generation_budget, load_run, save_result
+from moe_lab.eval.evaluate import load_run, save_result
+from moe_lab.eval.generate import PROMPT_BUCKET, generate_batched, generation_budget
 from moe_lab.growth.transforms import with_recursions
 from moe_lab.parallel import sharding
 from moe_lab.train.loop import evaluate_losses

@@ -52,8 +52,7 @@ from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import EOS, THINK_END, THINK_START, TOKENIZER
 from moe_lab.data.tokenizer import TOKENIZER as tok
 from moe_lab.eval import generate as gen
-from moe_lab.eval.evaluate import PROMPT_BUCKET, generate_batched, generation_budget
-from moe_lab.eval.generate import left_pad
+from moe_lab.eval.generate import PROMPT_BUCKET, generate_batched, generation_budget, left_pad
 from moe_lab.models.transformer import total_aux_loss
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps, write_checkpoint
