@@ -20,6 +20,11 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import pytest  # noqa: E402
 
+from moe_lab.parallel.host_allocator import tune_host_allocator  # noqa: E402
+
+# the suite runs with the allocator setting of the command line (no longer an import side effect)
+tune_host_allocator()
+
 from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
 
 

@@ -128,3 +128,17 @@ def test_truncated_config_json_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="is not valid JSON") as e:
         config_from_json(str(path))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("source, needle", [
+    ('def get_config(arg=None):\n    return {"model": {\n', "bad.py:2: '{' was never closed"),
+    ("import no_such_module_here\n", "bad.py:1: ModuleNotFoundError"),
+])
+def test_broken_config_file_is_one_line_naming_file_and_line(source, needle, tmp_path):
+    from moe_lab.config.load import load_raw  # noqa: PLC0415
+
+    path = tmp_path / "bad.py"
+    path.write_text(source)
+    with pytest.raises(ConfigError) as e:
+        load_raw(str(path))
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_lab.config.schema import DEFAULT_RULES, ConfigError, ModelConfig, MoEConfig
+from moe_lab.config.schema import DEFAULT_RULES, MESH_AXES, ConfigError, ModelConfig, MoEConfig
 from moe_lab.config.validate import validate
 from moe_lab.layers import expert_parallel as ep
 from moe_lab.layers import routing
@@ -33,7 +33,7 @@ SHARDS = 8  # token shards: data (2) x expert (4)
 
 
 def _mesh():
-    return jax.make_mesh((2, 1, 4, 1), sharding.MESH_AXES,
+    return jax.make_mesh((2, 1, 4, 1), MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 

@@ -30,8 +30,6 @@ def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
         for name, peak in _ACCELERATOR_PEAK_BF16.items():
             if name.lower() in dev.device_kind.lower():
                 return (peak if dtype == "bfloat16" else peak / 2), f"datasheet {name}"
-    from moe_lab.accounting.hardware import matmul_peak_flops  # noqa: PLC0415
-
     n = len(jax.devices())
     # fake CPU devices share the same cores: measure on one, divide by the count
     return matmul_peak_flops(1024) / n, "measured matmul (cpu)"

@@ -9,9 +9,8 @@ import os
 import jax
 import numpy as np
 
-from moe_lab.config.schema import Config
+from moe_lab.config.schema import MESH_AXES, Config
 from moe_lab.layers.base import dtype_of
-from moe_lab.parallel import sharding
 
 
 def _shard_factor(spec, mesh) -> int:
@@ -68,7 +67,7 @@ def device_memory_gib(hardware: str) -> float | None:
 
 def memory_plan(cfg: Config, setup, mesh) -> dict:
     """Per-device bytes of params, optimizer state, grads and activations."""
-    data, fsdp, expert, _ = (mesh.shape[a] for a in sharding.MESH_AXES)
+    data, fsdp, expert, _ = (mesh.shape[a] for a in MESH_AXES)
     batch_per_device = max(1, cfg.train.batch_size // (data * fsdp * expert))
     p = sharded_bytes(setup.abstract_state["params"], setup.specs["params"], mesh)
     o = sharded_bytes(setup.abstract_state["opt_state"], setup.specs["opt_state"], mesh)

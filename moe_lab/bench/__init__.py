@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 from moe_lab.config.schema import ConfigError
+from moe_lab.parallel.host_allocator import tune_host_allocator
 
 BENCHMARKS = {
     "train-step": "moe_lab.bench.train_step",
@@ -20,6 +21,7 @@ BENCHMARKS = {
 def run_benchmark(name: str, *, quick: bool = False, as_json: bool = False) -> dict:
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark '{name}' (available: {', '.join(BENCHMARKS)})")
+    tune_host_allocator()  # before the benchmark's jax work: see parallel/host_allocator.py
     module = importlib.import_module(BENCHMARKS[name])
     result = module.run(quick=quick)
     if not as_json:

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import traceback
 import types
 import typing
 from typing import Any
@@ -48,7 +49,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"config key '{key}': expected a float, got {value!r}")
-    if typ is str:
+    if typ is str or typing.get_origin(typ) is typing.Literal:  # a choice: checked by validate()
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
@@ -102,7 +103,14 @@ def _load_module(path: str) -> types.ModuleType:
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"_moe_lab_cfg_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:  # one line naming file:line, not a traceback
+        raise ConfigError(f"config file {e.filename or path}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # an error raised while the file's top level runs
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if f.filename == path), "?")
+        raise ConfigError(f"config file {path}:{line}: {type(e).__name__}: {e}") from None
     return module
 
 

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
+from typing import Literal
+
+# The mesh axes, in mesh order; MeshConfig has one size field per axis.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 DEFAULT_RULES = (
     # logical axis -> mesh axes (None: replicated).  One table, printed at start-up.
@@ -42,7 +47,7 @@ class MoEConfig:
     # softmax_topk: softmax over all experts then top-k (optionally renormalised)
     # sigmoid: sigmoid scores, selection-only bias for loss-free balancing (DeepSeek-V3)
     # expert_choice: every expert takes its top-C tokens (Zhou et al. 2022)
-    router: str = "softmax_topk"
+    router: Literal["topk_softmax", "softmax_topk", "sigmoid", "expert_choice"] = "softmax_topk"
     renormalize: bool = True  # softmax_topk / sigmoid at k > 1 (at k = 1 the gate stays p)
     bias_update_rate: float = 1e-3  # sigmoid router: b_i += rate * sign(mean load - load_i)
     router_jitter: float = 0.0  # multiplicative uniform noise on router inputs during training
@@ -50,10 +55,11 @@ class MoEConfig:
     z_loss_weight: float = 1e-3  # router z-loss (ST-MoE; 2508.18672: 1e-3)
     # reference: every expert on every token (slow, exact); capacity: sort + per-expert
     # buffers, overflow dropped; dropless: nothing dropped; auto: dropless.
-    dispatch: str = "dropless"
+    dispatch: Literal["reference", "capacity", "dropless", "auto"] = "dropless"
     # expert kernels (moe_lab/layers/dispatch.py): auto picks by backend (CPU: loop;
     # GPU: buffer for capacity, blocks for dropless; TPU: buffer / ragged)
-    kernel: str = "auto"  # auto | loop | buffer | ragged | blocks
+    # auto | loop | buffer | ragged | blocks
+    kernel: Literal["auto", "loop", "buffer", "ragged", "blocks"] = "auto"
     # expert parallelism with capacity dispatch on a mesh whose `expert` axis > 1:
     # auto / all_to_all: tokens go to their experts' devices by all-to-all, capacity per
     # device (GShard; layers/expert_parallel.py); all_to_all is also an error where it
@@ -61,9 +67,9 @@ class MoEConfig:
     # split the batch over `expert`); calls whose tokens the shards do not divide (small
     # decode batches) take the GSPMD path in both | gspmd: the global sort of
     # dispatch.py, partitioned by XLA
-    expert_parallel: str = "auto"
+    expert_parallel: Literal["auto", "all_to_all", "gspmd"] = "auto"
     capacity_factor: float = 1.25
-    metrics: str = "aggregate"  # aggregate | per_layer
+    metrics: Literal["aggregate", "per_layer"] = "aggregate"  # aggregate | per_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,26 +82,29 @@ class MoRConfig:
     num_recursions: int = 3  # N_r
     # cycle: layer l uses pool[l mod L/N_r]; sequence: pool[floor(l/N_r)];
     # middle_*: the first and last layers unique, the middle L-2 shared as above
-    sharing: str = "middle_cycle"
-    routing: str = "expert_choice"  # none (fixed depth) | expert_choice | token_choice
-    router_type: str = "linear"  # linear (no bias) | mlp
+    sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
+    # none (fixed depth) | expert_choice | token_choice
+    routing: Literal["none", "expert_choice", "token_choice"] = "expert_choice"
+    router_type: Literal["linear", "mlp"] = "linear"  # linear (no bias) | mlp
     # expert choice: sigmoid | tanh; token choice: softmax | sigmoid ("" = the default of each)
-    router_func: str = ""
+    router_func: Literal["", "sigmoid", "tanh", "softmax"] = ""
     alpha: float = 0.1  # gate scale g = alpha * score (expert choice)
     token_choice_alpha: float = 1.0  # gate scale for token choice
     # expert choice capacities per step, comma-separated fractions of the sequence
     # ("" = (N_r - r + 1) / N_r, i.e. 1, 2/3, 1/3 for N_r = 3)
     capacities: str = ""
-    update: str = "paper"  # paper: h + g*(f(h) - h) | released: h + g*f(h) (f includes residual)
+    # paper: h + g*(f(h) - h) | released: h + g*f(h) (f includes residual)
+    update: Literal["paper", "released"] = "paper"
     # causal decoding for expert choice: bce (aux BCE on router logits vs top-k
     # membership) | aux_router (separate stop-gradient router) | none
-    causal_aux: str = "bce"
+    causal_aux: Literal["bce", "aux_router", "none"] = "bce"
     bce_weight: float = 1e-3
     z_loss_weight: float = 0.0
     # expert choice at train=False: threshold (causal, what decoding does) | topk (looks
     # at future tokens: eval losses then describe a model that generation cannot run)
-    eval_routing: str = "threshold"
-    balance: str = "loss"  # token choice: loss (sum f_i P_i) | loss_free (selection bias)
+    eval_routing: Literal["threshold", "topk"] = "threshold"
+    # token choice: loss (sum f_i P_i) | loss_free (selection bias)
+    balance: Literal["loss", "loss_free"] = "loss"
     balance_weight: float = 0.1
     bias_update_rate: float = 1e-3
     warmup_steps: int = 0  # token choice: every token at full depth for the first N steps
@@ -103,7 +112,8 @@ class MoRConfig:
     # steps, then the configured capacities.  k_r is static, so the warm-up runs as a
     # second compiled train step (moe_lab/train/loop.py), not as a traced condition.
     capacity_warmup_steps: int = 0
-    kv_cache: str = "recursion_wise"  # recursion_wise | shared (all steps reuse step 1's KV)
+    # recursion_wise | shared (all steps reuse step 1's KV)
+    kv_cache: Literal["recursion_wise", "shared"] = "recursion_wise"
     decode_buckets: int = 8  # depth-wise batching at decode: row buckets of B/n (0: off)
 
 
@@ -119,14 +129,14 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    norm_placement: str = "pre"  # pre | post
+    norm_placement: Literal["pre", "post"] = "pre"  # pre | post
     tie_embeddings: bool = False
     init_std: float = 0.02
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots (save matmul outputs)
-    ffn: str = "dense"  # dense | moe
-    stack: str = "plain"  # plain | recursive
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"  # none | full | dots (save matmul outputs)
+    ffn: Literal["dense", "moe"] = "dense"  # dense | moe
+    stack: Literal["plain", "recursive"] = "plain"  # plain | recursive
     moe: MoEConfig = MoEConfig()
     mor: MoRConfig = MoRConfig()
 
@@ -175,7 +185,7 @@ class TrainConfig:
     batch_size: int = 16  # global batch, sequences
     seed: int = 0
     lr: float = 3e-3
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: final fraction of steps with linear decay
     end_lr_ratio: float = 0.1  # final lr = end_lr_ratio * lr (cosine, wsd)
@@ -219,10 +229,10 @@ class MeshConfig:
 
     @property
     def axis_names(self) -> tuple[str, ...]:
-        return ("data", "fsdp", "expert", "tensor")
+        return MESH_AXES
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
-        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        sizes = [getattr(self, a) for a in MESH_AXES]
         known = math.prod(s for s in sizes if s != -1)
         if sizes.count(-1) > 1:
             raise ConfigError("mesh: at most one axis may be -1")
@@ -303,4 +313,18 @@ def parse_mixture(mixture: str) -> list[tuple[str, float]]:
         raise ConfigError("data.mixture is empty")
     return out
 
+
+def field_choices() -> dict[str, tuple]:
+    """{dotted key: allowed values} of every Literal-typed field, read from the dataclasses."""
+    out = {}
+
+    def walk(cls, prefix):
+        for name, typ in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(typ):
+                walk(typ, f"{prefix}{name}.")
+            elif typing.get_origin(typ) is Literal:
+                out[prefix + name] = typing.get_args(typ)
+
+    walk(Config, "")
+    return out
 

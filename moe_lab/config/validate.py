@@ -10,40 +10,19 @@ import math
 import os
 
 from moe_lab.config.schema import (
+    MESH_AXES,
     Config,
     ConfigError,
     DataConfig,
-    MeshConfig,
     ModelConfig,
+    field_choices,
     mor_capacities,
     parse_mixture,
 )
 
 # --------------------------------------------------------------------- validation
 
-_CHOICES = {
-    "model.norm_placement": ("pre", "post"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
-    "model.ffn": ("dense", "moe"),
-    "model.stack": ("plain", "recursive"),
-    "model.moe.router": ("topk_softmax", "softmax_topk", "sigmoid", "expert_choice"),
-    "model.moe.dispatch": ("reference", "capacity", "dropless", "auto"),
-    "model.moe.kernel": ("auto", "loop", "buffer", "ragged", "blocks"),
-    "model.moe.expert_parallel": ("auto", "all_to_all", "gspmd"),
-    "model.moe.metrics": ("aggregate", "per_layer"),
-    "model.mor.sharing": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
-    "model.mor.routing": ("none", "expert_choice", "token_choice"),
-    "model.mor.router_type": ("linear", "mlp"),
-    "model.mor.router_func": ("", "sigmoid", "tanh", "softmax"),
-    "model.mor.update": ("paper", "released"),
-    "model.mor.causal_aux": ("bce", "aux_router", "none"),
-    "model.mor.eval_routing": ("threshold", "topk"),
-    "model.mor.balance": ("loss", "loss_free"),
-    "model.mor.kv_cache": ("recursion_wise", "shared"),
-    "train.schedule": ("cosine", "wsd", "constant"),
-}
+_CHOICES = field_choices()  # {key: allowed values}, from the schema's Literal types
 
 
 def _get(cfg: Config, dotted: str):
@@ -71,15 +50,14 @@ def _floats_finite(node, prefix: str = "") -> None:
 
 
 def _validate_rules(rules) -> None:
-    axes = tuple(f.name for f in dataclasses.fields(MeshConfig) if f.type in ("int", int))
     for rule in rules:
         if len(rule) != 2:
             raise ConfigError(f"mesh.rules entry {rule!r} must be [logical_axis, mesh_axes]")
         targets = rule[1] if isinstance(rule[1], (list, tuple)) else (rule[1],)
-        bad = [a for a in targets if a is not None and a not in axes[:4]]
+        bad = [a for a in targets if a is not None and a not in MESH_AXES]
         if bad:
             raise ConfigError(f"mesh.rules maps {rule[0]!r} to unknown mesh axis {bad[0]!r} "
-                              f"(mesh axes: {', '.join(axes[:4])})")
+                              f"(mesh axes: {', '.join(MESH_AXES)})")
 
 
 def validate(cfg: Config) -> Config:

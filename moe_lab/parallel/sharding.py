@@ -21,9 +21,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_lab.config.schema import ConfigError, MeshConfig
-
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from moe_lab.config.schema import MESH_AXES, ConfigError, MeshConfig
 
 # The rules in force for activation constraints (set by `use_rules`).
 _ACTIVE: dict[str, Any] = {"rules": None, "mesh": None}

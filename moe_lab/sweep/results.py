@@ -1,6 +1,6 @@
 """The sweep results store: SWEEP/results.jsonl (one row per finished run, deduplicated
 by run name under a file lock), SWEEP/failures.jsonl, and `load_results` -> DataFrame,
-the one entry point notebooks use (also importable as moe_lab.sweep.load_results).
+the one entry point notebooks use.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import json
 import os
 import re
 import time
-from typing import TYPE_CHECKING
 
 from moe_lab.accounting import flops
-
-if TYPE_CHECKING:
-    from moe_lab.sweep.points import Point
+from moe_lab.config.load import config_from_json
+from moe_lab.eval.evaluate import read_eval
+from moe_lab.sweep.points import Point
+from moe_lab.train.metrics import read_metrics
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
 
@@ -24,9 +24,6 @@ RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
 def _stage_path(run_dir: str, i: int, spec: dict) -> str:
     kind = re.sub(r"[^A-Za-z0-9_.-]", "_", spec["kind"])
     return os.path.join(run_dir, "stages", f"{i}-{kind}.json")
-
-
-
 
 
 def _read_json(path: str):
@@ -38,10 +35,6 @@ def _read_json(path: str):
 
 def results_row(point: Point, run_dir: str) -> dict:
     """One flat row: swept values, sizes, FLOPs, losses, task losses, accuracies."""
-    from moe_lab.config.load import config_from_json  # noqa: PLC0415
-    from moe_lab.eval.evaluate import read_eval  # noqa: PLC0415
-    from moe_lab.train.metrics import read_metrics  # noqa: PLC0415
-
     cfg = config_from_json(os.path.join(run_dir, "config.json"))
     ev = read_eval(run_dir, cfg.train.steps) or {}
     m = cfg.model
@@ -157,7 +150,6 @@ def load_results(path: str):
     if "sweep_index" in df:
         df = df.sort_values("sweep_index", kind="stable").reset_index(drop=True)
     return df
-
 
 
 def format_results(df, columns: list[str] | None = None) -> str:
