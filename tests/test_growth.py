@@ -19,11 +19,11 @@ from moe_lab.config.schema import ConfigError, parse_mixture
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.growth import transforms as growth
-from moe_lab.growth.grow import _one_device_setup, grow_run
+from moe_lab.growth.grow import grow_run
 from moe_lab.train.checkpoint import write_checkpoint
 from moe_lab.train.loop import train
 from moe_lab.train.run_dir import write_json_atomic
-from moe_lab.train.state import build_model, split_model
+from moe_lab.train.state import build_model, setup_on_devices, split_model
 
 
 def moe_cfg(**moe):
@@ -212,7 +212,7 @@ def test_only_e_and_only_k():
 
 def test_opt_state_grow_and_reset():
     cfg = moe_cfg(num_layers=2)
-    setup = _one_device_setup(cfg)
+    setup = setup_on_devices(cfg)[1]
     params, ms = init(cfg)
     opt = jax.device_get(setup.tx.init(params))
     rng = np.random.default_rng(0)
@@ -223,7 +223,7 @@ def test_opt_state_grow_and_reset():
     steps = [("depth", {"method": "interpose", "zero_copies": True}),
              ("width", {"noise": 0.01, "layout": "append"})]
     new, c = growth.grow_train_state(state, cfg, steps, opt_state="grow", seed=0)
-    new_setup = _one_device_setup(c)
+    new_setup = setup_on_devices(c)[1]
     assert jax.tree.structure(new["opt_state"]) == jax.tree.structure(
         new_setup.abstract_state["opt_state"])
     g_adam = new["opt_state"][1][0]
@@ -274,7 +274,7 @@ def make_parent(workdir, cfg, step=7, flops_spent=1.5e9):
     os.makedirs(workdir)
     write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
     params, model_state = init(cfg)
-    opt_state = jax.device_get(_one_device_setup(cfg).tx.init(params))
+    opt_state = jax.device_get(setup_on_devices(cfg)[1].tx.init(params))
     state = {"params": params, "opt_state": opt_state, "model_state": model_state,
              "step": np.int32(step)}
     write_checkpoint(workdir, step, state, {"flops_spent": flops_spent, "tokens_seen": 99.0})

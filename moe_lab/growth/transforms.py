@@ -1,8 +1,9 @@
 """Growing trained MoE checkpoints in depth and width (arXiv 2510.08008).
 
 Pure functions on the train-state pytrees (nested dicts of numpy or jax arrays,
-layers stacked on axis 0; see moe_lab/models/transformer.py); no I/O.  The CLI
-wrapper is moe_lab/grow_cmd.py.
+layers stacked on axis 0; see moe_lab/models/blocks.py, the names in
+moe_lab/models/tree.py); no I/O.  Run directories: moe_lab/growth/grow.py (CLI:
+moe_lab/cli/grow.py).
 
 Depth (2510.08008 sec. "depth growth"): every layer of a stack is copied
 verbatim, no noise.
@@ -51,13 +52,14 @@ import numpy as np
 from moe_lab.accounting import flops
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.config.validate import validate
+from moe_lab.layers.recursion_routing import step_routers_for
+from moe_lab.models import tree as model_tree
 from moe_lab.models.recursive import recursion_schedule
 
-STACKS = ("dense_blocks", "blocks")  # in model order
 # Output projections of a block: zeroing them makes a pre-norm block the identity.
 OUTPUT_PROJECTIONS = ("o_HKD", "down_EFD", "down_FD")
 # MoE leaves with an expert axis -> that axis in the stacked [L, ...] array.
-EXPERT_AXES = {"gate_EDF": 1, "up_EDF": 1, "down_EFD": 1, "router_DE": 2, "bias_E": 1}
+EXPERT_AXES = {"gate_EDF": 1, "up_EDF": 1, "down_EFD": 1, "router_DE": 2, model_tree.ROUTER_BIAS: 1}
 
 
 # ------------------------------------------------------------------- helpers
@@ -104,7 +106,7 @@ def _replace_model(cfg: Config, **model) -> Config:
 def stack_sizes(cfg: Config) -> dict[str, int]:
     m = cfg.model
     n_dense = m.moe.first_dense_layers if m.ffn == "moe" else 0
-    sizes = {"dense_blocks": n_dense, "blocks": m.num_layers - n_dense}
+    sizes = dict(zip(model_tree.PLAIN_STACKS, (n_dense, m.num_layers - n_dense)))
     return {k: v for k, v in sizes.items() if v}
 
 
@@ -147,7 +149,7 @@ def depth_plan(cfg: Config, *, method: str = "interpose", factor: int = 2, keep_
         offset += n
     sizes = {k: len(v) for k, v in index.items()}
     new_cfg = _replace_model(cfg, num_layers=sum(sizes.values()),
-                             moe={"first_dense_layers": sizes.get("dense_blocks", 0)})
+                             moe={"first_dense_layers": sizes.get(model_tree.DENSE_STACK, 0)})
     return DepthPlan(index=index, is_copy=is_copy, cfg=new_cfg)
 
 
@@ -156,11 +158,12 @@ def apply_depth(tree: dict, plan: DepthPlan, *, zero_copies: bool = False) -> di
     model_state): leaves under <stack>/layers are gathered on the layer axis."""
 
     def fn(path, x):
-        if len(path) < 2 or path[0] not in plan.index or path[1] != "layers":
+        stack = model_tree.plain_stack_of(path)
+        if stack not in plan.index:
             return x
-        y = x[plan.index[path[0]]]
+        y = x[plan.index[stack]]
         if zero_copies and path[-1] in OUTPUT_PROJECTIONS:
-            keep = (~plan.is_copy[path[0]]).reshape((-1,) + (1,) * (x.ndim - 1))
+            keep = (~plan.is_copy[stack]).reshape((-1,) + (1,) * (x.ndim - 1))
             y = y * _xp(y).asarray(keep, y.dtype)
         return y
 
@@ -239,7 +242,7 @@ def apply_width(tree: dict, plan: WidthPlan, *, kind: str = "params", noise: flo
     Adam moments, copied without noise (random init: zeros).
     """
     def fn(path, x):
-        if path[0] not in STACKS or path[-1] not in EXPERT_AXES or path[-2] != "ffn":
+        if model_tree.plain_stack_of(path) is None or model_tree.ffn_leaf(path) not in EXPERT_AXES:
             return x  # not an MoE leaf (shared experts live under ffn/shared)
         ax = EXPERT_AXES[path[-1]]
         xp = _xp(x)
@@ -408,14 +411,11 @@ def weight_norm_profile(params: dict, cfg: Config) -> list[dict]:
     """
     rows, g = [], 0
     for name, n in stack_sizes(cfg).items():
-        layers = params[name]["layers"]
+        layers = model_tree.get(params, (name, model_tree.LAYERS))
         for i in range(n):
             row = {"layer": g, "stack": name}
             for path in _paths(layers):
-                node = layers
-                for p in path:
-                    node = node[p]
-                w = np.asarray(node[i], np.float32)
+                w = np.asarray(model_tree.get(layers, path)[i], np.float32)
                 if path[-1] in ("gate_EDF", "up_EDF", "down_EFD"):
                     per_e = np.sqrt(np.mean(np.square(w.reshape(w.shape[0], -1)), axis=1))
                     row["/".join(path)] = float(per_e.mean())
@@ -479,18 +479,9 @@ def with_recursions(cfg, state: dict, depth: int):
     m2 = dataclasses.replace(m, num_layers=pool * depth + (2 if middle else 0), mor=mor2)
     params = dict(state["params"])
     if mor.routing == "expert_choice":
-        rec = dict(params["recursive"])
-
-        def resize(name):
-            node = dict(rec[name])
-            for k, v in node.items():
-                v = np.asarray(v)
-                idx = [min(i, R - 1) for i in range(depth)]
-                node[k] = v[idx]
-            rec[name] = node
-
-        resize("router")
-        if "aux_router" in rec:
-            resize("aux_router")
-        params["recursive"] = rec
+        steps = [min(r, R - 1) for r in range(depth)]  # trained router of each new step
+        for path in model_tree.STEP_ROUTERS:
+            routers = model_tree.get(params, path)
+            if routers is not None:
+                params = model_tree.replace(params, path, step_routers_for(routers, steps))
     return cfg.replace(model=m2), params, state["model_state"]

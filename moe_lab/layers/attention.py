@@ -41,6 +41,23 @@ def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=
     return mask
 
 
+def self_attention_mask(segment_ids_BT, shape_BT) -> jax.Array:
+    """[B, T, T] for a row attending to itself: causal by index within the row
+    (positions restart per packed segment, so the segment test keeps documents apart)."""
+    idx_BT = jnp.broadcast_to(jnp.arange(shape_BT[1], dtype=jnp.int32), shape_BT)
+    return attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
+
+
+def cache_mask(index, num_new: int, valid_BS) -> jax.Array:
+    """[B, T, S] for T new tokens at cache slots [index, index + T): a new token at
+    slot index + t sees the valid slots s <= index + t (left-padded prompts mark
+    their pads invalid)."""
+    B, S = valid_BS.shape
+    q_slot_BT = jnp.broadcast_to(index + jnp.arange(num_new), (B, num_new))
+    k_slot_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
+    return attention_mask(q_slot_BT, k_slot_BS, k_valid_BS=valid_BS)
+
+
 def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
     """Softmax attention with G kv heads shared by groups of R query heads (f32 softmax)."""
     B, T, H, K = q_BTHK.shape
@@ -83,14 +100,24 @@ class Attention(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", o_BTHK, self.o_HKD[...].astype(cd))
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+        return self.attend(x_BTD, positions_BT,
+                           self_attention_mask(segment_ids_BT, x_BTD.shape[:2]))[0]
+
+    def attend(self, x_BTD, positions_BT, mask_BTS, kv=None):
+        """-> (out_BTD, (k, v) attended to).  kv=None: keys / values of x itself; else
+        (k_BSGK, v_BSGK) to attend to instead (MoR KV sharing: a recursion step's
+        queries against step 1's keys)."""
         q_BTHK = self.project_q(x_BTD, positions_BT)
-        k_BTGK, v_BTGK = self.project_kv(x_BTD, positions_BT)
-        # Causality by index within the row (positions restart per packed segment,
-        # so the segment test keeps documents apart).
-        T = x_BTD.shape[1]
-        idx_BT = jnp.broadcast_to(jnp.arange(T), x_BTD.shape[:2])
-        mask_BTS = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
-        return self.output(gqa(q_BTHK, k_BTGK, v_BTGK, mask_BTS))
+        k, v = self.project_kv(x_BTD, positions_BT) if kv is None else kv
+        return self.output(gqa(q_BTHK, k, v, mask_BTS)), (k, v)
+
+    def attend_cache(self, x_BTD, positions_BT, cache_kv, index):
+        """T new tokens at slots [index, index+T) against a read-only cache
+        (k_BSGK, v_BSGK, valid_BS) that already holds whatever they may see."""
+        k_BSGK, v_BSGK, valid_BS = cache_kv
+        q_BTHK = self.project_q(x_BTD, positions_BT)
+        mask_BTS = cache_mask(index, x_BTD.shape[1], valid_BS)
+        return self.output(gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS))
 
     def decode(self, x_BTD, positions_BT, valid_BT, cache: dict, index, layer=None):
         """Attention for T new tokens against a KV cache (prefill: T = prompt length).
@@ -104,7 +131,6 @@ class Attention(nnx.Module):
         in and out of a scan copied every layer's cache twice per step (measured,
         batch 64, d 512, 8 layers, 1024-token prompt: 765 -> 296 ms per step).
         """
-        q_BTHK = self.project_q(x_BTD, positions_BT)
         k_BTGK, v_BTGK = self.project_kv(x_BTD, positions_BT)
         lead = () if layer is None else (layer,)
 
@@ -119,11 +145,5 @@ class Attention(nnx.Module):
         new_cache = {"k_BSGK": write(cache["k_BSGK"], k_BTGK),
                      "v_BSGK": write(cache["v_BSGK"], v_BTGK),
                      "valid_BS": write(cache["valid_BS"], valid_BT)}
-        k_BSGK, v_BSGK, valid_BS = (read(new_cache[n]) for n in ("k_BSGK", "v_BSGK", "valid_BS"))
-        B, T = x_BTD.shape[:2]
-        S = k_BSGK.shape[1]
-        q_slot_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
-        k_slot_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
-        mask_BTS = attention_mask(q_slot_BT, k_slot_BS, k_valid_BS=valid_BS)
-        out = self.output(gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS))
-        return out, new_cache
+        cache_kv = tuple(read(new_cache[n]) for n in ("k_BSGK", "v_BSGK", "valid_BS"))
+        return self.attend_cache(x_BTD, positions_BT, cache_kv, index), new_cache

@@ -15,8 +15,8 @@ dispatch algorithms: moe_lab/layers/dispatch.py.
 
 The module is pure in __call__ (no variable mutation, static shapes), so it can
 be created with nnx.vmap and applied under jax.lax.scan.  The sigmoid router's
-`bias_E` (a `RouterBias`, not a Param) is updated by the train step with
-`routing.loss_free_bias_update(bias_E, aux["tokens_per_expert_E"], rate)`.
+`bias_E` (a `RouterBias`, not a Param) is updated after each train step with
+`router_bias_after_step(bias_LE, aux, rate)` from the load the step's aux reports.
 """
 
 from __future__ import annotations
@@ -146,3 +146,24 @@ class MoE(nnx.Module):
         if m.num_shared_experts > 0:
             y_ND = y_ND + self.shared(xc_ND)
         return y_ND.reshape(b, t, d).astype(x_BTD.dtype), aux
+
+
+def router_bias_after_step(bias_LE: jax.Array, aux: dict[str, jax.Array], rate: float,
+                           application_layer: tuple[int, ...] | None = None) -> jax.Array:
+    """A stack's sigmoid-router biases after a train step: per layer,
+    b_i += rate * sign(mean load - load_i) (DeepSeek-V3 loss-free balancing).
+
+    bias_LE: the stack's [L, E] biases; aux: its stacked MoE aux, one row per layer
+    application (tokens_per_expert_E [A, E], num_tokens [A]).  application_layer:
+    the layer of each row where a layer runs several times (a recursive stack's
+    shared pool, step-major); a layer's load is then its applications' assignments
+    summed (fractions times the tokens each ran), so a step that ran few tokens
+    weighs little.  None: row l is layer l.
+    """
+    load_LE = aux["tokens_per_expert_E"]
+    if application_layer is not None:
+        ids_A = jnp.asarray(application_layer, jnp.int32)
+        counts_AE = load_LE * aux["num_tokens"][:, None]
+        load_LE = jax.ops.segment_sum(counts_AE, ids_A, bias_LE.shape[0])
+    return jax.vmap(lambda b_E, load_E: routing.loss_free_bias_update(b_E, load_E, rate))(
+        bias_LE, load_LE)

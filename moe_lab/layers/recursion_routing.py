@@ -20,13 +20,19 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe_lab.layers.base import param, router_matmul
+from moe_lab.layers.routing import loss_free_bias_update
 
 
 class StepCounter(nnx.Variable):
-    """Train steps seen (token-choice warm-up); the train step increments it."""
+    """Train steps seen (token-choice warm-up); counted by `steps_seen_after_step`."""
+
+
+def steps_seen_after_step(steps_seen: jax.Array) -> jax.Array:
+    return steps_seen + 1
 
 
 def _mlp_hidden(d: int) -> int:
@@ -53,6 +59,12 @@ class StepRouters(nnx.Module):
             return router_matmul(h_BTD, self.w_RD[r])
         hid = jax.nn.gelu(router_matmul(h_BTD, self.w1_RDH[r]))
         return router_matmul(hid, self.w2_RH[r])
+
+
+def step_routers_for(leaves: dict, steps: list[int]) -> dict:
+    """A StepRouters' parameters (a pure dict, every leaf with the step axis first)
+    for a model whose step r uses the trained router steps[r] (test-time depth)."""
+    return {name: np.asarray(w)[steps] for name, w in leaves.items()}
 
 
 class DepthRouter(nnx.Module):
@@ -135,6 +147,16 @@ def tc_route(z_BTR: jax.Array, func: str, bias_R, alpha: float):
     d0_BT = jnp.argmax(jax.lax.stop_gradient(choose), axis=-1)
     gate_BT = alpha * jnp.take_along_axis(probs, d0_BT[..., None], axis=-1)[..., 0]
     return (d0_BT + 1).astype(jnp.int32), gate_BT, probs
+
+
+def depth_bias_after_step(bias_R: jax.Array, mor_aux: dict, rate: float) -> jax.Array:
+    """The token-choice depth bias after a train step: loss-free balancing,
+    b_i += rate * sign(mean load - load_i) on the tokens per depth; held during the
+    warm-up (every token is forced to full depth: the load says nothing)."""
+    new_R = loss_free_bias_update(bias_R, mor_aux["tokens_per_depth_R"], rate)
+    if "warming_up" in mor_aux:
+        new_R = jnp.where(mor_aux["warming_up"] > 0, bias_R, new_R)
+    return new_R
 
 
 def tc_balance(probs_BTR, depth_BT, valid_BT):

@@ -34,8 +34,9 @@ from moe_lab.parallel.sharding import LOGICAL_AXES_KEY
 class RouterBias(nnx.Variable):
     """Selection-only expert bias of the sigmoid router (DeepSeek-V3 loss-free balancing).
 
-    Not an `nnx.Param`: the optimizer never sees it; the train step updates it
-    with `loss_free_bias_update` from the observed per-expert load.
+    Not an `nnx.Param`: the optimizer never sees it; after each train step it
+    moves by `loss_free_bias_update` from the observed per-expert load
+    (layers/moe.py: router_bias_after_step).
     """
 
 

@@ -53,10 +53,9 @@ from flax import nnx
 
 from moe_lab.config.schema import ModelConfig, mor_capacities
 from moe_lab.layers import recursion_routing as rr
-from moe_lab.layers.attention import attention_mask, gqa
+from moe_lab.layers.attention import attention_mask, self_attention_mask
 from moe_lab.layers.routing import make_router_bias
-from moe_lab.models.transformer import _REMAT_POLICIES, ScannedStack, scan_layers
-from moe_lab.parallel import sharding
+from moe_lab.models.blocks import ScannedStack, empty_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +64,12 @@ class Schedule:
     last: bool
     pool: int  # P shared layers
     steps: tuple[tuple[int, ...], ...]  # pool indices applied at each recursion step
+
+    @property
+    def applications(self) -> tuple[int, ...]:
+        """The pool layer of each shared-layer application, step-major: the rows of
+        the shared pool's aux (aux["shared"]) in order."""
+        return tuple(i for step in self.steps for i in step)
 
 
 def recursion_schedule(num_layers: int, num_recursions: int, sharing: str) -> Schedule:
@@ -84,81 +89,8 @@ def layer_sequence(num_layers: int, num_recursions: int, sharing: str) -> list[t
     """The layer applied at each depth: ("first"|"shared"|"last", index in its stack)."""
     s = recursion_schedule(num_layers, num_recursions, sharing)
     seq = [("first", 0)] if s.first else []
-    seq += [("shared", i) for step in s.steps for i in step]
+    seq += [("shared", i) for i in s.applications]
     return seq + ([("last", 0)] if s.last else [])
-
-
-# ------------------------------------------------------------------ block helpers
-
-
-def block_forward(block, x_BTD, pos_BT, mask_BTS, *, kv=None, train: bool, rng=None,
-                  active_BT=None):
-    """Block.__call__ with an explicit attention mask and optional external KV.
-
-    kv=None: keys/values from x itself; else (k_BSGK, v_BSGK) to attend to (KV sharing).
-    Returns (y_BTD, aux, (k, v) used).
-    """
-    attn = block.attn
-
-    def attend(h):
-        q = attn.project_q(h, pos_BT)
-        k, v = attn.project_kv(h, pos_BT) if kv is None else kv
-        return attn.output(gqa(q, k, v, mask_BTS)), (k, v)
-
-    if block.post_norm:
-        a, kv_used = attend(x_BTD)
-        x_BTD = block.attn_norm(x_BTD + a)
-        y, aux = block._ffn(x_BTD, train, rng, active_BT)
-        return block.ffn_norm(x_BTD + y), aux, kv_used
-    a, kv_used = attend(block.attn_norm(x_BTD))
-    x_BTD = x_BTD + a
-    y, aux = block._ffn(block.ffn_norm(x_BTD), train, rng, active_BT)
-    return x_BTD + y, aux, kv_used
-
-
-def block_decode_shared_kv(block, x_BTD, pos_BT, cache, index):
-    """One block for T new tokens attending only to a read-only cache (KV sharing,
-    steps >= 2: the cache already holds these tokens' step-1 KV at their slots).
-
-    cache = (k_BSGK, v_BSGK, valid_BS).  Steps that store KV use Block.decode,
-    which writes the carried cache in place (see RecursiveStack._decode_layers).
-    """
-    attn = block.attn
-    k_c, v_c, valid_c = cache
-    B, T = x_BTD.shape[:2]
-    S = k_c.shape[1]
-
-    def attend(h):
-        q = attn.project_q(h, pos_BT)
-        q_slot_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
-        mask = attention_mask(q_slot_BT, jnp.broadcast_to(jnp.arange(S), (B, S)),
-                              k_valid_BS=valid_c)
-        return attn.output(gqa(q, k_c, v_c, mask))
-
-    if block.post_norm:
-        x_BTD = block.attn_norm(x_BTD + attend(x_BTD))
-        y, _ = block._ffn(x_BTD, False, None)
-        return block.ffn_norm(x_BTD + y)
-    x_BTD = x_BTD + attend(block.attn_norm(x_BTD))
-    y, _ = block._ffn(block.ffn_norm(x_BTD), False, None)
-    return x_BTD + y
-
-
-def _apply_stack(stack, x_BTD, pos_BT, seg_BT, *, train, rng):
-    """A ScannedStack (first/last unique layers) through scan_layers."""
-    graphdef, state_L = nnx.split(stack.layers)
-    keys = (jax.random.split(rng, stack.num_layers) if rng is not None
-            else jnp.zeros((stack.num_layers, 2), jnp.uint32))
-
-    def body(x, layer):
-        state, key = layer
-        block = nnx.merge(graphdef, state)
-        x, aux = block(x, pos_BT, seg_BT, train=train, rng=key if rng is not None else None)
-        return sharding.constrain(x, ("batch", None, "embed")), aux
-
-    if stack.remat != "none":
-        body = jax.checkpoint(body, policy=_REMAT_POLICIES[stack.remat])
-    return scan_layers(body, x_BTD, (state_L, keys))
 
 
 def _concat_aux(auxes):
@@ -187,10 +119,10 @@ class RecursiveStack(nnx.Module):
         self.schedule = recursion_schedule(cfg.num_layers, R, mor.sharing)
         first_ffn = "dense" if (cfg.ffn == "moe" and cfg.moe.first_dense_layers) else cfg.ffn
         if self.schedule.first:
-            self.first = ScannedStack(cfg, 1, first_ffn, rngs=rngs)
+            self.first = ScannedStack(cfg, 1, first_ffn, rngs=rngs, scan_single=False)
         self.shared = ScannedStack(cfg, self.schedule.pool, cfg.ffn, rngs=rngs)
         if self.schedule.last:
-            self.last = ScannedStack(cfg, 1, cfg.ffn, rngs=rngs)
+            self.last = ScannedStack(cfg, 1, cfg.ffn, rngs=rngs, scan_single=False)
         if mor.routing == "expert_choice":
             self.router = rr.StepRouters(cfg.d_model, R, mor.router_type, cfg.init_std, rngs=rngs)
             if mor.causal_aux == "aux_router":
@@ -230,28 +162,48 @@ class RecursiveStack(nnx.Module):
         return (jnp.where(warming, mor.num_recursions, depth_BT),
                 jnp.where(warming, full_gate_BT, gate_BT), warming)
 
+    def _tc_route(self, z_BTR):
+        """Token choice from the depth logits -> (depth_BT, gate_BT, probs_BTR, warming or
+        None): the loss-free bias steers the choice, the warm-up forces full depth."""
+        bias = self.bias_R[...] if hasattr(self, "bias_R") else None
+        tc_depth, tc_gate, probs = rr.tc_route(z_BTR, self._func(), bias,
+                                               self.cfg.mor.token_choice_alpha)
+        warming = None
+        if hasattr(self, "steps_seen"):
+            tc_depth, tc_gate, warming = self._tc_warmup(tc_depth, tc_gate, probs)
+        return tc_depth, tc_gate, probs, warming
+
+    def _route_step(self, r, h, cand, tc):
+        """Step r's causal routing of the hidden state h entering it, the one rule that
+        training and decoding share -> (sel_BT, gate, z_BT, z_dec_BT).
+
+        none: sel None (every token), no gate.  token choice (tc = (depth_BT, gate_BT)
+        chosen up front): the tokens whose depth reaches step r, gated at their last.
+        expert choice: gate from the step router's z; sel keeps the candidates with
+        z_dec >= 0 (z_dec: the auxiliary router's logits where there is one), all of
+        them at capacity 1.  z, z_dec (expert choice only, else None) are what
+        training's top-k and losses need.
+        """
+        routing = self.cfg.mor.routing
+        if routing == "none":
+            return None, None, None, None
+        if routing == "token_choice":
+            depth_BT, gate_BT = tc
+            return depth_BT > r, FinalStepGate(gate_BT, depth_BT == r + 1), None, None
+        z = self.router(h, r)
+        g = rr.ec_gate(z, self._func(), self.cfg.mor.alpha)
+        z_dec = z
+        if hasattr(self, "aux_router"):  # stop-gradient auxiliary router
+            z_dec = self.aux_router(jax.lax.stop_gradient(h), r)
+        sel = cand if self.capacities[r] >= 1.0 else rr.ec_threshold(z_dec, cand)
+        return sel, g, z, z_dec
+
     def _layers(self, r, x_BTD, pos_BT, mask_BTS, *, kv_n=None, want_kv=False, train, rng,
                 active_BT=None):
-        """The pool layers of step r in order (scan); returns (x, aux_n, kv_n or None).
+        """The pool layers of step r in order; returns (x, aux_n, kv_n or None).
         active_BT: the tokens this step really runs (MoE statistics count only them)."""
-        ids = self.schedule.steps[r]
-        graphdef, state_P = nnx.split(self.shared.layers)
-        keys = (jax.random.split(rng, len(ids)) if rng is not None
-                else jnp.zeros((len(ids), 2), jnp.uint32))
-
-        def body(x, xs):
-            i, key, kv = xs
-            block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
-            x, aux, kv_used = block_forward(block, x, pos_BT, mask_BTS, kv=kv, train=train,
-                                            rng=key if rng is not None else None,
-                                            active_BT=active_BT)
-            x = sharding.constrain(x, ("batch", None, "embed"))
-            return x, (aux, kv_used if want_kv else None)
-
-        if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-        x, (aux_n, kv_out) = scan_layers(body, x_BTD, (jnp.asarray(ids, jnp.int32), keys, kv_n))
-        return x, aux_n, kv_out
+        return self.shared.run(x_BTD, pos_BT, mask_BTS, ids=self.schedule.steps[r], kv_n=kv_n,
+                               want_kv=want_kv, train=train, rng=rng, active_BT=active_BT)
 
     def _dense_step(self, r, h, pos, seg, sel, g, kv1, *, train, rng):
         """All T tokens through f; only `sel` tokens (all if None) are updated.
@@ -259,16 +211,16 @@ class RecursiveStack(nnx.Module):
         Non-selected tokens get a private segment id, so selected ones never see them.
         """
         B, T = h.shape[:2]
-        idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         shared_kv = self.cfg.mor.kv_cache == "shared"
         if shared_kv and r > 0:
-            mask = attention_mask(idx, idx, seg, seg)
+            mask = self_attention_mask(seg, (B, T))
             f_h, aux, _ = self._layers(r, h, pos, mask, kv_n=kv1, train=train, rng=rng,
                                        active_BT=sel)
             kv_out = None
         else:
+            idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             seg_q = seg if sel is None else jnp.where(sel, seg, -1 - idx)
-            mask = attention_mask(idx, idx, seg_q, seg_q)
+            mask = self_attention_mask(seg_q, (B, T))
             f_h, aux, kv_out = self._layers(r, h, pos, mask, want_kv=shared_kv and r == 0,
                                             train=train, rng=rng, active_BT=sel)
         new = self._update(h, f_h, g)
@@ -301,13 +253,13 @@ class RecursiveStack(nnx.Module):
         key = (lambda i: jax.random.fold_in(rng, i)) if rng is not None else (lambda i: None)
         aux = {}
         if self.schedule.first:
-            x_BTD, aux["first"] = _apply_stack(self.first, x_BTD, positions_BT, segment_ids_BT,
-                                               train=train, rng=key(0))
+            x_BTD, aux["first"] = self.first(x_BTD, positions_BT, segment_ids_BT, train=train,
+                                             rng=key(0))
         x_BTD, aux["shared"], aux["mor"] = self._recurse(x_BTD, positions_BT, segment_ids_BT,
                                                          train=train, rng=key(1))
         if self.schedule.last:
-            x_BTD, aux["last"] = _apply_stack(self.last, x_BTD, positions_BT, segment_ids_BT,
-                                              train=train, rng=key(2))
+            x_BTD, aux["last"] = self.last(x_BTD, positions_BT, segment_ids_BT, train=train,
+                                           rng=key(2))
         return x_BTD, aux
 
     def _recurse(self, h, pos, seg, *, train, rng):
@@ -321,12 +273,12 @@ class RecursiveStack(nnx.Module):
         m = {}
         losses = jnp.zeros((), jnp.float32)
         step_keys = (jax.random.split(rng, R) if rng is not None else [None] * R)
+        tc = None
         if routing == "token_choice":
             z_BTR = self.router(h)
-            bias = self.bias_R[...] if hasattr(self, "bias_R") else None
-            tc_depth, tc_gate, probs = rr.tc_route(z_BTR, self._func(), bias, mor.token_choice_alpha)
-            if hasattr(self, "steps_seen"):
-                tc_depth, tc_gate, warming = self._tc_warmup(tc_depth, tc_gate, probs)
+            tc_depth, tc_gate, probs, warming = self._tc_route(z_BTR)
+            tc = (tc_depth, tc_gate)
+            if warming is not None:
                 m["warming_up"] = warming.astype(jnp.float32)  # no bias update (train/step.py)
             bal, load_R, maxvio = rr.tc_balance(probs, tc_depth, valid)
             zl = rr.masked_mean(jnp.square(jax.nn.logsumexp(z_BTR, axis=-1)), valid)
@@ -336,39 +288,30 @@ class RecursiveStack(nnx.Module):
             m.update(balance_loss=bal, z_loss=zl, tokens_per_depth_R=load_R, max_violation=maxvio)
         bces, zls, accs, kept = [], [], [], []
         for r in range(R):
-            g, idx_Bk = None, None
-            if routing == "none":
-                sel = None
-            elif routing == "token_choice":
-                sel, g = tc_depth > r, FinalStepGate(tc_gate, tc_depth == r + 1)
-            else:
-                z = self.router(h, r)
-                g = rr.ec_gate(z, self._func(), mor.alpha)
-                z_dec = z
-                if hasattr(self, "aux_router"):  # stop-gradient auxiliary router
-                    z_dec = self.aux_router(jax.lax.stop_gradient(h), r)
-                cap = self.capacities[r]
-                k = rr.capacity_tokens(cap, T)
-                if cap >= 1.0:
-                    sel = cand
+            sel, g, z, z_dec = self._route_step(r, h, cand, tc)
+            idx_Bk = None
+            if z is not None and self.capacities[r] < 1.0:  # expert choice, routed step
+                # training keeps the top k_r (the paper); the causal threshold is what
+                # decoding will run: its agreement with top-k and the aux BCE train it
+                thr = sel
+                k = rr.capacity_tokens(self.capacities[r], T)
+                idx_Bk, topk_sel = rr.ec_topk(z, cand, valid, k)
+                live = cand & valid
+                accs.append(rr.masked_mean((thr == topk_sel).astype(jnp.float32), live))
+                if mor.causal_aux != "none":
+                    bces.append(rr.masked_mean(rr.bce_with_logits(z_dec, topk_sel), live))
+                if train or mor.eval_routing == "topk":
+                    sel = topk_sel
                 else:
-                    idx_Bk, topk_sel = rr.ec_topk(z, cand, valid, k)
-                    live = cand & valid
-                    thr = rr.ec_threshold(z_dec, cand)
-                    accs.append(rr.masked_mean((thr == topk_sel).astype(jnp.float32), live))
-                    if mor.causal_aux != "none":
-                        bces.append(rr.masked_mean(rr.bce_with_logits(z_dec, topk_sel), live))
-                    if train or mor.eval_routing == "topk":
-                        sel = topk_sel
-                    else:
-                        sel, idx_Bk = thr, None
+                    idx_Bk = None
+            if z is not None:
                 zls.append(rr.masked_mean(jnp.square(z), cand & valid))
             if idx_Bk is not None and self.impl == "gather":
                 h, a = self._gather_step(r, h, pos, seg, idx_Bk, g, kv1, train=train,
                                          rng=step_keys[r])
             else:
-                h, a, kv_out = self._dense_step(r, h, pos, seg, None if routing == "none" else sel,
-                                                g, kv1, train=train, rng=step_keys[r])
+                h, a, kv_out = self._dense_step(r, h, pos, seg, sel, g, kv1, train=train,
+                                                rng=step_keys[r])
                 if r == 0:
                     kv1 = kv_out
             shared_aux.append(a)
@@ -407,9 +350,7 @@ class RecursiveStack(nnx.Module):
         # of a stacked buffer would copy it at every decode step)
         steps = cfg.mor.num_recursions if cfg.mor.kv_cache == "recursion_wise" else 1
         n = len(self.schedule.steps[0])
-        shape = (n, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
-        c["shared"] = tuple({"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype),
-                             "valid_BS": jnp.zeros(shape[:3], bool)} for _ in range(steps))
+        c["shared"] = tuple(empty_cache((n,), batch, max_len, cfg, dtype) for _ in range(steps))
         return c
 
     def decode(self, x_BTD, positions_BT, valid_BT, cache: dict, index, *, stats: bool = False):
@@ -417,33 +358,18 @@ class RecursiveStack(nnx.Module):
 
         stats=True also returns the per-step kept masks [R, B, T] (for benchmarks).
         """
-        mor = self.cfg.mor
-        R, routing = mor.num_recursions, mor.routing
         new = dict(cache)
         if self.schedule.first:
             x_BTD, new["first"] = self.first.decode(x_BTD, positions_BT, valid_BT,
                                                     cache["first"], index)
         h = x_BTD
-        B, T = h.shape[:2]
-        cand = jnp.ones((B, T), bool)
+        cand = jnp.ones(h.shape[:2], bool)
         shared = cache["shared"]
-        if routing == "token_choice":
-            bias = self.bias_R[...] if hasattr(self, "bias_R") else None
-            tc_depth, tc_gate, probs = rr.tc_route(self.router(h), self._func(), bias,
-                                                   mor.token_choice_alpha)
-            if hasattr(self, "steps_seen"):
-                tc_depth, tc_gate, _ = self._tc_warmup(tc_depth, tc_gate, probs)
+        tc = self._tc_route(self.router(h))[:2] if self.cfg.mor.routing == "token_choice" else None
         kept = []
-        for r in range(R):
-            if routing == "none":
-                sel, g = cand, None
-            elif routing == "token_choice":
-                sel, g = tc_depth > r, FinalStepGate(tc_gate, tc_depth == r + 1)
-            else:
-                z = self.router(h, r)
-                g = rr.ec_gate(z, self._func(), mor.alpha)
-                z_dec = self.aux_router(h, r) if hasattr(self, "aux_router") else z
-                sel = cand if self.capacities[r] >= 1.0 else rr.ec_threshold(z_dec, cand)
+        for r in range(self.cfg.mor.num_recursions):
+            sel, g, _, _ = self._route_step(r, h, cand, tc)
+            sel = cand if sel is None else sel
             h, shared = self._decode_step(r, h, positions_BT, valid_BT, sel, g, shared, index)
             kept.append(sel)
             cand = sel
@@ -455,35 +381,11 @@ class RecursiveStack(nnx.Module):
         return h, new
 
     def _decode_layers(self, r, h, pos, kv_valid, cache_n, index, write):
-        """Step r's pool layers on T new tokens -> (h, cache_n).
-
-        cache_n = {"k_BSGK", "v_BSGK", "valid_BS"} with a leading axis over the
-        step's n layers.  write=True: carried through the layer scan and each
-        layer's new KV written in place at slots [index, index+T) (Block.decode
-        with a layer index; a concatenation of cache and new KV per layer copied
-        the cache every step).  write=False (KV sharing, steps >= 2): read only.
-        """
-        graphdef, state_P = nnx.split(self.shared.layers)
-        ids = jnp.asarray(self.schedule.steps[r], jnp.int32)
-        local = jnp.arange(len(self.schedule.steps[r]), dtype=jnp.int32)
-
-        def layer(i):
-            return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state_P))
-
-        if write:
-            def body(carry, xs):
-                x, cache = carry
-                i, j = xs
-                return layer(i).decode(x, pos, kv_valid, cache, index, layer=j), None
-
-            return scan_layers(body, (h, cache_n), (ids, local))[0]
-
-        def body_ro(x, xs):
-            i, j = xs
-            cache = tuple(cache_n[k][j] for k in ("k_BSGK", "v_BSGK", "valid_BS"))
-            return block_decode_shared_kv(layer(i), x, pos, cache, index), None
-
-        return scan_layers(body_ro, h, (ids, local))[0], cache_n
+        """Step r's pool layers on T new tokens -> (h, cache_n); cache_n has a leading
+        axis over the step's n layers (see ScannedStack.decode; write=False: KV
+        sharing, steps >= 2 read step 1's cache only)."""
+        return self.shared.decode(h, pos, kv_valid, cache_n, index, ids=self.schedule.steps[r],
+                                  write=write)
 
     def _decode_step(self, r, h, pos, valid, sel, g, shared, index):
         mor = self.cfg.mor

@@ -4,7 +4,9 @@
 params and model_state are pure nested dicts (nnx.State.to_pure_dict()), so
 the same tree is what Orbax saves and what the growth transforms rewrite.
 `model_state` holds non-trainable variables (the sigmoid router's selection
-bias, updated here after each step; DeepSeek-V3 loss-free balancing).
+bias, DeepSeek-V3 loss-free balancing; MoR token choice's depth bias and warm-up
+counter): after each step the layers' own update rules (layers/moe.py,
+layers/recursion_routing.py) are applied at their paths (models/tree.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import optax
 from flax import nnx
 
 from moe_lab.config.schema import Config
-from moe_lab.layers.routing import loss_free_bias_update
+from moe_lab.layers import recursion_routing as rr
+from moe_lab.layers.moe import router_bias_after_step
+from moe_lab.models import tree
 from moe_lab.models.recursive import recursion_schedule
 from moe_lab.models.transformer import total_aux_loss
 
@@ -85,57 +89,40 @@ def mor_metrics(aux: dict) -> dict:
 
 
 def update_mor_state(model_state: dict, aux: dict, rate: float) -> dict:
-    """MoR token choice: loss-free bias b_i += rate * sign(mean load - load_i) and the
-    warm-up step counter (both non-trainable model_state, like update_router_biases)."""
-    node = model_state.get("recursive", {})
-    if "bias_R" not in node and "steps_seen" not in node:
-        return model_state
-
-    new = jax.tree.map(lambda x: x, model_state)
-    if "bias_R" in node:
-        bias_R = loss_free_bias_update(node["bias_R"], aux["mor"]["tokens_per_depth_R"], rate)
-        if "warming_up" in aux["mor"]:  # every token is forced to full depth: no signal
-            bias_R = jnp.where(aux["mor"]["warming_up"] > 0, node["bias_R"], bias_R)
-        new["recursive"]["bias_R"] = bias_R
-    if "steps_seen" in node:
-        new["recursive"]["steps_seen"] = node["steps_seen"] + 1
+    """MoR token choice: the loss-free depth bias and the warm-up step counter after a
+    step (non-trainable model_state, like update_router_biases)."""
+    updates = ((tree.DEPTH_BIAS, lambda b: rr.depth_bias_after_step(b, aux["mor"], rate)),
+               (tree.STEPS_SEEN, rr.steps_seen_after_step))
+    new = model_state
+    for name, after_step in updates:
+        value = tree.get(model_state, tree.mor_path(name))
+        if value is not None:
+            new = tree.replace(new, tree.mor_path(name), after_step(value))
     return new
 
 
 def update_router_biases(model_state: dict, aux: dict, rate: float,
                          shared_pool_ids: tuple[int, ...] | None = None) -> dict:
-    """Loss-free balancing: b_i += rate * sign(mean load - load_i), per layer.
+    """Loss-free balancing of every stack's sigmoid routers (moe.router_bias_after_step).
 
-    Plain stacks: model_state[stack]["layers"]["ffn"]["bias_E"] is [L, E], one row per
-    row of aux[stack]["tokens_per_expert_E"].  A recursive stack keeps its stacks under
-    model_state["recursive"], and its shared pool's aux has a row per layer
-    *application* (step-major, pool layer `shared_pool_ids[i]` at row i): a pool
-    layer's load is the sum of its applications' assignment counts.
+    Plain stacks: a stack's [L, E] biases get one row of aux[stack] per layer.  A
+    recursive stack keeps its stacks under model_state["recursive"], and its shared
+    pool's aux has a row per layer *application*: `shared_pool_ids[i]` is the pool
+    layer of row i (Schedule.applications).
     """
-    if not model_state:
-        return model_state
-
-    new = jax.tree.map(lambda x: x, model_state)
-    recursive = "recursive" in new
-    stacks = new["recursive"] if recursive else new
-    for stack, a in aux.items():
-        node = stacks.get(stack)  # aux also has non-stack keys ("mor")
-        ffn = node.get("layers", {}).get("ffn", {}) if hasattr(node, "get") else {}
-        bias_LE = ffn.get("bias_E")
-        if bias_LE is None:
+    new = model_state
+    for stack in tree.stack_paths(model_state):
+        name, path = stack[-1], tree.router_bias_path(stack)
+        bias_LE = tree.get(model_state, path)
+        if bias_LE is None or name not in aux:
             continue
-        load_LE = a["tokens_per_expert_E"]
-        if recursive and stack == "shared":
-            if shared_pool_ids is None or len(shared_pool_ids) != load_LE.shape[0]:
-                raise ValueError("update_router_biases: a recursive stack's shared pool needs "
-                                 "the pool layer of each aux row (shared_pool_ids)")
-            # a pool layer's load: assignments summed over its applications (fractions
-            # times the tokens each application ran), so small steps weigh little
-            ids = jnp.asarray(shared_pool_ids, jnp.int32)
-            counts_LE = load_LE * a["num_tokens"][:, None]
-            load_LE = jax.ops.segment_sum(counts_LE, ids, bias_LE.shape[0])
-        ffn["bias_E"] = jax.vmap(lambda b, load: loss_free_bias_update(b, load, rate))(
-            bias_LE, load_LE)
+        pool = stack == (tree.RECURSIVE, tree.SHARED_POOL)
+        if pool and (shared_pool_ids is None
+                     or len(shared_pool_ids) != aux[name]["tokens_per_expert_E"].shape[0]):
+            raise ValueError("update_router_biases: a recursive stack's shared pool needs "
+                             "the pool layer of each aux row (shared_pool_ids)")
+        new = tree.replace(new, path, router_bias_after_step(
+            bias_LE, aux[name], rate, shared_pool_ids if pool else None))
     return new
 
 
@@ -144,10 +131,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
     per_layer = cfg.model.ffn == "moe" and cfg.model.moe.metrics == "per_layer"
     shared_pool_ids = None
     if cfg.model.stack == "recursive":  # pool layer of each row of aux["shared"]
-
-        sched = recursion_schedule(cfg.model.num_layers, cfg.model.mor.num_recursions,
-                                   cfg.model.mor.sharing)
-        shared_pool_ids = tuple(i for step in sched.steps for i in step)
+        shared_pool_ids = recursion_schedule(cfg.model.num_layers, cfg.model.mor.num_recursions,
+                                             cfg.model.mor.sharing).applications
     base_key = jax.random.key(cfg.train.seed + 1)
 
     def loss_fn(params, model_state, batch, rng):
