@@ -163,3 +163,15 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert steps[-1] == last and last > 7
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     assert cfg["train"]["steps"] == 100000
+
+
+@pytest.mark.parametrize("content, needle", [("", "no documents"),
+                                             ('{"text": "a"}\n{broken\n', ":2: invalid JSON")])
+def test_a_bad_data_file_is_refused_before_any_output_or_write(content, needle, tmp_path, capfd):
+    data = tmp_path / "d.jsonl"
+    data.write_text(content)
+    cfg = tiny_config(data=dict(mixture="file:1", files=str(data)), train=dict(steps=2))
+    with pytest.raises(ConfigError, match=needle):
+        train(cfg, str(tmp_path / "run"))
+    assert capfd.readouterr().out == ""  # no start-up lines before the refusal
+    assert not (tmp_path / "run").exists()  # and no config.json left to block the fixed rerun

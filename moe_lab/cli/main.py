@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+import jax
+
 from moe_lab.bench import run_benchmark
 from moe_lab.cli.eval import add_eval_parser
 from moe_lab.cli.grow import add_grow_parser
@@ -20,6 +22,7 @@ from moe_lab.cli.sweep import add_sweep_parser
 from moe_lab.config.load import apply_overrides, from_dict, load_config, parse_override_args
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.config.validate import validate
+from moe_lab.eval.evaluate import evaluate
 from moe_lab.parallel import distributed
 from moe_lab.train.loop import train
 
@@ -42,6 +45,10 @@ def cmd_train(args, overrides) -> int:
     distributed.initialize(args)
 
     summary = train(cfg, args.workdir)
+    if cfg.eval.at_end and summary["step"] == cfg.train.steps:  # training, then evaluation
+        res = evaluate(args.workdir, summary["step"],
+                       devices="one" if jax.process_count() == 1 else "all")
+        summary.update({f"{g}/{k}": v for g, d in res["groups"].items() for k, v in d.items()})
     if summary.get("process_index", 0) != 0:
         return 0
     print("summary: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)

@@ -40,6 +40,7 @@ from moe_lab.eval.generate import generate_batched, generation_budget
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps
 from moe_lab.train.jit_cache import cached_for
+from moe_lab.train.loop import evaluate_losses
 from moe_lab.train.run_dir import write_json_atomic
 from moe_lab.train.state import resolve_config, setup_on_devices
 from moe_lab.train.step import make_eval_step
@@ -103,8 +104,6 @@ _EVAL_STEPS: dict = {}  # the latest model's jitted eval step (train.loop.cached
 
 
 def _loss_tier(cfg, setup, state, tasks) -> dict:
-
-    from moe_lab.train.loop import evaluate_losses  # noqa: PLC0415
 
     e = cfg.eval
     bs = max(1, min(e.batch_size, e.num_examples))

@@ -58,11 +58,19 @@ import sys
 import time
 import traceback
 
+from moe_lab.accounting import flops
 from moe_lab.config.load import apply_overrides, from_dict
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.config.validate import validate
+from moe_lab.eval.evaluate import eval_path, evaluate
+from moe_lab.eval.harness import run_harness
+from moe_lab.growth import transforms as growth
+from moe_lab.growth.grow import grow_run
 from moe_lab.sweep.points import SPECIAL, Point, load_sweep, make_points, parse_shard, run_name, shard_points  # noqa: E402, F401, I001  (grid expansion)
 from moe_lab.sweep.results import RESULTS, _read_json, _stage_path, record_failure, record_result, results_row  # noqa: E402  (the results store; load_results for notebooks)
+from moe_lab.train.loop import train
+from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.state import resolve_config
 
 # -------------------------------------------------------------- configuration
 
@@ -89,13 +97,11 @@ def grow_transforms(spec: dict | None) -> tuple[list[tuple[str, dict]], dict]:
 
 
 def _to_config(raw: dict) -> Config:
-    from moe_lab.train.state import resolve_config  # noqa: PLC0415
 
     return resolve_config(validate(from_dict(Config, raw)))
 
 
 def _flops_per_step(cfg: Config) -> float:
-    from moe_lab.accounting import flops  # noqa: PLC0415
 
     return flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
         * cfg.data.seq_len
@@ -120,7 +126,6 @@ def planned_config(point: Point, base: dict, by_name: dict[str, Point]) -> tuple
     if point.source is None:
         cfg = _to_config(apply_overrides(base, point.overrides))
         return _apply_budget(cfg, point, 0.0), 0.0
-    from moe_lab.growth import transforms as growth  # noqa: PLC0415
 
     parent_cfg, _ = planned_config(by_name[point.parent], base, by_name)
     step = point.source.get("step", parent_cfg.train.steps)
@@ -146,7 +151,6 @@ def final_step(run_dir: str) -> int | None:
 
 
 def is_finished(run_dir: str, point: Point | None = None) -> bool:
-    from moe_lab.eval.evaluate import eval_path  # noqa: PLC0415
 
     step = final_step(run_dir)
     if step is None or not os.path.isfile(eval_path(run_dir, step)):
@@ -165,7 +169,6 @@ def _resolve_fn(spec: str, default_module: str | None = None):
 
 
 def _post_harness(run_dir: str, spec: dict) -> dict:
-    from moe_lab.eval.harness import run_harness  # noqa: PLC0415
 
     r = run_harness(run_dir, spec["data"], shots=int(spec.get("shots", 0)),
                     limit=spec.get("limit"), print_table=True)
@@ -181,8 +184,6 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
               log=print) -> dict:
     """Runs one point to completion in this process (grow/train/eval/post as
     needed); returns its results row."""
-    from moe_lab.eval.evaluate import eval_path, evaluate  # noqa: PLC0415
-    from moe_lab.train.run_dir import write_json_atomic  # noqa: PLC0415
 
     run_dir = os.path.join(sweep_dir, point.name)
     sunk = 0.0
@@ -195,7 +196,6 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
                 raise ConfigError(f"parent run {point.parent!r} is not finished")
             kind = point.source.get("kind", "grow")
             if kind == "grow":
-                from moe_lab.growth.grow import grow_run  # noqa: PLC0415
 
                 transforms, opts = grow_transforms(point.source.get("grow"))
                 grow_run(parent_dir, run_dir, transforms, step=point.source.get("step"),
@@ -212,14 +212,12 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
     cfg = cfg.replace(name=point.name)
     steps = cfg.train.steps
     if not os.path.isfile(eval_path(run_dir, steps)):
-        trainer = _resolve_fn(point.trainer) if point.trainer else None
-        if trainer is None:
-            from moe_lab.train.loop import train as trainer  # noqa: PLC0415
+        trainer = _resolve_fn(point.trainer) if point.trainer else train
         summary = trainer(cfg, run_dir)
         if summary and summary.get("step", steps) < steps:
             raise RuntimeError(f"training stopped at step {summary['step']} of {steps} "
                                "(preempted?); rerun the sweep to resume")
-        if not os.path.isfile(eval_path(run_dir, steps)):  # train() may already have done it
+        if not os.path.isfile(eval_path(run_dir, steps)):  # training, then evaluation
             evaluate(run_dir, steps)
     for i, spec in enumerate(point.post):
         path = _stage_path(run_dir, i, spec)

@@ -65,9 +65,9 @@ def _latest_has_data_state(workdir: str) -> bool:
     return bool(steps) and os.path.isdir(os.path.join(workdir, "checkpoints", str(steps[-1]), DATA))
 
 
-def prepare_workdir(cfg: Config, workdir: str) -> Config:
-    """Creates or re-opens a workdir; refuses one whose run has another model, data or
-    batches (`_resume_diffs`)."""
+def check_workdir(cfg: Config, workdir: str) -> bool:
+    """Refuses a workdir whose run has another model, data or batches (`_resume_diffs`),
+    or a non-empty one that holds no run; writes nothing.  True if it holds a run."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
     cfg_path = os.path.join(workdir, "config.json")
@@ -85,14 +85,19 @@ def prepare_workdir(cfg: Config, workdir: str) -> Config:
                 raise ConfigError(
                     f"workdir {workdir} holds a run with a different {what} "
                     f"({'; '.join(diffs)[:200]}); use a new --workdir")
-    elif os.path.isdir(workdir) and os.listdir(workdir):
+        return True
+    if os.path.isdir(workdir) and os.listdir(workdir):
         raise ConfigError(f"workdir {workdir} is not empty and holds no moe_lab run (no config.json)")
+    return False
+
+
+def write_workdir_config(cfg: Config, workdir: str) -> None:
+    """Creates the workdir (if new) and writes its config.json, once every host checked it."""
     _barrier("moe_lab_workdir_checked")  # every host checked before anyone writes
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        write_json_atomic(cfg_path, cfg.to_dict())
+        write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
     _barrier("moe_lab_workdir_written")
-    return cfg
 
 
 def _check_expert_parallel(cfg: Config, mesh) -> None:
@@ -243,9 +248,10 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     # a config that cannot build leaves no config.json behind to block the fixed rerun
     setup = make_setup(cfg, mesh)
     _check_expert_parallel(cfg, mesh)
-    cfg = prepare_workdir(cfg, workdir)
-    _log(sharding.format_rules(cfg.mesh.rules, mesh))
+    resuming = check_workdir(cfg, workdir)
 
+    # the data next (a bad data file is refused here), then the checkpoint: nothing is
+    # printed or written before the run is known to start
     task_names = [name for name, _ in parse_mixture(cfg.data.mixture)]
     # Every host iterates the same global batch and keeps its own rows: the data a
     # run sees does not depend on the number of hosts, and the iterator state in a
@@ -258,6 +264,8 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
         eval_batches += [host_rows(b) for b in pipeline.make_eval_batches(
             task, cfg.data, t.batch_size, t.eval_batches, task_index=task_names.index(name))]
 
+    if not resuming:  # the checkpoint manager creates checkpoints/ in the new workdir
+        write_workdir_config(cfg, workdir)
     ckpt = Checkpointer(os.path.join(workdir), keep_last=t.keep_last, keep_every=t.keep_every,
                         keep_steps=grown_steps(workdir), async_save=t.async_checkpoint)
     latest = ckpt.latest_step()
@@ -265,9 +273,13 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     if latest is not None:
         state, meta = ckpt.restore(latest, setup.abstract_state, data_iterator=train_iter)
         counters.update({k: meta[k] for k in counters if k in meta})
-        _log(f"resuming from {workdir}/checkpoints/{latest} (step {int(state['step'])})")
     else:
         state = setup.init_state()
+    if resuming:  # the checkpoint restored: the run's new settings (steps, lr, ...) go in
+        write_workdir_config(cfg, workdir)
+    _log(sharding.format_rules(cfg.mesh.rules, mesh))
+    if latest is not None:
+        _log(f"resuming from {workdir}/checkpoints/{latest} (step {int(state['step'])})")
     start_step = int(local_values(state["step"]))
 
     counts = flops.param_counts(cfg.model)
@@ -314,12 +326,6 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
                             flops_per_step, tokens_per_step, peak_total, max_steps)
     writer.close()
     ckpt.close()
-    if cfg.eval.at_end and summary["step"] == t.steps:
-        from moe_lab.eval.evaluate import evaluate  # noqa: PLC0415
-
-        res = evaluate(workdir, summary["step"],
-                       devices="one" if jax.process_count() == 1 else "all")
-        summary.update({f"{g}/{k}": v for g, d in res["groups"].items() for k, v in d.items()})
     return summary
 
 
