@@ -24,6 +24,7 @@ from moe_lab.config.schema import Config, ConfigError
 from moe_lab.config.validate import validate
 from moe_lab.eval.evaluate import evaluate
 from moe_lab.parallel import distributed
+from moe_lab.parallel.host_allocator import tune_host_allocator
 from moe_lab.train.loop import train
 
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_host_allocator()  # before jax starts its thread pools (parallel/host_allocator.py)
     argv = sys.argv[1:] if argv is None else argv
     try:
         overrides, rest = parse_override_args(argv)

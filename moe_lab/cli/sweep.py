@@ -9,6 +9,7 @@ import sys
 
 from moe_lab.config.load import parse_override_args
 from moe_lab.config.schema import ConfigError
+from moe_lab.parallel.host_allocator import tune_host_allocator
 from moe_lab.sweep.points import SPECIAL, Point, load_sweep, make_points, parse_shard, run_name, shard_points  # noqa: E402, F401, I001  (grid expansion)
 from moe_lab.sweep.results import RESULTS, format_results, load_results  # noqa: E402  (the results store; load_results for notebooks)
 from moe_lab.sweep.runner import FAILED_MARK, run_sweep
@@ -41,6 +42,7 @@ def cmd_sweep(args, overrides) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_host_allocator()  # as `moe-lab` does: the sweep's child processes start here
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m moe_lab.cli.sweep")
     sub = p.add_subparsers(dest="command")
