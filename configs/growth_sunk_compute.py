@@ -76,7 +76,7 @@ def get_config(arg=None):
 
 
 def _flops_per_step(c) -> float:
-    """Training FLOPs of one step of config dict `c` (moe_lab.flops conventions)."""
+    """Training FLOPs of one step of config dict `c` (moe_lab.accounting.flops conventions)."""
     from moe_lab.accounting.flops import train_flops_per_token
     from moe_lab.config.load import from_dict
     from moe_lab.config.schema import ModelConfig

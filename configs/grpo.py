@@ -1,4 +1,4 @@
-"""GRPO post-training (moe-lab rl; moe_lab/eval/grpo.py).
+"""GRPO post-training (moe-lab rl; moe_lab/rl/grpo.py).
 
     moe-lab rl --from runs/tiny --to runs/tiny_grpo --config configs/grpo.py
     moe-lab rl --from runs/tiny --to runs/tiny_cd --config configs/grpo.py:countdown

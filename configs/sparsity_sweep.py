@@ -18,7 +18,7 @@ expert size, so active parameters depend on k only and total on E.
                            results.jsonl can answer: does test-time compute or RL
                            change the ranking of sparsities? (2508.18672 sec. 5)
 
-Run it with the resumable, shardable runner (see moe_lab/sweep.py):
+Run it with the resumable, shardable runner (see moe_lab/sweep/runner.py):
 
     moe-lab sweep --config configs/sparsity_sweep.py:tiny --workdir runs/sparsity_tiny
     moe-lab sweep --config configs/sparsity_sweep.py:tiny+post --workdir runs/sparsity_tiny_post
@@ -29,7 +29,7 @@ import os
 import ml_collections
 
 # post stages per scale: (test-time compute spec, GRPO spec); keys of
-# moe_lab.eval.test_time.TTCConfig and moe_lab.eval.grpo.GRPOConfig
+# moe_lab.eval.test_time.TTCConfig and moe_lab.rl.grpo.GRPOConfig
 POST = {
     "tiny": ({"n": 16, "num_prompts": 32},
              {"steps": 100, "lr": 3e-4, "prompts_per_step": 8, "eval_every": 50,

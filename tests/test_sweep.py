@@ -15,7 +15,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from moe_lab.cli import sweep as sweep_cli
 from moe_lab.config.schema import ConfigError
+from moe_lab.sweep import results
 from moe_lab.sweep import runner as sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +171,7 @@ def test_micro_sweep_runs_records_and_isolates_failures(micro_sweep):
     with open(os.path.join(d, "e2_k1", "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
     assert steps == [1, 2, 3, 4]
-    df = sweep.load_results(d)
+    df = results.load_results(d)
     assert list(df["run"]) == ["e2_k1", "e4_k2", "grown", "g2"]
     want = {"run", "model.moe.num_experts", "model.moe.top_k", "num_experts", "top_k",
             "params_total", "params_active", "sparsity", "tpp", "train_flops", "train_loss",
@@ -214,10 +216,10 @@ def test_results_dedupe_and_load_results(tmp_path):
     sweep.record_result(str(tmp_path), {"run": "a", "x": 3, "sweep_index": 1})  # changed: replaced
     with open(tmp_path / "results.jsonl", "a") as f:
         f.write('{"run": "b", "x": 5, "sweep_index": 0}\n{"run": "tor')  # a racing writer + torn line
-    df = sweep.load_results(str(tmp_path / "results.jsonl"))
+    df = results.load_results(str(tmp_path / "results.jsonl"))
     assert list(df["run"]) == ["b", "a"] and list(df["x"]) == [5, 3]
     with pytest.raises(FileNotFoundError):
-        sweep.load_results(str(tmp_path / "nothing"))
+        results.load_results(str(tmp_path / "nothing"))
 
 
 def test_subprocess_isolation_records_a_crashing_point(tmp_path):
@@ -256,10 +258,10 @@ def test_sweep_cli_parser():
     import argparse
 
     p = argparse.ArgumentParser()
-    sweep.add_sweep_parser(p.add_subparsers())
+    sweep_cli.add_sweep_parser(p.add_subparsers())
     args = p.parse_args(["sweep", "--config", "c.py", "--workdir", "w", "--shard", "1/4",
                          "--dry-run"])
-    assert args.fn is sweep.cmd_sweep and args.shard == "1/4" and args.dry_run
+    assert args.fn is sweep_cli.cmd_sweep and args.shard == "1/4" and args.dry_run
     assert textwrap.dedent(sweep.__doc__).startswith("Sweeps")
 
 

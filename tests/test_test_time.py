@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_config
 
 from moe_lab.data.tokenizer import TOKENIZER as TOK
+from moe_lab.eval import budget_forcing as bf
 from moe_lab.eval import test_time as tt
 from moe_lab.growth.transforms import with_recursions
 
@@ -137,7 +138,7 @@ def test_forced_end_at_max_budget():
              ids("7"): TOK.eos_id}
     m = Bigram([table], TOK.eos_id)
     for budget in (0, 1, 5):
-        (row,) = tt.budget_force(m.start(1), m, tt.Forcing(max_think=budget))
+        (row,) = bf.budget_force(m.start(1), m, bf.Forcing(max_think=budget))
         assert text_of(row) == "<think>" + "a" * budget + "</think><answer>7</s>"
         assert row["think_len"] == budget and row["forced_end"] and not row["ended"]
 
@@ -148,17 +149,17 @@ def test_wait_is_inserted_n_times_then_end_allowed():
              TOK.answer_id: ids("7"), ids("7"): TOK.eos_id}
     m = Bigram([table], TOK.eos_id)
     for n in (0, 1, 2, 4):
-        (row,) = tt.budget_force(m.start(1), m, tt.Forcing(num_waits=n))
+        (row,) = bf.budget_force(m.start(1), m, bf.Forcing(num_waits=n))
         assert text_of(row) == "<think>b" + " Waitb" * n + "</think><answer>7</s>", n
         assert row["waits"] == n and row["think_len"] == 1 + 6 * n and not row["forced_end"]
     # min budget: pushed until 8 thinking tokens are written (b, " Wait", b = 7; twice = 13)
-    (row,) = tt.budget_force(m.start(1), m, tt.Forcing(min_think=8))
+    (row,) = bf.budget_force(m.start(1), m, bf.Forcing(min_think=8))
     assert text_of(row) == "<think>b Waitb Waitb</think><answer>7</s>"
     # the max budget wins over extrapolation: no room for another " Wait" -> forced end
-    (row,) = tt.budget_force(m.start(1), m, tt.Forcing(max_think=9, num_waits=5))
+    (row,) = bf.budget_force(m.start(1), m, bf.Forcing(max_think=9, num_waits=5))
     assert text_of(row) == "<think>b Waitb</think><answer>7</s>"
     assert row["waits"] == 1 and row["think_len"] == 7 and not row["forced_end"]
-    (row,) = tt.budget_force(m.start(1), m, tt.Forcing(max_think=7, num_waits=5, max_answer=1))
+    (row,) = bf.budget_force(m.start(1), m, bf.Forcing(max_think=7, num_waits=5, max_answer=1))
     assert row["think_len"] <= 7 and text_of(row).endswith("<answer>7")
 
 
@@ -168,7 +169,7 @@ def test_rows_are_controlled_independently():
     endless = {TOK.think_start_id: ids("a"), ids("a"): ids("a"), TOK.answer_id: ids("5"),
                ids("5"): ids("5")}
     m = Bigram([closing, endless], TOK.eos_id)
-    rows = tt.budget_force(m.start(2), m, tt.Forcing(max_think=10, num_waits=1, max_answer=3))
+    rows = bf.budget_force(m.start(2), m, bf.Forcing(max_think=10, num_waits=1, max_answer=3))
     assert text_of(rows[0]) == "<think>b Waitb</think><answer>7</s>"
     assert text_of(rows[1]) == "<think>" + "a" * 10 + "</think><answer>555"
     assert [r["forced_end"] for r in rows] == [False, True]
@@ -201,7 +202,7 @@ def test_sampling_and_cached_stepper_match_the_decoder(run_dir):
     greedy = np.asarray(gen._generate_cached(*args, jnp.asarray(tokens), jnp.asarray(valid),
                                              jax.random.key(0), max_new_tokens=6,
                                              temperature=0.0, top_p=1.0))
-    st = tt.CachedStepper(*args, prompts, 8, pad_id=TOK.pad_id)
+    st = bf.CachedStepper(*args, prompts, 8, pad_id=TOK.pad_id)
     logits = st.first_logits
     for i in range(6):
         np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1), greedy[:, i])

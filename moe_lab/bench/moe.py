@@ -7,24 +7,21 @@ dispatch ("reference" only up to E=32: it runs every expert on every token),
 plus a dense SwiGLU with the same active parameters (hidden k*512).
 
 Targets (ratios measured in the same run): the cost of an MoE layer should
-depend on k, not E (DESIGN.md, performance principles).  Also reported: the
-"matmul floor", the same expert SwiGLUs on perfectly balanced [E, N*K/E, D]
-buffers with no router and no dispatch.  On the 2-core CPU its E=256/E=8 ratio
-is ~1.2-1.4 by itself: same FLOPs, but E=256 has 32x the expert weights (402 MB
-vs 12.6 MB f32), read from DRAM for the forward, again for the input gradient,
-and written as the weight gradient, each expert's [256, 512] matrices used for
-only ~128 rows.  Measured here: one [E, C, 256] x [E, 256, 512] batched dot takes
-68-80 ms at E=256 x C=128 against 48-57 ms for the same FLOPs at E=8 x C=4096
-(and as one plain dot), whether XLA's dots run on one thread or two, with
-XNNPACK or Eigen; the difference is the weight stream.  Not XLA's: the same expert
-SwiGLU fwd+bwd as a numpy loop over experts (OpenBLAS 0.3.31) took 547 ms at E=8 and
-670 ms at E=256, the same 1.22x.  So the floor moves with
-the host's free memory bandwidth, which neighbours on a shared VM take: the
-benchmark prints a copy bandwidth at its start and end.  And the "ideal layer": the
-real router and token movement with the experts timed as if perfectly balanced
-(no capacity padding, no tiles).  Its ratio is what a perfect dispatch built on
-XLA dots could reach here; the router's f32 [N, D] x [D, E] matmul, which grows
-with E by design, is part of it; the "router alone" rows time that router by itself.
+depend on k, not E.  Also reported: the "matmul floor", the same expert SwiGLUs
+on perfectly balanced [E, N*K/E, D] buffers with no router and no dispatch.  On
+CPU its E=256/E=8 ratio is above 1 by itself: same FLOPs, but E=256 has 32x the
+expert weights (402 MB vs 12.6 MB f32), read from DRAM for the forward, again
+for the input gradient, and written as the weight gradient, each expert's
+[256, 512] matrices used for only ~128 rows; the difference is the weight
+stream, the machine's and not XLA's (the recorded ratios, batched-dot and
+numpy-loop timings, with their commands: experiments/moe_kernels/README.md).
+So the floor moves with the host's free memory bandwidth, which neighbours on a
+shared VM take: the benchmark prints a copy bandwidth at its start and end.  And
+the "ideal layer": the real router and token movement with the experts timed as
+if perfectly balanced (no capacity padding, no tiles).  Its ratio is what a
+perfect dispatch built on XLA dots could reach here; the router's f32
+[N, D] x [D, E] matmul, which grows with E by design, is part of it; the
+"router alone" rows time that router by itself.
 """
 
 from __future__ import annotations
@@ -155,8 +152,8 @@ def run(quick: bool = False) -> dict:
         cases[("ideal layer", e, "balanced")] = _ideal_fn(s, e)
         cases[("router alone", e, "f32")] = _router_fn(s, e)
     # The table: two rounds, the second in reverse order, each case's time = the
-    # smaller of its two medians (this shared 2-core machine drifts by +-10% over a
-    # minute).  Reference: one round, 1 call.  The targets below use paired ratios.
+    # smaller of its two medians (a shared machine drifts over a minute).
+    # Reference: one round, 1 call.  The targets below use paired ratios.
     times: dict[tuple, float] = {}
     for round_keys in (list(cases), [k for k in reversed(cases) if k[2] != "reference"]):
         for key in round_keys:

@@ -1,6 +1,6 @@
 """Train-step throughput and MFU; compile time against depth.
 
-- tokens/s and MFU (model FLOPs, see flops.py, over the matmul peak this same
+- tokens/s and MFU (model FLOPs, see accounting/flops.py, over the matmul peak this same
   process measures) for the tiny config and a small dense config (d_model 512,
   8 layers, seq 256). Target: MFU >= 40% for the small dense config on CPU.
 - compile time of the train step at 24 layers vs 4 layers: the stack is a scan,

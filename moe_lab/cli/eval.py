@@ -28,6 +28,7 @@ from moe_lab.config.schema import ConfigError, EvalConfig
 from moe_lab.eval.evaluate import evaluate
 from moe_lab.eval.harness import load_items, run_harness, shot_indices
 from moe_lab.eval.test_time import evaluate_ttc, ttc_config_from
+from moe_lab.train.run_dir import config_path
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -64,7 +65,7 @@ def eval_config_from(workdir: str, overrides: dict) -> EvalConfig | None:
     bad = [k for k in overrides if not k.startswith("eval.")]
     if bad:
         raise ConfigError(f"eval: only --config.eval.* may be overridden, not {bad[0]}")
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(config_path(workdir)) as f:
         section = dict(json.load(f).get("eval", {}))
     section.update({k[len("eval."):]: v for k, v in overrides.items()})
     ev = from_dict(EvalConfig, section, "eval.")
@@ -77,7 +78,7 @@ def eval_config_from(workdir: str, overrides: dict) -> EvalConfig | None:
 
 
 def cmd_eval(args, overrides: dict | None = None) -> int:
-    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    if not os.path.isfile(config_path(args.workdir)):
         raise ConfigError(f"eval: --workdir {args.workdir} holds no run (no config.json)")
     if args.num_examples is not None and args.num_examples <= 0:
         raise ConfigError(f"eval: --num-examples must be > 0, got {args.num_examples}")

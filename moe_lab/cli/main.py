@@ -26,13 +26,14 @@ from moe_lab.eval.evaluate import evaluate
 from moe_lab.parallel import distributed
 from moe_lab.parallel.host_allocator import tune_host_allocator
 from moe_lab.train.loop import train
+from moe_lab.train.run_dir import config_path
 
 
 def _config_from_args(args, overrides: dict) -> Config:
     if args.config:
         return load_config(args.config, overrides)
     workdir = getattr(args, "workdir", None)
-    path = os.path.join(workdir, "config.json") if workdir else None
+    path = config_path(workdir) if workdir else None
     if not path or not os.path.isfile(path):
         raise ConfigError("--config is required (or a --workdir that holds config.json)")
     with open(path) as f:

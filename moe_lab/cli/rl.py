@@ -17,6 +17,7 @@ import os
 
 from moe_lab.config.schema import ConfigError
 from moe_lab.rl.grpo import load_grpo_config, run_grpo
+from moe_lab.train.run_dir import config_path
 
 
 def add_rl_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def add_rl_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_rl(args, overrides: dict | None = None) -> int:
-    if not os.path.isfile(os.path.join(args.src, "config.json")):
+    if not os.path.isfile(config_path(args.src)):
         raise ConfigError(f"rl: --from {args.src} holds no run (no config.json)")
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"rl: --max-steps must be >= 1, got {args.max_steps}")

@@ -3,26 +3,19 @@
 Maximum budget: when the thinking budget is reached, append the end-of-thinking
 delimiter and the answer marker so the model must answer. Minimum budget /
 extrapolation: when the model ends thinking early, suppress the delimiter and
-append " Wait", N times. Split out of moe_lab/eval/test_time.py, which re-exports it.
+append " Wait", N times.  The decoder it controls is generate.CachedStepper (the
+KV-cache decoder one token at a time); moe_lab/eval/test_time.py runs the tables.
 """
-
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from moe_lab.data.tokenizer import TOKENIZER
 from moe_lab.data.tokenizer import TOKENIZER as tok
-from moe_lab.eval import generate as gen
-from moe_lab.eval.generate import PROMPT_BUCKET
+from moe_lab.eval.generate import CachedStepper, fixed_batches
 
 # ------------------------------------------------------------ budget forcing
 
@@ -73,7 +66,6 @@ def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: 
     (a KV-cache decoder, or any scripted fake model).  Token ids come from the
     tokenizer (THINK_START / THINK_END / ANSWER / EOS, " Wait" as bytes).
     """
-
     f = forcing
     if f.max_think is not None and f.max_think < 0:
         raise ValueError(f"max_think must be >= 0, got {f.max_think}")
@@ -144,71 +136,10 @@ def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: 
             for r in rows]
 
 
-class CachedStepper:
-    """A KV-cache decoder exposed as (first logits, step_fn) for `budget_force`."""
-
-    def __init__(self, graphdef, params, model_state, prompts: list[list[int]], max_new: int,
-                 pad_id: int = 0):
-
-
-        tokens, valid = gen.left_pad(prompts, pad_id)
-        width = PROMPT_BUCKET * math.ceil(tokens.shape[1] / PROMPT_BUCKET)
-        extra = width - tokens.shape[1]
-        tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
-        valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
-        self.args = (graphdef, params, model_state)
-        max_len = width + PROMPT_BUCKET * math.ceil(max_new / PROMPT_BUCKET)
-        self.first_logits, self.cache, self.pos = _prefill(
-            graphdef, params, model_state, jnp.asarray(tokens), jnp.asarray(valid),
-            max_len=max_len)
-        self.index, self.max_len = width, max_len
-
-    def __call__(self, tokens_B):
-
-        if self.index >= self.max_len:
-            raise RuntimeError("CachedStepper: cache full (raise max_new)")
-        self.pos = self.pos + 1
-        logits, self.cache = _decode_one(*self.args, self.cache, jnp.asarray(tokens_B, jnp.int32),
-                                         self.pos, jnp.int32(self.index))
-        self.index += 1
-        return logits
-
-
-@functools.cache
-def _jitted():
-
-    @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-    def prefill(graphdef, params, model_state, tokens_BP, valid_BP, *, max_len):
-        model = nnx.merge(graphdef, params, model_state)
-        cache = model.init_cache(tokens_BP.shape[0], max_len)
-        pos_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0).astype(jnp.int32)
-        logits_BPV, cache = model.decode(tokens_BP, pos_BP, valid_BP, cache, 0)
-        return logits_BPV[:, -1], cache, pos_BP[:, -1]
-
-    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-    def decode_one(graphdef, params, model_state, cache, token_B, pos_B, index):
-        model = nnx.merge(graphdef, params, model_state)
-        B = token_B.shape[0]
-        logits_B1V, cache = model.decode(token_B[:, None], pos_B[:, None],
-                                         jnp.ones((B, 1), bool), cache, index)
-        return logits_B1V[:, 0], cache
-
-    return prefill, decode_one
-
-
-def _prefill(*a, **kw):
-    return _jitted()[0](*a, **kw)
-
-
-def _decode_one(*a, **kw):
-    return _jitted()[1](*a, **kw)
-
-
 def forcing_tokens(forcing: Forcing) -> int:
     """An upper bound on the tokens one row writes under `forcing`."""
-
     cap = forcing.max_think if forcing.max_think is not None else 256
-    return cap + (len(TOKENIZER.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
+    return cap + (len(tok.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
         + forcing.min_think + forcing.max_answer + 8
 
 
@@ -219,16 +150,14 @@ def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing,
 
     max_new = max(max_new or 0, forcing_tokens(forcing))
     rows = []
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in chunk]
-        prompts += [prompts[0]] * (batch_size - len(prompts))  # fixed shapes
+    for s, chunk, padded in fixed_batches(examples, batch_size):
+        prompts = [tok.encode(ex.prompt, add_bos=True) for ex in padded]
         stepper = CachedStepper(graphdef, params, model_state, prompts, max_new,
-                                pad_id=TOKENIZER.pad_id)
+                                pad_id=tok.pad_id)
         out = budget_force(stepper.first_logits, stepper, forcing, seed=seed + s,
                            max_steps=max_new - 1)
         for ex, r in zip(chunk, out):
-            text = TOKENIZER.decode(t for t in r["tokens"] if t != TOKENIZER.eos_id)
+            text = tok.decode(t for t in r["tokens"] if t != tok.eos_id)
             rows.append({**r, "correct": bool(task.check(text, ex)), "text": text})
     within = [forcing.max_think is None or r["think_len"] <= forcing.max_think for r in rows]
     return {"accuracy": float(np.mean([r["correct"] for r in rows])),
@@ -238,5 +167,3 @@ def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing,
             "forced_end": float(np.mean([r["forced_end"] for r in rows])),
             "mean_waits": float(np.mean([r["waits"] for r in rows])),
             "sample": rows[0]["text"] if rows else ""}
-
-

@@ -1,15 +1,17 @@
-"""Host memory allocator tuning for XLA:CPU (glibc malloc), applied at `import moe_lab`.
+"""Host memory allocator tuning for XLA:CPU (glibc malloc), applied by the `moe-lab`
+command-line entry point (`moe_lab/cli/main.py` main()) and by the benchmarks
+(`moe_lab/bench/__init__.py` run_benchmark) before their jax work, and by
+tests/conftest.py for the test suite; importing moe_lab changes nothing.
 
 Why: XLA:CPU allocates every step's temporaries and outputs with malloc.  glibc
 serves any block above its mmap threshold (at most 32 MiB) with a fresh mmap and
 unmaps it on free, and per-thread arenas give memory back with MADV_DONTNEED, so
 every large buffer of every step is page-faulted and zero-filled by the kernel
-again.  Measured on the 2-core CPU machine (fwd+bwd of an E=256 expert layer,
-402 MB of weight gradients): 3.7M minor page faults per 10 steps and ~5 GB/s
-effective bandwidth on >32 MB buffers; with one arena, no mmap and no trimming:
-0.27M faults, ~26 GB/s, and the layer runs 1.4-1.6x faster (E=8: 1.3x).  This is
-the same fix as the tcmalloc preload that TPU-VM and MaxText setups use, done
-with glibc's own `mallopt` so nothing has to be installed.
+again; one arena, no mmap and no trimming remove those faults and make the large
+MoE layers markedly faster on CPU (page faults, bandwidth and timings, with the
+command: experiments/host_allocator/README.md).  This is the same fix as the
+tcmalloc preload that TPU-VM and MaxText setups use, done with glibc's own
+`mallopt` so nothing has to be installed.
 
 Trade-off: freed memory stays in the process (up to the trim threshold, 2 GiB
 above the heap top) instead of going back to the OS, and one arena serialises

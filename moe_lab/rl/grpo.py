@@ -56,10 +56,10 @@ from moe_lab.eval.generate import PROMPT_BUCKET, generate_batched, generation_bu
 from moe_lab.models.transformer import total_aux_loss
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps, write_checkpoint
-from moe_lab.train.loop import _Preempted, local_values
 from moe_lab.train.metrics import MetricsWriter, read_metrics
 from moe_lab.train.run_dir import write_json_atomic
 from moe_lab.train.state import make_setup, resolve_config
+from moe_lab.train.trainer import Preempted, local_values
 
 _LOSS_AGG = ("sequence", "token")
 _KL = ("k3", "k1")
@@ -423,7 +423,7 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
             log(f"rl: step 0 eval accuracy {acc0:.3f} ({len(eval_exs)} {rl.task} prompts)")
         last = rl.steps if max_steps is None else min(rl.steps, start + max_steps)
         s = start
-        with _Preempted() as preempt:
+        with Preempted() as preempt:
             while s < last:
                 t0 = time.perf_counter()
                 exs = [task.train_example(rl.seed * 1_000_003 + s * rl.prompts_per_step + j)

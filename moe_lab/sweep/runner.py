@@ -69,7 +69,7 @@ from moe_lab.growth.grow import grow_run
 from moe_lab.sweep.points import SPECIAL, Point, load_sweep, make_points, parse_shard, run_name, shard_points  # noqa: E402, F401, I001  (grid expansion)
 from moe_lab.sweep.results import RESULTS, _read_json, _stage_path, record_failure, record_result, results_row  # noqa: E402  (the results store; load_results for notebooks)
 from moe_lab.train.loop import train
-from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.run_dir import config_path, lineage_path, write_json_atomic
 from moe_lab.train.state import resolve_config
 
 # -------------------------------------------------------------- configuration
@@ -143,7 +143,7 @@ def planned_config(point: Point, base: dict, by_name: dict[str, Point]) -> tuple
 
 
 def final_step(run_dir: str) -> int | None:
-    path = os.path.join(run_dir, "config.json")
+    path = config_path(run_dir)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -191,7 +191,7 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
         cfg = _apply_budget(_to_config(apply_overrides(base, point.overrides)), point, 0.0)
     else:
         parent_dir = os.path.join(sweep_dir, point.parent)
-        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        if not os.path.isfile(config_path(run_dir)):
             if not is_finished(parent_dir, by_name[point.parent]):
                 raise ConfigError(f"parent run {point.parent!r} is not finished")
             kind = point.source.get("kind", "grow")
@@ -202,13 +202,13 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
                          log=log, **opts)
             else:
                 _resolve_fn(kind)(parent_dir, point.source.get("step"), run_dir, point.source)
-        with open(os.path.join(run_dir, "config.json")) as f:
+        with open(config_path(run_dir)) as f:
             raw = json.load(f)
-        lineage = _read_json(os.path.join(run_dir, "lineage.json")) or {}
+        lineage = _read_json(lineage_path(run_dir)) or {}
         sunk = float(lineage.get("sunk_flops", 0.0))
         cfg = _apply_budget(_to_config(apply_overrides(raw, point.overrides)), point, sunk)
         # the sweep made this dir: the point's overrides become its config
-        write_json_atomic(os.path.join(run_dir, "config.json"), cfg.to_dict())
+        write_json_atomic(config_path(run_dir), cfg.to_dict())
     cfg = cfg.replace(name=point.name)
     steps = cfg.train.steps
     if not os.path.isfile(eval_path(run_dir, steps)):

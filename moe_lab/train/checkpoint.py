@@ -40,6 +40,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from moe_lab.config.schema import ConfigError
+from moe_lab.train.run_dir import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _checkpoint_dir(workdir: str) -> epath.Path:
     if "://" not in str(workdir):  # orbax (OCDBT) needs absolute local paths
         workdir = os.path.abspath(workdir)
     workdir = epath.Path(workdir)
-    ckpt_dir = workdir / "checkpoints"
+    ckpt_dir = workdir / CHECKPOINTS
     for path in (workdir, ckpt_dir):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"workdir: {path} exists but is not a directory")

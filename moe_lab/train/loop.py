@@ -1,25 +1,23 @@
-"""The trainer: workdir handling, resume, the step loop, logging, eval, checkpoints.
+"""Pre-training: workdir handling, resume, and the train step on the shared Trainer.
 
 `train(cfg, workdir)` is what `moe-lab train` runs.  A workdir with checkpoints
 resumes from the newest one (model, optimizer, data-iterator state and
 counters), so an interrupted and resumed run reproduces the losses of an
-uninterrupted one.  SIGTERM (preemption) saves a checkpoint and returns.
+uninterrupted one.  SIGTERM (preemption) saves a checkpoint and returns.  The
+step loop, logging, eval, checkpoints and preemption are train/trainer.py's;
+`PretrainSteps` is what a pre-training step computes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
-import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from moe_lab.accounting import flops
 from moe_lab.accounting.hardware import peak_flops_per_device
@@ -31,18 +29,11 @@ from moe_lab.data.tasks.registry import make_task
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import DATA, Checkpointer, checkpoint_steps, grown_steps
-from moe_lab.train.jit_cache import cached_for
-from moe_lab.train.metrics import MetricsWriter
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
-from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.run_dir import checkpoint_path, config_path, write_json_atomic
 from moe_lab.train.state import make_setup, resolve_config
 from moe_lab.train.step import make_eval_step, make_train_step
-
-
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-
+from moe_lab.train.trainer import Trainer, cached_jit, fmt_time, jit_cache, local_values, log0
 
 # What a resumed run may not change: the model, what it trains on and in what
 # batches (the saved data iterator state only means something for the same
@@ -62,7 +53,7 @@ def _resume_diffs(old, new, section: str) -> list[str]:
 def _latest_has_data_state(workdir: str) -> bool:
 
     steps = checkpoint_steps(workdir)
-    return bool(steps) and os.path.isdir(os.path.join(workdir, "checkpoints", str(steps[-1]), DATA))
+    return bool(steps) and os.path.isdir(checkpoint_path(workdir, steps[-1], DATA))
 
 
 def check_workdir(cfg: Config, workdir: str) -> bool:
@@ -70,7 +61,7 @@ def check_workdir(cfg: Config, workdir: str) -> bool:
     or a non-empty one that holds no run; writes nothing.  True if it holds a run."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-    cfg_path = os.path.join(workdir, "config.json")
+    cfg_path = config_path(workdir)
     if os.path.exists(cfg_path):
         old = config_from_json(cfg_path)
         # data and batches matter only where a checkpoint holds a data iterator state
@@ -96,7 +87,7 @@ def write_workdir_config(cfg: Config, workdir: str) -> None:
     _barrier("moe_lab_workdir_checked")  # every host checked before anyone writes
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
+        write_json_atomic(config_path(workdir), cfg.to_dict())
     _barrier("moe_lab_workdir_written")
 
 
@@ -121,48 +112,6 @@ def _barrier(name: str) -> None:
 
 def _to_device(batch: dict, batch_sharding) -> dict:
     return sharding.host_local_batch_to_global(batch, batch_sharding.mesh, batch_sharding.spec)
-
-
-class _Preempted:
-    """Turns SIGTERM into a flag checked between steps (save, then exit 0)."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handler(self, *_):
-        self.flag = True
-
-    def should_stop(self, step: int, sync_point: bool) -> bool:
-        """Whether to save and exit after `step`.  One process: as soon as its flag is
-        up.  Several: only at sync points (log and checkpoint steps, the same on every
-        host), and then all together if any host got SIGTERM: a host that stopped
-        alone would leave the others waiting forever in the collective save.  Cost:
-        the all-gather waits for the step to finish, one pipeline stall per log step
-        on multi-host runs (carrying the flag in the step's metrics would avoid it)."""
-        if jax.process_count() == 1:
-            return self.flag
-        if not sync_point:
-            return False
-
-        flags = multihost_utils.process_allgather(np.asarray([self.flag], np.int32))
-        return bool(np.any(flags))
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def local_values(tree):
-    """Host numpy copies of replicated arrays (works when they span several hosts)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 def host_rows(batch: dict) -> dict:
@@ -200,13 +149,6 @@ class HostRows:
             self.iterator.start_prefetch()
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) -> dict:
     """Eval loss and task loss (answer tokens only, bits/token) per task."""
     sums = None
@@ -225,12 +167,67 @@ def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) 
     return result
 
 
-# The jitted steps of the latest train() in this process, kept for the next call with
-# the same config, mesh and tasks (everything the steps close over: the optimizer and
-# schedule are functions of cfg.train, the shardings of cfg.mesh and the mesh): a
-# run resumed in the same process (an in-process sweep that resumes a point, a
-# notebook that trains on) reuses the compiled executables instead of compiling again.
-_STEPS: dict = {}
+# the jitted steps of the latest train() (trainer.jit_cache); the key holds the config,
+# the mesh and the tasks: everything the steps close over
+_STEPS = jit_cache("train")
+
+
+class PretrainSteps:
+    """Next-token pre-training on the Trainer: batches from the data iterator, the
+    (phased) train step, per-task losses, throughput and MFU, the eval losses."""
+
+    def __init__(self, cfg: Config, setup, train_iter, train_step: PhasedStep, eval_step,
+                 eval_batches, task_names, counters: dict, peak_total: float):
+        self.cfg, self.setup, self.train_iter = cfg, setup, train_iter
+        self.train_step, self.eval_step, self.eval_batches = train_step, eval_step, eval_batches
+        self.task_names, self.counters, self.peak_total = task_names, counters, peak_total
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+
+    def batch(self, state, step):
+        return next(self.train_iter)
+
+    def update(self, state, batch, step):
+        step_fn, step_flops = self.train_step.at(step)
+        state, metrics = step_fn(state, _to_device(batch, self.setup.batch_sharding))
+        self.counters["tokens_seen"] += self.tokens_per_step
+        self.counters["flops_spent"] += step_flops
+        return state, (metrics, dict(self.counters), step_flops)
+
+    def read(self, step, out):
+        metrics, counted, step_flops = out
+        m = local_values(metrics)
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping (see metrics.jsonl)")
+        return m, counted, step_flops
+
+    def row(self, step, host, dt):
+        m, counted, step_flops = host
+        row = {k: v for k, v in m.items() if k not in ("task_loss_sum", "task_weight_sum")}
+        for i, name in enumerate(self.task_names):
+            if m["task_weight_sum"][i] > 0:
+                row[f"loss/{name}"] = m["task_loss_sum"][i] / m["task_weight_sum"][i]
+        row.update(tokens_seen=counted["tokens_seen"], flops_spent=counted["flops_spent"],
+                   tokens_per_sec=self.tokens_per_step / dt,
+                   mfu=step_flops / dt / self.peak_total, step_time=dt)
+        return row
+
+    def message(self, step, row, eta):
+        names = self.task_names
+        msg = (f"step {step}/{self.cfg.train.steps} loss {row['loss']:.4f} "
+               + " ".join(f"{n} {row[f'loss/{n}']:.3f}" for n in names if f"loss/{n}" in row)
+               + f" | {row['tokens_per_sec']:.0f} tok/s | MFU {100 * row['mfu']:.1f}% "
+               f"| ETA {fmt_time(eta)}")
+        if "moe/max_violation" in row:
+            msg += f" | maxvio {row['moe/max_violation']:.2f} drop {row['moe/drop_fraction']:.3f}"
+        return msg
+
+    def evaluate(self, state, step):
+        res = evaluate_losses(self.eval_step, state, self.eval_batches,
+                              self.setup.batch_sharding, self.task_names)
+        return res, f"eval @ {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items())
+
+    def meta(self, seconds_this_run):
+        return {**self.counters, "wall_seconds": self.counters["wall_seconds"] + seconds_this_run}
 
 
 def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
@@ -266,32 +263,35 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
 
     if not resuming:  # the checkpoint manager creates checkpoints/ in the new workdir
         write_workdir_config(cfg, workdir)
-    ckpt = Checkpointer(os.path.join(workdir), keep_last=t.keep_last, keep_every=t.keep_every,
-                        keep_steps=grown_steps(workdir), async_save=t.async_checkpoint)
-    latest = ckpt.latest_step()
     counters = {"tokens_seen": 0.0, "flops_spent": 0.0, "wall_seconds": 0.0}
-    if latest is not None:
-        state, meta = ckpt.restore(latest, setup.abstract_state, data_iterator=train_iter)
-        counters.update({k: meta[k] for k in counters if k in meta})
-    else:
+    steps = PretrainSteps(cfg, setup, train_iter, None, None, eval_batches, task_names, counters,
+                          0.0)
+    trainer = Trainer(workdir, steps, total_steps=t.steps, log_every=t.log_every,
+                      eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
+                      keep_last=t.keep_last, keep_every=t.keep_every,
+                      keep_steps=grown_steps(workdir), async_save=t.async_checkpoint,
+                      data_iterator=train_iter, progress=t.progress)
+    state, meta = trainer.restore(setup.abstract_state)
+    if state is None:
         state = setup.init_state()
+    counters.update({k: meta[k] for k in counters if k in meta})
     if resuming:  # the checkpoint restored: the run's new settings (steps, lr, ...) go in
         write_workdir_config(cfg, workdir)
-    _log(sharding.format_rules(cfg.mesh.rules, mesh))
-    if latest is not None:
-        _log(f"resuming from {workdir}/checkpoints/{latest} (step {int(state['step'])})")
+    log0(sharding.format_rules(cfg.mesh.rules, mesh))
+    if trainer.latest is not None:
+        log0(f"resuming from {workdir}/checkpoints/{trainer.latest} (step {int(state['step'])})")
     start_step = int(local_values(state["step"]))
 
     counts = flops.param_counts(cfg.model)
-    tokens_per_step = t.batch_size * cfg.data.seq_len
+    tokens_per_step = steps.tokens_per_step
     flops_per_step = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     peak, peak_how = peak_flops_per_device(cfg.model.compute_dtype)
-    peak_total = peak * jax.device_count()
-    _log(f"params total {counts['total']:,} active {counts['active']:,} | "
-         f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
+    steps.peak_total = peak * jax.device_count()
+    log0(f"params total {counts['total']:,} active {counts['active']:,} | "
+         f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {steps.peak_total:.3g} "
          f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
     if cfg.model.ffn == "moe":
-        _log(expert_parallel.plan_line(cfg, mesh))
+        log0(expert_parallel.plan_line(cfg, mesh))
 
     num_tasks = len(task_names)
     # metrics replicated: every host can read them without a cross-host gather
@@ -302,162 +302,41 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     cache_key = (json.dumps(cfg.replace(name="").to_dict(), sort_keys=True), mesh, num_tasks)
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         def jit_step(name, graphdef, step_cfg):
-            return cached_for(_STEPS, cache_key, name, lambda: jax.jit(
+            return cached_jit("train", cache_key, name, lambda: jax.jit(
                 make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule),
                 in_shardings=(setup.shardings, setup.batch_sharding),
                 out_shardings=(setup.shardings, replicated), donate_argnums=0))
 
-        train_step = PhasedStep(jit_step("train", setup.graphdef, cfg), flops_per_step)
+        steps.train_step = PhasedStep(jit_step("train", setup.graphdef, cfg), flops_per_step)
         warm_cfg = capacity_warmup_config(cfg)
         warm_until = warm_cfg.model.mor.capacity_warmup_steps if warm_cfg else 0
         if start_step < warm_until:  # a resume after the warm-up never compiles it
             warm_flops = flops.train_flops_per_token(warm_cfg.model, cfg.data.seq_len)
-            train_step = PhasedStep(train_step.main, flops_per_step,
-                                    jit_step("warm-up", warmup_graphdef(warm_cfg), warm_cfg),
-                                    warm_flops * tokens_per_step, warm_until)
-            _log(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
+            steps.train_step = PhasedStep(
+                steps.train_step.main, flops_per_step,
+                jit_step("warm-up", warmup_graphdef(warm_cfg), warm_cfg),
+                warm_flops * tokens_per_step, warm_until)
+            log0(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
                  f"({warm_flops:.3g} train FLOPs/token)")
-        eval_step = cached_for(_STEPS, cache_key, "eval", lambda: jax.jit(
+        steps.eval_step = cached_jit("train", cache_key, "eval", lambda: jax.jit(
             make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated))
-        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                               resume_step=start_step if latest is not None else None)
-        summary = _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step,
-                            eval_batches, setup, ckpt, writer, counters, task_names,
-                            flops_per_step, tokens_per_step, peak_total, max_steps)
-    writer.close()
-    ckpt.close()
-    return summary
-
-
-def _run_loop(cfg, workdir, state, start_step, train_iter, train_step, eval_step, eval_batches,
-              setup, ckpt, writer, counters, task_names, flops_per_step, tokens_per_step,
-              peak_total, max_steps):
-    t = cfg.train
-    last_step = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
-    bar = None
-    if t.progress and jax.process_index() == 0 and last_step > start_step:
-
-        bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
-                   dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a tty
-    # (step, metrics on device, counters after that step, its FLOPs): read one step
-    # late, never stall the device
-    pending = None
-    last_row, last_eval = {}, {}
-    # throughput window: from the last flushed (completed) step to the one being
-    # flushed, minus eval and checkpoint time spent in between; the first window
-    # opens when this invocation's first step (its compilation) has finished
-    clock = {"t": time.perf_counter(), "step": start_step, "excluded": 0.0}
-    t_run = time.perf_counter()
-
-    saved = {"step": None}
-
-    def save(step, force=False):
-        if saved["step"] == step:
-            return
-        saved["step"] = step
-        meta = {**counters, "step": step,
-                "wall_seconds": counters["wall_seconds"] + time.perf_counter() - t_run}
-        ckpt.save(step, state, data_iterator=train_iter, meta=meta, force=force)
-
-    def flush_pending():
-        nonlocal pending
-        if pending is not None:
-            flush(pending)
-            pending = None
-
-    @contextlib.contextmanager
-    def untimed():
-        """Eval and checkpoint time stays out of the throughput window; the train
-        steps still queued before it stay in (they are waited for first)."""
-        jax.block_until_ready(state["step"])
-        t0 = time.perf_counter()
-        yield
-        clock["excluded"] += time.perf_counter() - t0
-
-    def flush(pending):
-        nonlocal last_row
-        step, m, counted, step_flops = pending
-        m = local_values(m)  # blocks until `step` has run
-        if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping (see metrics.jsonl)")
-        now = time.perf_counter()
-        # the first row of an invocation times its first step, compilation included
-        dt = (now - clock["t"] - clock["excluded"]) / max(step - clock["step"], 1)
-        clock.update(t=now, step=step, excluded=0.0)
-        row = {k: v for k, v in m.items() if k not in ("task_loss_sum", "task_weight_sum")}
-        for i, name in enumerate(task_names):
-            if m["task_weight_sum"][i] > 0:
-                row[f"loss/{name}"] = m["task_loss_sum"][i] / m["task_weight_sum"][i]
-        row.update(tokens_seen=counted["tokens_seen"], flops_spent=counted["flops_spent"],
-                   tokens_per_sec=tokens_per_step / dt, mfu=step_flops / dt / peak_total,
-                   step_time=dt)
-        last_row = writer.write(step, row)
-        eta = (t.steps - step) * dt
-        msg = (f"step {step}/{t.steps} loss {row['loss']:.4f} "
-               + " ".join(f"{n} {row[f'loss/{n}']:.3f}" for n in task_names if f"loss/{n}" in row)
-               + f" | {row['tokens_per_sec']:.0f} tok/s | MFU {100 * row['mfu']:.1f}% | ETA {_fmt_time(eta)}")
-        if "moe/max_violation" in row:
-            msg += f" | maxvio {row['moe/max_violation']:.2f} drop {row['moe/drop_fraction']:.3f}"
-        (bar.write if bar else _log)(msg)
-
-    with _Preempted() as preempt:
-        step = start_step
-        while step < last_step:
-            batch = next(train_iter)
-            step_fn, step_flops = train_step.at(step)
-            state, metrics = step_fn(state, _to_device(batch, setup.batch_sharding))
-            step += 1
-            if step == start_step + 1 and step < last_step and step % t.log_every:
-                jax.block_until_ready(metrics)  # compiled and run: the window opens here
-                clock.update(t=time.perf_counter(), step=step, excluded=0.0)
-            counters["tokens_seen"] += tokens_per_step
-            counters["flops_spent"] += step_flops
-            flush_pending()
-            if step % t.log_every == 0 or step == last_step:
-                pending = (step, metrics, dict(counters), step_flops)
-            if bar:
-                bar.update(1)
-            if step % t.eval_every == 0 or step == t.steps:
-                flush_pending()
-                with untimed():
-                    last_eval = evaluate_losses(eval_step, state, eval_batches,
-                                                setup.batch_sharding, task_names)
-                    writer.write(step, last_eval)
-                    (bar.write if bar else _log)(f"eval @ {step}: " + " ".join(
-                        f"{k[5:]} {v:.3f}" for k, v in last_eval.items()))
-            checkpoint_now = step % t.checkpoint_every == 0 or step == last_step
-            stop = preempt.should_stop(step, step % t.log_every == 0 or checkpoint_now)
-            if checkpoint_now or stop:
-                # the row of a checkpointed step is written before the checkpoint: a
-                # resume re-logs only the steps after it, so a later kill loses nothing
-                flush_pending()
-                with untimed():
-                    if checkpoint_now:
-                        save(step, force=step == last_step)
-                    if stop:
-                        _log(f"SIGTERM{'' if preempt.flag else ' on another host'}: saving "
-                             f"step {step} and exiting")
-                        save(step, force=True)
-                if stop:
-                    break
-        flush_pending()
-    if bar:
-        bar.close()
-    ckpt.wait()
-    elapsed = time.perf_counter() - t_run
-    summary = {"workdir": workdir, "step": int(step), "steps": t.steps,
-               "process_index": jax.process_index(),
-               "loss": last_row.get("loss"), **last_eval,
-               "tokens_seen": counters["tokens_seen"], "flops_spent": counters["flops_spent"],
-               "seconds_this_run": elapsed, "mfu": last_row.get("mfu"),
-               "tokens_per_sec": last_row.get("tokens_per_sec")}
-    return summary
+        try:
+            out = trainer.run(state, start_step, max_steps=max_steps)
+        finally:
+            trainer.close()
+    last_row = out["last_row"]
+    return {"workdir": workdir, "step": out["step"], "steps": t.steps,
+            "process_index": jax.process_index(),
+            "loss": last_row.get("loss"), **out["last_eval"],
+            "tokens_seen": counters["tokens_seen"], "flops_spent": counters["flops_spent"],
+            "seconds_this_run": out["seconds_this_run"], "mfu": last_row.get("mfu"),
+            "tokens_per_sec": last_row.get("tokens_per_sec")}
 
 
 def load_final_state(workdir: str, step: int | None = None):
     """(cfg, setup, state) of a run's checkpoint, for eval/analysis tools."""
 
-    cfg = resolve_config(config_from_json(os.path.join(workdir, "config.json")))
+    cfg = resolve_config(config_from_json(config_path(workdir)))
     mesh = sharding.make_mesh(cfg.mesh.__class__(data=-1, rules=cfg.mesh.rules))
     setup = make_setup(cfg, mesh)
     ckpt = Checkpointer(workdir, create=False)

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from moe_lab.train.run_dir import TENSORBOARD, metrics_path
+
 
 def _scalarize(v):
     a = np.asarray(v)
@@ -22,7 +24,7 @@ class MetricsWriter:
     def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
                  tensorboard: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = metrics_path(workdir)
         self.tb = None
         if not enabled:
             return
@@ -34,7 +36,7 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+                self.tb = SummaryWriter(os.path.join(workdir, TENSORBOARD), flush_secs=10)
             except ImportError:  # optional: metrics.jsonl is the record
                 self.tb = None
 
@@ -69,7 +71,7 @@ def truncate_after(path: str, step: int) -> None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = metrics_path(workdir)
     if not os.path.exists(path):
         return []
     with open(path) as f:

@@ -1,9 +1,55 @@
-"""A run directory: every file name of a run, and atomic writes into it."""
+"""A run directory: every file name of a run, and atomic writes into it.
+
+    DIR/config.json          the run's config (written once the run is known to start)
+    DIR/metrics.jsonl        one JSON object per logged step
+    DIR/tb/                  TensorBoard event files
+    DIR/checkpoints/<step>/  checkpoints (train/checkpoint.py)
+    DIR/eval/<step>.json     evaluation results
+    DIR/lineage.json         where a grown / post-trained run came from
+    DIR/rl.json              a GRPO run's config and parent
+    DIR/reference/           a GRPO run's frozen start (a checkpoint dir of its own)
+    DIR/stages/              a sweep point's post-stage results
+"""
 
 from __future__ import annotations
 
 import json
 import os
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+EVAL = "eval"
+LINEAGE = "lineage.json"
+RL = "rl.json"
+REFERENCE = "reference"
+STAGES = "stages"
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG)
+
+
+def metrics_path(workdir: str) -> str:
+    return os.path.join(workdir, METRICS)
+
+
+def checkpoint_path(workdir: str, step: int, *item: str) -> str:
+    """DIR/checkpoints/<step>[/item]."""
+    return os.path.join(workdir, CHECKPOINTS, str(step), *item)
+
+
+def lineage_path(workdir: str) -> str:
+    return os.path.join(workdir, LINEAGE)
+
+
+def rl_path(workdir: str) -> str:
+    return os.path.join(workdir, RL)
+
+
+def reference_dir(workdir: str) -> str:
+    return os.path.join(workdir, REFERENCE)
 
 
 def write_json_atomic(path: str, obj) -> None:

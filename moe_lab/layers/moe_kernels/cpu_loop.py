@@ -31,24 +31,19 @@ def choose_tiles(rows_per_expert: float, max_rows: int | None = None,
     padding rows (more rows than W: full tiles first); more expected rows: full
     tiles of about half the expected rows, at most 512.  g: at most 16 window sizes
     when one window is the rule (its padding, < g rows, is then a share of every
-    expert's compute: at 160 expected rows and W=200, g = 24 -> 16 gave a paired
-    A/B median of 0.968 over 15 pairs; at the bench shape's E=256, W=160, g = 16 -> 8
-    gave 0.982 over 31 pairs, inside the noise, for 1.6 s more compile), at most 12
-    when full tiles are (the window is then the tail of a long expert).
+    expert's compute; a finer g bought nothing measurable for more compile time,
+    experiments/moe_kernels/README.md), at most 12 when full tiles are (the window
+    is then the tail of a long expert).
     Why one window per expert: each tile is a separate matmul that packs its
     expert's D x F weights again (from DRAM when E*D*F is large), and a tile's weight
     gradients must be zero-filled and accumulated, which at ~128 rows per expert
     costs about as much as the tile; so at few rows per expert the number of tiles,
-    not the padding, sets the cost.  Measured (bench moe shape, E=256, fwd+bwd):
-    main tiles of the expected rows plus quarter-size tails 694-726 ms (earlier
-    kernel); one window of the capacity (25% padding) 747-931 ms; main tiles of half
-    the rows with quarter tails 993-1103 ms.  This scheme against main + quarter
-    tails, one A/B in one process: 717 vs 861 ms at E=256, 545 vs 547 ms at E=8.
+    not the padding, sets the cost (the A/Bs of the tilings tried are in
+    experiments/moe_kernels/README.md).
 
     row_macs: multiply-adds per row and weight matrix (D * F).  When a whole window
     costs at most SINGLE_WINDOW_MACS, g = W: one window size, fewer branches to
-    compile (a 1-layer d=32 MoE run of the test suite: train step compile 4.3 -> 3.1 s,
-    eval step 1.5 -> 0.8 s, cached generate 1.8 -> 1.1 s).
+    compile, which shortens small models' compiles (experiments/moe_kernels/README.md).
     """
     if rows_per_expert <= 512:
         cover = max_rows if max_rows is not None else 1.5 * rows_per_expert
@@ -124,9 +119,8 @@ def _window(tiles, branch, fn, zeros, row_args, other_args):
     rows; branch 0 returns `zeros`.  One matmul per weight matrix, whatever the size.
 
     Why the padded copy out of the switch, not a dynamic_update_slice of the big
-    row buffers inside each branch: the latter was 1.05x the batched-einsum floor in
-    the kernel alone, but inside the MoE layer XLA copied the whole carried buffers
-    at every expert's conditional (bench moe E=256: 0.7 s -> 7 s)."""
+    row buffers inside each branch: inside the MoE layer XLA copied the whole carried
+    buffers at every expert's conditional (experiments/moe_kernels/README.md)."""
     w = tiles[0]
 
     def sized(rows):

@@ -27,21 +27,16 @@ is dropped; tests/test_moe.py checks every pair):
       matmul per weight matrix and expert, < g padding rows, weight gradients
       straight from the dots.  Only rows the expert holds (rounded up to g) are
       computed, so cost ~ A*D*F and independent of E, without [E, C, D] buffers.
-      `jax.lax.ragged_dot` is a dense loop over all experts on CPU (15-200x
-      slower than a matmul), which is why it is not used there.
+      Not `jax.lax.ragged_dot` there: on CPU it is a dense loop over all
+      experts, many times slower than a matmul (experiments/moe_kernels/README.md).
     - `grouped_swiglu_ragged` (TPU, dropless): `jax.lax.ragged_dot` grouped
       matmul (megablox-style GMM, Gale et al. 2022 arXiv 2211.15841).
     - `grouped_swiglu_blocks` (GPU, dropless): every expert's rows padded to
       whole blocks of b rows (`block_layout`), one batched einsum over blocks
       with each block's expert weights gathered (MegaBlocks' block-sparse idea,
-      Gale et al. 2022, without a custom kernel).  Why not ragged_dot on GPU:
-      measured on an H100 (jax 0.11.2, experiments/accelerator_check), it costs
-      like a dense matmul over all experts: a [16384, 256] x [E, 256, 512] bf16
-      ragged_dot took 0.24 ms at E=8 and 2.24 ms at E=256 (dense [16384, 256] x
-      [256, 512]: 0.10 ms), its weight gradient 0.34 -> 6.3 ms, and the SwiGLU's
-      fwd+bwd at 32768 f32 rows and E=256 asked XLA for 64 GiB.  (XLA rewrites
-      ragged_dot to a dense dot on CUDA unless its cuDNN fusion applies;
-      openxla/xla#40189 keeps the weight gradient dense.)
+      Gale et al. 2022, without a custom kernel).  Not ragged_dot on GPU: XLA
+      rewrites it to a dense dot on CUDA, so it costs like a dense matmul over
+      all experts (H100 timings: experiments/accelerator_check/README.md).
     - `buffer_swiglu` (accelerators, capacity): explicit [E, C, D] buffers and
       batched einsums (GShard, Lepikhin et al. 2020 arXiv 2006.16668).
 """
