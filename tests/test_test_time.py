@@ -14,6 +14,7 @@ from conftest import tiny_config
 
 from moe_lab.data.tokenizer import TOKENIZER as TOK
 from moe_lab.eval import budget_forcing as bf
+from moe_lab.eval import generate as gen
 from moe_lab.eval import test_time as tt
 from moe_lab.growth.transforms import with_recursions
 
@@ -185,9 +186,7 @@ def run_dir(tmp_path_factory):
 
 def test_sampling_and_cached_stepper_match_the_decoder(run_dir):
     import jax
-    import jax.numpy as jnp
 
-    from moe_lab.eval import generate as gen
     from moe_lab.eval.evaluate import load_run
 
     cfg, setup, state, _ = load_run(run_dir)
@@ -199,10 +198,8 @@ def test_sampling_and_cached_stepper_match_the_decoder(run_dir):
     assert tt.sample_batched(*args, prompts, 3, 6, temperature=1.0, seed=2, batch_size=4) != s1
     # the stepper fed the greedy tokens reproduces greedy decoding step by step
     tokens, valid = gen.left_pad(prompts, TOK.pad_id)
-    greedy = np.asarray(gen._generate_cached(*args, jnp.asarray(tokens), jnp.asarray(valid),
-                                             jax.random.key(0), max_new_tokens=6,
-                                             temperature=0.0, top_p=1.0))
-    st = bf.CachedStepper(*args, prompts, 8, pad_id=TOK.pad_id)
+    greedy = gen.generate_tokens(*args, tokens, valid, jax.random.key(0), max_new_tokens=6)
+    st = gen.CachedStepper(*args, prompts, 8, pad_id=TOK.pad_id)
     logits = st.first_logits
     for i in range(6):
         np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1), greedy[:, i])

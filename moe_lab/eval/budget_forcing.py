@@ -147,7 +147,6 @@ def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing,
                 batch_size: int = 64, seed: int = 0, max_new: int | None = None) -> dict:
     """Budget forcing on `examples`: accuracy, control (within max_think), mean thinking.
     `max_new` (>= forcing_tokens) fixes the cache length: one compilation for a table."""
-
     max_new = max(max_new or 0, forcing_tokens(forcing))
     rows = []
     for s, chunk, padded in fixed_batches(examples, batch_size):

@@ -55,8 +55,6 @@ GROUPS = {MEMORIZATION: ("facts",), REASONING: ("arith",), "reasoning_long": ("a
 
 def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
     """(cfg, setup, state, step) of a checkpoint; `devices`: "one" or "all"."""
-
-
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"eval: --workdir {workdir} holds no run (no config.json)")
@@ -79,7 +77,6 @@ def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
 
 def eval_tasks(cfg: Config) -> list[tuple[str, object]]:
     """[(name, Task)] evaluated for this config, in mixture order (+ arith_long)."""
-
     out = [(name, make_task(name, cfg.data)) for name, _ in parse_mixture(cfg.data.mixture)]
     n = cfg.eval.longer_chains
     if n > 0:
@@ -100,11 +97,20 @@ def score_predictions(task, examples, predictions: list[str]) -> list[bool]:
 # ------------------------------------------------------------------ evaluate
 
 
-_EVAL_STEPS: dict = {}  # the latest model's jitted eval step (train.loop.cached_for)
+_EVAL_STEPS: dict = {}  # the latest model's jitted eval step (cached_for)
+
+
+def task_losses(setup, state, batches, task_names: list[str]) -> dict:
+    """{"eval/<task>/loss", "eval/<task>/task_loss_bits", ...} over `batches` (a batch's
+    task_index is its task's position in task_names), with the latest model's jitted
+    eval step."""
+    n = len(task_names)
+    eval_step = cached_for(_EVAL_STEPS, (setup.graphdef, n), "eval",
+                           lambda: jax.jit(make_eval_step(setup.graphdef, n)))
+    return evaluate_losses(eval_step, state, batches, setup.batch_sharding, task_names)
 
 
 def _loss_tier(cfg, setup, state, tasks) -> dict:
-
     e = cfg.eval
     bs = max(1, min(e.batch_size, e.num_examples))
     num_batches = max(1, math.ceil(e.num_examples / bs))
@@ -114,10 +120,7 @@ def _loss_tier(cfg, setup, state, tasks) -> dict:
     batches = []
     for i, (_, task) in enumerate(tasks):
         batches += pipeline.make_eval_batches(task, data, bs, num_batches, task_index=i)
-    eval_step = cached_for(_EVAL_STEPS, (setup.graphdef, len(tasks)), "eval",
-                           lambda: jax.jit(make_eval_step(setup.graphdef, len(tasks))))
-    return evaluate_losses(eval_step, state, batches, setup.batch_sharding,
-                           [name for name, _ in tasks])
+    return task_losses(setup, state, batches, [name for name, _ in tasks])
 
 
 def _summary(per_task: dict) -> dict:
@@ -145,8 +148,6 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
     reasoning_long: {...}}, "samples", ...} and writes DIR/eval/<step>.json.
     `eval_cfg` (an EvalConfig) replaces the run's eval section.
     """
-
-
     t0 = time.perf_counter()
     cfg, setup, state, step = load_run(workdir, step, devices=devices)
     if eval_cfg is not None:
@@ -196,22 +197,25 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
               "groups": _summary(per_task), "samples": samples,
               "eval_config": dataclasses.asdict(cfg.eval),
               "seconds": time.perf_counter() - t0}
-    if write:
-        save_result(eval_path(workdir, step), result)
-    if print_table:
-        print(format_table(result))
-    return result
+    return report(result, eval_path(workdir, step), format_table, write=write,
+                  print_table=print_table)
 
 
 def save_result(path: str, result: dict) -> None:
     """Writes an evaluation result json atomically (directories made; process 0 only)."""
-
-
     if jax.process_index() != 0:
         return
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json_atomic(path, result)
+
+
+def report(result: dict, path: str, fmt, *, write: bool, print_table: bool) -> dict:
+    """Saves `result` to `path` (write) and prints fmt(result) (print_table); returns it."""
+    if write:
+        save_result(path, result)
+    if print_table:
+        print(fmt(result))
+    return result
 
 
 def eval_path(workdir: str, step: int) -> str:

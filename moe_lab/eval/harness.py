@@ -29,6 +29,7 @@ Scoring:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -43,9 +44,10 @@ from moe_lab.config.schema import ConfigError
 from moe_lab.data.jsonl import iter_jsonl
 from moe_lab.data.tasks.base import KeyedRng, extract_answer
 from moe_lab.data.tokenizer import ANSWER, TOKENIZER
-from moe_lab.eval.evaluate import load_run, save_result
+from moe_lab.eval.evaluate import load_run, report
 from moe_lab.eval.generate import generate_batched
 from moe_lab.parallel import sharding
+from moe_lab.train.jit_cache import cached_for
 from moe_lab.train.step import forward
 
 LENGTH_BUCKET = 32  # sequences are right-padded to a multiple of this (few compilations)
@@ -139,13 +141,21 @@ def exact_match(prediction: str, answer: str) -> tuple[bool, bool]:
 # ------------------------------------------------------------------- model side
 
 
+def _target_logprobs(graphdef, params, model_state, batch):
+    """log p(target) at every position of a (right-padded) batch: [B, T]."""
+    logits_BTV, _ = forward(graphdef, params, model_state, batch, train=False)
+    lp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+
+
+_LOGP_FNS: dict = {}  # the latest model's jitted `_target_logprobs` (cached_for)
+
+
 def _choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
                      continuations: list[list[int]], *, batch_size: int,
                      max_len: int) -> list[np.ndarray]:
     """Per-token log p(continuation | context) for each pair (teacher forcing).
     Contexts longer than `max_len` - len(continuation) lose their oldest tokens."""
-
-
     seqs, starts = [], []
     for ctx, cont in zip(contexts, continuations):
         keep = max(1, max_len - len(cont))
@@ -153,13 +163,8 @@ def _choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
         seqs.append(ctx + cont)
         starts.append(len(ctx))
     T = LENGTH_BUCKET * math.ceil(max(len(s) for s in seqs) / LENGTH_BUCKET)
-
-    @jax.jit
-    def logp(params, model_state, batch):
-        logits_BTV, _ = forward(graphdef, params, model_state, batch, train=False)
-        lp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(lp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-
+    logp = cached_for(_LOGP_FNS, graphdef, "logp",
+                      lambda: jax.jit(functools.partial(_target_logprobs, graphdef)))
     out = []
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s:s + batch_size]
@@ -187,8 +192,6 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
                 write: bool = True, print_table: bool = True, num_samples: int = 3) -> dict:
     """Scores the run's checkpoint on a user JSONL file; writes
     DIR/eval/<step>-<file stem>-<K>shot.json."""
-
-
     items = load_items(data_path)
     if shots < 0:
         raise ConfigError(f"eval --shots must be >= 0, got {shots}")
@@ -252,12 +255,8 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
                        for k, i in enumerate(todo[:num_samples])]
     result["samples"] = samples
     result["seconds"] = time.perf_counter() - t0
-    if write:
-
-        save_result(harness_path(workdir, step, data_path, shots), result)
-    if print_table:
-        print(format_harness(result))
-    return result
+    return report(result, harness_path(workdir, step, data_path, shots), format_harness,
+                  write=write, print_table=print_table)
 
 
 def harness_path(workdir: str, step: int, data_path: str, shots: int) -> str:

@@ -51,7 +51,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe_lab.config.schema import ConfigError, parse_mixture
@@ -59,19 +58,12 @@ from moe_lab.data import pipeline
 from moe_lab.data.tasks.base import extract_answer
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import THINK_START, TOKENIZER
-from moe_lab.eval import generate as gen
-from moe_lab.eval.budget_forcing import (
-    Forcing,
-    forcing_tokens,
-    run_forcing,
-)
-from moe_lab.eval.evaluate import load_run, save_result
-from moe_lab.eval.generate import PROMPT_BUCKET, generate_batched, generation_budget
+from moe_lab.eval.budget_forcing import Forcing, forcing_tokens, run_forcing
+from moe_lab.eval.evaluate import load_run, report, task_losses
+from moe_lab.eval.generate import generate_batched, generation_budget
 from moe_lab.growth.transforms import with_recursions
 from moe_lab.parallel import sharding
-from moe_lab.train.loop import evaluate_losses
-from moe_lab.train.state import make_setup
-from moe_lab.train.step import make_eval_step
+from moe_lab.train.state import setup_on_devices
 
 # --------------------------------------------------------------- estimators
 
@@ -195,29 +187,13 @@ def sample_batched(graphdef, params, model_state, prompts: list[list[int]], n: i
     """n samples per prompt from the KV-cache decoder: out[p][i] = tokens (cut at EOS).
 
     Rows are prompt-major (each prompt repeated n times) in fixed-shape batches;
-    batch b uses key fold_in(key(seed), b), so a call is a pure function of seed.
+    batch b uses key fold_in(key(seed), b), so a call is a pure function of seed
+    (generate_batched).
     """
-
-
     rows = [p for p in prompts for _ in range(n)]
-    width = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
-    bs = min(batch_size, len(rows))
-    flat: list[list[int]] = []
-    for b, s in enumerate(range(0, len(rows), bs)):
-        chunk = rows[s:s + bs]
-        padded = chunk + [chunk[0]] * (bs - len(chunk))
-        tokens, valid = gen.left_pad(padded, pad_id)
-        extra = width - tokens.shape[1]
-        tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
-        valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
-        key = jax.random.fold_in(jax.random.key(seed), b)
-        new = gen._generate_cached(graphdef, params, model_state, jnp.asarray(tokens),
-                                   jnp.asarray(valid), key, max_new_tokens=max_new_tokens,
-                                   temperature=float(temperature), top_p=float(top_p))
-        for row in np.asarray(new)[:len(chunk)].tolist():
-            if eos_id is not None and eos_id in row:
-                row = row[:row.index(eos_id)]
-            flat.append(row)
+    flat = generate_batched(graphdef, params, model_state, rows, max_new_tokens,
+                            batch_size=min(batch_size, len(rows)), pad_id=pad_id, eos_id=eos_id,
+                            temperature=temperature, top_p=top_p, seed=seed)
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
@@ -226,12 +202,7 @@ def vote_key(task, prediction: str, example) -> str:
     fn = getattr(task, "vote_key", None)
     if fn is not None:
         return fn(prediction, example)
-
     return extract_answer(prediction)
-
-
-# ------------------------------------------------------------ budget forcing
-# (moe_lab/eval/budget_forcing.py; re-exported here)
 
 
 # ------------------------------------------------------- recursion depth (MoR)
@@ -239,27 +210,23 @@ def vote_key(task, prediction: str, example) -> str:
 
 def depth_sweep(cfg, state: dict, task_name: str, examples, depths: Sequence[int], *,
                 max_new_tokens: int, batch_size: int = 32, num_loss_batches: int = 2) -> list[dict]:
-    """Per depth: greedy accuracy on `examples`, eval loss and answer NLL of the task."""
-
-
+    """Per depth (on one device): greedy accuracy on `examples`, eval loss and answer NLL
+    of the task."""
     task = make_task(task_name, cfg.data)
-    mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1),
-                              jax.devices()[:1])
+    prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in examples]
     out = []
     for d in depths:
         cfg2, params, ms = with_recursions(cfg, state, d)
-        setup = make_setup(cfg2, mesh)
+        cfg2, setup = setup_on_devices(cfg2, "one")
         params = jax.device_put(params, setup.shardings["params"])
-        with jax.set_mesh(mesh), sharding.use_rules(cfg2.mesh.rules, mesh):
+        with jax.set_mesh(setup.mesh), sharding.use_rules(cfg2.mesh.rules, setup.mesh):
             batches = pipeline.make_eval_batches(task, cfg2.data, batch_size, num_loss_batches)
-            losses = evaluate_losses(jax.jit(make_eval_step(setup.graphdef, 1)),
-                                     {"params": params, "model_state": ms}, batches,
-                                     setup.batch_sharding, [task_name])
-            prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in examples]
-            gen = generate_batched(setup.graphdef, params, ms, prompts, max_new_tokens,
-                                   batch_size=min(batch_size, len(prompts)),
-                                   pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
-        correct = [task.check(TOKENIZER.decode(g), ex) for g, ex in zip(gen, examples)]
+            losses = task_losses(setup, {"params": params, "model_state": ms}, batches,
+                                 [task_name])
+            generated = generate_batched(setup.graphdef, params, ms, prompts, max_new_tokens,
+                                         batch_size=min(batch_size, len(prompts)),
+                                         pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
+        correct = [task.check(TOKENIZER.decode(g), ex) for g, ex in zip(generated, examples)]
         bits = losses.get(f"eval/{task_name}/task_loss_bits")
         out.append({"depth": int(d), "trained_depth": cfg.model.mor.num_recursions,
                     "accuracy": float(np.mean(correct)),
@@ -290,7 +257,6 @@ class TTCConfig:
 
 
 def _pick_task(cfg, name: str) -> str:
-
     names = [n for n, _ in parse_mixture(cfg.data.mixture)]
     if name:
         return name
@@ -304,8 +270,6 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
                  write: bool = True, print_table: bool = True) -> dict:
     """Coverage/majority curves, budget-forcing tables and (MoR) the depth sweep of a
     checkpoint; writes DIR/eval/<step>-ttc.json."""
-
-
     t = ttc or TTCConfig()
     if t.n < 1 or t.num_prompts < 1 or t.batch_size < 1:
         raise ConfigError(f"ttc: n={t.n}, num_prompts={t.num_prompts} and batch_size must be >= 1")
@@ -358,12 +322,8 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
                                                 max_new_tokens=budget,
                                                 batch_size=min(t.batch_size, 32))
     result["seconds"] = time.perf_counter() - t0
-    if write:
-
-        save_result(ttc_path(workdir, step), result)
-    if print_table:
-        print(format_ttc(result))
-    return result
+    return report(result, ttc_path(workdir, step), format_ttc, write=write,
+                  print_table=print_table)
 
 
 def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig) -> dict:
