@@ -19,7 +19,7 @@ from moe_lab.data.tasks.base import Example
 from moe_lab.data.tasks.countdown import CountdownTask, parse_expression, verify
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import TOKENIZER as TOK
-from moe_lab.rl import grpo
+from moe_lab.rl import grpo, objective
 
 # ------------------------------------------------------------------ the loss
 
@@ -56,7 +56,7 @@ def test_grpo_loss_matches_slow_reference(agg, kl):
     kw = dict(eps=0.2, beta=0.05, agg=agg, kl=kl)
 
     def fast(lp):
-        return grpo.grpo_loss(lp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05,
+        return objective.grpo_loss(lp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05,
                               loss_agg=agg, kl_estimator=kl)[0]
 
     val, g = jax.jit(jax.value_and_grad(fast))(logp)
@@ -64,7 +64,7 @@ def test_grpo_loss_matches_slow_reference(agg, kl):
         logp)
     np.testing.assert_allclose(val, sval, rtol=1e-5)
     np.testing.assert_allclose(g, sg, rtol=1e-5, atol=1e-7)
-    _, m = grpo.grpo_loss(logp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05)
+    _, m = objective.grpo_loss(logp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05)
     assert 0 < float(m["clip_fraction"]) < 1 and float(m["kl"]) > 0
 
 
@@ -107,9 +107,9 @@ def _slow_logprobs(gd, params, ms, prompts, responses, lengths):
 def test_batched_logprobs_match_per_prefix_forward(kind):
     gd, params, ms = _model(kind)
     prompts, responses = _rows()
-    b = grpo.build_batch(prompts, responses, 8, TOK.eos_id, TOK.pad_id)
+    b = objective.build_batch(prompts, responses, 8, TOK.eos_id, TOK.pad_id)
     assert b["lengths"].tolist() == [3, 4, 1]
-    fast = jax.jit(lambda p: grpo.token_logprobs(gd, p, ms, jnp.asarray(b["tokens"]),
+    fast = jax.jit(lambda p: objective.token_logprobs(gd, p, ms, jnp.asarray(b["tokens"]),
                                                  jnp.asarray(b["valid"]))[0])(params)
     slow = jax.jit(lambda p: _slow_logprobs(gd, p, ms, prompts, responses, b["lengths"]))(params)
     for i in range(3):
@@ -124,10 +124,10 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
     _, ref_params, _ = _model("dense")
     ref_params = jax.tree.map(lambda x: x * 1.05, ref_params)  # a different frozen model
     prompts, responses = _rows()
-    b = grpo.build_batch(prompts, responses, 8, TOK.eos_id, TOK.pad_id)
+    b = objective.build_batch(prompts, responses, 8, TOK.eos_id, TOK.pad_id)
     adv = jnp.asarray([1.0, -0.7, 0.4], jnp.float32)
     tokens, valid = jnp.asarray(b["tokens"]), jnp.asarray(b["valid"])
-    logprobs = jax.jit(lambda p: grpo.token_logprobs(gd, p, ms, tokens, valid)[0])
+    logprobs = jax.jit(lambda p: objective.token_logprobs(gd, p, ms, tokens, valid)[0])
     ref_fast, cur = logprobs(ref_params), logprobs(params)
     ref_slow = jax.jit(lambda p: _slow_logprobs(gd, p, ms, prompts, responses,
                                                 b["lengths"]))(ref_params)
@@ -135,8 +135,8 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
     eps, beta = 0.2, 0.1
 
     def fast(p):
-        lp, _ = grpo.token_logprobs(gd, p, ms, tokens, valid)
-        return grpo.grpo_loss(lp, old_fast, ref_fast, adv, jnp.asarray(b["mask"]),
+        lp, _ = objective.token_logprobs(gd, p, ms, tokens, valid)
+        return objective.grpo_loss(lp, old_fast, ref_fast, adv, jnp.asarray(b["mask"]),
                               clip_eps=eps, kl_coef=beta)[0]
 
     def slow(p):
@@ -153,19 +153,19 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
 
 
 def test_group_advantages_and_batch_layout():
-    a = grpo.group_advantages(np.array([[1, 0, 0, 1], [1, 1, 1, 1]], np.float32))
+    a = objective.group_advantages(np.array([[1, 0, 0, 1], [1, 1, 1, 1]], np.float32))
     np.testing.assert_allclose(a[0], [1, -1, -1, 1], atol=1e-3)
     np.testing.assert_allclose(a[1], 0.0)
-    np.testing.assert_allclose(grpo.group_advantages(np.array([[2.0, 0.0]]), scale=False),
+    np.testing.assert_allclose(objective.group_advantages(np.array([[2.0, 0.0]]), scale=False),
                                [[1.0, -1.0]])
-    b = grpo.build_batch([[1, 5], [1]], [[7, 2, 9], [8, 8, 8]], 4, eos_id=2, pad_id=0)
+    b = objective.build_batch([[1, 5], [1]], [[7, 2, 9], [8, 8, 8]], 4, eos_id=2, pad_id=0)
     assert b["tokens"].tolist() == [[0, 0, 1, 5, 7, 2, 9], [0, 0, 0, 1, 8, 8, 8]]
     # targets 3..: response tokens; row 0 stops after its EOS
     assert b["mask"].astype(int).tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
     ex = Example(prompt="q", answer="3", working="<think>x</think>")
-    assert grpo.format_ok("<think>x</think><answer>3</s>", ex)
-    assert not grpo.format_ok("<think>x</think><answer>3", ex)
-    assert not grpo.format_ok("<answer>3</s>", ex)
+    assert objective.format_ok("<think>x</think><answer>3</s>", ex)
+    assert not objective.format_ok("<think>x</think><answer>3", ex)
+    assert not objective.format_ok("<answer>3</s>", ex)
 
 
 # ---------------------------------------------------------------- countdown
@@ -238,8 +238,15 @@ def test_rl_command_creates_refuses_and_resumes(tmp_path, capsys):
     assert step == 2 and int(state["step"]) == 2 and cfg.train.lr == 1e-3
     with open(os.path.join(dst, "rl.json")) as f:
         assert json.load(f)["parent_step"] == 1
-    # (an uninterrupted run reproduces a resumed one: rollouts are a function of (seed, step);
-    # shown in experiments/grpo_arith, kept out of this test for time)
+    # an uninterrupted run reproduces the resumed one (rollouts are functions of (seed,
+    # step); the compiled steps are reused, so this costs two steps)
+    whole = str(tmp_path / "rl_whole")
+    args = _rl_args(src, whole)
+    assert args.fn(args, RL) == 0
+    for a, b in zip(read_metrics(whole), rows, strict=True):
+        assert a.keys() == b.keys()
+        for k in set(a) & {"reward", "loss", "kl", "grad_norm", "eval_accuracy"}:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
     # refusals: a non-empty dir that is not a GRPO run; a changed config
     other = tmp_path / "other"
     other.mkdir()

@@ -1,4 +1,4 @@
-"""`moe-lab rl`: GRPO post-training of a run's checkpoint (moe_lab/eval/grpo.py).
+"""`moe-lab rl`: GRPO post-training of a run's checkpoint (moe_lab/rl/grpo.py).
 
     moe-lab rl --from DIR --to NEWDIR [--config configs/grpo.py] [--step N]
                [--config.KEY=V ...]
