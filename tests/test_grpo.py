@@ -19,7 +19,7 @@ from moe_lab.data.tasks.base import Example
 from moe_lab.data.tasks.countdown import CountdownTask, parse_expression, verify
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import TOKENIZER as TOK
-from moe_lab.rl import grpo, objective
+from moe_lab.rl import objective
 
 # ------------------------------------------------------------------ the loss
 

@@ -186,3 +186,35 @@ def test_param_counts_reproduce_the_sparsity_paper_example():
     assert c["total"] == L * (4 * d * d + 3 * E * d * 2 * d + d * E) + 2 * V * d + norms
     assert c["active"] == L * (4 * d * d + 3 * k * d * 2 * d + d * E) + 2 * V * d + norms
     assert round(c["total"] / 1e9, 1) == 6.7 and round(c["active"] / 1e9, 1) == 1.9
+
+
+def test_tree_paths_name_the_models_attributes():
+    """models/tree.py spells the module attribute names that growth, the train step and
+    the recursion-depth transform walk: every path it builds exists in a real model's
+    params / model_state (abstract models: no compute)."""
+    from moe_lab.models import tree
+
+    def trees(**model):
+        _, params, rest = split_model(nnx.eval_shape(lambda: build_model(tiny_config(model=model))))
+        return params, rest
+
+    moe = dict(num_layers=3, ffn="moe", moe=dict(num_experts=4, top_k=2, router="sigmoid",
+                                                 num_shared_experts=1, first_dense_layers=1))
+    params, rest = trees(**moe)
+    assert tree.stack_paths(params) == [(tree.DENSE_STACK,), (tree.MAIN_STACK,)]
+    assert tree.get(rest, tree.router_bias_path((tree.MAIN_STACK,))).shape == (2, 4)
+    leaves = [tuple(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    assert {tree.ffn_leaf(p) for p in leaves} >= {"router_DE", "gate_EDF", "up_EDF", "down_EFD"}
+    assert {tree.plain_stack_of(p) for p in leaves} - {None} == {tree.DENSE_STACK, tree.MAIN_STACK}
+
+    mor = dict(num_layers=4, stack="recursive", mor=dict(num_recursions=2, sharing="middle_cycle",
+                                                         routing="expert_choice",
+                                                         causal_aux="aux_router"))
+    params, _ = trees(**mor)
+    assert tree.stack_paths(params) == [(tree.RECURSIVE, n) for n in tree.RECURSIVE_STACKS]
+    for path in tree.STEP_ROUTERS:
+        assert tree.get(params, path) is not None, path
+    _, rest = trees(**{**mor, "mor": dict(num_recursions=2, routing="token_choice",
+                                          balance="loss_free", warmup_steps=2)})
+    for name in (tree.DEPTH_BIAS, tree.STEPS_SEEN):
+        assert tree.get(rest, tree.mor_path(name)) is not None, name

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from moe_lab.bench.common import print_targets, target
+from moe_lab.train.run_dir import CHECKPOINTS  # json/os only: no jax in the parent
 
 
 def _config(quick: bool):
@@ -43,7 +44,7 @@ def _make_source(workdir: str, quick: bool) -> None:
 
     from moe_lab.parallel import sharding
     from moe_lab.train.checkpoint import write_checkpoint
-    from moe_lab.train.run_dir import write_json_atomic
+    from moe_lab.train.run_dir import config_path, write_json_atomic
     from moe_lab.train.state import make_setup
 
     cfg = _config(quick)
@@ -56,7 +57,7 @@ def _make_source(workdir: str, quick: bool) -> None:
         lambda x: jax.random.normal(key, x.shape, x.dtype) * 1e-3
         if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state["opt_state"])
     os.makedirs(workdir)
-    write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
+    write_json_atomic(config_path(workdir), cfg.to_dict())
     write_checkpoint(workdir, 10, state, {"step": 10, "flops_spent": 1.0, "tokens_seen": 1.0})
 
 
@@ -108,8 +109,8 @@ def run(quick: bool = False) -> dict:
         base = _run_child("baseline", src, os.path.join(tmp, "none"))
         rs = _run_child("restore_save", src, os.path.join(tmp, "copy"))
         gr = _run_child("grow", src, os.path.join(tmp, "grown"))
-        src_bytes = _dir_bytes(os.path.join(src, "checkpoints"))
-        grown_bytes = _dir_bytes(os.path.join(tmp, "grown", "checkpoints"))
+        src_bytes = _dir_bytes(os.path.join(src, CHECKPOINTS))
+        grown_bytes = _dir_bytes(os.path.join(tmp, "grown", CHECKPOINTS))
         # memory is compared with the grown state's size in memory (params + Adam
         # moments, f32), not its (compressed) size on disk
         from moe_lab.accounting import flops

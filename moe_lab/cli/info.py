@@ -18,6 +18,7 @@ from moe_lab.config.schema import Config
 from moe_lab.config.validate import validate_for_devices
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
+from moe_lab.train.run_dir import lineage_path
 from moe_lab.train.state import make_setup, resolve_config
 
 
@@ -69,6 +70,6 @@ def print_info(cfg: Config, workdir: str | None = None, devices: int | None = No
                               f" (with remat=full ~{remat_total:.2f} GiB)"))
     print("parameter shardings:")
     print(sharding.describe_specs(setup.specs["params"]))
-    if workdir and os.path.exists(os.path.join(workdir, "lineage.json")):
-        with open(os.path.join(workdir, "lineage.json")) as f:
+    if workdir and os.path.exists(lineage_path(workdir)):
+        with open(lineage_path(workdir)) as f:
             print("lineage: " + json.dumps(json.load(f), indent=2))

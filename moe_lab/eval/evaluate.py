@@ -41,7 +41,7 @@ from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps
 from moe_lab.train.jit_cache import cached_for
 from moe_lab.train.loop import evaluate_losses
-from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.run_dir import config_path, eval_dir, eval_file, write_json_atomic
 from moe_lab.train.state import resolve_config, setup_on_devices
 from moe_lab.train.step import make_eval_step
 
@@ -55,7 +55,7 @@ GROUPS = {MEMORIZATION: ("facts",), REASONING: ("arith",), "reasoning_long": ("a
 
 def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
     """(cfg, setup, state, step) of a checkpoint; `devices`: "one" or "all"."""
-    cfg_path = os.path.join(workdir, "config.json")
+    cfg_path = config_path(workdir)
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"eval: --workdir {workdir} holds no run (no config.json)")
     cfg = resolve_config(config_from_json(cfg_path))
@@ -219,12 +219,12 @@ def report(result: dict, path: str, fmt, *, write: bool, print_table: bool) -> d
 
 
 def eval_path(workdir: str, step: int) -> str:
-    return os.path.join(workdir, "eval", f"{int(step)}.json")
+    return eval_file(workdir, str(int(step)))
 
 
 def read_eval(workdir: str, step: int | None = None) -> dict | None:
     """The eval json of `step` (default: the highest step evaluated), or None."""
-    d = os.path.join(workdir, "eval")
+    d = eval_dir(workdir)
     if step is None:
         steps = [int(f[:-5]) for f in os.listdir(d) if f[:-5].isdigit() and f.endswith(".json")] \
             if os.path.isdir(d) else []

@@ -48,6 +48,7 @@ from moe_lab.eval.evaluate import load_run, report
 from moe_lab.eval.generate import generate_batched
 from moe_lab.parallel import sharding
 from moe_lab.train.jit_cache import cached_for
+from moe_lab.train.run_dir import eval_file
 from moe_lab.train.step import forward
 
 LENGTH_BUCKET = 32  # sequences are right-padded to a multiple of this (few compilations)
@@ -261,7 +262,7 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
 
 def harness_path(workdir: str, step: int, data_path: str, shots: int) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(data_path))[0])
-    return os.path.join(workdir, "eval", f"{int(step)}-{stem}-{shots}shot.json")
+    return eval_file(workdir, f"{int(step)}-{stem}-{shots}shot")
 
 
 def format_harness(r: dict) -> str:

@@ -63,6 +63,7 @@ from moe_lab.eval.evaluate import load_run, report, task_losses
 from moe_lab.eval.generate import generate_batched, generation_budget
 from moe_lab.growth.transforms import with_recursions
 from moe_lab.parallel import sharding
+from moe_lab.train.run_dir import eval_file
 from moe_lab.train.state import setup_on_devices
 
 # --------------------------------------------------------------- estimators
@@ -359,7 +360,7 @@ def _public(r: dict) -> dict:
 
 
 def ttc_path(workdir: str, step: int) -> str:
-    return os.path.join(workdir, "eval", f"{int(step)}-ttc.json")
+    return eval_file(workdir, f"{int(step)}-ttc")
 
 
 def format_ttc(r: dict) -> str:

@@ -18,7 +18,7 @@ from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.growth import transforms as growth
 from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
-from moe_lab.train.run_dir import write_json_atomic
+from moe_lab.train.run_dir import config_path, lineage_path, write_json_atomic
 from moe_lab.train.state import resolve_config, setup_on_devices
 from moe_lab.train.step import forward
 
@@ -27,7 +27,7 @@ LOGIT_TOLERANCE = 1e-4  # max |logits difference| accepted for a function-preser
 
 def _check_dirs(from_dir: str, to_dir: str) -> tuple[str, str]:
     src, dst = os.path.realpath(from_dir), os.path.realpath(to_dir)
-    if not os.path.isfile(os.path.join(src, "config.json")):
+    if not os.path.isfile(config_path(src)):
         raise ConfigError(f"grow: --from {from_dir} holds no run (no config.json)")
     if dst == src or dst.startswith(src + os.sep):
         raise ConfigError(f"grow: --to {to_dir} is (inside) --from {from_dir}; never writing there")
@@ -79,7 +79,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
     src, dst = _check_dirs(from_dir, to_dir)
 
 
-    cfg = resolve_config(config_from_json(os.path.join(src, "config.json")))
+    cfg = resolve_config(config_from_json(config_path(src)))
     # Dry run on the config first: bad options fail before any checkpoint is read.
     new_cfg, preserving = cfg, True
     for what, kw in transforms:
@@ -163,8 +163,8 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
                                       f"{diff:.3g} > {LOGIT_TOLERANCE} (a bug; nothing written)")
             else:
                 log(f"grow: max |logits - parent logits| = {diff:.3g} (not function-preserving)")
-        write_json_atomic(os.path.join(tmp, "lineage.json"), lineage)
-        write_json_atomic(os.path.join(tmp, "config.json"), new_cfg.to_dict())
+        write_json_atomic(lineage_path(tmp), lineage)
+        write_json_atomic(config_path(tmp), new_cfg.to_dict())
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above)
         os.rename(tmp, dst)

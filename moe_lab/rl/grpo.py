@@ -346,7 +346,7 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
     max_new = rl.max_new_tokens or generation_budget(probe, cfg.eval.max_new_tokens)
 
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
-        trainer = Trainer(dst, None, total_steps=rl.steps, log_every=rl.log_every,
+        trainer = Trainer(dst, total_steps=rl.steps, log_every=rl.log_every,
                           eval_every=rl.eval_every, checkpoint_every=rl.checkpoint_every,
                           keep_last=rl.keep_last, async_save=False, merge_eval=True, log=log)
         state, _ = trainer.restore(setup.abstract_state)
@@ -362,7 +362,6 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
         # copies: the policy's state is donated to its step
         ref_weights = jax.tree.map(jnp.copy, (ref_state["params"], ref_state["model_state"]))
         steps = GRPOSteps(rl, setup, task, eval_exs, max_new, ref_weights)
-        trainer.steps = steps
         # RL steps count rollout batches (the checkpoint's step); the optimizer's own
         # counter advances updates_per_batch times per RL step
         start = trainer.latest or 0
@@ -372,7 +371,7 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
             writer.write(0, ev)
             log(f"{msg} ({len(eval_exs)} {rl.task} prompts)")
         try:
-            out = trainer.run(state, start, max_steps=max_steps)
+            out = trainer.run(steps, state, start, max_steps=max_steps)
         finally:
             trainer.close()
     return {"rewards": steps.rewards, "step": out["step"], "steps": rl.steps, "workdir": dst}

@@ -17,13 +17,14 @@ from moe_lab.config.load import config_from_json
 from moe_lab.eval.evaluate import read_eval
 from moe_lab.sweep.points import Point
 from moe_lab.train.metrics import read_metrics
+from moe_lab.train.run_dir import config_path, lineage_path, stage_path
 
 RESULTS, FAILURES = "results.jsonl", "failures.jsonl"
 
 
 def _stage_path(run_dir: str, i: int, spec: dict) -> str:
     kind = re.sub(r"[^A-Za-z0-9_.-]", "_", spec["kind"])
-    return os.path.join(run_dir, "stages", f"{i}-{kind}.json")
+    return stage_path(run_dir, i, kind)
 
 
 def _read_json(path: str):
@@ -35,7 +36,7 @@ def _read_json(path: str):
 
 def results_row(point: Point, run_dir: str) -> dict:
     """One flat row: swept values, sizes, FLOPs, losses, task losses, accuracies."""
-    cfg = config_from_json(os.path.join(run_dir, "config.json"))
+    cfg = config_from_json(config_path(run_dir))
     ev = read_eval(run_dir, cfg.train.steps) or {}
     m = cfg.model
     row = {"run": point.name, "sweep_index": point.index, **point.swept,
@@ -55,7 +56,7 @@ def results_row(point: Point, run_dir: str) -> dict:
     if losses:
         row["train_loss"] = losses[-1]["loss"]
         row["flops_spent"] = losses[-1].get("flops_spent")
-    lineage = _read_json(os.path.join(run_dir, "lineage.json"))
+    lineage = _read_json(lineage_path(run_dir))
     row["sunk_flops"] = float(lineage["sunk_flops"]) if lineage else 0.0
     row["total_flops"] = row["sunk_flops"] + row["train_flops"]
     if lineage:

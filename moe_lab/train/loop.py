@@ -264,9 +264,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     if not resuming:  # the checkpoint manager creates checkpoints/ in the new workdir
         write_workdir_config(cfg, workdir)
     counters = {"tokens_seen": 0.0, "flops_spent": 0.0, "wall_seconds": 0.0}
-    steps = PretrainSteps(cfg, setup, train_iter, None, None, eval_batches, task_names, counters,
-                          0.0)
-    trainer = Trainer(workdir, steps, total_steps=t.steps, log_every=t.log_every,
+    trainer = Trainer(workdir, total_steps=t.steps, log_every=t.log_every,
                       eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
                       keep_last=t.keep_last, keep_every=t.keep_every,
                       keep_steps=grown_steps(workdir), async_save=t.async_checkpoint,
@@ -283,12 +281,12 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     start_step = int(local_values(state["step"]))
 
     counts = flops.param_counts(cfg.model)
-    tokens_per_step = steps.tokens_per_step
+    tokens_per_step = t.batch_size * cfg.data.seq_len
     flops_per_step = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     peak, peak_how = peak_flops_per_device(cfg.model.compute_dtype)
-    steps.peak_total = peak * jax.device_count()
+    peak_total = peak * jax.device_count()
     log0(f"params total {counts['total']:,} active {counts['active']:,} | "
-         f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {steps.peak_total:.3g} "
+         f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
          f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
     if cfg.model.ffn == "moe":
         log0(expert_parallel.plan_line(cfg, mesh))
@@ -307,21 +305,23 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
                 in_shardings=(setup.shardings, setup.batch_sharding),
                 out_shardings=(setup.shardings, replicated), donate_argnums=0))
 
-        steps.train_step = PhasedStep(jit_step("train", setup.graphdef, cfg), flops_per_step)
+        train_step = PhasedStep(jit_step("train", setup.graphdef, cfg), flops_per_step)
         warm_cfg = capacity_warmup_config(cfg)
         warm_until = warm_cfg.model.mor.capacity_warmup_steps if warm_cfg else 0
         if start_step < warm_until:  # a resume after the warm-up never compiles it
             warm_flops = flops.train_flops_per_token(warm_cfg.model, cfg.data.seq_len)
-            steps.train_step = PhasedStep(
-                steps.train_step.main, flops_per_step,
+            train_step = PhasedStep(
+                train_step.main, flops_per_step,
                 jit_step("warm-up", warmup_graphdef(warm_cfg), warm_cfg),
                 warm_flops * tokens_per_step, warm_until)
             log0(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
                  f"({warm_flops:.3g} train FLOPs/token)")
-        steps.eval_step = cached_jit("train", cache_key, "eval", lambda: jax.jit(
+        eval_step = cached_jit("train", cache_key, "eval", lambda: jax.jit(
             make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated))
+        steps = PretrainSteps(cfg, setup, train_iter, train_step, eval_step, eval_batches,
+                              task_names, counters, peak_total)
         try:
-            out = trainer.run(state, start_step, max_steps=max_steps)
+            out = trainer.run(steps, state, start_step, max_steps=max_steps)
         finally:
             trainer.close()
     last_row = out["last_row"]

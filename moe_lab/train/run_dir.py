@@ -52,6 +52,20 @@ def reference_dir(workdir: str) -> str:
     return os.path.join(workdir, REFERENCE)
 
 
+def eval_dir(workdir: str) -> str:
+    return os.path.join(workdir, EVAL)
+
+
+def eval_file(workdir: str, name: str) -> str:
+    """DIR/eval/<name>.json (name: "<step>", "<step>-ttc", "<step>-<data>-<K>shot")."""
+    return os.path.join(workdir, EVAL, f"{name}.json")
+
+
+def stage_path(workdir: str, index: int, kind: str) -> str:
+    """DIR/stages/<index>-<kind>.json: a sweep post stage's columns."""
+    return os.path.join(workdir, STAGES, f"{index}-{kind}.json")
+
+
 def write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:

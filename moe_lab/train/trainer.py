@@ -131,12 +131,12 @@ class Trainer:
     logged), instead of a row of their own after it.
     """
 
-    def __init__(self, workdir: str, steps: Steps, *, total_steps: int, log_every: int,
+    def __init__(self, workdir: str, *, total_steps: int, log_every: int,
                  eval_every: int, checkpoint_every: int, keep_last: int, keep_every: int = 0,
                  keep_steps: tuple[int, ...] = (), async_save: bool = True,
                  data_iterator=None, progress: bool = False, merge_eval: bool = False,
                  log=log0):
-        self.workdir, self.steps, self.total_steps = workdir, steps, total_steps
+        self.workdir, self.total_steps = workdir, total_steps
         self.log_every, self.eval_every = log_every, eval_every
         self.checkpoint_every, self.merge_eval = checkpoint_every, merge_eval
         self.data_iterator, self.progress, self.log = data_iterator, progress, log
@@ -163,17 +163,18 @@ class Trainer:
             self.writer.close()
         self.ckpt.close()
 
-    def run(self, state, start_step: int, *, max_steps: int | None = None) -> dict:
-        """Steps from `start_step` to total_steps (or `max_steps` more); returns
+    def run(self, steps: Steps, state, start_step: int, *, max_steps: int | None = None) -> dict:
+        """`steps` from `start_step` to total_steps (or `max_steps` more); returns
         {state, step, last_row, last_eval, seconds_this_run}."""
-        return _Run(self, state, start_step, max_steps).loop()
+        return _Run(self, steps, state, start_step, max_steps).loop()
 
 
 class _Run:
     """One invocation of Trainer.run: its clock, pending row and last save."""
 
-    def __init__(self, trainer: Trainer, state, start_step: int, max_steps: int | None):
-        self.tr, self.state, self.start = trainer, state, start_step
+    def __init__(self, trainer: Trainer, steps: Steps, state, start_step: int,
+                 max_steps: int | None):
+        self.tr, self.steps, self.state, self.start = trainer, steps, state, start_step
         n = trainer.total_steps
         self.last_step = n if max_steps is None else min(n, start_step + max_steps)
         if trainer.writer is None:
@@ -199,7 +200,7 @@ class _Run:
         if self.saved == step:
             return
         self.saved = step
-        meta = {**self.tr.steps.meta(time.perf_counter() - self.t_run), "step": step}
+        meta = {**self.steps.meta(time.perf_counter() - self.t_run), "step": step}
         self.tr.ckpt.save(step, self.state, data_iterator=self.tr.data_iterator, meta=meta,
                           force=force)
 
@@ -217,26 +218,26 @@ class _Run:
             return
         step, out = self.pending
         self.pending = None
-        host = self.tr.steps.read(step, out)  # blocks until `step` has run
+        host = self.steps.read(step, out)  # blocks until `step` has run
         now = time.perf_counter()
         clock = self.clock
         # the first row of an invocation times its first step, compilation included
         dt = (now - clock["t"] - clock["excluded"]) / max(step - clock["step"], 1)
         clock.update(t=now, step=step, excluded=0.0)
-        row = {**self.tr.steps.row(step, host, dt), **(extra or {})}
+        row = {**self.steps.row(step, host, dt), **(extra or {})}
         self.last_row = self.tr.writer.write(step, row)
-        self.say(self.tr.steps.message(step, self.last_row, (self.tr.total_steps - step) * dt))
+        self.say(self.steps.message(step, self.last_row, (self.tr.total_steps - step) * dt))
 
     def evaluate(self, step: int) -> dict:
         with self.untimed():
-            self.last_eval, msg = self.tr.steps.evaluate(self.state, step)
+            self.last_eval, msg = self.steps.evaluate(self.state, step)
             if not self.tr.merge_eval:
                 self.tr.writer.write(step, self.last_eval)
                 self.say(msg)
         return self.last_eval
 
     def loop(self) -> dict:
-        tr, steps = self.tr, self.tr.steps
+        tr, steps = self.tr, self.steps
         with Preempted() as preempt:
             step = self.start
             while step < self.last_step:
