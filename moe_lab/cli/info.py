@@ -14,12 +14,30 @@ import jax
 
 from moe_lab.accounting import flops
 from moe_lab.accounting.plan import device_memory_gib, memory_plan
+from moe_lab.cli.args import config_from_args
 from moe_lab.config.schema import Config
 from moe_lab.config.validate import validate_for_devices
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
 from moe_lab.train.run_dir import lineage_path
 from moe_lab.train.state import make_setup, resolve_config
+
+
+def add_info_parser(subparsers):
+    i = subparsers.add_parser("info", help="params, FLOPs, TPP, memory, mesh rules of a config")
+    i.add_argument("--config")
+    i.add_argument("--workdir")
+    i.add_argument("--devices", type=int, help="plan for this many devices (abstract mesh)")
+    i.add_argument("--hardware", help="chip kind for the memory plan: tpu-v5p, tpu-v6e, h100, ...")
+    i.set_defaults(fn=cmd_info)
+    return i
+
+
+def cmd_info(args, overrides) -> int:
+    cfg = config_from_args(args, overrides)
+    print_info(cfg, workdir=getattr(args, "workdir", None), devices=args.devices,
+               hardware=args.hardware)
+    return 0
 
 
 def print_info(cfg: Config, workdir: str | None = None, devices: int | None = None,
