@@ -23,6 +23,11 @@ setup(
         "matplotlib>=3.9,<4",
         "tqdm>=4.66,<5",  # progress bar with ETA
         "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
+        # real corpora and vocabularies (data/tokenizer.py, data/prepare.py)
+        "array-record>=0.8.6,<0.9",  # grain's random-access shard format
+        "tokenizers>=0.22.2,<0.23",  # HF tokenizer.json; byte-level BPE training
+        "sentencepiece>=0.2.1,<0.3",
+        "pyarrow>=25.0.1,<26",  # Parquet inputs, read in row batches
     ],
     extras_require={
         "dev": [

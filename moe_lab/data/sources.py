@@ -1,0 +1,188 @@
+"""Reading a text corpus from local files as a stream of documents, in work units.
+
+    txt      one document per blank-line-separated block (a file with no blank
+             lines is one document); one work unit per file
+    jsonl    one document per row, the string field `field` ("text"); work units
+             are byte ranges of UNIT_BYTES aligned to lines (a unit owns the rows
+             that start inside it), so one big file still tokenizes in parallel
+    parquet  one document per row of column `field`, read with pyarrow in row
+             batches (HF datasets' Parquet dumps work as they are); one work unit
+             per row group
+
+Units depend on the files only, never on the number of workers: the shards a
+prepare writes are the same whatever --workers.  Text that is not UTF-8 is
+skipped document by document and counted (the count is reported and kept in the
+corpus's meta.json): one bad byte in a crawl should not stop a day-long prepare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+from moe_lab.config.schema import ConfigError
+
+FORMATS = ("txt", "jsonl", "parquet")
+UNIT_BYTES = 16 << 20  # jsonl work unit: 16 MiB of the file
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One piece of work: documents of `path` in [start, end) (bytes, or row groups)."""
+    path: str
+    fmt: str
+    start: int
+    end: int
+
+
+def expand_inputs(pattern: str) -> list[str]:
+    """The files of a comma-separated list of globs, sorted, each once."""
+    files: list[str] = []
+    for part in (p for p in pattern.split(",") if p):
+        hits = sorted(f for f in glob.glob(os.path.expanduser(part), recursive=True)
+                      if os.path.isfile(f))
+        if not hits:
+            raise ConfigError(f"--input {part!r} matches no file")
+        files += [f for f in hits if f not in files]
+    if not files:
+        raise ConfigError("--input is empty")
+    return files
+
+
+def file_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in FORMATS:
+            raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
+        return fmt
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    ext = {"text": "txt", "json": "jsonl", "pq": "parquet"}.get(ext, ext)
+    if ext not in FORMATS:
+        raise ConfigError(f"{path}: cannot tell the format from the extension; pass --format "
+                          f"({'|'.join(FORMATS)})")
+    return ext
+
+
+def check_field(path: str, fmt: str, field: str) -> None:
+    """A Parquet file without the field is refused before any work starts."""
+    if fmt != "parquet":
+        return
+    import pyarrow.parquet as pq  # noqa: PLC0415  (optional: Parquet inputs only)
+
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as e:
+        raise ConfigError(f"{path}: not a Parquet file ({str(e).splitlines()[0][:100]})") from None
+    if field not in names:
+        raise ConfigError(f"{path}: no column {field!r} (has {', '.join(names[:10])}); "
+                          f"pass --field")
+
+
+def plan_units(files: list[str], fmt: str | None, field: str) -> list[Unit]:
+    units = []
+    for path in files:
+        f = file_format(path, fmt)
+        check_field(path, f, field)
+        if f == "parquet":
+            import pyarrow.parquet as pq  # noqa: PLC0415
+
+            groups = pq.ParquetFile(path).metadata.num_row_groups
+            units += [Unit(path, f, g, g + 1) for g in range(groups)]
+        elif f == "jsonl":
+            size = os.path.getsize(path)
+            units += [Unit(path, f, s, min(s + UNIT_BYTES, size))
+                      for s in range(0, max(size, 1), UNIT_BYTES)]
+        else:
+            units.append(Unit(path, f, 0, os.path.getsize(path)))
+    return units
+
+
+class Skipped:
+    """Counts the documents a unit could not read (not UTF-8, no text field)."""
+
+    def __init__(self):
+        self.not_utf8 = 0
+        self.no_text = 0
+
+
+def iter_unit(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
+    """The documents of one unit, in file order."""
+    if unit.fmt == "parquet":
+        yield from _parquet_docs(unit, field, skipped)
+    elif unit.fmt == "jsonl":
+        yield from _jsonl_docs(unit, field, skipped)
+    else:
+        yield from _txt_docs(unit, skipped)
+
+
+def _decode(raw: bytes, skipped: Skipped) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped.not_utf8 += 1
+        return None
+
+
+def _txt_docs(unit: Unit, skipped: Skipped) -> Iterator[str]:
+    with open(unit.path, "rb") as f:
+        block: list[bytes] = []
+        for line in f:
+            if line.strip():
+                block.append(line)
+                continue
+            if block:
+                text = _decode(b"".join(block), skipped)
+                block = []
+                if text is not None:
+                    yield text.rstrip("\n")
+        if block:
+            text = _decode(b"".join(block), skipped)
+            if text is not None:
+                yield text.rstrip("\n")
+
+
+def _jsonl_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
+    with open(unit.path, "rb") as f:
+        pos = unit.start
+        if unit.start > 0:  # the row that straddles `start` belongs to the unit before
+            f.seek(unit.start - 1)
+            pos = unit.start - 1 + len(f.readline())
+        while pos < unit.end:
+            line = f.readline()
+            if not line:
+                break
+            lineno_hint = pos
+            pos += len(line)
+            if not line.strip():
+                continue
+            text = _decode(line, skipped)
+            if text is None:
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{unit.path} (byte {lineno_hint}): invalid JSON ({e.msg})") \
+                    from None
+            value = row.get(field) if isinstance(row, dict) else None
+            if not isinstance(value, str):
+                skipped.no_text += 1
+                continue
+            yield value
+
+
+def _parquet_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    pf = pq.ParquetFile(unit.path)
+    for batch in pf.iter_batches(batch_size=1024, row_groups=list(range(unit.start, unit.end)),
+                                 columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, bytes):
+                value = _decode(value, skipped)
+            if not isinstance(value, str):
+                if value is None:
+                    skipped.no_text += 1
+                continue
+            yield value

@@ -1,0 +1,55 @@
+"""`moe-lab tokenizer train`: a byte-level BPE vocabulary from local text (HF
+`tokenizers`), so an offline user gets a real vocabulary.
+
+Byte-level (GPT-2 style): every string is encodable and decode(encode(s)) == s.
+The 16 special strings of moe_lab (data/tokenizer.py) are ids 0..15 of the
+result, so its tokenizer.json needs nothing appended.
+"""
+
+from __future__ import annotations
+
+import os
+
+from moe_lab.config.schema import ConfigError
+from moe_lab.data import sources
+from moe_lab.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+
+MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and the byte alphabet
+
+
+def train_bpe(inputs: str, vocab_size: int, out: str, *, fmt: str | None = None,
+              field: str = "text", log=print) -> str:
+    """Trains the tokenizer on every document of `inputs`; writes `out` (a new file)."""
+    import tokenizers  # noqa: PLC0415  (optional dependency of this command)
+    from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    if vocab_size < MIN_VOCAB:
+        raise ConfigError(f"--vocab-size must be >= {MIN_VOCAB} (16 specials + 256 bytes), "
+                          f"got {vocab_size}")
+    if not out.endswith(".json"):
+        raise ConfigError(f"--out {out}: a HF tokenizer file ends in .json")
+    if os.path.exists(out):
+        raise ConfigError(f"--out {out} exists; moe-lab never overwrites a file it did not make")
+    units = sources.plan_units(sources.expand_inputs(inputs), fmt, field)
+    skipped = sources.Skipped()
+
+    def documents():
+        for unit in units:
+            yield from sources.iter_unit(unit, field, skipped)
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=True)
+    tok.train_from_iterator(documents(), trainer=trainer)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, out)
+    loaded = load_tokenizer(out)
+    log(f"tokenizer: {loaded.describe()} -> {out}"
+        + (f"; skipped {skipped.not_utf8} documents that are not UTF-8" if skipped.not_utf8
+           else ""))
+    return out
