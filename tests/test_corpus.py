@@ -2,6 +2,7 @@
 special tokens, `moe-lab tokenizer train`, and `moe-lab prepare` (ArrayRecord
 shards: decodable, identical whatever --workers, resumable, bad input refused)."""
 
+import dataclasses
 import io
 import json
 import os
@@ -78,6 +79,7 @@ def test_special_tokens_in_every_tokenizer_kind(corpus, kind):
         tok.bos_id, tok.eos_id]
     assert max(tok.encode(_text(random.Random(1), 30))) < tok.vocab_size
     assert tok.decode([tok.pad_id] + tok.encode("ab")) == "ab"
+    assert tok.decode(tok.encode("a") + [tok.vocab_size + 3]) == "a\ufffd"  # padded rows
     if kind == "hf":  # `tokenizer train` puts the specials at ids 0..15: nothing appended
         assert [tok.special_to_id[s] for s in SPECIAL_TOKENS] == list(range(16))
         s = "naïve 数 text\n  with  spaces <think>"
@@ -183,3 +185,47 @@ def test_prepare_parquet_and_refusals(corpus, tmp_path):
     with pytest.raises(ConfigError, match="other inputs or options"):  # another tokenizer
         prep.prepare(f"{corpus}/*.parquet", str(corpus / "tok.json"), str(tmp_path / "pq"),
                      field="content", heldout=0.0, **quiet)
+
+
+def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp_path):
+    """data.tokenizer = a tokenizer.json: vocab rounded to 128, the run keeps a copy and
+    its fingerprint (eval reads the copy after the original is gone); resuming with
+    another tokenizer and a vocab_size below the tokenizer's are refused."""
+    import shutil
+
+    from conftest import tiny_config
+
+    from moe_lab.eval.evaluate import evaluate, load_run
+    from moe_lab.eval.generate import generate_batched
+    from moe_lab.train.loop import train
+    from moe_lab.train.state import resolve_config
+
+    tok_path = str(tmp_path / "mine.json")
+    shutil.copyfile(corpus / "tok.json", tok_path)
+    cfg = tiny_config(model=dict(num_layers=1), data=dict(mixture="arith:1", tokenizer=tok_path),
+                      train=dict(steps=2, log_every=1, eval_every=2, checkpoint_every=2),
+                      eval=dict(num_examples=2, batch_size=2, max_new_tokens=8))
+    tok = load_tokenizer(tok_path)
+    assert cfg.model.vocab_size == 128 * -(-tok.vocab_size // 128) >= tok.vocab_size
+    assert cfg.data.tokenizer_fingerprint == tok.fingerprint
+    run = str(tmp_path / "run")
+    out = train(cfg, run)
+    assert out["step"] == 2 and np.isfinite(out["loss"])
+    assert os.path.isfile(os.path.join(run, "tokenizer", "mine.json"))
+    os.remove(tok_path)  # the run reads its own copy from now on
+    _, setup, state, _ = load_run(run)
+    assert setup.tokenizer.fingerprint == tok.fingerprint
+    res = evaluate(run, write=False, print_table=False)
+    assert res["tasks"]["arith"]["eval_loss"] > 0 and "accuracy" in res["tasks"]["arith"]
+    prompts = [setup.tokenizer.encode("a=1 b=a+2 mod 11. b?", add_bos=True)]
+    new = generate_batched(setup.graphdef, state["params"], state["model_state"], prompts, 4,
+                           batch_size=1, pad_id=setup.tokenizer.pad_id,
+                           eos_id=setup.tokenizer.eos_id)
+    assert all(0 <= t < cfg.model.vocab_size for t in new[0])
+    assert isinstance(setup.tokenizer.decode(new[0]), str)  # padded rows decode as U+FFFD
+    other = cfg.replace(data=dataclasses.replace(cfg.data, tokenizer=str(corpus / "sp.model"),
+                                                 tokenizer_fingerprint=""))
+    with pytest.raises(ConfigError, match=f"different data.*{tok.fingerprint}"):
+        train(resolve_config(other), run)
+    with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
+        tiny_config(model=dict(vocab_size=272), data=dict(tokenizer=str(corpus / "sp.model")))

@@ -15,7 +15,8 @@ from moe_lab.data.tasks.arith import ArithTask
 from moe_lab.data.tasks.facts import RELATIONS, FactsTask
 from moe_lab.data.tasks.file import FileTask
 from moe_lab.data.tasks.registry import make_task
-from moe_lab.data.tokenizer import TOKENIZER, Tokenizer
+from moe_lab.data.tokenizer import BYTE_TOKENIZER as TOKENIZER
+from moe_lab.data.tokenizer import ByteTokenizer as Tokenizer
 
 TOK = TOKENIZER
 

@@ -172,7 +172,7 @@ def test_choice_loglik_matches_unpadded_forward(run_dir):
     """The batched, padded scorer equals a plain forward pass on each sequence."""
     import jax.numpy as jnp
 
-    from moe_lab.data.tokenizer import TOKENIZER
+    from moe_lab.data.tokenizer import BYTE_TOKENIZER as TOKENIZER
     from moe_lab.eval.evaluate import load_run
     from moe_lab.train.step import forward
 

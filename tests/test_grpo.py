@@ -18,7 +18,7 @@ from moe_lab.config.schema import ConfigError
 from moe_lab.data.tasks.base import Example
 from moe_lab.data.tasks.countdown import CountdownTask, parse_expression, verify
 from moe_lab.data.tasks.registry import make_task
-from moe_lab.data.tokenizer import TOKENIZER as TOK
+from moe_lab.data.tokenizer import BYTE_TOKENIZER as TOK
 from moe_lab.rl import objective
 
 # ------------------------------------------------------------------ the loss

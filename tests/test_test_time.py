@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from moe_lab.data.tokenizer import TOKENIZER as TOK
+from moe_lab.data.tokenizer import BYTE_TOKENIZER as TOK
 from moe_lab.eval import budget_forcing as bf
 from moe_lab.eval import generate as gen
 from moe_lab.eval import test_time as tt

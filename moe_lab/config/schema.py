@@ -177,6 +177,10 @@ class DataConfig:
     # {"prompt": ..., "answer": ...} rows)
     files: str = ""
     pack: bool = True
+    # byte | PATH/tokenizer.json (HF tokenizers) | PATH/NAME.model (SentencePiece);
+    # the run directory keeps a copy (DIR/tokenizer/) and config.json its fingerprint
+    tokenizer: str = "byte"
+    tokenizer_fingerprint: str = ""  # filled from the tokenizer (resolve_config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ import numpy as np
 from moe_lab.config.schema import ConfigError, DataConfig, parse_mixture
 from moe_lab.data.tasks.base import Example, Task, stable_hash
 from moe_lab.data.tasks.registry import make_task
-from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.data.tokenizer import BYTE_TOKENIZER, Tokenizer, load_tokenizer
 
 BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "task_ids",
                 "answer_mask")
@@ -59,14 +59,15 @@ _COLUMNS = ("inputs", "targets", "task_ids", "answer_mask")
 # ------------------------------------------------------------------ documents
 
 
-def document_N4(ex: Example, task_index: int, seq_len: int) -> np.ndarray:
+def document_N4(ex: Example, task_index: int, seq_len: int,
+                tok: Tokenizer = BYTE_TOKENIZER) -> np.ndarray:
     """Example -> [n, 4] int32 columns (inputs, targets, task_ids, answer_mask),
     n <= seq_len: BOS + text + EOS shifted by one.
 
-    The answer span is located by encoding the parts separately: byte-level
-    encoding is concatenative, so encode(a + b) == encode(a) + encode(b) as long
-    as no special string straddles the cut (the parts are whole strings)."""
-    tok = TOKENIZER
+    The answer span is located by encoding the parts separately (with the run's
+    tokenizer `tok`): for bytes encode(a + b) == encode(a) + encode(b); for a
+    learned vocabulary the cut is also where generation starts (the prompt is
+    encoded alone), so training sees the tokens the model will continue from."""
     # Task loss covers the whole completion (working + answer marker + answer): as in
     # GSM8K, whose answers include the worked solution (2508.18672 scores the NLL of
     # the answer field). Masking only the final answer would measure copying the last
@@ -93,9 +94,10 @@ def document_N4(ex: Example, task_index: int, seq_len: int) -> np.ndarray:
     return out_N4
 
 
-def tokenize_example(ex: Example, task_index: int, seq_len: int) -> dict[str, np.ndarray]:
+def tokenize_example(ex: Example, task_index: int, seq_len: int,
+                     tok: Tokenizer = BYTE_TOKENIZER) -> dict[str, np.ndarray]:
     """Example -> {inputs, targets, task_ids (int32), answer_mask (float32)}, each [n]."""
-    doc_N4 = document_N4(ex, task_index, seq_len)
+    doc_N4 = document_N4(ex, task_index, seq_len, tok)
     out = {k: np.ascontiguousarray(doc_N4[:, c]) for c, k in enumerate(_COLUMNS)}
     out["answer_mask"] = out["answer_mask"].astype(np.float32)
     return out
@@ -164,18 +166,20 @@ class _TrainDocument:
     task: Task
     task_index: int
     seq_len: int
+    tok: Tokenizer
 
     def __call__(self, i: int) -> dict[str, np.ndarray]:
-        return {"doc": document_N4(self.task.train_example(int(i)), self.task_index, self.seq_len)}
+        ex = self.task.train_example(int(i))
+        return {"doc": document_N4(ex, self.task_index, self.seq_len, self.tok)}
 
 
 def _task_documents(task_index: int, task: Task, seq_len: int, seed: int, shard_index: int,
-                    shard_count: int) -> grain.MapDataset:
+                    shard_count: int, tok: Tokenizer) -> grain.MapDataset:
     """Infinite stream of one task's documents, reshuffled every epoch, this
     host's slice only."""
     shuffle_seed = stable_hash(f"shuffle/{seed}/{task_index}/{task.name}") % 2**32
     ds = grain.MapDataset.range(task.num_train).shuffle(seed=shuffle_seed).repeat()
-    return ds[shard_index::shard_count].map(_TrainDocument(task, task_index, seq_len))
+    return ds[shard_index::shard_count].map(_TrainDocument(task, task_index, seq_len, tok))
 
 
 def make_train_dataset(
@@ -188,6 +192,7 @@ def make_train_dataset(
     tasks: Sequence[Task] | None = None,
     num_packing_bins: int | None = None,
     prefetch: int = 0,
+    tokenizer: Tokenizer | None = None,
 ) -> grain.IterDataset:
     """Packed training batches for host `shard_index` of `shard_count`.
 
@@ -198,6 +203,7 @@ def make_train_dataset(
     (default 2 x the host batch) trades packing density for latency.
     `prefetch` > 0 adds a thread prefetch buffer of that many batches; grain's
     thread prefetch checkpoints the state of the last *consumed* batch.
+    `tokenizer`: the run's (default: data_cfg.tokenizer's).
     """
     if global_batch_size % shard_count:
         raise ConfigError(f"global batch {global_batch_size} not divisible by "
@@ -214,7 +220,8 @@ def make_train_dataset(
     # (1:1 -> t0 t1 t0 t1 ...), so slicing the mixture would hand each host a
     # different task (host 0 all t0, host 1 all t1). Sliced first, every host
     # sees the full mixture over disjoint example indices.
-    streams = [_task_documents(t, task, seq_len, seed, shard_index, shard_count)
+    tok = tokenizer or load_tokenizer(data_cfg.tokenizer)
+    streams = [_task_documents(t, task, seq_len, seed, shard_index, shard_count, tok)
                for t, task in enumerate(tasks)]
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -246,29 +253,31 @@ def make_train_iterator(data_cfg: DataConfig, global_batch_size: int, *, seed: i
 
 
 def make_eval_batches(task: Task, data_cfg: DataConfig, batch_size: int, num_batches: int, *,
-                      task_index: int = 0, start: int = 0) -> list[dict[str, np.ndarray]]:
+                      task_index: int = 0, start: int = 0,
+                      tokenizer: Tokenizer | None = None) -> list[dict[str, np.ndarray]]:
     """Fixed, unpacked batches of the task's eval split (one example per row).
 
     Same fields as training batches, so the same loss code gives eval loss
     (weights) and task loss (answer_mask). Finite eval splits (facts, file) are
     cycled if batch_size * num_batches exceeds them: duplicates do not bias a
     mean loss, and fixed shapes keep the eval step compiled once."""
+    tok = tokenizer or load_tokenizer(data_cfg.tokenizer)
     out = []
     for b in range(num_batches):
         docs = [tokenize_example(task.eval_example(start + b * batch_size + r), task_index,
-                                 data_cfg.seq_len) for r in range(batch_size)]
+                                 data_cfg.seq_len, tok) for r in range(batch_size)]
         out.append(pad_documents(docs, data_cfg.seq_len))
     return out
 
 
 def eval_prompts(task: Task, n: int, *, start: int = 0) -> list[Example]:
     """The first n eval examples (prompt, answer) for generation-based accuracy;
-    feed `TOKENIZER.encode(ex.prompt, add_bos=True)` and score with `task.check`."""
+    feed `tokenizer.encode(ex.prompt, add_bos=True)` and score with `task.check`."""
     return [task.eval_example(start + i) for i in range(n)]
 
 
 def describe_batch(batch: dict[str, np.ndarray], task_names: Sequence[str] = (),
-                   rows: int = 2) -> str:
+                   rows: int = 2, tok: Tokenizer = BYTE_TOKENIZER) -> str:
     """Human-readable summary: shapes, fill, documents per row, first rows."""
     w = batch["weights"]
     lines = [", ".join(f"{k}{tuple(v.shape)}:{v.dtype}" for k, v in batch.items()),
@@ -278,5 +287,5 @@ def describe_batch(batch: dict[str, np.ndarray], task_names: Sequence[str] = (),
         name = task_names[t] if t < len(task_names) else str(t)
         lines.append(f"  task {name}: {int(((batch['task_ids'] == t) & (w > 0)).sum())} tokens")
     for r in range(min(rows, len(w))):
-        lines.append(f"  row {r}: {TOKENIZER.decode(batch['inputs'][r])!r}")
+        lines.append(f"  row {r}: {tok.decode(batch['inputs'][r])!r}")
     return "\n".join(lines)

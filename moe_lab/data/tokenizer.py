@@ -118,26 +118,45 @@ class Tokenizer:
         return [self.encode_array(t, add_bos, add_eos) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text.  Pad ids are dropped; specials are rendered as their string;
-        nothing stops decoding (cut at EOS yourself if you need to)."""
+        """Ids -> text.  Pad ids are dropped; specials are rendered as their string; an
+        id past the vocabulary (a model's padded rows: vocab_size is rounded up to 128)
+        is rendered U+FFFD, like an invalid byte run; nothing stops decoding (cut at
+        EOS yourself if you need to)."""
         out: list[str] = []
         run: list[int] = []
         for t in ids:
             t = int(t)
-            if t < 0 or t >= self.vocab_size:
-                raise ValueError(f"token id {t} out of range (vocab {self.vocab_size})")
+            if t < 0:
+                raise ValueError(f"negative token id {t}")
+            if t >= self.vocab_size:  # an embedding row past the vocabulary (the 128 padding)
+                t = -1
             special = self.id_to_special.get(t)
             if special is None:
                 run.append(t)
                 continue
             if run:
-                out.append(self._decode_plain(run))
+                out.append(self._decode_runs(run))
                 run = []
             if t != self.pad_id:
                 out.append(special)
         if run:
-            out.append(self._decode_plain(run))
+            out.append(self._decode_runs(run))
         return "".join(out)
+
+    def _decode_runs(self, ids: list[int]) -> str:
+        """Decodes ids of the vocabulary; -1 (an id past it) is rendered U+FFFD."""
+        parts, run = [], []
+        for t in ids:
+            if t == -1:
+                if run:
+                    parts.append(self._decode_plain(run))
+                    run = []
+                parts.append("\ufffd")
+            else:
+                run.append(t)
+        if run:
+            parts.append(self._decode_plain(run))
+        return "".join(parts)
 
     def is_special(self, token_id: int) -> bool:
         return int(token_id) in self.id_to_special
@@ -147,6 +166,9 @@ class Tokenizer:
         to a multiple of 128 (the byte kind keeps its 272: rounding would add 112 dead
         rows, +41% embedding on the tiny configs, and change every byte run's size)."""
         return VOCAB_MULTIPLE * math.ceil(self.vocab_size / VOCAB_MULTIPLE)
+
+    def __reduce__(self):  # grain workers and spawned processes load it again by path
+        return (load_tokenizer, (self.source,))
 
     def describe(self) -> str:
         return f"{self.kind} {self.source} ({self.vocab_size} ids, fingerprint {self.fingerprint})"
@@ -199,14 +221,13 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text. Pad ids are dropped; specials are rendered as their string;
         nothing stops decoding (cut at EOS yourself if you need to). Invalid UTF-8
-        byte runs (e.g. a sampled half character) decode with U+FFFD."""
+        byte runs (e.g. a sampled half character) and ids past the vocabulary decode
+        as U+FFFD."""
         out: list[str] = []
         buf = bytearray()
         for t in ids:
             t = int(t)
-            if t >= self.byte_offset:
-                if t >= self.byte_offset + 256:
-                    raise ValueError(f"token id {t} out of range (vocab {self.vocab_size})")
+            if self.byte_offset <= t < self.byte_offset + 256:
                 buf.append(t - self.byte_offset)
                 continue
             if buf:
@@ -216,7 +237,8 @@ class ByteTokenizer(Tokenizer):
                 continue
             if t < 0:
                 raise ValueError(f"negative token id {t}")
-            out.append(self.special_tokens[t])
+            # past the vocabulary (a model with model.vocab_size > 272): U+FFFD
+            out.append(self.special_tokens[t] if t < self.byte_offset else "\ufffd")
         if buf:
             out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
@@ -229,10 +251,6 @@ class ByteTokenizer(Tokenizer):
 
 
 BYTE_TOKENIZER = ByteTokenizer()
-# The one tokenizer training, eval and generation use today (the byte kind): giving
-# each run its own (data.tokenizer, kept in the run directory) is the next step of
-# the corpus work; `prepare` and `tokenizer train` already take any kind.
-TOKENIZER = BYTE_TOKENIZER
 
 
 def _with_specials(lookup, base_size: int) -> dict[str, int]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from moe_lab.data.tokenizer import TOKENIZER as tok
+from moe_lab.data.tokenizer import BYTE_TOKENIZER, Tokenizer
 from moe_lab.eval.generate import CachedStepper, fixed_batches
 
 # ------------------------------------------------------------ budget forcing
@@ -57,14 +57,14 @@ def _sample_host(logits_BV: np.ndarray, rng: np.random.Generator, temperature: f
 
 
 def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: int = 0,
-                 max_steps: int | None = None) -> list[dict]:
+                 max_steps: int | None = None, tok: Tokenizer = BYTE_TOKENIZER) -> list[dict]:
     """Runs the budget-forcing controller; returns per row {"tokens", "think_len",
     "forced_end", "waits", "ended"}.
 
     first_logits_BV: the model's logits for the first new token (after the prompt);
     step_fn(tokens_B) feeds one token per row and returns the next logits [B, V]
     (a KV-cache decoder, or any scripted fake model).  Token ids come from the
-    tokenizer (THINK_START / THINK_END / ANSWER / EOS, " Wait" as bytes).
+    run's tokenizer `tok` (THINK_START / THINK_END / ANSWER / EOS, " Wait" encoded).
     """
     f = forcing
     if f.max_think is not None and f.max_think < 0:
@@ -136,7 +136,7 @@ def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: 
             for r in rows]
 
 
-def forcing_tokens(forcing: Forcing) -> int:
+def forcing_tokens(forcing: Forcing, tok: Tokenizer = BYTE_TOKENIZER) -> int:
     """An upper bound on the tokens one row writes under `forcing`."""
     cap = forcing.max_think if forcing.max_think is not None else 256
     return cap + (len(tok.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
@@ -144,17 +144,18 @@ def forcing_tokens(forcing: Forcing) -> int:
 
 
 def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing, *,
-                batch_size: int = 64, seed: int = 0, max_new: int | None = None) -> dict:
+                tok: Tokenizer, batch_size: int = 64, seed: int = 0,
+                max_new: int | None = None) -> dict:
     """Budget forcing on `examples`: accuracy, control (within max_think), mean thinking.
     `max_new` (>= forcing_tokens) fixes the cache length: one compilation for a table."""
-    max_new = max(max_new or 0, forcing_tokens(forcing))
+    max_new = max(max_new or 0, forcing_tokens(forcing, tok))
     rows = []
     for s, chunk, padded in fixed_batches(examples, batch_size):
         prompts = [tok.encode(ex.prompt, add_bos=True) for ex in padded]
         stepper = CachedStepper(graphdef, params, model_state, prompts, max_new,
                                 pad_id=tok.pad_id)
         out = budget_force(stepper.first_logits, stepper, forcing, seed=seed + s,
-                           max_steps=max_new - 1)
+                           max_steps=max_new - 1, tok=tok)
         for ex, r in zip(chunk, out):
             text = tok.decode(t for t in r["tokens"] if t != tok.eos_id)
             rows.append({**r, "correct": bool(task.check(text, ex)), "text": text})

@@ -35,13 +35,18 @@ from moe_lab.config.load import config_from_json
 from moe_lab.config.schema import Config, ConfigError, parse_mixture
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
-from moe_lab.data.tokenizer import TOKENIZER
 from moe_lab.eval.generate import generate_batched, generation_budget
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps
 from moe_lab.train.jit_cache import cached_for
 from moe_lab.train.loop import evaluate_losses
-from moe_lab.train.run_dir import config_path, eval_dir, eval_file, write_json_atomic
+from moe_lab.train.run_dir import (
+    config_path,
+    eval_dir,
+    eval_file,
+    run_tokenizer,
+    write_json_atomic,
+)
 from moe_lab.train.state import resolve_config, setup_on_devices
 from moe_lab.train.step import make_eval_step
 
@@ -58,7 +63,9 @@ def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
     cfg_path = config_path(workdir)
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"eval: --workdir {workdir} holds no run (no config.json)")
-    cfg = resolve_config(config_from_json(cfg_path))
+    raw_cfg = config_from_json(cfg_path)
+    tok = run_tokenizer(workdir, raw_cfg)
+    cfg = resolve_config(raw_cfg, tok)
     steps = checkpoint_steps(workdir)
     if not steps:
         raise ConfigError(f"eval: no checkpoint in {workdir}/checkpoints")
@@ -66,7 +73,7 @@ def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
         step = max(steps)
     elif step not in steps:
         raise ConfigError(f"eval: no checkpoint at step {step} in {workdir} (have {steps})")
-    cfg, setup = setup_on_devices(cfg, devices)
+    cfg, setup = setup_on_devices(cfg, devices, tok)
     with Checkpointer(workdir, create=False) as ckpt:
         state, _ = ckpt.restore(step, setup.abstract_state)
     return cfg, setup, state, int(step)
@@ -119,7 +126,8 @@ def _loss_tier(cfg, setup, state, tasks) -> dict:
         data = dataclasses.replace(data, seq_len=max(data.seq_len, 8 * e.longer_chains + 48))
     batches = []
     for i, (_, task) in enumerate(tasks):
-        batches += pipeline.make_eval_batches(task, data, bs, num_batches, task_index=i)
+        batches += pipeline.make_eval_batches(task, data, bs, num_batches, task_index=i,
+                                              tokenizer=setup.tokenizer)
     return task_losses(setup, state, batches, [name for name, _ in tasks])
 
 
@@ -169,12 +177,13 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
         preds: list[str] = []
         budget = 0
         if flat:
-            budget = generation_budget(flat, e.max_new_tokens)
-            prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in flat]
+            tok = setup.tokenizer
+            budget = generation_budget(flat, e.max_new_tokens, tok)
+            prompts = [tok.encode(ex.prompt, add_bos=True) for ex in flat]
             out = generate_batched(setup.graphdef, state["params"], state["model_state"],
                                    prompts, budget, batch_size=min(e.batch_size, len(prompts)),
-                                   pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
-            preds = [TOKENIZER.decode(o) for o in out]
+                                   pad_id=tok.pad_id, eos_id=tok.eos_id)
+            preds = [tok.decode(o) for o in out]
     offset = 0
     for name, task in tasks:
         row = {"kind": TASK_KIND.get(name, name),

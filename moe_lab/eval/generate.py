@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.data.tokenizer import Tokenizer
 from moe_lab.train.jit_cache import cached_for
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: few compilations
@@ -212,10 +212,10 @@ def generate(graphdef, params, model_state, prompts: list[list[int]], max_new_to
     return [cut_at_eos(row, eos_id) for row in np.asarray(out).tolist()]
 
 
-def generation_budget(examples, cap: int) -> int:
-    """Tokens to generate: enough for the longest reference completion (+ EOS and a
-    little slack), at most `cap` unless the reference itself needs more."""
-    need = max(len(TOKENIZER.encode(ex.completion)) for ex in examples) + 1
+def generation_budget(examples, cap: int, tok: Tokenizer) -> int:
+    """Tokens to generate: enough for the longest reference completion in `tok`'s ids
+    (+ EOS and a little slack), at most `cap` unless the reference itself needs more."""
+    need = max(len(tok.encode(ex.completion)) for ex in examples) + 1
     return max(min(cap, need + 8), need)
 
 

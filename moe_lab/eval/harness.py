@@ -43,7 +43,7 @@ import numpy as np
 from moe_lab.config.schema import ConfigError
 from moe_lab.data.jsonl import iter_jsonl
 from moe_lab.data.tasks.base import KeyedRng, extract_answer
-from moe_lab.data.tokenizer import ANSWER, TOKENIZER
+from moe_lab.data.tokenizer import ANSWER
 from moe_lab.eval.evaluate import load_run, report
 from moe_lab.eval.generate import generate_batched
 from moe_lab.parallel import sharding
@@ -208,14 +208,15 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
               "data": os.path.abspath(data_path), "shots": shots, "seed": seed,
               "num_examples": len(todo), "kind": "multiple_choice" if mc else "exact_match"}
     P, M, S = setup.graphdef, state["params"], state["model_state"]
+    tok = setup.tokenizer
     with jax.set_mesh(setup.mesh), sharding.use_rules(cfg.mesh.rules, setup.mesh):
         if mc:
             ctx_ids, cont_ids, owner = [], [], []
             for k, i in enumerate(todo):
-                ctx = TOKENIZER.encode(contexts[k] + marker, add_bos=True)
+                ctx = tok.encode(contexts[k] + marker, add_bos=True)
                 for c in items[i].choices:
                     ctx_ids.append(ctx)
-                    cont_ids.append(TOKENIZER.encode(c))
+                    cont_ids.append(tok.encode(c))
                     owner.append(k)
             lps = _choice_logprobs(P, M, S, ctx_ids, cont_ids, batch_size=bs,
                                    max_len=max(cfg.model.max_seq_len, 64))
@@ -235,16 +236,16 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
                         "loglik": sums[k], "prediction": items[i].choices[pred[k]]}
                        for k, i in enumerate(todo[:num_samples])]
         else:
-            prompts = [TOKENIZER.encode(c, add_bos=True) for c in contexts]
+            prompts = [tok.encode(c, add_bos=True) for c in contexts]
             out = generate_batched(P, M, S, prompts, max_new_tokens,
-                                   batch_size=min(bs, len(prompts)), pad_id=TOKENIZER.pad_id,
-                                   eos_id=TOKENIZER.eos_id)
-            preds = [TOKENIZER.decode(o) for o in out]
+                                   batch_size=min(bs, len(prompts)), pad_id=tok.pad_id,
+                                   eos_id=tok.eos_id)
+            preds = [tok.decode(o) for o in out]
             scores = [exact_match(p, items[i].answer) for p, i in zip(preds, todo)]
             # the answer's NLL in bits/token given the context (the task-loss tier)
             lps = _choice_logprobs(P, M, S,
-                                   [TOKENIZER.encode(c + marker, add_bos=True) for c in contexts],
-                                   [TOKENIZER.encode(items[i].answer) for i in todo],
+                                   [tok.encode(c + marker, add_bos=True) for c in contexts],
+                                   [tok.encode(items[i].answer) for i in todo],
                                    batch_size=bs, max_len=max(cfg.model.max_seq_len, 64))
             nll = np.concatenate(lps)
             result.update(accuracy=float(np.mean([s[0] for s in scores])),

@@ -57,7 +57,7 @@ from moe_lab.config.schema import ConfigError, parse_mixture
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.base import extract_answer
 from moe_lab.data.tasks.registry import make_task
-from moe_lab.data.tokenizer import THINK_START, TOKENIZER
+from moe_lab.data.tokenizer import THINK_START, Tokenizer, load_tokenizer
 from moe_lab.eval.budget_forcing import Forcing, forcing_tokens, run_forcing
 from moe_lab.eval.evaluate import load_run, report, task_losses
 from moe_lab.eval.generate import generate_batched, generation_budget
@@ -210,24 +210,27 @@ def vote_key(task, prediction: str, example) -> str:
 
 
 def depth_sweep(cfg, state: dict, task_name: str, examples, depths: Sequence[int], *,
-                max_new_tokens: int, batch_size: int = 32, num_loss_batches: int = 2) -> list[dict]:
+                max_new_tokens: int, batch_size: int = 32, num_loss_batches: int = 2,
+                tok: Tokenizer | None = None) -> list[dict]:
     """Per depth (on one device): greedy accuracy on `examples`, eval loss and answer NLL
-    of the task."""
+    of the task; `tok`: the run's tokenizer (default: cfg.data.tokenizer's)."""
     task = make_task(task_name, cfg.data)
-    prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in examples]
+    tok = tok or load_tokenizer(cfg.data.tokenizer)
+    prompts = [tok.encode(ex.prompt, add_bos=True) for ex in examples]
     out = []
     for d in depths:
         cfg2, params, ms = with_recursions(cfg, state, d)
-        cfg2, setup = setup_on_devices(cfg2, "one")
+        cfg2, setup = setup_on_devices(cfg2, "one", tok)
         params = jax.device_put(params, setup.shardings["params"])
         with jax.set_mesh(setup.mesh), sharding.use_rules(cfg2.mesh.rules, setup.mesh):
-            batches = pipeline.make_eval_batches(task, cfg2.data, batch_size, num_loss_batches)
+            batches = pipeline.make_eval_batches(task, cfg2.data, batch_size, num_loss_batches,
+                                                 tokenizer=tok)
             losses = task_losses(setup, {"params": params, "model_state": ms}, batches,
                                  [task_name])
             generated = generate_batched(setup.graphdef, params, ms, prompts, max_new_tokens,
                                          batch_size=min(batch_size, len(prompts)),
-                                         pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
-        correct = [task.check(TOKENIZER.decode(g), ex) for g, ex in zip(generated, examples)]
+                                         pad_id=tok.pad_id, eos_id=tok.eos_id)
+        correct = [task.check(tok.decode(g), ex) for g, ex in zip(generated, examples)]
         bits = losses.get(f"eval/{task_name}/task_loss_bits")
         out.append({"depth": int(d), "trained_depth": cfg.model.mor.num_recursions,
                     "accuracy": float(np.mean(correct)),
@@ -289,26 +292,27 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
                 if ex.answer]
     if not examples:
         raise ConfigError(f"ttc: task {name!r} has no eval examples with answers")
-    budget = t.max_new_tokens or generation_budget(examples, cfg.eval.max_new_tokens)
+    tok = setup.tokenizer
+    budget = t.max_new_tokens or generation_budget(examples, cfg.eval.max_new_tokens, tok)
     ks = default_ks(t.n, t.max_k or None)
     gd, params, ms = setup.graphdef, state["params"], state["model_state"]
-    prompts = [TOKENIZER.encode(ex.prompt, add_bos=True) for ex in examples]
+    prompts = [tok.encode(ex.prompt, add_bos=True) for ex in examples]
     result = {"workdir": os.path.abspath(workdir), "step": step, "task": name,
               "num_prompts": len(examples), "n": t.n, "ks": ks,
               "ttc_config": dataclasses.asdict(t), "max_new_tokens": budget}
     with jax.set_mesh(setup.mesh), sharding.use_rules(cfg.mesh.rules, setup.mesh):
         greedy = generate_batched(gd, params, ms, prompts, budget,
                                   batch_size=min(t.batch_size, len(prompts)),
-                                  pad_id=TOKENIZER.pad_id, eos_id=TOKENIZER.eos_id)
+                                  pad_id=tok.pad_id, eos_id=tok.eos_id)
         result["greedy_accuracy"] = float(np.mean(
-            [task.check(TOKENIZER.decode(g), ex) for g, ex in zip(greedy, examples)]))
+            [task.check(tok.decode(g), ex) for g, ex in zip(greedy, examples)]))
         samples = sample_batched(gd, params, ms, prompts, t.n, budget,
                                  temperature=t.temperature, top_p=t.top_p, seed=t.seed,
-                                 batch_size=t.batch_size, pad_id=TOKENIZER.pad_id,
-                                 eos_id=TOKENIZER.eos_id)
+                                 batch_size=t.batch_size, pad_id=tok.pad_id,
+                                 eos_id=tok.eos_id)
         keys, correct = [], []
         for ex, outs in zip(examples, samples):
-            texts = [TOKENIZER.decode(o) for o in outs]
+            texts = [tok.decode(o) for o in outs]
             correct.append([bool(task.check(x, ex)) for x in texts])
             keys.append([vote_key(task, x, ex) for x in texts])
         curves = ttc_curves(keys, correct, ks)
@@ -316,27 +320,27 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
         result["majority"] = {str(k): v for k, v in curves["majority"].items()}
         result["sample_accuracy"] = float(np.mean(correct))
         if examples[0].working.startswith(THINK_START):
-            result["budget_forcing"] = _forcing_tables(gd, params, ms, task, examples, t)
+            result["budget_forcing"] = _forcing_tables(gd, params, ms, task, examples, t, tok)
     if cfg.model.stack == "recursive" and cfg.model.mor.routing != "token_choice":
         depths = t.depths or tuple(range(1, cfg.model.mor.num_recursions + 3))
         result["recursion_depth"] = depth_sweep(cfg, state, name, examples, depths,
                                                 max_new_tokens=budget,
-                                                batch_size=min(t.batch_size, 32))
+                                                batch_size=min(t.batch_size, 32), tok=tok)
     result["seconds"] = time.perf_counter() - t0
     return report(result, ttc_path(workdir, step), format_ttc, write=write,
                   print_table=print_table)
 
 
-def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig) -> dict:
+def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig, tok: Tokenizer) -> dict:
     bs = min(t.batch_size, len(examples))
     settings = [Forcing(max_think=max(t.budgets + (t.wait_cap,)), num_waits=max(t.waits + (0,)))]
-    L = max(forcing_tokens(f) for f in settings)
+    L = max(forcing_tokens(f, tok) for f in settings)
     free = run_forcing(gd, params, ms, task, examples, Forcing(max_think=t.wait_cap),
-                       batch_size=bs, seed=t.seed, max_new=L)
+                       tok=tok, batch_size=bs, seed=t.seed, max_new=L)
     rows_max = []
     for a in t.budgets:
         r = run_forcing(gd, params, ms, task, examples, Forcing(max_think=int(a)),
-                        batch_size=bs, seed=t.seed, max_new=L)
+                        tok=tok, batch_size=bs, seed=t.seed, max_new=L)
         # the unforced run of the same prompts judged against budget a (s1's baseline)
         r["unforced_control"] = float(np.mean([x <= a for x in free["think_lens"]]))
         rows_max.append({"budget": int(a), **_public(r)})
@@ -345,7 +349,8 @@ def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig) -> dict:
     rows_wait = []
     for n in t.waits:
         r = run_forcing(gd, params, ms, task, examples,
-                        Forcing(max_think=t.wait_cap, num_waits=int(n)), batch_size=bs,
+                        Forcing(max_think=t.wait_cap, num_waits=int(n)), tok=tok,
+                        batch_size=bs,
                         seed=t.seed, max_new=L)
         rows_wait.append({"waits": int(n), **_public(r)})
     m_wait = budget_metrics([r["waits"] for r in rows_wait], [r["accuracy"] for r in rows_wait],

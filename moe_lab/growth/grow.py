@@ -18,7 +18,7 @@ from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.growth import transforms as growth
 from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
-from moe_lab.train.run_dir import config_path, lineage_path, write_json_atomic
+from moe_lab.train.run_dir import config_path, keep_tokenizer, lineage_path, run_tokenizer, write_json_atomic
 from moe_lab.train.state import resolve_config, setup_on_devices
 from moe_lab.train.step import forward
 
@@ -163,6 +163,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
                                       f"{diff:.3g} > {LOGIT_TOLERANCE} (a bug; nothing written)")
             else:
                 log(f"grow: max |logits - parent logits| = {diff:.3g} (not function-preserving)")
+        keep_tokenizer(tmp, run_tokenizer(src, cfg))  # the grown run reads with the parent's
         write_json_atomic(lineage_path(tmp), lineage)
         write_json_atomic(config_path(tmp), new_cfg.to_dict())
         if os.path.isdir(dst):

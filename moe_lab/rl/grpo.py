@@ -46,7 +46,6 @@ from moe_lab.config.load import config_from_json, from_dict, load_raw
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
-from moe_lab.data.tokenizer import TOKENIZER as tok
 from moe_lab.eval.generate import (
     generate_batched,
     generate_tokens,
@@ -67,10 +66,12 @@ from moe_lab.train.metrics import read_metrics
 from moe_lab.train.run_dir import (
     CHECKPOINTS,
     config_path,
+    keep_tokenizer,
     lineage_path,
     metrics_path,
     reference_dir,
     rl_path,
+    run_tokenizer,
     write_json_atomic,
 )
 from moe_lab.train.state import make_setup, resolve_config, setup_on_devices
@@ -197,7 +198,9 @@ def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
     parent = config_from_json(config_path(src))
     make_task(rl.task, parent.data)  # an unknown task fails before anything is written
     cfg = _rl_run_config(parent, rl, f"{parent.name}-grpo")
+    tok = run_tokenizer(src, parent)
     os.makedirs(dst, exist_ok=True)
+    keep_tokenizer(dst, tok)
     write_json_atomic(config_path(dst), cfg.to_dict())
     write_json_atomic(lineage_path(dst),
                       {"parent": os.path.abspath(src), "step": step, "transform": "grpo"})
@@ -207,7 +210,8 @@ def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
 
 
 
-def _greedy_accuracy(graphdef, params, model_state, task, examples, max_new: int) -> float:
+def _greedy_accuracy(graphdef, params, model_state, task, examples, max_new: int,
+                     tok) -> float:
     prompts = [tok.encode(ex.prompt, add_bos=True) for ex in examples]
     out = generate_batched(graphdef, params, model_state, prompts, max_new,
                            batch_size=min(32, len(prompts)), pad_id=tok.pad_id,
@@ -245,6 +249,7 @@ class GRPOSteps:
         """Rollouts of step `step` + 1: its prompts and sampling key are functions of
         (seed, step) only, so a resumed run repeats what an uninterrupted one does."""
         rl, P, G = self.rl, self.rl.prompts_per_step, self.rl.num_rollouts
+        tok = self.setup.tokenizer
         exs = [self.task.train_example(rl.seed * 1_000_003 + step * P + j) for j in range(P)]
         rows = [tok.encode(ex.prompt, add_bos=True) for ex in exs for _ in range(G)]
         width = prompt_width(rows)
@@ -299,7 +304,7 @@ class GRPOSteps:
 
     def evaluate(self, state, step: int) -> tuple[dict, str]:
         acc = _greedy_accuracy(self.setup.graphdef, state["params"], state["model_state"],
-                               self.task, self.eval_examples, self.max_new)
+                               self.task, self.eval_examples, self.max_new, self.setup.tokenizer)
         return {"eval_accuracy": acc}, f"rl: step {step} eval accuracy {acc:.3f}"
 
     def meta(self, seconds_this_run: float) -> dict:
@@ -311,7 +316,8 @@ def _start_state(src: str, parent_step: int, setup, dst: str):
     reference for the KL term is written once to DST/reference."""
     parent_cfg = resolve_config(config_from_json(config_path(src))).replace(mesh=setup.cfg.mesh)
     with Checkpointer(src, create=False) as pc:  # read straight into the RL run's mesh
-        pstate, _ = pc.restore(parent_step, make_setup(parent_cfg, setup.mesh).abstract_state)
+        parent_setup = make_setup(parent_cfg, setup.mesh, setup.tokenizer)
+        pstate, _ = pc.restore(parent_step, parent_setup.abstract_state)
 
     def fresh(params, model_state):
         return {"params": params, "opt_state": setup.tx.init(params),
@@ -332,7 +338,8 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
     if jax.process_count() > 1:
         raise ConfigError("rl: multi-process GRPO is not supported yet (one host, many devices)")
     cfg, rl, parent_step, _ = _prepare(src, dst, rl, step)
-    cfg, setup = setup_on_devices(resolve_config(cfg), rl.devices)
+    tok = run_tokenizer(dst, cfg)  # the parent's, copied into dst by _prepare
+    cfg, setup = setup_on_devices(resolve_config(cfg, tok), rl.devices, tok)
     mesh = setup.mesh
     B = rl.prompts_per_step * rl.num_rollouts
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
@@ -343,7 +350,7 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
     eval_exs = [ex for ex in pipeline.eval_prompts(task, min(rl.eval_examples, task.num_eval))
                 if ex.answer]
     probe = [task.train_example(i) for i in range(64)] + eval_exs
-    max_new = rl.max_new_tokens or generation_budget(probe, cfg.eval.max_new_tokens)
+    max_new = rl.max_new_tokens or generation_budget(probe, cfg.eval.max_new_tokens, tok)
 
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         trainer = Trainer(dst, total_steps=rl.steps, log_every=rl.log_every,

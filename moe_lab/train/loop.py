@@ -26,11 +26,18 @@ from moe_lab.config.schema import Config, ConfigError, parse_mixture
 from moe_lab.config.validate import validate_for_devices
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
+from moe_lab.data.tokenizer import BYTE, Tokenizer, load_tokenizer
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import DATA, Checkpointer, checkpoint_steps, grown_steps
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
-from moe_lab.train.run_dir import checkpoint_path, config_path, write_json_atomic
+from moe_lab.train.run_dir import (
+    checkpoint_path,
+    config_path,
+    keep_tokenizer,
+    run_tokenizer,
+    write_json_atomic,
+)
 from moe_lab.train.state import make_setup, resolve_config
 from moe_lab.train.step import make_eval_step, make_train_step
 from moe_lab.train.trainer import Trainer, cached_jit, fmt_time, jit_cache, local_values, log0
@@ -63,7 +70,7 @@ def check_workdir(cfg: Config, workdir: str) -> bool:
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
     cfg_path = config_path(workdir)
     if os.path.exists(cfg_path):
-        old = config_from_json(cfg_path)
+        old = resolve_config(config_from_json(cfg_path))  # runs older than the fingerprint
         # data and batches matter only where a checkpoint holds a data iterator state
         # (not a fresh workdir, nor the checkpoint `grow` wrote, whose config.json
         # the user is told to override)
@@ -82,11 +89,13 @@ def check_workdir(cfg: Config, workdir: str) -> bool:
     return False
 
 
-def write_workdir_config(cfg: Config, workdir: str) -> None:
-    """Creates the workdir (if new) and writes its config.json, once every host checked it."""
+def write_workdir_config(cfg: Config, workdir: str, tok: Tokenizer) -> None:
+    """Creates the workdir (if new) and writes its config.json and a copy of its
+    tokenizer, once every host checked it."""
     _barrier("moe_lab_workdir_checked")  # every host checked before anyone writes
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
+        keep_tokenizer(workdir, tok)
         write_json_atomic(config_path(workdir), cfg.to_dict())
     _barrier("moe_lab_workdir_written")
 
@@ -230,6 +239,14 @@ class PretrainSteps:
         return {**self.counters, "wall_seconds": self.counters["wall_seconds"] + seconds_this_run}
 
 
+def _train_tokenizer(cfg: Config, workdir: str) -> Tokenizer:
+    """The tokenizer data.tokenizer names; where that file is gone, the run's own copy."""
+    spec = cfg.data.tokenizer
+    if spec == BYTE or os.path.isfile(spec):
+        return load_tokenizer(spec)
+    return run_tokenizer(workdir, cfg)
+
+
 def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the final summary dict.
 
@@ -237,13 +254,14 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     to simulate an interruption); checkpoints and counters behave as on a kill.
     """
 
-    cfg = resolve_config(cfg)
+    tok = _train_tokenizer(cfg, workdir)
+    cfg = resolve_config(cfg, tok)  # refuses a resume with another tokenizer (fingerprints)
     validate_for_devices(cfg, jax.device_count())
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
     # the model and its shardings are built (abstractly) before the workdir is written:
     # a config that cannot build leaves no config.json behind to block the fixed rerun
-    setup = make_setup(cfg, mesh)
+    setup = make_setup(cfg, mesh, tok)
     _check_expert_parallel(cfg, mesh)
     resuming = check_workdir(cfg, workdir)
 
@@ -254,15 +272,17 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     # run sees does not depend on the number of hosts, and the iterator state in a
     # checkpoint restores under any process count.
     # shuffles follow the run's seed; data.seed fixes the tasks' contents (pipeline.py)
-    train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=t.seed))
+    train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=t.seed,
+                                                       tokenizer=tok))
     eval_batches = []
     for name in task_names:
         task = make_task(name, cfg.data)
         eval_batches += [host_rows(b) for b in pipeline.make_eval_batches(
-            task, cfg.data, t.batch_size, t.eval_batches, task_index=task_names.index(name))]
+            task, cfg.data, t.batch_size, t.eval_batches, task_index=task_names.index(name),
+            tokenizer=tok)]
 
     if not resuming:  # the checkpoint manager creates checkpoints/ in the new workdir
-        write_workdir_config(cfg, workdir)
+        write_workdir_config(cfg, workdir, tok)
     counters = {"tokens_seen": 0.0, "flops_spent": 0.0, "wall_seconds": 0.0}
     trainer = Trainer(workdir, total_steps=t.steps, log_every=t.log_every,
                       eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
@@ -274,7 +294,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
         state = setup.init_state()
     counters.update({k: meta[k] for k in counters if k in meta})
     if resuming:  # the checkpoint restored: the run's new settings (steps, lr, ...) go in
-        write_workdir_config(cfg, workdir)
+        write_workdir_config(cfg, workdir, tok)
     log0(sharding.format_rules(cfg.mesh.rules, mesh))
     if trainer.latest is not None:
         log0(f"resuming from {workdir}/checkpoints/{trainer.latest} (step {int(state['step'])})")
@@ -285,6 +305,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     flops_per_step = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     peak, peak_how = peak_flops_per_device(cfg.model.compute_dtype)
     peak_total = peak * jax.device_count()
+    log0(f"tokenizer {tok.describe()} | model.vocab_size {cfg.model.vocab_size}")
     log0(f"params total {counts['total']:,} active {counts['active']:,} | "
          f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
          f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
@@ -336,9 +357,11 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
 def load_final_state(workdir: str, step: int | None = None):
     """(cfg, setup, state) of a run's checkpoint, for eval/analysis tools."""
 
-    cfg = resolve_config(config_from_json(config_path(workdir)))
+    raw = config_from_json(config_path(workdir))
+    tok = run_tokenizer(workdir, raw)
+    cfg = resolve_config(raw, tok)
     mesh = sharding.make_mesh(cfg.mesh.__class__(data=-1, rules=cfg.mesh.rules))
-    setup = make_setup(cfg, mesh)
+    setup = make_setup(cfg, mesh, tok)
     ckpt = Checkpointer(workdir, create=False)
     state, _ = ckpt.restore(step, setup.abstract_state)
     ckpt.close()

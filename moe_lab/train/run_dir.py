@@ -9,12 +9,17 @@
     DIR/rl.json              a GRPO run's config and parent
     DIR/reference/           a GRPO run's frozen start (a checkpoint dir of its own)
     DIR/stages/              a sweep point's post-stage results
+    DIR/tokenizer/<file>     the run's tokenizer file (learned vocabularies; byte: none)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+
+from moe_lab.config.schema import Config, ConfigError
+from moe_lab.data.tokenizer import BYTE, Tokenizer, load_tokenizer
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -25,6 +30,7 @@ LINEAGE = "lineage.json"
 RL = "rl.json"
 REFERENCE = "reference"
 STAGES = "stages"
+TOKENIZER = "tokenizer"
 
 
 def config_path(workdir: str) -> str:
@@ -71,3 +77,36 @@ def write_json_atomic(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def tokenizer_copy(workdir: str, spec: str) -> str:
+    """DIR/tokenizer/<the tokenizer file's name>."""
+    return os.path.join(workdir, TOKENIZER, os.path.basename(spec))
+
+
+def keep_tokenizer(workdir: str, tok: Tokenizer) -> None:
+    """Copies the run's tokenizer file into the run directory (once; atomic), so the
+    run reads and generates with it wherever the original goes."""
+    if tok.kind == BYTE:
+        return
+    dst = tokenizer_copy(workdir, tok.source)
+    if os.path.isfile(dst):
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    shutil.copyfile(tok.source, tmp)
+    os.replace(tmp, dst)
+
+
+def run_tokenizer(workdir: str, cfg: Config) -> Tokenizer:
+    """The tokenizer of the run in `workdir`: its own copy (else data.tokenizer), checked
+    against the fingerprint in its config."""
+    spec = cfg.data.tokenizer
+    if spec != BYTE and os.path.isfile(tokenizer_copy(workdir, spec)):
+        spec = tokenizer_copy(workdir, spec)
+    tok = load_tokenizer(spec)
+    want = cfg.data.tokenizer_fingerprint
+    if want and want != tok.fingerprint:
+        raise ConfigError(f"run {workdir} was made with tokenizer fingerprint {want}; "
+                          f"{tok.source} has {tok.fingerprint}")
+    return tok

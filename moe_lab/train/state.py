@@ -18,21 +18,30 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moe_lab.config.schema import Config, ConfigError
-from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
 from moe_lab.models.transformer import Transformer
 from moe_lab.parallel import sharding
 from moe_lab.train.optim import make_optimizer, make_schedule
 
 
-def resolve_config(cfg: Config) -> Config:
-    """Fills derived values (vocab size from the tokenizer) so config.json is explicit."""
-
-    if cfg.model.vocab_size:
-        if cfg.model.vocab_size < TOKENIZER.vocab_size:  # token ids past the embedding table
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                              f"tokenizer's {TOKENIZER.vocab_size} ids (0: use the tokenizer's)")
+def resolve_config(cfg: Config, tokenizer: Tokenizer | None = None) -> Config:
+    """Fills derived values so config.json is explicit: the tokenizer's fingerprint and
+    (model.vocab_size 0) its default vocabulary size.  A config that has both (a run's
+    config.json) is returned as it is, without reading the tokenizer file; `tokenizer`
+    (a run's own copy) is checked against the config's fingerprint."""
+    d, m = cfg.data, cfg.model
+    if tokenizer is None and m.vocab_size and d.tokenizer_fingerprint:
         return cfg
-    return cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=TOKENIZER.vocab_size))
+    tok = tokenizer or load_tokenizer(d.tokenizer)
+    if d.tokenizer_fingerprint and d.tokenizer_fingerprint != tok.fingerprint:
+        raise ConfigError(f"tokenizer {tok.source} has fingerprint {tok.fingerprint}, but the "
+                          f"run was made with {d.tokenizer_fingerprint}")
+    if m.vocab_size and m.vocab_size < tok.vocab_size:  # token ids past the embedding table
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size} ids ({tok.source}; 0: use the tokenizer's)")
+    return cfg.replace(data=dataclasses.replace(d, tokenizer_fingerprint=tok.fingerprint),
+                       model=dataclasses.replace(m, vocab_size=m.vocab_size
+                                                 or tok.default_vocab_size()))
 
 
 def build_model(cfg: Config, seed: int | None = None) -> Transformer:
@@ -57,6 +66,7 @@ class TrainSetup:
     shardings: dict  # NamedSharding tree of the whole train state
     abstract_state: dict  # ShapeDtypeStruct tree with shardings (for restores)
     batch_sharding: Any
+    tokenizer: Tokenizer  # the run's (text <-> ids for eval, generation, RL)
 
     def init_state(self) -> dict:
         cfg, tx = self.cfg, self.tx
@@ -70,7 +80,7 @@ class TrainSetup:
             return jax.jit(init, out_shardings=self.shardings)()
 
 
-def make_setup(cfg: Config, mesh) -> TrainSetup:
+def make_setup(cfg: Config, mesh, tokenizer: Tokenizer | None = None) -> TrainSetup:
     abstract = nnx.eval_shape(lambda: build_model(cfg))
     graphdef, params_shape, rest_shape = split_model(abstract)
     logical_params = sharding.state_logical_axes(abstract, nnx.Param)
@@ -94,10 +104,12 @@ def make_setup(cfg: Config, mesh) -> TrainSetup:
                       schedule=make_schedule(cfg.train),
                       logical={"params": logical_params, "model_state": logical_rest},
                       specs=specs, shardings=shardings, abstract_state=abstract_state,
-                      batch_sharding=batch_sharding)
+                      batch_sharding=batch_sharding,
+                      tokenizer=tokenizer or load_tokenizer(cfg.data.tokenizer))
 
 
-def setup_on_devices(cfg: Config, devices: str = "one") -> tuple[Config, TrainSetup]:
+def setup_on_devices(cfg: Config, devices: str = "one",
+                     tokenizer: Tokenizer | None = None) -> tuple[Config, TrainSetup]:
     """(cfg with its mesh, setup) on one device ("one": evaluation, growth checks, RL on one
     host; every mesh axis 1) or on all devices ("all": the config's own mesh)."""
     if devices == "one":
@@ -109,4 +121,4 @@ def setup_on_devices(cfg: Config, devices: str = "one") -> tuple[Config, TrainSe
     else:
         raise ConfigError(f"devices must be 'one' or 'all', got {devices!r}")
     cfg = cfg.replace(mesh=mesh_cfg)
-    return cfg, make_setup(cfg, mesh)
+    return cfg, make_setup(cfg, mesh, tokenizer)
