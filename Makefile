@@ -19,7 +19,8 @@ install: $(STAMP)
 
 # Trains the tiny config on the embedded synthetic tasks (CPU, a few minutes),
 # resumes it to prove checkpoints work, prints a summary, then grows the trained
-# checkpoint deeper and continues training the grown model.
+# checkpoint deeper and continues training the grown model; a micro sweep; then a BPE
+# vocabulary and a prepared corpus (moe-lab tokenizer train / prepare) to train on.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/moe-lab info --config configs/tiny.py
@@ -41,6 +42,17 @@ demo: $(STAMP)
 	MOE_LAB_RESULTS=$(CURDIR)/$(DEMO_DIR)_sweep/results.jsonl MOE_LAB_FIGURES=$(CURDIR)/$(DEMO_DIR)_sweep \
 		$(BIN)/jupyter-execute notebooks/sparsity_vs_reasoning.ipynb
 	@ls $(DEMO_DIR)_sweep/*.png
+	@echo "--- a real vocabulary and a prepared corpus: BPE on generated text, ArrayRecord shards, training on them"
+	rm -rf $(DEMO_DIR)_text $(DEMO_DIR)_corpus $(DEMO_DIR)_corpus_run
+	$(BIN)/python experiments/corpus/make_corpus.py --out $(DEMO_DIR)_text --documents 4000
+	$(BIN)/moe-lab tokenizer train --input '$(DEMO_DIR)_text/*.jsonl' --vocab-size 1024 \
+		--out $(DEMO_DIR)_text/tokenizer.json
+	$(BIN)/moe-lab prepare --input '$(DEMO_DIR)_text/*.jsonl' --tokenizer $(DEMO_DIR)_text/tokenizer.json \
+		--out $(DEMO_DIR)_corpus --workers 2 --heldout 0.02
+	$(BIN)/moe-lab train --config configs/tiny.py --workdir $(DEMO_DIR)_corpus_run \
+		--config.data.mixture=corpus:1,facts:0.1 --config.data.corpus=$(DEMO_DIR)_corpus \
+		--config.data.tokenizer=$(DEMO_DIR)_text/tokenizer.json --config.eval.longer_chains=0 \
+		--config.train.steps=40 --config.train.eval_every=40 --config.train.checkpoint_every=40
 
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 \

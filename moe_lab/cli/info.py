@@ -17,6 +17,8 @@ from moe_lab.accounting.plan import device_memory_gib, memory_plan
 from moe_lab.cli.args import config_from_args
 from moe_lab.config.schema import Config
 from moe_lab.config.validate import validate_for_devices
+from moe_lab.data.corpus import describe_corpora
+from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
 from moe_lab.train.run_dir import lineage_path
@@ -63,6 +65,10 @@ def print_info(cfg: Config, workdir: str | None = None, devices: int | None = No
     print(f"run: {cfg.train.steps} steps x {cfg.train.batch_size} x {cfg.data.seq_len} = "
           f"{s['train_tokens']:,} tokens, {s['train_flops']:.4g} FLOPs, TPP {s['tpp']:.3g} "
           f"(1x Chinchilla for active size: {s['chinchilla_flops_active']:.3g} FLOPs)")
+    tok = load_tokenizer(cfg.data.tokenizer)
+    print(f"tokenizer: {tok.describe()}")
+    if cfg.data.corpus:
+        print(describe_corpora(cfg.data.corpus, tok, s["train_tokens"], s["params_active"]))
     mesh = (sharding.make_mesh(cfg.mesh) if n == jax.device_count()
             else sharding.make_abstract_mesh(cfg.mesh, n))
     print(sharding.format_rules(cfg.mesh.rules, mesh))

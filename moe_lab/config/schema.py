@@ -180,6 +180,8 @@ class DataConfig:
     # byte | PATH/tokenizer.json (HF tokenizers) | PATH/NAME.model (SentencePiece);
     # the run directory keeps a copy (DIR/tokenizer/) and config.json its fingerprint
     tokenizer: str = "byte"
+    # the `corpus` mixture entry: DIR[:WEIGHT][,DIR[:WEIGHT]...] prepared by moe-lab prepare
+    corpus: str = ""
     tokenizer_fingerprint: str = ""  # filled from the tokenizer (resolve_config)
 
 
@@ -297,7 +299,7 @@ def mor_capacities(m: ModelConfig) -> tuple[float, ...]:
         ) from None
 
 
-TASK_NAMES = ("facts", "arith", "countdown", "file")
+TASK_NAMES = ("facts", "arith", "countdown", "file", "corpus")  # corpus: data/corpus.py
 
 
 def parse_mixture(mixture: str) -> list[tuple[str, float]]:

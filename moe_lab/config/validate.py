@@ -215,6 +215,11 @@ def _validate_mor(m: ModelConfig) -> None:
 def _validate_mixture(d: DataConfig) -> None:
     parse_mixture(d.mixture)
     names = [n for n, _ in parse_mixture(d.mixture)]
+    if "corpus" in names and not d.corpus.strip():
+        raise ConfigError("data.mixture uses 'corpus' but data.corpus is empty")
+    if d.corpus.strip() and "corpus" not in names:
+        raise ConfigError("data.corpus is set but data.mixture has no 'corpus' entry "
+                          "(e.g. data.mixture=corpus:1)")
     if "file" in names and not d.files:
         raise ConfigError("data.mixture uses 'file' but data.files is empty")
     for p in filter(None, d.files.split(",")):

@@ -45,6 +45,7 @@ import grain
 import numpy as np
 
 from moe_lab.config.schema import ConfigError, DataConfig, parse_mixture
+from moe_lab.data import corpus as corpus_source
 from moe_lab.data.tasks.base import Example, Task, stable_hash
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import BYTE_TOKENIZER, Tokenizer, load_tokenizer
@@ -154,9 +155,11 @@ class _PadCollate:
 # ------------------------------------------------------------------- training
 
 
-def make_tasks(data_cfg: DataConfig) -> list[Task]:
-    """One task per mixture entry, in mixture order (task_ids index this list)."""
-    return [make_task(name, data_cfg) for name, _ in parse_mixture(data_cfg.mixture)]
+def make_tasks(data_cfg: DataConfig) -> list[Task | None]:
+    """One task per mixture entry, in mixture order (task_ids index this list); None
+    for the `corpus` entry (data/corpus.py: documents, not examples)."""
+    return [None if name == corpus_source.CORPUS else make_task(name, data_cfg)
+            for name, _ in parse_mixture(data_cfg.mixture)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +192,6 @@ def make_train_dataset(
     seed: int,
     shard_index: int = 0,
     shard_count: int = 1,
-    tasks: Sequence[Task] | None = None,
     num_packing_bins: int | None = None,
     prefetch: int = 0,
     tokenizer: Tokenizer | None = None,
@@ -212,20 +214,24 @@ def make_train_dataset(
         raise ConfigError(f"shard_index {shard_index} not in [0, {shard_count})")
     host_batch = global_batch_size // shard_count
     seq_len = data_cfg.seq_len
-    tasks = tuple(tasks) if tasks is not None else tuple(make_tasks(data_cfg))
+    tasks = make_tasks(data_cfg)
     weights = [w for _, w in parse_mixture(data_cfg.mixture)]
-    if len(weights) != len(tasks):
-        raise ConfigError(f"{len(tasks)} tasks given for a mixture of {len(weights)}")
     # Shard each task stream, THEN mix: grain's mix is a fixed interleave
     # (1:1 -> t0 t1 t0 t1 ...), so slicing the mixture would hand each host a
     # different task (host 0 all t0, host 1 all t1). Sliced first, every host
     # sees the full mixture over disjoint example indices.
     tok = tokenizer or load_tokenizer(data_cfg.tokenizer)
-    streams = [_task_documents(t, task, seq_len, seed, shard_index, shard_count, tok)
+    streams = [corpus_source.corpus_documents(corpus_source.open_corpora(data_cfg.corpus, tok),
+                                              t, seed, shard_index, shard_count)
+               if task is None else
+               _task_documents(t, task, seq_len, seed, shard_index, shard_count, tok)
                for t, task in enumerate(tasks)]
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if data_cfg.pack:
+    if None in tasks:  # a corpus: documents of any length, concatenated then split into rows
+        it_ds = grain.experimental.ConcatThenSplitIterDataset(it_ds, length_struct={"doc": seq_len})
+        it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=_collate_packed)
+    elif data_cfg.pack:
         it_ds = grain.experimental.FirstFitPackIterDataset(
             it_ds,
             length_struct={"doc": seq_len},
@@ -267,6 +273,29 @@ def make_eval_batches(task: Task, data_cfg: DataConfig, batch_size: int, num_bat
         docs = [tokenize_example(task.eval_example(start + b * batch_size + r), task_index,
                                  data_cfg.seq_len, tok) for r in range(batch_size)]
         out.append(pad_documents(docs, data_cfg.seq_len))
+    return out
+
+
+def mixture_eval_batches(data_cfg: DataConfig, batch_size: int, num_batches: int, *,
+                         tokenizer: Tokenizer | None = None, tasks=None) -> list[dict]:
+    """make_eval_batches of every mixture entry (`tasks`: [(name, Task | None)], default
+    the mixture's), task_index = its position; the corpus entry reads its held-out
+    documents."""
+    tok = tokenizer or load_tokenizer(data_cfg.tokenizer)
+    if tasks is None:
+        names = [n for n, _ in parse_mixture(data_cfg.mixture)]
+        tasks = list(zip(names, make_tasks(data_cfg)))
+    out = []
+    for i, (_, task) in enumerate(tasks):
+        if task is not None:
+            out += make_eval_batches(task, data_cfg, batch_size, num_batches, task_index=i,
+                                     tokenizer=tok)
+            continue
+        docs = corpus_source.heldout_documents(
+            corpus_source.open_corpora(data_cfg.corpus, tok), batch_size * num_batches, i,
+            data_cfg.seq_len)
+        out += [pad_documents(docs[b * batch_size:(b + 1) * batch_size], data_cfg.seq_len)
+                for b in range(num_batches)]
     return out
 
 

@@ -83,8 +83,10 @@ def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
 
 
 def eval_tasks(cfg: Config) -> list[tuple[str, object]]:
-    """[(name, Task)] evaluated for this config, in mixture order (+ arith_long)."""
-    out = [(name, make_task(name, cfg.data)) for name, _ in parse_mixture(cfg.data.mixture)]
+    """[(name, Task)] evaluated for this config, in mixture order (+ arith_long); the
+    corpus entry's Task is None (held-out loss only, nothing to generate)."""
+    names = [name for name, _ in parse_mixture(cfg.data.mixture)]
+    out = list(zip(names, pipeline.make_tasks(cfg.data)))
     n = cfg.eval.longer_chains
     if n > 0:
         if n > 25:
@@ -124,10 +126,8 @@ def _loss_tier(cfg, setup, state, tasks) -> dict:
     data = cfg.data
     if e.longer_chains > 0:  # documents of N-step chains need room; one length for all tasks
         data = dataclasses.replace(data, seq_len=max(data.seq_len, 8 * e.longer_chains + 48))
-    batches = []
-    for i, (_, task) in enumerate(tasks):
-        batches += pipeline.make_eval_batches(task, data, bs, num_batches, task_index=i,
-                                              tokenizer=setup.tokenizer)
+    batches = pipeline.mixture_eval_batches(data, bs, num_batches, tokenizer=setup.tokenizer,
+                                            tasks=tasks)
     return task_losses(setup, state, batches, [name for name, _ in tasks])
 
 
@@ -172,7 +172,7 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
         # decoder compiles once per model (tiny models: compile time dominates)
         examples = {name: [ex for ex in pipeline.eval_prompts(task, min(e.num_examples,
                                                                           task.num_eval))
-                           if ex.answer] for name, task in tasks}
+                           if ex.answer] for name, task in tasks if task is not None}
         flat = [ex for exs in examples.values() for ex in exs]
         preds: list[str] = []
         budget = 0
@@ -191,7 +191,7 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
                "task_loss_bits": losses.get(f"eval/{name}/task_loss_bits")}
         if name in ("arith", "arith_long"):
             row["num_steps"] = task.eval_num_steps
-        exs = examples[name]
+        exs = examples.get(name)
         if exs:
             p = preds[offset:offset + len(exs)]
             offset += len(exs)

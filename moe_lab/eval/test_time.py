@@ -267,7 +267,11 @@ def _pick_task(cfg, name: str) -> str:
     for cand in ("arith", "countdown"):
         if cand in names:
             return cand
-    return next((n for n in names if n != "file"), names[0])
+    task = next((n for n in names if n not in ("file", "corpus")), None)
+    if task is None:
+        raise ConfigError("ttc: the run's mixture has no task with answers; pass --task "
+                          "(arith, countdown, facts)")
+    return task
 
 
 def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None = None,

@@ -13,9 +13,8 @@ import numpy as np
 
 from moe_lab.accounting import flops
 from moe_lab.config.load import config_from_json
-from moe_lab.config.schema import Config, ConfigError, parse_mixture
+from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data import pipeline
-from moe_lab.data.tasks.registry import make_task
 from moe_lab.growth import transforms as growth
 from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
 from moe_lab.train.run_dir import config_path, keep_tokenizer, lineage_path, run_tokenizer, write_json_atomic
@@ -55,9 +54,7 @@ def verify_logits(parent_cfg: Config, parent_state: dict, cfg: Config, workdir: 
     on a real eval batch of the parent's data mixture."""
 
 
-    name = parse_mixture(parent_cfg.data.mixture)[0][0]
-    batch = pipeline.make_eval_batches(make_task(name, parent_cfg.data), parent_cfg.data,
-                                       num_sequences, 1)[0]
+    batch = pipeline.mixture_eval_batches(parent_cfg.data, num_sequences, 1)[0]
     setup = setup_on_devices(cfg)[1]
     with Checkpointer(workdir, create=False) as ckpt:
         grown, _ = ckpt.restore(0, setup.abstract_state)

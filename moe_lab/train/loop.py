@@ -25,7 +25,7 @@ from moe_lab.config.load import config_from_json
 from moe_lab.config.schema import Config, ConfigError, parse_mixture
 from moe_lab.config.validate import validate_for_devices
 from moe_lab.data import pipeline
-from moe_lab.data.tasks.registry import make_task
+from moe_lab.data.corpus import describe_corpora
 from moe_lab.data.tokenizer import BYTE, Tokenizer, load_tokenizer
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
@@ -274,12 +274,8 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     # shuffles follow the run's seed; data.seed fixes the tasks' contents (pipeline.py)
     train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=t.seed,
                                                        tokenizer=tok))
-    eval_batches = []
-    for name in task_names:
-        task = make_task(name, cfg.data)
-        eval_batches += [host_rows(b) for b in pipeline.make_eval_batches(
-            task, cfg.data, t.batch_size, t.eval_batches, task_index=task_names.index(name),
-            tokenizer=tok)]
+    eval_batches = [host_rows(b) for b in pipeline.mixture_eval_batches(
+        cfg.data, t.batch_size, t.eval_batches, tokenizer=tok)]
 
     if not resuming:  # the checkpoint manager creates checkpoints/ in the new workdir
         write_workdir_config(cfg, workdir, tok)
@@ -309,6 +305,8 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     log0(f"params total {counts['total']:,} active {counts['active']:,} | "
          f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
          f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
+    if cfg.data.corpus:
+        log0(describe_corpora(cfg.data.corpus, tok, t.steps * tokens_per_step, counts["active"]))
     if cfg.model.ffn == "moe":
         log0(expert_parallel.plan_line(cfg, mesh))
 

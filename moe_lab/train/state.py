@@ -66,7 +66,13 @@ class TrainSetup:
     shardings: dict  # NamedSharding tree of the whole train state
     abstract_state: dict  # ShapeDtypeStruct tree with shardings (for restores)
     batch_sharding: Any
-    tokenizer: Tokenizer  # the run's (text <-> ids for eval, generation, RL)
+    given_tokenizer: Tokenizer | None = None  # the run's own copy, where the caller has it
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (text <-> ids for eval, generation, RL): the one given to
+        make_setup, else data.tokenizer's (read when first needed)."""
+        return self.given_tokenizer or load_tokenizer(self.cfg.data.tokenizer)
 
     def init_state(self) -> dict:
         cfg, tx = self.cfg, self.tx
@@ -105,7 +111,7 @@ def make_setup(cfg: Config, mesh, tokenizer: Tokenizer | None = None) -> TrainSe
                       logical={"params": logical_params, "model_state": logical_rest},
                       specs=specs, shardings=shardings, abstract_state=abstract_state,
                       batch_sharding=batch_sharding,
-                      tokenizer=tokenizer or load_tokenizer(cfg.data.tokenizer))
+                      given_tokenizer=tokenizer)
 
 
 def setup_on_devices(cfg: Config, devices: str = "one",
