@@ -37,15 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_lab.accounting import flops
+from moe_lab.accounting.hardware import peak_flops_per_device
 from moe_lab.accounting.timing import time_fn
 from moe_lab.bench.train_step import measure_throughput
 from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, MoEConfig, TrainConfig
 from moe_lab.config.validate import validate
-from moe_lab.accounting.hardware import peak_flops_per_device
 from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu, grouped_swiglu_blocks, grouped_swiglu_ragged
+from moe_lab.layers.moe_kernels.dispatch import expert_choice_moe, token_choice_moe
 from moe_lab.layers.moe_kernels.layout import choose_block
 from moe_lab.layers.moe_kernels.reference import dense_gates, reference_moe
-from moe_lab.layers.moe_kernels.dispatch import expert_choice_moe, token_choice_moe
 from moe_lab.train.state import resolve_config
 
 TOL = {"float32": 1e-4, "bfloat16": 3e-2}
