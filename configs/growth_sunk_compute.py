@@ -80,9 +80,11 @@ def _flops_per_step(c) -> float:
     from moe_lab.accounting.flops import train_flops_per_token
     from moe_lab.config.load import from_dict
     from moe_lab.config.schema import ModelConfig
-    from moe_lab.data.tokenizer import TOKENIZER
+    from moe_lab.data.tokenizer import load_tokenizer
 
-    model = from_dict(ModelConfig, {**c.model.to_dict(), "vocab_size": TOKENIZER.vocab_size})
+    vocab = c.model.get("vocab_size") or load_tokenizer(
+        c.data.get("tokenizer", "byte")).default_vocab_size()
+    model = from_dict(ModelConfig, {**c.model.to_dict(), "vocab_size": vocab})
     return train_flops_per_token(model, c.data.seq_len) * c.train.batch_size * c.data.seq_len
 
 

@@ -225,7 +225,7 @@ def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp
     assert isinstance(setup.tokenizer.decode(new[0]), str)  # padded rows decode as U+FFFD
     other = cfg.replace(data=dataclasses.replace(cfg.data, tokenizer=str(corpus / "sp.model"),
                                                  tokenizer_fingerprint=""))
-    with pytest.raises(ConfigError, match=f"different data.*{tok.fingerprint}"):
+    with pytest.raises(ConfigError, match=f"made with tokenizer {tok.fingerprint}.*this config's is"):
         train(resolve_config(other), run)
     with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
         tiny_config(model=dict(vocab_size=272), data=dict(tokenizer=str(corpus / "sp.model")))

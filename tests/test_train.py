@@ -90,7 +90,7 @@ def test_resume_with_other_data_or_batches_is_refused(tmp_path):
 def test_config_that_cannot_build_leaves_no_workdir(tmp_path, monkeypatch):
     from moe_lab.train import loop  # noqa: PLC0415
 
-    def broken(cfg, mesh):
+    def broken(cfg, mesh, tok=None):
         raise ConfigError("cannot build")
 
     monkeypatch.setattr(loop, "make_setup", broken)

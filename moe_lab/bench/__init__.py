@@ -15,6 +15,7 @@ BENCHMARKS = {
     "moe": "moe_lab.bench.moe",
     "decode": "moe_lab.bench.decode",
     "growth": "moe_lab.bench.growth",
+    "data": "moe_lab.bench.data",
 }
 
 

@@ -77,6 +77,11 @@ def check_workdir(cfg: Config, workdir: str) -> bool:
         fixed = (("model", "model"), ("data", "data"), ("train", "batch"))
         if not _latest_has_data_state(workdir):
             fixed = fixed[:1]
+        was, now = old.data.tokenizer_fingerprint, cfg.data.tokenizer_fingerprint
+        if was != now:
+            raise ConfigError(f"workdir {workdir} holds a run made with tokenizer {was} "
+                              f"({old.data.tokenizer}); this config's is {now} "
+                              f"({cfg.data.tokenizer}); use a new --workdir")
         for section, what in fixed:
             diffs = _resume_diffs(getattr(old, section), getattr(cfg, section), section)
             if diffs:
