@@ -11,6 +11,9 @@ top-4 -> top-8) and continued at constant LR 3e-4 with fresh Adam moments.
 
 The model size is our reconstruction from the paper's description (the vocabulary
 is GPT-NeoX's 50,304); d_model and expert size are chosen to hit 0.7B active.
+
+Real corpora: --config.data.mixture=corpus:1 --config.data.corpus=DIR
+--config.data.tokenizer=tok.json (experiments/launch/README.md).
 """
 
 import ml_collections

@@ -3,6 +3,9 @@
 
     moe-lab train --config configs/paper/mor_135m.py:3 --workdir runs/mor135_ec3
     moe-lab info  --config configs/paper/mor_135m.py:2
+
+Real corpora: --config.data.mixture=corpus:1 --config.data.corpus=DIR
+--config.data.tokenizer=tok.json (experiments/launch/README.md).
 """
 
 import importlib.util

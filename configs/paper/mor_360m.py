@@ -19,6 +19,9 @@ Data: synthetic tasks by default; for a real corpus add
 --config.data.mixture=file:1 --config.data.files=PATH[,PATH]. `steps` gives about
 10B training tokens at batch 512 x 2048; use `moe-lab info` FLOPs/token to pick
 iso-FLOP step counts against vanilla.
+
+Real corpora: --config.data.mixture=corpus:1 --config.data.corpus=DIR
+--config.data.tokenizer=tok.json (experiments/launch/README.md).
 """
 
 import ml_collections

@@ -5,8 +5,13 @@ hidden 2d, 125B tokens.  arg = "D[,E,K][@HW]", e.g. "1024,64,16@tpu-v5p-256".
     moe-lab info --config configs/paper/sparsity.py:2048,256,16@8xh100   # says whether it fits
 
 Meshes: TPU v5p/v6e slices use fsdp x expert with data on the rest; an 8xH100 node
-uses fsdp=8 (experts sharded by fsdp on their embed dim).  The byte tokenizer's
-vocabulary is used on the synthetic tasks; set model.vocab_size for a real one.
+uses fsdp=8 (experts sharded by fsdp on their embed dim).  The byte tokenizer
+and the synthetic tasks are the defaults; a real run reads a prepared corpus
+(experiments/launch/README.md), model.vocab_size following the tokenizer:
+
+    moe-lab train --config configs/paper/sparsity.py:1024,64,16@tpu-v5p-256 \
+        --config.data.mixture=corpus:1 --config.data.corpus=/shared/corpora/web \
+        --config.data.tokenizer=/shared/tok/web32k.json --workdir ...
 """
 
 import ml_collections

@@ -34,15 +34,16 @@ from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.data.tokenizer_train import train_bpe
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from moe_lab.config.schema import DataConfig
 from moe_lab.data import pipeline
 cfg = DataConfig(mixture="corpus:1", corpus=sys.argv[1], tokenizer=sys.argv[2], seq_len=256)
 it = pipeline.make_train_iterator(cfg, 16, seed=0)
 next(it)
-print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+# VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak over exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"seconds": time.perf_counter() - t0, "rss_kib": hwm}))
 """
 
 

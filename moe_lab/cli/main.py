@@ -35,12 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that only tokenize on the host: one malloc arena would serialise the
+# tokenizer's threads (measured: HF batch encode 0.58M vs 1.3-1.6M tok/s on 2 cores).
+# `bench` tunes per benchmark (moe_lab/bench/__init__.py).
+HOST_ONLY = ("prepare", "tokenizer", "bench")
+
+
 def main(argv: list[str] | None = None) -> int:
-    tune_host_allocator()  # before jax starts its thread pools (parallel/host_allocator.py)
     argv = sys.argv[1:] if argv is None else argv
     try:
         overrides, rest = parse_override_args(argv)
         args = build_parser().parse_args(rest)
+        if args.command not in HOST_ONLY:
+            tune_host_allocator()  # before jax starts its thread pools (host_allocator.py)
         if overrides and args.command == "bench":
             raise ConfigError("bench takes no --config overrides")
         return args.fn(args, overrides)
