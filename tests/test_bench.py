@@ -55,8 +55,12 @@ def test_paired_ratio_measures_the_ratio_of_two_functions(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_host_allocator_tuned_by_the_entry_point_not_on_import_and_opt_out():
+    # train tunes it (a config file that does not exist: it stops right after); prepare,
+    # a host-only command, does not
     code = ("import moe_lab.parallel.host_allocator as h, moe_lab; assert h._applied is None; "
-            "from moe_lab.cli.main import main; main(['bench', 'nope']); print(h._applied)")
+            "from moe_lab.cli.main import main; main(['prepare', '--input', 'nothing*', "
+            "'--out', 'x']); assert h._applied is None; "
+            "main(['train', '--config', 'nope.py', '--workdir', 'x']); print(h._applied)")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     env = {**os.environ, "MOE_LAB_SYSTEM_MALLOC": "1"}
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
