@@ -14,7 +14,7 @@ buffers) on CPU only.  This script runs them on the machine's default backend:
 2. (not on CPU) the expert SwiGLU kernels alone, fwd+bwd, at E = 8 and 256:
    ragged_dot, blocks, buffers; "inf" where XLA runs out of memory.
 3. train-step throughput and MFU of a dense and an MoE decoder (bf16 compute),
-   MFU = model FLOPs (moe_lab/flops.py: 6 x active params + attention) over
+   MFU = model FLOPs (moe_lab/accounting/flops.py: 6 x active params + attention) over
    the bf16 matmul rate this process measures on random 8192^3 operands.
 
     python experiments/accelerator_check/run.py [--out check.json] [--skip-mfu]
