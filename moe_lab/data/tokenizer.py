@@ -171,7 +171,8 @@ class Tokenizer:
         return (load_tokenizer, (self.source,))
 
     def describe(self) -> str:
-        return f"{self.kind} {self.source} ({self.vocab_size} ids, fingerprint {self.fingerprint})"
+        where = "" if self.source == self.kind else f" {self.source}"
+        return f"{self.kind}{where} ({self.vocab_size} ids, fingerprint {self.fingerprint})"
 
 
 def _fingerprint(kind: str, payload: bytes, special_ids: dict[str, int]) -> str:
