@@ -49,12 +49,13 @@ def _check_tree(state, abstract, what: str) -> None:
 
 
 def verify_logits(parent_cfg: Config, parent_state: dict, cfg: Config, workdir: str,
-                  *, num_sequences: int = 2) -> float:
+                  *, num_sequences: int = 2, tokenizer=None) -> float:
     """Reloads workdir's checkpoint 0 and returns max |logits(grown) - logits(parent)|
     on a real eval batch of the parent's data mixture."""
 
 
-    batch = pipeline.mixture_eval_batches(parent_cfg.data, num_sequences, 1)[0]
+    batch = pipeline.mixture_eval_batches(parent_cfg.data, num_sequences, 1,
+                                          tokenizer=tokenizer)[0]
     setup = setup_on_devices(cfg)[1]
     with Checkpointer(workdir, create=False) as ckpt:
         grown, _ = ckpt.restore(0, setup.abstract_state)
@@ -142,6 +143,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
         "grown_params_active": grown_counts["active"],
         "function_preserving": bool(preserving),
     }
+    tok = run_tokenizer(src, cfg)  # the parent's own copy, checked against its fingerprint
     tmp = f"{dst}.growing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -151,7 +153,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
                                          "wall_seconds": 0.0, "grown_from": src,
                                          "parent_step": int(parent_step)})
         if verify:
-            diff = verify_logits(cfg, state, new_cfg, tmp)
+            diff = verify_logits(cfg, state, new_cfg, tmp, tokenizer=tok)
             lineage["max_abs_logit_diff"] = diff
             if preserving:
                 log(f"grow: function-preserving; max |logits - parent logits| = {diff:.3g}")
@@ -160,7 +162,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
                                       f"{diff:.3g} > {LOGIT_TOLERANCE} (a bug; nothing written)")
             else:
                 log(f"grow: max |logits - parent logits| = {diff:.3g} (not function-preserving)")
-        keep_tokenizer(tmp, run_tokenizer(src, cfg))  # the grown run reads with the parent's
+        keep_tokenizer(tmp, tok)  # the grown run reads with the parent's
         write_json_atomic(lineage_path(tmp), lineage)
         write_json_atomic(config_path(tmp), new_cfg.to_dict())
         if os.path.isdir(dst):
