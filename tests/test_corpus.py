@@ -87,6 +87,12 @@ def test_special_tokens_in_every_tokenizer_kind(corpus, kind):
         assert tok.default_vocab_size() % 128 == 0 >= 0 and tok.default_vocab_size() >= 400 - 128
     if kind == "sentencepiece":  # SP has <s> </s> of its own; the task ones are appended
         assert tok.bos_id < 300 and tok.think_start_id >= 300
+    # the batched fast path (HF: Rust batch encode) against one text at a time
+    texts = [_text(random.Random(k), 12) for k in range(5)]
+    for batch in (texts, texts + [TASK_TEXT]):
+        fast = tok.encode_batch(batch, add_bos=True, add_eos=True)
+        slow = [tok.encode_array(t, add_bos=True, add_eos=True) for t in batch]
+        assert [f.tolist() for f in fast] == [x.tolist() for x in slow]
     assert load_tokenizer(spec) is tok  # cached while the file is unchanged
 
 
