@@ -38,7 +38,9 @@ def _ffn_params(m: ModelConfig, kind: str, active: bool) -> int:
         # every expert takes C = cf * N * k / E tokens, so a token is processed by
         # E * C / N = cf * k experts on average (Zhou et al. 2022: "c" experts per token)
         routed = e.capacity_factor * e.top_k
-    return round(3 * D * F * (routed + e.num_shared_experts)) + D * e.num_experts
+    shared_F = e.shared_hidden or e.num_shared_experts * F if e.num_shared_experts else 0
+    gate = D if e.num_shared_experts and e.shared_gate else 0  # Qwen2-MoE's shared gate
+    return round(3 * D * F * routed) + 3 * D * shared_F + gate + D * e.num_experts
 
 
 def _mor_router_params(m: ModelConfig) -> int:

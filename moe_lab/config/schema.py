@@ -42,6 +42,10 @@ class MoEConfig:
     top_k: int = 2
     expert_hidden: int = 0  # 0: model.mlp_hidden; smaller values give fine-grained experts
     num_shared_experts: int = 0  # always-on experts of size expert_hidden (DeepSeekMoE)
+    shared_hidden: int = 0  # the shared experts' hidden size (0: num_shared_experts * F)
+    # shared expert output times sigmoid(x . w_D) (Qwen2-MoE's shared_expert_gate)
+    shared_gate: bool = False
+    routed_scale: float = 1.0  # routed experts' output times this (DeepSeek-V3 routed_scaling_factor)
     first_dense_layers: int = 0  # the first N layers keep a dense SwiGLU
     # topk_softmax: top-k of logits then softmax over the k (Mixtral)
     # softmax_topk: softmax over all experts then top-k (optionally renormalised)
@@ -128,7 +132,18 @@ class ModelConfig:
     mlp_hidden: int = 0  # 0: round(8/3 d_model) to a multiple of 8 (SwiGLU)
     max_seq_len: int = 256
     rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    # none | llama3 (Llama 3.1's frequency-dependent scaling of the RoPE frequencies)
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0  # llama3: low frequencies are divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original / this are kept
+    rope_original_max_len: int = 8192  # llama3: the pretraining context length
+    norm_eps: float = 1e-6  # HF Llama 3, Mixtral, Qwen, OLMoE checkpoints use 1e-5 / 1e-6
+    # none | qkv (Qwen2: biases on the q, k, v projections) | qkvo (Llama attention_bias)
+    attn_bias: Literal["none", "qkv", "qkvo"] = "none"
+    # RMSNorm of queries and keys before RoPE: none | head (per head over K: Qwen3) |
+    # full (over all heads' H*K at once: OLMoE)
+    qk_norm: Literal["none", "head", "full"] = "none"
     norm_placement: Literal["pre", "post"] = "pre"  # pre | post
     tie_embeddings: bool = False
     init_std: float = 0.02

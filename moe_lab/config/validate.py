@@ -77,6 +77,12 @@ def validate(cfg: Config) -> Config:
         if _get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0 (0: default), got {_get(cfg, key)}")
     _validate_rules(cfg.mesh.rules)
+    if m.rope_scaling == "llama3":
+        _positive(cfg, "model.rope_scaling_factor", "model.rope_low_freq_factor",
+                  "model.rope_original_max_len")
+        if not m.rope_high_freq_factor > m.rope_low_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > "
+                              f"model.rope_low_freq_factor={m.rope_low_freq_factor}")
     if m.d_model % m.num_heads and not m.head_dim:
         raise ConfigError(
             f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model} "
@@ -131,6 +137,13 @@ def _validate_moe(m: ModelConfig) -> None:
         )
     if e.num_shared_experts < 0:
         raise ConfigError("model.moe.num_shared_experts must be >= 0")
+    if e.shared_hidden < 0 or (e.shared_hidden and not e.num_shared_experts):
+        raise ConfigError(f"model.moe.shared_hidden={e.shared_hidden} needs "
+                          f"model.moe.num_shared_experts > 0 (0: num_shared_experts * F)")
+    if e.shared_gate and not e.num_shared_experts:
+        raise ConfigError("model.moe.shared_gate needs model.moe.num_shared_experts > 0")
+    if not e.routed_scale > 0:
+        raise ConfigError(f"model.moe.routed_scale must be > 0, got {e.routed_scale}")
     if e.num_shared_experts and e.router == "expert_choice":
         raise ConfigError(
             "model.moe.num_shared_experts > 0 is not supported with router='expert_choice' "

@@ -254,12 +254,26 @@ class ByteTokenizer(Tokenizer):
 BYTE_TOKENIZER = ByteTokenizer()
 
 
+# A pretrained vocabulary names its pad / BOS / EOS differently (Llama 3, Gemma, GPT-2 /
+# Qwen, ...); its own token plays the role, first name found wins, so an imported
+# model keeps the ids it was trained with (interop/).  "<|endoftext|>" is GPT-2's and
+# Qwen's BOS and EOS at once.
+ROLE_ALIASES = {
+    PAD: ("<|pad|>", "<|finetune_right_pad_id|>", "<|padding|>"),
+    BOS: ("<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>"),
+    EOS: ("<|end_of_text|>", "<eos>", "<|endoftext|>"),
+}
+
+
 def _with_specials(lookup, base_size: int) -> dict[str, int]:
-    """Each special string's id: the vocabulary's own (lookup(s) -> id or None), else the
-    next id after the vocabulary, in SPECIAL_TOKENS order."""
+    """Each special string's id: the vocabulary's own (lookup(s) -> id or None; for pad,
+    BOS and EOS also their ROLE_ALIASES), else the next id after the vocabulary, in
+    SPECIAL_TOKENS order."""
     ids, nxt = {}, base_size
     for s in SPECIAL_TOKENS:
         own = lookup(s)
+        for alias in ROLE_ALIASES.get(s, ()):
+            own = own if own is not None else lookup(alias)
         if own is None:
             own, nxt = nxt, nxt + 1
         ids[s] = int(own)

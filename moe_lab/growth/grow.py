@@ -17,7 +17,8 @@ from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data import pipeline
 from moe_lab.growth import transforms as growth
 from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
-from moe_lab.train.run_dir import config_path, keep_tokenizer, lineage_path, run_tokenizer, write_json_atomic
+from moe_lab.train.run_dir import (check_new_run_dir, config_path, keep_tokenizer, lineage_path,
+                                   run_tokenizer, write_json_atomic)
 from moe_lab.train.state import resolve_config, setup_on_devices
 from moe_lab.train.step import forward
 
@@ -30,9 +31,7 @@ def _check_dirs(from_dir: str, to_dir: str) -> tuple[str, str]:
         raise ConfigError(f"grow: --from {from_dir} holds no run (no config.json)")
     if dst == src or dst.startswith(src + os.sep):
         raise ConfigError(f"grow: --to {to_dir} is (inside) --from {from_dir}; never writing there")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ConfigError(f"grow: --to {to_dir} exists and is not empty; refusing to write there")
-    return src, dst
+    return src, check_new_run_dir(to_dir, "grow: --to")
 
 
 def _check_tree(state, abstract, what: str) -> None:

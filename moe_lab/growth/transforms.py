@@ -57,7 +57,7 @@ from moe_lab.models import tree as model_tree
 from moe_lab.models.recursive import recursion_schedule
 
 # Output projections of a block: zeroing them makes a pre-norm block the identity.
-OUTPUT_PROJECTIONS = ("o_HKD", "down_EFD", "down_FD")
+OUTPUT_PROJECTIONS = ("o_HKD", "o_bias_D", "down_EFD", "down_FD")
 # MoE leaves with an expert axis -> that axis in the stacked [L, ...] array.
 EXPERT_AXES = {"gate_EDF": 1, "up_EDF": 1, "down_EFD": 1, "router_DE": 2, model_tree.ROUTER_BIAS: 1}
 

@@ -13,16 +13,40 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe_lab.config.schema import ModelConfig
 from moe_lab.layers.base import dtype_of, param
+from moe_lab.layers.norms import RMSNorm
 
 
-def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on the two halves of the head dim (the Llama/NeoX layout)."""
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """[K/2] f32 inverse frequencies theta^(-2i/K), with llama3 scaling when configured
+    (Llama 3.1: wavelengths longer than original_max_len / low_freq_factor are divided
+    by `factor`, shorter than original / high_freq_factor kept, a smooth blend between;
+    the formula of HF transformers' `_compute_llama3_parameters`)."""
+    half = cfg.resolved_head_dim // 2
+    inv_freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    if cfg.rope_scaling == "llama3":
+        factor, old = cfg.rope_scaling_factor, cfg.rope_original_max_len
+        low_wavelen = old / cfg.rope_low_freq_factor
+        high_wavelen = old / cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor,
+                            np.where(wavelen < high_wavelen, inv_freq, blended))
+    return inv_freq.astype(np.float32)
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_K2) -> jax.Array:
+    """Rotary embedding on the two halves of the head dim (the Llama/NeoX layout);
+    inv_freq_K2: rope_frequencies(cfg), or a float theta (unscaled: theta^(-2i/K))."""
     half = x_BTHK.shape[-1] // 2
-    inv_freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if isinstance(inv_freq_K2, (int, float)):
+        inv_freq_K2 = inv_freq_K2 ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BTK2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K2
     sin = jnp.sin(angle_BTK2)[:, :, None, :]
     cos = jnp.cos(angle_BTK2)[:, :, None, :]
@@ -72,6 +96,10 @@ def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
 
 
 class Attention(nnx.Module):
+    """Options the HF architectures need (moe_lab/interop/): attn_bias (q, k, v [, o]
+    biases: Qwen2 / Llama attention_bias), qk_norm (RMSNorm of q and k before RoPE,
+    per head: Qwen3; over all heads at once: OLMoE), rope_scaling (llama3)."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         pd, std = dtype_of(cfg.param_dtype), cfg.init_std
@@ -79,25 +107,55 @@ class Attention(nnx.Module):
         self.k_DGK = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
         self.v_DGK = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
         self.o_HKD = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), std=std, dtype=pd)
-        self.rope_theta = cfg.rope_theta
+        qkv_bias, o_bias = cfg.attn_bias != "none", cfg.attn_bias == "qkvo"
+
+        def bias(shape, axes, on):  # None (not in the state) where the option is off
+            return param(None, shape, axes, init="zeros", dtype=pd) if on else nnx.data(None)
+
+        self.q_bias_HK = bias((H, K), ("heads", "head_dim"), qkv_bias)
+        self.k_bias_GK = bias((G, K), ("kv_heads", "head_dim"), qkv_bias)
+        self.v_bias_GK = bias((G, K), ("kv_heads", "head_dim"), qkv_bias)
+        self.o_bias_D = bias((D,), ("embed",), o_bias)
+        self.qk_norm = cfg.qk_norm
+        # "head": a [K] scale; "full": [H*K] / [G*K] (all heads normalised together)
+        q_dim, k_dim = (K, K) if cfg.qk_norm == "head" else (H * K, G * K)
+        on = cfg.qk_norm != "none"
+        self.q_norm = nnx.data(RMSNorm(q_dim, eps=cfg.norm_eps, dtype=pd, axis=None) if on else None)
+        self.k_norm = nnx.data(RMSNorm(k_dim, eps=cfg.norm_eps, dtype=pd, axis=None) if on else None)
+        self.inv_freq_K2 = tuple(rope_frequencies(cfg).tolist())  # static (hashable)
         self.compute_dtype = dtype_of(cfg.compute_dtype)
 
-    def project_kv(self, x_BTD, positions_BT):
+    def _project(self, x_BTD, w_DNK, bias_NK, norm):
+        """x @ w (+ bias_NK) (then the q / k norm) -> [B, T, N, K]."""
         cd = self.compute_dtype
-        x = x_BTD.astype(cd)
-        k_BTGK = rope(jnp.einsum("btd,dgk->btgk", x, self.k_DGK[...].astype(cd)), positions_BT,
-                      self.rope_theta)
-        v_BTGK = jnp.einsum("btd,dgk->btgk", x, self.v_DGK[...].astype(cd))
-        return k_BTGK, v_BTGK
+        y_BTNK = jnp.einsum("btd,dnk->btnk", x_BTD.astype(cd), w_DNK[...].astype(cd))
+        if bias_NK is not None:
+            y_BTNK = y_BTNK + bias_NK[...].astype(cd)
+        if norm is None:
+            return y_BTNK
+        if self.qk_norm == "head":
+            return norm(y_BTNK)
+        B, T, N, K = y_BTNK.shape
+        return norm(y_BTNK.reshape(B, T, N * K)).reshape(B, T, N, K)
+
+    def _rope(self, x_BTNK, positions_BT):
+        return rope(x_BTNK, positions_BT, jnp.asarray(self.inv_freq_K2, jnp.float32))
+
+    def project_kv(self, x_BTD, positions_BT):
+        k_BTGK = self._project(x_BTD, self.k_DGK, self.k_bias_GK, self.k_norm)
+        v_BTGK = self._project(x_BTD, self.v_DGK, self.v_bias_GK, None)
+        return self._rope(k_BTGK, positions_BT), v_BTGK
 
     def project_q(self, x_BTD, positions_BT):
-        cd = self.compute_dtype
-        q = jnp.einsum("btd,dhk->bthk", x_BTD.astype(cd), self.q_DHK[...].astype(cd))
-        return rope(q, positions_BT, self.rope_theta)
+        q_BTHK = self._project(x_BTD, self.q_DHK, self.q_bias_HK, self.q_norm)
+        return self._rope(q_BTHK, positions_BT)
 
     def output(self, o_BTHK):
         cd = self.compute_dtype
-        return jnp.einsum("bthk,hkd->btd", o_BTHK, self.o_HKD[...].astype(cd))
+        out_BTD = jnp.einsum("bthk,hkd->btd", o_BTHK, self.o_HKD[...].astype(cd))
+        if self.o_bias_D is not None:
+            out_BTD = out_BTD + self.o_bias_D[...].astype(cd)
+        return out_BTD
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
         return self.attend(x_BTD, positions_BT,

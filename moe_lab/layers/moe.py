@@ -41,7 +41,7 @@ class MoE(nnx.Module):
     Parameters (growth code relies on these names):
       router_DE ("embed", None); gate_EDF, up_EDF ("expert", "embed", "mlp");
       down_EFD ("expert", "mlp", "embed"); bias_E (RouterBias, sigmoid router
-      only); shared (SwiGLU, if num_shared_experts > 0).
+      only); shared (SwiGLU, if num_shared_experts > 0); shared_gate_D (moe.shared_gate).
 
     `impl` (a static attribute, model.moe.kernel, default "auto": by backend)
     picks the dispatch kernels: see dispatch.token_choice_moe.  Tests set it to
@@ -61,9 +61,11 @@ class MoE(nnx.Module):
         if m.router == "sigmoid":
             self.bias_E = routing.make_router_bias(e)
         if m.num_shared_experts > 0:
-            self.shared = SwiGLU(d, m.num_shared_experts * f, init_std=cfg.init_std,
-                                 param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                                 rngs=rngs)
+            self.shared = SwiGLU(d, m.shared_hidden or m.num_shared_experts * f,
+                                 init_std=cfg.init_std, param_dtype=cfg.param_dtype,
+                                 compute_dtype=cfg.compute_dtype, rngs=rngs)
+            if m.shared_gate:  # Qwen2-MoE: shared output * sigmoid(x . w)
+                self.shared_gate_D = param(rngs, (d,), ("embed",), std=cfg.init_std, dtype=pd)
 
     def router_logits(self, x_ND: jax.Array, *, train: bool, rng: jax.Array | None) -> jax.Array:
         """float32 logits_NE (jitter on the router input while training)."""
@@ -143,8 +145,14 @@ class MoE(nnx.Module):
                                      drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
                                      z_loss_weight=m.z_loss_weight, mask_N=w_N)
 
+        if m.routed_scale != 1.0:
+            y_ND = y_ND * m.routed_scale
         if m.num_shared_experts > 0:
-            y_ND = y_ND + self.shared(xc_ND)
+            shared_ND = self.shared(xc_ND)
+            if m.shared_gate:
+                gate_N = jax.nn.sigmoid(xc_ND @ self.shared_gate_D[...].astype(cd))
+                shared_ND = shared_ND * gate_N[:, None]
+            y_ND = y_ND + shared_ND
         return y_ND.reshape(b, t, d).astype(x_BTD.dtype), aux
 
 

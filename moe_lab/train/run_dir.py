@@ -110,3 +110,12 @@ def run_tokenizer(workdir: str, cfg: Config) -> Tokenizer:
         raise ConfigError(f"run {workdir} was made with tokenizer fingerprint {want}; "
                           f"{tok.source} has {tok.fingerprint}")
     return tok
+
+
+def check_new_run_dir(path: str, what: str) -> str:
+    """realpath of a directory a command is about to create: refused if it exists and is
+    not an empty directory (no command overwrites what it did not make)."""
+    dst = os.path.realpath(path)
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ConfigError(f"{what} {path} exists and is not empty; refusing to write there")
+    return dst
