@@ -3,7 +3,7 @@
 Rooms, lowest first; a module may import its own room and rooms of a lower rank only
 (two rooms of the same rank are independent of each other):
 
-    config < (parallel, data) < layers < models < accounting < train < growth < eval
+    config < (parallel, data) < layers < models < accounting < train < (growth, interop) < eval
            < rl < sweep < bench < cli
 
 Why this order, where it differs from "cli -> sweep -> (rl, growth, eval) -> train":
@@ -20,7 +20,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "moe_lab"
 RANKS = {"config": 0, "parallel": 1, "data": 1, "layers": 2, "models": 3, "accounting": 4,
-         "train": 5, "growth": 6, "eval": 7, "rl": 8, "sweep": 9, "bench": 10, "cli": 11,
+         "train": 5, "growth": 6, "interop": 6, "eval": 7, "rl": 8, "sweep": 9, "bench": 10, "cli": 11,
          "__main__": 12, "__init__": 12}
 # the stack every room may import at module top; a local import of these is a hidden edge
 CORE_LIBRARIES = {"moe_lab", "jax", "jaxlib", "flax", "optax", "orbax", "grain", "numpy",

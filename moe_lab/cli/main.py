@@ -1,4 +1,5 @@
-"""`moe-lab` command line: train, eval, info, grow, sweep, rl, bench, tokenizer, prepare.
+"""`moe-lab` command line: train, eval, info, grow, sweep, rl, bench, tokenizer, prepare,
+import, export.
 
 One thin file per command (moe_lab/cli/<command>.py: its parser and what it
 runs); this one dispatches.  Every command validates its input before anything
@@ -14,6 +15,7 @@ from moe_lab.cli.bench import add_bench_parser
 from moe_lab.cli.eval import add_eval_parser
 from moe_lab.cli.grow import add_grow_parser
 from moe_lab.cli.info import add_info_parser
+from moe_lab.cli.interop import add_export_parser, add_import_parser
 from moe_lab.cli.prepare import add_prepare_parser, add_tokenizer_parser
 from moe_lab.cli.rl import add_rl_parser
 from moe_lab.cli.sweep import add_sweep_parser
@@ -24,7 +26,7 @@ from moe_lab.parallel.host_allocator import tune_host_allocator
 
 COMMANDS = (add_train_parser, add_info_parser, add_grow_parser, add_eval_parser,
             add_sweep_parser, add_rl_parser, add_bench_parser, add_tokenizer_parser,
-            add_prepare_parser)
+            add_prepare_parser, add_import_parser, add_export_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,8 +17,14 @@ from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data import pipeline
 from moe_lab.growth import transforms as growth
 from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
-from moe_lab.train.run_dir import (check_new_run_dir, config_path, keep_tokenizer, lineage_path,
-                                   run_tokenizer, write_json_atomic)
+from moe_lab.train.run_dir import (
+    check_new_run_dir,
+    config_path,
+    keep_tokenizer,
+    lineage_path,
+    run_tokenizer,
+    write_json_atomic,
+)
 from moe_lab.train.state import resolve_config, setup_on_devices
 from moe_lab.train.step import forward
 

@@ -38,10 +38,16 @@ from moe_lab.config.schema import Config, ConfigError
 from moe_lab.config.validate import validate
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.interop import hf_config, hf_weights
+from moe_lab.interop.safetensors_io import TensorReader
 from moe_lab.models import tree
 from moe_lab.train.checkpoint import write_checkpoint
-from moe_lab.train.run_dir import (check_new_run_dir, config_path, keep_tokenizer, lineage_path,
-                                   write_json_atomic)
+from moe_lab.train.run_dir import (
+    check_new_run_dir,
+    config_path,
+    keep_tokenizer,
+    lineage_path,
+    write_json_atomic,
+)
 from moe_lab.train.state import resolve_config, setup_on_devices
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -64,27 +70,6 @@ def safetensors_files(hf_dir: str) -> list[str]:
         raise ConfigError(f"import: {hf_dir} holds no .safetensors weights (a PyTorch .bin "
                           f"checkpoint must be re-saved with safe_serialization=True)")
     return files
-
-
-class TensorReader:
-    """name -> numpy array, one tensor at a time from the safetensors files."""
-
-    def __init__(self, files: list[str]):
-        from safetensors import safe_open  # noqa: PLC0415  (import/export only)
-
-        self._handles = [safe_open(f, framework="np") for f in files]
-        self._where = {}
-        for h, f in zip(self._handles, files, strict=True):
-            for name in h.keys():
-                self._where[name] = (h, f)
-
-    def names(self) -> set[str]:
-        return set(self._where)
-
-    def __call__(self, name: str) -> np.ndarray:
-        if name not in self._where:
-            raise ConfigError(f"import: the checkpoint has no tensor {name}")
-        return self._where[name][0].get_tensor(name)
 
 
 def _sha256(path: str) -> str:

@@ -177,15 +177,28 @@ def params_from_hf(m: ModelConfig, arch: str, read: Callable[[str], np.ndarray],
 
 
 def hf_tensors(m: ModelConfig, arch: str, params: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array) for every tensor of the HF checkpoint of `params` (contiguous)."""
+    """(HF name, array view) for every tensor of the HF checkpoint of `params`, in file
+    order, one at a time (views: the caller copies what it writes)."""
     for leaf in top_leaves(m):
-        for name, a in zip(leaf.names, leaf.to_hf(np.asarray(tree.get(params, leaf.path))),
-                           strict=True):
-            yield name, np.ascontiguousarray(a)
+        yield from zip(leaf.names, leaf.to_hf(np.asarray(tree.get(params, leaf.path))),
+                       strict=True)
     for stack, layers, kind in stacks_of(m):
         for leaf in block_leaves(m, arch, kind):
             stacked = tree.get(params, (stack, tree.LAYERS, *leaf.path))
             for j, i in enumerate(layers):
-                for name, a in zip(layer_names(leaf, i), leaf.to_hf(np.asarray(stacked[j])),
-                                   strict=True):
-                    yield name, np.ascontiguousarray(a)
+                yield from zip(layer_names(leaf, i), leaf.to_hf(np.asarray(stacked[j])),
+                               strict=True)
+
+
+def hf_specs(m: ModelConfig, arch: str, params: dict) -> list[tuple[str, tuple, np.dtype]]:
+    """[(HF name, shape, dtype)] of hf_tensors(params), computed on zero-stride views of
+    the params' shapes (no tensor is copied)."""
+    def shapes_only(a):
+        return np.broadcast_to(np.zeros((), a.dtype), a.shape)
+
+    views = _map(shapes_only, params)
+    return [(name, tuple(a.shape), a.dtype) for name, a in hf_tensors(m, arch, views)]
+
+
+def _map(fn, node):
+    return {k: _map(fn, v) for k, v in node.items()} if isinstance(node, dict) else fn(node)
