@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+HF = ["torch==2.13.0", "transformers>=4.57.6,<4.58"]
+EVAL = ["lm_eval==0.4.13"]
+
 setup(
     name="moe_lab",
     version="0.1.0",
@@ -28,9 +31,15 @@ setup(
         "tokenizers>=0.22.2,<0.23",  # HF tokenizer.json; byte-level BPE training
         "sentencepiece>=0.2.1,<0.3",
         "pyarrow>=25.0.1,<26",  # Parquet inputs, read in row batches
+        "safetensors>=0.8,<0.9",  # HF checkpoints in and out (moe_lab/interop/)
     ],
     extras_require={
-        "dev": [
+        # HF transformers beside moe_lab (export checks, the tests' reference models).
+        # torch pinned to the CPU build this project was verified with.
+        "hf": HF,
+        # lm-evaluation-harness (moe-lab eval --lm-eval)
+        "eval": HF + EVAL,
+        "dev": HF + EVAL + [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
             "ruff>=0.6",

@@ -1,0 +1,217 @@
+"""HF transformers checkpoints in and out (moe_lab/interop/), against transformers itself.
+
+Every class: a tiny random HF model the test writes -> `moe-lab import` -> moe_lab's
+logits equal transformers' -> `moe-lab export` -> transformers loads it and gives the
+original's logits.  Then the growth paper's workflow on an imported checkpoint (width
+with noise 0, depth with zeroed copies), native runs exported (byte tokenizer, MoE ->
+Mixtral), and the bad inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+from hf_models import CLASSES, VOCAB, hf_logits, make_hf_model, write_tokenizer
+
+from moe_lab.cli.main import main
+from moe_lab.config.load import config_from_json
+from moe_lab.config.schema import ConfigError
+from moe_lab.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
+from moe_lab.interop import hf_config
+from moe_lab.interop.hf_tokenizer import hf_tokenizer_of
+from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
+from moe_lab.train.run_dir import config_path, write_json_atomic
+from moe_lab.train.state import setup_on_devices
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """{class: (HF dir, the torch model)}, written once for the module."""
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: (str(root / arch), make_hf_model(arch, str(root / arch))) for arch in CLASSES}
+
+
+def moe_lab_logits(run: str, tokens=TOKENS) -> np.ndarray:
+    cfg = config_from_json(config_path(run))
+    setup = setup_on_devices(cfg)[1]
+    with Checkpointer(run, create=False) as ckpt:
+        state, _ = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
+    fn = jax.jit(lambda p, m, t: nnx.merge(setup.graphdef, p, m)(t)[0])
+    return np.asarray(fn(state["params"], state["model_state"], tokens))
+
+
+def load_hf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("arch", list(CLASSES))
+def test_import_matches_transformers_and_export_round_trips(arch, hf_dirs, tmp_path):
+    hf_dir, model = hf_dirs[arch]
+    run, back = tmp_path / "run", tmp_path / "hf_back"
+    assert cli("import", "--hf", hf_dir, "--to", run) == 0
+    want = hf_logits(model, TOKENS)
+    got = moe_lab_logits(str(run))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    lineage = json.load(open(run / "lineage.json"))
+    assert lineage["hf_architecture"] == arch and "model.safetensors" in lineage["files"]
+    assert cli("export", "--workdir", run, "--to", back) == 0
+    assert json.load(open(back / "config.json"))["architectures"] == [arch]
+    np.testing.assert_allclose(hf_logits(load_hf(str(back)), TOKENS), want, atol=1e-5, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(str(back))
+    ours = load_tokenizer(str(run / "tokenizer" / "tokenizer.json"))
+    text = "the cat <think>sat</think><answer>5"
+    assert tok(text).input_ids == ours.encode(text)
+    assert (tok.bos_token_id, tok.eos_token_id) == (ours.bos_id, ours.eos_id)
+
+
+@pytest.mark.parametrize("arch,grow", [
+    ("MixtralForCausalLM", ["--width-factor", "2", "--noise", "0"]),
+    ("LlamaForCausalLM", ["--depth", "interpose", "--zero-copies"]),
+])
+def test_imported_checkpoint_grows_and_exports_the_same_function(arch, grow, hf_dirs, tmp_path):
+    """2510.08008 on a public-format checkpoint: import -> grow (function-preserving) ->
+    export -> transformers' logits are the original model's."""
+    hf_dir, model = hf_dirs[arch]
+    run, grown, back = tmp_path / "run", tmp_path / "grown", tmp_path / "back"
+    assert cli("import", "--hf", hf_dir, "--to", run) == 0
+    assert cli("grow", "--from", run, "--to", grown, *grow) == 0
+    assert cli("export", "--workdir", grown, "--to", back) == 0
+    hf = json.load(open(back / "config.json"))
+    orig = json.load(open(os.path.join(hf_dir, "config.json")))
+    if arch == "MixtralForCausalLM":
+        assert (hf["num_local_experts"], hf["num_experts_per_tok"]) == (
+            2 * orig["num_local_experts"], 2 * orig["num_experts_per_tok"])
+    else:
+        assert hf["num_hidden_layers"] == 2 * orig["num_hidden_layers"]
+    np.testing.assert_allclose(hf_logits(load_hf(str(back)), TOKENS), hf_logits(model, TOKENS),
+                               atol=1e-4, rtol=0)
+
+
+def _native_run(tmp_path, **model) -> str:
+    """A run of moe_lab's own (random init, byte tokenizer) with checkpoint 0."""
+    cfg = tiny_config(model=model)
+    setup = setup_on_devices(cfg)[1]
+    run = str(tmp_path / "native")
+    os.makedirs(run)
+    write_checkpoint(run, 0, jax.device_get(setup.init_state()), {"tokens_seen": 0.0})
+    write_json_atomic(config_path(run), cfg.to_dict())
+    return run
+
+
+@pytest.mark.parametrize("model,arch", [
+    ({}, "LlamaForCausalLM"),
+    ({"ffn": "moe", "moe": {"num_experts": 4, "top_k": 2, "router": "topk_softmax",
+                            "expert_hidden": 32}}, "MixtralForCausalLM"),
+])
+def test_a_native_byte_run_exports_to_transformers(model, arch, tmp_path):
+    run = _native_run(tmp_path, **model)
+    back = tmp_path / "back"
+    assert cli("export", "--workdir", run, "--to", back) == 0
+    assert json.load(open(back / "config.json"))["architectures"] == [arch]
+    tokens = np.asarray([BYTE_TOKENIZER.encode("<s>a=1 b=a+2 mod 11. b?<think>", )])
+    np.testing.assert_allclose(hf_logits(load_hf(str(back)), tokens),
+                               moe_lab_logits(run, tokens), atol=1e-4, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(str(back))
+    for text in ("x<sep>y", "naïve 日本 <answer>3</s>", " two  spaces\n"):
+        assert tok(text).input_ids == BYTE_TOKENIZER.encode(text)
+        assert tok.decode(tok(text).input_ids) == text
+
+
+def test_byte_tokenizer_as_hf_gives_the_same_ids():
+    hf = hf_tokenizer_of(BYTE_TOKENIZER)
+    for text in ("", "hello world", "<think>1+1</think><answer>2</s>", "\x00\xff é"):
+        assert hf.encode(text, add_special_tokens=False).ids == BYTE_TOKENIZER.encode(text)
+
+
+def test_pretrained_vocabularies_keep_their_own_bos_eos(tmp_path):
+    import tokenizers  # noqa: PLC0415
+    from tokenizers import models, pre_tokenizers  # noqa: PLC0415
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"a": 0, "<|begin_of_text|>": 1,
+                                                 "<|end_of_text|>": 2, "[UNK]": 3},
+                                                unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    ours = load_tokenizer(path)
+    assert (ours.bos_id, ours.eos_id) == (1, 2)
+    assert ours.pad_id >= 4 and ours.think_start_id >= 4  # appended after the vocabulary
+
+
+def _copy(src, dst, edit=None, drop=()):
+    shutil.copytree(src, dst)
+    for name in drop:
+        os.remove(os.path.join(dst, name))
+    if edit:
+        path = os.path.join(dst, "config.json")
+        cfg = json.load(open(path))
+        cfg.update(edit)
+        json.dump(cfg, open(path, "w"))
+    return dst
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(hf_dirs, tmp_path, capsys):
+    src = hf_dirs["MixtralForCausalLM"][0]
+    cases = [
+        (_copy(src, tmp_path / "nocfg", drop=["config.json"]), "has no config.json"),
+        (_copy(src, tmp_path / "noweights", drop=["model.safetensors"]), "no .safetensors"),
+        (_copy(src, tmp_path / "notok", drop=["tokenizer.json"]), "has no tokenizer"),
+        (_copy(src, tmp_path / "gpt2", {"architectures": ["GPT2LMHeadModel"]}),
+         "architectures=['GPT2LMHeadModel']"),
+        (_copy(src, tmp_path / "swa", {"sliding_window": 4096}), "sliding_window=4096"),
+        (_copy(src, tmp_path / "shape", {"intermediate_size": 48}),
+         "tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape"),
+    ]
+    for hf_dir, message in cases:
+        to = tmp_path / f"run_{os.path.basename(hf_dir)}"
+        assert cli("import", "--hf", hf_dir, "--to", to) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not os.path.exists(to)
+        assert not [p for p in os.listdir(tmp_path) if ".importing-" in p]
+    run = tmp_path / "run"
+    assert cli("import", "--hf", src, "--to", run) == 0
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    for argv, message in [
+        (["import", "--hf", src, "--to", run], "exists and is not empty"),
+        (["export", "--workdir", run, "--to", tmp_path / "full"], "exists and is not empty"),
+        (["export", "--workdir", run, "--step", 7, "--to", tmp_path / "x"], "no checkpoint at step 7"),
+    ]:
+        assert cli(*argv) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("model,why", [
+    ({"stack": "recursive", "num_layers": 5}, "a recursive"),
+    ({"ffn": "moe", "moe": {"router": "expert_choice"}}, "experts choose tokens"),
+    ({"ffn": "moe", "moe": {"router": "sigmoid"}}, "loss-free selection bias"),
+    ({"norm_placement": "post"}, "post-norm"),
+])
+def test_export_refuses_what_no_hf_class_represents(model, why):
+    with pytest.raises(ConfigError, match=why):
+        hf_config.architecture_for(tiny_config(model=model).model)
+
+
+def test_tokenizer_fixture_has_the_specials(tmp_path):
+    tok = load_tokenizer(write_tokenizer(str(tmp_path / "t.json")))
+    assert tok.vocab_size == VOCAB and tok.think_start_id < 16
