@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 HF = ["torch==2.13.0", "transformers>=4.57.6,<4.58"]
 EVAL = ["lm_eval==0.4.13"]
+HF_BACKEND = ["accelerate>=1.15,<2"]  # lm-eval's own HF backend (the tests' cross-check)
 
 setup(
     name="moe_lab",
@@ -39,7 +40,7 @@ setup(
         "hf": HF,
         # lm-evaluation-harness (moe-lab eval --lm-eval)
         "eval": HF + EVAL,
-        "dev": HF + EVAL + [
+        "dev": HF + EVAL + HF_BACKEND + [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
             "ruff>=0.6",

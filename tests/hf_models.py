@@ -8,6 +8,7 @@ tensors of the same shape changes the logits.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -71,6 +72,9 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
             p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
     model.save_pretrained(out_dir, safe_serialization=True)
     write_tokenizer(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:  # no BOS added
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                   "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False}, f)
     return model
 
 

@@ -180,7 +180,7 @@ def test_choice_loglik_matches_unpadded_forward(run_dir):
         cfg, setup, state, _ = load_run(run_dir)
         ctxs = [TOKENIZER.encode("2+2=<answer>", add_bos=True), TOKENIZER.encode("Sky:", True)]
         conts = [TOKENIZER.encode("4"), TOKENIZER.encode(" blue")]
-        got = harness._choice_logprobs(setup.graphdef, state["params"], state["model_state"],
+        got = harness.choice_logprobs(setup.graphdef, state["params"], state["model_state"],
                                        ctxs, conts, batch_size=4, max_len=64)
         for ctx, cont, lp in zip(ctxs, conts, got):
             seq = np.array([ctx + cont], np.int32)

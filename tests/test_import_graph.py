@@ -30,6 +30,9 @@ LOCAL_IMPORTS_BY_DESIGN = {
     # its child processes measure peak memory (RSS) of a growth against a baseline
     # that only imports the checkpoint code: what is imported, and when, is measured
     "moe_lab.bench.growth",
+    # `eval --lm-eval` loads the lm-eval model module (which needs the optional [eval]
+    # extra, lm_eval) only when asked: every other command starts without it
+    "moe_lab.cli.eval",
 }
 
 

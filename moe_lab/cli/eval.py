@@ -5,6 +5,9 @@
     moe-lab eval --workdir DIR --ttc [--ttc-n 16] [--ttc-prompts 32] [--ttc-task arith]
                  [--ttc-budgets 2,4,8,16,32] [--ttc-waits 0,1,2,4] [--ttc-temperature 1.0]
 
+    moe-lab eval --workdir DIR --lm-eval TASK[,TASK] [--include-path DIR] [--limit N]
+                 [--num-fewshot K] [--lm-eval-data TASK=FILE]
+
 The first form writes DIR/eval/<step>.json (eval loss, task loss in bits/token
 and greedy exact-match accuracy per task, memorization and reasoning groups;
 see moe_lab/eval/evaluate.py).  The second scores a JSONL file of
@@ -14,7 +17,9 @@ config keys may be overridden: the checkpoint fixes everything else.  The third
 (test-time compute, moe_lab/eval/test_time.py) prints coverage@k / majority@k
 and the budget-forcing tables (s1 Control / Scaling / Performance; recursive
 models also accuracy and log-likelihood vs recursion depth) and writes
-DIR/eval/<step>-ttc.json.
+DIR/eval/<step>-ttc.json.  The fourth runs lm-evaluation-harness tasks (offline: the
+YAMLs of configs/lm_eval/ read local GSM8K / TriviaQA / HellaSwag files) through
+moe_lab/eval/lm_eval_model.py and writes DIR/eval/<step>-lm_eval.json.
 """
 
 from __future__ import annotations
@@ -53,6 +58,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--ttc-waits", default="0,1,2,4", help="'Wait' counts N (--ttc)")
     e.add_argument("--ttc-depths", default="", help="recursion depths (--ttc, MoR models)")
     e.add_argument("--ttc-seed", type=int, default=0, help="sampling seed (--ttc)")
+    e.add_argument("--lm-eval", default=None, metavar="TASK[,TASK]",
+                   help="lm-evaluation-harness tasks (offline: configs/lm_eval/, --include-path)")
+    e.add_argument("--include-path", default=None, help="more lm-eval task YAMLs (--lm-eval)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (--lm-eval)")
+    e.add_argument("--lm-eval-data", default="", metavar="TASK=FILE[,TASK=FILE]",
+                   help="local data file of a shipped task (--lm-eval; default "
+                        "data/lm_eval/<name>.jsonl)")
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per batch (--lm-eval)")
     e.set_defaults(fn=cmd_eval)
     return e
 
@@ -82,6 +95,8 @@ def cmd_eval(args, overrides: dict | None = None) -> int:
         raise ConfigError(f"eval: --workdir {args.workdir} holds no run (no config.json)")
     if args.num_examples is not None and args.num_examples <= 0:
         raise ConfigError(f"eval: --num-examples must be > 0, got {args.num_examples}")
+    if args.lm_eval is not None:
+        return _cmd_lm_eval(args, overrides)
     if args.ttc:
         if args.data is not None or overrides:
             raise ConfigError("eval --ttc takes neither --data nor --config overrides")
@@ -111,4 +126,35 @@ def cmd_eval(args, overrides: dict | None = None) -> int:
                              limit=args.limit, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    return 0
+
+
+def _cmd_lm_eval(args, overrides: dict) -> int:
+    """moe-lab eval --lm-eval: the [eval] extra's lm-evaluation-harness on the run."""
+    if overrides or args.data is not None or args.ttc:
+        raise ConfigError("eval --lm-eval takes neither --data, --ttc nor --config overrides")
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("eval --lm-eval: no task named")
+    data = {}
+    for item in filter(None, (s.strip() for s in args.lm_eval_data.split(","))):
+        task, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"eval --lm-eval-data {item!r}: want TASK=FILE")
+        data[task] = path
+    for name, v in (("--limit", args.limit), ("--num-fewshot", args.num_fewshot)):
+        if v is not None and v < (1 if name == "--limit" else 0):
+            raise ConfigError(f"eval: {name} must be >= {1 if name == '--limit' else 0}, got {v}")
+    if args.batch_size <= 0:
+        raise ConfigError(f"eval: --batch-size must be > 0, got {args.batch_size}")
+    try:
+        from moe_lab.eval.lm_eval_model import run_lm_eval  # noqa: PLC0415  (optional extra)
+    except ImportError as e:
+        raise ConfigError(f"eval --lm-eval needs lm-evaluation-harness: pip install "
+                          f"'moe_lab[eval]' ({e})") from None
+    result = run_lm_eval(args.workdir, tasks, step=args.step, include_path=args.include_path,
+                         limit=args.limit, num_fewshot=args.num_fewshot,
+                         batch_size=args.batch_size, data=data)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}))
     return 0

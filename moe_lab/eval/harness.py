@@ -143,20 +143,23 @@ def exact_match(prediction: str, answer: str) -> tuple[bool, bool]:
 
 
 def _target_logprobs(graphdef, params, model_state, batch):
-    """log p(target) at every position of a (right-padded) batch: [B, T]."""
+    """(log p(target), target == argmax) at every position of a (right-padded) batch:
+    two [B, T] arrays."""
     logits_BTV, _ = forward(graphdef, params, model_state, batch, train=False)
     lp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(lp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    lp_BT = jnp.take_along_axis(lp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    return lp_BT, jnp.argmax(logits_BTV, axis=-1) == batch["targets"]
 
 
 _LOGP_FNS: dict = {}  # the latest model's jitted `_target_logprobs` (cached_for)
 
 
-def _choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
-                     continuations: list[list[int]], *, batch_size: int,
-                     max_len: int) -> list[np.ndarray]:
-    """Per-token log p(continuation | context) for each pair (teacher forcing).
-    Contexts longer than `max_len` - len(continuation) lose their oldest tokens."""
+def choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
+                    continuations: list[list[int]], *, batch_size: int, max_len: int,
+                    with_greedy: bool = False) -> list:
+    """Per-token log p(continuation | context) for each pair (teacher forcing), and with
+    `with_greedy` (logprobs, is each token the argmax) pairs.  Contexts longer than
+    `max_len` - len(continuation) lose their oldest tokens."""
     seqs, starts = [], []
     for ctx, cont in zip(contexts, continuations):
         keep = max(1, max_len - len(cont))
@@ -177,13 +180,13 @@ def _choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
             n = len(seq) - 1
             inputs[r, :n], targets[r, :n], seg[r, :n] = seq[:-1], seq[1:], 1
         positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-        lp = np.asarray(logp(params, model_state, {
+        lp, greedy = jax.device_get(logp(params, model_state, {
             "inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
             "positions": jnp.asarray(positions), "segment_ids": jnp.asarray(seg)}))
         for r, seq in enumerate(chunk):
-            start = starts[s + r]
             # target k predicts seq[k + 1]: the continuation is targets start-1 .. len-2
-            out.append(lp[r, start - 1:len(seq) - 1])
+            cut = slice(starts[s + r] - 1, len(seq) - 1)
+            out.append((lp[r, cut], greedy[r, cut]) if with_greedy else lp[r, cut])
     return out
 
 
@@ -218,7 +221,7 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
                     ctx_ids.append(ctx)
                     cont_ids.append(tok.encode(c))
                     owner.append(k)
-            lps = _choice_logprobs(P, M, S, ctx_ids, cont_ids, batch_size=bs,
+            lps = choice_logprobs(P, M, S, ctx_ids, cont_ids, batch_size=bs,
                                    max_len=max(cfg.model.max_seq_len, 64))
             sums = [[] for _ in todo]
             means = [[] for _ in todo]
@@ -243,7 +246,7 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
             preds = [tok.decode(o) for o in out]
             scores = [exact_match(p, items[i].answer) for p, i in zip(preds, todo)]
             # the answer's NLL in bits/token given the context (the task-loss tier)
-            lps = _choice_logprobs(P, M, S,
+            lps = choice_logprobs(P, M, S,
                                    [tok.encode(c + marker, add_bos=True) for c in contexts],
                                    [tok.encode(items[i].answer) for i in todo],
                                    batch_size=bs, max_len=max(cfg.model.max_seq_len, 64))
