@@ -2,6 +2,7 @@
 
     moe-lab train --config configs/tiny.py --workdir runs/tiny [--config.a.b=V ...]
     moe-lab train --workdir runs/tiny --config.train.steps=600     # resume, extended
+    moe-lab train --config configs/sft.py --init-from runs/imported --workdir runs/sft
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ def add_train_parser(subparsers):
     t = subparsers.add_parser("train", help="train or resume a run (overrides: --config.a.b=V)")
     t.add_argument("--config", help="config file, path.py[:arg]")
     t.add_argument("--workdir", required=True)
+    t.add_argument("--init-from", default=None, metavar="RUN[:STEP]",
+                   help="a new run starts from RUN's weights (its model and tokenizer), fresh "
+                        "optimizer and schedule (SFT; sets train.init_from)")
     distributed.add_flags(t)
     t.set_defaults(fn=cmd_train)
     return t
 
 
 def cmd_train(args, overrides) -> int:
+    if args.init_from:
+        overrides = {**overrides, "train.init_from": args.init_from}
     cfg = config_from_args(args, overrides)
     distributed.initialize(args)
     summary = train(cfg, args.workdir)

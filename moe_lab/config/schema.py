@@ -223,6 +223,13 @@ class TrainConfig:
     keep_every: int = 0  # ... plus every M-th step (0: none)
     async_checkpoint: bool = True
     progress: bool = True  # progress bar with ETA
+    # all: every token's next-token loss | completion: only the completion of prompt /
+    # answer rows (working, answer marker, answer and the EOS after it: SFT); rows
+    # without a prompt (plain text) then add no loss
+    loss_on: Literal["all", "completion"] = "all"
+    # RUN[:STEP]: a new run starts from that run's weights (its model and tokenizer),
+    # fresh optimizer and schedule (moe_lab/train/init_from.py)
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,9 @@ def validate(cfg: Config) -> Config:
         if _get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0 (0: default), got {_get(cfg, key)}")
     _validate_rules(cfg.mesh.rules)
+    if t.loss_on == "completion" and {n for n, _ in parse_mixture(d.mixture)} <= {"corpus"}:
+        raise ConfigError("train.loss_on='completion' needs prompt/answer rows in data.mixture "
+                          "(a corpus has no completions: its loss would be empty)")
     if m.rope_scaling == "llama3":
         _positive(cfg, "model.rope_scaling_factor", "model.rope_low_freq_factor",
                   "model.rope_original_max_len")

@@ -30,6 +30,7 @@ from moe_lab.data.tokenizer import BYTE, Tokenizer, load_tokenizer
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import DATA, Checkpointer, checkpoint_steps, grown_steps
+from moe_lab.train.init_from import initial_state, source_config
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
 from moe_lab.train.run_dir import (
     checkpoint_path,
@@ -259,7 +260,11 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     to simulate an interruption); checkpoints and counters behave as on a kill.
     """
 
-    tok = _train_tokenizer(cfg, workdir)
+    init_from = cfg.train.init_from and not os.path.isfile(config_path(workdir))
+    if init_from:  # a new run from another's weights: its model and tokenizer
+        cfg, tok = source_config(cfg)
+    else:
+        tok = _train_tokenizer(cfg, workdir)
     cfg = resolve_config(cfg, tok)  # refuses a resume with another tokenizer (fingerprints)
     validate_for_devices(cfg, jax.device_count())
     t = cfg.train
@@ -293,6 +298,9 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     state, meta = trainer.restore(setup.abstract_state)
     if state is None:
         state = setup.init_state()
+        if init_from:
+            state = initial_state(cfg, setup, state)
+            log0(f"initialised from {cfg.train.init_from} (fresh optimizer and schedule)")
     counters.update({k: meta[k] for k in counters if k in meta})
     if resuming:  # the checkpoint restored: the run's new settings (steps, lr, ...) go in
         write_workdir_config(cfg, workdir, tok)
@@ -325,7 +333,8 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         def jit_step(name, graphdef, step_cfg):
             return cached_jit("train", cache_key, name, lambda: jax.jit(
-                make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule),
+                make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule,
+                                tok.eos_id),
                 in_shardings=(setup.shardings, setup.batch_sharding),
                 out_shardings=(setup.shardings, replicated), donate_argnums=0))
 

@@ -126,8 +126,22 @@ def update_router_biases(model_state: dict, aux: dict, rate: float,
     return new
 
 
+def loss_weights(batch, loss_on: str, eos_id: int | None) -> jax.Array:
+    """[B, T] weights of the training loss: every real token (all), or the completion
+    tokens (answer_mask) and the EOS target right after a completion (completion: SFT;
+    the model learns where to stop)."""
+    w_BT = batch["weights"]
+    if loss_on == "all":
+        return w_BT
+    ans_BT = batch["answer_mask"]
+    prev_BT = jnp.pad(ans_BT[:, :-1], ((0, 0), (1, 0)))
+    stop_BT = prev_BT * (batch["targets"] == eos_id) if eos_id is not None else 0.0
+    return w_BT * jnp.maximum(ans_BT, stop_BT)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
-                    num_tasks: int, schedule: Callable) -> Callable:
+                    num_tasks: int, schedule: Callable, eos_id: int | None = None) -> Callable:
+    """eos_id: the tokenizer's EOS (train.loss_on="completion" counts it after a completion)."""
     per_layer = cfg.model.ffn == "moe" and cfg.model.moe.metrics == "per_layer"
     shared_pool_ids = None
     if cfg.model.stack == "recursive":  # pool layer of each row of aux["shared"]
@@ -138,7 +152,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
     def loss_fn(params, model_state, batch, rng):
         logits_BTV, aux = forward(graphdef, params, model_state, batch, train=True, rng=rng)
         ce_BT = token_losses(logits_BTV, batch["targets"])
-        w_BT = batch["weights"]
+        w_BT = loss_weights(batch, cfg.train.loss_on, eos_id)
         lm_loss = jnp.sum(ce_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
         aux_loss = total_aux_loss(aux)
         return lm_loss + aux_loss, (lm_loss, aux_loss, ce_BT, aux)
