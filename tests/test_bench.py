@@ -72,7 +72,7 @@ def test_host_allocator_tuned_by_the_entry_point_not_on_import_and_opt_out():
 def test_decode_bench_quick_reports_paired_speedups_and_kv_ratios():
     from moe_lab.bench import decode
 
-    r = decode.run(quick=True, d_model=64, batch=4, new_tokens=4)
+    r = decode.run(quick=True, d_model=64, batch=4, new_tokens=4, fit_steps=2)
     assert set(r["models"]) == {"vanilla", "vanilla_plain_path", "mor_recursion_wise",
                                 "mor_kv_shared"}
     assert all(m["tokens_per_sec"] > 0 and m["end_to_end_tokens_per_sec"] > 0

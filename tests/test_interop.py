@@ -48,6 +48,8 @@ def moe_lab_logits(run: str, tokens=TOKENS) -> np.ndarray:
     setup = setup_on_devices(cfg)[1]
     with Checkpointer(run, create=False) as ckpt:
         state, _ = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
+        if "opt_state" not in ckpt.restore_raw(ckpt.latest_step()):  # an import: fresh Adam
+            assert not any(np.any(x) for x in jax.tree.leaves(state["opt_state"]))
     fn = jax.jit(lambda p, m, t: nnx.merge(setup.graphdef, p, m)(t)[0])
     return np.asarray(fn(state["params"], state["model_state"], tokens))
 

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "decode": "moe_lab.bench.decode",
     "growth": "moe_lab.bench.growth",
     "data": "moe_lab.bench.data",
+    "interop": "moe_lab.bench.interop",
 }
 
 

@@ -121,9 +121,10 @@ def _bytes(tree) -> int:
 
 
 def run(quick: bool = False, d_model: int | None = None, batch: int | None = None,
-        new_tokens: int | None = None, pool: int = 2) -> dict:
+        new_tokens: int | None = None, pool: int = 2, fit_steps: int | None = None) -> dict:
     """pool: shared layers per recursion step (2: 1 + 3x2 + 1 = 8 layer applications;
-    10 is the layout of the paper's 360M models, 1 + 3x10 + 1 = 32)."""
+    10 is the layout of the paper's 360M models, 1 + 3x10 + 1 = 32).  fit_steps: train
+    steps fitting the MoR routers before decoding (default 30 quick, 150 full)."""
     # d_model 512, batch 64: decode is compute-bound on CPU there; at d_model 256 / batch 32
     # per-op overheads dominate and skipping rows saves nothing (measured ~1.0x).
     d, B = (128, 8) if quick else (512, 64)
@@ -153,7 +154,8 @@ def run(quick: bool = False, d_model: int | None = None, batch: int | None = Non
         t_fit = 0.0
         if cfg.model.mor.routing == "expert_choice" and cfg.model.stack == "recursive":
             t0 = time.perf_counter()
-            params = _fit_routers(cfg, params, rest, gd, S, 30 if quick else 150)
+            fit = fit_steps if fit_steps is not None else (30 if quick else 150)
+            params = _fit_routers(cfg, params, rest, gd, S, fit)
             t_fit = time.perf_counter() - t0
 
         decoders[name], prefill_fn = _decode_fn(gd, params, rest, prompts, valid, N)

@@ -2,7 +2,8 @@
 
     RUN/config.json                  derived from DIR/config.json (hf_config.py), then the
                                      --config.a.b=V overrides (data, train, eval, ...)
-    RUN/checkpoints/0/               the weights (Orbax), fresh Adam moments, step 0
+    RUN/checkpoints/0/               the weights (Orbax), step 0, no optimizer state (a
+                                     restore starts Adam fresh)
     RUN/tokenizer/tokenizer.json     DIR's tokenizer (or tokenizer.model)
     RUN/lineage.json                 the source: directory, class, file sizes and sha256
 
@@ -156,8 +157,9 @@ def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=pr
     def zeros(s):
         return np.zeros(s.shape, s.dtype)
 
+    # no optimizer state: a restore gives fresh Adam moments (train/checkpoint.py), and
+    # the checkpoint is a third of the size it would be with two zero moments
     state = {"params": params, "model_state": jax.tree.map(zeros, abstract["model_state"]),
-             "opt_state": jax.tree.map(zeros, abstract["opt_state"]),
              "step": np.zeros((), np.int32)}
     lineage = {"imported_from": os.path.abspath(hf_dir), "hf_architecture": arch,
                "hf_vocab_size": hf_vocab,

@@ -171,7 +171,11 @@ def params_from_hf(m: ModelConfig, arch: str, read: Callable[[str], np.ndarray],
             out = np.empty(want, dtype)
             for j, i in enumerate(layers):
                 names = layer_names(leaf, i)
-                out[j] = _converted(leaf, names, [read(n) for n in names], want[1:])
+                if len(names) == 1:
+                    out[j] = _converted(leaf, names, [read(names[0])], want[1:])
+                    continue
+                for e, name in enumerate(names):  # experts: one at a time, straight in place
+                    out[j, e] = _converted(leaf, (name,), [read(name)], (1, *want[2:]))[0]
             params = tree.replace(params, path, out)
     return params
 

@@ -2,7 +2,9 @@
 
 Layout: ``DIR/checkpoints/<step>/`` holds one checkpoint with the items
 
-    state  the train-state pytree (nested dicts of jax.Arrays, possibly sharded)
+    state  the train-state pytree (nested dicts of jax.Arrays, possibly sharded); a
+           checkpoint written without "opt_state" (`moe-lab import`) restores with fresh
+           optimizer state (zeros), so it costs a third of the disk and memory
     data   the grain iterator state (optional: grown checkpoints have none)
     meta   a JSON dict of counters (step, tokens_seen, flops_spent, ...)
 
@@ -34,6 +36,7 @@ from typing import Any, Self
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -45,6 +48,14 @@ from moe_lab.train.run_dir import CHECKPOINTS
 log = logging.getLogger(__name__)
 
 STATE, DATA, META = "state", "data", "meta"
+OPT_STATE = "opt_state"  # the train state's optimizer part (train/state.py)
+
+
+def _fresh_opt_state(abstract_opt):
+    """Zeros of the optimizer state's shapes and shardings: the fresh Adam moments and
+    counts of a checkpoint saved without optimizer state (import, SFT starts)."""
+    return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_opt),
+                   out_shardings=jax.tree.map(lambda s: s.sharding, abstract_opt))()
 
 
 def _checkpoint_dir(workdir: str) -> epath.Path:
@@ -294,9 +305,13 @@ class Checkpointer:
         leaves it untouched and logs a warning.
         """
         step = self._resolve(step)
-        problem = _first_mismatch(
-            _shapes_by_key(self._saved_tree(step)), _shapes_by_key(abstract_state)
-        )
+        saved = self._saved_tree(step)
+        full = abstract_state
+        fresh_opt = (isinstance(full, dict) and OPT_STATE in full and isinstance(saved, dict)
+                     and OPT_STATE not in saved)
+        if fresh_opt:
+            abstract_state = {k: v for k, v in full.items() if k != OPT_STATE}
+        problem = _first_mismatch(_shapes_by_key(saved), _shapes_by_key(abstract_state))
         if problem:
             raise ConfigError(
                 f"checkpoint step {step} in {self.directory} does not match the model: {problem}"
@@ -339,7 +354,10 @@ class Checkpointer:
         if data_fallback:
             data_iterator.set_state(json.loads(data_fallback[0].read_text()))
         meta = restored[META] if META in items else {}
-        return restored[STATE], dict(meta or {})
+        state = restored[STATE]
+        if fresh_opt:
+            state = {**state, OPT_STATE: _fresh_opt_state(full[OPT_STATE])}
+        return state, dict(meta or {})
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self._resolve(step)
