@@ -11,8 +11,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python setup.py
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
+HEAVY := requirements/hf.txt requirements/eval.txt requirements/hf_backend.txt
+
+# The HF / lm-eval stack first, not byte-compiled (requirements/hf.txt says why), then
+# moe_lab and the rest, compiled (imported by every test process).
+$(STAMP): $(BIN)/python setup.py $(HEAVY)
+	$(BIN)/python -m pip install --quiet --no-compile $(addprefix -r ,$(HEAVY))
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -56,7 +61,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 \
-		--xla_llvm_disable_expensive_passes=true" $(BIN)/python -m pytest -q -n 2 tests
+		--xla_llvm_disable_expensive_passes=true" $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check moe_lab tests configs

@@ -2,9 +2,19 @@
 
 from setuptools import find_packages, setup
 
-HF = ["torch==2.13.0", "transformers>=4.57.6,<4.58"]
-EVAL = ["lm_eval==0.4.13"]
-HF_BACKEND = ["accelerate>=1.15,<2"]  # lm-eval's own HF backend (the tests' cross-check)
+import os
+
+
+def requirements(name: str) -> list[str]:
+    """requirements/<name>.txt without comments (the Makefile installs the same files)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements", name)
+    with open(path) as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
+HF = requirements("hf.txt")  # torch (the CPU build) and transformers
+EVAL = requirements("eval.txt")  # lm-evaluation-harness
+HF_BACKEND = requirements("hf_backend.txt")  # lm-eval's own HF backend (the tests' cross-check)
 
 setup(
     name="moe_lab",

@@ -34,6 +34,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
+# one xdist worker imports torch / transformers / lm-eval (13 s a process; Makefile)
+pytestmark = pytest.mark.xdist_group("hf")
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,24 @@ def test_a_native_byte_run_exports_to_transformers(model, arch, tmp_path):
     for text in ("x<sep>y", "naïve 日本 <answer>3</s>", " two  spaces\n"):
         assert tok(text).input_ids == BYTE_TOKENIZER.encode(text)
         assert tok.decode(tok(text).input_ids) == text
+
+
+def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
+    """Above the shard size: model-0000k-of-0000N.safetensors + the index, which
+    transformers loads and `import` reads (the Hub's layout of large checkpoints)."""
+    from moe_lab.interop.hf_export import export_hf  # noqa: PLC0415
+
+    run = _native_run(tmp_path)
+    back, again = str(tmp_path / "back"), str(tmp_path / "again")
+    export_hf(run, back, shard_bytes=40_000, log=lambda *_: None)
+    index = json.load(open(os.path.join(back, "model.safetensors.index.json")))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    tokens = np.asarray([BYTE_TOKENIZER.encode("<s>x=1 y=x+1 mod 11. y?")])
+    want = moe_lab_logits(run, tokens)
+    np.testing.assert_allclose(hf_logits(load_hf(back), tokens), want, atol=1e-4, rtol=0)
+    assert cli("import", "--hf", back, "--to", again) == 0
+    np.testing.assert_allclose(moe_lab_logits(again, tokens), want, atol=1e-5, rtol=0)
 
 
 def test_byte_tokenizer_as_hf_gives_the_same_ids():
