@@ -61,7 +61,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 \
-		--xla_llvm_disable_expensive_passes=true" $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+		--xla_llvm_disable_expensive_passes=true" $(BIN)/python -m pytest -q -n 2 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check moe_lab tests configs

@@ -64,6 +64,9 @@ def _modules_with_shared_fixtures() -> set[str]:
     return {p.name for p in here.glob("test_*.py") if 'fixture(scope="module")' in p.read_text()}
 
 
+HF_MODULES = {"test_interop.py", "test_lm_eval.py"}  # the tests that import the HF stack
+
+
 def pytest_xdist_make_scheduler(config, log):
     """Under `-n`: a module whose tests share a module-scoped fixture is one work unit
     (one worker builds the fixture once; the micro-sweep that the sweep and notebook
@@ -78,6 +81,8 @@ def pytest_xdist_make_scheduler(config, log):
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
+            if os.path.basename(module) in HF_MODULES:
+                return "hf"  # one worker imports torch / transformers / lm-eval (~13 s each)
             return module if os.path.basename(module) in shared else nodeid
 
     return SharedFixtureScheduling(config, log)

@@ -34,8 +34,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
-# one xdist worker imports torch / transformers / lm-eval (13 s a process; Makefile)
-pytestmark = pytest.mark.xdist_group("hf")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,6 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from moe_lab.eval.lm_eval_model import MoeLabLM  # noqa: E402
 
-# one xdist worker imports torch / transformers / lm-eval (13 s a process; Makefile)
-pytestmark = pytest.mark.xdist_group("hf")
 MAX_LEN = 24  # short, so rolling windows and context truncation are exercised
 
 

@@ -60,7 +60,7 @@ elif what == "export":
 elif what == "restore+save":
     from safetensors.numpy import save_file
     with Checkpointer(a, create=False) as ckpt:
-        params = ckpt.restore_raw(0)["params"]
+        params = ckpt.restore_raw(0, parts=("params",))["params"]
     flat = {jax.tree_util.keystr(p): np.ascontiguousarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     save_file(flat, b)

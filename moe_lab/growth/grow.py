@@ -111,7 +111,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
             state, meta = ckpt.restore(parent_step, setup.abstract_state)
             state = jax.device_get(state)
         else:
-            raw = ckpt.restore_raw(parent_step)
+            raw = ckpt.restore_raw(parent_step, parts=("params", "model_state", "step"))
             meta = ckpt.restore_meta(parent_step)
             state = {"params": raw["params"], "model_state": raw.get("model_state") or {},
                      "opt_state": None, "step": np.asarray(raw["step"])}

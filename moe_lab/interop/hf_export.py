@@ -45,7 +45,7 @@ def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
         if step is None or step not in steps:
             raise ConfigError(f"export: no checkpoint at step {step} in {workdir} "
                               f"(available: {steps})")
-        params = ckpt.restore_raw(step)["params"]
+        params = ckpt.restore_raw(step, parts=("params",))["params"]
     tmp = f"{dst}.exporting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

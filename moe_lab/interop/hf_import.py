@@ -108,6 +108,7 @@ def imported_config(hf_dir: str, overrides: dict | None = None) -> tuple[Config,
     model = dataclasses.replace(model, vocab_size=max(model.vocab_size, tok.vocab_size))
     raw = Config(model=model, name=os.path.basename(os.path.normpath(hf_dir))).to_dict()
     raw["data"]["tokenizer"] = os.path.abspath(tok.source)
+    raw["data"]["seq_len"] = min(raw["data"]["seq_len"], model.max_seq_len)  # short contexts
     cfg = validate(from_dict(Config, apply_overrides(raw, overrides or {})))
     return resolve_config(cfg, tokenizer=tok), hf["architectures"][0], hf
 

@@ -367,16 +367,22 @@ class Checkpointer:
             step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})))
         return dict(restored[META] or {})
 
-    def restore_raw(self, step: int | None = None):
+    def restore_raw(self, step: int | None = None, parts: tuple[str, ...] | None = None):
         """The saved state as host numpy arrays, structure taken from the
         checkpoint: growth tools read a run without building its model, and
-        numpy avoids needing the devices/mesh the run was saved from."""
+        numpy avoids needing the devices/mesh the run was saved from.  parts: only
+        these top-level entries (e.g. ("params",): export and growth skip the two Adam
+        moments, 2/3 of a trained checkpoint); missing ones are left out."""
         step = self._resolve(step)
         saved = self._saved_tree(step)
+        item = None
+        if parts is not None:
+            saved = item = {k: v for k, v in saved.items() if k in parts}
         restore_args = jax.tree.map(
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved
         )
-        args = ocp.args.PyTreeRestore(item=None, restore_args=restore_args)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                      partial_restore=parts is not None)
         return self._read(step, lambda: self._mngr.restore(
             step, args=ocp.args.Composite(**{STATE: args}))[STATE])
 

@@ -68,7 +68,7 @@ def initial_state(cfg: Config, setup, fresh: dict) -> dict:
     """`fresh` (setup.init_state()) with the source checkpoint's params and model state."""
     src, step = _source_step(cfg.train.init_from)
     with Checkpointer(src, create=False) as ckpt:
-        raw = ckpt.restore_raw(step)
+        raw = ckpt.restore_raw(step, parts=("params", "model_state"))
     out = dict(fresh)
     for part in ("params", "model_state"):
         want = setup.abstract_state[part]
