@@ -30,8 +30,12 @@ from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
 from moe_lab.train.run_dir import config_path, write_json_atomic
 from moe_lab.train.state import setup_on_devices
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+
+def _transformers():
+    """transformers (and torch), imported by the tests that use them, not at collection:
+    every xdist worker collects every module, and the HF stack takes ~13-25 s to import."""
+    pytest.importorskip("torch")
+    return pytest.importorskip("transformers")
 
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
 
@@ -55,7 +59,9 @@ def moe_lab_logits(run: str, tokens=TOKENS) -> np.ndarray:
 
 
 def load_hf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    import torch  # noqa: PLC0415
+
+    return _transformers().AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def cli(*argv) -> int:
@@ -76,7 +82,7 @@ def test_import_matches_transformers_and_export_round_trips(arch, hf_dirs, tmp_p
     assert cli("export", "--workdir", run, "--to", back) == 0
     assert json.load(open(back / "config.json"))["architectures"] == [arch]
     np.testing.assert_allclose(hf_logits(load_hf(str(back)), TOKENS), want, atol=1e-5, rtol=0)
-    tok = transformers.AutoTokenizer.from_pretrained(str(back))
+    tok = _transformers().AutoTokenizer.from_pretrained(str(back))
     ours = load_tokenizer(str(run / "tokenizer" / "tokenizer.json"))
     text = "the cat <think>sat</think><answer>5"
     assert tok(text).input_ids == ours.encode(text)
@@ -130,7 +136,7 @@ def test_a_native_byte_run_exports_to_transformers(model, arch, tmp_path):
     tokens = np.asarray([BYTE_TOKENIZER.encode("<s>a=1 b=a+2 mod 11. b?<think>", )])
     np.testing.assert_allclose(hf_logits(load_hf(str(back)), tokens),
                                moe_lab_logits(run, tokens), atol=1e-4, rtol=0)
-    tok = transformers.AutoTokenizer.from_pretrained(str(back))
+    tok = _transformers().AutoTokenizer.from_pretrained(str(back))
     for text in ("x<sep>y", "naïve 日本 <answer>3</s>", " two  spaces\n"):
         assert tok(text).input_ids == BYTE_TOKENIZER.encode(text)
         assert tok.decode(tok(text).input_ids) == text

@@ -11,13 +11,12 @@ from hf_models import make_hf_model
 
 from moe_lab.cli.main import main
 
-lm_eval = pytest.importorskip("lm_eval")
-pytest.importorskip("transformers")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-
-from moe_lab.eval.lm_eval_model import MoeLabLM  # noqa: E402
+def _lm_eval():
+    """lm_eval, imported by the tests (not at collection: every xdist worker collects
+    every module, and the HF stack takes ~13-25 s to import)."""
+    pytest.importorskip("transformers")
+    return pytest.importorskip("lm_eval")
 
 MAX_LEN = 24  # short, so rolling windows and context truncation are exercised
 
@@ -32,10 +31,17 @@ def imported(tmp_path_factory):
 
 
 def _requests(kind, args):
+    from lm_eval.api.instance import Instance  # noqa: PLC0415
+
     return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
 def test_loglikelihoods_and_greedy_text_match_the_harness_hf_backend(imported):
+    _lm_eval()
+    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
+
+    from moe_lab.eval.lm_eval_model import MoeLabLM  # noqa: PLC0415
+
     hf_dir, run = imported
     ours = MoeLabLM(run, batch_size=4, max_length=MAX_LEN)
     theirs = HFLM(pretrained=hf_dir, dtype="float32", batch_size=4, max_length=MAX_LEN,
@@ -58,6 +64,7 @@ def test_loglikelihoods_and_greedy_text_match_the_harness_hf_backend(imported):
 
 
 def test_eval_lm_eval_runs_the_shipped_tasks_on_local_files(imported, tmp_path, capsys):
+    _lm_eval()
     _, run = imported
     gsm, hs = tmp_path / "gsm8k.jsonl", tmp_path / "hellaswag.jsonl"
     gsm.write_text("".join(json.dumps({"question": f"what is {i} plus {i}?",

@@ -144,8 +144,9 @@ def _vag(fwd, w):
     return _jit(jax.value_and_grad(loss, has_aux=True))
 
 
+# (the plain expert-choice case is the MoE-FFN one's path with a dense FFN: the suite's
+# time budget keeps the two that differ in what the gather has to get right)
 @pytest.mark.parametrize("mor,extra", [
-    (dict(routing="expert_choice"), None),
     (dict(routing="expert_choice", kv_cache="shared", update="released", capacities="1,0.5,0.25"),
      None),
     (dict(routing="expert_choice"), MOE_FFN),
@@ -203,13 +204,13 @@ PROMPTS = [[5, 17, 33, 80, 81, 100], [7, 8], [200, 201, 202, 9]]
 
 
 @pytest.mark.parametrize("mor,temperature,extra,layers", [
-    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0, None, 5),
     (dict(routing="expert_choice", kv_cache="shared", causal_aux="aux_router", decode_buckets=0),
      0.0, None, 5),
     (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0, None, 5),
     (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, MOE_FFN, 5),
     # a pool of 2 layers per step: each layer has its own cache slot in the step's buffer
-    (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, None, 8),
+    # (and sampling at temperature 1: the cached and reference paths draw the same tokens)
+    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0, None, 8),
     (dict(routing="expert_choice", kv_cache="shared"), 0.0, None, 8),
 ])
 def test_cached_decode_matches_reference(mor, temperature, extra, layers):
