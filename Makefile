@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-bench install lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +61,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 \
-		--xla_llvm_disable_expensive_passes=true" $(BIN)/python -m pytest -q -n 2 tests
+		--xla_llvm_disable_expensive_passes=true" $(BIN)/python -m pytest -q -n 2 -m "not bench_smoke" tests
+
+# The benchmarks' own quick runs (moe, decode, the accelerator check on CPU): ~95 s of
+# compile-bound work that does not fit `make test`'s 10-minute budget.
+test-bench: $(STAMP)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 \
+		--xla_llvm_disable_expensive_passes=true" $(BIN)/python -m pytest -q -n 2 -m bench_smoke tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check moe_lab tests configs

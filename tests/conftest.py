@@ -64,6 +64,12 @@ def _modules_with_shared_fixtures() -> set[str]:
     return {p.name for p in here.glob("test_*.py") if 'fixture(scope="module")' in p.read_text()}
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "bench_smoke: a benchmark's own quick run (`make test-bench`; not in "
+        "`make test`, whose 10-minute budget it does not fit)")
+
+
 HF_MODULES = {"test_interop.py", "test_lm_eval.py"}  # the tests that import the HF stack
 
 

@@ -4,11 +4,14 @@ its train-step MFU path at a tiny size)."""
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "accelerator_check" / "run.py"
 
 
+@pytest.mark.bench_smoke
 def test_accelerator_check_runs_and_reports(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("accelerator_check", SCRIPT)
     mod = importlib.util.module_from_spec(spec)

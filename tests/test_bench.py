@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.bench_smoke
 def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
     from moe_lab.bench import moe
 
@@ -69,6 +70,7 @@ def test_host_allocator_tuned_by_the_entry_point_not_on_import_and_opt_out():
     assert off.stdout.strip() == "False"
 
 
+@pytest.mark.bench_smoke
 def test_decode_bench_quick_reports_paired_speedups_and_kv_ratios():
     from moe_lab.bench import decode
 

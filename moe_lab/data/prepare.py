@@ -57,14 +57,6 @@ def is_heldout(unit_index: int, doc_index: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2.0 ** 64 < fraction
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -234,7 +226,7 @@ def _meta(out: str, plan: dict, records: list[dict]) -> dict:
             "skipped_no_text")
     shards = [{"train": shard_name("train", r["unit"]), "heldout": shard_name("heldout", r["unit"]),
                "bytes": r["bytes"], **{k: r[k] for k in keys[:4]}} for r in records]
-    sources_ = [{**s, "sha256": _sha256(s["path"])} for s in plan["sources"]]
+    sources_ = [{**s, "sha256": sources.file_sha256(s["path"])} for s in plan["sources"]]
     return {"format_version": FORMAT_VERSION, "tokenizer": plan["tokenizer"],
             "token_dtype": plan["token_dtype"], "field": plan["field"],
             "heldout_fraction": plan["heldout_fraction"], "sources": sources_,

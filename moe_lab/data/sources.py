@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -186,3 +187,12 @@ def _parquet_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
                     skipped.no_text += 1
                 continue
             yield value
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file, read in 16 MiB blocks (source hashes in meta.json and lineage)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

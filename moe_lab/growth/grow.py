@@ -6,7 +6,6 @@ Library code shared by `moe-lab grow` (moe_lab/cli/grow.py), the sweep runner an
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -18,6 +17,7 @@ from moe_lab.data import pipeline
 from moe_lab.growth import transforms as growth
 from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
 from moe_lab.train.run_dir import (
+    building,
     check_new_run_dir,
     config_path,
     keep_tokenizer,
@@ -149,10 +149,7 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
         "function_preserving": bool(preserving),
     }
     tok = run_tokenizer(src, cfg)  # the parent's own copy, checked against its fingerprint
-    tmp = f"{dst}.growing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with building(dst, "growing") as tmp:
         # Counters start at 0 for the new run; the sunk cost lives in lineage.json.
         write_checkpoint(tmp, 0, grown, {"tokens_seen": 0.0, "flops_spent": 0.0,
                                          "wall_seconds": 0.0, "grown_from": src,
@@ -170,12 +167,6 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
         keep_tokenizer(tmp, tok)  # the grown run reads with the parent's
         write_json_atomic(lineage_path(tmp), lineage)
         write_json_atomic(config_path(tmp), new_cfg.to_dict())
-        if os.path.isdir(dst):
-            os.rmdir(dst)  # empty (checked above)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     m0, m1 = cfg.model, new_cfg.model
     log(f"grow: {src} step {parent_step} -> {dst}: layers {m0.num_layers} -> {m1.num_layers}"
         + (f", experts {m0.moe.num_experts} -> {m1.moe.num_experts}, top-k {m0.moe.top_k} -> "

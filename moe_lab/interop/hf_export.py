@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from moe_lab.config.load import config_from_json
 from moe_lab.config.schema import ConfigError
@@ -25,7 +24,7 @@ from moe_lab.interop import hf_config, hf_weights
 from moe_lab.interop.hf_tokenizer import write_hf_tokenizer
 from moe_lab.interop.safetensors_io import write_sharded
 from moe_lab.train.checkpoint import Checkpointer
-from moe_lab.train.run_dir import check_new_run_dir, config_path, run_tokenizer
+from moe_lab.train.run_dir import building, check_new_run_dir, config_path, run_tokenizer
 
 
 def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
@@ -40,16 +39,9 @@ def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
     tok = run_tokenizer(workdir, cfg)
     hf = hf_config.hf_config_of(m, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     with Checkpointer(workdir, create=False) as ckpt:
-        steps = ckpt.all_steps()
-        step = steps[-1] if step is None and steps else step
-        if step is None or step not in steps:
-            raise ConfigError(f"export: no checkpoint at step {step} in {workdir} "
-                              f"(available: {steps})")
+        step = ckpt.existing_step(step, "export")
         params = ckpt.restore_raw(step, parts=("params",))["params"]
-    tmp = f"{dst}.exporting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with building(dst, "exporting") as tmp:
         specs = hf_weights.hf_specs(m, arch, params)
         files = write_sharded(tmp, specs, lambda: hf_weights.hf_tensors(m, arch, params),
                               **({"shard_bytes": shard_bytes} if shard_bytes else {}))
@@ -59,12 +51,6 @@ def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
                 "pad_token_id": tok.pad_id})):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
-        if os.path.isdir(dst):
-            os.rmdir(dst)  # empty (checked above)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"export: {workdir} step {step} -> {dst} ({arch}, {len(files)} safetensors file"
         f"{'s' if len(files) > 1 else ''}, {m.param_dtype})")
     return hf

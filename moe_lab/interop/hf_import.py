@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
-import shutil
 
 import jax
 import ml_dtypes
@@ -37,12 +35,14 @@ import numpy as np
 from moe_lab.config.load import apply_overrides, from_dict
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.config.validate import validate
+from moe_lab.data.sources import file_sha256
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.interop import hf_config, hf_weights
 from moe_lab.interop.safetensors_io import TensorReader
 from moe_lab.models import tree
 from moe_lab.train.checkpoint import write_checkpoint
 from moe_lab.train.run_dir import (
+    building,
     check_new_run_dir,
     config_path,
     keep_tokenizer,
@@ -71,14 +71,6 @@ def safetensors_files(hf_dir: str) -> list[str]:
         raise ConfigError(f"import: {hf_dir} holds no .safetensors weights (a PyTorch .bin "
                           f"checkpoint must be re-saved with safe_serialization=True)")
     return files
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -164,25 +156,16 @@ def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=pr
              "step": np.zeros((), np.int32)}
     lineage = {"imported_from": os.path.abspath(hf_dir), "hf_architecture": arch,
                "hf_vocab_size": hf_vocab,
-               "files": {os.path.basename(f): {"bytes": os.path.getsize(f), "sha256": _sha256(f)}
+               "files": {os.path.basename(f): {"bytes": os.path.getsize(f), "sha256": file_sha256(f)}
                          for f in [*files, os.path.join(hf_dir, "config.json"),
                                    cfg.data.tokenizer]}}
-    tmp = f"{dst}.importing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with building(dst, "importing") as tmp:
         write_checkpoint(tmp, 0, state, {"tokens_seen": 0.0, "flops_spent": 0.0,
                                          "wall_seconds": 0.0, "imported_from": lineage[
                                              "imported_from"]})
         keep_tokenizer(tmp, load_tokenizer(cfg.data.tokenizer))
         write_json_atomic(lineage_path(tmp), lineage)
         write_json_atomic(config_path(tmp), cfg.to_dict())
-        if os.path.isdir(dst):
-            os.rmdir(dst)  # empty (checked above)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     m = cfg.model
     log(f"import: {arch} {hf_dir} -> {dst}: {m.num_layers} layers, d_model {m.d_model}"
         + (f", {m.moe.num_experts} experts top-{m.moe.top_k}" if m.ffn == "moe" else "")

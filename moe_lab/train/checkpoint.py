@@ -187,6 +187,16 @@ class Checkpointer:
             return []
         return sorted(ocp.utils.checkpoint_steps(self.directory))
 
+    def existing_step(self, step: int | None, who: str) -> int:
+        """`step` (None: the latest) if this directory holds it, else a ConfigError
+        starting with `who` that lists the steps there are."""
+        steps = self.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise ConfigError(f"{who}: no checkpoint at step {step} in {self.directory} "
+                              f"(available: {steps})")
+        return step
+
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None

@@ -38,12 +38,7 @@ def _source_step(spec: str) -> tuple[str, int]:
     if not os.path.isfile(config_path(src)):
         raise ConfigError(f"train.init_from={spec}: {src} holds no run (no config.json)")
     with Checkpointer(src, create=False) as ckpt:
-        steps = ckpt.all_steps()
-    step = steps[-1] if step is None and steps else step
-    if step is None or step not in steps:
-        raise ConfigError(f"train.init_from={spec}: no checkpoint at step {step} in {src} "
-                          f"(available: {steps})")
-    return src, step
+        return src, ckpt.existing_step(step, f"train.init_from={spec}")
 
 
 def source_config(cfg: Config) -> tuple[Config, Tokenizer]:

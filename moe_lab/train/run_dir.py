@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,3 +120,21 @@ def check_new_run_dir(path: str, what: str) -> str:
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ConfigError(f"{what} {path} exists and is not empty; refusing to write there")
     return dst
+
+
+@contextlib.contextmanager
+def building(dst: str, verb: str):
+    """Yields DST.<verb>-<pid>, a fresh sibling to write a new directory into; renamed to
+    dst (checked empty or absent by check_new_run_dir) when the block ends, removed if
+    it raises: a failed or killed grow / import / export leaves nothing at dst."""
+    tmp = f"{dst}.{verb}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # empty (checked before)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
