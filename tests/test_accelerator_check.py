@@ -4,9 +4,9 @@ its train-step MFU path at a tiny size)."""
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "accelerator_check" / "run.py"
 
