@@ -160,6 +160,23 @@ def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
     np.testing.assert_allclose(moe_lab_logits(again, tokens), want, atol=1e-5, rtol=0)
 
 
+def test_a_vocabulary_larger_than_the_checkpoint_gains_mean_rows(tmp_path, capsys):
+    """The tokenizer has 320 ids, the checkpoint 300 rows: import adds 20 rows (the mean
+    of the others) and says so; logits of the checkpoint's own ids are unchanged."""
+    hf_dir, run = str(tmp_path / "hf"), tmp_path / "run"
+    model = make_hf_model("LlamaForCausalLM", hf_dir, vocab_size=300)
+    assert cli("import", "--hf", hf_dir, "--to", run) == 0
+    assert "20 embedding rows added" in capsys.readouterr().out
+    tokens = TOKENS % 300
+    got = moe_lab_logits(str(run), tokens)
+    assert got.shape[-1] == VOCAB
+    np.testing.assert_allclose(got[..., :300], hf_logits(model, tokens), atol=1e-4, rtol=0)
+    with Checkpointer(str(run), create=False) as ckpt:
+        embed = ckpt.restore_raw(0, parts=("params",))["params"]["embed_VD"]
+    np.testing.assert_allclose(embed[300:], np.broadcast_to(embed[:300].mean(0), (20, 32)),
+                               atol=1e-6)
+
+
 def test_byte_tokenizer_as_hf_gives_the_same_ids():
     hf = hf_tokenizer_of(BYTE_TOKENIZER)
     for text in ("", "hello world", "<think>1+1</think><answer>2</s>", "\x00\xff é"):

@@ -98,15 +98,10 @@ def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
                                                    if k != "noise"}).cfg
 
     with Checkpointer(src, create=False) as ckpt:
-        parent_step = ckpt.latest_step() if step is None else step
-        if parent_step is None:
-            raise ConfigError(f"grow: no checkpoint in {ckpt.directory}")
+        parent_step = ckpt.resolve_step(step, "grow")
         setup = setup_on_devices(cfg)[1]
         # Host numpy straight from disk (no device copy); the tree is checked
         # against the config's abstract state before anything is transformed.
-        if parent_step not in ckpt.all_steps():
-            raise ConfigError(f"grow: no checkpoint at step {parent_step} in {ckpt.directory} "
-                              f"(available: {ckpt.all_steps()})")
         if opt_state == "grow":  # the moments are needed, in optax's tree structure
             state, meta = ckpt.restore(parent_step, setup.abstract_state)
             state = jax.device_get(state)

@@ -39,7 +39,7 @@ def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
     tok = run_tokenizer(workdir, cfg)
     hf = hf_config.hf_config_of(m, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     with Checkpointer(workdir, create=False) as ckpt:
-        step = ckpt.existing_step(step, "export")
+        step = ckpt.resolve_step(step, "export")
         params = ckpt.restore_raw(step, parts=("params",))["params"]
     with building(dst, "exporting") as tmp:
         specs = hf_weights.hf_specs(m, arch, params)

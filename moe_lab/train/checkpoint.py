@@ -53,7 +53,7 @@ OPT_STATE = "opt_state"  # the train state's optimizer part (train/state.py)
 
 def _fresh_opt_state(abstract_opt):
     """Zeros of the optimizer state's shapes and shardings: the fresh Adam moments and
-    counts of a checkpoint saved without optimizer state (import, SFT starts)."""
+    counts of a checkpoint saved without optimizer state (`moe-lab import`)."""
     return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_opt),
                    out_shardings=jax.tree.map(lambda s: s.sharding, abstract_opt))()
 
@@ -187,19 +187,17 @@ class Checkpointer:
             return []
         return sorted(ocp.utils.checkpoint_steps(self.directory))
 
-    def existing_step(self, step: int | None, who: str) -> int:
-        """`step` (None: the latest) if this directory holds it, else a ConfigError
-        starting with `who` that lists the steps there are."""
-        steps = self.all_steps()
-        step = steps[-1] if step is None and steps else step
-        if step is None or step not in steps:
-            raise ConfigError(f"{who}: no checkpoint at step {step} in {self.directory} "
-                              f"(available: {steps})")
-        return step
-
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
+
+    def resolve_step(self, step: int | None, who: str = "") -> int:
+        """`step` (None: the latest) if this directory holds it, else a ConfigError
+        (prefixed `who: `) that lists the steps there are."""
+        try:
+            return self._resolve(step)
+        except ConfigError as e:
+            raise ConfigError(f"{who}: {e}" if who else str(e)) from None
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()

@@ -38,7 +38,7 @@ def _source_step(spec: str) -> tuple[str, int]:
     if not os.path.isfile(config_path(src)):
         raise ConfigError(f"train.init_from={spec}: {src} holds no run (no config.json)")
     with Checkpointer(src, create=False) as ckpt:
-        return src, ckpt.existing_step(step, f"train.init_from={spec}")
+        return src, ckpt.resolve_step(step, f"train.init_from={spec}")
 
 
 def source_config(cfg: Config) -> tuple[Config, Tokenizer]:
