@@ -18,7 +18,6 @@ configs/lm_eval/ has offline task YAMLs reading local files in those formats.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -226,12 +225,3 @@ def local_task_copies(data: dict[str, str], tmp: str) -> str:
         with open(dst, "w") as f:
             f.write(text.replace(default, os.path.abspath(path)))
     return tmp
-
-
-def harness_accuracy(results: dict, task: str) -> float:
-    """The first accuracy-like metric of `task` in an lm-eval results dict."""
-    r = results[task]
-    for key in ("exact_match,strict-match", "exact_match,none", "acc,none", "acc_norm,none"):
-        if key in r and not (isinstance(r[key], float) and math.isnan(r[key])):
-            return float(r[key])
-    raise KeyError(f"no accuracy metric for {task}: {sorted(r)}")

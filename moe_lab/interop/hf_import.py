@@ -8,8 +8,9 @@
     RUN/lineage.json                 the source: directory, class, file sizes and sha256
 
 Tensors are read one at a time from the safetensors files (sharded or not), each
-checked against the config's shape before it is placed, so the peak is the params
-tree plus one tensor (`moe-lab bench interop` measures it).  Everything is written
+checked against the config's shape before it is placed, so reading peaks at the params
+tree plus one tensor; the Orbax save then holds copies of its own (3.85x the checkpoint
+for Orbax alone; `moe-lab bench interop` measures both).  Everything is written
 into RUN.importing-<pid> and renamed into place: a failed import leaves nothing.
 
 The tokenizer's pad / BOS / EOS take the vocabulary's own tokens (data/tokenizer.py
