@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.model = dict(d_model=128, num_layers=5, num_heads=4, num_kv_heads=2, mlp_hidden=384,
                    max_seq_len=128, stack="recursive",
                    mor=dict(num_recursions=3, sharing="middle_cycle", routing="expert_choice",
-                            router_type="linear", alpha=0.1, update="paper",
+                            router_type="linear", alpha=0.1, update="add",
                             causal_aux="bce", bce_weight=1e-3, kv_cache="recursion_wise"))
     c.data = dict(mixture="facts:1,arith:1", seq_len=128, facts_num_entities=100,
                   arith_num_steps=2, arith_eval_num_steps=3, arith_modulus=23)

@@ -183,11 +183,29 @@ def test_width_noise_on_copies_only_and_random_init():
             for layer in range(src.shape[0]):
                 ratio = eps[layer].std() / (alpha * src[layer].std())
                 assert abs(ratio - 1) < 0.1, (name, layer, ratio)
-    g, gms, _ = growth.grow_width(params, ms, cfg, init="random", seed=1)
-    up = g["blocks"]["layers"]["ffn"]["up_EDF"]
-    np.testing.assert_array_equal(up[:, :4], params["blocks"]["layers"]["ffn"]["up_EDF"])
-    assert abs(up[:, 4:].std() / cfg.model.init_std - 1) < 0.05
-    assert not np.allclose(up[:, 4:], up[:, :4], atol=1e-3)
+    # random_experts (the paper text's ablation): originals kept, new experts and
+    # their router columns fresh N(0, init_std^2), their biases the layer's mean
+    ffn, bias = params["blocks"]["layers"]["ffn"], ms["blocks"]["layers"]["ffn"]["bias_E"]
+    g, gms, _ = growth.grow_width(params, ms, cfg, init="random_experts", seed=1)
+    for name in ("up_EDF", "router_DE"):
+        out, ax = g["blocks"]["layers"]["ffn"][name], growth.EXPERT_AXES[name]
+        old, new = np.split(out, 2, axis=ax)
+        np.testing.assert_array_equal(old, ffn[name])
+        assert abs(new.std() / cfg.model.init_std - 1) < 0.1, name
+        assert np.abs(np.corrcoef(new.ravel(), old.ravel())[0, 1]) < 0.1, name
+    np.testing.assert_allclose(gms["blocks"]["layers"]["ffn"]["bias_E"][:, 4:],
+                               np.repeat(bias.mean(1, keepdims=True), 4, 1), rtol=1e-6)
+    # random_router (the released script's --growth-use-random-router): the whole
+    # router redrawn, zero biases, the experts still copies (with their noise)
+    g, gms, _ = growth.grow_width(params, ms, cfg, init="random_router", noise=0.0, seed=1)
+    out = g["blocks"]["layers"]["ffn"]
+    np.testing.assert_array_equal(out["up_EDF"], np.concatenate([ffn["up_EDF"]] * 2, axis=1))
+    router = out["router_DE"]
+    assert router.shape[-1] == 8 and abs(router.std() / cfg.model.init_std - 1) < 0.1
+    assert np.abs(np.corrcoef(router[..., :4].ravel(), ffn["router_DE"].ravel())[0, 1]) < 0.1
+    np.testing.assert_array_equal(gms["blocks"]["layers"]["ffn"]["bias_E"], 0.0)
+    with pytest.raises(ConfigError, match="not one of copy, random_router, random_experts"):
+        growth.grow_width(params, ms, cfg, init="random")
 
 
 def test_only_e_and_only_k():

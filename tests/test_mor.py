@@ -110,6 +110,7 @@ def _reference_forward(model, tokens, pos, seg, kept_RBT, tc_depth=None):
     x = model.embed(tokens)
     if rs.schedule.first:
         x, _ = rs.first(x, pos, seg, train=False)
+    x1 = x  # H^1, the recursion's input: token choice's exit adds to it
     graphdef, state = nnx.split(rs.shared.layers)
     kept = np.asarray(kept_RBT)
     if tc_depth is not None:
@@ -126,14 +127,74 @@ def _reference_forward(model, tokens, pos, seg, kept_RBT, tc_depth=None):
                 blk = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                 y, _ = blk(y, pos[b, act][None], seg[b, act][None], train=False)
             gb = g[b, act][None, :, None]
-            new = h + gb * (y - h) if mor.update == "paper" else h + gb * y
-            if tc_depth is not None:  # token choice gates a token's last step only
+            # token choice: H^1 + g f^d(H^1) at a token's last step, f before it
+            base = x1[b, act][None] if tc_depth is not None else h
+            new = base + gb * (y - base) if mor.update == "interpolate" else base + gb * y
+            if tc_depth is not None:
                 last = (np.asarray(tc_depth)[b, act] == r + 1)[None, :, None]
                 new = jnp.where(last, new, y)
             x = x.at[b, act].set(new[0])
     if rs.schedule.last:
         x, _ = rs.last(x, pos, seg, train=False)
     return model.logits(x)
+
+
+def _affine_block(self, r, x_BTD, *args, **kwargs):
+    """The shared step replaced by f(h) = 2h + 1 (what 2507.10524's equations are
+    checked with below): a closed form f^d(h) = 2^d h + 2^d - 1, no attention."""
+    return 2.0 * x_BTD + 1.0, {}, None
+
+
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
+def test_recursion_updates_follow_the_paper_equations(routing, monkeypatch):
+    """With f(h) = 2h + 1, a reference written from 2507.10524 sec. 2.2.1 and its
+    released code, not from moe_lab's, in numpy:
+      token choice: a token of depth d (argmax of the softmax router on H^1) ends at
+        H^1 + g f^d(H^1), g = alpha p_d (interpolate: H^1 + g (f^d(H^1) - H^1));
+      expert choice: step r keeps the top floor(cap_r T) of step r-1's tokens by
+        z_r = w_r . h and updates h + g f(h), g = alpha sigmoid(z_r) (interpolate:
+        h + g (f(h) - h)); the aux BCE is the per-step mean over the candidates
+        summed over all N_r steps, the capacity-1 step (targets 1) included."""
+    from moe_lab.models.recursive import RecursiveStack  # noqa: PLC0415
+
+    monkeypatch.setattr(RecursiveStack, "_layers", _affine_block)
+    tokens, pos, seg = _batch(packed=False)
+    for update in ("add", "interpolate"):
+        cfg = _mor(num_layers=3, init_std=0.5, sharing="cycle", routing=routing,
+                   update=update, balance_weight=0.0)
+        model = build_model(cfg)
+        rs, mor = model.recursive, cfg.model.mor
+        h1 = model.embed(tokens)
+        out, aux = rs(h1, pos, seg, train=True)
+        h1 = np.asarray(h1, np.float64)
+        gated = ((lambda base, f, g: base + g * (f - base)) if update == "interpolate"
+                 else (lambda base, f, g: base + g * f))
+        if routing == "token_choice":
+            z = h1 @ np.asarray(rs.router.w_DR[...], np.float64)
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            d = p.argmax(-1) + 1
+            assert len(np.unique(d)) > 1  # several depths in the batch
+            np.testing.assert_array_equal(np.asarray(aux["mor"]["kept_RBT"]).sum(0), d)
+            f_d = 2.0 ** d[..., None] * h1 + 2.0 ** d[..., None] - 1
+            g = mor.token_choice_alpha * np.take_along_axis(p, d[..., None] - 1, -1)
+            want = gated(h1, f_d, g)
+        else:
+            h, cand, bce = h1, np.ones((B, T), bool), 0.0
+            for r, cap in enumerate((1.0, 2 / 3, 1 / 3)):
+                z = h @ np.asarray(rs.router.w_RD[r], np.float64)
+                k = int(np.floor(cap * T + 1e-9))
+                kept = np.zeros((B, T), bool)
+                for b in range(B):
+                    idx = np.nonzero(cand[b])[0]
+                    kept[b, idx[np.argsort(-z[b, idx], kind="stable")[:k]]] = True
+                bce += np.mean(np.where(kept, np.logaddexp(0, -z), np.logaddexp(0, z))[cand])
+                g = mor.alpha / (1 + np.exp(-z))
+                h = np.where(kept[..., None], gated(h, 2 * h + 1, g[..., None]), h)
+                cand = kept
+            want = h
+            np.testing.assert_allclose(float(aux["mor"]["bce_loss"]), bce, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5, err_msg=update)
 
 
 def _vag(fwd, w):
@@ -147,7 +208,7 @@ def _vag(fwd, w):
 # (the plain expert-choice case is the MoE-FFN one's path with a dense FFN: the suite's
 # time budget keeps the two that differ in what the gather has to get right)
 @pytest.mark.parametrize("mor,extra", [
-    (dict(routing="expert_choice", kv_cache="shared", update="released", capacities="1,0.5,0.25"),
+    (dict(routing="expert_choice", kv_cache="shared", update="interpolate", capacities="1,0.5,0.25"),
      None),
     (dict(routing="expert_choice"), MOE_FFN),
 ])
@@ -262,7 +323,7 @@ def test_mor_tiny_trains_and_logs_depth_histogram():
     assert losses[-1] < 0.9 * losses[0], losses
     hist = np.asarray(m["mor/depth_hist"])
     assert hist.shape == (4,) and abs(hist.sum() - 1) < 1e-5
-    np.testing.assert_allclose(hist[1:], [5 / 16, 5 / 16, 6 / 16], atol=1e-6)  # k_r = 16, 11, 6
+    np.testing.assert_allclose(hist[1:], [6 / 16, 5 / 16, 5 / 16], atol=1e-6)  # k_r = 16, 10, 5
     assert {"mor/dead_token_ratio", "mor/sampling_accuracy", "mor/bce_loss"} <= set(m)
 
 
@@ -353,11 +414,25 @@ def test_token_choice_loss_free_bias_and_warmup_state():
     ({"model.mor.sharing": "diagonal"}, "is not one of"),
     ({"model.ffn": "moe", "model.moe.dispatch": "capacity"}, "needs token-choice dropless MoE"),
     ({"model.ffn": "moe", "model.moe.router": "expert_choice"}, "needs token-choice dropless"),
+    ({"model.mor.update": "paper"}, "was renamed: it named h \\+ g \\(f\\(h\\) - h\\)"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config("configs/mor_tiny.py", overrides)
     assert "\n" not in str(e.value)
+
+
+def test_stored_runs_keep_the_update_they_trained_with(tmp_path):
+    """A run dir written when 'paper' named h + g (f(h) - h) loads as 'interpolate'."""
+    import json  # noqa: PLC0415
+
+    from moe_lab.config.load import config_from_json  # noqa: PLC0415
+
+    raw = load_config("configs/mor_tiny.py").to_dict()
+    for old, new in (("paper", "interpolate"), ("released", "add")):
+        raw["model"]["mor"]["update"] = old
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+        assert config_from_json(str(tmp_path / "config.json")).model.mor.update == new
 
 
 def test_flops_count_routed_recursions():
@@ -373,6 +448,22 @@ def test_flops_count_routed_recursions():
     f_mor = flops.forward_flops_per_token(cfg.model, T)
     assert f_fixed == pytest.approx(flops.forward_flops_per_token(plain, T))
     assert f_mor < f_fixed
+    # MLP routers are the released code's: hidden width 2d, no biases, counted exactly
+    for routing in ("expert_choice", "token_choice"):
+        cfg = _mor(num_layers=5, routing=routing, router_type="mlp")
+        _, params, _ = split_model(build_model(cfg))
+        w1 = params["recursive"]["router"]["w1_RDH" if routing == "expert_choice" else "w1_DH"]
+        assert w1.shape[-1] == 2 * cfg.model.d_model
+        assert sum(x.size for x in jax.tree.leaves(params)) == flops.param_counts(cfg.model)["total"]
+
+
+def test_iso_flop_steps_reproduce_the_released_configs():
+    """The paper configs' step counts at vanilla's FLOPs, in 2507.10524's convention
+    (no LM head, K/V at d x d), against the released configs' hard-coded steps."""
+    released = {"vanilla": 9438, "2": 12619, "3": 14161, "4": 14216, "3,kv_shared": 14672,
+                "3,fixed": 9438}
+    for arg, steps in released.items():
+        assert abs(load_config(f"configs/paper/mor_360m.py:{arg}").train.steps - steps) <= 2, arg
 
 
 def test_capacity_warmup_runs_full_depth_first_then_routed(tmp_path):

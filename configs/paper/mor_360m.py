@@ -16,9 +16,11 @@ Recipe: AdamW lr 3e-3, betas (0.9, 0.95), wd 0.1, clip 1.0, WSD (5% warm-up, 20%
 linear cool-down); expert choice with alpha 0.1 sigmoid, capacities (N_r-r+1)/N_r,
 aux BCE 1e-3; token choice with balancing loss 0.1 and z-loss 1e-3.
 Data: synthetic tasks by default; for a real corpus add
---config.data.mixture=file:1 --config.data.files=PATH[,PATH]. `steps` gives about
-10B training tokens at batch 512 x 2048; use `moe-lab info` FLOPs/token to pick
-iso-FLOP step counts against vanilla.
+--config.data.mixture=file:1 --config.data.files=PATH[,PATH].
+Budget (iso-FLOP, as the paper): vanilla trains 9438 steps of 1024 x 2048 tokens
+(the released config, 19.8B tokens); every MoR arg trains the steps that spend
+vanilla's FLOPs in the paper's convention (`iso_flop_steps`; `moe-lab info` prints
+both counts).  Overriding the model afterwards does not recompute train.steps.
 
 Real corpora: --config.data.mixture=corpus:1 --config.data.corpus=DIR
 --config.data.tokenizer=tok.json (experiments/launch/README.md).
@@ -32,6 +34,23 @@ SHAPES = {  # Llama-style shapes (SmolLM family), the paper's base models
 }
 
 
+# The released code's vanilla 360M run: 9438 steps of 1024 x 2048 tokens (19.8B tokens)
+VANILLA_STEPS = 9438
+
+
+def iso_flop_steps(model: dict, vanilla: dict, vanilla_steps: int, seq_len: int) -> int:
+    """Steps at vanilla's training FLOPs in the paper's convention (no LM head, K/V
+    projections counted at d x d; moe_lab/accounting/flops.py): 12619, 14163, 14216
+    for N_r = 2, 3, 4 and 14674 with KV sharing (the released configs: 12619, 14161,
+    14216, 14672)."""
+    from moe_lab.accounting import flops
+    from moe_lab.config.load import from_dict
+    from moe_lab.config.schema import ModelConfig
+
+    m, v = (from_dict(ModelConfig, dict(d)) for d in (model, vanilla))
+    return flops.iso_flop_steps(m, v, vanilla_steps, seq_len, convention="mor_paper")
+
+
 def mor_config(size: str, arg=None):
     parts = [p.strip() for p in (arg or "3").split(",") if p.strip()]
     shape = dict(SHAPES[size])
@@ -40,6 +59,7 @@ def mor_config(size: str, arg=None):
     c.model = dict(vocab_size=49152, max_seq_len=2048, tie_embeddings=True, rope_theta=10000.0,
                    norm_placement="pre", param_dtype="float32", compute_dtype="bfloat16",
                    remat="dots", **shape)
+    vanilla = c.model.to_dict()
     if parts[0] != "vanilla":
         n_r = int(parts[0])
         if not 2 <= n_r <= 4:
@@ -49,7 +69,7 @@ def mor_config(size: str, arg=None):
         c.name = f"mor_{size}_nr{n_r}"
         c.model.update(stack="recursive", num_layers=shared + 2)
         c.model.mor = dict(num_recursions=n_r, sharing="middle_cycle", routing="expert_choice",
-                           router_type="linear", alpha=0.1, update="paper", causal_aux="bce",
+                           router_type="linear", alpha=0.1, update="add", causal_aux="bce",
                            bce_weight=1e-3, kv_cache="recursion_wise")
         for p in parts[1:]:
             if p == "token_choice":
@@ -65,8 +85,8 @@ def mor_config(size: str, arg=None):
             else:
                 raise ValueError(f"unknown option {p!r} (token_choice, kv_shared, fixed)")
     c.data = dict(mixture="facts:1,arith:1", seq_len=2048)
-    steps = 10_000
-    c.train = dict(steps=steps, batch_size=512, lr=3e-3, schedule="wsd",
+    steps = iso_flop_steps(c.model, vanilla, VANILLA_STEPS, c.data.seq_len)
+    c.train = dict(steps=steps, batch_size=1024, lr=3e-3, schedule="wsd",
                    warmup_steps=steps // 20, decay_fraction=0.2, end_lr_ratio=0.0,
                    b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, log_every=50,
                    eval_every=1000, checkpoint_every=1000, keep_last=2)

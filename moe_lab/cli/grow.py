@@ -3,7 +3,7 @@
     moe-lab grow --from DIR [--step N] --to NEWDIR [--depth interpose|stack]
                  [--depth-factor 2] [--keep-first N] [--keep-last N] [--zero-copies]
                  [--width-factor 2] [--noise 0.01] [--width-layout append|interleave]
-                 [--width-init copy|random] [--only-e | --only-k]
+                 [--width-init copy|random_router|random_experts] [--only-e | --only-k]
                  [--order depth,width|width,depth] [--opt-state reset|grow] [--seed S]
 
 Any depth option turns on depth growth (method interpose unless --depth says
@@ -24,6 +24,7 @@ import argparse
 
 from moe_lab.config.schema import ConfigError
 from moe_lab.growth.grow import grow_run
+from moe_lab.growth.transforms import WIDTH_INITS
 
 
 def add_grow_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,7 +42,10 @@ def add_grow_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--width-factor", type=int, default=None)
     g.add_argument("--noise", type=float, default=None, help="relative noise on copies (0.01)")
     g.add_argument("--width-layout", choices=("append", "interleave"), default=None)
-    g.add_argument("--width-init", choices=("copy", "random"), default=None)
+    g.add_argument("--width-init", choices=WIDTH_INITS, default=None,
+                   help="copy (the paper's method); random_router: the released code's baseline "
+                        "(whole router redrawn, experts copied); random_experts: the paper "
+                        "text's (new experts and their router columns drawn fresh)")
     only = g.add_mutually_exclusive_group()
     only.add_argument("--only-e", action="store_true", default=None, help="grow experts, not top-k")
     only.add_argument("--only-k", action="store_true", default=None, help="grow top-k, not experts")

@@ -61,7 +61,9 @@ def print_info(cfg: Config, workdir: str | None = None, devices: int | None = No
               f"sparsity 1-k/E = {s['sparsity']:.3f}")
     print(f"params: total {s['params_total']:,}  active {s['params_active']:,}  "
           f"(non-embedding {s['params_total_non_embedding']:,} / {s['params_active_non_embedding']:,})")
-    print(f"FLOPs/token: forward {s['forward_flops_per_token']:.4g}, train {s['train_flops_per_token']:.4g}")
+    print(f"FLOPs/token: forward {s['forward_flops_per_token']:.4g}, train {s['train_flops_per_token']:.4g} "
+          f"(2507.10524's iso-FLOP convention, no LM head, K/V at d x d: forward "
+          f"{s['forward_flops_per_token_mor_paper']:.4g})")
     print(f"run: {cfg.train.steps} steps x {cfg.train.batch_size} x {cfg.data.seq_len} = "
           f"{s['train_tokens']:,} tokens, {s['train_flops']:.4g} FLOPs, TPP {s['tpp']:.3g} "
           f"(1x Chinchilla for active size: {s['chinchilla_flops_active']:.3g} FLOPs)")

@@ -180,7 +180,22 @@ def config_from_json(path: str) -> Config:
                               "was it cut short?") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} does not hold a config (a JSON object)")
-    return validate(from_dict(Config, raw))
+    return validate(from_dict(Config, _stored_meaning(raw)))
+
+
+# A run written before a value was renamed (config.validate.RENAMED) meant this:
+_STORED_RENAMES = {("model", "mor", "update"): {"paper": "interpolate", "released": "add"}}
+
+
+def _stored_meaning(raw: dict) -> dict:
+    """The stored config with renamed values translated to what they computed."""
+    for (*parents, key), names in _STORED_RENAMES.items():
+        node = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key) in names:
+            node[key] = names[node[key]]
+    return raw
 
 
 def parse_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -97,12 +97,13 @@ class MoRConfig:
     # expert choice capacities per step, comma-separated fractions of the sequence
     # ("" = (N_r - r + 1) / N_r, i.e. 1, 2/3, 1/3 for N_r = 3)
     capacities: str = ""
-    # paper: h + g*(f(h) - h) | released: h + g*f(h) (f includes residual)
-    update: Literal["paper", "released"] = "paper"
+    # add: h + g f(h), f the whole step with its residual (2507.10524 and its released
+    # code) | interpolate: h + g (f(h) - h) (a gated interpolation; neither of them)
+    update: Literal["add", "interpolate"] = "add"
     # causal decoding for expert choice: bce (aux BCE on router logits vs top-k
     # membership) | aux_router (separate stop-gradient router) | none
     causal_aux: Literal["bce", "aux_router", "none"] = "bce"
-    bce_weight: float = 1e-3
+    bce_weight: float = 1e-3  # on the per-step BCE summed over the N_r steps (released)
     z_loss_weight: float = 0.0
     # expert choice at train=False: threshold (causal, what decoding does) | topk (looks
     # at future tokens: eval losses then describe a model that generation cannot run)

@@ -24,6 +24,15 @@ from moe_lab.config.schema import (
 
 _CHOICES = field_choices()  # {key: allowed values}, from the schema's Literal types
 
+# Values that changed meaning: (key, old value) -> what to use now.  Run directories
+# written before keep their meaning (config.load.config_from_json translates them).
+RENAMED = {
+    ("model.mor.update", "paper"): "it named h + g (f(h) - h), which is not the paper's "
+    "update: use 'interpolate' for that rule, or 'add' (h + g f(h), the paper's and the "
+    "released code's, now the default)",
+    ("model.mor.update", "released"): "it is 'add' now (h + g f(h), the default)",
+}
+
 
 def _get(cfg: Config, dotted: str):
     node = cfg
@@ -64,6 +73,8 @@ def validate(cfg: Config) -> Config:
     """Checks everything that can be checked without devices; returns cfg."""
     for key, choices in _CHOICES.items():
         v = _get(cfg, key)
+        if (key, v) in RENAMED:
+            raise ConfigError(f"config key '{key}'={v!r} was renamed: {RENAMED[key, v]}")
         if v not in choices:
             raise ConfigError(f"config key '{key}'={v!r} is not one of {', '.join(choices)}")
     _floats_finite(cfg)

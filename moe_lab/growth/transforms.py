@@ -29,11 +29,22 @@ copy picks the original's tokens with half the gate): each group of copies has
 equal logits, all copies are selected, gates sum to the original's.  Not
 preserved: sigmoid without renormalisation or from k = 1 (gates sum to f times
 the original's score, or to 1), growing only E or only k (the paper's inferior
-ablations), init="random".
+ablations), the random baselines below.
+
+Width baselines, named for what they redraw (2510.08008's ablation "random init"):
+  random_router   the released growth script's baseline (`--growth-use-random-router`
+                  in Offline_checkpoint_growth.py): the WHOLE router, the originals'
+                  columns included, redrawn from N(0, init_std^2) (released: 0.02) with
+                  zero routing biases; the experts are still copies (noised as usual).
+  random_experts  what the paper's text describes ("random init new experts"): the
+                  originals kept, the new experts and their router columns drawn
+                  fresh from N(0, init_std^2), their biases the layer's mean.  The
+                  released code has no such option, so how the paper initialised
+                  them is not known; this is our reading.
 
 Optimizer state: "reset" (the paper) re-initialises Adam; "grow" transforms the
 moments like their weights (copies, no noise; zeros for zeroed copies and for
-random new experts), keeps Adam's bias-correction count and restarts the
+redrawn weights), keeps Adam's bias-correction count and restarts the
 schedule count at 0 with the new run's step.
 """
 
@@ -58,6 +69,8 @@ from moe_lab.models.recursive import recursion_schedule
 
 # Output projections of a block: zeroing them makes a pre-norm block the identity.
 OUTPUT_PROJECTIONS = ("o_HKD", "o_bias_D", "down_EFD", "down_FD")
+# Width growth's initialisations of the new experts (module docstring).
+WIDTH_INITS = ("copy", "random_router", "random_experts")
 # MoE leaves with an expert axis -> that axis in the stacked [L, ...] array.
 EXPERT_AXES = {"gate_EDF": 1, "up_EDF": 1, "down_EFD": 1, "router_DE": 2, model_tree.ROUTER_BIAS: 1}
 
@@ -193,7 +206,7 @@ class WidthPlan:
     index: np.ndarray
     is_copy: np.ndarray
     cfg: Config
-    init: str  # copy | random
+    init: str  # copy | random_router | random_experts (see the module docstring)
 
 
 def width_plan(cfg: Config, *, factor: int = 2, layout: str = "append", grow_k: bool = True,
@@ -205,8 +218,8 @@ def width_plan(cfg: Config, *, factor: int = 2, layout: str = "append", grow_k: 
         raise ConfigError(f"grow: width factor must be >= 2, got {factor}")
     if layout not in ("append", "interleave"):
         raise ConfigError(f"grow: width layout {layout!r} is not one of append, interleave")
-    if init not in ("copy", "random"):
-        raise ConfigError(f"grow: width init {init!r} is not one of copy, random")
+    if init not in WIDTH_INITS:
+        raise ConfigError(f"grow: width init {init!r} is not one of {', '.join(WIDTH_INITS)}")
     if not (grow_e or grow_k):
         raise ConfigError("grow: width growth with neither experts nor top-k to grow")
     E, k = m.moe.num_experts, m.moe.top_k
@@ -236,10 +249,11 @@ def apply_width(tree: dict, plan: WidthPlan, *, kind: str = "params", noise: flo
                 seed: int = 0, init_std: float = 0.02) -> dict:
     """Applies a width plan to a params-shaped tree.
 
-    kind="params": copies get noise*std-scaled Gaussian noise (random init: fresh
-    N(0, init_std^2) experts); kind="model_state": routing biases (copies get the
-    same relative noise; random init: the layer's mean bias); kind="moments":
-    Adam moments, copied without noise (random init: zeros).
+    kind="params": copies get noise*std-scaled Gaussian noise; kind="model_state":
+    routing biases (copies get the same relative noise); kind="moments": Adam
+    moments, copied without noise.  The random baselines (module docstring) redraw
+    weights from N(0, init_std^2), set biases as described there and give redrawn
+    weights zero moments.
     """
     def fn(path, x):
         if model_tree.plain_stack_of(path) is None or model_tree.ffn_leaf(path) not in EXPERT_AXES:
@@ -249,17 +263,15 @@ def apply_width(tree: dict, plan: WidthPlan, *, kind: str = "params", noise: flo
         y = xp.take(x, xp.asarray(plan.index), axis=ax)
         if not plan.is_copy.any():
             return y
+        if plan.init == "random_router" and path[-1] in ROUTER_LEAVES:
+            # the released baseline: every column redrawn, the originals' too
+            return xp.asarray(_redrawn(kind, path, y.shape, seed, init_std, bias=None), y.dtype)
         mask_shape = [1] * x.ndim
         mask_shape[ax] = len(plan.index)
         copy = np.broadcast_to(plan.is_copy.reshape(mask_shape), y.shape)
-        if plan.init == "random":
-            if kind == "moments":
-                new = np.zeros(y.shape, np.float32)
-            elif kind == "model_state":
-                mean = np.mean(np.asarray(x, np.float32), axis=ax, keepdims=True)
-                new = np.broadcast_to(mean, y.shape)
-            else:
-                new = init_std * _leaf_rng(seed, path).standard_normal(y.shape)
+        if plan.init == "random_experts":
+            mean = np.mean(np.asarray(x, np.float32), axis=ax, keepdims=True)
+            new = _redrawn(kind, path, y.shape, seed, init_std, bias=mean)
             return xp.where(copy, xp.asarray(new, y.dtype), y)
         if kind == "moments" or noise == 0:
             return y
@@ -273,6 +285,19 @@ def apply_width(tree: dict, plan: WidthPlan, *, kind: str = "params", noise: flo
     return _map_dict(tree, fn)
 
 
+ROUTER_LEAVES = ("router_DE", model_tree.ROUTER_BIAS)
+
+
+def _redrawn(kind: str, path, shape, seed: int, init_std: float, *, bias) -> np.ndarray:
+    """A redrawn leaf: N(0, init_std^2) weights, zero moments, and routing biases
+    `bias` (broadcast; None: zeros, the released random-router baseline)."""
+    if kind == "moments":
+        return np.zeros(shape, np.float32)
+    if kind == "model_state":
+        return np.broadcast_to(0.0 if bias is None else bias, shape)
+    return init_std * _leaf_rng(seed, path).standard_normal(shape)
+
+
 def grow_width(params: dict, model_state: dict, cfg: Config, *, factor: int = 2,
                noise: float = 0.01, seed: int = 0, layout: str = "append", grow_k: bool = True,
                grow_e: bool = True, init: str = "copy") -> tuple[dict, dict, Config]:
@@ -280,8 +305,9 @@ def grow_width(params: dict, model_state: dict, cfg: Config, *, factor: int = 2,
 
     noise: relative std of the noise on the copies (paper: 0.01); 0 preserves the
     function for the routers listed in the module docstring.  grow_e / grow_k:
-    grow only the experts or only top-k (the paper's ablations).  init="random":
-    new experts get fresh N(0, cfg.model.init_std^2) weights (the paper's baseline).
+    grow only the experts or only top-k (the paper's ablations).  init: copy, or one of
+    the random baselines of the module docstring (random_router: the released
+    code's; random_experts: the paper text's), drawn with cfg.model.init_std.
     """
     plan = width_plan(cfg, factor=factor, layout=layout, grow_k=grow_k, grow_e=grow_e, init=init)
     kw = {"noise": noise, "seed": seed, "init_std": cfg.model.init_std}

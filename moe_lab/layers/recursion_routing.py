@@ -35,14 +35,17 @@ def steps_seen_after_step(steps_seen: jax.Array) -> jax.Array:
     return steps_seen + 1
 
 
-def _mlp_hidden(d: int) -> int:
-    return max(8, d // 4)
+def router_hidden(d: int) -> int:
+    """The MLP router's hidden width: 2 d, as the released code's MLPRouter
+    (model/mor_model/util.py: Linear(d, 2d, bias=False), GELU, Linear(2d, out))."""
+    return 2 * d
 
 
 class StepRouters(nnx.Module):
     """Expert choice: one router per recursion step, logits z_r = router_r(h) (f32).
 
-    linear: z = w_r . h (no bias, as in the paper); mlp: z = w2_r . gelu(W1_r h).
+    linear: z = w_r . h (no bias, as in the paper); mlp: z = w2_r . gelu(W1_r h), hidden
+    width router_hidden(d) = 2d, no biases (the released code's MLPRouter).
     """
 
     def __init__(self, d: int, num_steps: int, kind: str, init_std: float, *, rngs: nnx.Rngs):
@@ -50,7 +53,7 @@ class StepRouters(nnx.Module):
         if kind == "linear":
             self.w_RD = param(rngs, (num_steps, d), (None, "embed"), std=init_std)
         else:
-            h = _mlp_hidden(d)
+            h = router_hidden(d)
             self.w1_RDH = param(rngs, (num_steps, d, h), (None, "embed", None), std=init_std)
             self.w2_RH = param(rngs, (num_steps, h), (None, None), std=init_std)
 
@@ -75,7 +78,7 @@ class DepthRouter(nnx.Module):
         if kind == "linear":
             self.w_DR = param(rngs, (d, num_steps), ("embed", None), std=init_std)
         else:
-            h = _mlp_hidden(d)
+            h = router_hidden(d)
             self.w1_DH = param(rngs, (d, h), ("embed", None), std=init_std)
             self.w2_HR = param(rngs, (h, num_steps), (None, None), std=init_std)
 
@@ -89,8 +92,10 @@ class DepthRouter(nnx.Module):
 
 
 def capacity_tokens(cap: float, seq_len: int) -> int:
-    """k_r = ceil(cap * T), static at trace time (at least 1, at most T)."""
-    return min(seq_len, max(1, math.ceil(cap * seq_len - 1e-9)))
+    """k_r = floor(cap * T), static at trace time (at least 1, at most T): the released
+    code's `max(1, int(capacity_factor * seq_len))`; the 1e-9 keeps a product that
+    float arithmetic puts just under an integer (0.29 * 100) at that integer."""
+    return min(seq_len, max(1, math.floor(cap * seq_len + 1e-9)))
 
 
 def ec_gate(z_BT: jax.Array, func: str, alpha: float) -> jax.Array:

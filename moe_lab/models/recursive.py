@@ -12,19 +12,28 @@ layers (paper sec. 2.1): cycle (layer l -> pool[l mod L/R]), sequence
 (pool[floor(l/R)]), middle_* (first and last layers unique, the middle L-2
 shared the same way); step r is the r-th slice of n = L_shared/R applications.
 
-Routing (the hidden state h entering step r; tokens not kept pass unchanged):
+Routing (the hidden state h entering step r; tokens not kept pass unchanged; f is
+the whole step, residuals included, as the paper's h^{l+1} = f(h^l) and the released
+code's LlamaDecoderLayer):
   none           every token takes every step: h <- f(h) (fixed-depth baseline)
-  expert_choice  router_r scores z; keep the top k_r = ceil(cap_r T) of the
+  expert_choice  router_r scores z; keep the top k_r = floor(cap_r T) of the
                  tokens kept at step r-1 (per sequence), gather them in causal
                  order, run f on them with attention among kept tokens at their
                  ORIGINAL positions (RoPE) / order / segments, scatter back:
-                   paper:    h <- h + g (f(h) - h)     g = alpha sigmoid(z)
-                   released: h <- h + g f(h)           (f includes the residual)
+                   add (default):  h <- h + g f(h)          g = alpha sigmoid(z)
+                     (2507.10524 sec. 2.2.1 and the released code's scatter_add of
+                     w * block(h); the capacity-1 first step is gated too)
+                   interpolate:    h <- h + g (f(h) - h)    (moe_lab's rule before:
+                     a gated interpolation, neither the paper's nor the released one)
                  Causal decoding: threshold z >= 0 (see layers/recursion_routing.py),
-                 trained by an aux BCE loss vs top-k membership (or an aux router).
-  token_choice   one router on the first hidden state picks depth d in 1..R;
-                 step r updates tokens with d >= r: h <- f(h) before a token's
-                 last step, the gated update at it (FinalStepGate).  Implemented
+                 trained by an aux BCE loss vs top-k membership (or an aux router),
+                 summed over every step as the released code does (the capacity-1
+                 step, whose targets are all 1, included); the router z-loss too.
+  token_choice   one router on the recursion's input H^1 picks depth d in 1..R;
+                 step r runs f on the tokens with d >= r: the plain h <- f(h) before
+                 a token's last step, and at it the output H^1 + g f^d(H^1) (sec.
+                 2.2.1; released: `final_x = x.clone()`, then `final_x += w * f(x)` at
+                 the exit step; interpolate: H^1 + g (f^d(H^1) - H^1)).  Implemented
                  dense: f runs on ALL T tokens and the update is masked (attention
                  is restricted to active tokens; MoE statistics count active
                  tokens only), so training costs a full-depth pass; the FLOP
@@ -102,11 +111,13 @@ def _concat_aux(auxes):
 
 class FinalStepGate(NamedTuple):
     """Token choice's gate (2507.10524 sec. 2.2.1, released code): a token chose its
-    depth up front, and only its last step is gated, h <- h + g (f(h) - h); the
-    steps before it apply the block plainly, h <- f(h)."""
+    depth d up front; the steps before its last apply the block plainly, h <- f(h),
+    and its last gives H^1 + g f(h) = H^1 + g f^d(H^1), from the recursion's input
+    H^1 (first_BTD), not from the state the step started with."""
 
     gate_BT: jax.Array
     final_BT: jax.Array
+    first_BTD: jax.Array
 
 
 class RecursiveStack(nnx.Module):
@@ -146,12 +157,16 @@ class RecursiveStack(nnx.Module):
     def _update(self, h, f_h, g):
         if g is None:
             return f_h
-        if isinstance(g, FinalStepGate):  # token choice: gated at the last step only
-            return jnp.where(g.final_BT[..., None], self._update(h, f_h, g.gate_BT), f_h)
-        g = g[..., None].astype(h.dtype)
-        if self.cfg.mor.update == "paper":
-            return h + g * (f_h - h)
-        return h + g * f_h
+        if isinstance(g, FinalStepGate):  # token choice: from H^1, at the last step only
+            return jnp.where(g.final_BT[..., None], self._gated(g.first_BTD, f_h, g.gate_BT), f_h)
+        return self._gated(h, f_h, g)
+
+    def _gated(self, base_BTD, f_h, g_BT):
+        """The gated update from base: base + g f(h) (add) or base + g (f(h) - base)."""
+        g = g_BT[..., None].astype(base_BTD.dtype)
+        if self.cfg.mor.update == "interpolate":
+            return base_BTD + g * (f_h - base_BTD)
+        return base_BTD + g * f_h
 
     def _tc_warmup(self, depth_BT, gate_BT, probs_BTR):
         """Token-choice warm-up: every token at full depth R, gated by its probability
@@ -188,8 +203,8 @@ class RecursiveStack(nnx.Module):
         if routing == "none":
             return None, None, None, None
         if routing == "token_choice":
-            depth_BT, gate_BT = tc
-            return depth_BT > r, FinalStepGate(gate_BT, depth_BT == r + 1), None, None
+            depth_BT, gate_BT, first_BTD = tc
+            return depth_BT > r, FinalStepGate(gate_BT, depth_BT == r + 1, first_BTD), None, None
         z = self.router(h, r)
         g = rr.ec_gate(z, self._func(), self.cfg.mor.alpha)
         z_dec = z
@@ -277,7 +292,7 @@ class RecursiveStack(nnx.Module):
         if routing == "token_choice":
             z_BTR = self.router(h)
             tc_depth, tc_gate, probs, warming = self._tc_route(z_BTR)
-            tc = (tc_depth, tc_gate)
+            tc = (tc_depth, tc_gate, h)
             if warming is not None:
                 m["warming_up"] = warming.astype(jnp.float32)  # no bias update (train/step.py)
             bal, load_R, maxvio = rr.tc_balance(probs, tc_depth, valid)
@@ -290,22 +305,23 @@ class RecursiveStack(nnx.Module):
         for r in range(R):
             sel, g, z, z_dec = self._route_step(r, h, cand, tc)
             idx_Bk = None
+            live = cand & valid
+            target = cand  # capacity 1: every candidate is kept
             if z is not None and self.capacities[r] < 1.0:  # expert choice, routed step
                 # training keeps the top k_r (the paper); the causal threshold is what
                 # decoding will run: its agreement with top-k and the aux BCE train it
                 thr = sel
                 k = rr.capacity_tokens(self.capacities[r], T)
-                idx_Bk, topk_sel = rr.ec_topk(z, cand, valid, k)
-                live = cand & valid
-                accs.append(rr.masked_mean((thr == topk_sel).astype(jnp.float32), live))
-                if mor.causal_aux != "none":
-                    bces.append(rr.masked_mean(rr.bce_with_logits(z_dec, topk_sel), live))
+                idx_Bk, target = rr.ec_topk(z, cand, valid, k)
+                accs.append(rr.masked_mean((thr == target).astype(jnp.float32), live))
                 if train or mor.eval_routing == "topk":
-                    sel = topk_sel
+                    sel = target
                 else:
                     idx_Bk = None
-            if z is not None:
-                zls.append(rr.masked_mean(jnp.square(z), cand & valid))
+            if z is not None:  # per-step means over the candidates, summed over steps
+                if mor.causal_aux != "none":
+                    bces.append(rr.masked_mean(rr.bce_with_logits(z_dec, target), live))
+                zls.append(rr.masked_mean(jnp.square(z), live))
             if idx_Bk is not None and self.impl == "gather":
                 h, a = self._gather_step(r, h, pos, seg, idx_Bk, g, kv1, train=train,
                                          rng=step_keys[r])
@@ -321,8 +337,10 @@ class RecursiveStack(nnx.Module):
             kept.append(sel)
             cand = sel
         if routing == "expert_choice":
-            bce = sum(bces) / len(bces) if bces else jnp.zeros((), jnp.float32)
-            zl = sum(zls) / len(zls)
+            # summed over every step, the capacity-1 first included, as the released
+            # code (sampling_loss += per step); a mean would be N_r times weaker
+            bce = sum(bces) if bces else jnp.zeros((), jnp.float32)
+            zl = sum(zls)
             losses += mor.bce_weight * bce + mor.z_loss_weight * zl
             m.update(bce_loss=bce, z_loss=zl,
                      sampling_accuracy=(sum(accs) / len(accs)) if accs else jnp.ones(()))
@@ -365,7 +383,9 @@ class RecursiveStack(nnx.Module):
         h = x_BTD
         cand = jnp.ones(h.shape[:2], bool)
         shared = cache["shared"]
-        tc = self._tc_route(self.router(h))[:2] if self.cfg.mor.routing == "token_choice" else None
+        tc = None
+        if self.cfg.mor.routing == "token_choice":
+            tc = (*self._tc_route(self.router(h))[:2], h)
         kept = []
         for r in range(self.cfg.mor.num_recursions):
             sel, g, _, _ = self._route_step(r, h, cand, tc)
