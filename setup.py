@@ -43,6 +43,9 @@ setup(
         "sentencepiece>=0.2.1,<0.3",
         "pyarrow>=25.0.1,<26",  # Parquet inputs, read in row batches
         "safetensors>=0.8,<0.9",  # HF checkpoints in and out (moe_lab/interop/)
+        # accelerator kernels: flash / chunked attention and grouped matmul (Pallas);
+        # imported only where used (layers/attention_kernels.py, layers/moe_kernels/)
+        "tokamax==0.0.12",
     ],
     extras_require={
         # HF transformers beside moe_lab (export checks, the tests' reference models).

@@ -71,6 +71,17 @@ def test_host_allocator_tuned_by_the_entry_point_not_on_import_and_opt_out():
 
 
 @pytest.mark.bench_smoke
+def test_attention_bench_quick_reports_compiled_memory_per_implementation():
+    from moe_lab.bench import attention
+
+    r = attention.run(quick=True)
+    assert {"xla", "chunked", "tokamax"} <= set(r["layer_temp_mib"])
+    assert all(v > 0 for d in r["layer_temp_mib"].values() for v in d.values())
+    assert set(r["train_step_temp_mib"]) == {"xla", "chunked"}
+    assert all(t["ok"] == (t["value"] <= t["limit"]) for t in r["targets"])
+
+
+@pytest.mark.bench_smoke
 def test_decode_bench_quick_reports_paired_speedups_and_kv_ratios():
     from moe_lab.bench import decode
 

@@ -218,3 +218,87 @@ def test_tree_paths_name_the_models_attributes():
                                           balance="loss_free", warmup_steps=2)})
     for name in (tree.DEPTH_BIAS, tree.STEPS_SEEN):
         assert tree.get(rest, tree.mor_path(name)) is not None, name
+
+
+@pytest.mark.parametrize("impl,extra", [("chunked", {}),
+                                        ("chunked", dict(stack="recursive", num_layers=5)),
+                                        ("tokamax", {})])
+def test_attention_implementations_match_xla(impl, extra):
+    """Every attention kernel that runs on CPU (tokamax's xla_chunked and its own
+    choice, which is its XLA attention here) against moe_lab's einsum attention:
+    logits and gradients on packed rows with padding (GQA: 4 heads, 2 kv heads), a
+    recursive stack's gathered tokens, and greedy KV-cache decoding."""
+    from moe_lab.eval.generate import generate  # noqa: PLC0415
+
+    cfg, model = _model(**extra)
+    gd, params, rest = split_model(model)
+    gd_impl, _, _ = split_model(build_model(_replace_model(cfg, attention_impl=impl)))
+    tok = _tokens(cfg)
+    seg = jnp.asarray(np.r_[[1] * 9 + [2] * 7, [1] * 13 + [0] * 3].reshape(2, 16))
+    pos = jnp.asarray(np.r_[np.arange(9), np.arange(7), np.arange(16)].reshape(2, 16))
+    w = jax.random.normal(jax.random.key(1), (2, 16, cfg.model.vocab_size))
+
+    def loss(p, graphdef):
+        logits, _ = nnx.merge(graphdef, p, rest)(tok, pos, seg, train=False)
+        return jnp.sum(logits * w), logits
+
+    vag = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, want), g_want = vag(params, gd)
+    (_, got), g_got = vag(params, gd_impl)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-3)
+    if impl == "chunked" and not extra:
+        prompts = [[5, 17, 33, 80], [7, 8]]
+        assert (generate(gd_impl, params, rest, prompts, max_new_tokens=4)
+                == generate(gd, params, rest, prompts, max_new_tokens=4))
+
+
+def test_cudnn_attention_is_refused_off_gpu():
+    with pytest.raises(Exception, match="attention_impl='cudnn' needs an NVIDIA GPU") as e:
+        _model(attention_impl="cudnn")
+    assert "\n" not in str(e.value)
+
+
+def _replace_model(cfg, **model):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str, str]]:
+    """(lhs dtype, rhs dtype, out dtype) of every dot_general, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(str(v.aval.dtype) for v in (*eqn.invars[:2], eqn.outvars[0])))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _dot_operand_dtypes(inner)
+    return out
+
+
+def test_mixed_precision_bf16_compute_f32_params_router_and_loss():
+    """compute_dtype bf16, param_dtype f32: every matmul of the forward and backward
+    runs on bf16 operands except the router's (f32: its logits decide the routing);
+    logits (cast after the bf16 LM head, as MaxText), loss and gradients are f32."""
+    cfg, model = _model(compute_dtype="bfloat16", ffn="moe", moe=dict(
+        num_experts=4, top_k=2, expert_hidden=32, dispatch="dropless"))
+    gd, params, rest = split_model(model)
+    tok = _tokens(cfg)
+
+    def loss(p):
+        logits, _ = nnx.merge(gd, p, rest)(tok)
+        assert logits.dtype == jnp.float32
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+            logits, tok[..., None], -1)[..., 0])
+
+    dots = _dot_operand_dtypes(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr)
+    f32 = [d for d in dots if "float32" in d[:2]]
+    bf16 = [d for d in dots if d[:2] == ("bfloat16", "bfloat16")]
+    assert len(bf16) > 3 * len(f32) > 0, (len(bf16), f32)
+    # the f32 ones: the router's logits and their two gradients (the layers are one scan)
+    assert f32 == [("float32",) * 3] * 3, f32
+    value, grads = jax.value_and_grad(loss)(params)
+    assert value.dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype("float32")}

@@ -22,12 +22,14 @@ from moe_lab.layers.moe import MoE
 
 ROUTERS = ["topk_softmax", "softmax_topk", "sigmoid", "expert_choice"]
 # (dispatch, impl): impl "loop" is the CPU kernel; the accelerator kernels are the
-# [E, C, D] buffers (capacity), ragged_dot (TPU dropless) and blocks (GPU dropless),
+# [E, C, D] buffers (capacity), ragged_dot, blocks and tokamax.ragged_dot (dropless; tokamax
+# runs its XLA ragged_dot on CPU),
 # slow but correct on CPU.  "auto" is "dropless" with impl "auto" (= "loop" on CPU).
 # The accelerator kernels do not look at the router (they see expert_NK / gate_NK
 # only), so they are run for two routers to keep the file fast.
 FAST = [("capacity", "loop"), ("dropless", "loop")]
-ACCEL = [("capacity", "accelerator"), ("dropless", "ragged"), ("dropless", "blocks")]
+ACCEL = [("capacity", "accelerator"), ("dropless", "ragged"), ("dropless", "blocks"),
+         ("dropless", "tokamax")]
 ACCEL_ROUTERS = ("softmax_topk", "expert_choice")
 
 

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "growth": "moe_lab.bench.growth",
     "data": "moe_lab.bench.data",
     "interop": "moe_lab.bench.interop",
+    "attention": "moe_lab.bench.attention",
 }
 
 

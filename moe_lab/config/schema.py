@@ -60,10 +60,10 @@ class MoEConfig:
     # reference: every expert on every token (slow, exact); capacity: sort + per-expert
     # buffers, overflow dropped; dropless: nothing dropped; auto: dropless.
     dispatch: Literal["reference", "capacity", "dropless", "auto"] = "dropless"
-    # expert kernels (moe_lab/layers/dispatch.py): auto picks by backend (CPU: loop;
-    # GPU: buffer for capacity, blocks for dropless; TPU: buffer / ragged)
-    # auto | loop | buffer | ragged | blocks
-    kernel: Literal["auto", "loop", "buffer", "ragged", "blocks"] = "auto"
+    # expert kernels (moe_lab/layers/moe_kernels/dispatch.py): auto picks by backend
+    # (CPU: loop; GPU / TPU: buffer for capacity, tokamax for dropless)
+    # auto | loop | buffer | ragged | blocks | tokamax
+    kernel: Literal["auto", "loop", "buffer", "ragged", "blocks", "tokamax"] = "auto"
     # expert parallelism with capacity dispatch on a mesh whose `expert` axis > 1:
     # auto / all_to_all: tokens go to their experts' devices by all-to-all, capacity per
     # device (GShard; layers/expert_parallel.py); all_to_all is also an error where it
@@ -151,6 +151,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"  # none | full | dots (save matmul outputs)
+    # attention kernel (moe_lab/layers/attention_kernels.py): auto (GPU cudnn, TPU
+    # tokamax, CPU xla) | xla (einsum, T x T scores) | chunked (tokamax xla_chunked,
+    # memory linear in T anywhere) | tokamax (its Pallas flash kernels) | cudnn
+    attention_impl: Literal["auto", "xla", "chunked", "tokamax", "cudnn"] = "auto"
     ffn: Literal["dense", "moe"] = "dense"  # dense | moe
     stack: Literal["plain", "recursive"] = "plain"  # plain | recursive
     moe: MoEConfig = MoEConfig()

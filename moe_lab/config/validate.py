@@ -164,10 +164,10 @@ def _validate_moe(m: ModelConfig) -> None:
             "(expert choice already lets busy tokens use many experts)"
         )
     dropless = e.dispatch in ("dropless", "auto")
-    if e.router == "expert_choice" and e.kernel in ("ragged", "blocks"):
+    if e.router == "expert_choice" and e.kernel in ("ragged", "blocks", "tokamax"):
         raise ConfigError(f"model.moe.kernel={e.kernel!r} is for token choice; expert choice "
                           "runs 'loop' or 'buffer' (every expert holds exactly C tokens)")
-    if e.router != "expert_choice" and e.kernel in ("ragged", "blocks") and not dropless:
+    if e.router != "expert_choice" and e.kernel in ("ragged", "blocks", "tokamax") and not dropless:
         raise ConfigError(f"model.moe.kernel={e.kernel!r} needs model.moe.dispatch='dropless' "
                           f"(got {e.dispatch!r})")
     if e.router != "expert_choice" and e.kernel == "buffer" and dropless:

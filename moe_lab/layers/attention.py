@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moe_lab.config.schema import ModelConfig
+from moe_lab.layers.attention_kernels import attend
 from moe_lab.layers.base import dtype_of, param
 from moe_lab.layers.norms import RMSNorm
 
@@ -82,19 +83,6 @@ def cache_mask(index, num_new: int, valid_BS) -> jax.Array:
     return attention_mask(q_slot_BT, k_slot_BS, k_valid_BS=valid_BS)
 
 
-def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
-    """Softmax attention with G kv heads shared by groups of R query heads (f32 softmax)."""
-    B, T, H, K = q_BTHK.shape
-    G = k_BSGK.shape[2]
-    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32)
-    scores_BGRTS *= K**-0.5
-    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, -1e30)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
-    out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
-    return out_BTGRK.reshape(B, T, H, K)
-
-
 class Attention(nnx.Module):
     """Options the HF architectures need (moe_lab/interop/): attn_bias (q, k, v [, o]
     biases: Qwen2 / Llama attention_bias), qk_norm (RMSNorm of q and k before RoPE,
@@ -124,6 +112,7 @@ class Attention(nnx.Module):
         self.k_norm = nnx.data(RMSNorm(k_dim, eps=cfg.norm_eps, dtype=pd, axis=None) if on else None)
         self.inv_freq_K2 = tuple(rope_frequencies(cfg).tolist())  # static (hashable)
         self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.impl = cfg.attention_impl  # layers/attention_kernels.py
 
     def _project(self, x_BTD, w_DNK, bias_NK, norm):
         """x @ w (+ bias_NK) (then the q / k norm) -> [B, T, N, K]."""
@@ -167,7 +156,7 @@ class Attention(nnx.Module):
         queries against step 1's keys)."""
         q_BTHK = self.project_q(x_BTD, positions_BT)
         k, v = self.project_kv(x_BTD, positions_BT) if kv is None else kv
-        return self.output(gqa(q_BTHK, k, v, mask_BTS)), (k, v)
+        return self.output(attend(q_BTHK, k, v, mask_BTS, self.impl)), (k, v)
 
     def attend_cache(self, x_BTD, positions_BT, cache_kv, index):
         """T new tokens at slots [index, index+T) against a read-only cache
@@ -175,7 +164,7 @@ class Attention(nnx.Module):
         k_BSGK, v_BSGK, valid_BS = cache_kv
         q_BTHK = self.project_q(x_BTD, positions_BT)
         mask_BTS = cache_mask(index, x_BTD.shape[1], valid_BS)
-        return self.output(gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS))
+        return self.output(attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, self.impl, decoding=True))
 
     def decode(self, x_BTD, positions_BT, valid_BT, cache: dict, index, layer=None):
         """Attention for T new tokens against a KV cache (prefill: T = prompt length).

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
+from moe_lab.layers.attention_kernels import attention_impl_error
 from moe_lab.models.transformer import Transformer
 from moe_lab.parallel import sharding
 from moe_lab.train.optim import make_optimizer, make_schedule
@@ -45,6 +46,11 @@ def resolve_config(cfg: Config, tokenizer: Tokenizer | None = None) -> Config:
 
 
 def build_model(cfg: Config, seed: int | None = None) -> Transformer:
+    """The model of cfg; a backend that cannot run its attention is refused first."""
+    m = cfg.model
+    why = attention_impl_error(m.attention_impl, m.compute_dtype, m.resolved_head_dim)
+    if why:
+        raise ConfigError(why)
     seed = cfg.train.seed if seed is None else seed
     return Transformer(cfg.model, rngs=nnx.Rngs(params=seed))
 

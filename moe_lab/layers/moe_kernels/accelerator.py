@@ -1,4 +1,4 @@
-"""Accelerator kernels: ragged_dot (TPU), block-padded experts (GPU), [E, C, D] buffers.
+"""Accelerator kernels: tokamax / XLA ragged_dot, block-padded experts, [E, C, D] buffers.
 """
 
 from __future__ import annotations
@@ -7,12 +7,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_lab.layers.base import import_tokamax
+
 
 def grouped_swiglu_ragged(x_SD, group_sizes_E, gate_EDF, up_EDF, down_EFD):
     """Grouped matmul with `jax.lax.ragged_dot`: groups are contiguous from row 0."""
     g_SF = lax.ragged_dot(x_SD, gate_EDF, group_sizes_E)
     u_SF = lax.ragged_dot(x_SD, up_EDF, group_sizes_E)
     return lax.ragged_dot(jax.nn.silu(g_SF) * u_SF, down_EFD, group_sizes_E)
+
+
+def grouped_swiglu_tokamax(x_SD, group_sizes_E, gate_EDF, up_EDF, down_EFD):
+    """The same grouped matmuls with `tokamax.ragged_dot` (its Pallas kernels where
+    they run, else its XLA ragged_dot); tokamax is imported only here."""
+    tokamax = import_tokamax()
+    group_sizes_E = group_sizes_E.astype(jnp.int32)
+    g_SF = tokamax.ragged_dot(x_SD, gate_EDF, group_sizes_E)
+    u_SF = tokamax.ragged_dot(x_SD, up_EDF, group_sizes_E)
+    return tokamax.ragged_dot(jax.nn.silu(g_SF) * u_SF, down_EFD, group_sizes_E)
 
 
 def grouped_swiglu_blocks(x_SD, block_expert_J, gate_EDF, up_EDF, down_EFD):

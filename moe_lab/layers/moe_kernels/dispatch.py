@@ -37,6 +37,11 @@ is dropped; tests/test_moe.py checks every pair):
       Gale et al. 2022, without a custom kernel).  Not ragged_dot on GPU: XLA
       rewrites it to a dense dot on CUDA, so it costs like a dense matmul over
       all experts (H100 timings: experiments/accelerator_check/README.md).
+    - `grouped_swiglu_tokamax` (GPU and TPU, dropless: the accelerator default):
+      `tokamax.ragged_dot`, tokamax's Pallas grouped matmul (mosaic on GPU / TPU,
+      triton), the first of its kernels that accepts the shapes, else its XLA
+      ragged_dot (what CPU runs: the tests check it there).  Same sorted rows as
+      `ragged`.  Not yet timed on a GPU here (experiments/accelerator_check).
     - `buffer_swiglu` (accelerators, capacity): explicit [E, C, D] buffers and
       batched einsums (GShard, Lepikhin et al. 2020 arXiv 2006.16668).
 """
@@ -46,7 +51,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu, grouped_swiglu_blocks, grouped_swiglu_ragged
+from moe_lab.layers.moe_kernels.accelerator import (
+    buffer_swiglu,
+    grouped_swiglu_blocks,
+    grouped_swiglu_ragged,
+    grouped_swiglu_tokamax,
+)
 from moe_lab.layers.moe_kernels.cpu_loop import choose_tiles, grouped_swiglu_loop
 from moe_lab.layers.moe_kernels.layout import (
     block_layout,
@@ -62,17 +72,17 @@ from moe_lab.layers.moe_kernels.layout import (
 
 def resolve_impl(impl: str, *, dropless: bool, expert_choice: bool = False) -> str:
     """The expert kernel a call runs: 'auto' is 'loop' on CPU and 'accelerator'
-    elsewhere; 'accelerator' is 'buffer' for capacity, and for dropless 'ragged'
-    on TPU, 'blocks' on GPU (see module doc).  Expert choice (exactly C rows per
-    expert) runs buffers for every accelerator kernel."""
+    elsewhere; 'accelerator' is 'buffer' for capacity and 'tokamax' for dropless
+    (see module doc).  Expert choice (exactly C rows per expert) runs buffers for
+    every accelerator kernel."""
     if impl == "auto":
         impl = "loop" if jax.default_backend() == "cpu" else "accelerator"
     if expert_choice:
-        return "buffer" if impl in ("accelerator", "buffer", "ragged", "blocks") else impl
+        return "buffer" if impl in ("accelerator", "buffer", "ragged", "blocks", "tokamax") else impl
     if impl == "accelerator":
         if not dropless:
             return "buffer"
-        return "ragged" if jax.default_backend() == "tpu" else "blocks"
+        return "tokamax"
     return impl
 
 
@@ -82,6 +92,7 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
 
     Returns (y_ND, layout); layout.keep_NK tells which assignments were dropped.
     impl: 'loop' (CPU grouped loop), 'ragged' (ragged_dot, dropless only),
+    'tokamax' (tokamax.ragged_dot, dropless only),
     'blocks' (block-padded batched einsum, dropless only), 'buffer' ([E, C, D]
     einsum, capacity only), 'accelerator' (`resolve_impl`), 'auto' (by
     backend).  tiles: (W, g) rows of the CPU loop, default
@@ -91,7 +102,7 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
     num_experts = weights[0].shape[0]
     impl = resolve_impl(impl, dropless=capacity is None)
     cap = n if capacity is None else capacity  # an expert gets each token at most once
-    if impl in ("ragged", "blocks") and capacity is not None:
+    if impl in ("ragged", "blocks", "tokamax") and capacity is not None:
         raise ValueError(f"impl={impl!r} is dropless only (got capacity={capacity})")
     if impl == "blocks":
         layout, block_expert_J = block_layout(expert_NK, num_experts,
@@ -102,10 +113,11 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
         layout = buffer_layout(expert_NK, num_experts, cap)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = buffer_swiglu(x_SD.reshape(num_experts, cap, -1), *weights).reshape(x_SD.shape)
-    elif impl == "ragged":
+    elif impl in ("ragged", "tokamax"):
         layout = sorted_layout(expert_NK, num_experts, cap, pad=0)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
-        y_SD = grouped_swiglu_ragged(x_SD, layout.counts_E, *weights)
+        grouped = grouped_swiglu_ragged if impl == "ragged" else grouped_swiglu_tokamax
+        y_SD = grouped(x_SD, layout.counts_E, *weights)
     elif impl == "loop":
         tiles = tiles or choose_tiles(min(cap, n * k / num_experts), capacity,
                                       row_macs=x_ND.shape[1] * weights[0].shape[-1])

@@ -1,0 +1,92 @@
+"""Attention implementations behind one signature: q, k, v and a [B, T, S] mask.
+
+Dimension legend: B batch, T query time, S key time, H query heads, G kv heads, K
+head dim.  The mask is the one moe_lab builds everywhere (causal by position, same
+segment, valid cache slots: layers/attention.py), so packed rows, GQA, MoR's
+gathered tokens and KV caches work the same way under every implementation.
+
+  xla      moe_lab's einsum attention (`gqa`): the [B, G, R, T, S] scores
+           in f32 and, under autodiff, kept for the backward pass (~1 GiB per layer
+           per 4096 tokens at T = 1024).  The reference of the others.
+  chunked  tokamax's `xla_chunked` (Rabe & Staats 2021, arXiv 2112.05682): keys in
+           chunks with a running softmax, memory linear in T on every backend, CPU
+           included (compiled fwd+bwd temporaries at T = 8192, 8 heads: 461 MiB
+           against 8208 MiB for xla; `moe-lab bench attention`).
+  tokamax  tokamax.dot_product_attention's own choice: its Pallas flash kernels
+           (mosaic on GPU / TPU, triton), the first that accepts the call, else its
+           XLA attention (which is what CPU gets).
+  cudnn    cuDNN flash attention through jax.nn.dot_product_attention (GPU, bf16 /
+           fp16; KV-cache decoding uses xla: cuDNN's fused kernel is a training /
+           prefill kernel).
+  auto     cudnn on GPU, tokamax on TPU, xla on CPU.
+
+Only [B, 1, T, S] booleans (the mask, one byte a pair, shared by the heads) are
+formed for the library kernels, never [B, H, T, S] scores.  tokamax is imported
+here, only when one of its implementations is used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_lab.layers.base import import_tokamax
+
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "tokamax", "cudnn")
+
+
+def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
+    """Softmax attention with G kv heads shared by groups of R query heads (f32 softmax)."""
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32)
+    scores_BGRTS *= K**-0.5
+    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, -1e30)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
+    out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
+    return out_BTGRK.reshape(B, T, H, K)
+
+
+
+def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
+    """The implementation 'auto' means on this backend (others are returned as given)."""
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "tokamax"}.get(backend, "xla")
+
+
+def attention_impl_error(impl: str, compute_dtype: str, head_dim: int,
+                         backend: str | None = None) -> str | None:
+    """Why `impl` cannot run here (a one-line reason), or None."""
+    impl = resolve_attention_impl(impl, backend)
+    backend = backend or jax.default_backend()
+    if impl == "cudnn":
+        if backend not in ("gpu", "cuda"):
+            return (f"model.attention_impl='cudnn' needs an NVIDIA GPU (this backend is "
+                    f"{backend}); use xla, chunked or tokamax")
+        if compute_dtype not in ("bfloat16", "float16"):
+            return (f"model.attention_impl='cudnn' runs in bf16 / fp16; model.compute_dtype "
+                    f"is {compute_dtype}")
+        if head_dim % 8 or head_dim > 128:
+            return f"model.attention_impl='cudnn' needs a head dim <= 128 divisible by 8, got {head_dim}"
+    return None
+
+
+def attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl: str, *, decoding: bool = False):
+    """Softmax attention of q over (k, v) where mask_BTS allows -> [B, T, H, K]."""
+    impl = resolve_attention_impl(impl)
+    if impl == "cudnn" and decoding:
+        impl = "xla"
+    if impl == "xla":
+        return gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS)
+    mask_B1TS = mask_BTS[:, None]
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
+                                            implementation="cudnn")
+    tokamax = import_tokamax()  # only where it is used
+    which = "xla_chunked" if impl == "chunked" else None
+    out = tokamax.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
+                                        implementation=which)
+    return out.astype(v_BSGK.dtype)
