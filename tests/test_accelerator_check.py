@@ -19,8 +19,11 @@ def test_accelerator_check_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "check.json"
     assert mod.main(["--cases", "blocks", "--mfu-size", "tiny", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    rows = result["dispatch"]
+    rows = [r for r in result["dispatch"] if r["case"].startswith("token choice")]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    attention = {(r["case"], r["dtype"]): r for r in result["dispatch"] if "attention" in r["case"]}
+    assert {c for c, _ in attention} == {"attention xla", "attention chunked", "attention tokamax"}
+    assert all(r["ok"] for r in attention.values())
     assert rows[0]["max"] < 1e-5 < rows[1]["max"] < 3e-2  # f32 exact-ish, bf16 rounding
     assert "token choice blocks, dropless" in capsys.readouterr().out
     for ffn in ("dense", "moe"):  # the MFU path runs end to end (tiny model, CPU)

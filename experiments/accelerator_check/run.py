@@ -13,12 +13,19 @@ buffers) on CPU only.  This script runs them on the machine's default backend:
    (compiling one took 20-45 s on an H100).
 2. (not on CPU) the expert SwiGLU kernels alone, fwd+bwd, at E = 8 and 256:
    ragged_dot, blocks, buffers; "inf" where XLA runs out of memory.
-3. train-step throughput and MFU of a dense and an MoE decoder (bf16 compute),
+3. attention (layers/attention_kernels.py): every implementation that runs on the
+   backend (xla, chunked, tokamax, cudnn) against xla on packed rows with GQA,
+   outputs and gradients (f32 and bf16), then fwd+bwd time and XLA's planned
+   temporaries at T = 4096 and 8192 ("inf" where one runs out of memory).
+4. train-step throughput and MFU of a dense and an MoE decoder (bf16 compute),
    MFU = model FLOPs (moe_lab/accounting/flops.py: 6 x active params + attention) over
-   the bf16 matmul rate this process measures on random 8192^3 operands.
+   the bf16 matmul rate this process measures on random 8192^3 operands and over
+   the chip's datasheet bf16 peak.  full: the issue's two configs for one 80 GB
+   GPU: dense d 2048, 16 layers, seq 4096 (the flash path: attention_impl auto);
+   MoE d 1024, 64 experts of 512, top-8, 16 layers, dropless (kernel auto).
 
     python experiments/accelerator_check/run.py [--out check.json] [--skip-mfu]
-        [--skip-kernels] [--cases blocks] [--mfu-size tiny]
+        [--skip-kernels] [--skip-attention] [--cases blocks] [--mfu-size tiny]
 
 Exit code 1 if any correctness case exceeds its tolerance.  What it printed on
 an H100 is in README.md beside this file.
@@ -42,7 +49,14 @@ from moe_lab.accounting.timing import time_fn
 from moe_lab.bench.train_step import measure_throughput
 from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, MoEConfig, TrainConfig
 from moe_lab.config.validate import validate
-from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu, grouped_swiglu_blocks, grouped_swiglu_ragged
+from moe_lab.layers.attention import self_attention_mask
+from moe_lab.layers.attention_kernels import attend, attention_impl_error
+from moe_lab.layers.moe_kernels.accelerator import (
+    buffer_swiglu,
+    grouped_swiglu_blocks,
+    grouped_swiglu_ragged,
+    grouped_swiglu_tokamax,
+)
 from moe_lab.layers.moe_kernels.dispatch import expert_choice_moe, token_choice_moe
 from moe_lab.layers.moe_kernels.layout import choose_block
 from moe_lab.layers.moe_kernels.reference import dense_gates, reference_moe
@@ -88,7 +102,8 @@ def check_dispatch(seed: int = 0, only: str = ""):
     tight = int(math.ceil(1.0 * n * k / e))  # capacity factor 1.0: some drops
     names = ("y", "dx", "dgate", "dw_gate", "dw_up", "dw_down")
     cases = []
-    for impl, capacity in (("ragged", None), ("blocks", None), ("loop", None), ("buffer", n),
+    for impl, capacity in (("tokamax", None), ("ragged", None), ("blocks", None), ("loop", None),
+                           ("buffer", n),
                            ("buffer", tight), ("loop", tight)):
         keep_NK = jax.jit(lambda x, g, w, impl=impl, capacity=capacity: token_choice_moe(
             x, expert_NK, g, w, capacity=capacity, impl=impl)[1].keep_NK)(x_ND, gate_NK, weights)
@@ -158,6 +173,7 @@ def kernel_times(rows: int = 32768, d: int = 256, f: int = 512):
                                         argnums=(0, 1)))
 
             kernels = {
+                "tokamax": lambda x, w: grouped_swiglu_tokamax(x, sizes_E, *w),
                 "ragged": lambda x, w: grouped_swiglu_ragged(x, sizes_E, *w),
                 "blocks": lambda x, w: grouped_swiglu_blocks(x, block_expert_J, *w),
                 "buffer": lambda x, w: buffer_swiglu(x.reshape(e, -1, d), *w),
@@ -168,23 +184,90 @@ def kernel_times(rows: int = 32768, d: int = 256, f: int = 512):
             yield row
 
 
-# MFU model sizes.  full: 16 x (d 1024), dense ~270M params with embeddings; MoE 32
-# experts of 512 (top-2), ~1.1B total.  Batch 8 x 1024: without flash attention the
-# [B, H, T, T] probabilities are saved for the backward (remat none): ~1 GiB per
-# layer per 4096 tokens.  tiny: the same code path in seconds on CPU (tests).
+def _attention_problem(T: int, dtype, b: int = 1, h: int = 16, g: int = 8, k: int = 128):
+    keys = jax.random.split(jax.random.PRNGKey(T), 4)
+    q = jax.random.normal(keys[0], (b, T, h, k), dtype)
+    kv = [jax.random.normal(kk, (b, T, g, k), dtype) for kk in keys[1:3]]
+    seg = jnp.where(jnp.arange(T) < 5 * T // 8, 1, 2)[None].repeat(b, 0).astype(jnp.int32)
+    ct = jax.random.normal(keys[3], q.shape, jnp.float32)
+    return q, *kv, seg, ct
+
+
+def _attention_vag(impl: str):
+    def loss(q, k, v, seg, ct):
+        out = attend(q, k, v, self_attention_mask(seg, seg.shape), impl)
+        return jnp.sum(out.astype(jnp.float32) * ct), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def attention_impls() -> list[str]:
+    return [i for i in ("xla", "chunked", "tokamax", "cudnn")
+            if attention_impl_error(i, "bfloat16", 128) is None]
+
+
+def check_attention(T: int = 1024):
+    """Each implementation vs xla (f32 at HIGHEST; bf16 vs the f32 reference)."""
+    with jax.default_matmul_precision("highest"):
+        q, k, v, seg, ct = _attention_problem(T, jnp.float32)
+        (_, want), want_g = _attention_vag("xla")(q, k, v, seg, ct)
+        for impl in attention_impls():
+            for dtype in ("float32", "bfloat16"):
+                if impl == "cudnn" and dtype == "float32":
+                    continue  # cuDNN flash attention is a half-precision kernel
+                cast = [x.astype(dtype) for x in (q, k, v)]
+                (_, got), got_g = _attention_vag(impl)(*cast, seg, ct)
+                errs = {"y": _rel_err(got, want),
+                        **{f"d{n}": _rel_err(a, b) for n, a, b in zip("qkv", got_g, want_g)}}
+                worst = max(errs.values())
+                yield {"case": f"attention {impl}", "dtype": dtype, "dropped": 0.0, "dx": errs["dq"],
+                       "dgate": errs["dk"], "dw_gate": errs["dv"], "dw_up": 0.0, "dw_down": 0.0,
+                       "y": errs["y"], "max": worst, "ok": worst <= TOL[dtype], "seconds": 0.0}
+
+
+def attention_times(lengths=(4096, 8192)):
+    """fwd+bwd ms and XLA's planned temporaries (MiB) per implementation, bf16."""
+    for T in lengths:
+        args = _attention_problem(T, jnp.bfloat16)
+        row = {"seq_len": T}
+        for impl in attention_impls():
+            f = _attention_vag(impl)
+            try:
+                temp = f.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+            except jax.errors.JaxRuntimeError:
+                temp = float("inf")
+            row[f"{impl}_temp_mib"] = temp
+            row[f"{impl}_ms"] = _time_or_oom(f, *args)
+        yield row
+
+
+# MFU model sizes.  full: the two configs of issue 22 for one 80 GB GPU: dense d 2048,
+# 16 layers, seq 4096 with the flash path (attention_impl auto: cuDNN on GPU); MoE
+# d 1024, 64 experts of hidden 512 (top-8; 1.7B params, 27 GB with Adam), 16 layers,
+# dropless (kernel auto: tokamax on accelerators).  small: the sizes of the first H100
+# lease (d 1024, 16 layers, seq 1024; MoE 32 experts of 512, top-2).  tiny: the same
+# code paths in seconds on CPU.
 MFU_SIZES = {
-    "full": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8, experts=32, hidden=512,
-                 vocab=32768, peak_n=8192, iters=10),
-    "tiny": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2, experts=4, hidden=32,
-                 vocab=512, peak_n=256, iters=2),
+    "full": {"dense": dict(d=2048, layers=16, heads=16, kv=8, seq=4096, batch=2),
+             "moe": dict(d=1024, layers=16, heads=16, kv=8, seq=4096, batch=2, experts=64,
+                         hidden=512, top_k=8),
+             "vocab": 32768, "peak_n": 8192, "iters": 5},
+    "small": {"dense": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8),
+              "moe": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8, experts=32,
+                          hidden=512, top_k=2),
+              "vocab": 32768, "peak_n": 8192, "iters": 10},
+    "tiny": {"dense": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2),
+             "moe": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2, experts=4, hidden=32,
+                         top_k=2),
+             "vocab": 512, "peak_n": 256, "iters": 2},
 }
 
 
-def _mfu_config(ffn: str, z: dict) -> Config:
-    moe = MoEConfig(num_experts=z["experts"], top_k=2, expert_hidden=z["hidden"],
-                    dispatch="capacity", router="softmax_topk")
+def _mfu_config(ffn: str, size: dict) -> Config:
+    z = size[ffn]
+    moe = MoEConfig(num_experts=z.get("experts", 8), top_k=z.get("top_k", 2),
+                    expert_hidden=z.get("hidden", 0), dispatch="dropless", router="softmax_topk")
     cfg = Config(
-        model=ModelConfig(vocab_size=z["vocab"], d_model=z["d"], num_layers=z["layers"],
+        model=ModelConfig(vocab_size=size["vocab"], d_model=z["d"], num_layers=z["layers"],
                           num_heads=z["heads"], num_kv_heads=z["kv"], max_seq_len=z["seq"],
                           compute_dtype="bfloat16", ffn=ffn, moe=moe),
         data=DataConfig(seq_len=z["seq"], mixture="arith:1"),
@@ -208,6 +291,8 @@ def check_mfu(size: str = "full") -> dict:
            "train_peak_tflops": sheet / 1e12, "train_peak_source": how}
     for ffn in ("dense", "moe"):
         cfg = _mfu_config(ffn, z)
+        print(f"  {ffn}: d {cfg.model.d_model}, {cfg.model.num_layers} layers, seq "
+              f"{cfg.data.seq_len}, batch {cfg.train.batch_size}", flush=True)
         r = measure_throughput(cfg, peak, iters=z["iters"])
         r["active_params"] = flops.param_counts(cfg.model)["active"]
         r["mfu_vs_train_peak"] = r["mfu"] * peak / sheet
@@ -224,6 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     p.add_argument("--skip-mfu", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--mfu-size", default="full", choices=sorted(MFU_SIZES))
     p.add_argument("--cases", default="", help="only dispatch cases whose label contains this")
     args = p.parse_args(argv)
@@ -238,7 +324,13 @@ def main(argv=None) -> int:
         print(f"  {r['case']:<34}{r['dtype']:<10}{r['dropped']:>8.3f}{r['y']:>10.2e}"
               f"{r['dx']:>10.2e}{r['dgate']:>10.2e}{dw:>10.2e}{r['seconds']:>6.1f}  "
               f"{'OK' if r['ok'] else 'FAIL'}", flush=True)
-    result = {"backend": jax.default_backend(), "dispatch": rows, "kernels": []}
+    if not args.skip_attention:
+        for r in check_attention(256 if jax.default_backend() == "cpu" else 1024):
+            rows.append(r)
+            print(f"  {r['case']:<34}{r['dtype']:<10}{'':>8}{r['y']:>10.2e}{r['dx']:>10.2e}"
+                  f"{r['dgate']:>10.2e}{r['dw_gate']:>10.2e}{'':>6}  "
+                  f"{'OK' if r['ok'] else 'FAIL'}  (columns: out, dq, dk, dv)", flush=True)
+    result = {"backend": jax.default_backend(), "dispatch": rows, "kernels": [], "attention": []}
     on_cpu = jax.default_backend() == "cpu"  # ragged_dot on CPU is a dense loop: skip
     if not (on_cpu or args.skip_kernels):
         print("expert SwiGLU alone, fwd+bwd (ms), 32768 rows, d 256, F 512, balanced groups")
@@ -247,6 +339,14 @@ def main(argv=None) -> int:
             print(f"  {r['dtype']:<9} E={r['experts']:<4} ragged_dot {r['ragged_ms']:8.2f}  "
                   f"blocks(b={r['block']}) {r['blocks_ms']:8.2f}  [E, C, D] buffers "
                   f"{r['buffer_ms']:8.2f}", flush=True)
+    if not (on_cpu or args.skip_attention):
+        print("attention fwd+bwd, bf16, B 1, 16 heads, 8 kv heads, head dim 128, 2 segments: "
+              "ms and planned temporaries (MiB)")
+        for r in attention_times():
+            result["attention"].append(r)
+            print(f"  T={r['seq_len']:<6}" + "  ".join(
+                f"{i} {r[f'{i}_ms']:8.2f} ms {r[f'{i}_temp_mib']:9.0f} MiB"
+                for i in attention_impls()), flush=True)
     if not args.skip_mfu:
         print(f"train step ({args.mfu_size}), bf16 compute; MFU against the bf16 matmul rate "
               "measured now", flush=True)
