@@ -240,7 +240,8 @@ def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp
 def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tmp_path):
     """A corpus + facts mixture: packed rows keep documents apart (segment ids), the
     held-out split gives the eval loss, and a run killed after 2 steps and resumed logs
-    the same losses as an uninterrupted one (the grain iterator state is checkpointed)."""
+    the same losses as an uninterrupted one (the grain iterator state is checkpointed,
+    read through a grain worker process), and not under another worker count."""
     from conftest import tiny_config
 
     from moe_lab.data import pipeline
@@ -260,9 +261,15 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     new_doc = (pos == 0) & (seg > 0)
     assert np.all(seg[:, 1:][~new_doc[:, 1:]] == seg[:, :-1][~new_doc[:, 1:]])
     assert set(np.unique(batch["task_ids"][seg > 0])) <= {0, 1}
+    # the training runs read through a grain worker process (data.workers): its
+    # iterator state (the worker's) is what the checkpoint keeps
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=1))
     whole = train(cfg, str(tmp_path / "whole"))
     assert "eval/corpus/loss" in whole and whole["eval/corpus/loss"] > 0
     train(cfg, str(tmp_path / "cut"), max_steps=2)
+    with pytest.raises(ConfigError, match=r"different data \(data.workers"):
+        train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=0)),
+              str(tmp_path / "cut"))
     train(cfg, str(tmp_path / "cut"))
     a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
     la = [r["loss"] for r in a if "loss" in r]

@@ -197,6 +197,10 @@ class DataConfig:
     # {"prompt": ..., "answer": ...} rows)
     files: str = ""
     pack: bool = True
+    # grain worker processes building the training batches (0: in the training
+    # process). Deterministic for a given count; batches differ between counts (each
+    # worker packs its own slice), so a resume keeps the count of the run.
+    workers: int = 0
     # byte | PATH/tokenizer.json (HF tokenizers) | PATH/NAME.model (SentencePiece);
     # the run directory keeps a copy (DIR/tokenizer/) and config.json its fingerprint
     tokenizer: str = "byte"

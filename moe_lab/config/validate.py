@@ -108,6 +108,8 @@ def validate(cfg: Config) -> Config:
         )
     if m.resolved_head_dim % 2:
         raise ConfigError(f"model head_dim={m.resolved_head_dim} must be even for RoPE")
+    if d.workers < 0:
+        raise ConfigError(f"config key 'data.workers' must be >= 0, got {d.workers}")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.lr <= 0:

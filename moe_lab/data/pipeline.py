@@ -44,6 +44,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from moe_lab.config.absl_flags import parse_absl_flags_once
 from moe_lab.config.schema import ConfigError, DataConfig, parse_mixture
 from moe_lab.data import corpus as corpus_source
 from moe_lab.data.tasks.base import Example, Task, stable_hash
@@ -205,6 +206,8 @@ def make_train_dataset(
     (default 2 x the host batch) trades packing density for latency.
     `prefetch` > 0 adds a thread prefetch buffer of that many batches; grain's
     thread prefetch checkpoints the state of the last *consumed* batch.
+    `data_cfg.workers` > 0 runs the pipeline in that many grain worker processes
+    (`mp_prefetch`; `prefetch` batches buffered per worker) instead.
     `tokenizer`: the run's (default: data_cfg.tokenizer's).
     """
     if global_batch_size % shard_count:
@@ -242,7 +245,13 @@ def make_train_dataset(
         it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=_collate_packed)
     else:
         it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=_PadCollate(seq_len))
-    if prefetch:
+    if data_cfg.workers:
+        # the whole pipeline (read, tokenise, pack, batch) in worker processes, each on
+        # a slice of the documents; its state (every worker's) checkpoints as before
+        parse_absl_flags_once()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_cfg.workers, per_worker_buffer_size=max(1, prefetch)))
+    elif prefetch:
         it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
     return it_ds
 

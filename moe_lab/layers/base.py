@@ -8,12 +8,11 @@ twice in a year (sharding -> sharding_names -> out_sharding); we keep ours.
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_lab.config.absl_flags import parse_absl_flags_once
 from moe_lab.parallel.sharding import LOGICAL_AXES_KEY
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,19 +56,10 @@ def param(
     return nnx.Param(value, **{LOGICAL_AXES_KEY: tuple(logical_axes)})
 
 
-
-
 def import_tokamax():
-    """tokamax, imported on first use (layers/attention_kernels.py, moe_kernels).
-
-    tokamax reads its options from absl flags and, if nobody parsed them yet, parses
-    sys.argv on first use, which fails on any command line that is not absl's own
-    (`moe-lab train --config.x=...`, pytest's).  Parse the program name only, as
-    tokamax's own test setup does."""
-    from absl import flags  # noqa: PLC0415 (tokamax's dependency)
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv[:1])
+    """tokamax, imported on first use (layers/attention_kernels.py, moe_kernels), with
+    the absl flags it reads parsed (config/absl_flags.py)."""
+    parse_absl_flags_once()
     import tokamax  # noqa: PLC0415
 
     return tokamax

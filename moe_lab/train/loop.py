@@ -148,7 +148,14 @@ class HostRows:
         return self
 
     def __next__(self):
-        return host_rows(next(self.iterator))
+        # copied out of the batch grain's worker processes hand over in shared memory
+        # (released now, not whenever the garbage collector gets to it)
+        return {k: np.array(v) for k, v in host_rows(next(self.iterator)).items()}
+
+    def close(self) -> None:
+        """Stops grain's worker processes, if any (data.workers)."""
+        if hasattr(self.iterator, "close"):
+            self.iterator.close()
 
     # grain's checkpoint handler stores non-DatasetIterator states as bytes
     def get_state(self) -> bytes:
@@ -357,6 +364,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
             out = trainer.run(steps, state, start_step, max_steps=max_steps)
         finally:
             trainer.close()
+            train_iter.close()
     last_row = out["last_row"]
     return {"workdir": workdir, "step": out["step"], "steps": t.steps,
             "process_index": jax.process_index(),
