@@ -298,6 +298,24 @@ def test_cached_decode_matches_reference(mor, temperature, extra, layers):
         assert frac[0] == 1.0 and 0 < frac[2] <= frac[1] < 1.0
 
 
+def test_depthwise_batching_decodes_the_reference_tokens():
+    """Continuous depth-wise batching (a FIFO of tokens at any depth, 2 per shared-block
+    call for 3 sequences; a pool of 2 layers with MoE feed-forwards) == the no-cache
+    reference decode; tokens really exit early; other MoR variants are refused."""
+    from moe_lab.eval.depthwise import generate_depthwise  # noqa: PLC0415
+
+    cfg = _mor(num_layers=8, init_std=0.2, model_extra=MOE_FFN, routing="expert_choice")
+    gd, params, rest = split_model(build_model(cfg))
+    stats = {}
+    fast = generate_depthwise(gd, params, rest, PROMPTS, 5, slots=2, stats=stats)
+    assert fast == generate(gd, params, rest, PROMPTS, max_new_tokens=5, use_cache=False)
+    fed = len(PROMPTS) * 4  # tokens fed back through the recursion
+    assert fed <= stats["filled_slots"] < 3 * fed  # each takes 1..3 steps, some fewer than 3
+    with pytest.raises(ConfigError, match="needs expert-choice recursion routing"):
+        tc = _mor(routing="token_choice")
+        generate_depthwise(*split_model(build_model(tc)), PROMPTS, 2)
+
+
 def test_mor_tiny_trains_and_logs_depth_histogram():
     from moe_lab.parallel import sharding  # noqa: PLC0415
     from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415

@@ -15,7 +15,9 @@ routing at decode keeps about the trained capacities. What decode actually kept 
 measured and reported (per-step kept fraction, sampling accuracy).
 
 Depth-wise batching: at each recursion step only the rows whose token continues are
-computed, gathered into the smallest of 8 static row buckets (lax.switch).
+computed, gathered into the smallest of 8 static row buckets (lax.switch).  The
+continuous variant (2507.10524 sec. 3.3, eval/depthwise.py: a FIFO of tokens at any
+depth fills every shared-block call) is timed end to end beside it.
 
 Timing: throughput is of the decode loop alone (the N - 1 single-token steps after
 the prompt's prefill, which runs every row at T > 1 and is reported separately as
@@ -56,6 +58,7 @@ from moe_lab.accounting.timing import time_fn
 from moe_lab.bench.common import paired_ratio, paired_ratios, print_targets, spread, target
 from moe_lab.config.schema import Config, DataConfig, ModelConfig, MoRConfig
 from moe_lab.config.validate import validate
+from moe_lab.eval.depthwise import generate_depthwise
 from moe_lab.eval.generate import decode_steps, prefill
 from moe_lab.train.state import build_model, resolve_config, split_model
 
@@ -148,7 +151,7 @@ def run(quick: bool = False, d_model: int | None = None, batch: int | None = Non
     prompts, valid = prompts_all[:B], jnp.ones((B, P), bool)
     out = {"name": "decode", "backend": jax.default_backend(), "batch": B, "prompt_len": P,
            "new_tokens": N, "d_model": d, "layer_applications": layers, "num_recursions": n_r}
-    results, decoders = {}, {}
+    results, decoders, models = {}, {}, {}
     for name, cfg in cfgs.items():
         gd, params, rest = split_model(build_model(cfg))
         t_fit = 0.0
@@ -194,7 +197,21 @@ def run(quick: bool = False, d_model: int | None = None, batch: int | None = Non
             # compute bound: layer applications per token, vanilla over MoR's measured ones
             r["ideal_speedup"] = layers / (2 + pool * float(frac.sum()))
         results[name] = r
+        models[name] = (gd, params, rest)
     out["models"] = results
+    # continuous depth-wise batching (eval/depthwise.py) of the recursion-wise model, at
+    # the same batch (its static KV buffers are vanilla's size: also equal KV memory),
+    # end to end (prefill included) against the lockstep decode and vanilla
+    gd, params, rest = models["mor_recursion_wise"]
+    prompt_rows = np.asarray(prompts).tolist()
+    dw_stats = {}
+    dw = time_fn(lambda: generate_depthwise(gd, params, rest, prompt_rows, N, slots=B,
+                                            stats=dw_stats), warmup=1, iters=1 if quick else 2)
+    out["depthwise"] = {"end_to_end_tokens_per_sec": B * N / dw, "shared_block_calls":
+                        dw_stats["calls"], "slot_fill": dw_stats["filled_slots"] / (
+                            dw_stats["calls"] * dw_stats["slots"])}
+    out["speedup_depthwise_end_to_end"] = (out["depthwise"]["end_to_end_tokens_per_sec"]
+                                           / results["vanilla"]["end_to_end_tokens_per_sec"])
     # speed-ups: medians of back-to-back (vanilla, MoR) pairs of the decode loop, so
     # that the machine's drift over minutes cancels (time(vanilla) / time(MoR))
     pairs = 3 if quick else 7
@@ -259,4 +276,10 @@ def main_print(r: dict) -> None:
     print(f"  KV sharing at vanilla's KV-cache memory (allocated {r['kv_alloc_ratio_shared']:.2f}x "
           f"of vanilla, so batch {2 * r['batch']}): {r['speedup_kv_shared_equal_kv_memory']:.2f}x "
           "vanilla tokens/s (the paper's max-batch protocol; not the same-batch target)")
+    dw = r["depthwise"]
+    print(f"  continuous depth-wise batching (recursion-wise, batch {r['batch']}, same KV memory): "
+          f"{dw['end_to_end_tokens_per_sec']:.0f} tok/s with prefill, "
+          f"{r['speedup_depthwise_end_to_end']:.2f}x vanilla's; {dw['shared_block_calls']} "
+          f"shared-block calls, {100 * dw['slot_fill']:.0f}% of their slots filled "
+          "(host-side queue: one device round trip per call)")
     print_targets(r["targets"])
