@@ -192,7 +192,7 @@ def test_width_noise_on_copies_only_and_random_init():
         old, new = np.split(out, 2, axis=ax)
         np.testing.assert_array_equal(old, ffn[name])
         assert abs(new.std() / cfg.model.init_std - 1) < 0.1, name
-        assert np.abs(np.corrcoef(new.ravel(), old.ravel())[0, 1]) < 0.1, name
+        assert np.abs(np.corrcoef(new.ravel(), old.ravel())[0, 1]) < 0.3, name  # 256+ draws
     np.testing.assert_allclose(gms["blocks"]["layers"]["ffn"]["bias_E"][:, 4:],
                                np.repeat(bias.mean(1, keepdims=True), 4, 1), rtol=1e-6)
     # random_router (the released script's --growth-use-random-router): the whole
@@ -202,8 +202,11 @@ def test_width_noise_on_copies_only_and_random_init():
     np.testing.assert_array_equal(out["up_EDF"], np.concatenate([ffn["up_EDF"]] * 2, axis=1))
     router = out["router_DE"]
     assert router.shape[-1] == 8 and abs(router.std() / cfg.model.init_std - 1) < 0.1
-    assert np.abs(np.corrcoef(router[..., :4].ravel(), ffn["router_DE"].ravel())[0, 1]) < 0.1
+    assert np.abs(np.corrcoef(router[..., :4].ravel(), ffn["router_DE"].ravel())[0, 1]) < 0.3
     np.testing.assert_array_equal(gms["blocks"]["layers"]["ffn"]["bias_E"], 0.0)
+    g, _, _ = growth.grow_width(params, ms, cfg, init="random_router", grow_e=False, seed=1)
+    assert np.abs(np.corrcoef(g["blocks"]["layers"]["ffn"]["router_DE"].ravel(),
+                              ffn["router_DE"].ravel())[0, 1]) < 0.3  # top-k only: redrawn too
     with pytest.raises(ConfigError, match="not one of copy, random_router, random_experts"):
         growth.grow_width(params, ms, cfg, init="random")
 

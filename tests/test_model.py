@@ -1,6 +1,7 @@
 """The dense decoder: causality, packing, shapes, parameter accounting, remat, norms."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -254,10 +255,17 @@ def test_attention_implementations_match_xla(impl, extra):
                 == generate(gd, params, rest, prompts, max_new_tokens=4))
 
 
-def test_cudnn_attention_is_refused_off_gpu():
+def test_cudnn_attention_is_refused_off_gpu_and_auto_picks_what_runs():
+    from moe_lab.layers.attention_kernels import resolve_attention_impl  # noqa: PLC0415
+
     with pytest.raises(Exception, match="attention_impl='cudnn' needs an NVIDIA GPU") as e:
         _model(attention_impl="cudnn")
     assert "\n" not in str(e.value)
+    auto = functools.partial(resolve_attention_impl, "auto")
+    assert auto("gpu", compute_dtype="bfloat16", head_dim=64) == "cudnn"
+    assert auto("gpu", compute_dtype="float32", head_dim=64) == "xla"  # cuDNN: half only
+    assert auto("gpu", compute_dtype="bfloat16", head_dim=256) == "xla"
+    assert auto("tpu") == "tokamax" and auto("cpu") == "xla"
 
 
 def _replace_model(cfg, **model):

@@ -314,6 +314,9 @@ def test_depthwise_batching_decodes_the_reference_tokens():
     with pytest.raises(ConfigError, match="needs expert-choice recursion routing"):
         tc = _mor(routing="token_choice")
         generate_depthwise(*split_model(build_model(tc)), PROMPTS, 2)
+    from moe_lab.eval.depthwise import depthwise_error  # noqa: PLC0415
+
+    assert "first capacity at 1" in depthwise_error(_mor(capacities="0.5,0.25,0.1").model)
 
 
 def test_mor_tiny_trains_and_logs_depth_histogram():
@@ -444,6 +447,7 @@ def test_stored_runs_keep_the_update_they_trained_with(tmp_path):
     """A run dir written when 'paper' named h + g (f(h) - h) loads as 'interpolate'."""
     import json  # noqa: PLC0415
 
+    from moe_lab.cli.args import config_from_args  # noqa: PLC0415
     from moe_lab.config.load import config_from_json  # noqa: PLC0415
 
     raw = load_config("configs/mor_tiny.py").to_dict()
@@ -451,6 +455,8 @@ def test_stored_runs_keep_the_update_they_trained_with(tmp_path):
         raw["model"]["mor"]["update"] = old
         (tmp_path / "config.json").write_text(json.dumps(raw))
         assert config_from_json(str(tmp_path / "config.json")).model.mor.update == new
+        args = type("Args", (), {"config": None, "workdir": str(tmp_path)})()  # --workdir
+        assert config_from_args(args, {}).model.mor.update == new
 
 
 def test_flops_count_routed_recursions():

@@ -40,7 +40,7 @@ VANILLA_STEPS = 9438
 
 def iso_flop_steps(model: dict, vanilla: dict, vanilla_steps: int, seq_len: int) -> int:
     """Steps at vanilla's training FLOPs in the paper's convention (no LM head, K/V
-    projections counted at d x d; moe_lab/accounting/flops.py): 12619, 14163, 14216
+    projections counted at d x d; moe_lab/accounting/flops.py): 12619, 14163, 14215
     for N_r = 2, 3, 4 and 14674 with KV sharing (the released configs: 12619, 14161,
     14216, 14672)."""
     from moe_lab.accounting import flops

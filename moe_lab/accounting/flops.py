@@ -23,7 +23,7 @@ Two counts (`convention`):
   MoR expert choice N_r = 2, 3, 4: 12619, 14161, 14216; KV sharing N_r = 3: 14672):
   forward FLOPs without the LM head, and the K/V projections counted at d x d, as
   if every head had its own K/V (SmolLM-360M has 5 of 15).  With both, moe_lab's
-  formula gives 12619, 14163, 14216 and 14674 (tests/test_mor.py); dropping only
+  formula gives 12619, 14163, 14215 and 14674 (tests/test_mor.py); dropping only
   the head gives 1.505x vanilla at N_r = 3 (the paper: 1.500x) but 1.490x for KV
   sharing (the paper: 1.555x), because sharing's saving is the K/V projections,
   3x larger when they are counted at d x d.  KV sharing's steps >= 2 attend to all

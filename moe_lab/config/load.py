@@ -180,14 +180,14 @@ def config_from_json(path: str) -> Config:
                               "was it cut short?") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} does not hold a config (a JSON object)")
-    return validate(from_dict(Config, _stored_meaning(raw)))
+    return validate(from_dict(Config, stored_meaning(raw)))
 
 
 # A run written before a value was renamed (config.validate.RENAMED) meant this:
 _STORED_RENAMES = {("model", "mor", "update"): {"paper": "interpolate", "released": "add"}}
 
 
-def _stored_meaning(raw: dict) -> dict:
+def stored_meaning(raw: dict) -> dict:
     """The stored config with renamed values translated to what they computed."""
     for (*parents, key), names in _STORED_RENAMES.items():
         node = raw

@@ -247,10 +247,13 @@ def make_train_dataset(
         it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=_PadCollate(seq_len))
     if data_cfg.workers:
         # the whole pipeline (read, tokenise, pack, batch) in worker processes, each on
-        # a slice of the documents; its state (every worker's) checkpoints as before
+        # a slice of the documents; its state (every worker's) checkpoints as before.
+        # Contiguous slices of the mixture: grain's default (every N-th document) would
+        # give each worker one task of a fixed interleave (1:1 -> worker 0 all t0)
         parse_absl_flags_once()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data_cfg.workers, per_worker_buffer_size=max(1, prefetch)))
+            num_workers=data_cfg.workers, per_worker_buffer_size=max(1, prefetch)),
+            sequential_slice=True)
     elif prefetch:
         it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
     return it_ds

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_lab.config.schema import ConfigError, ModelConfig
+from moe_lab.config.schema import ConfigError, ModelConfig, mor_capacities
 from moe_lab.eval.generate import left_pad, prefill_logits
 from moe_lab.layers import recursion_routing as rr
 
@@ -47,6 +47,12 @@ def depthwise_error(m: ModelConfig) -> str | None:
         return f"depth-wise batching needs expert-choice recursion routing, got {r.routing!r}"
     if r.kv_cache != "recursion_wise":
         return f"depth-wise batching needs model.mor.kv_cache='recursion_wise', got {r.kv_cache!r}"
+    if mor_capacities(m)[0] < 1.0:
+        return ("depth-wise batching runs step 1 for every token: it needs the first "
+                f"capacity at 1, got model.mor.capacities={r.capacities!r}")
+    if m.ffn == "moe" and m.moe.dispatch == "capacity":
+        return ("depth-wise batching needs a token's result independent of its call's other "
+                "tokens: dropless MoE, not model.moe.dispatch='capacity'")
     if not r.sharing.endswith("cycle"):
         return (f"depth-wise batching batches tokens of different steps through the same "
                 f"layers: it needs cycle or middle_cycle sharing, got {r.sharing!r}")
@@ -120,7 +126,8 @@ def _exit_and_enter(graphdef, params, model_state, first, last, h_MD, b_M, pos_M
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, params, model_state, tokens_BP, valid_BP, *, cache_len: int):
-    """Lockstep prefill of the prompts; the first token and its h after the first layer."""
+    """Lockstep prefill of the prompts -> (first generated token, recursive-stack cache,
+    last prompt position)."""
     model = nnx.merge(graphdef, params, model_state)
     logits_BV, cache, last_pos_B = prefill_logits(model, tokens_BP, valid_BP, cache_len)
     token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)

@@ -261,11 +261,11 @@ def apply_width(tree: dict, plan: WidthPlan, *, kind: str = "params", noise: flo
         ax = EXPERT_AXES[path[-1]]
         xp = _xp(x)
         y = xp.take(x, xp.asarray(plan.index), axis=ax)
-        if not plan.is_copy.any():
-            return y
         if plan.init == "random_router" and path[-1] in ROUTER_LEAVES:
             # the released baseline: every column redrawn, the originals' too
             return xp.asarray(_redrawn(kind, path, y.shape, seed, init_std, bias=None), y.dtype)
+        if not plan.is_copy.any():
+            return y
         mask_shape = [1] * x.ndim
         mask_shape[ax] = len(plan.index)
         copy = np.broadcast_to(plan.is_copy.reshape(mask_shape), y.shape)

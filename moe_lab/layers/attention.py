@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moe_lab.config.schema import ModelConfig
-from moe_lab.layers.attention_kernels import attend
+from moe_lab.layers.attention_kernels import attend, resolve_attention_impl
 from moe_lab.layers.base import dtype_of, param
 from moe_lab.layers.norms import RMSNorm
 
@@ -112,7 +112,8 @@ class Attention(nnx.Module):
         self.k_norm = nnx.data(RMSNorm(k_dim, eps=cfg.norm_eps, dtype=pd, axis=None) if on else None)
         self.inv_freq_K2 = tuple(rope_frequencies(cfg).tolist())  # static (hashable)
         self.compute_dtype = dtype_of(cfg.compute_dtype)
-        self.impl = cfg.attention_impl  # layers/attention_kernels.py
+        self.impl = resolve_attention_impl(  # layers/attention_kernels.py
+            cfg.attention_impl, compute_dtype=cfg.compute_dtype, head_dim=K)
 
     def _project(self, x_BTD, w_DNK, bias_NK, norm):
         """x @ w (+ bias_NK) (then the q / k norm) -> [B, T, N, K]."""

@@ -18,7 +18,8 @@ gathered tokens and KV caches work the same way under every implementation.
   cudnn    cuDNN flash attention through jax.nn.dot_product_attention (GPU, bf16 /
            fp16; KV-cache decoding uses xla: cuDNN's fused kernel is a training /
            prefill kernel).
-  auto     cudnn on GPU, tokamax on TPU, xla on CPU.
+  auto     cudnn on GPU (xla where cuDNN does not take the dtype / head dim), tokamax
+           on TPU, xla on CPU.
 
 Only [B, 1, T, S] booleans (the mask, one byte a pair, shared by the heads) are
 formed for the library kernels, never [B, H, T, S] scores.  tokamax is imported
@@ -49,28 +50,39 @@ def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
 
 
 
-def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
-    """The implementation 'auto' means on this backend (others are returned as given)."""
+def resolve_attention_impl(impl: str, backend: str | None = None, *,
+                           compute_dtype: str = "bfloat16", head_dim: int = 128) -> str:
+    """The implementation 'auto' means on this backend for this compute dtype and head
+    dim (others are returned as given): cudnn on GPU where cuDNN's flash kernel takes
+    the call (bf16 / fp16, head dim <= 128 divisible by 8), else xla; tokamax on TPU;
+    xla on CPU."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "tokamax"}.get(backend, "xla")
+    if backend in ("gpu", "cuda"):
+        return "cudnn" if _cudnn_error(compute_dtype, head_dim) is None else "xla"
+    return "tokamax" if backend == "tpu" else "xla"
+
+
+def _cudnn_error(compute_dtype: str, head_dim: int) -> str | None:
+    if compute_dtype not in ("bfloat16", "float16"):
+        return (f"model.attention_impl='cudnn' runs in bf16 / fp16; model.compute_dtype "
+                f"is {compute_dtype}")
+    if head_dim % 8 or head_dim > 128:
+        return f"model.attention_impl='cudnn' needs a head dim <= 128 divisible by 8, got {head_dim}"
+    return None
 
 
 def attention_impl_error(impl: str, compute_dtype: str, head_dim: int,
                          backend: str | None = None) -> str | None:
     """Why `impl` cannot run here (a one-line reason), or None."""
-    impl = resolve_attention_impl(impl, backend)
+    impl = resolve_attention_impl(impl, backend, compute_dtype=compute_dtype, head_dim=head_dim)
     backend = backend or jax.default_backend()
     if impl == "cudnn":
         if backend not in ("gpu", "cuda"):
             return (f"model.attention_impl='cudnn' needs an NVIDIA GPU (this backend is "
                     f"{backend}); use xla, chunked or tokamax")
-        if compute_dtype not in ("bfloat16", "float16"):
-            return (f"model.attention_impl='cudnn' runs in bf16 / fp16; model.compute_dtype "
-                    f"is {compute_dtype}")
-        if head_dim % 8 or head_dim > 128:
-            return f"model.attention_impl='cudnn' needs a head dim <= 128 divisible by 8, got {head_dim}"
+        return _cudnn_error(compute_dtype, head_dim)
     return None
 
 

@@ -192,8 +192,9 @@ class RecursiveStack(nnx.Module):
         """Step r's causal routing of the hidden state h entering it, the one rule that
         training and decoding share -> (sel_BT, gate, z_BT, z_dec_BT).
 
-        none: sel None (every token), no gate.  token choice (tc = (depth_BT, gate_BT)
-        chosen up front): the tokens whose depth reaches step r, gated at their last.
+        none: sel None (every token), no gate.  token choice (tc = (depth_BT, gate_BT,
+        first_BTD), chosen up front on the recursion's input first_BTD): the tokens
+        whose depth reaches step r, gated at their last (FinalStepGate).
         expert choice: gate from the step router's z; sel keeps the candidates with
         z_dec >= 0 (z_dec: the auxiliary router's logits where there is one), all of
         them at capacity 1.  z, z_dec (expert choice only, else None) are what
