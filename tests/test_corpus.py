@@ -275,11 +275,22 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     la = [r["loss"] for r in a if "loss" in r]
     lb = [r["loss"] for r in b if "loss" in r]
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-6)
-    # bad corpora: another tokenizer's, a truncated shard, an unfinished prepare
+    # bad corpora: another tokenizer's, a shard corrupted in place (same size: the
+    # record that fails Riegeli's chunk hash names its file), a truncated shard, an
+    # unfinished prepare
     with pytest.raises(ConfigError, match="prepared with tokenizer .* the run's is"):
         next(pipeline.make_train_iterator(
             dataclasses.replace(cfg.data, tokenizer="byte"), 4, seed=0))
     shard = os.path.join(cdir, prep.shard_name("train", 0))
+    with open(shard, "r+b") as f:  # a byte inside the first chunks' data
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ConfigError, match=f"shard {shard} is corrupt \\(record"):
+        it = pipeline.make_train_iterator(cfg.data, 4, seed=0)
+        for _ in range(1000):  # until the shuffled stream reads the bad chunk
+            next(it)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) - 3)
     with pytest.raises(ConfigError, match=f"shard {shard} is missing or truncated"):

@@ -16,6 +16,7 @@ first documents of the held-out shards.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -42,8 +43,55 @@ class Corpus:
         return int(self.meta["tokens"])
 
     def shard_paths(self, split: str) -> list[str]:
-        return [os.path.join(self.path, s[split]) for s in self.meta["shards"]
-                if s["heldout_documents" if split == "heldout" else "documents"] > 0]
+        return [p for p, _ in self.shard_counts(split)]
+
+    def shard_counts(self, split: str) -> list[tuple[str, int]]:
+        """(path, documents) of the shards of split that hold any."""
+        key = "heldout_documents" if split == "heldout" else "documents"
+        return [(os.path.join(self.path, s[split]), int(s[key])) for s in self.meta["shards"]
+                if s[key] > 0]
+
+    def records(self, split: str) -> ShardRecords:
+        return ShardRecords(self.shard_counts(split))
+
+
+class CorruptShardError(ConfigError):
+    """A shard whose bytes fail ArrayRecord's (Riegeli's) chunk hashes: corrupted in
+    place, at the same size, so open_corpus's size check passed."""
+
+
+class ShardRecords:
+    """grain random-access source over a corpus's shards (one ArrayRecord reader per
+    shard, opened on first use): what grain.sources.ArrayRecordDataSource over the
+    list does, except that a record failing Riegeli's hashes names its shard file
+    (CorruptShardError) instead of an anonymous RuntimeError deep in the pipeline.
+    The shards' document counts come from meta.json, so nothing is opened to build it."""
+
+    def __init__(self, shards: list[tuple[str, int]]):
+        self.paths = [p for p, _ in shards]
+        self.starts = np.cumsum([0] + [n for _, n in shards]).tolist()
+        self._readers: dict[int, grain.sources.ArrayRecordDataSource] = {}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> bytes:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        try:
+            if shard not in self._readers:
+                self._readers[shard] = grain.sources.ArrayRecordDataSource([self.paths[shard]])
+            return self._readers[shard][index - self.starts[shard]]
+        except RuntimeError as e:  # Riegeli: "Corrupted Riegeli/records file: ..."
+            raise CorruptShardError(
+                f"data.corpus: shard {self.paths[shard]} is corrupt (record "
+                f"{index - self.starts[shard]}: {str(e).splitlines()[0][:160]}); "
+                f"prepare the corpus again or restore the file") from None
+
+    def __getstate__(self):  # grain workers reopen their own readers
+        return {"paths": self.paths, "starts": self.starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _readers={})
 
 
 def parse_corpora(spec: str) -> list[tuple[str, float]]:
@@ -122,7 +170,7 @@ def corpus_documents(corpora: list[tuple[Corpus, float]], task_index: int, seed:
     for k, (c, _) in enumerate(corpora):
         if not c.shard_paths("train"):
             raise ConfigError(f"data.corpus {c.path} holds no training documents")
-        source = grain.sources.ArrayRecordDataSource(c.shard_paths("train"))
+        source = c.records("train")
         shuffle_seed = stable_hash(f"shuffle/{seed}/corpus/{k}") % 2**32
         ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
         streams.append(ds[shard_index::shard_count].map(
@@ -136,8 +184,7 @@ def heldout_documents(corpora: list[tuple[Corpus, float]], n: int, task_index: i
                       seq_len: int) -> list[dict[str, np.ndarray]]:
     """The first n held-out documents (round robin over the corpora), cut to seq_len:
     the eval-loss rows (cycled where the held-out split is smaller)."""
-    readers = [(grain.sources.ArrayRecordDataSource(c.shard_paths("heldout")),
-                c.meta["token_dtype"]) for c, _ in corpora if c.shard_paths("heldout")]
+    readers = [(c.records("heldout"), c.meta["token_dtype"]) for c, _ in corpora if c.shard_paths("heldout")]
     if not readers:
         raise ConfigError("data.corpus: the corpora hold no held-out documents (prepare "
                           "with --heldout > 0)")
