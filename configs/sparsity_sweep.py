@@ -6,6 +6,9 @@ expert size, so active parameters depend on k only and total on E.
                            the 1000 facts are stored; 1200 steps; get_sweep('tiny'):
                            E in {2, 4, 8, 16} x k in {1, 2} x seeds {0, 1, 2} (24 runs,
                            about 55 min on a 2-core CPU with two shards at once)
+    get_sweep('tiny_steps') -> the tiny config's E 2 and E 16 (k 1, seed 0) at 600, 2400 and
+                           4800 steps: with the grid's 1200-step points, how the gap
+                           between few and many experts moves with training length
     get_config('micro') -> a few steps of a very small model (tests, CI, `make demo`)
     get_config('paper') -> the paper's recipe at d=1024 (16 layers, SwiGLU experts of
                            hidden 2d, 125B tokens, AdamW 0.9/0.95, wd 0.1, clip 1,
@@ -64,7 +67,7 @@ def get_config(arg=None):
     arg, _ = _split(arg)
     c = ml_collections.ConfigDict()
     c.name = f"sparsity_{arg}"
-    if arg == "tiny":
+    if arg in ("tiny", "tiny_steps"):
         # Capacity-bound memorization at CPU scale: 200 entities x 5 relations = 1000
         # facts (~5.3 bits each) against expert weights of 4 x 3 x 64 x 16 = 12k per
         # expert.  Measured (pilot, 1500 steps, seed 0, k 1): E 2 -> 16 moved the facts
@@ -108,7 +111,7 @@ def get_config(arg=None):
                        eval_every=1000, checkpoint_every=1000)
         c.mesh = dict(data=-1, fsdp=8, expert=8)
     else:
-        raise ValueError(f"unknown arg {arg!r} (tiny, micro or paper)")
+        raise ValueError(f"unknown arg {arg!r} (tiny, tiny_steps, micro or paper)")
     return c
 
 
@@ -125,6 +128,11 @@ def _grid(arg):
         return [{"name": f"e{e}_k{k}_s{seed}", "model.moe.num_experts": e,
                  "model.moe.top_k": k, "train.seed": seed, "tags": {"seed": seed}}
                 for seed in (0, 1, 2) for k in (1, 2) for e in (2, 4, 8, 16)]
+    if arg == "tiny_steps":
+        return [{"name": f"e{e}_k1_steps{n}", "model.moe.num_experts": e, "model.moe.top_k": 1,
+                 "train.steps": n, "train.warmup_steps": n // 20, "train.eval_every": n,
+                 "train.checkpoint_every": n // 2, "tags": {"seed": 0}}
+                for n in (600, 2400, 4800) for e in (2, 16)]
     if arg == "micro":
         return [{"model.moe.num_experts": e, "model.moe.top_k": k} for e, k in
                 ((2, 1), (4, 1), (4, 2))]

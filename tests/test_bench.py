@@ -97,3 +97,22 @@ def test_decode_bench_quick_reports_paired_speedups_and_kv_ratios():
     assert r["kv_alloc_ratio_shared"] == pytest.approx(0.5)
     assert [t["ok"] == (t["value"] >= t["limit"] if t["op"] == ">=" else t["value"] <= t["limit"])
             for t in r["targets"]] == [True] * 4
+
+
+@pytest.mark.bench_smoke
+def test_data_bench_quick_measures_prepare_iterator_and_startup():
+    from moe_lab.bench import data
+
+    r = data.run(quick=True)
+    assert 8 < r["tokens_big"] / r["tokens_small"] < 12 and r["prepare_shards"] >= 1  # 10x docs
+    for key in ("encode_tokens_per_sec", "prepare_tokens_per_sec", "iterator_tokens_per_sec",
+                "train_step_tokens_per_sec"):
+        assert r[key] > 0, key
+    for k in ("startup_small", "startup_big"):
+        assert r[k]["seconds"] > 0 and r[k]["rss_kib"] > 0
+    # each target is the ratio of this run's own measurements
+    prep_tps, enc = r["prepare_tokens_per_sec"], r["encode_tokens_per_sec"]
+    ratios = [prep_tps / enc, r["iterator_tokens_per_sec"] / r["train_step_tokens_per_sec"],
+              r["startup_big"]["seconds"] / r["startup_small"]["seconds"],
+              r["startup_big"]["rss_kib"] / r["startup_small"]["rss_kib"]]
+    assert [t["value"] for t in r["targets"]] == pytest.approx(ratios, abs=1e-4)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -193,10 +194,15 @@ def test_prepare_parquet_and_refusals(corpus, tmp_path):
                      field="content", heldout=0.0, **quiet)
 
 
-def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp_path):
-    """data.tokenizer = a tokenizer.json: vocab rounded to 128, the run keeps a copy and
-    its fingerprint (eval reads the copy after the original is gone); resuming with
-    another tokenizer and a vocab_size below the tokenizer's are refused."""
+KIND_FILES = {"hf": ("tok.json", "sp.model"), "sentencepiece": ("sp.model", "tok.json")}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_FILES))
+def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp_path, kind):
+    """data.tokenizer = a tokenizer.json or a SentencePiece .model: vocab rounded to 128,
+    the run keeps a copy and its fingerprint (eval and generation read the copy after
+    the original is gone); resuming with the other kind's tokenizer and a vocab_size
+    below the tokenizer's are refused."""
     import shutil
 
     from conftest import tiny_config
@@ -206,8 +212,9 @@ def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp
     from moe_lab.train.loop import train
     from moe_lab.train.state import resolve_config
 
-    tok_path = str(tmp_path / "mine.json")
-    shutil.copyfile(corpus / "tok.json", tok_path)
+    mine, other_file = KIND_FILES[kind]
+    tok_path = str(tmp_path / ("mine" + os.path.splitext(mine)[1]))
+    shutil.copyfile(corpus / mine, tok_path)
     cfg = tiny_config(model=dict(num_layers=1), data=dict(mixture="arith:1", tokenizer=tok_path),
                       train=dict(steps=2, log_every=1, eval_every=2, checkpoint_every=2),
                       eval=dict(num_examples=2, batch_size=2, max_new_tokens=8))
@@ -217,7 +224,7 @@ def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp
     run = str(tmp_path / "run")
     out = train(cfg, run)
     assert out["step"] == 2 and np.isfinite(out["loss"])
-    assert os.path.isfile(os.path.join(run, "tokenizer", "mine.json"))
+    assert os.path.isfile(os.path.join(run, "tokenizer", os.path.basename(tok_path)))
     os.remove(tok_path)  # the run reads its own copy from now on
     _, setup, state, _ = load_run(run)
     assert setup.tokenizer.fingerprint == tok.fingerprint
@@ -229,12 +236,12 @@ def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp
                            eos_id=setup.tokenizer.eos_id)
     assert all(0 <= t < cfg.model.vocab_size for t in new[0])
     assert isinstance(setup.tokenizer.decode(new[0]), str)  # padded rows decode as U+FFFD
-    other = cfg.replace(data=dataclasses.replace(cfg.data, tokenizer=str(corpus / "sp.model"),
+    other = cfg.replace(data=dataclasses.replace(cfg.data, tokenizer=str(corpus / other_file),
                                                  tokenizer_fingerprint=""))
     with pytest.raises(ConfigError, match=f"made with tokenizer {tok.fingerprint}.*this config's is"):
         train(resolve_config(other), run)
     with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
-        tiny_config(model=dict(vocab_size=272), data=dict(tokenizer=str(corpus / "sp.model")))
+        tiny_config(model=dict(vocab_size=tok.vocab_size - 8), data=dict(tokenizer=str(corpus / mine)))
 
 
 def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tmp_path):
@@ -244,14 +251,16 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     read through a grain worker process), and not under another worker count."""
     from conftest import tiny_config
 
+    from moe_lab.cli.main import main
     from moe_lab.data import pipeline
+    from moe_lab.data.corpus import verify_corpus
     from moe_lab.train.loop import train
     from moe_lab.train.metrics import read_metrics
 
     tok_path = str(corpus / "tok.json")
     quiet = dict(progress=False, log=lambda *_: None, heldout=0.1)
     cdir = str(tmp_path / "c")
-    prep.prepare(f"{corpus}/*.jsonl,{corpus}/*.txt", tok_path, cdir, **quiet)
+    meta = prep.prepare(f"{corpus}/*.jsonl,{corpus}/*.txt", tok_path, cdir, **quiet)
     cfg = tiny_config(model=dict(num_layers=1),
                       data=dict(mixture="corpus:1,facts:0.2", corpus=cdir, tokenizer=tok_path),
                       train=dict(steps=4, log_every=1, eval_every=4, checkpoint_every=2))
@@ -281,15 +290,36 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     with pytest.raises(ConfigError, match="prepared with tokenizer .* the run's is"):
         next(pipeline.make_train_iterator(
             dataclasses.replace(cfg.data, tokenizer="byte"), 4, seed=0))
+    counts = ("documents", "tokens", "heldout_documents", "heldout_tokens")
+    assert main(["prepare", "--verify", cdir]) == 0
+    assert verify_corpus(cdir, progress=False) == {k: meta[k] for k in counts}
     shard = os.path.join(cdir, prep.shard_name("train", 0))
     with open(shard, "r+b") as f:  # a byte inside the first chunks' data
         f.seek(1000)
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(ConfigError, match=f"shard {shard} is corrupt \\(record"):
+    with pytest.raises(ConfigError, match=f"shard {re.escape(shard)} is corrupt \\(record"):
         it = pipeline.make_train_iterator(cfg.data, 4, seed=0)
         for _ in range(1000):  # until the shuffled stream reads the bad chunk
+            next(it)
+    with pytest.raises(ConfigError, match=f"shard {re.escape(shard)} is corrupt"):  # --verify
+        verify_corpus(cdir, progress=False)
+    assert main(["prepare", "--verify", cdir]) == 2  # the one-line error, exit 2
+    with open(shard, "rb") as f:  # the footer (index) ends the data; zeros pad the file
+        footer = len(f.read().rstrip(b"\0")) - 100
+    with open(shard, "r+b") as f:  # the same byte back, then one of the footer
+        f.seek(1000)
+        f.write(byte)
+        f.seek(footer)
+        byte = f.read(1)
+        f.seek(footer)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ConfigError, match=f"shard {re.escape(shard)} is corrupt"):
+        verify_corpus(cdir, progress=False)
+    with pytest.raises(ConfigError, match=f"shard {re.escape(shard)} is corrupt"):
+        it = pipeline.make_train_iterator(cfg.data, 4, seed=0)
+        for _ in range(1000):
             next(it)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) - 3)

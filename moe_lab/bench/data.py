@@ -83,8 +83,8 @@ def run(quick: bool = False) -> dict:
                            workers=2, heldout=0.001, **quiet)
         prep_s = time.perf_counter() - t0
         prep_tokens = meta_big["tokens"] + meta_big["heldout_tokens"]
-        prepare(f"{small_dir}/*.jsonl", tok_path, os.path.join(tmp, "c_small"), workers=2,
-                heldout=0.001, **quiet)
+        meta_small = prepare(f"{small_dir}/*.jsonl", tok_path, os.path.join(tmp, "c_small"),
+                             workers=2, heldout=0.001, **quiet)
 
         # the iterator in-process against the small dense config's train step
         cfg = DataConfig(mixture="corpus:1", corpus=os.path.join(tmp, "c_big"),
@@ -104,7 +104,7 @@ def run(quick: bool = False) -> dict:
         start_big = _startup(os.path.join(tmp, "c_big"), tok_path)
         return {
             "name": "data", "quick": quick, "tokenizer": tok.describe(),
-            "tokens_small": meta_big["tokens"] // 10, "tokens_big": meta_big["tokens"],
+            "tokens_small": meta_small["tokens"], "tokens_big": meta_big["tokens"],
             "encode_tokens_per_sec": encode_tps, "prepare_tokens_per_sec": prep_tokens / prep_s,
             "prepare_seconds": prep_s, "prepare_shards": len(meta_big["shards"]),
             "iterator_tokens_per_sec": iter_tps, "train_step_tokens_per_sec": step_tps,
