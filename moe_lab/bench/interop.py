@@ -3,7 +3,8 @@ file work they cannot avoid, each case in a fresh process (time and peak RSS).
 
   import: `import_hf` (read, check, convert to moe_lab's layout, write the Orbax
           checkpoint with its zero Adam moments, tokenizer, lineage with sha256)
-          / reading every tensor with safetensors + an Orbax save of those arrays;
+          / reading every tensor with safetensors (each made a jax array: Orbax
+          saves those with less memory than numpy leaves) + an Orbax save of them;
   export: `export_hf` (restore, convert, stream the safetensors, tokenizer files)
           / an Orbax restore of the params + safetensors.numpy.save_file of them.
 Targets (issue 20): time ratio <= 1.5 each; peak RSS <= 1.5x the checkpoint's bytes,
@@ -50,8 +51,8 @@ t0 = time.perf_counter()
 if what == "import":
     import_hf(a, b, log=lambda *x: None)
 elif what == "read+save":
-    read = TensorReader(safetensors_files(a))
-    arrays = {n.replace(".", "_"): read(n) for n in sorted(read.names())}
+    read = TensorReader(safetensors_files(a))  # jax arrays: Orbax's cheaper input
+    arrays = {n.replace(".", "_"): jax.device_put(read(n)) for n in sorted(read.names())}
     ck = ocp.StandardCheckpointer()
     ck.save(b, arrays)
     ck.wait_until_finished()

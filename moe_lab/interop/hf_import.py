@@ -9,8 +9,10 @@
 
 Tensors are read one at a time from the safetensors files (sharded or not), each
 checked against the config's shape before it is placed, so reading peaks at the params
-tree plus one tensor; the Orbax save then holds copies of its own (3.85x the checkpoint
-for Orbax alone; `moe-lab bench interop` measures both).  Everything is written
+tree plus one tensor.  The leaves then become jax arrays one by one (each numpy leaf
+freed as its array is made) before the Orbax save: measured on a 400 MiB tree, Orbax
+saving numpy leaves peaks at 2.95x the tree, jax arrays at 2.0x (and 1.5x faster);
+`moe-lab bench interop` measures the whole import.  Everything is written
 into RUN.importing-<pid> and renamed into place: a failed import leaves nothing.
 
 The tokenizer's pad / BOS / EOS take the vocabulary's own tokens (data/tokenizer.py
@@ -120,6 +122,16 @@ def _extend_vocab(params: dict, vocab_size: int) -> dict:
     return params
 
 
+def to_jax_in_place(params: dict) -> None:
+    """Replaces every numpy leaf of the nested dict by a jax array, one at a time: the
+    dict held each leaf's only reference, so the peak is the tree plus one leaf."""
+    for k, v in params.items():
+        if isinstance(v, dict):
+            to_jax_in_place(v)
+        else:
+            params[k] = jax.device_put(v)
+
+
 def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=print) -> dict:
     """Imports the HF checkpoint in hf_dir as a new run to_dir; returns the lineage."""
     dst = check_new_run_dir(to_dir, "import: --to")
@@ -147,6 +159,8 @@ def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=pr
             f"{hf_vocab}: {cfg.model.vocab_size - hf_vocab} embedding rows added (mean-"
             f"initialised); export will write vocab_size={cfg.model.vocab_size}")
         params = _extend_vocab(params, cfg.model.vocab_size)
+
+    to_jax_in_place(params)  # Orbax saves jax arrays with less memory than numpy ones
 
     def zeros(s):
         return np.zeros(s.shape, s.dtype)
