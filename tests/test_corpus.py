@@ -306,8 +306,8 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     with pytest.raises(ConfigError, match=f"shard {re.escape(shard)} is corrupt"):  # --verify
         verify_corpus(cdir, progress=False)
     assert main(["prepare", "--verify", cdir]) == 2  # the one-line error, exit 2
-    with open(shard, "rb") as f:  # the footer (index) ends the data; zeros pad the file
-        footer = len(f.read().rstrip(b"\0")) - 100
+    with open(shard, "rb") as f:  # the postscript (the footer's place) ends the file,
+        footer = len(f.read().rstrip(b"\0")) - 100  # its chunk header fails as it opens
     with open(shard, "r+b") as f:  # the same byte back, then one of the footer
         f.seek(1000)
         f.write(byte)

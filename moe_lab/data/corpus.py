@@ -79,7 +79,10 @@ class ShardRecords:
         """The shard's reader, checked to hold meta.json's documents: a damaged footer
         or index opens as a reader of fewer (0) records, not as an error."""
         if shard not in self._readers:
-            reader = grain.sources.ArrayRecordDataSource([self.paths[shard]])
+            try:  # a footer damaged where Riegeli hashes it fails here, not as 0 records
+                reader = grain.sources.ArrayRecordDataSource([self.paths[shard]])
+            except RuntimeError as e:
+                raise self._corrupt(shard, "its footer", e) from None
             want = self.starts[shard + 1] - self.starts[shard]
             if len(reader) != want:
                 raise CorruptShardError(
@@ -94,12 +97,15 @@ class ShardRecords:
         try:
             return self.reader(shard)[index - self.starts[shard]]
         except RuntimeError as e:
-            if "Riegeli" not in str(e):  # not a hash failure (too many open files, ...)
-                raise
-            raise CorruptShardError(
-                f"data.corpus: shard {self.paths[shard]} is corrupt (record "
-                f"{index - self.starts[shard]}: {str(e).partition(chr(10))[0][:160]}); "
-                f"prepare the corpus again or restore the file") from None
+            raise self._corrupt(shard, f"record {index - self.starts[shard]}", e) from None
+
+    def _corrupt(self, shard: int, where: str, e: RuntimeError) -> CorruptShardError:
+        if "Riegeli" not in str(e):  # not a hash failure (too many open files, ...)
+            raise e
+        return CorruptShardError(
+            f"data.corpus: shard {self.paths[shard]} is corrupt ({where}: "
+            f"{str(e).partition(chr(10))[0][:160]}); prepare the corpus again or restore "
+            f"the file")
 
     def __getstate__(self):  # grain workers reopen their own readers
         return {"paths": self.paths, "starts": self.starts}
