@@ -236,7 +236,7 @@ def test_subprocess_isolation_records_a_crashing_point(tmp_path):
 
 
 def test_sweep_configs_expand():
-    for arg, n in (("tiny", 24), ("tiny_steps", 6), ("micro", 3), ("paper", 63)):
+    for arg, n in (("tiny", 16), ("tiny_steps", 8), ("micro", 3), ("paper", 63)):
         _, pts = sweep.load_sweep(f"{REPO}/configs/sparsity_sweep.py:{arg}")
         assert len(pts) == n
     base, pts = sweep.load_sweep(f"{REPO}/configs/growth_sunk_compute.py:tiny")
