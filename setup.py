@@ -23,7 +23,11 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["moe_lab", "moe_lab.*"]),
+    # configs/lm_eval/ (the offline lm-eval task YAMLs) installs as moe_lab.lm_eval_tasks,
+    # so a wheel install finds them too (moe_lab/eval/lm_eval_model.py: tasks_dir)
+    packages=find_packages(include=["moe_lab", "moe_lab.*"]) + ["moe_lab.lm_eval_tasks"],
+    package_dir={"moe_lab.lm_eval_tasks": "configs/lm_eval"},
+    package_data={"moe_lab.lm_eval_tasks": ["*.yaml"]},
     install_requires=[
         # the stack, pinned to the versions tested together
         "jax>=0.10.2,<0.11",

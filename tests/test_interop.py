@@ -183,6 +183,45 @@ def test_byte_tokenizer_as_hf_gives_the_same_ids():
         assert hf.encode(text, add_special_tokens=False).ids == BYTE_TOKENIZER.encode(text)
 
 
+SP_TEXTS = ("", " ", "hello world", "  two  spaces  ", "a\tb\nc\r\nd", "   leading",
+            "the cat<sep>sat<answer> 19</s>", "<think>12 + 7</think><answer>19",
+            "résumé 中文 😀 ǅ ﬁ", "Ｆｕｌｌ　ｗｉｄｔｈ", "19+12=31\n\n\nParis", "▁already▁",
+            "naïve\u00a0cat " * 5)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_runs_export_with_sentencepieces_ids(model_type, tmp_path):
+    """A run's SentencePiece model, written as tokenizer.json, gives SentencePiece's own
+    ids through transformers' AutoTokenizer (moe_lab's specials split out first, the
+    dummy prefix per piece of text, NFKC, extra whitespace, byte fallback) and decodes
+    text without specials back as SentencePiece does."""
+    import random
+
+    import sentencepiece as spm
+
+    from moe_lab.interop.hf_tokenizer import write_hf_tokenizer
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat Paris is capital of 12 + 7 = 19 answer résumé naïve".split()
+    path = str(tmp_path / "sp.model")
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([" ".join(rng.choices(words, k=rng.randint(3, 20)))
+                                    for _ in range(300)]),
+            model_writer=f, vocab_size=300, model_type=model_type, byte_fallback=True,
+            minloglevel=2)
+    ours = load_tokenizer(path)
+    write_hf_tokenizer(ours, str(tmp_path), 128)
+    hf = _transformers().AutoTokenizer.from_pretrained(str(tmp_path))
+    # the spelled name of a byte or control piece stays characters in both (Unigram:
+    # only where the vocabulary has its characters; hf_tokenizer.py)
+    for text in SP_TEXTS + (("<unk> <0x41> x",) if model_type == "bpe" else ()):
+        ids = ours.encode(text)
+        assert hf(text, add_special_tokens=False).input_ids == ids, text
+        if not ours._split_re.search(text):
+            assert hf.decode(ids) == ours.decode(ids), text
+
+
 def test_pretrained_vocabularies_keep_their_own_bos_eos(tmp_path):
     import tokenizers  # noqa: PLC0415
     from tokenizers import models, pre_tokenizers  # noqa: PLC0415

@@ -4,6 +4,9 @@ an imported tiny HF model, and `moe-lab eval --lm-eval` on the shipped offline t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +92,22 @@ def test_eval_lm_eval_runs_the_shipped_tasks_on_local_files(imported, tmp_path, 
     assert len(err) == 1 and "not available offline" in err[0] and "gsm8k_local" in err[0]
     assert main(["eval", "--workdir", run, "--lm-eval", "triviaqa_local"]) == 2  # no file
     assert "data/lm_eval/triviaqa.jsonl, which does not exist" in capsys.readouterr().err
+
+
+def test_a_wheel_install_ships_the_task_yamls(tmp_path):
+    """setup.py installs configs/lm_eval/ as moe_lab.lm_eval_tasks: in the package tree
+    a wheel is made of (build_py), away from the source tree, tasks_dir() finds every
+    shipped file."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lib = tmp_path / "lib"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+                   cwd=repo, check=True, capture_output=True)
+    found = subprocess.run(
+        [sys.executable, "-c", "from moe_lab.eval.lm_eval_model import tasks_dir; print(tasks_dir())"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(lib)}, check=True,
+        capture_output=True, text=True).stdout.strip()
+    assert found == str(lib / "moe_lab" / "lm_eval_tasks")
+    def tasks(d):
+        return sorted(f for f in os.listdir(d) if f.endswith((".yaml", ".py")))
+
+    assert tasks(found) == tasks(os.path.join(repo, "configs", "lm_eval")) != []

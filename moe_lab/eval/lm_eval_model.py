@@ -33,7 +33,20 @@ from moe_lab.eval.harness import choice_logprobs
 from moe_lab.parallel import sharding
 from moe_lab.train.run_dir import eval_file
 
-TASKS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_eval")
+
+def tasks_dir() -> str:
+    """The shipped offline tasks: configs/lm_eval/ of the source tree (a checkout or an
+    editable install), else the copy a wheel installs as moe_lab.lm_eval_tasks (setup.py)."""
+    source = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_eval")
+    if os.path.isfile(os.path.join(source, "gsm8k_local.yaml")):
+        return os.path.abspath(source)
+    import importlib.util  # noqa: PLC0415  (an installed wheel only)
+
+    spec = importlib.util.find_spec("moe_lab.lm_eval_tasks")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("eval --lm-eval: the shipped task YAMLs are missing (neither "
+                          "configs/lm_eval/ nor moe_lab.lm_eval_tasks; reinstall moe_lab)")
+    return list(spec.submodule_search_locations)[0]
 
 
 class MoeLabLM(TemplateLM):
@@ -208,8 +221,8 @@ def local_task_copies(data: dict[str, str], tmp: str) -> str:
     """The shipped task directory; with --lm-eval-data TASK=FILE, a copy of it in tmp
     whose TASK.yaml reads FILE instead of its default data/lm_eval/<name>.jsonl."""
     if not data:
-        return os.path.abspath(TASKS_DIR)
-    shutil.copytree(TASKS_DIR, tmp, dirs_exist_ok=True)
+        return tasks_dir()
+    shutil.copytree(tasks_dir(), tmp, dirs_exist_ok=True)
     for task, path in data.items():
         dst = os.path.join(tmp, f"{task}.yaml")
         if not os.path.isfile(dst):
