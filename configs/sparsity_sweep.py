@@ -5,7 +5,7 @@ expert size, so active parameters depend on k only and total on E.
                            the experts' capacity, not the exposures, bounds how many of
                            the 1000 facts are stored; 2400 steps; get_sweep('tiny'):
                            E in {2, 4, 8, 16} x k in {1, 2} x seeds {0, 1} (16 runs,
-                           about 60 min on a 2-core CPU with two shards at once)
+                           measured 46 min on a 2-core CPU with two shards at once)
     get_sweep('tiny_steps') -> the tiny config's E 2 and E 16 (k 1, seed 0) at 600, 1200,
                            2400 and 4800 steps: how the gap between few and many
                            experts moves with training length (why the grid takes 2400)

@@ -77,6 +77,7 @@ def plot(rows: list[dict], out: str) -> str:
     fig.suptitle("Sparsity at fixed active parameters (2508.18672), CPU scale; "
                  "mean ± s.e. over seeds")
     fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "sparsity_vs_reasoning.png")
     fig.savefig(path, dpi=120)
     return path
