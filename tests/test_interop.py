@@ -189,8 +189,12 @@ SP_TEXTS = ("", " ", "hello world", "  two  spaces  ", "a\tb\nc\r\nd", "   leadi
             "naïve\u00a0cat " * 5)
 
 
-@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
-def test_sentencepiece_runs_export_with_sentencepieces_ids(model_type, tmp_path):
+@pytest.mark.parametrize("model_type,options", [
+    ("bpe", {}), ("unigram", {}),
+    # Llama 2's tokenizer.model: no NFKC, whitespace kept as it is
+    ("bpe", {"normalization_rule_name": "identity", "remove_extra_whitespaces": False}),
+])
+def test_sentencepiece_runs_export_with_sentencepieces_ids(model_type, options, tmp_path):
     """A run's SentencePiece model, written as tokenizer.json, gives SentencePiece's own
     ids through transformers' AutoTokenizer (moe_lab's specials split out first, the
     dummy prefix per piece of text, NFKC, extra whitespace, byte fallback) and decodes
@@ -209,7 +213,7 @@ def test_sentencepiece_runs_export_with_sentencepieces_ids(model_type, tmp_path)
             sentence_iterator=iter([" ".join(rng.choices(words, k=rng.randint(3, 20)))
                                     for _ in range(300)]),
             model_writer=f, vocab_size=300, model_type=model_type, byte_fallback=True,
-            minloglevel=2)
+            minloglevel=2, **options)
     ours = load_tokenizer(path)
     write_hf_tokenizer(ours, str(tmp_path), 128)
     hf = _transformers().AutoTokenizer.from_pretrained(str(tmp_path))
