@@ -241,13 +241,13 @@ def test_sweep_configs_expand():
         assert len(pts) == n
     base, pts = sweep.load_sweep(f"{REPO}/configs/growth_sunk_compute.py:tiny")
     by_name = {p.name: p for p in pts}
-    assert {"base", "scratch", "g60", "g240", "stack_g180", "total_g60", "total_scratch"} <= set(by_name)
+    assert {"base", "scratch", "g600", "g2400", "stack_g1800", "total_g600", "total_scratch"} <= set(by_name)
     assert [p.name for p in pts].index("base") == 0
-    g, sunk = sweep.planned_config(by_name["g60"], base, by_name)
+    g, sunk = sweep.planned_config(by_name["g600"], base, by_name)
     scratch, _ = sweep.planned_config(by_name["scratch"], base, by_name)
     assert g.model == scratch.model and g.train.steps == scratch.train.steps
     assert g.train.schedule == "constant" and sunk > 0
-    total_g, _ = sweep.planned_config(by_name["total_g60"], base, by_name)
+    total_g, _ = sweep.planned_config(by_name["total_g600"], base, by_name)
     total_s, _ = sweep.planned_config(by_name["total_scratch"], base, by_name)
     assert total_g.train.steps < total_s.train.steps  # the sunk FLOPs count against the total
     _, pts = sweep.load_sweep(f"{REPO}/configs/growth_sunk_compute.py:paper")
