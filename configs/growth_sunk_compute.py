@@ -17,6 +17,8 @@ point whose parent is not finished is skipped and picked up by a later call):
   stack_g<S>       depth *stacking* instead of interposition (then width), budget B
   total_g<S>       fixed TOTAL budget T = sunk + continued: continues with T - sunk(S)
   total_scratch    the grown architecture from scratch with T
+  total_wsd_g<S>   (tiny) total_g<S> continued with the scratch run's WSD schedule and
+                   peak LR instead of a constant 1e-3, to separate schedule from growth
 
 Results: one row per run in SWEEP/results.jsonl with parent_step, sunk_flops,
 total_flops, eval losses and accuracies (notebooks/sunk_compute.ipynb plots
@@ -135,4 +137,12 @@ def get_sweep(arg=None):
                        "budget_flops_total": total, **continued, **tags("total", s)})
     points.append({"name": "total_scratch", **grown_arch, "budget_flops": total,
                    "train.keep_every": 0, **tags("total", 0)})
+    if arg == "tiny":  # the fixed-total comparison with the continued run annealed too
+        # (WSD at the scratch run's peak LR): does scratch win only by its schedule?
+        annealed = {**continued, "train.schedule": "wsd", "train.lr": c.train.lr,
+                    "train.warmup_steps": 20, "train.decay_fraction": c.train.decay_fraction}
+        for s in total_at[1:]:
+            points.append({"name": f"total_wsd_g{s}",
+                           "from": {"run": "base", "step": s, "grow": grow},
+                           "budget_flops_total": total, **annealed, **tags("total_wsd", s)})
     return points
