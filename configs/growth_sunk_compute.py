@@ -145,4 +145,12 @@ def get_sweep(arg=None):
             points.append({"name": f"total_wsd_g{s}",
                            "from": {"run": "base", "step": s, "grow": grow},
                            "budget_flops_total": total, **annealed, **tags("total_wsd", s)})
+        # a second seed (initialisation and data order) of that comparison's closest pair
+        seed1 = {"train.seed": 1}
+        s = total_at[1]
+        points += [{"name": "base_s1", **seed1, **tags("base_s1")},
+                   {"name": "total_scratch_s1", **grown_arch, "budget_flops": total,
+                    "train.keep_every": 0, **seed1, **tags("total_s1", 0)},
+                   {"name": f"total_wsd_g{s}_s1", "from": {"run": "base_s1", "step": s, "grow": grow},
+                    "budget_flops_total": total, **annealed, **tags("total_wsd_s1", s)}]
     return points
