@@ -280,6 +280,14 @@ _KILLED_SAVE = textwrap.dedent("""
     ckpt.save(1, {{"w": jnp.ones((4, 4))}})
     ckpt.wait()
     ckpt.save(2, {{"w": jnp.ones((4, 4)), "big": jnp.ones((32, 1024, 1024), jnp.float32)}})
+    # the async save makes its tmp dir in a background thread: kill once it exists
+    # (killing before it did left nothing mid-write to check; CI saw that once)
+    import time
+    ckpts = os.path.join({workdir!r}, "checkpoints")
+    for _ in range(1000):
+        if any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckpts)):
+            break
+        time.sleep(0.005)
     print("started", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
