@@ -107,6 +107,7 @@ def test_a_wheel_install_ships_the_task_yamls(tmp_path):
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(lib)}, check=True,
         capture_output=True, text=True).stdout.strip()
     assert found == str(lib / "moe_lab" / "lm_eval_tasks")
+
     def tasks(d):
         return sorted(f for f in os.listdir(d) if f.endswith((".yaml", ".py")))
 

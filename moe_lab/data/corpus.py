@@ -100,6 +100,8 @@ class ShardRecords:
             raise self._corrupt(shard, f"record {index - self.starts[shard]}", e) from None
 
     def _corrupt(self, shard: int, where: str, e: RuntimeError) -> CorruptShardError:
+        """The one-line error naming the shard for Riegeli's hash failure `e` (raised at
+        `where`); any other RuntimeError is re-raised as it is."""
         if "Riegeli" not in str(e):  # not a hash failure (too many open files, ...)
             raise e
         return CorruptShardError(
