@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -115,4 +116,25 @@ def test_data_bench_quick_measures_prepare_iterator_and_startup():
     ratios = [prep_tps / enc, r["iterator_tokens_per_sec"] / r["train_step_tokens_per_sec"],
               r["startup_big"]["seconds"] / r["startup_small"]["seconds"],
               r["startup_big"]["rss_kib"] / r["startup_small"]["rss_kib"]]
+    assert [t["value"] for t in r["targets"]] == pytest.approx(ratios, abs=1e-4)
+
+
+@pytest.mark.bench_smoke
+def test_interop_bench_quick_measures_import_and_export_against_baselines():
+    from moe_lab.bench import interop
+
+    r = interop.run(quick=True, pairs=2)
+    for case in ("read+save", "import", "restore+save", "export"):
+        assert r[case]["seconds"] > 0 and r[case]["peak"] >= r[case]["base"] > 0, case
+        assert len(r[case]["all_seconds"]) == 2
+    # each target is a ratio of this run's own measurements: times paired run by run
+    nbytes = r["checkpoint_bytes"]
+    for case, base, key in (("import", "read+save", "import_time_ratios"),
+                            ("export", "restore+save", "export_time_ratios")):
+        assert r[key] == pytest.approx([a / b for a, b in zip(
+            r[case]["all_seconds"], r[base]["all_seconds"], strict=True)])
+    ratios = [float(np.median(r["import_time_ratios"])),
+              (r["import"]["peak"] - r["import"]["base"]) / nbytes,
+              float(np.median(r["export_time_ratios"])),
+              (r["export"]["peak"] - r["export"]["base"]) / nbytes]
     assert [t["value"] for t in r["targets"]] == pytest.approx(ratios, abs=1e-4)

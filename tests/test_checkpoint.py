@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from moe_lab.config.schema import ConfigError
 from moe_lab.train.checkpoint import (
     Checkpointer,
+    LazyArray,
     checkpoint_steps,
     grown_steps,
     write_checkpoint,
@@ -269,6 +270,56 @@ def test_write_checkpoint_numpy_state_restores_sharded(tmp_path):
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
     assert meta == {"step": 0, "lineage": "parent"}
     assert Checkpointer(str(tmp_path / "nope"), create=False).all_steps() == []
+
+
+def test_lazy_leaves_are_written_one_at_a_time_and_restore_like_any_other(tmp_path):
+    """`moe-lab import`'s streamed save: each LazyArray is made once, only when its turn
+    comes, after the one before it was dropped; the checkpoint restores sharded, raw,
+    and leaf by leaf (export's read) to the same bits as the arrays it was made of, a
+    compressed leaf too."""
+    import time  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    mesh = _mesh()
+    state = _state(mesh)
+    state["params"]["x"] = state["params"]["w"] + 1  # a third leaf of the same sharding
+    specs = _specs()
+    specs["params"]["x"] = specs["params"]["w"]
+    host = jax.tree.map(np.asarray, state)
+    made, alive = [], []
+
+    def lazy(path, a):
+        def make():
+            # tensorstore lets go of a written array in its own thread, a moment after
+            # the write resolves: wait for that, not for ever
+            for _ in range(200):
+                if all(ref() is None for ref in alive):
+                    break
+                time.sleep(0.01)
+            assert all(ref() is None for ref in alive), "a leaf made before the last was dropped"
+            copy = np.array(a)
+            made.append(jax.tree_util.keystr(path))
+            alive.append(weakref.ref(copy))
+            return copy
+        return LazyArray(a.shape, a.dtype, make, compress=path[-1].key == "w")
+
+    lazy_params = jax.tree_util.tree_map_with_path(lazy, host["params"])
+    write_checkpoint(str(tmp_path), 0, {**host, "params": lazy_params}, {})
+    assert sorted(made) == ["['emb']", "['w']", "['x']"]  # each once
+    assert not any(ref() for ref in alive)  # nothing kept once written
+    ckpt = Checkpointer(str(tmp_path), create=False)
+    restored, _ = ckpt.restore(0, _abstract(state, mesh, specs))
+    _assert_bit_equal(restored, state)
+    assert restored["params"]["x"].sharding == state["params"]["x"].sharding
+    _assert_bit_equal(ckpt.restore_raw(0), host)
+    _assert_bit_equal(ckpt.restore_leaf(0, ("params", "emb")), host["params"]["emb"])
+    assert ckpt.saved_shapes(0)["params"]["w"].shape == (16, 8)
+    with pytest.raises(ConfigError, match="has no leaf params/nope"):
+        ckpt.restore_leaf(0, ("params", "nope"))
+    bad = LazyArray((3,), np.float32, lambda: np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="declared"):
+        write_checkpoint(str(tmp_path / "bad"), 0, {"w": bad}, {})
+    assert checkpoint_steps(str(tmp_path / "bad")) == []
 
 
 _KILLED_SAVE = textwrap.dedent("""

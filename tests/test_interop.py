@@ -253,6 +253,14 @@ def _copy(src, dst, edit=None, drop=()):
     return dst
 
 
+def _truncated(hf_dir):
+    """The weights file cut 100 bytes short: the header's last tensor ends past it."""
+    path = os.path.join(hf_dir, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    return hf_dir
+
+
 def test_bad_inputs_are_one_line_errors_and_write_nothing(hf_dirs, tmp_path, capsys):
     src = hf_dirs["MixtralForCausalLM"][0]
     cases = [
@@ -264,6 +272,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(hf_dirs, tmp_path, cap
         (_copy(src, tmp_path / "swa", {"sliding_window": 4096}), "sliding_window=4096"),
         (_copy(src, tmp_path / "shape", {"intermediate_size": 48}),
          "tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape"),
+        (_truncated(_copy(src, tmp_path / "truncated")), "not a readable safetensors file"),
     ]
     for hf_dir, message in cases:
         to = tmp_path / f"run_{os.path.basename(hf_dir)}"

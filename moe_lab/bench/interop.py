@@ -1,16 +1,19 @@
 """HF interop benchmark (`moe-lab bench interop`): import and export against the plain
-file work they cannot avoid, each case in a fresh process (time and peak RSS).
+file work they cannot avoid, each case in a fresh process (time and peak RSS) that
+tunes the host allocator as the `moe-lab` command does.
 
-  import: `import_hf` (read, check, convert to moe_lab's layout, write the Orbax
-          checkpoint with its zero Adam moments, tokenizer, lineage with sha256)
-          / reading every tensor with safetensors (each made a jax array: Orbax
-          saves those with less memory than numpy leaves) + an Orbax save of them;
-  export: `export_hf` (restore, convert, stream the safetensors, tokenizer files)
-          / an Orbax restore of the params + safetensors.numpy.save_file of them.
+  import: `import_hf` (check every shape, then read, convert to moe_lab's layout and
+          write the Orbax checkpoint one leaf at a time, tokenizer, lineage with sha256)
+          / reading every tensor with the safetensors package (each made a jax array:
+          Orbax saves those with less memory than numpy leaves) + an Orbax save of them;
+  export: `export_hf` (restore one leaf at a time, convert, stream the safetensors,
+          tokenizer files) / an Orbax restore of the params + safetensors.numpy.save_file.
 Targets (issue 20): time ratio <= 1.5 each; peak RSS <= 1.5x the checkpoint's bytes,
 counting what the work adds to the process (VmHWM minus the RSS after the imports:
 python + jax alone hold a few hundred MB, which is no part of either algorithm; the
-raw VmHWM is reported too).
+raw VmHWM is reported too).  Each case runs `pairs` times, paired with its baseline
+and alternating which goes first; a time ratio is the median of the pairs' ratios (one
+pair's ratio on this 2-core machine ranged 0.9-2.2 for the same code).
 
 The checkpoint is a random Mixtral-format one written here (no torch needed): full
 d_model 512, 8 layers, 8 experts of 1024 (~420 MB, f32); quick: a ~10 MB one.
@@ -41,18 +44,22 @@ import json, sys, time
 what, a, b = sys.argv[1:4]
 def rss(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
+from moe_lab.parallel.host_allocator import tune_host_allocator
+tune_host_allocator()  # as the moe-lab command does before its work (all four cases)
 import numpy as np, jax, orbax.checkpoint as ocp
 from moe_lab.interop.hf_import import import_hf, safetensors_files
 from moe_lab.interop.hf_export import export_hf
-from moe_lab.interop.safetensors_io import TensorReader
 from moe_lab.train.checkpoint import Checkpointer
 base = rss("VmRSS")
 t0 = time.perf_counter()
 if what == "import":
     import_hf(a, b, log=lambda *x: None)
 elif what == "read+save":
-    read = TensorReader(safetensors_files(a))  # jax arrays: Orbax's cheaper input
-    arrays = {n.replace(".", "_"): jax.device_put(read(n)) for n in sorted(read.names())}
+    from safetensors import safe_open  # the safetensors package's own reader
+    arrays = {}
+    for f in safetensors_files(a):
+        with safe_open(f, framework="np") as h:  # jax arrays: Orbax's cheaper input
+            arrays.update({n.replace(".", "_"): jax.device_put(h.get_tensor(n)) for n in h.keys()})
     ck = ocp.StandardCheckpointer()
     ck.save(b, arrays)
     ck.wait_until_finished()
@@ -107,31 +114,58 @@ def _param_shapes(m) -> dict:
     return split_model(nnx.eval_shape(lambda: build_model(Config(model=m))))[1]
 
 
-def run(quick: bool = False) -> dict:
+def _paired(num: tuple, den: tuple, pairs: int) -> tuple[list[dict], list[dict]]:
+    """`pairs` back-to-back runs of the child cases num and den (each (what, a, b)),
+    alternating which goes first: on a shared machine both cases of a pair see the same
+    load (the module's time ratios are medians over pairs, as common.paired_ratios)."""
+    runs_num, runs_den = [], []
+    for i in range(pairs):
+        order = ((num, runs_num), (den, runs_den))
+        for (what, a, b), out in (order if i % 2 == 0 else order[::-1]):
+            shutil.rmtree(b, ignore_errors=True)
+            out.append(_child(what, a, b))
+    return runs_num, runs_den
+
+
+def _summary(runs: list[dict]) -> dict:
+    """The median run's seconds and peak, with every run's seconds."""
+    return {"seconds": float(np.median([r["seconds"] for r in runs])),
+            "peak": float(np.median([r["peak"] for r in runs])),
+            "base": float(np.median([r["base"] for r in runs])),
+            "all_seconds": [r["seconds"] for r in runs]}
+
+
+def run(quick: bool = False, pairs: int | None = None) -> dict:
     size = (dict(d_model=64, layers=2, experts=4, hidden=128, vocab=272) if quick else
             dict(d_model=512, layers=8, experts=8, hidden=1024, vocab=272))
+    pairs = pairs or (1 if quick else 3)
     tmp = tempfile.mkdtemp(prefix="moe_lab_bench_interop_")
     try:
-        hf_dir = os.path.join(tmp, "hf")
+        hf_dir, run_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "run")
         nbytes = write_random_mixtral(hf_dir, **size)
-        res = {"checkpoint_bytes": nbytes, "config": size}
-        res["read+save"] = _child("read+save", hf_dir, os.path.join(tmp, "orbax"))
-        res["import"] = _child("import", hf_dir, os.path.join(tmp, "run"))
-        res["restore+save"] = _child("restore+save", os.path.join(tmp, "run"),
-                                     os.path.join(tmp, "plain.safetensors"))
-        res["export"] = _child("export", os.path.join(tmp, "run"), os.path.join(tmp, "back"))
+        res = {"checkpoint_bytes": nbytes, "config": size, "pairs": pairs}
+        imp, base = _paired(("import", hf_dir, run_dir),
+                            ("read+save", hf_dir, os.path.join(tmp, "orbax")), pairs)
+        exp, base_exp = _paired(("export", run_dir, os.path.join(tmp, "back")),
+                                ("restore+save", run_dir, os.path.join(tmp, "plain.safetensors")),
+                                pairs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for case, runs in (("read+save", base), ("import", imp), ("restore+save", base_exp),
+                       ("export", exp)):
+        res[case] = _summary(runs)
+    res["import_time_ratios"] = [a["seconds"] / b["seconds"] for a, b in zip(imp, base)]
+    res["export_time_ratios"] = [a["seconds"] / b["seconds"] for a, b in zip(exp, base_exp)]
 
     def added(case):
         return (res[case]["peak"] - res[case]["base"]) / nbytes
 
     res["targets"] = [
-        target("import time / (safetensors read + Orbax save)",
-               res["import"]["seconds"] / res["read+save"]["seconds"], 1.5),
+        target("import time / (safetensors read + Orbax save), median of pairs",
+               float(np.median(res["import_time_ratios"])), 1.5),
         target("import peak RSS added / checkpoint bytes", added("import"), 1.5),
-        target("export time / (Orbax restore + safetensors save)",
-               res["export"]["seconds"] / res["restore+save"]["seconds"], 1.5),
+        target("export time / (Orbax restore + safetensors save), median of pairs",
+               float(np.median(res["export_time_ratios"])), 1.5),
         target("export peak RSS added / checkpoint bytes", added("export"), 1.5),
     ]
     res["name"] = "interop"
@@ -140,9 +174,11 @@ def run(quick: bool = False) -> dict:
 
 def main_print(res: dict) -> None:
     mb = res["checkpoint_bytes"] / 1e6
-    print(f"interop: random Mixtral checkpoint {mb:.0f} MB ({res['config']})")
+    print(f"interop: random Mixtral checkpoint {mb:.0f} MB ({res['config']}), {res['pairs']} "
+          f"pairs of runs (each a fresh process), medians")
     for case in ("read+save", "import", "restore+save", "export"):
         r = res[case]
-        print(f"  {case:13s} {r['seconds']:7.2f} s  peak RSS {r['peak'] / 1e6:7.0f} MB "
-              f"(after imports {r['base'] / 1e6:.0f} MB)")
+        runs = ", ".join(f"{t:.2f}" for t in r["all_seconds"])
+        print(f"  {case:13s} {r['seconds']:7.2f} s (runs {runs})  peak RSS {r['peak'] / 1e6:7.0f}"
+              f" MB (after imports {r['base'] / 1e6:.0f} MB)")
     print_targets(res["targets"])

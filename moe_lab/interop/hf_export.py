@@ -10,7 +10,8 @@ that `transformers.AutoModelForCausalLM.from_pretrained(HFDIR)` and
 What no HF class represents (MoR, expert choice, the loss-free sigmoid router,
 post-norm, ...) is refused before any checkpoint is read.  The tensors are written as
 a stream, one at a time (safetensors_io.py), into HFDIR.exporting-<pid>, renamed into
-place when complete.
+place when complete; the checkpoint is read one leaf at a time (a partial restore per
+leaf), so export holds one leaf and one tensor, not the model.
 """
 
 from __future__ import annotations
@@ -40,17 +41,20 @@ def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
     hf = hf_config.hf_config_of(m, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     with Checkpointer(workdir, create=False) as ckpt:
         step = ckpt.resolve_step(step, "export")
-        params = ckpt.restore_raw(step, parts=("params",))["params"]
-    with building(dst, "exporting") as tmp:
-        specs = hf_weights.hf_specs(m, arch, params)
-        files = write_sharded(tmp, specs, lambda: hf_weights.hf_tensors(m, arch, params),
-                              **({"shard_bytes": shard_bytes} if shard_bytes else {}))
-        write_hf_tokenizer(tok, tmp, m.max_seq_len)
-        for name, obj in (("config.json", hf), ("generation_config.json", {
-                "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                "pad_token_id": tok.pad_id})):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2)
+        specs = hf_weights.hf_specs(m, arch, ckpt.saved_shapes(step)["params"])
+
+        def leaf_of(path):  # one leaf in memory at a time (a partial restore each)
+            return ckpt.restore_leaf(step, ("params", *path))
+
+        with building(dst, "exporting") as tmp:
+            files = write_sharded(tmp, specs, lambda: hf_weights.hf_tensors(m, arch, leaf_of),
+                                  **({"shard_bytes": shard_bytes} if shard_bytes else {}))
+            write_hf_tokenizer(tok, tmp, m.max_seq_len)
+            for name, obj in (("config.json", hf), ("generation_config.json", {
+                    "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                    "pad_token_id": tok.pad_id})):
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=2)
     log(f"export: {workdir} step {step} -> {dst} ({arch}, {len(files)} safetensors file"
         f"{'s' if len(files) > 1 else ''}, {m.param_dtype})")
     return hf

@@ -7,13 +7,17 @@
     RUN/tokenizer/tokenizer.json     DIR's tokenizer (or tokenizer.model)
     RUN/lineage.json                 the source: directory, class, file sizes and sha256
 
-Tensors are read one at a time from the safetensors files (sharded or not), each
-checked against the config's shape before it is placed, so reading peaks at the params
-tree plus one tensor.  The leaves then become jax arrays one by one (each numpy leaf
-freed as its array is made) before the Orbax save: measured on a 400 MiB tree, Orbax
-saving numpy leaves peaks at 2.95x the tree, jax arrays at 2.0x (and 1.5x faster);
-`moe-lab bench interop` measures the whole import.  Everything is written
-into RUN.importing-<pid> and renamed into place: a failed import leaves nothing.
+Every tensor's shape is checked against the config first, from the safetensors headers
+(a tensor that does not fit is named before anything is read).  The params tree is then
+one `LazyArray` per leaf (train/checkpoint.py): the checkpoint writer makes each leaf in
+turn (reading its HF tensors one at a time, with plain reads, not a memory map:
+safetensors_io.TensorReader), writes it and drops it, so the import holds one leaf and
+one tensor, never the model.  Measured on the 429 MB `moe-lab bench interop`
+checkpoint: the whole tree made first and saved by Orbax in one call peaked at 2.9x the
+checkpoint above the interpreter (1.0x of it the memory-mapped files, 1.8x the tree
+and Orbax's copies); experiments/interop/README.md has the streamed figures.
+Everything is written into RUN.importing-<pid> and renamed into place: a failed import
+leaves nothing.
 
 The tokenizer's pad / BOS / EOS take the vocabulary's own tokens (data/tokenizer.py
 ROLE_ALIASES); the task delimiters (<think>, <answer>, ...) a pretrained vocabulary lacks
@@ -30,6 +34,7 @@ import dataclasses
 import glob
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import ml_dtypes
@@ -43,7 +48,7 @@ from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.interop import hf_config, hf_weights
 from moe_lab.interop.safetensors_io import TensorReader
 from moe_lab.models import tree
-from moe_lab.train.checkpoint import write_checkpoint
+from moe_lab.train.checkpoint import LazyArray, write_checkpoint
 from moe_lab.train.run_dir import (
     building,
     check_new_run_dir,
@@ -108,28 +113,30 @@ def imported_config(hf_dir: str, overrides: dict | None = None) -> tuple[Config,
     return resolve_config(cfg, tokenizer=tok), hf["architectures"][0], hf
 
 
-def _extend_vocab(params: dict, vocab_size: int) -> dict:
-    """Rows past the checkpoint's vocabulary: the mean of its rows (embedding and
-    unembedding), so the new ids start where the model's average token is."""
-    def grow(a, axis):
+def _with_mean_rows(make, vocab_size: int, axis: int):
+    """make() with rows past the checkpoint's vocabulary appended on `axis` (embedding:
+    0, unembedding: 1), each the mean of the checkpoint's rows, so the new ids start
+    where the model's average token is (as transformers' resize_token_embeddings)."""
+    def grown():
+        a = make()
         extra = vocab_size - a.shape[axis]
         mean = a.astype(np.float32).mean(axis=axis, keepdims=True).astype(a.dtype)
         return np.concatenate([a, np.repeat(mean, extra, axis=axis)], axis=axis)
+    return grown
 
-    params = tree.replace(params, ("embed_VD",), grow(params["embed_VD"], 0))
-    if "unembed_DV" in params:
-        params = tree.replace(params, ("unembed_DV",), grow(params["unembed_DV"], 1))
+
+def lazy_params(m_hf, arch: str, reader: TensorReader, abstract_hf: dict, vocab_size: int,
+                dtype) -> dict:
+    """The params tree with a LazyArray per leaf (train/checkpoint.py): nothing is read
+    until the checkpoint writer makes the leaf, one leaf at a time."""
+    params: dict = {}
+    for path, shape, make in hf_weights.param_makers(m_hf, arch, reader, abstract_hf, dtype):
+        axis = {("embed_VD",): 0, ("unembed_DV",): 1}.get(path)
+        if axis is not None and shape[axis] != vocab_size:
+            make = _with_mean_rows(make, vocab_size, axis)
+            shape = tuple(vocab_size if a == axis else d for a, d in enumerate(shape))
+        params = tree.replace(params, path, LazyArray(shape, dtype, make))
     return params
-
-
-def to_jax_in_place(params: dict) -> None:
-    """Replaces every numpy leaf of the nested dict by a jax array, one at a time: the
-    dict held each leaf's only reference, so the peak is the tree plus one leaf."""
-    for k, v in params.items():
-        if isinstance(v, dict):
-            to_jax_in_place(v)
-        else:
-            params[k] = jax.device_put(v)
 
 
 def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=print) -> dict:
@@ -149,18 +156,16 @@ def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=pr
     want = abstract["params"]
     if hf_vocab != cfg.model.vocab_size:
         want = setup_on_devices(cfg.replace(model=m_hf))[1].abstract_state["params"]
-    try:
-        params = hf_weights.params_from_hf(m_hf, arch, reader, want,
-                                           NP_DTYPES[cfg.model.param_dtype])
+    try:  # every tensor's shape, from the headers, before anything is read or written
+        hf_weights.check_shapes(m_hf, arch, reader.shape, want)
     except hf_weights.HFShapeError as e:
         raise ConfigError(f"import: {e}") from None
+    params = lazy_params(m_hf, arch, reader, want, cfg.model.vocab_size,
+                         NP_DTYPES[cfg.model.param_dtype])
     if hf_vocab != cfg.model.vocab_size:
         log(f"import: the tokenizer needs {cfg.model.vocab_size} ids, the checkpoint has "
             f"{hf_vocab}: {cfg.model.vocab_size - hf_vocab} embedding rows added (mean-"
             f"initialised); export will write vocab_size={cfg.model.vocab_size}")
-        params = _extend_vocab(params, cfg.model.vocab_size)
-
-    to_jax_in_place(params)  # Orbax saves jax arrays with less memory than numpy ones
 
     def zeros(s):
         return np.zeros(s.shape, s.dtype)
@@ -169,15 +174,18 @@ def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=pr
     # the checkpoint is a third of the size it would be with two zero moments
     state = {"params": params, "model_state": jax.tree.map(zeros, abstract["model_state"]),
              "step": np.zeros((), np.int32)}
-    lineage = {"imported_from": os.path.abspath(hf_dir), "hf_architecture": arch,
-               "hf_vocab_size": hf_vocab,
-               "files": {os.path.basename(f): {"bytes": os.path.getsize(f), "sha256": file_sha256(f)}
-                         for f in [*files, os.path.join(hf_dir, "config.json"),
-                                   cfg.data.tokenizer]}}
-    with building(dst, "importing") as tmp:
+    sources = [*files, os.path.join(hf_dir, "config.json"), cfg.data.tokenizer]
+    # the lineage's hashes are computed beside the checkpoint write (hashlib releases the
+    # GIL; 0.3-0.5 s of the 429 MB benchmark's import otherwise)
+    with ThreadPoolExecutor(1) as pool, building(dst, "importing") as tmp:
+        hashes = pool.map(file_sha256, sources)
         write_checkpoint(tmp, 0, state, {"tokens_seen": 0.0, "flops_spent": 0.0,
-                                         "wall_seconds": 0.0, "imported_from": lineage[
-                                             "imported_from"]})
+                                         "wall_seconds": 0.0,
+                                         "imported_from": os.path.abspath(hf_dir)})
+        lineage = {"imported_from": os.path.abspath(hf_dir), "hf_architecture": arch,
+                   "hf_vocab_size": hf_vocab,
+                   "files": {os.path.basename(f): {"bytes": os.path.getsize(f), "sha256": h}
+                             for f, h in zip(sources, hashes, strict=True)}}
         keep_tokenizer(tmp, load_tokenizer(cfg.data.tokenizer))
         write_json_atomic(lineage_path(tmp), lineage)
         write_json_atomic(config_path(tmp), cfg.to_dict())

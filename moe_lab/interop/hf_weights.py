@@ -84,9 +84,12 @@ def _moe_leaves(m: ModelConfig, arch: str) -> list[Leaf]:
     p = "model.layers.{i}." + ("block_sparse_moe." if mixtral else "mlp.")
     gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
 
+    def to_ml(ws):  # one expert (import fills the stacked leaf with it): a view, no copy
+        return ws[0].T[None] if len(ws) == 1 else np.stack([w.T for w in ws])
+
     def experts(name):  # E HF [out, in] matrices <-> one [E, in, out]
-        return (tuple(f"{p}experts.{e}.{name}.weight" for e in range(E)),
-                lambda ws: np.stack([w.T for w in ws]), lambda a: [x.T for x in a])
+        return (tuple(f"{p}experts.{e}.{name}.weight" for e in range(E)), to_ml,
+                lambda a: [x.T for x in a])
 
     out = [Leaf((tree.FFN, "router_DE"), (f"{p}gate.weight",), lambda ws: ws[0].T,
                 lambda a: [a.T]),
@@ -154,54 +157,91 @@ def _converted(leaf: Leaf, names: tuple[str, ...], ws: list, want: tuple) -> np.
     return a
 
 
-def params_from_hf(m: ModelConfig, arch: str, read: Callable[[str], np.ndarray],
-                   abstract_params: dict, dtype) -> dict:
-    """The params tree of `m` from HF tensors read one at a time (read(name) -> array),
-    each checked against `abstract_params` (shapes): a stacked leaf is allocated once
-    and filled layer by layer, so the peak is the tree plus one layer's tensors."""
-    params: dict = {}
-    for leaf in top_leaves(m):
-        want = tree.get(abstract_params, leaf.path).shape
-        a = _converted(leaf, leaf.names, [read(n) for n in leaf.names], want)
-        params = tree.replace(params, leaf.path, np.asarray(a, dtype))
+def _stacked_parts(leaf: Leaf, layers: range, read: Callable[[str], np.ndarray], want: tuple):
+    """(index into the stacked leaf, its array) for each layer (and expert) of `leaf`,
+    read and converted one HF tensor at a time."""
+    for j, i in enumerate(layers):
+        names = layer_names(leaf, i)
+        if len(names) == 1:
+            yield (j,), _converted(leaf, names, [read(names[0])], want[1:])
+            continue
+        for e, name in enumerate(names):  # experts: one at a time
+            yield (j, e), _converted(leaf, (name,), [read(name)], (1, *want[2:]))[0]
+
+
+def leaf_plan(m: ModelConfig, arch: str, abstract_params: dict):
+    """[(moe_lab path, Leaf, HF layers or None for a top leaf, shape)] in file order."""
+    out = [(leaf.path, leaf, None, tree.get(abstract_params, leaf.path).shape)
+           for leaf in top_leaves(m)]
     for stack, layers, kind in stacks_of(m):
         for leaf in block_leaves(m, arch, kind):
             path = (stack, tree.LAYERS, *leaf.path)
-            want = tree.get(abstract_params, path).shape
+            out.append((path, leaf, layers, tree.get(abstract_params, path).shape))
+    return out
+
+
+def check_shapes(m: ModelConfig, arch: str, shape_of: Callable[[str], tuple],
+                 abstract_params: dict) -> None:
+    """Runs every conversion on zero-stride views of the HF shapes (shape_of(name)), so
+    a tensor that does not fit the config is named (HFShapeError) before any tensor
+    is read or anything written; memory: one HF tensor at most (a reshape's copy)."""
+    def view(name):
+        return np.broadcast_to(np.zeros((), np.float32), shape_of(name))
+
+    for _, leaf, layers, want in leaf_plan(m, arch, abstract_params):
+        if layers is None:
+            _converted(leaf, leaf.names, [view(n) for n in leaf.names], want)
+        else:
+            for _ in _stacked_parts(leaf, layers, view, want):
+                pass
+
+
+def param_makers(m: ModelConfig, arch: str, read: Callable[[str], np.ndarray],
+                 abstract_params: dict, dtype) -> list[tuple[tuple, tuple, Callable]]:
+    """[(moe_lab path, shape, make)]: make() reads the leaf's HF tensors one at a time
+    and returns the moe_lab array (a stacked leaf is allocated once and filled layer by
+    layer), so making one leaf holds that leaf plus one HF tensor."""
+    def maker(leaf, layers, want):
+        def make():
+            if layers is None:
+                ws = [read(n) for n in leaf.names]
+                return np.asarray(_converted(leaf, leaf.names, ws, want), dtype)
             out = np.empty(want, dtype)
-            for j, i in enumerate(layers):
-                names = layer_names(leaf, i)
-                if len(names) == 1:
-                    out[j] = _converted(leaf, names, [read(names[0])], want[1:])
-                    continue
-                for e, name in enumerate(names):  # experts: one at a time, straight in place
-                    out[j, e] = _converted(leaf, (name,), [read(name)], (1, *want[2:]))[0]
-            params = tree.replace(params, path, out)
-    return params
+            for index, a in _stacked_parts(leaf, layers, read, want):
+                out[index] = a
+            return out
+        return make
+
+    return [(path, tuple(want), maker(leaf, layers, want))
+            for path, leaf, layers, want in leaf_plan(m, arch, abstract_params)]
 
 
-def hf_tensors(m: ModelConfig, arch: str, params: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array view) for every tensor of the HF checkpoint of `params`, in file
-    order, one at a time (views: the caller copies what it writes)."""
+def hf_tensors(m: ModelConfig, arch: str, leaf_of: Callable[[Path], np.ndarray]
+               ) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array view) for every tensor of the HF checkpoint, in file order, one
+    at a time (views: the caller copies what it writes).  leaf_of(moe_lab path) is
+    called once per leaf, and each leaf is dropped before the next is asked for: export
+    reads the checkpoint leaf by leaf through it."""
     for leaf in top_leaves(m):
-        yield from zip(leaf.names, leaf.to_hf(np.asarray(tree.get(params, leaf.path))),
-                       strict=True)
+        yield from zip(leaf.names, leaf.to_hf(np.asarray(leaf_of(leaf.path))), strict=True)
     for stack, layers, kind in stacks_of(m):
         for leaf in block_leaves(m, arch, kind):
-            stacked = tree.get(params, (stack, tree.LAYERS, *leaf.path))
+            stacked = leaf_of((stack, tree.LAYERS, *leaf.path))
             for j, i in enumerate(layers):
                 yield from zip(layer_names(leaf, i), leaf.to_hf(np.asarray(stacked[j])),
                                strict=True)
+            del stacked  # before the next leaf is read
 
 
-def hf_specs(m: ModelConfig, arch: str, params: dict) -> list[tuple[str, tuple, np.dtype]]:
-    """[(HF name, shape, dtype)] of hf_tensors(params), computed on zero-stride views of
-    the params' shapes (no tensor is copied)."""
+def hf_specs(m: ModelConfig, arch: str, shapes: dict) -> list[tuple[str, tuple, np.dtype]]:
+    """[(HF name, shape, dtype)] of hf_tensors for a params tree of `shapes` (anything
+    with .shape and .dtype), computed on zero-stride views (no tensor is copied)."""
     def shapes_only(a):
         return np.broadcast_to(np.zeros((), a.dtype), a.shape)
 
-    views = _map(shapes_only, params)
-    return [(name, tuple(a.shape), a.dtype) for name, a in hf_tensors(m, arch, views)]
+    views = _map(shapes_only, shapes)
+    return [(name, tuple(a.shape), a.dtype)
+            for name, a in hf_tensors(m, arch, lambda path: tree.get(views, path))]
 
 
 def _map(fn, node):

@@ -25,13 +25,25 @@ Why things are the way they are:
 - Shape/structure mismatches are found by comparing ``abstract_state`` with the
   saved metadata tree *before* restoring: Orbax's own errors name tensorstore
   paths and span many lines.
+- A state may hold `LazyArray` leaves (made only when written): `moe-lab import`
+  writes a checkpoint larger than it ever holds in memory that way.  Orbax's pytree
+  save takes every leaf at once and copies them while it writes (measured on a
+  400 MiB tree: peaks of 2.0x the tree with jax leaves, 2.95x with numpy ones);
+  `_LazyArrayHandler` writes `LazyArray`s in sequence, each dropped before the next
+  is made.  They are saved as numpy arrays, so they restore like any other leaf.
+- `restore_leaf` restores one leaf (Orbax's partial restore): `moe-lab export`
+  streams a checkpoint one leaf at a time.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from typing import Any, Self
 
 import grain
@@ -41,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+from orbax.checkpoint import future as ocp_future
 
 from moe_lab.config.schema import ConfigError
 from moe_lab.train.run_dir import CHECKPOINTS
@@ -49,6 +62,73 @@ log = logging.getLogger(__name__)
 
 STATE, DATA, META = "state", "data", "meta"
 OPT_STATE = "opt_state"  # the train state's optimizer part (train/state.py)
+
+
+class LazyArray:
+    """A checkpoint leaf made only when it is written: `make()` -> a numpy array of
+    `shape` and `dtype`.  `write_checkpoint` / `Checkpointer.save` write such leaves one
+    at a time, each dropped before the next is made, so a state whose leaves are all
+    lazy is saved in the memory of its largest leaf (see the module docstring).
+
+    compress: zstd (level 3, Orbax's default for other leaves).  Off by default: on
+    float weights it saves ~8% of the disk (measured on the 429 MB `bench interop`
+    checkpoint: 378 vs 410 MB) for ~0.5 CPU-seconds per 430 MB, 40% of an import's
+    time on 2 cores.  A restore reads either (the codec is in each array's metadata)."""
+
+    def __init__(self, shape, dtype, make: Callable[[], np.ndarray], *, compress: bool = False):
+        self.shape, self.dtype, self.make = tuple(int(d) for d in shape), np.dtype(dtype), make
+        self.compress = compress
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+        self.nbytes = self.size * self.dtype.itemsize  # Orbax's byte accounting reads it
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self.shape}, {self.dtype})"
+
+
+# A written LazyArray is cut into chunks of at most this many bytes, which tensorstore
+# encodes and writes on several threads: one leaf at a time would otherwise use one
+# core (measured, 3 leaves of 128 MiB on 2 cores: 0.69-0.83 s as single chunks,
+# 0.56-0.62 s in 16 MiB chunks; Orbax writing all three at once: 0.44-0.76 s).
+LAZY_CHUNK_BYTES = 16 * 2**20
+
+
+class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy handler, fed one made leaf at a time.  The numpy handler copies
+    every value it is given and writes them all concurrently; this one makes, writes
+    (awaiting the write) and drops each leaf in turn, inside the commit future.  (Making
+    the next leaf in a thread while one is written was measured too: no faster on 2
+    cores, one more leaf alive.)  Tensorstore may let go of a written array a moment
+    after the write resolves, in its own thread, so two leaves can overlap briefly.
+    typestr stays 'np.ndarray': an ordinary checkpoint."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _write_in_sequence(self, values, infos, args):
+        def made(k):
+            array = values[k].make()
+            if tuple(array.shape) != values[k].shape or array.dtype != values[k].dtype:
+                raise ValueError(f"LazyArray {infos[k].name}: made {array.shape} {array.dtype},"
+                                 f" declared {values[k].shape} {values[k].dtype}")
+            return array
+
+        for k in range(len(values)):
+            array = made(k)
+            arg = args[k] if args[k].chunk_byte_size else dataclasses.replace(
+                args[k], chunk_byte_size=LAZY_CHUNK_BYTES)
+            info = copy.copy(infos[k])
+            info.use_compression = values[k].compress
+            await self._background_serialize([array], [info], [arg])
+            del array  # before the next leaf is made
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [ocp_future.CommitFutureAwaitingContractedSignals(
+            self._write_in_sequence(values, infos, args), name="lazy_array_handler")]
+
+
+ocp.type_handlers.register_type_handler(LazyArray, _LazyArrayHandler(), override=True)
 
 
 def _fresh_opt_state(abstract_opt):
@@ -374,6 +454,35 @@ class Checkpointer:
         restored = self._read(step, lambda: self._mngr.restore(
             step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})))
         return dict(restored[META] or {})
+
+    def saved_shapes(self, step: int | None = None):
+        """The saved state's tree with a jax.ShapeDtypeStruct per leaf, read from the
+        checkpoint's metadata (no array is read)."""
+        step = self._resolve(step)
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
+                            self._saved_tree(step))
+
+    def restore_leaf(self, step: int, path: tuple[str, ...]) -> np.ndarray:
+        """One leaf of the saved state (`path` from the state's root, e.g. ("params",
+        "embed_VD")) as a host numpy array; Orbax's partial restore reads that leaf's
+        bytes only, so `moe-lab export` holds one leaf at a time."""
+        step = self._resolve(step)
+        node = self._saved_tree(step)
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                raise ConfigError(f"checkpoint step {step} in {self.directory} has no leaf "
+                                  f"{'/'.join(path)}")
+            node = node[key]
+        item, restore_args = node, ocp.RestoreArgs(restore_type=np.ndarray)
+        for key in reversed(path):
+            item, restore_args = {key: item}, {key: restore_args}
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                      partial_restore=True)
+        out = self._read(step, lambda: self._mngr.restore(
+            step, args=ocp.args.Composite(**{STATE: args}))[STATE])
+        for key in path:
+            out = out[key]
+        return out
 
     def restore_raw(self, step: int | None = None, parts: tuple[str, ...] | None = None):
         """The saved state as host numpy arrays, structure taken from the
