@@ -310,3 +310,28 @@ def test_export_refuses_what_no_hf_class_represents(model, why):
 def test_tokenizer_fixture_has_the_specials(tmp_path):
     tok = load_tokenizer(write_tokenizer(str(tmp_path / "t.json")))
     assert tok.vocab_size == VOCAB and tok.think_start_id < 16
+
+
+def test_a_bf16_checkpoint_round_trips_bit_for_bit(hf_dirs, tmp_path):
+    """A bf16 checkpoint (as on the Hub) imports as param_dtype bfloat16 and exports to
+    the same bits, tensor for tensor: no float32 detour rounds anything."""
+    import torch  # noqa: PLC0415
+
+    from moe_lab.interop.safetensors_io import TensorReader  # noqa: PLC0415
+
+    src, model = hf_dirs["MixtralForCausalLM"]
+    bf16 = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(bf16, safe_serialization=True)
+    model.to(torch.float32)  # the fixture is shared
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, name), bf16 / name)
+    run, back = tmp_path / "run", tmp_path / "back"
+    assert cli("import", "--hf", bf16, "--to", run) == 0
+    assert config_from_json(config_path(str(run))).model.param_dtype == "bfloat16"
+    assert cli("export", "--workdir", run, "--to", back) == 0
+    a, b = TensorReader([str(bf16 / "model.safetensors")]), TensorReader([str(back / "model.safetensors")])
+    assert a.names() == b.names()
+    for name in sorted(a.names()):
+        x, y = a(name), b(name)
+        assert x.dtype == y.dtype == np.dtype("bfloat16") and x.shape == y.shape, name
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16), err_msg=name)

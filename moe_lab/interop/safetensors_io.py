@@ -130,7 +130,7 @@ def write_stream(path: str, specs: list[tuple[str, tuple, np.dtype]],
             if got != name or tuple(a.shape) != tuple(shape) or a.dtype != dtype:
                 raise AssertionError(f"safetensors stream: {got} {a.shape} {a.dtype} where the "
                                      f"header says {name} {shape} {dtype}")
-            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))  # no bytes copy
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)  # no bytes copy
 
 
 def write_sharded(out_dir: str, specs: list[tuple[str, tuple, np.dtype]],
