@@ -107,7 +107,7 @@ def test_data_bench_quick_measures_prepare_iterator_and_startup():
     r = data.run(quick=True)
     assert 8 < r["tokens_big"] / r["tokens_small"] < 12 and r["prepare_shards"] >= 1  # 10x docs
     for key in ("encode_tokens_per_sec", "prepare_tokens_per_sec", "iterator_tokens_per_sec",
-                "train_step_tokens_per_sec"):
+                "iterator_workers2_tokens_per_sec", "train_step_tokens_per_sec"):
         assert r[key] > 0, key
     for k in ("startup_small", "startup_big"):
         assert r[k]["seconds"] > 0 and r[k]["rss_kib"] > 0

@@ -4,7 +4,8 @@ Targets (issue 19), each a ratio measured in this one run:
   - prepare tokens/s (2 workers: tokenize, write shards, bookkeeping) / the
     tokenizer's own batch-encode tokens/s in one process: >= 0.7;
   - the training iterator's tokens/s (shuffle, decode, concat-then-split packing,
-    batching; in-process) / the small dense config's train-step tokens/s: >= 20;
+    batching; in-process) / the small dense config's train-step tokens/s: >= 20
+    (the same iterator in 2 grain worker processes, data.workers=2, is reported too);
   - start-up time and peak RSS of the pipeline (open the corpus, build the
     iterator, first batch; a fresh process each) over a corpus 10x larger / the
     smaller one: <= 1.2 each.
@@ -14,6 +15,7 @@ vocabulary trained on it; sizes: quick 0.1M / 1M tokens, full 2M / 20M tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -96,6 +98,15 @@ def run(quick: bool = False) -> dict:
         for _ in range(n_batches):
             next(it)
         iter_tps = n_batches * 16 * 256 / (time.perf_counter() - t0)
+        # the same in 2 grain worker processes (data.workers=2), after their start-up
+        workers_it = pipeline.make_train_iterator(dataclasses.replace(cfg, workers=2), 16,
+                                                  seed=0)
+        next(workers_it)
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            next(workers_it)
+        workers_tps = n_batches * 16 * 256 / (time.perf_counter() - t0)
+        del workers_it
         small = _config(128, 2, 4, 4, 64, 2) if quick else _config(512, 8, 8, 8, 256, 8)
         peak, _ = peak_flops_per_device("float32")
         step_tps = measure_throughput(small, peak, 3 if quick else 5)["tokens_per_sec"]
@@ -107,7 +118,8 @@ def run(quick: bool = False) -> dict:
             "tokens_small": meta_small["tokens"], "tokens_big": meta_big["tokens"],
             "encode_tokens_per_sec": encode_tps, "prepare_tokens_per_sec": prep_tokens / prep_s,
             "prepare_seconds": prep_s, "prepare_shards": len(meta_big["shards"]),
-            "iterator_tokens_per_sec": iter_tps, "train_step_tokens_per_sec": step_tps,
+            "iterator_tokens_per_sec": iter_tps, "iterator_workers2_tokens_per_sec": workers_tps,
+            "train_step_tokens_per_sec": step_tps,
             "startup_small": start_small, "startup_big": start_big,
             "targets": [
                 target("prepare tok/s (2 workers) / tokenizer batch-encode tok/s",
@@ -128,7 +140,8 @@ def main_print(r: dict) -> None:
           f"{r['tokens_big']:,} tokens")
     print(f"  tokenizer batch-encode {r['encode_tokens_per_sec']:,.0f} tok/s | prepare "
           f"{r['prepare_tokens_per_sec']:,.0f} tok/s ({r['prepare_shards']} shards, "
-          f"{r['prepare_seconds']:.1f}s) | iterator {r['iterator_tokens_per_sec']:,.0f} tok/s | "
+          f"{r['prepare_seconds']:.1f}s) | iterator {r['iterator_tokens_per_sec']:,.0f} tok/s "
+          f"(2 workers: {r['iterator_workers2_tokens_per_sec']:,.0f}) | "
           f"small dense train step {r['train_step_tokens_per_sec']:,.0f} tok/s")
     for k in ("startup_small", "startup_big"):
         print(f"  {k}: {r[k]['seconds']:.2f}s, peak RSS {r[k]['rss_kib'] / 1024:.0f} MiB")
