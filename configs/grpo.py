@@ -3,6 +3,7 @@
     moe-lab rl --from runs/tiny --to runs/tiny_grpo --config configs/grpo.py
     moe-lab rl --from runs/tiny --to runs/tiny_cd --config configs/grpo.py:countdown
     moe-lab rl ... --config configs/grpo.py:cpu     # tiny CPU models: larger LR, fewer steps
+    moe-lab rl ... --config configs/grpo.py:strategies  # the configs/arith_strategies.py base
 
 Defaults follow 2508.18672's recipe: n = 5 rollouts per prompt, LR 5e-6, KL
 coefficient 1e-3 (k3 estimator), group-normalised advantages, exact-match reward,
@@ -25,4 +26,8 @@ def get_config(arg=None):
         c.update(steps=250, lr=3e-4, prompts_per_step=16, eval_every=50, checkpoint_every=50,
                  devices="one")
         return c
-    raise ValueError(f"unknown arg {arg!r} (use countdown or cpu)")
+    if arg == "strategies":  # configs/arith_strategies.py's base (experiments/grpo_arith)
+        c.update(steps=200, lr=3e-4, prompts_per_step=16, eval_every=25, eval_examples=256,
+                 checkpoint_every=50, devices="one")
+        return c
+    raise ValueError(f"unknown arg {arg!r} (use countdown, cpu or strategies)")

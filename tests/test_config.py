@@ -142,3 +142,21 @@ def test_broken_config_file_is_one_line_naming_file_and_line(source, needle, tmp
     with pytest.raises(ConfigError) as e:
         load_raw(str(path))
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_study_configs_load_and_validate():
+    """configs/arith_strategies.py (issue 21 d, e) and its GRPO preset: a base that
+    answers directly in 60% of its training rows, and the RL settings for it."""
+    from moe_lab.data.tasks.registry import make_task  # noqa: PLC0415
+
+    cfg = load_config("configs/arith_strategies.py")
+    assert (cfg.data.arith_direct, cfg.data.arith_modulus, cfg.train.lr) == (0.6, 7, 1e-3)
+    assert make_task("arith", cfg.data).direct == 0.6
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("grpo_cfg", "configs/grpo.py")
+    grpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grpo)
+    assert grpo.get_config("strategies")["eval_examples"] == 256
+    with pytest.raises(ValueError, match="unknown arg"):
+        grpo.get_config("nope")

@@ -105,6 +105,24 @@ def test_arith_answers_and_working_are_correct():
     assert task.eval_example(0).prompt.count("=") == 7  # a + 6 steps
 
 
+def test_arith_direct_rows_drop_only_the_working():
+    """arith_direct: that share of training rows answer with an empty <think></think>;
+    the rest, every eval row and the answers are the plain task's, and 0 draws nothing
+    (runs stored before the option read the same data)."""
+    plain, none, direct = (ArithTask(seed=2, num_steps=2, modulus=7, direct=d)
+                           for d in (0.0, 0.0, 0.4))
+    rows = [direct.train_example(i) for i in range(400)]
+    assert [plain.train_example(i) for i in range(50)] == [none.train_example(i) for i in range(50)]
+    empty = [ex for ex in rows if ex.working == "<think></think>"]
+    assert 110 < len(empty) < 210  # ~40% of 400
+    for ex in rows:
+        assert ex.answer == str(_solve(ex.prompt)[0]) and direct.check(ex.completion, ex)
+        assert ex.working == "<think></think>" or ex.working.count("=") == 2
+    assert all(direct.eval_example(i) == plain.eval_example(i) for i in range(30))
+    with pytest.raises(ConfigError, match="arith_direct must be in"):
+        ArithTask(direct=1.5)
+
+
 def test_arith_train_eval_disjoint():
     task = ArithTask(seed=0, num_steps=2, modulus=7)  # small problem space: collisions likely
     train = {task.train_example(i).prompt for i in range(2000)}

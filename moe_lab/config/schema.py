@@ -190,6 +190,7 @@ class DataConfig:
     arith_eval_num_steps: int = 3
     arith_modulus: int = 23
     arith_self_correct: float = 0.0  # share of working with a wrong step, "Wait", the fix
+    arith_direct: float = 0.0  # share of training solutions with no working (answer only)
     # countdown (TinyZero): reach a target from N numbers in [1, max] with + - * /
     countdown_num_numbers: int = 3
     countdown_max_number: int = 20

@@ -33,30 +33,42 @@ class ArithTask(Task):
     `self_correct` = probability that a training solution contains one wrong
     step immediately followed by "Wait" and the corrected step ("c=9 Wait
     c=15"): teaches the model what "Wait" means, for s1-style budget forcing.
+
+    `direct` = probability that a training solution shows no working
+    ("<think></think><answer>15"), as answer-only rows sit beside worked solutions in
+    real pre-training data.  A model trained on both has two strategies for a new
+    problem: answering at once (a whole chain in one step: near chance on held-out
+    problems) and working it out (composing steps it has seen).  Greedy decoding takes
+    whichever starts more likely; samples take both, so votes can find the worked
+    answer (majority@k) and RL can learn to prefer it (DeepSeekMath's "RL boosts
+    Maj@K into Pass@1"): the base for issue 21's (d) and (e).  Eval prompts are the
+    same either way: the model chooses.
     """
 
     name = "arith"
     _EVAL_FRACTION = 0.1
 
     def __init__(self, seed: int = 0, num_steps: int = 3, eval_num_steps: int | None = None,
-                 modulus: int = 23, self_correct: float = 0.0):
+                 modulus: int = 23, self_correct: float = 0.0, direct: float = 0.0):
         eval_num_steps = num_steps if eval_num_steps is None else eval_num_steps
         for key, v in (("arith_num_steps", num_steps), ("arith_eval_num_steps", eval_num_steps)):
             if not 1 <= v <= len(_VARS) - 1:
                 raise ConfigError(f"data.{key} must be in [1, {len(_VARS) - 1}], got {v}")
         if modulus < 2:
             raise ConfigError(f"data.arith_modulus must be >= 2, got {modulus}")
-        if not 0.0 <= self_correct <= 1.0:
-            raise ConfigError(f"arith self_correct must be in [0, 1], got {self_correct}")
+        for key, v in (("arith_self_correct", self_correct), ("arith_direct", direct)):
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"data.{key} must be in [0, 1], got {v}")
         self.seed, self.num_steps, self.eval_num_steps = seed, num_steps, eval_num_steps
-        self.modulus, self.self_correct = modulus, self_correct
+        self.modulus, self.self_correct, self.direct = modulus, self_correct, direct
         self.num_train = 2**31
         self.num_eval = 2**31
 
     def is_eval_problem(self, prompt: str) -> bool:
         return _held_out("arith-split/" + prompt, self._EVAL_FRACTION)
 
-    def _sample(self, rng: KeyedRng, steps: int, self_correct: float) -> Example:
+    def _sample(self, rng: KeyedRng, steps: int, self_correct: float,
+                direct: float = 0.0) -> Example:
         m = self.modulus
         values = [rng.below(m)]
         parts = [f"a={values[0]}"]
@@ -77,12 +89,14 @@ class ArithTask(Task):
             wrong = (values[k] + 1 + rng.below(m - 1)) % m
             steps_txt[k - 1] = f"{_VARS[k]}={wrong} Wait {_VARS[k]}={values[k]}"
         working = THINK_START + " ".join(steps_txt) + THINK_END
+        if direct > 0 and rng.uniform() < direct:  # no draw at 0: old runs' data unchanged
+            working = THINK_START + THINK_END
         return Example(prompt=prompt, answer=str(values[steps]), working=working, key=prompt)
 
     def train_example(self, i: int) -> Example:
         for j in range(10_000):
             ex = self._sample(KeyedRng(self.seed, "arith-train", i, j), self.num_steps,
-                              self.self_correct)
+                              self.self_correct, self.direct)
             if not self.is_eval_problem(ex.prompt):
                 return ex
         raise ConfigError(f"data.arith_modulus={self.modulus} with arith_num_steps="

@@ -14,15 +14,16 @@ from moe_lab.data.tasks.file import FileTask
 
 
 def make_task(name: str, data_cfg: DataConfig) -> Task:
-    """Builds a task from the DataConfig knobs. `arith_self_correct` is read if
-    the config has it (default 0)."""
+    """Builds a task from the DataConfig knobs. `arith_self_correct` and `arith_direct`
+    are read if the config has them (default 0: runs stored before them)."""
     if name == "facts":
         return FactsTask(seed=data_cfg.seed, num_entities=data_cfg.facts_num_entities)
     if name == "arith":
         return ArithTask(seed=data_cfg.seed, num_steps=data_cfg.arith_num_steps,
                          eval_num_steps=data_cfg.arith_eval_num_steps,
                          modulus=data_cfg.arith_modulus,
-                         self_correct=float(getattr(data_cfg, "arith_self_correct", 0.0)))
+                         self_correct=float(getattr(data_cfg, "arith_self_correct", 0.0)),
+                         direct=float(getattr(data_cfg, "arith_direct", 0.0)))
     if name == "countdown":
 
         return CountdownTask(seed=data_cfg.seed, num_numbers=data_cfg.countdown_num_numbers,
