@@ -128,7 +128,14 @@ class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
             self._write_in_sequence(values, infos, args), name="lazy_array_handler")]
 
 
-ocp.type_handlers.register_type_handler(LazyArray, _LazyArrayHandler(), override=True)
+def _state_type_handlers():
+    """Orbax's type handlers plus LazyArray's, in a registry of the state item's own:
+    Orbax's global registry is left as it is (no import-time side effect).  LazyArray
+    goes first so that the typestr 'np.ndarray' still restores with Orbax's handler."""
+    return ocp.type_handlers.create_type_handler_registry(
+        (LazyArray, _LazyArrayHandler()),
+        *[(ty, ocp.type_handlers.get_type_handler(ty))
+          for ty in ocp.type_handlers.supported_types()])
 
 
 def _fresh_opt_state(abstract_opt):
@@ -246,8 +253,9 @@ class Checkpointer:
         # An explicit registry lets a fresh manager read item metadata and restore
         # items before it has saved anything.
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        registry.add(STATE, ocp.args.PyTreeSave)
-        registry.add(STATE, ocp.args.PyTreeRestore)
+        state_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_state_type_handlers())
+        registry.add(STATE, ocp.args.PyTreeSave, state_handler)
+        registry.add(STATE, ocp.args.PyTreeRestore, state_handler)
         registry.add(META, ocp.args.JsonSave)
         registry.add(META, ocp.args.JsonRestore)
         data_handler = grain.checkpoint.CheckpointHandler()
