@@ -27,8 +27,6 @@ DTYPE_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"
                np.dtype(np.int64): "I64"}
 READ_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
-
-
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
 
@@ -91,9 +89,6 @@ class TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self._entry(name)[1]["shape"])
 
-    def dtype(self, name: str) -> np.dtype:
-        return READ_DTYPES[self._entry(name)[1]["dtype"]]
-
     def _entry(self, name: str):
         if name not in self._where:
             raise ConfigError(f"the checkpoint has no tensor {name}")
@@ -101,7 +96,7 @@ class TensorReader:
 
     def __call__(self, name: str) -> np.ndarray:
         path, entry, data_start = self._entry(name)
-        dtype, shape = READ_DTYPES[entry["dtype"]], self.shape(name)
+        dtype, shape = READ_DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"])
         with open(path, "rb") as f:
             f.seek(data_start + int(entry["data_offsets"][0]))
             out = np.fromfile(f, dtype=dtype, count=math.prod(shape))

@@ -70,8 +70,8 @@ class LazyArray:
     at a time, each dropped before the next is made, so a state whose leaves are all
     lazy is saved in the memory of its largest leaf (see the module docstring).
 
-    compress: zstd (level 3, Orbax's default for other leaves).  Off by default: on
-    float weights it saves ~8% of the disk (measured on the 429 MB `bench interop`
+    compress: zstd, the codec Orbax gives every other leaf.  Off by default: on float
+    weights it saves ~8% of the disk (measured on the 429 MB `bench interop`
     checkpoint: 378 vs 410 MB) for ~0.5 CPU-seconds per 430 MB, 40% of an import's
     time on 2 cores.  A restore reads either (the codec is in each array's metadata)."""
 
