@@ -52,12 +52,19 @@ setup(
         "tokamax==0.0.12",
     ],
     extras_require={
+        # compiling for TPU pods from any host (moe-lab compile); also in [dev]
+        "tpu": ["libtpu==0.0.42.1"],
         # HF transformers beside moe_lab (export checks, the tests' reference models).
         # torch pinned to the CPU build this project was verified with.
         "hf": HF,
         # lm-evaluation-harness (moe-lab eval --lm-eval)
         "eval": HF + EVAL,
         "dev": HF + EVAL + HF_BACKEND + [
+            # libtpu: AOT compilation for TPU topologies on this host (moe-lab compile,
+            # tests/test_compile.py).  Pinned with jax: jax[tpu]==0.10.2 takes
+            # libtpu==0.0.42.*.  Wheels exist for linux x86-64 only; elsewhere the
+            # compile tests skip.
+            "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
             "ruff>=0.6",

@@ -53,6 +53,8 @@ def test_tiny_config_loads_and_overrides_apply():
     ({"model.rope_theta": 0}, "'model.rope_theta' must be > 0"),
     ({"eval.batch_size": 0}, "'eval.batch_size' must be > 0"),
     ({"mesh.rules": '[["batch", ["bogus"]]]'}, "unknown mesh axis 'bogus'"),
+    ({"train.profile": "5:3"}, "'train.profile'='5:3' must be START:STOP"),
+    ({"train.profile": "5"}, "'train.profile'='5' must be START:STOP"),
 ])
 def test_bad_values_raise_one_line(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -4,7 +4,10 @@ Rooms, lowest first; a module may import its own room and rooms of a lower rank 
 (two rooms of the same rank are independent of each other):
 
     config < (parallel, data) < layers < models < accounting < train < (growth, interop) < eval
-           < rl < sweep < bench < cli
+           < (rl, aot) < sweep < bench < cli
+
+aot (ahead-of-time compilation for a pod) compiles train's steps and eval's decode step,
+and `sweep --compile` compiles every point of a sweep with it.
 
 Why this order, where it differs from "cli -> sweep -> (rl, growth, eval) -> train":
 eval's test-time depth sweep uses growth's recursion-depth transform (a parameter
@@ -20,8 +23,8 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "moe_lab"
 RANKS = {"config": 0, "parallel": 1, "data": 1, "layers": 2, "models": 3, "accounting": 4,
-         "train": 5, "growth": 6, "interop": 6, "eval": 7, "rl": 8, "sweep": 9, "bench": 10, "cli": 11,
-         "__main__": 12, "__init__": 12}
+         "train": 5, "growth": 6, "interop": 6, "eval": 7, "rl": 8, "aot": 8, "sweep": 9,
+         "bench": 10, "cli": 11, "__main__": 12, "__init__": 12}
 # the stack every room may import at module top; a local import of these is a hidden edge
 CORE_LIBRARIES = {"moe_lab", "jax", "jaxlib", "flax", "optax", "orbax", "grain", "numpy",
                   "ml_collections"}

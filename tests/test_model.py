@@ -265,7 +265,11 @@ def test_cudnn_attention_is_refused_off_gpu_and_auto_picks_what_runs():
     assert auto("gpu", compute_dtype="bfloat16", head_dim=64) == "cudnn"
     assert auto("gpu", compute_dtype="float32", head_dim=64) == "xla"  # cuDNN: half only
     assert auto("gpu", compute_dtype="bfloat16", head_dim=256) == "xla"
-    assert auto("tpu") == "tokamax" and auto("cpu") == "xla"
+    # not tokamax on TPU: its flash kernel refuses the dense mask and would fall back
+    # silently; tokamax asked for on TPU is its Mosaic kernel alone (no fallback)
+    assert auto("tpu") == "xla" and auto("cpu") == "xla"
+    assert resolve_attention_impl("tokamax", "tpu") == "tokamax:mosaic"
+    assert resolve_attention_impl("tokamax", "cpu") == "tokamax"
 
 
 def _replace_model(cfg, **model):

@@ -24,8 +24,12 @@ def _losses(workdir):
 
 def test_loss_decreases_on_facts(tmp_path):
     cfg = tiny_config(data=dict(mixture="facts:1"),
-                      train=dict(steps=150, eval_every=150, checkpoint_every=150, log_every=10))
+                      train=dict(steps=150, eval_every=150, checkpoint_every=150, log_every=10,
+                                 profile="3:5"))
     summary = train(cfg, str(tmp_path / "run"))
+    # train.profile: a jax.profiler trace of steps 3..4 for TensorBoard / XProf
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
     losses = _losses(str(tmp_path / "run"))
     assert losses[10] > 2.0 and losses[150] < 0.6 * losses[10], losses
     assert summary["eval/facts/loss"] < 2.0

@@ -3,7 +3,8 @@ base (20 layers, 64 fine-grained experts, top-4) trained with WSD; checkpoints k
 from the constant phase; grown by depth interposition (x2) then width (E 64 -> 128,
 top-4 -> top-8) and continued at constant LR 3e-4 with fresh Adam moments.
 
-    moe-lab info --config configs/paper/growth_3b.py                 # base on v5p-128
+    moe-lab info --config configs/paper/growth_3b.py                 # base on v5p-256 (128 chips)
+    moe-lab compile --config configs/paper/growth_3b.py --topology v5p-256
     moe-lab info --config configs/paper/growth_3b.py:grown           # after depth x2
     moe-lab train --config configs/paper/growth_3b.py --workdir gs://.../base
     moe-lab grow --from gs://.../base --step 16000 --to gs://.../g16k --depth interpose

@@ -3,6 +3,7 @@ hidden 2d, 125B tokens.  arg = "D[,E,K][@HW]", e.g. "1024,64,16@tpu-v5p-256".
 
     moe-lab info --config configs/paper/sparsity.py:1024,64,16@tpu-v5p-256
     moe-lab info --config configs/paper/sparsity.py:2048,256,16@8xh100   # says whether it fits
+    moe-lab compile --config configs/paper/sparsity.py:1024,64,16@tpu-v5p-256 --topology v5p-256
 
 Meshes: TPU v5p/v6e slices use fsdp x expert with data on the rest; an 8xH100 node
 uses fsdp=8 (experts sharded by fsdp on their embed dim).  The byte tokenizer
@@ -16,9 +17,11 @@ and the synthetic tasks are the defaults; a real run reads a prepared corpus
 
 import ml_collections
 
-MESHES = {  # hardware -> (devices, mesh axes)
-    "tpu-v5p-256": (256, dict(data=-1, fsdp=8, expert=8)),
-    "tpu-v5p-128": (128, dict(data=-1, fsdp=8, expert=8)),
+# hardware -> (devices, mesh axes).  Cloud TPU names v5p slices by TensorCores (2 per
+# chip): a v5p-256 is 128 chips (4x4x8); v6e slices are named by chips (16x16).
+MESHES = {
+    "tpu-v5p-256": (128, dict(data=-1, fsdp=8, expert=8)),
+    "tpu-v5p-128": (64, dict(data=-1, fsdp=8, expert=8)),
     "tpu-v6e-256": (256, dict(data=-1, fsdp=16, expert=8)),
     "8xh100": (8, dict(data=1, fsdp=8)),
 }

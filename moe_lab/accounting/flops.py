@@ -59,6 +59,12 @@ def _ffn_params(m: ModelConfig, kind: str, active: bool) -> int:
     return round(3 * D * F * routed) + 3 * D * shared_F + gate + D * e.num_experts
 
 
+def moe_layer_train_flops_per_token(m: ModelConfig) -> float:
+    """Forward + backward FLOPs per token of one MoE layer: router, the k routed
+    experts (expert choice: cf * k on average), shared experts; 3x the forward."""
+    return 3.0 * 2.0 * _ffn_params(m, "moe", True)
+
+
 def _mor_router_params(m: ModelConfig) -> int:
     r = m.mor
     D, R = m.d_model, r.num_recursions

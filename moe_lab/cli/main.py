@@ -1,4 +1,4 @@
-"""`moe-lab` command line: train, eval, info, grow, sweep, rl, bench, tokenizer, prepare,
+"""`moe-lab` command line: train, eval, info, compile, grow, sweep, rl, bench, tokenizer, prepare,
 import, export.
 
 One thin file per command (moe_lab/cli/<command>.py: its parser and what it
@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from moe_lab.cli.bench import add_bench_parser
+from moe_lab.cli.compile import add_compile_parser
 from moe_lab.cli.eval import add_eval_parser
 from moe_lab.cli.grow import add_grow_parser
 from moe_lab.cli.info import add_info_parser
@@ -23,8 +24,9 @@ from moe_lab.cli.train import add_train_parser
 from moe_lab.config.load import parse_override_args
 from moe_lab.config.schema import ConfigError
 from moe_lab.parallel.host_allocator import tune_host_allocator
+from moe_lab.parallel.topology import quiet_libtpu_on_cpu_host
 
-COMMANDS = (add_train_parser, add_info_parser, add_grow_parser, add_eval_parser,
+COMMANDS = (add_train_parser, add_info_parser, add_compile_parser, add_grow_parser, add_eval_parser,
             add_sweep_parser, add_rl_parser, add_bench_parser, add_tokenizer_parser,
             add_prepare_parser, add_import_parser, add_export_parser)
 
@@ -45,6 +47,7 @@ HOST_ONLY = ("prepare", "tokenizer", "bench")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_libtpu_on_cpu_host()  # before jax starts its backends (parallel/topology.py)
     try:
         overrides, rest = parse_override_args(argv)
         args = build_parser().parse_args(rest)

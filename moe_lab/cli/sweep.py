@@ -10,6 +10,7 @@ import sys
 from moe_lab.config.load import parse_override_args
 from moe_lab.config.schema import ConfigError
 from moe_lab.parallel.host_allocator import tune_host_allocator
+from moe_lab.sweep.compile_plan import compile_sweep
 from moe_lab.sweep.points import SPECIAL, Point, load_sweep, make_points, parse_shard, run_name, shard_points  # noqa: E402, F401, I001  (grid expansion)
 from moe_lab.sweep.results import RESULTS, format_results, load_results  # noqa: E402  (the results store; load_results for notebooks)
 from moe_lab.sweep.runner import FAILED_MARK, run_sweep
@@ -27,11 +28,21 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                    help="run each point in a child process (default) or in this one")
     s.add_argument("--point", default=None, help="run only this point, in this process")
     s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--compile", metavar="TOPOLOGY", default=None,
+                   help="compile every point for this TPU topology (v5p-256, v6e:16x16, ...) "
+                        "and write SWEEP/compile_plan.jsonl instead of running")
+    s.add_argument("--num-slices", type=int, default=1, help="with --compile: slices over DCN")
+    s.add_argument("--allow-resize", action="store_true",
+                   help="with --compile: points whose mesh.plan_devices differ from the topology")
     s.set_defaults(fn=cmd_sweep)
     return s
 
 
 def cmd_sweep(args, overrides) -> int:
+    if args.compile:
+        rows = compile_sweep(args.config, args.workdir, args.compile, num_slices=args.num_slices,
+                             overrides=overrides, allow_resize=args.allow_resize)
+        return 0 if all(r["fits"] for r in rows) else 1
     status = run_sweep(args.config, args.workdir, overrides=overrides,
                        shard=parse_shard(args.shard), dry_run=args.dry_run,
                        isolate=args.isolate, only=args.point, child=args.child)

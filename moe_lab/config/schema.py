@@ -240,6 +240,17 @@ class TrainConfig:
     # RUN[:STEP]: a new run starts from that run's weights (its model and tokenizer),
     # fresh optimizer and schedule (moe_lab/train/init_from.py)
     init_from: str = ""
+    # "START:STOP": a jax.profiler trace of steps START..STOP-1 into WORKDIR/profile/
+    # (TensorBoard / XProf); "" off
+    profile: str = ""
+
+    @property
+    def profile_steps(self) -> tuple[int, int] | None:
+        """(START, STOP) of train.profile, or None (validate.py checks the form)."""
+        if not self.profile:
+            return None
+        start, _, stop = self.profile.partition(":")
+        return int(start), int(stop)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,13 @@ gathered tokens and KV caches work the same way under every implementation.
   cudnn    cuDNN flash attention through jax.nn.dot_product_attention (GPU, bf16 /
            fp16; KV-cache decoding uses xla: cuDNN's fused kernel is a training /
            prefill kernel).
-  auto     cudnn on GPU (xla where cuDNN does not take the dtype / head dim), tokamax
-           on TPU, xla on CPU.
+  auto     cudnn on GPU (xla where cuDNN does not take the dtype / head dim), xla on
+           TPU and CPU.  Not tokamax on TPU: its TPU flash kernel refuses the dense
+           [B, 1, T, S] mask and tokamax would fall back to XLA attention without a
+           word (seen in the compiled HLO: no kernel call); the flash kernel with
+           segment ids is the next issue's (#31).  Asked for explicitly on TPU,
+           `tokamax` calls the Mosaic kernel alone ("tokamax:mosaic"), so a refusal
+           is a compile error, never a silent fallback.
 
 Only [B, 1, T, S] booleans (the mask, one byte a pair, shared by the heads) are
 formed for the library kernels, never [B, H, T, S] scores.  tokamax is imported
@@ -52,16 +57,31 @@ def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
 
 def resolve_attention_impl(impl: str, backend: str | None = None, *,
                            compute_dtype: str = "bfloat16", head_dim: int = 128) -> str:
-    """The implementation 'auto' means on this backend for this compute dtype and head
-    dim (others are returned as given): cudnn on GPU where cuDNN's flash kernel takes
-    the call (bf16 / fp16, head dim <= 128 divisible by 8), else xla; tokamax on TPU;
-    xla on CPU."""
+    """The implementation `impl` means on `backend` (default: the host's) for this
+    compute dtype and head dim: 'auto' is cudnn on GPU where cuDNN's flash kernel takes
+    the call (bf16 / fp16, head dim <= 128 divisible by 8), else xla; 'tokamax' on TPU
+    is its Mosaic kernel alone ("tokamax:mosaic", see the module doc)."""
+    backend = backend or jax.default_backend()
+    if impl == "tokamax" and backend == "tpu":
+        return "tokamax:mosaic"
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
     if backend in ("gpu", "cuda"):
         return "cudnn" if _cudnn_error(compute_dtype, head_dim) is None else "xla"
-    return "tokamax" if backend == "tpu" else "xla"
+    return "xla"
+
+
+def auto_attention_note(backend: str, compute_dtype: str, head_dim: int) -> str:
+    """Why 'auto' resolved as it did on `backend` (a start-up line)."""
+    impl = resolve_attention_impl("auto", backend, compute_dtype=compute_dtype, head_dim=head_dim)
+    if backend == "tpu":
+        why = ("tokamax's TPU flash kernel takes no dense [B,1,T,S] mask (packed rows need "
+               "segment ids: issue 31), and it would fall back to XLA silently")
+    elif backend in ("gpu", "cuda") and impl == "xla":
+        why = _cudnn_error(compute_dtype, head_dim)
+    else:
+        why = "the reference einsum attention"
+    return f"attention: auto -> {impl} on {backend} ({why})"
 
 
 def _cudnn_error(compute_dtype: str, head_dim: int) -> str | None:
@@ -98,7 +118,7 @@ def attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl: str, *, decoding: bool = Fals
         return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
                                             implementation="cudnn")
     tokamax = import_tokamax()  # only where it is used
-    which = "xla_chunked" if impl == "chunked" else None
+    which = {"chunked": "xla_chunked", "tokamax:mosaic": "mosaic"}.get(impl)
     out = tokamax.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
                                         implementation=which)
     return out.astype(v_BSGK.dtype)

@@ -30,6 +30,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from moe_lab.layers import routing
+from moe_lab.layers.kernel_choice import moe_kernel_for
 from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu
 from moe_lab.layers.moe_kernels.dispatch import resolve_impl
 from moe_lab.layers.moe_kernels.layout import buffer_layout, combine_rows, gather_rows
@@ -113,11 +114,13 @@ def plan_line(cfg, mesh) -> str:
     dispatch = "dropless" if m.dispatch == "auto" else m.dispatch
     tokens = cfg.train.batch_size * cfg.data.seq_len
     why_not = why_not_all_to_all(m, cfg.mesh.rules, mesh, tokens)
+    platform = sharding.mesh_platform(mesh) or jax.default_backend()
     kernel = "buffer" if not why_not else resolve_impl(
-        m.kernel, dropless=dispatch != "capacity", expert_choice=m.router == "expert_choice")
+        moe_kernel_for(m, platform), dropless=dispatch != "capacity",
+        expert_choice=m.router == "expert_choice")
     line = (f"MoE: {m.num_experts} experts, top-{m.top_k}, {m.router}, dispatch {dispatch}, "
             f"kernel {kernel}"
-            + (f" (auto, on {jax.default_backend()})" if m.kernel == "auto" and why_not else ""))
+            + (f" (auto, on {platform})" if m.kernel == "auto" and why_not else ""))
     if why_not:
         return f"{line} | {why_not}"
     local = tokens // math.prod(mesh.shape[a] for a in _token_axes(cfg.mesh.rules, mesh))

@@ -40,7 +40,7 @@ from moe_lab.train.run_dir import (
     write_json_atomic,
 )
 from moe_lab.train.state import make_setup, resolve_config
-from moe_lab.train.step import make_eval_step, make_train_step
+from moe_lab.train.step import jit_eval_step, jit_train_step
 from moe_lab.train.trainer import Trainer, cached_jit, fmt_time, jit_cache, local_values, log0
 
 # What a resumed run may not change: the model, what it trains on and in what
@@ -301,7 +301,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
                       eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
                       keep_last=t.keep_last, keep_every=t.keep_every,
                       keep_steps=grown_steps(workdir), async_save=t.async_checkpoint,
-                      data_iterator=train_iter, progress=t.progress)
+                      data_iterator=train_iter, progress=t.progress, profile=t.profile_steps)
     state, meta = trainer.restore(setup.abstract_state)
     if state is None:
         state = setup.init_state()
@@ -327,23 +327,20 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
          f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
     if cfg.data.corpus:
         log0(describe_corpora(cfg.data.corpus, tok, t.steps * tokens_per_step, counts["active"]))
+    for note in setup.kernel_notes:
+        log0(note)
     if cfg.model.ffn == "moe":
         log0(expert_parallel.plan_line(cfg, mesh))
 
     num_tasks = len(task_names)
-    # metrics replicated: every host can read them without a cross-host gather
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # every config value as JSON text (hashable whatever the field types; setup was
     # built from this cfg); the run's name is a label: runs that differ only in it
     # share the compiled steps
     cache_key = (json.dumps(cfg.replace(name="").to_dict(), sort_keys=True), mesh, num_tasks)
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         def jit_step(name, graphdef, step_cfg):
-            return cached_jit("train", cache_key, name, lambda: jax.jit(
-                make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule,
-                                tok.eos_id),
-                in_shardings=(setup.shardings, setup.batch_sharding),
-                out_shardings=(setup.shardings, replicated), donate_argnums=0))
+            return cached_jit("train", cache_key, name, lambda: jit_train_step(
+                setup, step_cfg, graphdef, num_tasks, tok.eos_id))
 
         train_step = PhasedStep(jit_step("train", setup.graphdef, cfg), flops_per_step)
         warm_cfg = capacity_warmup_config(cfg)
@@ -356,8 +353,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
                 warm_flops * tokens_per_step, warm_until)
             log0(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
                  f"({warm_flops:.3g} train FLOPs/token)")
-        eval_step = cached_jit("train", cache_key, "eval", lambda: jax.jit(
-            make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated))
+        eval_step = cached_jit("train", cache_key, "eval", lambda: jit_eval_step(setup, num_tasks))
         steps = PretrainSteps(cfg, setup, train_iter, train_step, eval_step, eval_batches,
                               task_names, counters, peak_total)
         try:

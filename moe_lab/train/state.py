@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
+from moe_lab.layers import kernel_choice
 from moe_lab.layers.attention_kernels import attention_impl_error
 from moe_lab.models.transformer import Transformer
 from moe_lab.parallel import sharding
@@ -45,14 +46,18 @@ def resolve_config(cfg: Config, tokenizer: Tokenizer | None = None) -> Config:
                                                  or tok.default_vocab_size()))
 
 
-def build_model(cfg: Config, seed: int | None = None) -> Transformer:
-    """The model of cfg; a backend that cannot run its attention is refused first."""
+def build_model(cfg: Config, seed: int | None = None, platform: str | None = None) -> Transformer:
+    """The model of cfg with its kernels chosen for `platform` (the devices it is
+    compiled for; default: the host's backend); a platform that cannot run its
+    attention is refused first."""
     m = cfg.model
-    why = attention_impl_error(m.attention_impl, m.compute_dtype, m.resolved_head_dim)
+    why = attention_impl_error(m.attention_impl, m.compute_dtype, m.resolved_head_dim, platform)
     if why:
         raise ConfigError(why)
+    if platform is not None:
+        m, _ = kernel_choice.for_platform(m, platform)
     seed = cfg.train.seed if seed is None else seed
-    return Transformer(cfg.model, rngs=nnx.Rngs(params=seed))
+    return Transformer(m, rngs=nnx.Rngs(params=seed))
 
 
 def split_model(model: nnx.Module):
@@ -73,6 +78,8 @@ class TrainSetup:
     abstract_state: dict  # ShapeDtypeStruct tree with shardings (for restores)
     batch_sharding: Any
     given_tokenizer: Tokenizer | None = None  # the run's own copy, where the caller has it
+    platform: str | None = None  # of the mesh's devices: the kernels were chosen for it
+    kernel_notes: tuple[str, ...] = ()  # start-up lines: what 'auto' kernels resolved to
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -84,7 +91,7 @@ class TrainSetup:
         cfg, tx = self.cfg, self.tx
 
         def init():
-            _, params, rest = split_model(build_model(cfg))
+            _, params, rest = split_model(build_model(cfg, platform=self.platform))
             return {"params": params, "opt_state": tx.init(params), "model_state": rest,
                     "step": jnp.zeros((), jnp.int32)}
 
@@ -93,7 +100,8 @@ class TrainSetup:
 
 
 def make_setup(cfg: Config, mesh, tokenizer: Tokenizer | None = None) -> TrainSetup:
-    abstract = nnx.eval_shape(lambda: build_model(cfg))
+    platform = sharding.mesh_platform(mesh)
+    abstract = nnx.eval_shape(lambda: build_model(cfg, platform=platform))
     graphdef, params_shape, rest_shape = split_model(abstract)
     logical_params = sharding.state_logical_axes(abstract, nnx.Param)
     rest_filter = nnx.Not(nnx.Param)
@@ -117,7 +125,9 @@ def make_setup(cfg: Config, mesh, tokenizer: Tokenizer | None = None) -> TrainSe
                       logical={"params": logical_params, "model_state": logical_rest},
                       specs=specs, shardings=shardings, abstract_state=abstract_state,
                       batch_sharding=batch_sharding,
-                      given_tokenizer=tokenizer)
+                      given_tokenizer=tokenizer, platform=platform,
+                      kernel_notes=tuple(kernel_choice.for_platform(cfg.model, platform)[1]
+                                         if platform else ()))
 
 
 def setup_on_devices(cfg: Config, devices: str = "one",

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from moe_lab.config.schema import Config
+from moe_lab.data.pipeline import BATCH_FIELDS
 from moe_lab.layers import recursion_routing as rr
 from moe_lab.layers.moe import router_bias_after_step
 from moe_lab.models import tree
@@ -147,7 +148,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
     if cfg.model.stack == "recursive":  # pool layer of each row of aux["shared"]
         shared_pool_ids = recursion_schedule(cfg.model.num_layers, cfg.model.mor.num_recursions,
                                              cfg.model.mor.sharing).applications
-    base_key = jax.random.key(cfg.train.seed + 1)
+    seed = cfg.train.seed + 1
 
     def loss_fn(params, model_state, batch, rng):
         logits_BTV, aux = forward(graphdef, params, model_state, batch, train=True, rng=rng)
@@ -158,7 +159,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
         return lm_loss + aux_loss, (lm_loss, aux_loss, ce_BT, aux)
 
     def train_step(state, batch):
-        rng = jax.random.fold_in(base_key, state["step"])
+        # the key is made inside the trace: an eager key would run on the host's default
+        # device, which an AOT compile for another platform (moe-lab compile) cannot use
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (total, (lm_loss, aux_loss, ce_BT, aux)), grads = grad_fn(
             state["params"], state["model_state"], batch, rng)
@@ -204,3 +207,38 @@ def make_eval_step(graphdef, num_tasks: int) -> Callable:
                 "answer_den": ans_den}
 
     return eval_step
+
+
+# ------------------------------------------------- the jitted steps (train and compile)
+
+# the batch the pipeline yields (data/pipeline.py: BATCH_FIELDS): int32 ids, float32 masks
+_FLOAT_FIELDS = ("weights", "answer_mask")
+
+
+def batch_shapes(setup, batch_size: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of a global batch under the setup's batch sharding."""
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len),
+                                    jnp.float32 if k in _FLOAT_FIELDS else jnp.int32,
+                                    sharding=setup.batch_sharding)
+            for k in BATCH_FIELDS}
+
+
+def replicated(mesh) -> jax.sharding.NamedSharding:
+    """Metrics replicated: every host can read them without a cross-host gather."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def jit_train_step(setup, step_cfg: Config, graphdef, num_tasks: int,
+                   eos_id: int | None) -> Callable:
+    """The jitted train step of `moe-lab train`, with the state's shardings in and out and
+    the state donated.  `moe-lab compile` lowers this same function for a pod."""
+    return jax.jit(make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule,
+                                   eos_id),
+                   in_shardings=(setup.shardings, setup.batch_sharding),
+                   out_shardings=(setup.shardings, replicated(setup.mesh)), donate_argnums=0)
+
+
+def jit_eval_step(setup, num_tasks: int) -> Callable:
+    """The jitted eval step of `moe-lab train` (and `moe-lab compile`)."""
+    return jax.jit(make_eval_step(setup.graphdef, num_tasks),
+                   out_shardings=replicated(setup.mesh))

@@ -14,6 +14,7 @@ console line, its evaluation and the extra meta of its checkpoints.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from typing import Any, Protocol
@@ -135,8 +136,9 @@ class Trainer:
                  eval_every: int, checkpoint_every: int, keep_last: int, keep_every: int = 0,
                  keep_steps: tuple[int, ...] = (), async_save: bool = True,
                  data_iterator=None, progress: bool = False, merge_eval: bool = False,
-                 log=log0):
+                 log=log0, profile: tuple[int, int] | None = None):
         self.workdir, self.total_steps = workdir, total_steps
+        self.profile = profile  # (START, STOP): jax.profiler trace of those steps
         self.log_every, self.eval_every = log_every, eval_every
         self.checkpoint_every, self.merge_eval = checkpoint_every, merge_eval
         self.data_iterator, self.progress, self.log = data_iterator, progress, log
@@ -167,6 +169,30 @@ class Trainer:
         """`steps` from `start_step` to total_steps (or `max_steps` more); returns
         {state, step, last_row, last_eval, seconds_this_run}."""
         return _Run(self, steps, state, start_step, max_steps).loop()
+
+
+class _StepProfiler:
+    """A jax.profiler trace of steps [START, STOP) (train.profile) into `logdir`, viewable
+    in TensorBoard's profile plugin or XProf.  A resume past START traces nothing."""
+
+    def __init__(self, steps: tuple[int, int] | None, logdir: str, log):
+        self.steps, self.logdir, self.log, self.on = steps, logdir, log, False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            self.log(f"profiling steps {self.steps[0]}..{self.steps[1] - 1} -> {self.logdir}")
+            jax.profiler.start_trace(self.logdir)
+            self.on = True
+
+    def after(self, step: int, state) -> None:
+        if self.on and step >= self.steps[1]:
+            self.close(state)
+
+    def close(self, state) -> None:
+        if self.on:
+            jax.block_until_ready(state)  # the traced steps ran inside the trace
+            jax.profiler.stop_trace()
+            self.on = False
 
 
 class _Run:
@@ -240,10 +266,13 @@ class _Run:
         tr, steps = self.tr, self.steps
         with Preempted() as preempt:
             step = self.start
+            profiler = _StepProfiler(tr.profile, os.path.join(tr.workdir, "profile"), tr.log)
             while step < self.last_step:
                 batch = steps.batch(self.state, step)
+                profiler.before(step)
                 self.state, out = steps.update(self.state, batch, step)
                 step += 1
+                profiler.after(step, self.state)
                 if step == self.start + 1 and step < self.last_step and step % tr.log_every:
                     jax.block_until_ready(self.state["step"])  # the window opens here
                     self.clock.update(t=time.perf_counter(), step=step, excluded=0.0)
@@ -276,6 +305,7 @@ class _Run:
                     if stop:
                         break
             self.flush()
+            profiler.close(self.state)
         if self.bar:
             self.bar.close()
         tr.ckpt.wait()
