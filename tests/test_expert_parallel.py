@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_lab.config.schema import DEFAULT_RULES, MESH_AXES, ConfigError, ModelConfig, MoEConfig
+from moe_lab.config.schema import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    ConfigError,
+    MeshConfig,
+    ModelConfig,
+    MoEConfig,
+)
 from moe_lab.config.validate import validate
 from moe_lab.layers import expert_parallel as ep
 from moe_lab.layers import routing
@@ -112,6 +119,41 @@ def test_moe_layer_takes_the_all_to_all_path_and_matches_unsharded():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("router, shared, mesh", [
+    ("softmax_topk", 0, dict(expert=8)), ("topk_softmax", 0, dict(data=2, expert=4)),
+    ("sigmoid", 1, dict(data=4, expert=2)), ("softmax_topk", 1, dict(data=8)),
+    ("softmax_topk", 0, dict(fsdp=2, expert=4))])
+def test_dropless_shard_map_equals_the_reference(router, shared, mesh):
+    """Dropless MoE under shard_map (sharded_moe: per-device sort, ring of experts over
+    expert sizes 1, 2, 4, 8) against reference_moe on one device: outputs, gradients of
+    the input and every weight, aux losses and load."""
+    moe = MoEConfig(num_experts=E, top_k=K, expert_hidden=F, router=router, dispatch="dropless",
+                    num_shared_experts=shared, aux_loss_weight=1e-2, z_loss_weight=1e-3)
+    cfg = ModelConfig(d_model=D, ffn="moe", init_std=0.3, moe=moe)
+    ref_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(moe, dispatch="reference"))
+    x_BTD = jax.random.normal(jax.random.PRNGKey(4), (8, 8, D))
+    graphdef, params, rest = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    ref_graphdef = nnx.split(MoE(ref_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
+
+    def fn(gd):
+        def loss(params, x_BTD):
+            y, aux = nnx.merge(gd, params, rest)(x_BTD, train=True)
+            return jnp.sum(jnp.sin(y)) + aux["aux_loss"], aux
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+    (v_want, aux_want), g_want = fn(ref_graphdef)(params, x_BTD)
+    mcfg = MeshConfig(**mesh)
+    m = sharding.make_mesh(mcfg)
+    with jax.set_mesh(m), sharding.use_rules(DEFAULT_RULES, m):
+        assert ep.why_not_local(moe, DEFAULT_RULES, m, 64) == ""
+        (v_got, aux_got), g_got = fn(graphdef)(params, x_BTD)
+    np.testing.assert_allclose(v_got, v_want, rtol=2e-5)
+    for key in ("tokens_per_expert_E", "load_balance_loss", "z_loss", "aux_loss"):
+        np.testing.assert_allclose(aux_got[key], aux_want[key], rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
 def test_all_to_all_config_needs_token_choice_capacity():
     from moe_lab.config.schema import Config
 
@@ -134,8 +176,12 @@ def test_plan_line_says_which_expert_parallelism_runs():
     cap = line(":capacity", data=2, expert=4)
     # moe_tiny: batch 16 x seq 128 over 8 token shards; C = ceil(1.25 * 256 * 2 / 8)
     assert "kernel buffer | all-to-all over expert=4: 256 tokens per device, capacity 80" in cap
-    assert "by GSPMD (global sort)" in line("", data=2, expert=4)  # dropless
-    assert "no expert parallelism" in line(":capacity", data=-1)
+    # dropless: every device sorts its own tokens, experts by a ring (sharded_moe)
+    assert "each device sorts its own 256 tokens, experts over expert=4 by a ring of 4 steps" \
+        in line("", data=2, expert=4)
+    assert "each device sorts its own 256 tokens, every expert on every device" \
+        in line(":capacity", data=-1)
+    assert "by GSPMD (global sort)" in line(":expert_choice", data=2, expert=4)
     # custom rules that do not split the batch over `expert`: GSPMD, said so
     cfg = load_config("configs/moe_tiny.py:capacity", {"mesh.data": "2", "mesh.expert": "4"})
     rules = tuple((k, ("data",) if k == "batch" else v) for k, v in cfg.mesh.rules)

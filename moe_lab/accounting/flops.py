@@ -146,6 +146,21 @@ def _mor_forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     return flops
 
 
+def layer_applications(m: ModelConfig, seq_len: int) -> float:
+    """Layer applications per token that hold activations: num_layers for a plain
+    stack; a recursive stack's unique layers plus each recursion step's shared layers,
+    weighted by the share of tokens the step computes: expert choice gathers the k_r
+    tokens it keeps, token choice computes every token at every step (masked; the
+    FLOP count takes its balanced target instead)."""
+    if m.stack != "recursive":
+        return float(m.num_layers)
+    n_unique, _, _ = _mor_layers(m)
+    per_step = len(recursion_schedule(m.num_layers, m.mor.num_recursions, m.mor.sharing).steps[0])
+    if m.mor.routing == "expert_choice":
+        return n_unique + per_step * sum(recursion_token_fractions(m, seq_len))
+    return n_unique + per_step * m.mor.num_recursions
+
+
 def param_counts(m: ModelConfig) -> dict[str, int]:
     """Exact parameter counts (norm scales included) for total and active params."""
     if m.stack == "recursive":

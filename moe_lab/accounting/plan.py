@@ -9,7 +9,9 @@ import os
 import jax
 import numpy as np
 
+from moe_lab.accounting.flops import layer_applications
 from moe_lab.config.schema import MESH_AXES, Config
+from moe_lab.layers.attention_kernels import resolve_attention_impl
 from moe_lab.layers.base import dtype_of
 
 
@@ -30,31 +32,72 @@ def sharded_bytes(shapes_tree, specs_tree, mesh) -> int:
                    for s, p in zip(leaves, specs)))
 
 
-def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = None) -> int:
-    """Rough activation memory per device for one train step (what backprop keeps).
+def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = None,
+                     platform: str | None = None) -> int:
+    """Activation memory per device of one train step: what the backward pass keeps,
+    plus the transient set of the layer being recomputed and the logits.
 
-    Per layer and token without remat: ~ (10 D + 3 F_active + 2 H T) values
-    (norm/attention inputs and outputs, q/k/v, the SwiGLU hidden pre- and post-
-    activation, the attention probabilities and scores); with full remat only the
-    layer input D is kept per layer plus one layer's full set during its backward.
+    Calibrated against the compiler (libtpu, `moe-lab compile`; the table in
+    experiments/pod_plans/README.md), per token, in the compute dtype's bytes b:
+
+      one layer's full set  (10 D + FFN) b + attention
+        FFN: dense 3 F; MoE r (2 D + 3 F) + shared 3 F_s, with r = k rows per token
+        dropless, cf k with capacity buffers (capacity dispatch, all-to-all, expert
+        choice); attention (xla, the einsum reference): the [H, T, S] scores kept for
+        the backward pass, 12 + b bytes a pair (f32 scores, masked scores, softmax and
+        the probabilities); a flash / chunked kernel keeps O(H K)
+      saved per layer       none: the full set; full: the layer input D b; dots: the
+                            outputs of the weight matmuls (q, k, v, o, the FFN's
+                            gate / up / down or the router) plus the input
+      recomputed layer      full / dots: one layer's set again, with the fused
+                            softmax's 4 + b bytes a score pair
+      logits                T V 2 b (the logits and their gradient; the f32
+                            cross-entropy is fused)
+
+    Layers count by application: a recursive stack's shared layers once per
+    recursion step, on the tokens the step keeps (flops.layer_applications).
     """
     m = cfg.model
     remat = remat or m.remat
     T = cfg.data.seq_len
-    f_active = (m.resolved_expert_hidden * (m.moe.top_k + m.moe.num_shared_experts)
-                if m.ffn == "moe" else m.resolved_mlp_hidden)
-    per_token_layer = 10 * m.d_model + 3 * f_active + 2 * m.num_heads * T
-    itemsize = np.dtype(dtype_of(m.compute_dtype)).itemsize
+    b = np.dtype(dtype_of(m.compute_dtype)).itemsize
+    D, H, G, K = m.d_model, m.num_heads, m.num_kv_heads, m.resolved_head_dim
+    attn = resolve_attention_impl(m.attention_impl, platform or "cpu",
+                                  compute_dtype=m.compute_dtype, head_dim=K)
+    flash = attn != "xla"
+    attn_saved = 4 * H * K * b if flash else H * T * (12 + b)
+    attn_recomputed = 4 * H * K * b if flash else H * T * (4 + b)
+    if m.ffn == "moe":
+        e = m.moe
+        dispatch = "dropless" if e.dispatch == "auto" else e.dispatch
+        rows = e.top_k * (1 if dispatch == "dropless" and e.router != "expert_choice"
+                          else e.capacity_factor)
+        shared_f = (e.shared_hidden or e.num_shared_experts * m.resolved_expert_hidden
+                    if e.num_shared_experts else 0)
+        ffn = rows * (2 * D + 3 * m.resolved_expert_hidden) + 3 * shared_f
+        ffn_dots = e.num_experts + (2 * shared_f + D if shared_f else 0) + D
+    else:
+        ffn = 3 * m.resolved_mlp_hidden
+        ffn_dots = 2 * m.resolved_mlp_hidden + D
+    layer_vals = (10 * D + ffn) * b
+    saved = {"none": layer_vals + attn_saved, "full": D * b,
+             "dots": (2 * D + H * K + 2 * G * K + ffn_dots) * b}[remat]
+    recomputed = 0 if remat == "none" else layer_vals + attn_recomputed
     tokens = batch_per_device * T
-    logits = tokens * m.vocab_size * 4 * 2
-    if remat == "none":
-        return int(tokens * per_token_layer * m.num_layers * itemsize + logits)
-    return int(tokens * (m.d_model * m.num_layers + per_token_layer) * itemsize + logits)
+    logits = tokens * m.vocab_size * 2 * b
+    return int(tokens * (layer_applications(m, T) * saved + recomputed) + logits)
 
 
 # memory per chip (GiB) for the memory plan
 DEVICE_MEMORY_GIB = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "a100": 80,
                      "h100": 80, "h200": 141, "b200": 180}
+
+
+def plan_platform(hardware: str) -> str | None:
+    """The jax platform of a plan's hardware name (tpu-v5p -> tpu, h100 -> gpu)."""
+    if not hardware:
+        return None
+    return "tpu" if hardware.startswith("tpu") else "cpu" if hardware == "cpu" else "gpu"
 
 
 def device_memory_gib(hardware: str) -> float | None:
@@ -66,14 +109,17 @@ def device_memory_gib(hardware: str) -> float | None:
 
 
 def memory_plan(cfg: Config, setup, mesh) -> dict:
-    """Per-device bytes of params, optimizer state, grads and activations."""
+    """Per-device bytes of params, optimizer state, grads and activations.  The kernels
+    are those of the setup's platform, else of the config's pod (mesh.plan_hardware)."""
     data, fsdp, expert, _ = (mesh.shape[a] for a in MESH_AXES)
     batch_per_device = max(1, cfg.train.batch_size // (data * fsdp * expert))
     p = sharded_bytes(setup.abstract_state["params"], setup.specs["params"], mesh)
     o = sharded_bytes(setup.abstract_state["opt_state"], setup.specs["opt_state"], mesh)
+    platform = getattr(setup, "platform", None) or plan_platform(cfg.mesh.plan_hardware)
     return {"params": p, "opt_state": o, "grads": p,
-            "activations": activation_bytes(cfg, batch_per_device),
-            "activations_remat_full": activation_bytes(cfg, batch_per_device, remat="full"),
+            "activations": activation_bytes(cfg, batch_per_device, platform=platform),
+            "activations_remat_full": activation_bytes(cfg, batch_per_device, remat="full",
+                                                       platform=platform),
             "batch_per_device": batch_per_device}
 
 

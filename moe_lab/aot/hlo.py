@@ -96,6 +96,9 @@ def _tpu_kernel_name(line: str) -> str:
     name = _KERNEL_NAME.search(line)
     if name:
         return name.group(1)
+    inst = re.match(r"\s*(?:ROOT\s+)?%?([A-Za-z_][\w\-]*?)(?:\.\d+)?\s*=", line)
+    if inst and not inst.group(1).startswith(("custom-call", "custom_call")):
+        return inst.group(1)  # Pallas kernels name their instruction ("gmm_megablox")
     op = _OP_NAME.search(line)
     if not op:
         return "?"

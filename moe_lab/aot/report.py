@@ -28,10 +28,16 @@ def plan_total(plan: dict) -> int:
     return plan["params"] + plan["opt_state"] + plan["grads"] + plan["activations"]
 
 
+# kernels whose FLOPs XLA's cost analysis counts: XLA:TPU's own ragged-dot emitter
+# (lax.ragged_dot); a Pallas kernel (tokamax's gmm_megablox, flash attention) is opaque
+_COUNTED_KERNELS = ("tpu_custom_call:ragged-dot",)
+
+
 def flops_ratio(program: Program) -> float | None:
     """Compiled / analytic per-device FLOPs of the MoE layer; None where a kernel's
     custom call hides its FLOPs from the cost analysis, or nothing compiled."""
-    if not program.ok or not program.flops or not program.analytic_flops or program.kernels:
+    opaque = [k for k in program.kernels if not k.startswith(_COUNTED_KERNELS)]
+    if not program.ok or not program.flops or not program.analytic_flops or opaque:
         return None
     return program.flops / program.analytic_flops
 

@@ -4,7 +4,7 @@
     moe-lab compile --config configs/moe_tiny.py --topology v5p:2x2x1 --json
 
 Compiles what `moe-lab train` runs (the same jitted train step, the eval step, a
-KV-cache decode step, and one MoE layer alone for its FLOPs) for the topology's
+KV-cache decode step, and one MoE layer's forward alone for its FLOPs) for the topology's
 devices with libtpu, on any host (moe_lab/aot/compile.py), and prints per device:
 the compiler's memory against the chip's HBM beside `info`'s analytic plan,
 compile seconds, the collectives and kernel calls in the HLO, and the MoE layer's

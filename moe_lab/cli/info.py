@@ -94,6 +94,9 @@ def print_info(cfg: Config, workdir: str | None = None, devices: int | None = No
         print(f"plan on {n} x {hardware} ({cap:.0f} GiB each): ~{total:.2f} GiB per device -> "
               f"{verdict}" + ("" if total <= cap or m.remat == "full" else
                               f" (with remat=full ~{remat_total:.2f} GiB)"))
+        if m.stack == "recursive":  # experiments/pod_plans/README.md
+            print("  (a recursive stack's plan is a lower bound with remat=dots or full, and an "
+                  "upper bound with remat=none; `moe-lab compile` gives the compiler's figure)")
     print("parameter shardings:")
     print(sharding.describe_specs(setup.specs["params"]))
     if workdir and os.path.exists(lineage_path(workdir)):

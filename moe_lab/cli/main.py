@@ -31,8 +31,16 @@ COMMANDS = (add_train_parser, add_info_parser, add_compile_parser, add_grow_pars
             add_prepare_parser, add_import_parser, add_export_parser)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the README's promise: a usage error is one line (and exit 2), with a
+    pointer to --help instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-lab", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="moe-lab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)

@@ -12,6 +12,7 @@ import json
 import jax
 
 from moe_lab.cli.args import config_from_args
+from moe_lab.config.schema import ConfigError
 from moe_lab.eval.evaluate import evaluate
 from moe_lab.parallel import distributed
 from moe_lab.train.loop import train
@@ -29,9 +30,20 @@ def add_train_parser(subparsers):
     return t
 
 
+# what --init-from takes from its source run (train/init_from.py): an override of it
+# would be ignored, so it is refused
+_FROM_SOURCE = ("model.", "data.tokenizer")
+
+
 def cmd_train(args, overrides) -> int:
     if args.init_from:
         overrides = {**overrides, "train.init_from": args.init_from}
+    if overrides.get("train.init_from"):
+        taken = sorted(k for k in overrides if k.startswith(_FROM_SOURCE))
+        if taken:
+            raise ConfigError(f"--init-from {overrides['train.init_from']} takes the model and "
+                              f"tokenizer of that run; --config.{taken[0]} cannot change them "
+                              "(drop the override, or train from scratch)")
     cfg = config_from_args(args, overrides)
     distributed.initialize(args)
     summary = train(cfg, args.workdir)

@@ -27,6 +27,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import time
 
 import numpy as np
@@ -103,7 +105,7 @@ def prepare_unit(args: tuple) -> dict:
     record = {"unit": index, "path": unit.path, "start": unit.start, "end": unit.end,
               "documents": counts["train"][0], "tokens": counts["train"][1],
               "heldout_documents": counts["heldout"][0], "heldout_tokens": counts["heldout"][1],
-              "skipped_not_utf8": skipped.not_utf8, "skipped_no_text": skipped.no_text,
+              **{f"skipped_{k}": n for k, n in skipped.counts().items()},
               "bytes": {s: os.path.getsize(p) for s, p in paths.items()},
               "input_bytes": (unit.end - unit.start) if unit.fmt != "parquet" else 0,
               "seconds": time.perf_counter() - t0}
@@ -146,7 +148,7 @@ def _same_plan(a: dict, b: dict) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def _check_out(out: str, plan: dict) -> bool:
+def _check_out(out: str, plan: dict, log=print) -> bool:
     """True: DIR holds an unfinished (or finished) prepare of this plan, to resume.
     Refuses a non-empty DIR that holds anything else."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -160,9 +162,26 @@ def _check_out(out: str, plan: dict) -> bool:
         old = json.load(f)
     if not _same_plan(old, plan):
         diff = [k for k in plan if old.get(k) != plan[k]]
+        same_files = ([s["path"] for s in old.get("sources", [])]
+                      == [s["path"] for s in plan["sources"]])
+        if diff == ["sources", "units"][:len(diff)] and same_files and \
+                not os.path.isfile(os.path.join(out, META)):
+            # an unfinished prepare of the same files, changed since (a fixed input):
+            # what it made is replaced; a finished corpus never is
+            _remove_prepare(out)
+            log(f"prepare: replacing the unfinished prepare in {out} (its inputs changed since)")
+            return False
         raise ConfigError(f"--out {out} holds a prepare of other inputs or options "
                           f"({', '.join(diff)} differ); use a new --out")
     return True
+
+
+def _remove_prepare(out: str) -> None:
+    """Removes the files an unfinished prepare made in `out` (and nothing else)."""
+    shutil.rmtree(os.path.join(out, UNITS), ignore_errors=True)
+    for name in os.listdir(out):
+        if re.fullmatch(r"(train|heldout)-\d{5}\.array_record(\.tmp)?", name) or name == PLAN:
+            os.remove(os.path.join(out, name))
 
 
 def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
@@ -174,7 +193,7 @@ def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
     if not 0 <= heldout < 0.5:
         raise ConfigError(f"--heldout must be in [0, 0.5), got {heldout}")
     plan, units, tok = _plan(inputs, fmt, field, tokenizer, heldout)
-    resuming = _check_out(out, plan)
+    resuming = _check_out(out, plan, log)
     meta_path = os.path.join(out, META)
     if resuming and os.path.isfile(meta_path):
         log(f"prepare: {out} is already prepared (same inputs and tokenizer)")
@@ -211,23 +230,28 @@ def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
         if pool is not None:
             pool.terminate()
     meta = _meta(out, plan, [done[i] for i in range(len(units))])
+    said = sources.Skipped.describe({k: meta[f"skipped_{k}"] for k in sources.Skipped.KINDS})
+    if meta["documents"] + meta["heldout_documents"] == 0:  # no corpus: nothing left behind
+        _remove_prepare(out)
+        if not os.listdir(out):
+            os.rmdir(out)
+        raise ConfigError(f"--input {inputs}: no documents ({said or 'no rows'}); nothing "
+                          f"written to {out}")
     _write_json(meta_path, meta)
     dt = time.perf_counter() - t0
-    skipped = meta["skipped_not_utf8"]
     log(f"prepare: {meta['documents']:,} documents, {meta['tokens']:,} tokens in "
         f"{len(units)} shards (+ held out {meta['heldout_documents']:,} documents, "
-        f"{meta['heldout_tokens']:,} tokens); {dt:.1f}s this run"
-        + (f"; skipped {skipped:,} documents that are not UTF-8" if skipped else ""))
+        f"{meta['heldout_tokens']:,} tokens); {dt:.1f}s this run" + (f"; {said}" if said else ""))
     return meta
 
 
 def _meta(out: str, plan: dict, records: list[dict]) -> dict:
-    keys = ("documents", "tokens", "heldout_documents", "heldout_tokens", "skipped_not_utf8",
-            "skipped_no_text")
+    keys = ("documents", "tokens", "heldout_documents", "heldout_tokens",
+            *(f"skipped_{k}" for k in sources.Skipped.KINDS))
     shards = [{"train": shard_name("train", r["unit"]), "heldout": shard_name("heldout", r["unit"]),
                "bytes": r["bytes"], **{k: r[k] for k in keys[:4]}} for r in records]
     sources_ = [{**s, "sha256": sources.file_sha256(s["path"])} for s in plan["sources"]]
     return {"format_version": FORMAT_VERSION, "tokenizer": plan["tokenizer"],
             "token_dtype": plan["token_dtype"], "field": plan["field"],
             "heldout_fraction": plan["heldout_fraction"], "sources": sources_,
-            "shards": shards, **{k: sum(r[k] for r in records) for k in keys}}
+            "shards": shards, **{k: sum(r.get(k, 0) for r in records) for k in keys}}

@@ -50,6 +50,9 @@ def expand_inputs(pattern: str) -> list[str]:
         files += [f for f in hits if f not in files]
     if not files:
         raise ConfigError("--input is empty")
+    for f in files:  # before anything is planned or written (a PermissionError later)
+        if not os.access(f, os.R_OK):
+            raise ConfigError(f"--input {f} is not readable (permissions)")
     return files
 
 
@@ -101,11 +104,24 @@ def plan_units(files: list[str], fmt: str | None, field: str) -> list[Unit]:
 
 
 class Skipped:
-    """Counts the documents a unit could not read (not UTF-8, no text field)."""
+    """Counts the rows a unit could not use, by kind: not UTF-8, no text field (JSONL /
+    Parquet), a text field that is not a string, an empty text."""
+
+    KINDS = {"not_utf8": "not UTF-8", "no_text": "without the text field",
+             "not_string": "whose text is not a string", "empty": "with an empty text"}
 
     def __init__(self):
-        self.not_utf8 = 0
-        self.no_text = 0
+        self.not_utf8 = self.no_text = self.not_string = self.empty = 0
+
+    def counts(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.KINDS}
+
+    @classmethod
+    def describe(cls, counts: dict[str, int]) -> str:
+        """'skipped 2 rows not UTF-8, 1 row with an empty text' ('' if none)."""
+        parts = [f"{n:,} row{'s' if n != 1 else ''} {cls.KINDS[k]}"
+                 for k, n in counts.items() if n]
+        return f"skipped {', '.join(parts)}" if parts else ""
 
 
 def iter_unit(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
@@ -166,11 +182,14 @@ def _jsonl_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{unit.path} (byte {lineno_hint}): invalid JSON ({e.msg})") \
                     from None
-            value = row.get(field) if isinstance(row, dict) else None
-            if not isinstance(value, str):
+            if not isinstance(row, dict) or field not in row or row[field] is None:
                 skipped.no_text += 1
-                continue
-            yield value
+            elif not isinstance(row[field], str):
+                skipped.not_string += 1
+            elif not row[field]:
+                skipped.empty += 1
+            else:
+                yield row[field]
 
 
 def _parquet_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
@@ -180,13 +199,19 @@ def _parquet_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
     for batch in pf.iter_batches(batch_size=1024, row_groups=list(range(unit.start, unit.end)),
                                  columns=[field]):
         for value in batch.column(0).to_pylist():
+            if value is None:
+                skipped.no_text += 1
+                continue
             if isinstance(value, bytes):
                 value = _decode(value, skipped)
-            if not isinstance(value, str):
                 if value is None:
-                    skipped.no_text += 1
-                continue
-            yield value
+                    continue
+            if not isinstance(value, str):
+                skipped.not_string += 1
+            elif not value:
+                skipped.empty += 1
+            else:
+                yield value
 
 
 def file_sha256(path: str) -> str:

@@ -32,10 +32,13 @@ def train_bpe(inputs: str, vocab_size: int, out: str, *, fmt: str | None = None,
         raise ConfigError(f"--out {out} exists; moe-lab never overwrites a file it did not make")
     units = sources.plan_units(sources.expand_inputs(inputs), fmt, field)
     skipped = sources.Skipped()
+    seen = [0]
 
     def documents():
         for unit in units:
-            yield from sources.iter_unit(unit, field, skipped)
+            for doc in sources.iter_unit(unit, field, skipped):
+                seen[0] += 1
+                yield doc
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,12 +47,15 @@ def train_bpe(inputs: str, vocab_size: int, out: str, *, fmt: str | None = None,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=True)
     tok.train_from_iterator(documents(), trainer=trainer)
+    if not seen[0]:  # a vocabulary of nothing: refused before anything is written
+        raise ConfigError(f"--input {inputs}: no usable text (0 documents; "
+                          f"{sources.Skipped.describe(skipped.counts()) or 'no rows'})")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.{os.getpid()}"
     tok.save(tmp)
     os.replace(tmp, out)
     loaded = load_tokenizer(out)
-    log(f"tokenizer: {loaded.describe()} -> {out}"
-        + (f"; skipped {skipped.not_utf8} documents that are not UTF-8" if skipped.not_utf8
-           else ""))
+    said = sources.Skipped.describe(skipped.counts())
+    log(f"tokenizer: {loaded.describe()} from {seen[0]:,} documents -> {out}"
+        + (f"; {said}" if said else ""))
     return out

@@ -129,9 +129,14 @@ class MoE(nnx.Module):
                 y_ND = reference_moe(xc_ND, dense_gates(tc.expert_NK, gate_NK, e), *weights)
                 drop = jnp.zeros((), jnp.float32)
             else:
+                rules, mesh = sharding.active_rules_and_mesh()
                 if self._all_to_all(n):
                     y_ND, keep_NK = ep.all_to_all_moe(xc_ND, tc.expert_NK, gate_NK, weights,
                                                       capacity_factor=m.capacity_factor)
+                elif not ep.why_not_local(m, rules, mesh, n):
+                    y_ND, keep_NK = ep.sharded_moe(
+                        xc_ND, tc.expert_NK, gate_NK, weights, impl=self.impl,
+                        capacity_factor=m.capacity_factor if dispatch == "capacity" else None)
                 else:
                     cap = (routing.capacity(n, k, e, m.capacity_factor)
                            if dispatch == "capacity" else None)

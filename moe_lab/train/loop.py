@@ -32,6 +32,7 @@ from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import DATA, Checkpointer, checkpoint_steps, grown_steps
 from moe_lab.train.init_from import initial_state, source_config
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
+from moe_lab.train.run_lock import lock_path_beside, locked
 from moe_lab.train.run_dir import (
     checkpoint_path,
     config_path,
@@ -265,7 +266,15 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
 
     `max_steps` stops early after that many steps of this invocation (tests use it
     to simulate an interruption); checkpoints and counters behave as on a kill.
+    The run holds the workdir's lock (train/run_lock.py; process 0 of a multi-host
+    run): a second writer is refused, a dead holder's lock taken over.
     """
+    with locked(lock_path_beside(workdir), "moe-lab train", enabled=jax.process_index() == 0,
+                log=log0):
+        return _train(cfg, workdir, max_steps=max_steps)
+
+
+def _train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
 
     init_from = cfg.train.init_from and not os.path.isfile(config_path(workdir))
     if init_from:  # a new run from another's weights: its model and tokenizer

@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data.tokenizer import BYTE, Tokenizer, load_tokenizer
+from moe_lab.train.run_lock import lock_path_beside, locked
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -123,18 +126,29 @@ def check_new_run_dir(path: str, what: str) -> str:
 
 
 @contextlib.contextmanager
-def building(dst: str, verb: str):
+def building(dst: str, verb: str, log=print):
     """Yields DST.<verb>-<pid>, a fresh sibling to write a new directory into; renamed to
     dst (checked empty or absent by check_new_run_dir) when the block ends, removed if
-    it raises: a failed or killed grow / import / export leaves nothing at dst."""
-    tmp = f"{dst}.{verb}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.isdir(dst):
-            os.rmdir(dst)  # empty (checked before)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    it raises: a failed or killed grow / import / export leaves nothing at dst.
+
+    Held under dst's lock (train/run_lock.py), so a second writer is refused; the
+    leftovers of killed builders (DST.<verb>-<pid> of a process that is gone: with the
+    lock held, no live builder has one) are removed first, and said so."""
+    with locked(lock_path_beside(dst), f"moe-lab {verb.removesuffix('ing')}", log=log):
+        if os.path.isdir(dst) and os.listdir(dst):  # another writer finished meanwhile
+            raise ConfigError(f"{dst} is not empty")
+        for old in sorted(glob.glob(f"{glob.escape(dst)}.*-*")):
+            if re.fullmatch(r"\.(growing|importing|exporting)-\d+", old[len(dst):]) and \
+                    os.path.isdir(old):
+                shutil.rmtree(old, ignore_errors=True)
+                log(f"removed {old}, left by a killed {old[len(dst) + 1:].split('-')[0]}")
+        tmp = f"{dst}.{verb}-{os.getpid()}"
+        os.makedirs(tmp)
+        try:
+            yield tmp
+            if os.path.isdir(dst):
+                os.rmdir(dst)  # empty (checked before)
+            os.rename(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -86,6 +86,16 @@ def resolve_impl(impl: str, *, dropless: bool, expert_choice: bool = False) -> s
     return impl
 
 
+def sorted_swiglu(impl: str, x_SD, starts_E, counts_E, weights, tiles: tuple[int, int]):
+    """The expert SwiGLU on expert-sorted rows (expert e's rows start at starts_E[e],
+    contiguous from row 0; rows past the last expert's are not computed): the CPU loop,
+    ragged_dot or tokamax's grouped matmul."""
+    if impl == "loop":
+        return grouped_swiglu_loop(x_SD, starts_E, counts_E, *weights, tiles)
+    grouped = grouped_swiglu_ragged if impl == "ragged" else grouped_swiglu_tokamax
+    return grouped(x_SD, counts_E, *weights)
+
+
 def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
                      impl: str = "auto", tiles: tuple[int, int] | None = None):
     """Expert-sorted token-choice MoE.  capacity=None: dropless.
@@ -113,17 +123,12 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
         layout = buffer_layout(expert_NK, num_experts, cap)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = buffer_swiglu(x_SD.reshape(num_experts, cap, -1), *weights).reshape(x_SD.shape)
-    elif impl in ("ragged", "tokamax"):
-        layout = sorted_layout(expert_NK, num_experts, cap, pad=0)
-        x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
-        grouped = grouped_swiglu_ragged if impl == "ragged" else grouped_swiglu_tokamax
-        y_SD = grouped(x_SD, layout.counts_E, *weights)
-    elif impl == "loop":
-        tiles = tiles or choose_tiles(min(cap, n * k / num_experts), capacity,
-                                      row_macs=x_ND.shape[1] * weights[0].shape[-1])
+    elif impl in ("ragged", "tokamax", "loop"):
+        tiles = tiles or ((0, 0) if impl != "loop" else choose_tiles(
+            min(cap, n * k / num_experts), capacity, row_macs=x_ND.shape[1] * weights[0].shape[-1]))
         layout = sorted_layout(expert_NK, num_experts, cap, pad=tiles[0])
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
-        y_SD = grouped_swiglu_loop(x_SD, layout.starts_E, layout.counts_E, *weights, tiles)
+        y_SD = sorted_swiglu(impl, x_SD, layout.starts_E, layout.counts_E, weights, tiles)
     else:
         raise ValueError(f"unknown MoE impl {impl!r}")
     y_ND = combine_rows(y_SD, gate_NK, layout.row_NK, layout.keep_NK, layout.token_S,
