@@ -92,6 +92,12 @@ def test_eval_lm_eval_runs_the_shipped_tasks_on_local_files(imported, tmp_path, 
     assert len(err) == 1 and "not available offline" in err[0] and "gsm8k_local" in err[0]
     assert main(["eval", "--workdir", run, "--lm-eval", "triviaqa_local"]) == 2  # no file
     assert "data/lm_eval/triviaqa.jsonl, which does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"  # a malformed row: named by file and line, one line
+    bad.write_text(gsm.read_text() + '{"question": "broken\n')
+    assert main(["eval", "--workdir", run, "--lm-eval", "gsm8k_local", "--lm-eval-data",
+                 f"gsm8k_local={bad}", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:5: invalid JSON" in err, err
 
 
 def test_a_wheel_install_ships_the_task_yamls(tmp_path):

@@ -233,6 +233,9 @@ def test_subprocess_isolation_records_a_crashing_point(tmp_path):
         fails = [json.loads(line) for line in f]
     assert len(fails) == 1 and "top_k=5" in fails[0]["error"]
     assert os.path.isfile(tmp_path / "sw" / "logs" / "bad.log")
+    # a config error is one line in the sweep's output and failures.jsonl, no traceback
+    assert "Traceback" not in r.stdout + r.stderr and "traceback" not in fails[0]["error"]
+    assert sum("top_k=5" in line for line in r.stdout.splitlines()) <= 3
 
 
 def test_sweep_configs_expand():

@@ -23,12 +23,16 @@ in batches of documents; the parent holds one small record per unit.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import multiprocessing
 import os
 import re
 import shutil
+import signal
+import sys
 import time
 
 import numpy as np
@@ -74,12 +78,18 @@ def prepare_unit(args: tuple) -> dict:
     out, index, unit, field, tok_spec, heldout = args
     from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
 
+    done = _unit_done(out, index)
+    if done is not None:  # written meanwhile (a rerun racing a dying worker): keep it
+        return done
     tok = load_tokenizer(tok_spec)
     dtype = np.dtype(token_dtype(tok.vocab_size)).newbyteorder("<")
     skipped = sources.Skipped()
     counts = {"train": [0, 0], "heldout": [0, 0]}  # documents, tokens
     paths = {s: os.path.join(out, shard_name(s, index)) for s in counts}
-    writers = {s: ArrayRecordWriter(p + ".tmp", "group_size:1") for s, p in paths.items()}
+    # each process writes its own temporary files, renamed when complete: a unit is never
+    # half-written by two processes
+    tmp = f".tmp.{os.getpid()}"
+    writers = {s: ArrayRecordWriter(p + tmp, "group_size:1") for s, p in paths.items()}
     t0 = time.perf_counter()
     doc_index = 0
     batch: list[str] = []
@@ -101,7 +111,7 @@ def prepare_unit(args: tuple) -> dict:
     flush()
     for s, w in writers.items():
         w.close()
-        os.replace(paths[s] + ".tmp", paths[s])
+        os.replace(paths[s] + tmp, paths[s])
     record = {"unit": index, "path": unit.path, "start": unit.start, "end": unit.end,
               "documents": counts["train"][0], "tokens": counts["train"][1],
               "heldout_documents": counts["heldout"][0], "heldout_tokens": counts["heldout"][1],
@@ -111,6 +121,22 @@ def prepare_unit(args: tuple) -> dict:
               "seconds": time.perf_counter() - t0}
     _write_json(os.path.join(out, UNITS, f"{index:05d}.json"), record)
     return record
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A pool worker's initializer: the kernel kills it when the prepare that spawned it
+    dies (Linux PR_SET_PDEATHSIG), so a kill -9 of the prepare leaves no worker writing
+    units behind it; one that started after its parent died exits at once."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def worker_options() -> dict:
+    """Pool options of prepare's workers: they die with this process (die_with_parent)."""
+    return {"initializer": die_with_parent, "initargs": (os.getpid(),)}
 
 
 def _unit_done(out: str, index: int) -> dict | None:
@@ -180,7 +206,7 @@ def _remove_prepare(out: str) -> None:
     """Removes the files an unfinished prepare made in `out` (and nothing else)."""
     shutil.rmtree(os.path.join(out, UNITS), ignore_errors=True)
     for name in os.listdir(out):
-        if re.fullmatch(r"(train|heldout)-\d{5}\.array_record(\.tmp)?", name) or name == PLAN:
+        if re.fullmatch(r"(train|heldout)-\d{5}\.array_record(\.tmp\.\d+)?", name) or name == PLAN:
             os.remove(os.path.join(out, name))
 
 
@@ -216,7 +242,7 @@ def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
         if workers == 1:
             results = map(prepare_unit, jobs)
         else:  # spawn: a forked child of a process that imported jax can deadlock
-            pool = multiprocessing.get_context("spawn").Pool(workers)
+            pool = multiprocessing.get_context("spawn").Pool(workers, **worker_options())
             results = pool.imap_unordered(prepare_unit, jobs)
         for rec in results:
             done[rec["unit"]] = rec
@@ -229,6 +255,9 @@ def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
         bar.close()
         if pool is not None:
             pool.terminate()
+    for name in os.listdir(out):  # every unit is done: a killed worker's temporary files
+        if re.fullmatch(r"(train|heldout)-\d{5}\.array_record\.tmp\.\d+", name):
+            os.remove(os.path.join(out, name))
     meta = _meta(out, plan, [done[i] for i in range(len(units))])
     said = sources.Skipped.describe({k: meta[f"skipped_{k}"] for k in sources.Skipped.KINDS})
     if meta["documents"] + meta["heldout_documents"] == 0:  # no corpus: nothing left behind

@@ -27,6 +27,7 @@ import jax
 from lm_eval.api.model import TemplateLM
 
 from moe_lab.config.schema import ConfigError
+from moe_lab.data.jsonl import iter_jsonl
 from moe_lab.eval.evaluate import load_run, report
 from moe_lab.eval.generate import generate_batched
 from moe_lab.eval.harness import choice_logprobs
@@ -215,6 +216,12 @@ def check_offline(manager, task: str) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"eval --lm-eval: task {task!r} reads {path}, which does not exist"
                               f" (give --lm-eval-data {task}=FILE)")
+        if source == "json" and path.endswith((".jsonl", ".json")):
+            # read here first: a bad row is named (file:line), not a datasets traceback
+            for lineno, row in iter_jsonl(path, f"eval --lm-eval: task {task!r} reads"):
+                if not isinstance(row, dict):
+                    raise ConfigError(f"eval --lm-eval: task {task!r} reads {path}:{lineno}: "
+                                      "a row must be a JSON object")
 
 
 def local_task_copies(data: dict[str, str], tmp: str) -> str:

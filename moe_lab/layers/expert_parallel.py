@@ -220,6 +220,10 @@ def _ring_of_experts(x_nD, expert_nK, gate_nK, weights, x_axes: int, impl: str):
     first = jax.lax.axis_index(EXPERT_AXIS) * local_experts  # global id of local expert 0
     ring = [(i, (i + 1) % x_axes) for i in range(x_axes)]
 
+    # each step recomputed in the backward pass: autodiff would otherwise keep every
+    # step's n k rows and expert hiddens alive at once (X times one step's; the compiler
+    # asked for 127 GB of temporaries per chip on the sparsity config without this)
+    @jax.checkpoint
     def visit(carry, _):
         x, expert, gate, y = carry
         y = y + local_expert_rows(x, expert - first, gate, weights, impl)

@@ -402,7 +402,12 @@ def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, i
             except Exception as e:  # noqa: BLE001 (recorded; the sweep goes on)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 error = f"{type(e).__name__}: {first}"
-                traceback.print_exc()
+                if not isinstance(e, ConfigError):  # unexpected: its traceback, in the log
+                    path = _log_path(sweep_dir, p)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "a") as f:
+                        traceback.print_exc(file=f)
+                    error += f" (traceback in {path})"
         if error is None and is_finished(run_dir, p):
             try:
                 record_result(sweep_dir, results_row(p, run_dir))
