@@ -1,11 +1,12 @@
 """`moe-lab compile`: ahead-of-time compilation for TPU topologies with libtpu on this CPU host.
 
 What the compiler says is asserted: the program compiles, the expected kernel custom
-calls are in its HLO, no expert work is replicated (the MoE layer's per-chip FLOPs
-within 1.3x of the analytic FLOPs / chips), and it fits in HBM.  Where today's code
-fails one of these, the test is an expected failure (strict) that names issue 31
-(kernels and meshes that shard on TPU pods): it turns into a pass when that lands.
-Tiny models on 4-device slices (v5p:2x2x1, v6e:2x2): a few seconds of compile each.
+calls are in its HLO (tokamax's grouped matmul in the dropless MoE, the splash flash
+kernel), no expert work is replicated (the MoE layer's per-chip forward FLOPs within
+1.3x of the analytic FLOPs / chips; the global-sort path fails it), and it fits in HBM.
+These were expected failures when written (issue 30), naming issue 31; they pass since.
+Tiny models on 4-device slices (v5p:2x2x1, v6e:2x2, 2 slices of v5e:2x2): a few seconds
+of compile each.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from moe_lab.parallel.topology import compile_devices, default_shape, parse_topo
 
 needs_libtpu = pytest.mark.skipif(not topology.libtpu_installed(),
                                   reason="libtpu not installed (setup.py's dev extra on linux x86-64)")
-ISSUE_31 = "issue 31 (kernels and meshes that shard on TPU pods)"
 
 # a small MoE: 8 experts, top-2, d_model and expert hidden 128 (at d 32 the elementwise
 # ops' FLOPs are a sixth of the matmuls' and blur the replication check); capacity
@@ -132,7 +132,9 @@ def test_dense_compiles_fits_and_reports(v5p, capsys):
     assert all(p.ok for p in res.programs.values())
     assert res.programs["train"].collectives["all-reduce"]["count"] >= 1  # data-parallel grads
     assert res.programs["train"].kernels == {}  # attention auto on TPU: xla (start-up line)
-    assert any("attention: auto -> xla on tpu" in n for n in res.kernel_notes)
+    # auto attention on TPU is splash; at T = 32 (not a multiple of 128) xla, said so
+    assert any("attention: auto -> splash on tpu" in n and "seq_len=32 is not a multiple of "
+               "128: xla" in n for n in res.kernel_notes)
     # the CLI prints the same report and the JSON has every program
     code, out, err = _cli(capsys, "compile", "--config", "configs/tiny.py", "--topology",
                           "v6e:2x2", "--programs", "train", "--json")
@@ -158,8 +160,9 @@ def test_moe_dropless_auto_kernels_compile_with_the_tpu_grouped_matmul(v5p):
     _assert_fits(res)
     train = res.programs["train"]
     gmm = {k.split(":")[-1]: v for k, v in train.kernels.items() if "gmm" in k}
-    # a layer's 3 matmuls forward, their input gradients and their weight gradients
-    assert gmm == {"gmm_megablox": 3, "gmm_megablox_transpose_rhs": 3, "tgmm_megablox": 3}
+    # a layer's 3 matmuls forward (and again in the backward: the ring steps are
+    # rematerialised), their input gradients and their weight gradients
+    assert gmm == {"gmm_megablox": 6, "gmm_megablox_transpose_rhs": 3, "tgmm_megablox": 3}
     assert train.collectives["collective-permute"]["count"] >= 1  # the ring
 
 
@@ -195,12 +198,17 @@ def test_attention_impls_on_tpu(v5p):
 
 
 @needs_libtpu
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_31}: the TPU flash kernel refuses the dense "
-                                       "[B,1,T,S] mask (it needs segment ids)")
-def test_tokamax_attention_runs_the_tpu_flash_kernel(v5p):
-    res = compile_run(_cfg(dict(attention_impl="tokamax")), v5p, programs=("train",))
+def test_auto_attention_runs_the_tpu_flash_kernel_on_packed_rows(v5p):
+    """auto on TPU: the splash kernel by segment ids, forward and backward; tokamax asked
+    for explicitly calls its Mosaic kernel alone, which refuses the dense mask: a compile
+    error, not a silent XLA fallback."""
+    res = compile_run(_cfg(dict(max_seq_len=128), data=dict(seq_len=128)), v5p, programs=("train",))
     _assert_fits(res)
-    assert res.programs["train"].kernels
+    kernels = {k.split(":")[-1] for k in res.programs["train"].kernels}
+    assert {"splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
+            "splash_mqa_dkv_segmented_no_residuals"} <= kernels, kernels
+    tok = compile_run(_cfg(dict(attention_impl="tokamax")), v5p, programs=("train",))
+    assert not tok.programs["train"].ok
 
 
 @needs_libtpu
@@ -214,12 +222,16 @@ def test_grown_config_compiles(v5p):
 
 
 @needs_libtpu
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_31}: multi-slice meshes (mesh.dcn_* axes "
-                                       "through create_hybrid_device_mesh)")
-def test_two_slices_compile_with_data_parallelism_over_dcn():
+def test_two_slices_compile_with_data_parallelism_over_dcn(capsys):
+    """2 slices of v5e:2x2: the data axis over DCN (mesh.dcn_data), the rest in a slice."""
     devices = compile_devices(parse_topology("v5e:2x2", num_slices=2))
-    res = compile_run(_cfg(), devices, programs=("train",))
+    with pytest.raises(ConfigError, match="set mesh.dcn_data=2"):
+        compile_run(_cfg(), devices, programs=("train",))
+    res = compile_run(_cfg(mesh=dict(data=4, fsdp=2, dcn_data=2)), devices, programs=("train",))
     _assert_fits(res)
+    code, out, err = _cli(capsys, "compile", "--config", "configs/tiny.py", "--topology", "v5e:2x2",
+                          "--num-slices", "2", "--config.mesh.dcn_data=2", "--programs", "train")
+    assert code == 0 and "x 2 slices" in out, err
 
 
 @needs_libtpu

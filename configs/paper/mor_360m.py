@@ -6,6 +6,7 @@
     moe-lab train --config configs/paper/mor_360m.py:3,kv_shared ...       # recursive KV sharing
     moe-lab train --config configs/paper/mor_360m.py:vanilla ...           # the 32-layer baseline
     moe-lab info  --config configs/paper/mor_360m.py:3                     # params, FLOPs/token
+    moe-lab compile --config configs/paper/mor_360m.py:3 --topology v5p-128 # on its pod
 
 arg: "N_r[,token_choice][,kv_shared][,fixed]" with N_r in 2..4, or "vanilla".
 Shape (SmolLM-360M, Llama blocks): d_model 960, 32 layers, 15 heads, 5 KV heads,
@@ -90,7 +91,8 @@ def mor_config(size: str, arg=None):
                    warmup_steps=steps // 20, decay_fraction=0.2, end_lr_ratio=0.0,
                    b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, log_every=50,
                    eval_every=1000, checkpoint_every=1000, keep_last=2)
-    c.mesh = dict(data=-1)
+    # the pod it is planned for: a v5p-128 slice (64 chips; Cloud names v5p by TensorCores)
+    c.mesh = dict(data=-1, plan_devices=64, plan_hardware="tpu-v5p")
     return c
 
 

@@ -64,7 +64,8 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
     D, H, G, K = m.d_model, m.num_heads, m.num_kv_heads, m.resolved_head_dim
     attn = resolve_attention_impl(m.attention_impl, platform or "cpu",
                                   compute_dtype=m.compute_dtype, head_dim=K)
-    flash = attn != "xla"
+    # splash covers the plain stack at T a multiple of 128 (layers/splash.py)
+    flash = attn != "xla" and not (attn == "splash" and (m.stack == "recursive" or T % 128))
     attn_saved = 4 * H * K * b if flash else H * T * (12 + b)
     attn_recomputed = 4 * H * K * b if flash else H * T * (4 + b)
     if m.ffn == "moe":

@@ -44,6 +44,15 @@ def add_compile_parser(subparsers):
     return c
 
 
+def check_slices(cfg, num_slices: int) -> None:
+    """--num-slices N needs a mesh whose DCN axis spans N slices (mesh.dcn_data)."""
+    if cfg.mesh.dcn_data != num_slices:
+        what = ("the mesh has no DCN axis to span slices with" if cfg.mesh.dcn_data == 1
+                else f"the mesh spans mesh.dcn_data={cfg.mesh.dcn_data} slices")
+        raise ConfigError(f"--num-slices {num_slices}: {what}; set "
+                          f"--config.mesh.dcn_data={num_slices} (data parallelism across slices)")
+
+
 def target_devices(cfg, topology: str | None, num_slices: int, allow_resize: bool):
     """(devices, a description) for cfg: the topology's compile-only devices, checked
     against what the config states (mesh.plan_devices, plan_hardware), else this host's."""
@@ -52,9 +61,7 @@ def target_devices(cfg, topology: str | None, num_slices: int, allow_resize: boo
             raise ConfigError("--num-slices needs --topology")
         return jax.devices(), f"this host's {jax.device_count()} {jax.default_backend()} device(s)"
     topo = parse_topology(topology, num_slices)
-    if num_slices > 1:  # multi-slice needs a mesh axis over DCN (issue 31: mesh.dcn_*)
-        raise ConfigError(f"--num-slices {num_slices}: the mesh has no DCN axis to span slices "
-                          "with (data parallelism across slices is not yet in the mesh config)")
+    check_slices(cfg, num_slices)
     why = resize_error(cfg, topo)
     if why and not allow_resize:
         raise ConfigError(why)

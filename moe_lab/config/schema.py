@@ -154,7 +154,7 @@ class ModelConfig:
     # attention kernel (moe_lab/layers/attention_kernels.py): auto (GPU cudnn, TPU
     # tokamax, CPU xla) | xla (einsum, T x T scores) | chunked (tokamax xla_chunked,
     # memory linear in T anywhere) | tokamax (its Pallas flash kernels) | cudnn
-    attention_impl: Literal["auto", "xla", "chunked", "tokamax", "cudnn"] = "auto"
+    attention_impl: Literal["auto", "xla", "chunked", "tokamax", "cudnn", "splash"] = "auto"
     ffn: Literal["dense", "moe"] = "dense"  # dense | moe
     stack: Literal["plain", "recursive"] = "plain"  # plain | recursive
     moe: MoEConfig = MoEConfig()
@@ -271,6 +271,9 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     rules: tuple = DEFAULT_RULES
+    # slices joined over DCN (multi-slice TPU pods): the data axis spans dcn_data slices,
+    # data / dcn_data within each; every other axis stays inside a slice
+    dcn_data: int = 1
     # For `moe-lab info` memory plans of pod configs on a laptop: the device count and
     # the chip kind the config is written for (tpu-v5p, tpu-v6e, h100, h200, cpu).
     plan_devices: int = 0

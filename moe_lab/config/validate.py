@@ -133,6 +133,9 @@ def validate(cfg: Config) -> Config:
         v = getattr(cfg.mesh, axis)
         if v == 0 or v < -1:
             raise ConfigError(f"config key 'mesh.{axis}' must be a positive size or -1, got {v}")
+    if cfg.mesh.dcn_data < 1 or (cfg.mesh.data > 0 and cfg.mesh.data % cfg.mesh.dcn_data):
+        raise ConfigError(f"config key 'mesh.dcn_data'={cfg.mesh.dcn_data} must be >= 1 and "
+                          f"divide mesh.data={cfg.mesh.data} (the slices split the data axis)")
     _validate_mixture(d)
     return cfg
 

@@ -20,6 +20,8 @@ from moe_lab.config.schema import ModelConfig
 from moe_lab.layers.attention_kernels import attend, resolve_attention_impl
 from moe_lab.layers.base import dtype_of, param
 from moe_lab.layers.norms import RMSNorm
+from moe_lab.layers.splash import splash_attention
+from moe_lab.layers.splash import takes as splash_takes
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -148,15 +150,21 @@ class Attention(nnx.Module):
         return out_BTD
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
-        return self.attend(x_BTD, positions_BT,
-                           self_attention_mask(segment_ids_BT, x_BTD.shape[:2]))[0]
+        seg_BT = (jnp.ones(x_BTD.shape[:2], jnp.int32) if segment_ids_BT is None
+                  else segment_ids_BT)
+        return self.attend(x_BTD, positions_BT, self_attention_mask(segment_ids_BT, x_BTD.shape[:2]),
+                           segment_ids_BT=seg_BT)[0]
 
-    def attend(self, x_BTD, positions_BT, mask_BTS, kv=None):
+    def attend(self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None):
         """-> (out_BTD, (k, v) attended to).  kv=None: keys / values of x itself; else
         (k_BSGK, v_BSGK) to attend to instead (MoR KV sharing: a recursion step's
-        queries against step 1's keys)."""
+        queries against step 1's keys).  segment_ids_BT: given where mask_BTS is the
+        packed rows' self-attention mask, so the splash kernel may take them instead."""
         q_BTHK = self.project_q(x_BTD, positions_BT)
         k, v = self.project_kv(x_BTD, positions_BT) if kv is None else kv
+        if (self.impl == "splash" and kv is None and segment_ids_BT is not None
+                and splash_takes(x_BTD.shape[1])):
+            return self.output(splash_attention(q_BTHK, k, v, segment_ids_BT)), (k, v)
         return self.output(attend(q_BTHK, k, v, mask_BTS, self.impl)), (k, v)
 
     def attend_cache(self, x_BTD, positions_BT, cache_kv, index):

@@ -18,13 +18,16 @@ gathered tokens and KV caches work the same way under every implementation.
   cudnn    cuDNN flash attention through jax.nn.dot_product_attention (GPU, bf16 /
            fp16; KV-cache decoding uses xla: cuDNN's fused kernel is a training /
            prefill kernel).
-  auto     cudnn on GPU (xla where cuDNN does not take the dtype / head dim), xla on
-           TPU and CPU.  Not tokamax on TPU: its TPU flash kernel refuses the dense
-           [B, 1, T, S] mask and tokamax would fall back to XLA attention without a
-           word (seen in the compiled HLO: no kernel call); the flash kernel with
-           segment ids is the next issue's (#31).  Asked for explicitly on TPU,
-           `tokamax` calls the Mosaic kernel alone ("tokamax:mosaic"), so a refusal
-           is a compile error, never a silent fallback.
+  splash   the TPU splash (flash) kernel on packed rows by causal mask and segment
+           ids (layers/splash.py), forward and backward; the plain stack's self-
+           attention only: MoR's gathered-token attention and KV-cache decoding take
+           xla (a start-up line says so).  On CPU it runs in Pallas' interpreter.
+  auto     cudnn on GPU (xla where cuDNN does not take the dtype / head dim), splash
+           on TPU, xla on CPU.  Not tokamax on TPU: its TPU flash kernel refuses the
+           dense [B, 1, T, S] mask and tokamax would fall back to XLA attention without
+           a word (seen in the compiled HLO: no kernel call).  Asked for explicitly on
+           TPU, `tokamax` calls the Mosaic kernel alone ("tokamax:mosaic"), so a
+           refusal is a compile error, never a silent fallback.
 
 Only [B, 1, T, S] booleans (the mask, one byte a pair, shared by the heads) are
 formed for the library kernels, never [B, H, T, S] scores.  tokamax is imported
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 
 from moe_lab.layers.base import import_tokamax
 
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "tokamax", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "tokamax", "cudnn", "splash")
 
 
 def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
@@ -68,15 +71,25 @@ def resolve_attention_impl(impl: str, backend: str | None = None, *,
         return impl
     if backend in ("gpu", "cuda"):
         return "cudnn" if _cudnn_error(compute_dtype, head_dim) is None else "xla"
-    return "xla"
+    return "splash" if backend == "tpu" else "xla"
 
 
-def auto_attention_note(backend: str, compute_dtype: str, head_dim: int) -> str:
+def splash_note(seq_len: int | None) -> str:
+    """What the splash kernel covers, and what it leaves to xla, for a start-up line."""
+    short = (f"; data.seq_len={seq_len} is not a multiple of 128: xla attention"
+             if seq_len and seq_len % 128 else "")
+    return ("the plain stack's self-attention by segment ids; MoR's gathered-token "
+            f"attention and KV-cache decoding run xla{short}")
+
+
+def auto_attention_note(backend: str, compute_dtype: str, head_dim: int,
+                        seq_len: int | None = None) -> str:
     """Why 'auto' resolved as it did on `backend` (a start-up line)."""
     impl = resolve_attention_impl("auto", backend, compute_dtype=compute_dtype, head_dim=head_dim)
     if backend == "tpu":
-        why = ("tokamax's TPU flash kernel takes no dense [B,1,T,S] mask (packed rows need "
-               "segment ids: issue 31), and it would fall back to XLA silently")
+        why = ("the TPU flash kernel on packed rows: " + splash_note(seq_len) + "; not "
+               "tokamax: its TPU kernel takes no dense [B,1,T,S] mask and would fall back "
+               "to XLA silently")
     elif backend in ("gpu", "cuda") and impl == "xla":
         why = _cudnn_error(compute_dtype, head_dim)
     else:
@@ -110,6 +123,8 @@ def attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl: str, *, decoding: bool = Fals
     """Softmax attention of q over (k, v) where mask_BTS allows -> [B, T, H, K]."""
     impl = resolve_attention_impl(impl)
     if impl == "cudnn" and decoding:
+        impl = "xla"
+    if impl == "splash":  # masks it does not take (MoR's gathered tokens, KV caches)
         impl = "xla"
     if impl == "xla":
         return gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS)

@@ -94,10 +94,11 @@ class Block(nnx.Module):
         return y_BTD, aux
 
     def masked(self, x_BTD, positions_BT, mask_BTS, *, kv=None, train: bool, rng=None,
-               active_BT=None):
+               active_BT=None, segment_ids_BT=None):
         """The block with an explicit attention mask and optional external KV
         (see Attention.attend) -> (y_BTD, aux, (k, v) attended to)."""
-        return self.residual(x_BTD, lambda h: self.attn.attend(h, positions_BT, mask_BTS, kv),
+        return self.residual(x_BTD, lambda h: self.attn.attend(h, positions_BT, mask_BTS, kv,
+                                                               segment_ids_BT),
                              train=train, rng=rng, active_BT=active_BT)
 
     def decode(self, x_BTD, positions_BT, valid_BT, cache, index, layer=None):
@@ -172,21 +173,25 @@ class ScannedStack(nnx.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng=None):
         """-> (x_BTD, aux_L): every layer, attention causal within each packed document."""
         mask_BTS = self_attention_mask(segment_ids_BT, x_BTD.shape[:2])
-        x_BTD, aux_L, _ = self.run(x_BTD, positions_BT, mask_BTS, train=train, rng=rng)
+        x_BTD, aux_L, _ = self.run(x_BTD, positions_BT, mask_BTS, train=train, rng=rng,
+                                   segment_ids_BT=segment_ids_BT)
         return x_BTD, aux_L
 
     def run(self, x_BTD, positions_BT, mask_BTS, *, ids: Sequence[int] | None = None,
-            kv_n=None, want_kv: bool = False, train: bool, rng=None, active_BT=None):
+            kv_n=None, want_kv: bool = False, train: bool, rng=None, active_BT=None,
+            segment_ids_BT=None):
         """The layers (all, or the pool layers `ids`) with an explicit mask -> (x, aux_n,
         kv_n or None).  kv_n: per-layer (k, v) to attend to (MoR KV sharing); want_kv:
-        return the KV each layer used.  active_BT: the tokens the MoE statistics count."""
+        return the KV each layer used.  active_BT: the tokens the MoE statistics count.
+        segment_ids_BT: where the mask is the packed rows' own (self-attention of every
+        token), so a kernel that takes segment ids instead of a mask may run (splash)."""
         n = self.num_layers if ids is None else len(ids)
 
         def body(block, x_BTD, xs_l):
             key, kv = xs_l
             x_BTD, aux, kv_used = block.masked(x_BTD, positions_BT, mask_BTS, kv=kv,
                                                train=train, rng=key if rng is not None else None,
-                                               active_BT=active_BT)
+                                               active_BT=active_BT, segment_ids_BT=segment_ids_BT)
             x_BTD = sharding.constrain(x_BTD, ("batch", None, "embed"))
             return x_BTD, (aux, kv_used if want_kv else None)
 

@@ -37,6 +37,9 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> jax.sharding
     devices = devices if devices is not None else jax.devices()
     shape = mesh_cfg.shape(len(devices))
     types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1 or mesh_cfg.dcn_data > 1:
+        return _hybrid_mesh(mesh_cfg, shape, devices, slices, types)
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
     except NotImplementedError:
@@ -47,6 +50,26 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> jax.sharding
         raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} cannot be laid out on these "
                           f"{len(devices)} {devices[0].device_kind} devices: "
                           f"{str(e).splitlines()[0][:200]}") from None
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
+
+
+def _hybrid_mesh(mesh_cfg: MeshConfig, shape, devices, slices: int, types):
+    """Multi-slice: data parallelism over DCN across the slices (mesh.dcn_data of them),
+    every other axis inside a slice (mesh_utils.create_hybrid_device_mesh)."""
+    if mesh_cfg.dcn_data != slices:
+        raise ConfigError(f"the devices span {slices} slice(s) but mesh.dcn_data="
+                          f"{mesh_cfg.dcn_data}; set mesh.dcn_data={slices} (data "
+                          "parallelism across slices)")
+    if shape[0] % slices:
+        raise ConfigError(f"mesh data={shape[0]} does not split over {slices} slices")
+    ici = (shape[0] // slices,) + tuple(shape[1:])
+    dcn = (slices,) + (1,) * (len(shape) - 1)
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                    allow_split_physical_axes=True)
+    except (NotImplementedError, ValueError) as e:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} over {slices} slices cannot be "
+                          f"laid out: {str(e).splitlines()[0][:200]}") from None
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
 
 

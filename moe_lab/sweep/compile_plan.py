@@ -43,9 +43,11 @@ def compile_sweep(config_arg: str, sweep_dir: str, topology: str, *, num_slices:
     base, points = load_sweep(config_arg, dict(overrides or {}))
     by_name = {p.name: p for p in points}
     topo = parse_topology(topology, num_slices)
-    if num_slices > 1:
-        raise ConfigError(f"--num-slices {num_slices}: the mesh has no DCN axis to span slices with")
     planned = {p.name: planned_config(p, base, by_name)[0] for p in points}  # all checked first
+    for name, cfg in planned.items():
+        if cfg.mesh.dcn_data != num_slices:
+            raise ConfigError(f"sweep point {name}: --num-slices {num_slices} needs "
+                              f"mesh.dcn_data={num_slices} (it has {cfg.mesh.dcn_data})")
     if not allow_resize:
         for name, cfg in planned.items():
             why = resize_error(cfg, topo)

@@ -32,7 +32,6 @@ from moe_lab.parallel import sharding
 from moe_lab.train.checkpoint import DATA, Checkpointer, checkpoint_steps, grown_steps
 from moe_lab.train.init_from import initial_state, source_config
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
-from moe_lab.train.run_lock import lock_path_beside, locked
 from moe_lab.train.run_dir import (
     checkpoint_path,
     config_path,
@@ -40,6 +39,7 @@ from moe_lab.train.run_dir import (
     run_tokenizer,
     write_json_atomic,
 )
+from moe_lab.train.run_lock import lock_path_beside, locked
 from moe_lab.train.state import make_setup, resolve_config
 from moe_lab.train.step import jit_eval_step, jit_train_step
 from moe_lab.train.trainer import Trainer, cached_jit, fmt_time, jit_cache, local_values, log0

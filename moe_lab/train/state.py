@@ -126,8 +126,9 @@ def make_setup(cfg: Config, mesh, tokenizer: Tokenizer | None = None) -> TrainSe
                       specs=specs, shardings=shardings, abstract_state=abstract_state,
                       batch_sharding=batch_sharding,
                       given_tokenizer=tokenizer, platform=platform,
-                      kernel_notes=tuple(kernel_choice.for_platform(cfg.model, platform)[1]
-                                         if platform else ()))
+                      kernel_notes=tuple(kernel_choice.for_platform(
+                                          cfg.model, platform, cfg.data.seq_len)[1]
+                                          if platform else ()))
 
 
 def setup_on_devices(cfg: Config, devices: str = "one",
