@@ -40,10 +40,11 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
     Calibrated against the compiler (libtpu, `moe-lab compile`; the table in
     experiments/pod_plans/README.md), per token, in the compute dtype's bytes b:
 
-      one layer's full set  (10 D + FFN) b + attention
+      one layer's full set  (10 D + FFN) b + 4 F_rows + attention
         FFN: dense 3 F; MoE r (2 D + 3 F) + shared 3 F_s, with r = k rows per token
         dropless, cf k with capacity buffers (capacity dispatch, all-to-all, expert
-        choice); attention (xla, the einsum reference): the [H, T, S] scores kept for
+        choice); F_rows: the SwiGLU hidden again in f32 (r F + F_s, or F dense: silu's
+        gradient); attention (xla, the einsum reference): the [H, T, S] scores kept for
         the backward pass, 12 + b bytes a pair (f32 scores, masked scores, softmax and
         the probabilities); a flash / chunked kernel keeps O(H K)
       saved per layer       none: the full set; full: the layer input D b; dots: the
@@ -76,11 +77,15 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
         shared_f = (e.shared_hidden or e.num_shared_experts * m.resolved_expert_hidden
                     if e.num_shared_experts else 0)
         ffn = rows * (2 * D + 3 * m.resolved_expert_hidden) + 3 * shared_f
+        hidden = rows * m.resolved_expert_hidden + shared_f
         ffn_dots = e.num_experts + (2 * shared_f + D if shared_f else 0) + D
     else:
         ffn = 3 * m.resolved_mlp_hidden
+        hidden = m.resolved_mlp_hidden
         ffn_dots = 2 * m.resolved_mlp_hidden + D
-    layer_vals = (10 * D + ffn) * b
+    # + the SwiGLU hidden once more in f32 (silu's gradient; the compiler's largest live
+    # buffer on the dropless paper configs: [n k, F] f32)
+    layer_vals = (10 * D + ffn) * b + 4 * hidden
     saved = {"none": layer_vals + attn_saved, "full": D * b,
              "dots": (2 * D + H * K + 2 * G * K + ffn_dots) * b}[remat]
     recomputed = 0 if remat == "none" else layer_vals + attn_recomputed

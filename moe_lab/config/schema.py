@@ -172,10 +172,6 @@ class ModelConfig:
     def resolved_expert_hidden(self) -> int:
         return self.moe.expert_hidden or self.resolved_mlp_hidden
 
-    @property
-    def num_moe_layers(self) -> int:
-        return self.num_layers - self.moe.first_dense_layers if self.ffn == "moe" else 0
-
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -278,10 +274,6 @@ class MeshConfig:
     # the chip kind the config is written for (tpu-v5p, tpu-v6e, h100, h200, cpu).
     plan_devices: int = 0
     plan_hardware: str = ""
-
-    @property
-    def axis_names(self) -> tuple[str, ...]:
-        return MESH_AXES
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
         sizes = [getattr(self, a) for a in MESH_AXES]

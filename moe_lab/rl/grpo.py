@@ -384,10 +384,6 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
     return {"rewards": steps.rewards, "step": out["step"], "steps": rl.steps, "workdir": dst}
 
 
-def read_rl_metrics(workdir: str) -> list[dict]:
-    return read_metrics(workdir)
-
-
 def sweep_stage(run_dir: str, spec: dict) -> dict:
     """Sweep post stage {"kind": "moe_lab.rl.grpo:sweep_stage", "to": "grpo",
     "config": "configs/grpo.py", <GRPOConfig keys>...}: GRPO from the run's last
@@ -398,7 +394,7 @@ def sweep_stage(run_dir: str, spec: dict) -> dict:
     rl = load_grpo_config(spec.get("config"), extra)
     dst = os.path.join(run_dir, spec.get("to", "grpo"))
     run_grpo(run_dir, dst, rl, step=spec.get("step"))
-    rows = read_rl_metrics(dst)
+    rows = read_metrics(dst)
     evals = [r for r in rows if "eval_accuracy" in r]
     rewards = [r["reward"] for r in rows if "reward" in r]
     kls = [r["kl"] for r in rows if "kl" in r]

@@ -29,7 +29,7 @@ from moe_lab.data.corpus import describe_corpora
 from moe_lab.data.tokenizer import BYTE, Tokenizer, load_tokenizer
 from moe_lab.layers import expert_parallel
 from moe_lab.parallel import sharding
-from moe_lab.train.checkpoint import DATA, Checkpointer, checkpoint_steps, grown_steps
+from moe_lab.train.checkpoint import DATA, checkpoint_steps, grown_steps
 from moe_lab.train.init_from import initial_state, source_config
 from moe_lab.train.phases import PhasedStep, capacity_warmup_config, warmup_graphdef
 from moe_lab.train.run_dir import (
@@ -377,18 +377,3 @@ def _train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
             "tokens_seen": counters["tokens_seen"], "flops_spent": counters["flops_spent"],
             "seconds_this_run": out["seconds_this_run"], "mfu": last_row.get("mfu"),
             "tokens_per_sec": last_row.get("tokens_per_sec")}
-
-
-def load_final_state(workdir: str, step: int | None = None):
-    """(cfg, setup, state) of a run's checkpoint, for eval/analysis tools."""
-
-    raw = config_from_json(config_path(workdir))
-    tok = run_tokenizer(workdir, raw)
-    cfg = resolve_config(raw, tok)
-    mesh = sharding.make_mesh(cfg.mesh.__class__(data=-1, rules=cfg.mesh.rules))
-    setup = make_setup(cfg, mesh, tok)
-    ckpt = Checkpointer(workdir, create=False)
-    state, _ = ckpt.restore(step, setup.abstract_state)
-    ckpt.close()
-    return cfg, setup, state
-

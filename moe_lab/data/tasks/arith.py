@@ -109,24 +109,3 @@ class ArithTask(Task):
                 return ex
         raise ConfigError(f"data.arith_modulus={self.modulus} with arith_eval_num_steps="
                           f"{self.eval_num_steps} leaves too few problems for an eval split")
-
-
-def solve_arith(prompt: str) -> int:
-    """Independent reference solver for arith prompts (used by tests/eval)."""
-    body, _, query = prompt.rpartition(" mod ")
-    m = int(query.split(".")[0])
-    env: dict[str, int] = {}
-    for assign in body.split():
-        var, expr = assign.split("=")
-        for op in _OPS:
-            lhs, sep, rhs = expr.partition(op)
-            if sep and lhs:
-                x = env[lhs]
-                y = env[rhs] if rhs in env else int(rhs)
-                env[var] = _apply(op, x, y, m)
-                break
-        else:
-            env[var] = int(expr) % m
-    return env[query.split(". ")[1].rstrip("?")]
-
-
