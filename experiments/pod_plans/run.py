@@ -3,6 +3,7 @@ experiments/pod_plans/results.jsonl and the table in README.md.
 
     python experiments/pod_plans/run.py                 # all rows (~20-40 min on 2 cores)
     python experiments/pod_plans/run.py --only growth   # rows whose label contains 'growth'
+    python experiments/pod_plans/run.py --replan        # the stored rows' plans, recomputed
 
 Each row is one `moe-lab compile` (moe_lab/aot/compile.py: the train step and one
 MoE layer alone); a row that fails records the compiler's first error line.
@@ -18,11 +19,14 @@ import subprocess
 import sys
 import time
 
+from moe_lab.accounting.plan import memory_plan
 from moe_lab.aot.compile import compile_run
 from moe_lab.aot.report import GIB, flops_ratio, hbm_bytes_per_device, plan_total
 from moe_lab.config.load import load_config
 from moe_lab.config.schema import ConfigError
+from moe_lab.parallel import sharding
 from moe_lab.parallel.topology import compile_devices, parse_topology
+from moe_lab.train.state import make_setup, resolve_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (label, config, topology, overrides)
@@ -69,6 +73,13 @@ def compile_row(label, config, topology, overrides) -> dict:
     return row
 
 
+def replan(config: str, topology: str, overrides: dict) -> float:
+    """`moe-lab info`'s analytic plan (GiB per device) of a row, without compiling."""
+    cfg = resolve_config(load_config(config, overrides))
+    mesh = sharding.make_abstract_mesh(cfg.mesh, parse_topology(topology).devices)
+    return plan_total(memory_plan(cfg, make_setup(cfg, mesh), mesh)) / GIB
+
+
 def table(rows: list[dict]) -> str:
     out = ["| config @ pod | mesh | compiles | compiler GiB/chip | plan GiB | compiler/plan "
            "| fits (HBM) | kernels in train step | MoE layer FLOPs / analytic | compile s |",
@@ -94,6 +105,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default=os.path.join(HERE, "results.jsonl"))
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute the analytic plan of the stored rows (no compiles)")
     args = ap.parse_args()
     done = {}
     if os.path.exists(args.out):
@@ -102,7 +115,10 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     for label, config, topology, overrides in ROWS:
-        if args.only not in label:
+        if args.replan and label in done:
+            done[label]["plan_gib"] = replan(config, topology, overrides)
+            continue
+        if args.only not in label or args.replan:
             continue
         print(f"--- {label} ({config} @ {topology})", flush=True)
         try:
@@ -119,6 +135,10 @@ def main() -> int:
                 f.write(json.dumps(r) + "\n")
         os.replace(args.out + ".tmp", args.out)
     rows = [done[label] for label, *_ in ROWS if label in done]
+    if args.replan:
+        with open(args.out + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(args.out + ".tmp", args.out)
     print(table(rows))
     return 0
 

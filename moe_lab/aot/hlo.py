@@ -31,7 +31,8 @@ _OP_TYPE = re.compile(r'__type\\*"\s*:\s*\\*"([\w.]+)')
 _BOOKKEEPING = ("AllocateBuffer", "PrepareAsyncCall", "AssumeGatherIndicesInBound",
                 "GatherScatterIndicesBitpacked", "Sharding", "SPMDFullToShardShape",
                 "SPMDShardToFullShape", "MoveToHost", "MoveToDevice", "annotate_device_placement",
-                "X64Combine", "X64SplitLow", "X64SplitHigh", "LayoutConstraint", "cu_threefry2x32")
+                "X64Combine", "X64SplitLow", "X64SplitHigh", "LayoutConstraint", "cu_threefry2x32",
+                "ConcatBitcast")
 
 
 def shape_bytes(text: str) -> float:
