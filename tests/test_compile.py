@@ -127,7 +127,7 @@ def test_hlo_reading():
 
 @needs_libtpu
 def test_dense_compiles_fits_and_reports(v5p, capsys):
-    res = compile_run(_cfg(), v5p, programs=("train", "decode"))
+    res = compile_run(_cfg(), v5p, programs=("train",))
     _assert_fits(res)
     assert all(p.ok for p in res.programs.values())
     assert res.programs["train"].collectives["all-reduce"]["count"] >= 1  # data-parallel grads
@@ -135,19 +135,18 @@ def test_dense_compiles_fits_and_reports(v5p, capsys):
     # auto attention on TPU is splash; at T = 32 (not a multiple of 128) xla, said so
     assert any("attention: auto -> splash on tpu" in n and "seq_len=32 is not a multiple of "
                "128: xla" in n for n in res.kernel_notes)
-    # the CLI prints the same report and the JSON has every program
+    # the CLI: the KV-cache decode step, on v6e, as JSON
     code, out, err = _cli(capsys, "compile", "--config", "configs/tiny.py", "--topology",
-                          "v6e:2x2", "--programs", "train", "--json")
+                          "v6e:2x2", "--programs", "decode", "--json")
     report = json.loads(out)
-    assert code == 0 and report["programs"]["train"]["memory"]["total"] > 0, err
+    assert code == 0 and report["programs"]["decode"]["memory"]["total"] > 0, err
 
 
 @needs_libtpu
 def test_moe_capacity_all_to_all_compiles_without_replicated_expert_work(v5p):
     res = compile_run(_cfg(MOE | {"moe": MOE["moe"] | {"dispatch": "capacity"}},
-                           dict(data=1, expert=4)), v5p, programs=("train", "moe_layer"))
-    _assert_fits(res)
-    layer = res.programs["moe_layer"]
+                           dict(data=1, expert=4)), v5p, programs=("moe_layer",))
+    layer = res.programs["moe_layer"]  # the capacity train step: test_grown_config_compiles
     assert layer.collectives["all-to-all"]["count"] >= 2  # there and back (and in backward)
     assert flops_ratio(layer) <= FLOPS_TOLERANCE, flops_ratio(layer)
 
@@ -167,7 +166,7 @@ def test_moe_dropless_auto_kernels_compile_with_the_tpu_grouped_matmul(v5p):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("mesh", [dict(data=1, expert=4), dict(data=4)])
+@pytest.mark.parametrize("mesh", [dict(data=1, expert=4)])
 def test_moe_dropless_xla_kernels_do_not_replicate_expert_work(v5p, mesh):
     """Per-chip forward FLOPs of the dropless layer (ragged_dot, which the cost analysis
     counts) within 1.3x of the analytic FLOPs / chips; the global-sort GSPMD path
@@ -222,16 +221,13 @@ def test_grown_config_compiles(v5p):
 
 
 @needs_libtpu
-def test_two_slices_compile_with_data_parallelism_over_dcn(capsys):
+def test_two_slices_compile_with_data_parallelism_over_dcn():
     """2 slices of v5e:2x2: the data axis over DCN (mesh.dcn_data), the rest in a slice."""
     devices = compile_devices(parse_topology("v5e:2x2", num_slices=2))
     with pytest.raises(ConfigError, match="set mesh.dcn_data=2"):
         compile_run(_cfg(), devices, programs=("train",))
     res = compile_run(_cfg(mesh=dict(data=4, fsdp=2, dcn_data=2)), devices, programs=("train",))
     _assert_fits(res)
-    code, out, err = _cli(capsys, "compile", "--config", "configs/tiny.py", "--topology", "v5e:2x2",
-                          "--num-slices", "2", "--config.mesh.dcn_data=2", "--programs", "train")
-    assert code == 0 and "x 2 slices" in out, err
 
 
 @needs_libtpu

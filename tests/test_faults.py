@@ -156,52 +156,6 @@ def test_init_from_refuses_overrides_of_what_it_takes(tmp_path, capsys):
     assert not (tmp_path / "f").exists()
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
-def test_prepare_workers_die_with_a_killed_prepare_and_the_rerun_matches(tmp_path):
-    """kill -9 of `prepare --workers 2`: its workers die with it (none goes on writing
-    units), and the same command resumes to the shards of an uninterrupted prepare."""
-    rows = "".join(json.dumps({"text": f"document {i} " + "word " * 50}) + "\n" for i in range(6000))
-    for i in range(3):
-        (tmp_path / f"in{i}.jsonl").write_text(rows)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-    def cmd(out):
-        return [sys.executable, "-m", "moe_lab", "prepare", "--input", str(tmp_path / "in*.jsonl"),
-                "--tokenizer", "byte", "--out", str(tmp_path / out), "--workers", "2"]
-
-    proc = subprocess.Popen(cmd("p"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 60
-    while len(workers := _children(proc.pid)) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(workers) >= 2, "the workers never started"
-    time.sleep(0.5)
-    proc.kill()
-    proc.wait()
-    deadline = time.time() + 5
-    while any(os.path.exists(f"/proc/{w}") for w in workers) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "orphaned workers"
-    for out in ("p", "clean"):
-        subprocess.run(cmd(out), check=True, capture_output=True, env=env, timeout=300)
-    for name in sorted(os.listdir(tmp_path / "clean")):
-        if name.endswith(".array_record"):
-            assert (tmp_path / "p" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
-    assert sorted(os.listdir(tmp_path / "p")) == sorted(os.listdir(tmp_path / "clean"))
-
-
 SLEEPING_POOL = """
 import multiprocessing, os, time
 from moe_lab.data import prepare
