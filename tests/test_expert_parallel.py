@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -68,13 +69,20 @@ def _per_shard_reference(x_ND, gate_NK, weights, expert_NK, cf):
     return jnp.concatenate(ys), jnp.concatenate(keeps)
 
 
+@pytest.mark.parametrize("path", ["all_to_all", "shard_map"])
 @pytest.mark.parametrize("cf", [0.5, 100.0])
-def test_all_to_all_matches_per_shard_capacity_layer(cf):
+def test_capacity_paths_match_per_shard_capacity_layer(cf, path):
+    """Capacity per device (GShard's groups) on 8 token shards: the all-to-all over
+    data 2 x expert 4, and sharded_moe on data 8 (no expert axis: every device runs
+    every expert on its own tokens), both against the per-shard single-device layer."""
     x_ND, gate_NK, expert_NK, weights, ct_ND = _problem()
-    mesh = _mesh()
+    mesh = (_mesh() if path == "all_to_all" else
+            jax.make_mesh((8, 1, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4))
+    moe = (ep.all_to_all_moe if path == "all_to_all" else
+           functools.partial(ep.sharded_moe, impl="auto"))
 
     def loss_ep(x_ND, gate_NK, weights):
-        y, keep = ep.all_to_all_moe(x_ND, expert_NK, gate_NK, weights, capacity_factor=cf)
+        y, keep = moe(x_ND, expert_NK, gate_NK, weights, capacity_factor=cf)
         return jnp.sum(y * ct_ND), keep
 
     def loss_ref(x_ND, gate_NK, weights):
@@ -85,7 +93,8 @@ def test_all_to_all_matches_per_shard_capacity_layer(cf):
     (v_ref, keep_ref), g_ref = grad_ref(x_ND, gate_NK, weights)
     with jax.set_mesh(mesh), sharding.use_rules(DEFAULT_RULES, mesh):
         grad_ep = jax.jit(jax.value_and_grad(loss_ep, argnums=(0, 1, 2), has_aux=True))
-        assert "all-to-all" in grad_ep.lower(x_ND, gate_NK, weights).compile().as_text()
+        if path == "all_to_all":
+            assert "all-to-all" in grad_ep.lower(x_ND, gate_NK, weights).compile().as_text()
         (v_ep, keep_ep), g_ep = grad_ep(x_ND, gate_NK, weights)
     np.testing.assert_array_equal(np.asarray(keep_ep), np.asarray(keep_ref))
     assert bool(jnp.all(keep_ref)) == (cf > 1)  # cf 0.5 drops some assignments
