@@ -13,21 +13,27 @@ import jax
 import jax.numpy as jnp
 
 from moe_lab.accounting.timing import time_fn
+from moe_lab.parallel.topology import tpu_generation_of
 
-# dense bf16 peak FLOP/s per chip (datasheets)
-_ACCELERATOR_PEAK_BF16 = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
+# dense bf16 peak FLOP/s per GPU (datasheets); TPUs: parallel/topology.py's table
+_GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def tpu_peak_bf16(device_kind: str) -> float | None:
+    """A TPU device's dense bf16 peak (its chip's over the devices a chip shows)."""
+    gen = tpu_generation_of(device_kind)
+    return gen.bf16_tflops_per_chip * 1e12 / gen.devices_per_chip if gen else None
 
 
 @functools.cache
 def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
     """(peak FLOP/s of one device, how it was obtained)."""
     dev = jax.devices()[0]
+    tpu = tpu_peak_bf16(dev.device_kind) if dev.platform == "tpu" else None
+    if tpu:  # "TPU v5" (v5p) matched no name of the old table: it fell to a measurement
+        return (tpu if dtype == "bfloat16" else tpu / 2), f"datasheet {dev.device_kind}"
     if dev.platform != "cpu":
-        for name, peak in _ACCELERATOR_PEAK_BF16.items():
+        for name, peak in _GPU_PEAK_BF16.items():
             if name.lower() in dev.device_kind.lower():
                 return (peak if dtype == "bfloat16" else peak / 2), f"datasheet {name}"
     n = len(jax.devices())

@@ -13,6 +13,7 @@ from moe_lab.accounting.flops import layer_applications
 from moe_lab.config.schema import MESH_AXES, Config
 from moe_lab.layers.attention_kernels import resolve_attention_impl
 from moe_lab.layers.base import dtype_of
+from moe_lab.parallel.topology import GENERATIONS
 
 
 def _shard_factor(spec, mesh) -> int:
@@ -95,8 +96,10 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
 
 
 # memory per chip (GiB) for the memory plan
-DEVICE_MEMORY_GIB = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "a100": 80,
-                     "h100": 80, "h200": 141, "b200": 180}
+# (TPUs from parallel/topology.py's generation table: HBM per device)
+DEVICE_MEMORY_GIB = {"a100": 80, "h100": 80, "h200": 141, "b200": 180,
+                     **{g.hardware: g.hbm_gib_per_chip / g.devices_per_chip
+                        for g in GENERATIONS.values()}}
 
 
 def plan_platform(hardware: str) -> str | None:
