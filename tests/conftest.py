@@ -55,7 +55,16 @@ def tiny():
     return tiny_config
 
 
-__all__ = ["tiny_config", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig"]
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`moe-lab ARGV` in this process: (exit code, stdout, stderr)."""
+    from moe_lab.cli.main import main  # noqa: PLC0415
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+__all__ = ["tiny_config", "run_cli", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig"]
 
 
 def _modules_with_shared_fixtures() -> set[str]:

@@ -16,12 +16,11 @@ import json
 
 import jax
 import pytest
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 from moe_lab.aot import hlo
 from moe_lab.aot.compile import compile_run
 from moe_lab.aot.report import FLOPS_TOLERANCE, failure_line, flops_ratio, hbm_bytes_per_device
-from moe_lab.cli.main import main
 from moe_lab.config.schema import ConfigError
 from moe_lab.parallel import topology
 from moe_lab.parallel.topology import compile_devices, default_shape, parse_topology
@@ -89,12 +88,6 @@ def test_topology_names_both_forms_and_tensorcore_naming():
             parse_topology(bad)
 
 
-def _cli(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @needs_libtpu
 def test_bad_input_is_one_line_before_compiling(capsys, monkeypatch):
     base = ("compile", "--config", "configs/moe_tiny.py")
@@ -104,10 +97,10 @@ def test_bad_input_is_one_line_before_compiling(capsys, monkeypatch):
             (("--topology", "v5p:2x2x1", "--config.mesh.plan_devices=8"), "--allow-resize"),
             (("--topology", "v6e:2x2", "--config.mesh.plan_hardware=tpu-v5p"), "--allow-resize"),
             (("--topology", "v5p:2x2x1", "--programs", "train,frob"), "--programs")):
-        code, out, err = _cli(capsys, *base, *extra)
+        code, out, err = run_cli(capsys, *base, *extra)
         assert code == 2 and out == "" and err.count("\n") == 1 and match in err, (extra, err)
     monkeypatch.setattr(topology, "libtpu_installed", lambda: False)
-    code, out, err = _cli(capsys, *base, "--topology", "v5p:2x2x1")
+    code, out, err = run_cli(capsys, *base, "--topology", "v5p:2x2x1")
     assert code == 2 and "pip install" in err and err.count("\n") == 1
 
 
@@ -141,7 +134,7 @@ def test_dense_compiles_fits_and_reports(v5p, capsys):
     assert any("attention: auto -> splash on tpu" in n and "seq_len=32 is not a multiple of "
                "128: xla" in n for n in res.kernel_notes)
     # the CLI: the KV-cache decode step, on v6e, as JSON
-    code, out, err = _cli(capsys, "compile", "--config", "configs/tiny.py", "--topology",
+    code, out, err = run_cli(capsys, "compile", "--config", "configs/tiny.py", "--topology",
                           "v6e:2x2", "--programs", "decode", "--json")
     report = json.loads(out)
     assert code == 0 and report["programs"]["decode"]["memory"]["total"] > 0, err
@@ -251,7 +244,7 @@ def test_sweep_compile_writes_the_plan_of_every_point(tmp_path, capsys):
         "    return c\n"
         "def get_sweep(arg=None):\n"
         "    return [{'name': 'small'}, {'name': 'huge', 'model.vocab_size': 2**27}]\n")
-    code, out, err = _cli(capsys, "sweep", "--config", str(sweep), "--workdir",
+    code, out, err = run_cli(capsys, "sweep", "--config", str(sweep), "--workdir",
                           str(tmp_path / "s"), "--compile", "v5e:2x2")
     rows = [json.loads(line) for line in (tmp_path / "s" / "compile_plan.jsonl").open()]
     assert code == 1 and [r["point"] for r in rows] == ["small", "huge"], err

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from conftest import run_cli
 
 from moe_lab.config.schema import ConfigError
 from moe_lab.train import run_lock
@@ -82,20 +83,12 @@ def test_building_removes_the_leftovers_of_killed_builders(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["imported", "imported.final-2"]
 
 
-def _cli(capsys, *argv):
-    from moe_lab.cli.main import main  # noqa: PLC0415  (the suite's other tests need no CLI)
-
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_usage_errors_are_one_line(capsys):
     for argv, needle in ((("frobnicate",), "invalid choice: 'frobnicate'"),
                          (("prepare", "--input", "x", "--tokenizer", "byte", "--out", "y",
                            "--format", "csv"), "argument --format")):
         with pytest.raises(SystemExit) as e:
-            _cli(capsys, *argv)
+            run_cli(capsys, *argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and needle in err and "--help" in err
 
@@ -104,13 +97,13 @@ def test_text_with_no_usable_document_is_refused(tmp_path, capsys):
     """tokenizer train and prepare refuse inputs without a document, counting each kind
     of skipped row, and leave nothing behind."""
     (tmp_path / "b.txt").write_bytes(bytes(range(128, 256)) * 40)  # not UTF-8
-    code, _, err = _cli(capsys, "tokenizer", "train", "--input", str(tmp_path / "b.txt"),
+    code, _, err = run_cli(capsys, "tokenizer", "train", "--input", str(tmp_path / "b.txt"),
                         "--vocab-size", "300", "--out", str(tmp_path / "t.json"))
     assert code == 2 and "no usable text" in err and "not UTF-8" in err, err
     assert not (tmp_path / "t.json").exists()
     rows = ['{"text": 123}', '{"other": "x"}', '{"text": ""}', '{"text": null}']
     (tmp_path / "n.jsonl").write_text("\n".join(rows) + "\n")
-    code, _, err = _cli(capsys, "prepare", "--input", str(tmp_path / "n.jsonl"), "--tokenizer",
+    code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path / "n.jsonl"), "--tokenizer",
                         "byte", "--out", str(tmp_path / "p"), "--workers", "1")
     assert code == 2 and err.count("\n") == 1, err
     for said in ("1 row whose text is not a string", "2 rows without the text field",
@@ -123,14 +116,14 @@ def test_a_failed_prepare_is_replaced_by_the_same_command_on_fixed_inputs(tmp_pa
     src = tmp_path / "d.jsonl"
     src.write_text('{"text": "one"}\n{"text": "two"\n')  # a broken line
     argv = ("prepare", "--input", str(src), "--tokenizer", "byte", "--out", str(tmp_path / "p"))
-    code, _, err = _cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "invalid JSON" in err
     src.write_text('{"text": "one"}\n{"text": "two"}\n')  # fixed
-    code, out, err = _cli(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "replacing the unfinished prepare" in out, err
     assert json.load(open(tmp_path / "p" / "meta.json"))["documents"] == 2
     src.write_text('{"text": "three"}\n')  # a finished corpus is never replaced
-    code, _, err = _cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "holds a prepare of other inputs" in err
 
 
@@ -143,14 +136,14 @@ def test_unreadable_input_is_one_line(tmp_path, capsys, monkeypatch):
                   str(tmp_path / "p")),
                  ("tokenizer", "train", "--input", str(src), "--vocab-size", "300", "--out",
                   str(tmp_path / "t.json"))):
-        code, _, err = _cli(capsys, *argv)
+        code, _, err = run_cli(capsys, *argv)
         assert code == 2 and err == f"moe-lab: error: --input {src} is not readable (permissions)\n"
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
 
 
 def test_init_from_refuses_overrides_of_what_it_takes(tmp_path, capsys):
     for override in ("--config.model.vocab_size=1024", "--config.data.tokenizer=tok.json"):
-        code, _, err = _cli(capsys, "train", "--config", "configs/tiny.py", "--init-from",
+        code, _, err = run_cli(capsys, "train", "--config", "configs/tiny.py", "--init-from",
                             str(tmp_path / "src"), override, "--workdir", str(tmp_path / "f"))
         assert code == 2 and "takes the model and tokenizer of that run" in err, err
     assert not (tmp_path / "f").exists()

@@ -55,6 +55,16 @@ def resize_error(cfg: Config, topo: Topology) -> str:
     return ""
 
 
+def slices_error(cfg: Config, num_slices: int) -> str:
+    """'' where the mesh's DCN axis spans `num_slices` slices (mesh.dcn_data), else why not."""
+    if cfg.mesh.dcn_data == num_slices:
+        return ""
+    what = ("the mesh has no DCN axis to span slices with" if cfg.mesh.dcn_data == 1
+            else f"the mesh spans mesh.dcn_data={cfg.mesh.dcn_data} slices")
+    return (f"--num-slices {num_slices}: {what}; set --config.mesh.dcn_data={num_slices} "
+            "(data parallelism across slices)")
+
+
 def _gib(b: float) -> str:
     return f"{b / GIB:.3f} GiB" if b < 10 * GIB else f"{b / GIB:.1f} GiB"
 

@@ -20,7 +20,7 @@ import sys
 import jax
 
 from moe_lab.aot.compile import PROGRAMS, CompileResult, compile_run
-from moe_lab.aot.report import failure_line, format_report, resize_error
+from moe_lab.aot.report import failure_line, format_report, resize_error, slices_error
 from moe_lab.cli.args import config_from_args
 from moe_lab.config.schema import ConfigError
 from moe_lab.parallel.topology import compile_devices, parse_topology
@@ -44,15 +44,6 @@ def add_compile_parser(subparsers):
     return c
 
 
-def check_slices(cfg, num_slices: int) -> None:
-    """--num-slices N needs a mesh whose DCN axis spans N slices (mesh.dcn_data)."""
-    if cfg.mesh.dcn_data != num_slices:
-        what = ("the mesh has no DCN axis to span slices with" if cfg.mesh.dcn_data == 1
-                else f"the mesh spans mesh.dcn_data={cfg.mesh.dcn_data} slices")
-        raise ConfigError(f"--num-slices {num_slices}: {what}; set "
-                          f"--config.mesh.dcn_data={num_slices} (data parallelism across slices)")
-
-
 def target_devices(cfg, topology: str | None, num_slices: int, allow_resize: bool):
     """(devices, a description) for cfg: the topology's compile-only devices, checked
     against what the config states (mesh.plan_devices, plan_hardware), else this host's."""
@@ -61,7 +52,9 @@ def target_devices(cfg, topology: str | None, num_slices: int, allow_resize: boo
             raise ConfigError("--num-slices needs --topology")
         return jax.devices(), f"this host's {jax.device_count()} {jax.default_backend()} device(s)"
     topo = parse_topology(topology, num_slices)
-    check_slices(cfg, num_slices)
+    why = slices_error(cfg, num_slices)
+    if why:
+        raise ConfigError(why)
     why = resize_error(cfg, topo)
     if why and not allow_resize:
         raise ConfigError(why)

@@ -119,8 +119,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
     if not 0 <= t.decay_fraction <= 1:
         raise ConfigError(f"config key 'train.decay_fraction' must be in [0, 1], got {t.decay_fraction}")
-    if t.profile and not re.fullmatch(r"\d+:\d+", t.profile) or (
-            t.profile and not t.profile_steps[0] < t.profile_steps[1]):
+    if t.profile and not (re.fullmatch(r"\d+:\d+", t.profile)
+                          and t.profile_steps[0] < t.profile_steps[1]):
         raise ConfigError(f"config key 'train.profile'={t.profile!r} must be START:STOP with "
                           "0 <= START < STOP (steps to trace)")
     if t.keep_last < 1:

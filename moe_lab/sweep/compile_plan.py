@@ -13,7 +13,14 @@ import json
 import os
 
 from moe_lab.aot.compile import compile_run
-from moe_lab.aot.report import GIB, failure_line, hbm_bytes_per_device, plan_total, resize_error
+from moe_lab.aot.report import (
+    GIB,
+    failure_line,
+    hbm_bytes_per_device,
+    plan_total,
+    resize_error,
+    slices_error,
+)
 from moe_lab.config.schema import ConfigError
 from moe_lab.parallel.topology import compile_devices, parse_topology
 from moe_lab.sweep.points import load_sweep
@@ -45,14 +52,9 @@ def compile_sweep(config_arg: str, sweep_dir: str, topology: str, *, num_slices:
     topo = parse_topology(topology, num_slices)
     planned = {p.name: planned_config(p, base, by_name)[0] for p in points}  # all checked first
     for name, cfg in planned.items():
-        if cfg.mesh.dcn_data != num_slices:
-            raise ConfigError(f"sweep point {name}: --num-slices {num_slices} needs "
-                              f"mesh.dcn_data={num_slices} (it has {cfg.mesh.dcn_data})")
-    if not allow_resize:
-        for name, cfg in planned.items():
-            why = resize_error(cfg, topo)
-            if why:
-                raise ConfigError(f"sweep point {name}: {why}")
+        why = slices_error(cfg, num_slices) or ("" if allow_resize else resize_error(cfg, topo))
+        if why:
+            raise ConfigError(f"sweep point {name}: {why}")
     devices = compile_devices(topo)
     rows = []
     os.makedirs(sweep_dir, exist_ok=True)
