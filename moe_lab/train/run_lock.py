@@ -10,9 +10,11 @@ the holder.  A lock is stale, and taken over with a line that says so, when
     older than STALE_S: a holder on another host of a shared filesystem that died
     does not block a resume for ever.
 
-The lock is created with O_CREAT | O_EXCL (atomic on POSIX filesystems); a take-over
-replaces the stale file by rename and reads it back, so of two processes that both
-saw the same stale lock only one goes on.  Multi-host runs take one lock, from
+The lock is created with O_CREAT | O_EXCL (atomic on POSIX filesystems).  A take-over
+replaces the stale file by rename and reads it back 50 ms later: of two processes
+that saw the same stale lock, the one whose file is there goes on.  Not excluded: two
+take-overs whose renames and read-backs interleave within those 50 ms (two reruns of
+a dead run started in the same instant).  Multi-host runs take one lock, from
 process 0.
 """
 
