@@ -159,19 +159,24 @@ def _decode_lowering(cfg: Config, setup):
     train.batch_size rows and a cache of data.seq_len slots, batch-sharded."""
     graphdef, st = setup.graphdef, setup.abstract_state
     rows, slots = cfg.train.batch_size, cfg.data.seq_len
-    cache = jax.eval_shape(lambda p, s: nnx.merge(graphdef, p, s).init_cache(rows, slots),
-                           st["params"], st["model_state"])
+    def cache_of(batch):
+        return jax.eval_shape(lambda p, s: nnx.merge(graphdef, p, s).init_cache(batch, slots),
+                              st["params"], st["model_state"])
+
     batch_axes = sharding.batch_spec(cfg.mesh.rules, setup.mesh)[0]
 
-    def batch_sharded(x):  # the first dimension of `rows` rows is the batch
+    def sharded(x, other=None):
+        """x with its batch dimension (the one that differs from `other`, the same
+        cache for one more row; a [B] vector's only one) over the batch axes."""
         dims = [None] * len(x.shape)
-        if rows in x.shape:
-            dims[x.shape.index(rows)] = batch_axes
-        return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                    sharding=NamedSharding(setup.mesh, jax.sharding.PartitionSpec(*dims)))
+        batch = 0 if other is None else next(
+            i for i, (a, b) in enumerate(zip(x.shape, other.shape)) if a != b)
+        dims[batch] = batch_axes
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+            setup.mesh, jax.sharding.PartitionSpec(*dims)))
 
-    cache = jax.tree.map(batch_sharded, cache)
-    token = batch_sharded(jax.ShapeDtypeStruct((rows,), jnp.int32))
+    cache = jax.tree.map(sharded, cache_of(rows), cache_of(rows + 1))
+    token = sharded(jax.ShapeDtypeStruct((rows,), jnp.int32))
 
     def step(params, model_state, cache, token_B, pos_B, index):
         return decode_logits(nnx.merge(graphdef, params, model_state), token_B, pos_B, cache, index)
