@@ -25,17 +25,21 @@ METRICS = [("eval_loss", "eval loss (nats/token)"),
            ("reasoning_long_accuracy", "arith@5 accuracy (longer than trained)")]
 
 
-def summarise(sweep_dir: str) -> list[dict]:
+def summarise(sweep_dir: str, metrics=METRICS, by=("top_k", "num_experts")) -> list[dict]:
+    """One row per group of `by` (the seeds of a grid point): sizes, and (mean, standard
+    error over seeds) of each metric; a metric missing from a run counts as NaN."""
     df = load_results(sweep_dir)
     rows = []
-    for (k, e), d in df.groupby(["top_k", "num_experts"], sort=True):
-        row = {"top_k": int(k), "num_experts": int(e), "seeds": len(d),
-               "params_total": int(d["params_total"].iloc[0]),
-               "params_active": int(d["params_active"].iloc[0]),
-               "tpp": float(d["tpp"].iloc[0]), "sparsity": float(d["sparsity"].iloc[0])}
-        for key, _ in METRICS:
-            v = d[key].to_numpy(float)
-            row[key] = (v.mean(), v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+    for keys, d in df.groupby(list(by), sort=True):
+        row = {name: int(v) for name, v in zip(by, keys)}
+        row.update({"seeds": len(d), "params_total": int(d["params_total"].iloc[0]),
+                    "params_active": int(d["params_active"].iloc[0]),
+                    "tpp": float(d["tpp"].iloc[0]), "sparsity": float(d["sparsity"].iloc[0])})
+        for key, _ in metrics:
+            v = d[key].to_numpy(float) if key in d else np.full(len(d), np.nan)
+            v = v[~np.isnan(v)]
+            row[key] = ((v.mean(), v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+                        if len(v) else (np.nan, np.nan))
         rows.append(row)
     return rows
 
@@ -55,10 +59,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out: str) -> str:
-    import matplotlib  # noqa: PLC0415 (plotting only here)
+    import matplotlib  # plotting only here
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
     for ax, (key, name) in zip(axes, METRICS):
