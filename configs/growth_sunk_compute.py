@@ -121,7 +121,7 @@ def get_sweep(arg=None):
         stack_at = grow_steps[-2:-1]
         total_at = grow_steps[:-1]
     total = base_fps * steps + budget  # fixed-total-budget variant: base run + B
-    tags = lambda study, s=None: {"tags": {"study": study, "grown_at": s}}  # noqa: E731
+    tags = lambda study, s=None: {"tags": {"study": study, "grown_at": s}}
     points = [{"name": "base", **tags("base")}]
     for s in grow_steps:
         points.append({"name": f"g{s}", "from": {"run": "base", "step": s, "grow": grow},

@@ -18,14 +18,14 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # threads to join the rendezvous, but only 4 of them arrived") where freshly
 # compiled ones ran fine (seen on tests/test_sharding.py's expert-parallel test).
 
-import pytest  # noqa: E402
+import pytest
 
-from moe_lab.parallel.host_allocator import tune_host_allocator  # noqa: E402
+from moe_lab.parallel.host_allocator import tune_host_allocator
 
 # the suite runs with the allocator setting of the command line (no longer an import side effect)
 tune_host_allocator()
 
-from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
+from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
 
 
 def tiny_config(**sections) -> Config:
@@ -43,9 +43,9 @@ def tiny_config(**sections) -> Config:
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
-    from moe_lab.config.load import from_dict  # noqa: PLC0415
-    from moe_lab.config.validate import validate  # noqa: PLC0415
-    from moe_lab.train.state import resolve_config  # noqa: PLC0415
+    from moe_lab.config.load import from_dict
+    from moe_lab.config.validate import validate
+    from moe_lab.train.state import resolve_config
 
     return resolve_config(validate(from_dict(Config, base)))
 
@@ -57,7 +57,7 @@ def tiny():
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """`moe-lab ARGV` in this process: (exit code, stdout, stderr)."""
-    from moe_lab.cli.main import main  # noqa: PLC0415
+    from moe_lab.cli.main import main
 
     code = main(list(argv))
     out = capsys.readouterr()
@@ -89,7 +89,7 @@ def pytest_xdist_make_scheduler(config, log):
     (xdist orders units by size), so the long fixtures do not end the run on one
     worker.  Why not `--dist loadgroup`: with pytest 9 its node-id suffix is ignored
     and the groups are silently split."""
-    from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415
+    from xdist.scheduler import LoadScopeScheduling
 
     shared = _modules_with_shared_fixtures()
 

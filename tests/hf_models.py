@@ -40,7 +40,7 @@ CLASSES = {
 def write_tokenizer(path: str) -> str:
     """A byte-level BPE of VOCAB ids trained on TEXT by moe-lab's own trainer (the 16
     specials at ids 0..15)."""
-    from moe_lab.data.tokenizer_train import train_bpe  # noqa: PLC0415
+    from moe_lab.data.tokenizer_train import train_bpe
 
     text = path + ".train.jsonl"
     with open(text, "w") as f:
@@ -52,8 +52,8 @@ def write_tokenizer(path: str) -> str:
 
 def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
     """Writes a random `arch` model (and the tokenizer) into out_dir; returns the model."""
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
 
     kind = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral",
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -75,7 +75,7 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
 
 
 def hf_logits(model, tokens_BT: np.ndarray) -> np.ndarray:
-    import torch  # noqa: PLC0415
+    import torch
 
     with torch.no_grad():
         return model(torch.as_tensor(tokens_BT, dtype=torch.long)).logits.float().numpy()

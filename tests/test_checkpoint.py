@@ -277,8 +277,8 @@ def test_lazy_leaves_are_written_one_at_a_time_and_restore_like_any_other(tmp_pa
     comes, after the one before it was dropped; the checkpoint restores sharded, raw,
     and leaf by leaf (export's read) to the same bits as the arrays it was made of, a
     compressed leaf too."""
-    import time  # noqa: PLC0415
-    import weakref  # noqa: PLC0415
+    import time
+    import weakref
 
     mesh = _mesh()
     state = _state(mesh)

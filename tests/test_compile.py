@@ -77,8 +77,8 @@ def test_topology_names_both_forms_and_tensorcore_naming():
     assert default_shape(128, 2) == (8, 16)
     assert parse_topology("v5e:2x2", num_slices=2).devices == 8
     # MFU's peak and the plan's HBM come from the same table, by jax's device kinds
-    from moe_lab.accounting.hardware import tpu_peak_bf16  # noqa: PLC0415
-    from moe_lab.accounting.plan import device_memory_gib  # noqa: PLC0415
+    from moe_lab.accounting.hardware import tpu_peak_bf16
+    from moe_lab.accounting.plan import device_memory_gib
     assert tpu_peak_bf16("TPU v5") == 459e12 and tpu_peak_bf16("TPU v6 lite") == 918e12
     assert tpu_peak_bf16("TPU7x") == 2307e12 / 2 and device_memory_gib("tpu-v5p") == 95
     for bad, match in (("v9:2x2", "unknown TPU topology"), ("v5p:2x2", "3-D torus"),

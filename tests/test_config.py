@@ -115,7 +115,7 @@ def test_cli_errors_exit_nonzero_with_one_line(args, needle, tmp_path):
 
 
 def test_vocab_smaller_than_the_tokenizer_is_an_error():
-    from moe_lab.train.state import resolve_config  # noqa: PLC0415
+    from moe_lab.train.state import resolve_config
 
     with pytest.raises(ConfigError, match="model.vocab_size=5 is smaller than the tokenizer"):
         resolve_config(_load(**{"model.vocab_size": 5}))
@@ -123,7 +123,7 @@ def test_vocab_smaller_than_the_tokenizer_is_an_error():
 
 
 def test_truncated_config_json_is_a_one_line_error(tmp_path):
-    from moe_lab.config.load import config_from_json  # noqa: PLC0415
+    from moe_lab.config.load import config_from_json
 
     path = tmp_path / "config.json"
     path.write_text('{"model": {"d_model": 6')
@@ -137,7 +137,7 @@ def test_truncated_config_json_is_a_one_line_error(tmp_path):
     ("import no_such_module_here\n", "bad.py:1: ModuleNotFoundError"),
 ])
 def test_broken_config_file_is_one_line_naming_file_and_line(source, needle, tmp_path):
-    from moe_lab.config.load import load_raw  # noqa: PLC0415
+    from moe_lab.config.load import load_raw
 
     path = tmp_path / "bad.py"
     path.write_text(source)
@@ -149,12 +149,12 @@ def test_broken_config_file_is_one_line_naming_file_and_line(source, needle, tmp
 def test_the_study_configs_load_and_validate():
     """configs/arith_strategies.py (issue 21 d, e) and its GRPO preset: a base that
     answers directly in 60% of its training rows, and the RL settings for it."""
-    from moe_lab.data.tasks.registry import make_task  # noqa: PLC0415
+    from moe_lab.data.tasks.registry import make_task
 
     cfg = load_config("configs/arith_strategies.py")
     assert (cfg.data.arith_direct, cfg.data.arith_modulus, cfg.train.lr) == (0.6, 7, 1e-3)
     assert make_task("arith", cfg.data).direct == 0.6
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     spec = importlib.util.spec_from_file_location("grpo_cfg", "configs/grpo.py")
     grpo = importlib.util.module_from_spec(spec)

@@ -199,7 +199,7 @@ def test_plan_line_says_which_expert_parallelism_runs():
     assert "tokens not split over expert" in ep.plan_line(cfg, mesh)
     assert "tokens not split" in ep.why_not_all_to_all(cfg.model.moe, rules, mesh, 2048)
     # asked for explicitly, the all-to-all must apply to the training batch: an error
-    from moe_lab.train.loop import _check_expert_parallel  # noqa: PLC0415
+    from moe_lab.train.loop import _check_expert_parallel
 
     _check_expert_parallel(cfg, mesh)  # auto: falls back, says so above
     explicit = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(

@@ -59,7 +59,7 @@ def moe_lab_logits(run: str, tokens=TOKENS) -> np.ndarray:
 
 
 def load_hf(path):
-    import torch  # noqa: PLC0415
+    import torch
 
     return _transformers().AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
@@ -145,7 +145,7 @@ def test_a_native_byte_run_exports_to_transformers(model, arch, tmp_path):
 def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
     """Above the shard size: model-0000k-of-0000N.safetensors + the index, which
     transformers loads and `import` reads (the Hub's layout of large checkpoints)."""
-    from moe_lab.interop.hf_export import export_hf  # noqa: PLC0415
+    from moe_lab.interop.hf_export import export_hf
 
     run = _native_run(tmp_path)
     back, again = str(tmp_path / "back"), str(tmp_path / "again")
@@ -227,8 +227,8 @@ def test_sentencepiece_runs_export_with_sentencepieces_ids(model_type, options, 
 
 
 def test_pretrained_vocabularies_keep_their_own_bos_eos(tmp_path):
-    import tokenizers  # noqa: PLC0415
-    from tokenizers import models, pre_tokenizers  # noqa: PLC0415
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
 
     tok = tokenizers.Tokenizer(models.WordLevel({"a": 0, "<|begin_of_text|>": 1,
                                                  "<|end_of_text|>": 2, "[UNK]": 3},
@@ -315,9 +315,9 @@ def test_tokenizer_fixture_has_the_specials(tmp_path):
 def test_a_bf16_checkpoint_round_trips_bit_for_bit(hf_dirs, tmp_path):
     """A bf16 checkpoint (as on the Hub) imports as param_dtype bfloat16 and exports to
     the same bits, tensor for tensor: no float32 detour rounds anything."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from moe_lab.interop.safetensors_io import TensorReader  # noqa: PLC0415
+    from moe_lab.interop.safetensors_io import TensorReader
 
     src, model = hf_dirs["MixtralForCausalLM"]
     bf16 = tmp_path / "bf16"
@@ -329,7 +329,7 @@ def test_a_bf16_checkpoint_round_trips_bit_for_bit(hf_dirs, tmp_path):
     assert cli("import", "--hf", bf16, "--to", run) == 0
     assert config_from_json(config_path(str(run))).model.param_dtype == "bfloat16"
     assert cli("export", "--workdir", run, "--to", back) == 0
-    from safetensors import safe_open  # noqa: PLC0415  (the reference reader)
+    from safetensors import safe_open  # the reference reader
 
     a, b = TensorReader([str(bf16 / "model.safetensors")]), TensorReader([str(back / "model.safetensors")])
     assert a.names() == b.names()

@@ -34,16 +34,16 @@ def imported(tmp_path_factory):
 
 
 def _requests(kind, args):
-    from lm_eval.api.instance import Instance  # noqa: PLC0415
+    from lm_eval.api.instance import Instance
 
     return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
 def test_loglikelihoods_and_greedy_text_match_the_harness_hf_backend(imported):
     _lm_eval()
-    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
+    from lm_eval.models.huggingface import HFLM
 
-    from moe_lab.eval.lm_eval_model import MoeLabLM  # noqa: PLC0415
+    from moe_lab.eval.lm_eval_model import MoeLabLM
 
     hf_dir, run = imported
     ours = MoeLabLM(run, batch_size=4, max_length=MAX_LEN)

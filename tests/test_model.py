@@ -76,7 +76,7 @@ def test_attention_matches_per_head_reference():
     attn = nnx.merge(*nnx.split(model.blocks.layers))  # stacked; take layer 0 by hand
     p = nnx.state(attn).to_pure_dict()["attn"]
     x = jax.random.normal(jax.random.key(3), (2, 12, cfg.model.d_model))
-    from moe_lab.layers.attention import Attention  # noqa: PLC0415
+    from moe_lab.layers.attention import Attention
 
     layer = Attention(cfg.model, rngs=nnx.Rngs(0))
     for name in ("q_DHK", "k_DGK", "v_DGK", "o_HKD"):
@@ -127,8 +127,8 @@ def test_expert_choice_active_params_count_capacity_factor_times_k_experts():
 def test_router_learns_from_the_loss_at_top1():
     """k = 1 with renormalize: the gate stays p (Switch), not p / p = 1, so the
     router's gradient from the LM loss alone (aux weights 0) is not zero."""
-    from moe_lab.config.schema import ModelConfig, MoEConfig  # noqa: PLC0415
-    from moe_lab.layers.moe import MoE  # noqa: PLC0415
+    from moe_lab.config.schema import ModelConfig, MoEConfig
+    from moe_lab.layers.moe import MoE
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
     w = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
@@ -230,7 +230,7 @@ def test_attention_implementations_match_xla(impl, extra):
     choice, which is its XLA attention here) against moe_lab's einsum attention:
     logits and gradients on packed rows with padding (GQA: 4 heads, 2 kv heads), a
     recursive stack's gathered tokens, and greedy KV-cache decoding."""
-    from moe_lab.eval.generate import generate  # noqa: PLC0415
+    from moe_lab.eval.generate import generate
 
     cfg, model = _model(**extra)
     gd, params, rest = split_model(model)
@@ -257,7 +257,7 @@ def test_attention_implementations_match_xla(impl, extra):
 
 
 def test_cudnn_attention_is_refused_off_gpu_and_auto_picks_what_runs():
-    from moe_lab.layers.attention_kernels import resolve_attention_impl  # noqa: PLC0415
+    from moe_lab.layers.attention_kernels import resolve_attention_impl
 
     with pytest.raises(Exception, match="attention_impl='cudnn' needs an NVIDIA GPU") as e:
         _model(attention_impl="cudnn")
@@ -321,9 +321,9 @@ def test_splash_attention_matches_xla_on_packed_rows():
     """The TPU splash kernel (layers/splash.py; Pallas' interpreter on CPU) against the
     einsum reference on packed rows with padding: outputs (real tokens) and gradients,
     on one device and under shard_map over 2."""
-    from moe_lab.config.schema import DEFAULT_RULES, MeshConfig, ModelConfig  # noqa: PLC0415
-    from moe_lab.layers.attention import Attention  # noqa: PLC0415
-    from moe_lab.parallel import sharding  # noqa: PLC0415
+    from moe_lab.config.schema import DEFAULT_RULES, MeshConfig, ModelConfig
+    from moe_lab.layers.attention import Attention
+    from moe_lab.parallel import sharding
 
     m = ModelConfig(d_model=16, num_heads=4, num_kv_heads=2, max_seq_len=128,
                     attention_impl="splash")

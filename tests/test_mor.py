@@ -63,7 +63,7 @@ def _assert_close_trees(a, b, atol):
 
 
 def test_layer_sequences():
-    s = lambda *ix: [("shared", i) for i in ix]  # noqa: E731
+    s = lambda *ix: [("shared", i) for i in ix]
     assert layer_sequence(6, 3, "cycle") == s(0, 1, 0, 1, 0, 1)
     assert layer_sequence(6, 3, "sequence") == s(0, 0, 0, 1, 1, 1)
     assert layer_sequence(8, 3, "middle_cycle") == [("first", 0), *s(0, 1, 0, 1, 0, 1), ("last", 0)]
@@ -155,7 +155,7 @@ def test_recursion_updates_follow_the_paper_equations(routing, monkeypatch):
         z_r = w_r . h and updates h + g f(h), g = alpha sigmoid(z_r) (interpolate:
         h + g (f(h) - h)); the aux BCE is the per-step mean over the candidates
         summed over all N_r steps, the capacity-1 step (targets 1) included."""
-    from moe_lab.models.recursive import RecursiveStack  # noqa: PLC0415
+    from moe_lab.models.recursive import RecursiveStack
 
     monkeypatch.setattr(RecursiveStack, "_layers", _affine_block)
     tokens, pos, seg = _batch(packed=False)
@@ -302,7 +302,7 @@ def test_depthwise_batching_decodes_the_reference_tokens():
     """Continuous depth-wise batching (a FIFO of tokens at any depth, 2 per shared-block
     call for 3 sequences; a pool of 2 layers with MoE feed-forwards) == the no-cache
     reference decode; tokens really exit early; other MoR variants are refused."""
-    from moe_lab.eval.depthwise import generate_depthwise  # noqa: PLC0415
+    from moe_lab.eval.depthwise import generate_depthwise
 
     cfg = _mor(num_layers=8, init_std=0.2, model_extra=MOE_FFN, routing="expert_choice")
     gd, params, rest = split_model(build_model(cfg))
@@ -314,15 +314,15 @@ def test_depthwise_batching_decodes_the_reference_tokens():
     with pytest.raises(ConfigError, match="needs expert-choice recursion routing"):
         tc = _mor(routing="token_choice")
         generate_depthwise(*split_model(build_model(tc)), PROMPTS, 2)
-    from moe_lab.eval.depthwise import depthwise_error  # noqa: PLC0415
+    from moe_lab.eval.depthwise import depthwise_error
 
     assert "first capacity at 1" in depthwise_error(_mor(capacities="0.5,0.25,0.1").model)
 
 
 def test_mor_tiny_trains_and_logs_depth_histogram():
-    from moe_lab.parallel import sharding  # noqa: PLC0415
-    from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
-    from moe_lab.train.step import make_train_step  # noqa: PLC0415
+    from moe_lab.parallel import sharding
+    from moe_lab.train.state import make_setup, resolve_config
+    from moe_lab.train.step import make_train_step
 
     cfg = load_config("configs/mor_tiny.py", {
         "model.d_model": 32, "model.mlp_hidden": 64, "model.num_heads": 4, "data.seq_len": 16,
@@ -354,9 +354,9 @@ def test_train_step_updates_every_sigmoid_router_bias(stack):
     selection bias moves by rate * sign(mean load - load).  In a recursive stack the
     biases live under model_state["recursive"] and a pool layer's load is the mean
     over its applications (this update used to be skipped there)."""
-    from moe_lab.parallel import sharding  # noqa: PLC0415
-    from moe_lab.train.state import make_setup, resolve_config  # noqa: PLC0415
-    from moe_lab.train.step import make_train_step  # noqa: PLC0415
+    from moe_lab.parallel import sharding
+    from moe_lab.train.state import make_setup, resolve_config
+    from moe_lab.train.step import make_train_step
 
     moe = dict(num_experts=4, top_k=2, expert_hidden=16, router="sigmoid", dispatch="dropless",
                bias_update_rate=0.01)
@@ -385,7 +385,7 @@ def test_train_step_updates_every_sigmoid_router_bias(stack):
 def test_pool_bias_update_weighs_applications_by_their_tokens():
     """A pool layer's load sums its applications' assignments: a step that ran 2
     tokens must not outvote one that ran 1000 (as a mean of fractions would)."""
-    from moe_lab.train.step import moe_metrics, update_router_biases  # noqa: PLC0415
+    from moe_lab.train.step import moe_metrics, update_router_biases
 
     frac = jnp.asarray([[0.3, 0.3, 0.2, 0.2], [0.0, 0.0, 0.5, 0.5]])
     aux = {"shared": {"tokens_per_expert_E": frac, "num_tokens": jnp.asarray([1000.0, 2.0])}}
@@ -403,7 +403,7 @@ def test_pool_bias_update_weighs_applications_by_their_tokens():
 
 
 def test_token_choice_loss_free_bias_and_warmup_state():
-    from moe_lab.train.step import update_mor_state  # noqa: PLC0415
+    from moe_lab.train.step import update_mor_state
 
     cfg = _mor(routing="token_choice", balance="loss_free", warmup_steps=2)
     gd, params, rest = split_model(build_model(cfg))
@@ -445,10 +445,10 @@ def test_config_errors(overrides, match):
 
 def test_stored_runs_keep_the_update_they_trained_with(tmp_path):
     """A run dir written when 'paper' named h + g (f(h) - h) loads as 'interpolate'."""
-    import json  # noqa: PLC0415
+    import json
 
-    from moe_lab.cli.args import config_from_args  # noqa: PLC0415
-    from moe_lab.config.load import config_from_json  # noqa: PLC0415
+    from moe_lab.cli.args import config_from_args
+    from moe_lab.config.load import config_from_json
 
     raw = load_config("configs/mor_tiny.py").to_dict()
     for old, new in (("paper", "interpolate"), ("released", "add")):
@@ -460,7 +460,7 @@ def test_stored_runs_keep_the_update_they_trained_with(tmp_path):
 
 
 def test_flops_count_routed_recursions():
-    from moe_lab.accounting import flops  # noqa: PLC0415
+    from moe_lab.accounting import flops
 
     cfg = _mor(num_layers=5)
     fixed = dataclasses.replace(cfg.model, mor=dataclasses.replace(cfg.model.mor, routing="none"))
@@ -493,9 +493,9 @@ def test_iso_flop_steps_reproduce_the_released_configs():
 def test_capacity_warmup_runs_full_depth_first_then_routed(tmp_path):
     """Expert-choice capacity warm-up: steps 1-2 at full depth (all capacities 1, counted
     with full-depth FLOPs), then the configured capacities, in one `train` run."""
-    import json  # noqa: PLC0415
+    import json
 
-    from moe_lab.train.loop import train  # noqa: PLC0415
+    from moe_lab.train.loop import train
 
     cfg = tiny_config(model=dict(stack="recursive", num_layers=5, mor=dict(capacity_warmup_steps=2)),
                       data=dict(seq_len=16),

@@ -63,8 +63,8 @@ def test_two_processes_match_one_stop_together_and_reshard(tmp_path):
     notices reach hosts at different moments: they agree at the next log step, where
     a host leaving alone would hang the others in the collective save); that
     checkpoint resumes on 1 process, 1 device (resharded) and the losses continue."""
-    import signal  # noqa: PLC0415
-    import time  # noqa: PLC0415
+    import signal
+    import time
 
     two = tmp_path / "two"
     procs = _two_processes(two, 2000, ["--config.mesh.fsdp=2"])

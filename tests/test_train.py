@@ -58,7 +58,7 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path):
 def test_row_of_a_checkpointed_step_survives_a_kill_right_after_its_save(tmp_path, monkeypatch):
     """The metrics row of step s is written before checkpoint s: a resume from s
     re-logs only s+1.., so a kill between the two must not lose row s."""
-    from moe_lab.train import checkpoint as ck  # noqa: PLC0415
+    from moe_lab.train import checkpoint as ck
 
     save = ck.Checkpointer.save
 
@@ -92,7 +92,7 @@ def test_resume_with_other_data_or_batches_is_refused(tmp_path):
 
 
 def test_config_that_cannot_build_leaves_no_workdir(tmp_path, monkeypatch):
-    from moe_lab.train import loop  # noqa: PLC0415
+    from moe_lab.train import loop
 
     def broken(cfg, mesh, tok=None):
         raise ConfigError("cannot build")

@@ -86,7 +86,7 @@ def _problem(seed: int, n: int, d: int, f: int, e: int, k: int):
 
 def _value_and_grads(fn, x_ND, gate, weights, ct_ND, dtype):
     def loss(x_ND, gate, weights):
-        cast = lambda a: a.astype(dtype)  # noqa: E731
+        cast = lambda a: a.astype(dtype)
         y_ND = fn(cast(x_ND), cast(gate), tuple(cast(w) for w in weights))
         return jnp.sum(y_ND.astype(jnp.float32) * ct_ND), y_ND.astype(jnp.float32)
 

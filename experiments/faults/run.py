@@ -132,14 +132,14 @@ def main() -> int:
 
     # import: a tiny Mixtral
     make_hf_model("MixtralForCausalLM", f"{w}/hf")
-    imp = lambda o: MOE_LAB + ["import", "--hf", f"{w}/hf", "--to", f"{w}/{o}"]  # noqa: E731
+    imp = lambda o: MOE_LAB + ["import", "--hf", f"{w}/hf", "--to", f"{w}/{o}"]
     out["import"] = case(
         "import", imp("i_clean"), imp("i"),
         lambda: same_tree(exported(f"{w}/i_clean", f"{w}/ei_clean"), exported(f"{w}/i", f"{w}/ei")),
         args.kills, rng, lambda: shutil.rmtree(f"{w}/i", ignore_errors=True))
 
     # grow: the imported model, 2x deeper and 2x wider
-    grow = lambda o: MOE_LAB + ["grow", "--from", f"{w}/i_clean", "--to", f"{w}/{o}",  # noqa: E731
+    grow = lambda o: MOE_LAB + ["grow", "--from", f"{w}/i_clean", "--to", f"{w}/{o}",
                                 "--depth", "interpose", "--width-factor", "2", "--noise", "0.01"]
     out["grow"] = case(
         "grow", grow("g_clean"), grow("g"),
@@ -147,13 +147,13 @@ def main() -> int:
         args.kills, rng, lambda: shutil.rmtree(f"{w}/g", ignore_errors=True))
 
     # export
-    exp = lambda o: MOE_LAB + ["export", "--workdir", f"{w}/g_clean", "--to", f"{w}/{o}"]  # noqa: E731
+    exp = lambda o: MOE_LAB + ["export", "--workdir", f"{w}/g_clean", "--to", f"{w}/{o}"]
     out["export"] = case("export", exp("x_clean"), exp("x"),
                          lambda: same_tree(f"{w}/x_clean", f"{w}/x"), args.kills, rng,
                          lambda: shutil.rmtree(f"{w}/x", ignore_errors=True))
 
     # sweep: configs/sparsity_sweep.py:micro at 40 steps
-    sw = lambda o: MOE_LAB + ["sweep", "--config", "configs/sparsity_sweep.py:micro",  # noqa: E731
+    sw = lambda o: MOE_LAB + ["sweep", "--config", "configs/sparsity_sweep.py:micro",
                               "--workdir", f"{w}/{o}", "--config.train.steps=40",
                               "--config.train.checkpoint_every=10", "--config.train.eval_every=40"]
 

@@ -75,10 +75,10 @@ def main(argv=None) -> None:
     wsteps = sorted(set.intersection(*(set(w) for w in windows)))
     rew = {s: mean_se([w[s] for w in windows]) for s in wsteps}
 
-    import matplotlib  # noqa: PLC0415 (the figure only)
+    import matplotlib  # the figure only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     ax[0].plot(ks, [ttc["coverage"][str(k)] for k in ks], "o-", label="coverage@k")

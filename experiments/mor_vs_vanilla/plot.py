@@ -60,10 +60,10 @@ def markdown(rows) -> str:
 
 
 def plot(rows, out: str) -> str:
-    import matplotlib  # noqa: PLC0415 (plotting only here)
+    import matplotlib  # plotting only here
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
     for ax, (key, name) in zip(axes, METRICS):

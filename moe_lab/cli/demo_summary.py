@@ -27,10 +27,10 @@ def summarize(workdir: str) -> str:
         lines.append(f"  eval @ {last['step']}: " + json.dumps(
             {k[5:]: round(v, 3) for k, v in last.items() if k.startswith("eval/")}))
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         steps = [r["step"] for r in train_rows]

@@ -148,7 +148,7 @@ def _cmd_lm_eval(args, overrides: dict) -> int:
     if args.batch_size <= 0:
         raise ConfigError(f"eval: --batch-size must be > 0, got {args.batch_size}")
     try:
-        from moe_lab.eval.lm_eval_model import run_lm_eval  # noqa: PLC0415  (optional extra)
+        from moe_lab.eval.lm_eval_model import run_lm_eval  # optional extra
     except ImportError as e:
         raise ConfigError(f"eval --lm-eval needs lm-evaluation-harness: pip install "
                           f"'moe_lab[eval]' ({e})") from None

@@ -11,8 +11,8 @@ from moe_lab.config.load import parse_override_args
 from moe_lab.config.schema import ConfigError
 from moe_lab.parallel.host_allocator import tune_host_allocator
 from moe_lab.sweep.compile_plan import compile_sweep
-from moe_lab.sweep.points import SPECIAL, Point, load_sweep, make_points, parse_shard, run_name, shard_points  # noqa: E402, F401, I001  (grid expansion)
-from moe_lab.sweep.results import RESULTS, format_results, load_results  # noqa: E402  (the results store; load_results for notebooks)
+from moe_lab.sweep.points import parse_shard
+from moe_lab.sweep.results import RESULTS, format_results, load_results
 from moe_lab.sweep.runner import FAILED_MARK, run_sweep
 
 # ------------------------------------------------------------------------ CLI

@@ -12,7 +12,7 @@ import sys
 
 
 def parse_absl_flags_once() -> None:
-    from absl import flags  # noqa: PLC0415 (a dependency of grain and tokamax)
+    from absl import flags  # a dependency of grain and tokamax
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(sys.argv[:1])

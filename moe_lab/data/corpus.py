@@ -163,7 +163,7 @@ def verify_corpus(path: str, *, progress: bool = True) -> dict:
     or bucket, say): Riegeli's chunk hashes catch bytes changed in place, and the
     documents and tokens read must be meta.json's.  Returns the counts read; raises
     ConfigError naming the first shard that fails."""
-    from tqdm import tqdm  # noqa: PLC0415 (the command's progress bar only)
+    from tqdm import tqdm  # the command's progress bar only
 
     c = open_corpus(path, None)
     width = np.dtype(c.meta["token_dtype"]).itemsize

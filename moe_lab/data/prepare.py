@@ -76,7 +76,7 @@ def _write_json(path: str, obj) -> None:
 def prepare_unit(args: tuple) -> dict:
     """Tokenizes one unit into its train and held-out shards (runs in a worker)."""
     out, index, unit, field, tok_spec, heldout = args
-    from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+    from array_record.python.array_record_module import ArrayRecordWriter
 
     done = _unit_done(out, index)
     if done is not None:  # written meanwhile (a rerun racing a dying worker): keep it

@@ -73,7 +73,7 @@ def check_field(path: str, fmt: str, field: str) -> None:
     """A Parquet file without the field is refused before any work starts."""
     if fmt != "parquet":
         return
-    import pyarrow.parquet as pq  # noqa: PLC0415  (optional: Parquet inputs only)
+    import pyarrow.parquet as pq  # optional: Parquet inputs only
 
     try:
         names = pq.ParquetFile(path).schema_arrow.names
@@ -90,7 +90,7 @@ def plan_units(files: list[str], fmt: str | None, field: str) -> list[Unit]:
         f = file_format(path, fmt)
         check_field(path, f, field)
         if f == "parquet":
-            import pyarrow.parquet as pq  # noqa: PLC0415
+            import pyarrow.parquet as pq
 
             groups = pq.ParquetFile(path).metadata.num_row_groups
             units += [Unit(path, f, g, g + 1) for g in range(groups)]
@@ -193,7 +193,7 @@ def _jsonl_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
 
 
 def _parquet_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(unit.path)
     for batch in pf.iter_batches(batch_size=1024, row_groups=list(range(unit.start, unit.end)),

@@ -286,7 +286,7 @@ class HFTokenizer(Tokenizer):
     kind = "hf"
 
     def __init__(self, path: str):
-        import tokenizers  # noqa: PLC0415  (optional: only a run with a tokenizer.json needs it)
+        import tokenizers  # optional: only a run with a tokenizer.json needs it
 
         with open(path, "rb") as f:
             payload = f.read()
@@ -321,7 +321,7 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, path: str):
-        import sentencepiece  # noqa: PLC0415  (optional: only a run with a .model needs it)
+        import sentencepiece  # optional: only a run with a .model needs it
 
         with open(path, "rb") as f:
             payload = f.read()

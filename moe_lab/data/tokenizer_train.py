@@ -20,8 +20,8 @@ MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and the byte alphabet
 def train_bpe(inputs: str, vocab_size: int, out: str, *, fmt: str | None = None,
               field: str = "text", log=print) -> str:
     """Trains the tokenizer on every document of `inputs`; writes `out` (a new file)."""
-    import tokenizers  # noqa: PLC0415  (optional dependency of this command)
-    from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+    import tokenizers  # optional dependency of this command
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"--vocab-size must be >= {MIN_VOCAB} (16 specials + 256 bytes), "

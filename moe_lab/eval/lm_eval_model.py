@@ -41,7 +41,7 @@ def tasks_dir() -> str:
     source = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_eval")
     if os.path.isfile(os.path.join(source, "gsm8k_local.yaml")):
         return os.path.abspath(source)
-    import importlib.util  # noqa: PLC0415  (an installed wheel only)
+    import importlib.util  # an installed wheel only
 
     spec = importlib.util.find_spec("moe_lab.lm_eval_tasks")
     if spec is None or not spec.submodule_search_locations:
@@ -108,7 +108,7 @@ class MoeLabLM(TemplateLM):
         return self._score([(ctx, cont) for _, ctx, cont in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from lm_eval import utils  # noqa: PLC0415  (lm_eval's window helpers)
+        from lm_eval import utils  # lm_eval's window helpers
 
         windows, owner = [], []
         for k, req in enumerate(requests):
@@ -152,7 +152,7 @@ class MoeLabLM(TemplateLM):
 
 
 def task_manager(paths: list[str]):
-    from lm_eval.tasks import TaskManager  # noqa: PLC0415
+    from lm_eval.tasks import TaskManager
 
     for p in paths:
         if not os.path.isdir(p):
@@ -170,7 +170,7 @@ def run_lm_eval(workdir: str, tasks: list[str], *, step: int | None = None,
     include_path); writes DIR/eval/<step>-lm_eval.json."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval import evaluator, utils  # noqa: PLC0415  (the [eval] extra)
+    from lm_eval import evaluator, utils  # the [eval] extra
 
     with tempfile.TemporaryDirectory() as tmp:
         shipped = local_task_copies(data or {}, tmp)

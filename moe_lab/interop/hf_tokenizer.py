@@ -32,8 +32,8 @@ from moe_lab.data.tokenizer import BYTE, NUM_SPECIAL, SPECIAL_TOKENS, Tokenizer
 
 
 def _byte_level_tokenizer():
-    import tokenizers  # noqa: PLC0415
-    from tokenizers import decoders, models, pre_tokenizers  # noqa: PLC0415
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
 
     alphabet = _bytes_to_unicode()
     vocab = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
@@ -66,9 +66,9 @@ _UNIGRAM, _BPE = 1, 2
 def _sentencepiece_as_hf(path: str):
     """A `tokenizers.Tokenizer` encoding text as the SentencePiece model at `path` does
     (module doc); what it cannot mirror is refused, naming the proto field."""
-    import tokenizers  # noqa: PLC0415
-    from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415
-    from tokenizers import Regex, decoders, models, normalizers  # noqa: PLC0415
+    import tokenizers
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, decoders, models, normalizers
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(path, "rb") as f:
@@ -119,7 +119,7 @@ def _sentencepiece_as_hf(path: str):
 
 def hf_tokenizer_of(tok: Tokenizer):
     """A `tokenizers.Tokenizer` giving `tok`'s ids (specials registered as special)."""
-    import tokenizers  # noqa: PLC0415
+    import tokenizers
 
     if tok.kind == BYTE:
         hf = _byte_level_tokenizer()

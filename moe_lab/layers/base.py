@@ -60,6 +60,6 @@ def import_tokamax():
     """tokamax, imported on first use (layers/attention_kernels.py, moe_kernels), with
     the absl flags it reads parsed (config/absl_flags.py)."""
     parse_absl_flags_once()
-    import tokamax  # noqa: PLC0415
+    import tokamax
 
     return tokamax

@@ -438,7 +438,7 @@ class RecursiveStack(nnx.Module):
         order = jnp.argsort(jnp.logical_not(sel_B), stable=True)
         which = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(sel_B), side="left")
         kb = cache_n["k_BSGK"]
-        kv_shape = (kb.shape[0], B, 1) + kb.shape[-2:]  # noqa: RUF005
+        kv_shape = (kb.shape[0], B, 1) + kb.shape[-2:]
 
         def branch(s):
             def run(h):

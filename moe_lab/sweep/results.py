@@ -136,7 +136,7 @@ def record_failure(sweep_dir: str, point: Point, error: str, log_path: str | Non
 def load_results(path: str):
     """results.jsonl (or a sweep dir holding one) -> pandas DataFrame, one row
     per run (the last row of a run wins), in sweep order."""
-    import pandas as pd  # noqa: PLC0415
+    import pandas as pd
 
     if os.path.isdir(path):
         path = os.path.join(path, RESULTS)

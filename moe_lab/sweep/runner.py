@@ -66,8 +66,8 @@ from moe_lab.eval.evaluate import eval_path, evaluate
 from moe_lab.eval.harness import run_harness
 from moe_lab.growth import transforms as growth
 from moe_lab.growth.grow import grow_run
-from moe_lab.sweep.points import SPECIAL, Point, load_sweep, make_points, parse_shard, run_name, shard_points  # noqa: E402, F401, I001  (grid expansion)
-from moe_lab.sweep.results import RESULTS, _read_json, _stage_path, record_failure, record_result, results_row  # noqa: E402  (the results store; load_results for notebooks)
+from moe_lab.sweep.points import Point, load_sweep, shard_points
+from moe_lab.sweep.results import RESULTS, _read_json, _stage_path, record_failure, record_result, results_row
 from moe_lab.train.loop import train
 from moe_lab.train.run_dir import config_path, lineage_path, write_json_atomic
 from moe_lab.train.state import resolve_config
@@ -378,7 +378,7 @@ def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, i
         if is_finished(run_dir, p):
             try:
                 record_result(sweep_dir, results_row(p, run_dir))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log(f"{head}: finished, but its results row failed: {type(e).__name__}: {e}")
             status["done"].append(p.name)
             log(f"{head}: finished earlier, skipped")
@@ -399,7 +399,7 @@ def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, i
                 error = None
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except Exception as e:  # noqa: BLE001 (recorded; the sweep goes on)
+            except Exception as e:  # recorded; the sweep goes on
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 error = f"{type(e).__name__}: {first}"
                 if not isinstance(e, ConfigError):  # unexpected: its traceback, in the log
@@ -411,7 +411,7 @@ def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, i
         if error is None and is_finished(run_dir, p):
             try:
                 record_result(sweep_dir, results_row(p, run_dir))
-            except Exception as e:  # noqa: BLE001 (e.g. a config.json this process can't read)
+            except Exception as e:  # e.g. a config.json this process can't read
                 error = f"results row: {type(e).__name__}: {e}"
         if error is None and is_finished(run_dir, p):
             status["ran"].append(p.name)

@@ -34,7 +34,7 @@ class MetricsWriter:
             truncate_after(self.path, 0)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter  # noqa: PLC0415
+                from tensorboardX import SummaryWriter
 
                 self.tb = SummaryWriter(os.path.join(workdir, TENSORBOARD), flush_secs=10)
             except ImportError:  # optional: metrics.jsonl is the record
