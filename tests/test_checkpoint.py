@@ -3,9 +3,6 @@ and crash safety (a save killed mid-write is never listed)."""
 
 import os
 import shutil
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
 import signal
 import subprocess
 import sys

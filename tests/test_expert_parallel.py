@@ -6,9 +6,7 @@ drops it equals the unsharded capacity layer applied to each token shard alone
 (capacity is per device, as in GShard), outputs and gradients.
 """
 
-import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import dataclasses
 import functools

@@ -3,8 +3,11 @@
 Rooms, lowest first; a module may import its own room and rooms of a lower rank only
 (two rooms of the same rank are independent of each other):
 
-    config < (parallel, data) < layers < models < accounting < train < (growth, interop) < eval
+    config < parallel < layers < models < accounting < data < train < (growth, interop) < eval
            < (rl, aot) < sweep < bench < cli
+
+data ranks just below train: the model (layers, models) never sees where tokens come
+from, so a new data source cannot change what a layer computes.
 
 aot (ahead-of-time compilation for a pod) compiles train's steps and eval's decode step,
 and `sweep --compile` compiles every point of a sweep with it.
@@ -20,11 +23,12 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "moe_lab"
-RANKS = {"config": 0, "parallel": 1, "data": 1, "layers": 2, "models": 3, "accounting": 4,
-         "train": 5, "growth": 6, "interop": 6, "eval": 7, "rl": 8, "aot": 8, "sweep": 9,
-         "bench": 10, "cli": 11, "__main__": 12, "__init__": 12}
+RANKS = {"config": 0, "parallel": 1, "layers": 2, "models": 3, "accounting": 4, "data": 5,
+         "train": 6, "growth": 7, "interop": 7, "eval": 8, "rl": 9, "aot": 9, "sweep": 10,
+         "bench": 11, "cli": 12, "__main__": 13, "__init__": 13}
 # the stack every room may import at module top; a local import of these is a hidden edge
 CORE_LIBRARIES = {"moe_lab", "jax", "jaxlib", "flax", "optax", "orbax", "grain", "numpy",
                   "ml_collections"}
@@ -159,3 +163,16 @@ def test_the_checks_can_fail():
              "moe_lab.eval.evaluate": {"moe_lab.train.loop"}}
     assert find_cycles(edges) == [["moe_lab.eval.evaluate", "moe_lab.train.loop"]]
     assert against_the_order(edges) == ["moe_lab.train.loop -> moe_lab.eval.evaluate"]
+
+
+def test_every_file_the_tree_names_exists():
+    """A docstring, comment or README that names moe_lab/<path>.py names a file that is there
+    (files move; their mentions must move with them)."""
+    root = PACKAGE.parent
+    texts = [*root.glob("moe_lab/**/*.py"), *root.glob("configs/*.py"), *root.glob("tests/*.py"),
+             *root.glob("experiments/**/*.py"), *root.glob("experiments/**/*.md"),
+             root / "README.md"]
+    missing = sorted({(str(t.relative_to(root)), name) for t in texts
+                      for name in re.findall(r"moe_lab/[\w/]+\.py", t.read_text())
+                      if not (root / name).is_file()})
+    assert missing == []

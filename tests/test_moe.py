@@ -6,9 +6,6 @@ Legend: N tokens, D d_model, F expert hidden, E experts, K top-k, C capacity.
 """
 
 import dataclasses
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax
 import jax.numpy as jnp

@@ -17,6 +17,7 @@ from nbclient import NotebookClient
 
 from moe_lab.cli import sweep as sweep_cli
 from moe_lab.config.schema import ConfigError
+from moe_lab.sweep import points as sweep_points
 from moe_lab.sweep import results
 from moe_lab.sweep import runner as sweep
 
@@ -96,8 +97,8 @@ def micro_sweep(tmp_path_factory):
     sweep_dir = str(root / "sw")
     lines = []
     with compile_cache():
-        base, points = sweep.load_sweep(cfg_path)
-        cfg = sweep._to_config(apply_overrides(base, points[0].overrides))
+        base, points = sweep_points.load_sweep(cfg_path)
+        cfg = sweep.resolved_config(apply_overrides(base, points[0].overrides))
         train(cfg, os.path.join(sweep_dir, "e2_k1"), max_steps=2)  # "killed" at step 2
         status = sweep.run_sweep(cfg_path, sweep_dir, isolate="inprocess", log=lines.append)
     # every test of this module, the notebooks' too, reads a complete sweep
@@ -106,32 +107,32 @@ def micro_sweep(tmp_path_factory):
 
 
 def test_names_and_expansion():
-    assert sweep.run_name({"model.moe.num_experts": 8, "model.moe.top_k": 2}) == "e8_k2"
-    assert sweep.run_name({"train.lr": 0.001, "data.mixture": "facts:1"}) == "lr0.001_mixfacts-1"
-    assert sweep.run_name({"budget_flops": 1.5e12}) == "B1.5e12"
-    pts = sweep.make_points([GROWN, {"model.moe.num_experts": 2, "model.moe.top_k": 1},
+    assert sweep_points.run_name({"model.moe.num_experts": 8, "model.moe.top_k": 2}) == "e8_k2"
+    assert sweep_points.run_name({"train.lr": 0.001, "data.mixture": "facts:1"}) == "lr0.001_mixfacts-1"
+    assert sweep_points.run_name({"budget_flops": 1.5e12}) == "B1.5e12"
+    pts = sweep_points.make_points([GROWN, {"model.moe.num_experts": 2, "model.moe.top_k": 1},
                              {"name": "x", "from": {"run": "grown"}}])
     assert [p.name for p in pts] == ["e2_k1", "grown", "x"]  # parents first
     assert pts[1].parent == "e2_k1" and pts[0].index == 1
     with pytest.raises(ConfigError, match="same name"):
-        sweep.make_points([{"train.lr": 1}, {"train.lr": 1}])
+        sweep_points.make_points([{"train.lr": 1}, {"train.lr": 1}])
     with pytest.raises(ConfigError, match="not a point"):
-        sweep.make_points([{"name": "a", "from": {"run": "zzz"}}])
+        sweep_points.make_points([{"name": "a", "from": {"run": "zzz"}}])
     with pytest.raises(ConfigError, match="cycle"):
-        sweep.make_points([{"name": "a", "from": {"run": "b"}}, {"name": "b", "from": {"run": "a"}}])
+        sweep_points.make_points([{"name": "a", "from": {"run": "b"}}, {"name": "b", "from": {"run": "a"}}])
     with pytest.raises(ConfigError, match="unknown key"):
-        sweep.make_points([{"steps": 3}])
+        sweep_points.make_points([{"steps": 3}])
 
 
 def test_shards_split_the_points():
-    pts = sweep.make_points([{"train.seed": s} for s in range(7)])
-    shards = [sweep.shard_points(pts, (i, 3)) for i in range(3)]
+    pts = sweep_points.make_points([{"train.seed": s} for s in range(7)])
+    shards = [sweep_points.shard_points(pts, (i, 3)) for i in range(3)]
     assert [p.name for p in shards[1]] == ["seed1", "seed4"]
     assert sorted(p.name for s in shards for p in s) == sorted(p.name for p in pts)
-    assert sweep.parse_shard("2/3") == (2, 3)
+    assert sweep_points.parse_shard("2/3") == (2, 3)
     for bad in ("3/3", "1", "a/b"):
         with pytest.raises(ConfigError, match="--shard"):
-            sweep.parse_shard(bad)
+            sweep_points.parse_shard(bad)
 
 
 def test_dry_run_prints_commands(tmp_path):
@@ -148,10 +149,10 @@ def test_dry_run_prints_commands(tmp_path):
     assert f"moe-lab eval --workdir {tmp_path}/sw/grown --step 4" in text
     assert "invalid point" in text  # the bad point is reported, not fatal
     # the budget point: steps = budget / FLOPs per step of its model
-    base, points = sweep.load_sweep(cfg_path)
+    base, points = sweep_points.load_sweep(cfg_path)
     by_name = {p.name: p for p in points}
     cfg, _ = sweep.planned_config(by_name["budget"], base, by_name)
-    assert cfg.train.steps == round(4e9 / sweep._flops_per_step(cfg))
+    assert cfg.train.steps == round(4e9 / sweep.flops_per_step(cfg))
     assert f"--config.train.steps={cfg.train.steps}" in text
     assert not os.path.exists(tmp_path / "sw")
     out = []
@@ -210,10 +211,10 @@ def test_rerun_skips_finished_points_and_resumes_the_rest(micro_sweep):
 
 
 def test_results_dedupe_and_load_results(tmp_path):
-    sweep.record_result(str(tmp_path), {"run": "a", "x": 1, "sweep_index": 1})
-    sweep.record_result(str(tmp_path), {"run": "b", "x": 2, "sweep_index": 0})
-    sweep.record_result(str(tmp_path), {"run": "a", "x": 1, "sweep_index": 1})  # identical: no-op
-    sweep.record_result(str(tmp_path), {"run": "a", "x": 3, "sweep_index": 1})  # changed: replaced
+    results.record_result(str(tmp_path), {"run": "a", "x": 1, "sweep_index": 1})
+    results.record_result(str(tmp_path), {"run": "b", "x": 2, "sweep_index": 0})
+    results.record_result(str(tmp_path), {"run": "a", "x": 1, "sweep_index": 1})  # identical: no-op
+    results.record_result(str(tmp_path), {"run": "a", "x": 3, "sweep_index": 1})  # changed: replaced
     with open(tmp_path / "results.jsonl", "a") as f:
         f.write('{"run": "b", "x": 5, "sweep_index": 0}\n{"run": "tor')  # a racing writer + torn line
     df = results.load_results(str(tmp_path / "results.jsonl"))
@@ -239,10 +240,10 @@ def test_subprocess_isolation_records_a_crashing_point(tmp_path):
 
 
 def test_sweep_configs_expand():
-    for arg, n in (("tiny", 16), ("tiny_steps", 8), ("micro", 3), ("paper", 63)):
-        _, pts = sweep.load_sweep(f"{REPO}/configs/sparsity_sweep.py:{arg}")
+    for arg, n in (("tiny", 16), ("tiny_steps", 8), ("reason", 48), ("micro", 3), ("paper", 63)):
+        _, pts = sweep_points.load_sweep(f"{REPO}/configs/sparsity_sweep.py:{arg}")
         assert len(pts) == n
-    base, pts = sweep.load_sweep(f"{REPO}/configs/growth_sunk_compute.py:tiny")
+    base, pts = sweep_points.load_sweep(f"{REPO}/configs/growth_sunk_compute.py:tiny")
     by_name = {p.name: p for p in pts}
     assert {"base", "scratch", "g600", "g2400", "stack_g1800", "total_g600", "total_scratch"} <= set(by_name)
     assert [p.name for p in pts].index("base") == 0
@@ -253,7 +254,7 @@ def test_sweep_configs_expand():
     total_g, _ = sweep.planned_config(by_name["total_g600"], base, by_name)
     total_s, _ = sweep.planned_config(by_name["total_scratch"], base, by_name)
     assert total_g.train.steps < total_s.train.steps  # the sunk FLOPs count against the total
-    _, pts = sweep.load_sweep(f"{REPO}/configs/growth_sunk_compute.py:paper")
+    _, pts = sweep_points.load_sweep(f"{REPO}/configs/growth_sunk_compute.py:paper")
     assert len(pts) == 15
 
 

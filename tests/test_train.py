@@ -16,6 +16,7 @@ from moe_lab.config.schema import ConfigError
 from moe_lab.train import loop
 from moe_lab.train.loop import train
 from moe_lab.train.metrics import read_metrics
+from moe_lab.train.trainer import jit_cache
 
 
 def _losses(workdir):
@@ -41,11 +42,14 @@ def test_loss_decreases_on_facts(tmp_path):
 def test_interrupted_run_resumes_with_identical_losses(tmp_path):
     cfg = tiny_config(train=dict(steps=20, log_every=1, checkpoint_every=10, eval_every=10))
     train(cfg, str(tmp_path / "full"))
-    compiled = dict(loop._STEPS)
+    compiled = dict(jit_cache("train"))
+    # the retrace check: 20 steps (and two evals) traced the train step once; a batch,
+    # state or metric whose shape, dtype or weak type drifted between steps would add one
+    assert compiled["train"]._cache_size() == 1 and compiled["eval"]._cache_size() == 1
     train(cfg, str(tmp_path / "split"), max_steps=13)  # stops after step 13 (and saves it) ...
     # same config in the same process: the jitted steps are reused, not compiled again
-    assert loop._STEPS["train"] is compiled["train"]
-    assert loop._STEPS["eval"] is compiled["eval"]
+    assert jit_cache("train")["train"] is compiled["train"]
+    assert jit_cache("train")["eval"] is compiled["eval"]
     assert max(_losses(str(tmp_path / "split"))) == 13
     # ... as if killed before that save: the last checkpoint is 10
     shutil.rmtree(tmp_path / "split" / "checkpoints" / "13")
@@ -81,18 +85,17 @@ def test_row_of_a_checkpointed_step_survives_a_kill_right_after_its_save(tmp_pat
 
 def test_resume_with_other_data_or_batches_is_refused(tmp_path):
     train(tiny_config(train=dict(steps=2)), str(tmp_path / "r"))
-    step_fn = loop._STEPS["train"]
+    step_fn = jit_cache("train")["train"]
     with pytest.raises(ConfigError, match=r"different data \(data.mixture"):
         train(tiny_config(data=dict(mixture="facts:1"), train=dict(steps=4)), str(tmp_path / "r"))
     with pytest.raises(ConfigError, match=r"different batch \(train.batch_size"):
         train(tiny_config(train=dict(steps=4, batch_size=16)), str(tmp_path / "r"))
     train(tiny_config(train=dict(steps=4, lr=1e-3)), str(tmp_path / "r"))  # steps, lr: fine
     # another schedule: a new step, never the cached one of the old config
-    assert loop._STEPS["train"] is not step_fn
+    assert jit_cache("train")["train"] is not step_fn
 
 
 def test_config_that_cannot_build_leaves_no_workdir(tmp_path, monkeypatch):
-    from moe_lab.train import loop
 
     def broken(cfg, mesh, tok=None):
         raise ConfigError("cannot build")

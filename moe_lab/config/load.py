@@ -1,7 +1,7 @@
 """Loading configs: Python config files, `--config.a.b=V` overrides, config.json.
 
-Kept apart from moe_lab/config.py (the schema and its validation) so that each
-file stays readable; everything here is re-exported by moe_lab.config.
+Beside config/schema.py (the dataclasses) and config/validate.py (the checks with
+one-line errors).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import typing
 from typing import Any
 
 from moe_lab.config.schema import Config, ConfigError, _to_jsonable
-from moe_lab.config.validate import validate
+from moe_lab.config.validate import RENAMED, validate
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -183,18 +183,16 @@ def config_from_json(path: str) -> Config:
     return validate(from_dict(Config, stored_meaning(raw)))
 
 
-# A run written before a value was renamed (config.validate.RENAMED) meant this:
-_STORED_RENAMES = {("model", "mor", "update"): {"paper": "interpolate", "released": "add"}}
-
-
 def stored_meaning(raw: dict) -> dict:
-    """The stored config with renamed values translated to what they computed."""
-    for (*parents, key), names in _STORED_RENAMES.items():
+    """The stored config with renamed values (config.validate.RENAMED) translated to
+    the values that compute what they did when the run was written."""
+    for (dotted, old), (now, _) in RENAMED.items():
+        *parents, key = dotted.split(".")
         node = raw
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and node.get(key) in names:
-            node[key] = names[node[key]]
+        if isinstance(node, dict) and node.get(key) == old:
+            node[key] = now
     return raw
 
 

@@ -25,13 +25,16 @@ from moe_lab.config.schema import (
 
 _CHOICES = field_choices()  # {key: allowed values}, from the schema's Literal types
 
-# Values that changed meaning: (key, old value) -> what to use now.  Run directories
-# written before keep their meaning (config.load.config_from_json translates them).
+# Values that changed meaning, the one table: (key, old value) -> (the value that computes
+# what the old one did, what to use now).  A new config with the old value is refused
+# with the why; a run directory written before keeps its meaning (config.load.
+# stored_meaning translates it).
 RENAMED = {
-    ("model.mor.update", "paper"): "it named h + g (f(h) - h), which is not the paper's "
-    "update: use 'interpolate' for that rule, or 'add' (h + g f(h), the paper's and the "
-    "released code's, now the default)",
-    ("model.mor.update", "released"): "it is 'add' now (h + g f(h), the default)",
+    ("model.mor.update", "paper"): (
+        "interpolate", "it named h + g (f(h) - h), which is not the paper's update: use "
+        "'interpolate' for that rule, or 'add' (h + g f(h), the paper's and the released "
+        "code's, now the default)"),
+    ("model.mor.update", "released"): ("add", "it is 'add' now (h + g f(h), the default)"),
 }
 
 
@@ -75,7 +78,7 @@ def validate(cfg: Config) -> Config:
     for key, choices in _CHOICES.items():
         v = _get(cfg, key)
         if (key, v) in RENAMED:
-            raise ConfigError(f"config key '{key}'={v!r} was renamed: {RENAMED[key, v]}")
+            raise ConfigError(f"config key '{key}'={v!r} was renamed: {RENAMED[key, v][1]}")
         if v not in choices:
             raise ConfigError(f"config key '{key}'={v!r} is not one of {', '.join(choices)}")
     _floats_finite(cfg)

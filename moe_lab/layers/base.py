@@ -1,7 +1,7 @@
 """Parameter creation: the one place that attaches sharding metadata.
 
 Modules carry *logical* axis names only ("embed", "mlp", "heads", ...); the
-rule table in the config maps them to mesh axes (moe_lab/sharding.py).  The
+rule table in the config maps them to mesh axes (moe_lab/parallel/sharding.py).  The
 metadata key lives here alone because Flax renamed its own sharding keyword
 twice in a year (sharding -> sharding_names -> out_sharding); we keep ours.
 """

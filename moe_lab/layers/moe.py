@@ -11,7 +11,7 @@ loss, jitter); ST-MoE (arXiv 2202.08906, z-loss); Mixtral (arXiv 2401.04088);
 DeepSeekMoE (arXiv 2401.06066, shared experts); DeepSeek-V3 (arXiv 2412.19437,
 sigmoid router with loss-free balancing bias); Expert Choice (arXiv 2202.09368);
 MegaBlocks (arXiv 2211.15841, dropless).  Routers: moe_lab/layers/routing.py;
-dispatch algorithms: moe_lab/layers/dispatch.py.
+dispatch algorithms: moe_lab/layers/moe_kernels/dispatch.py.
 
 The module is pure in __call__ (no variable mutation, static shapes), so it can
 be created with nnx.vmap and applied under jax.lax.scan.  The sigmoid router's

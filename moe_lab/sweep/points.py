@@ -1,6 +1,6 @@
 """Sweep grid expansion: a config's get_sweep() -> ordered, named Points; shards.
 
-Split out of moe_lab/sweep.py (the runner), which re-exports everything here.
+The runner (sweep/runner.py) runs them; sweep/results.py stores what they give.
 """
 
 from __future__ import annotations

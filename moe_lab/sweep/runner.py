@@ -12,7 +12,7 @@ the command line's overrides) plus optional special keys:
     "from":   {"run": NAME, "step": N, "grow": {"depth": {...}, "width": {...},
                "order": "depth,width", "opt_state": "reset", "seed": 0}}
               start from point NAME's checkpoint at step N (default: its last),
-              growth transforms applied (moe_lab.grow_cmd.grow_run; "grow" may be
+              growth transforms applied (moe_lab.growth.grow.grow_run; "grow" may be
               omitted: a plain continuation).  "kind": "module:function" plugs in
               another way to make the run dir from the parent (e.g. for RL).
               The point's config is then the grown config.json + its overrides.
@@ -96,13 +96,13 @@ def grow_transforms(spec: dict | None) -> tuple[list[tuple[str, dict]], dict]:
     return [(k, steps[k]) for k in order if k in steps], opts
 
 
-def _to_config(raw: dict) -> Config:
-
+def resolved_config(raw: dict) -> Config:
+    """A point's raw config dict -> the validated, resolved Config it runs with."""
     return resolve_config(validate(from_dict(Config, raw)))
 
 
-def _flops_per_step(cfg: Config) -> float:
-
+def flops_per_step(cfg: Config) -> float:
+    """Training FLOPs of one step of `cfg` (the unit of a point's FLOP budget)."""
     return flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
         * cfg.data.seq_len
 
@@ -116,7 +116,7 @@ def _apply_budget(cfg: Config, point: Point, sunk: float) -> Config:
     if budget <= 0:
         raise ConfigError(f"sweep point {point.name}: FLOP budget {budget:.3g} <= 0 "
                           f"(total budget minus sunk {sunk:.3g})")
-    steps = max(1, round(budget / _flops_per_step(cfg)))
+    steps = max(1, round(budget / flops_per_step(cfg)))
     return cfg.replace(train=dataclasses.replace(cfg.train, steps=steps))
 
 
@@ -124,18 +124,18 @@ def planned_config(point: Point, base: dict, by_name: dict[str, Point]) -> tuple
     """(config, sunk FLOPs) a point will run with, computed without any run
     (growth plans are pure functions of the config); used by --dry-run."""
     if point.source is None:
-        cfg = _to_config(apply_overrides(base, point.overrides))
+        cfg = resolved_config(apply_overrides(base, point.overrides))
         return _apply_budget(cfg, point, 0.0), 0.0
 
     parent_cfg, _ = planned_config(by_name[point.parent], base, by_name)
     step = point.source.get("step", parent_cfg.train.steps)
-    sunk = _flops_per_step(parent_cfg) * step
+    sunk = flops_per_step(parent_cfg) * step
     cfg = parent_cfg
     transforms, _ = grow_transforms(point.source.get("grow"))
     for what, kw in transforms:
         kw = {k: v for k, v in kw.items() if k not in ("zero_copies", "noise")}
         cfg = (growth.depth_plan if what == "depth" else growth.width_plan)(cfg, **kw).cfg
-    cfg = _to_config(apply_overrides(cfg.to_dict(), point.overrides))
+    cfg = resolved_config(apply_overrides(cfg.to_dict(), point.overrides))
     return _apply_budget(cfg, point, sunk), sunk
 
 
@@ -188,7 +188,7 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
     run_dir = os.path.join(sweep_dir, point.name)
     sunk = 0.0
     if point.source is None:
-        cfg = _apply_budget(_to_config(apply_overrides(base, point.overrides)), point, 0.0)
+        cfg = _apply_budget(resolved_config(apply_overrides(base, point.overrides)), point, 0.0)
     else:
         parent_dir = os.path.join(sweep_dir, point.parent)
         if not os.path.isfile(config_path(run_dir)):
@@ -206,7 +206,7 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
             raw = json.load(f)
         lineage = _read_json(lineage_path(run_dir)) or {}
         sunk = float(lineage.get("sunk_flops", 0.0))
-        cfg = _apply_budget(_to_config(apply_overrides(raw, point.overrides)), point, sunk)
+        cfg = _apply_budget(resolved_config(apply_overrides(raw, point.overrides)), point, sunk)
         # the sweep made this dir: the point's overrides become its config
         write_json_atomic(config_path(run_dir), cfg.to_dict())
     cfg = cfg.replace(name=point.name)

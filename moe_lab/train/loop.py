@@ -42,7 +42,7 @@ from moe_lab.train.run_dir import (
 from moe_lab.train.run_lock import lock_path_beside, locked
 from moe_lab.train.state import make_setup, resolve_config
 from moe_lab.train.step import jit_eval_step, jit_train_step
-from moe_lab.train.trainer import Trainer, cached_jit, fmt_time, jit_cache, local_values, log0
+from moe_lab.train.trainer import Trainer, cached_jit, fmt_time, local_values, log0
 
 # What a resumed run may not change: the model, what it trains on and in what
 # batches (the saved data iterator state only means something for the same
@@ -188,11 +188,6 @@ def evaluate_losses(eval_step, state, eval_batches, batch_sharding, task_names) 
             nats = sums["answer_num"][i] / sums["answer_den"][i]
             result[f"eval/{name}/task_loss_bits"] = float(nats / math.log(2))
     return result
-
-
-# the jitted steps of the latest train() (trainer.jit_cache); the key holds the config,
-# the mesh and the tasks: everything the steps close over
-_STEPS = jit_cache("train")
 
 
 class PretrainSteps:
@@ -342,10 +337,12 @@ def _train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
         log0(expert_parallel.plan_line(cfg, mesh))
 
     num_tasks = len(task_names)
-    # every config value as JSON text (hashable whatever the field types; setup was
-    # built from this cfg); the run's name is a label: runs that differ only in it
-    # share the compiled steps
-    cache_key = (json.dumps(cfg.replace(name="").to_dict(), sort_keys=True), mesh, num_tasks)
+    # Everything the jitted steps close over: every config value as JSON text (hashable
+    # whatever the field types; setup was built from this cfg and this mesh), the mesh,
+    # the number of tasks and the tokenizer's EOS id (a file the config names only by
+    # path).  The run's name is a label: runs that differ only in it share the steps.
+    cache_key = (json.dumps(cfg.replace(name="").to_dict(), sort_keys=True), mesh, num_tasks,
+                 tok.eos_id)
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
         def jit_step(name, graphdef, step_cfg):
             return cached_jit("train", cache_key, name, lambda: jit_train_step(
