@@ -3,12 +3,10 @@ or from a --workdir's config.json."""
 
 from __future__ import annotations
 
-import json
 import os
 
-from moe_lab.config.load import apply_overrides, from_dict, load_config, stored_meaning
+from moe_lab.config.load import config_from_json, load_config
 from moe_lab.config.schema import Config, ConfigError
-from moe_lab.config.validate import validate
 from moe_lab.train.run_dir import config_path
 
 
@@ -20,6 +18,4 @@ def config_from_args(args, overrides: dict) -> Config:
     path = config_path(workdir) if workdir else None
     if not path or not os.path.isfile(path):
         raise ConfigError("--config is required (or a --workdir that holds config.json)")
-    with open(path) as f:
-        raw = json.load(f)
-    return validate(from_dict(Config, apply_overrides(stored_meaning(raw), overrides)))
+    return config_from_json(path, overrides)

@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 
-from moe_lab.config.load import from_dict
+from moe_lab.config.load import config_from_json
 from moe_lab.config.schema import ConfigError, EvalConfig
 from moe_lab.eval.evaluate import evaluate
 from moe_lab.eval.harness import load_items, run_harness, shot_indices
@@ -78,16 +78,7 @@ def eval_config_from(workdir: str, overrides: dict) -> EvalConfig | None:
     bad = [k for k in overrides if not k.startswith("eval.")]
     if bad:
         raise ConfigError(f"eval: only --config.eval.* may be overridden, not {bad[0]}")
-    with open(config_path(workdir)) as f:
-        section = dict(json.load(f).get("eval", {}))
-    section.update({k[len("eval."):]: v for k, v in overrides.items()})
-    ev = from_dict(EvalConfig, section, "eval.")
-    for name in ("num_examples", "batch_size", "max_new_tokens"):
-        if getattr(ev, name) <= 0:
-            raise ConfigError(f"config key 'eval.{name}' must be > 0, got {getattr(ev, name)}")
-    if ev.longer_chains < 0:
-        raise ConfigError(f"config key 'eval.longer_chains' must be >= 0, got {ev.longer_chains}")
-    return ev
+    return config_from_json(config_path(workdir), overrides).eval  # validated as train does
 
 
 def cmd_eval(args, overrides: dict | None = None) -> int:

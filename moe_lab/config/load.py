@@ -169,7 +169,9 @@ def load_config(config_arg: str, overrides: dict[str, Any] | None = None) -> Con
     return validate(from_dict(Config, raw))
 
 
-def config_from_json(path: str) -> Config:
+def run_config_dict(path: str) -> dict:
+    """The one reader of a run's config.json: the stored dict, renamed values translated
+    (stored_meaning); a missing, cut-short or non-object file is a one-line ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"no config.json at {path}")
     with open(path) as f:
@@ -180,7 +182,12 @@ def config_from_json(path: str) -> Config:
                               "was it cut short?") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} does not hold a config (a JSON object)")
-    return validate(from_dict(Config, stored_meaning(raw)))
+    return stored_meaning(raw)
+
+
+def config_from_json(path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """A run's config.json (+ `--config.a.b=V` overrides), validated."""
+    return validate(from_dict(Config, apply_overrides(run_config_dict(path), overrides or {})))
 
 
 def stored_meaning(raw: dict) -> dict:

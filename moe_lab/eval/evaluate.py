@@ -37,7 +37,7 @@ from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.eval.generate import generate_batched, generation_budget
 from moe_lab.parallel import sharding
-from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps
+from moe_lab.train.checkpoint import Checkpointer, resolve_step
 from moe_lab.train.jit_cache import cached_for
 from moe_lab.train.loop import evaluate_losses
 from moe_lab.train.run_dir import (
@@ -66,13 +66,7 @@ def load_run(workdir: str, step: int | None = None, *, devices: str = "one"):
     raw_cfg = config_from_json(cfg_path)
     tok = run_tokenizer(workdir, raw_cfg)
     cfg = resolve_config(raw_cfg, tok)
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        raise ConfigError(f"eval: no checkpoint in {workdir}/checkpoints")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise ConfigError(f"eval: no checkpoint at step {step} in {workdir} (have {steps})")
+    step = resolve_step(workdir, step, "eval")
     cfg, setup = setup_on_devices(cfg, devices, tok)
     with Checkpointer(workdir, create=False) as ckpt:
         state, _ = ckpt.restore(step, setup.abstract_state)

@@ -61,7 +61,7 @@ from moe_lab.rl.objective import (
     make_grpo_step,
     token_logprobs,
 )
-from moe_lab.train.checkpoint import Checkpointer, checkpoint_steps, write_checkpoint
+from moe_lab.train.checkpoint import Checkpointer, resolve_step, write_checkpoint
 from moe_lab.train.metrics import read_metrics
 from moe_lab.train.run_dir import (
     CHECKPOINTS,
@@ -188,12 +188,7 @@ def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
         raise ConfigError(f"rl: --to {dst} exists and is not empty (and holds no GRPO run)")
     if not os.path.isfile(config_path(src)):
         raise ConfigError(f"rl: --from {src} holds no run (no config.json)")
-    steps = checkpoint_steps(src)
-    if not steps:
-        raise ConfigError(f"rl: no checkpoint in {src}/{CHECKPOINTS}")
-    step = max(steps) if step is None else int(step)
-    if step not in steps:
-        raise ConfigError(f"rl: no checkpoint at step {step} in {src} (have {steps})")
+    step = resolve_step(src, step, "rl")
 
     parent = config_from_json(config_path(src))
     make_task(rl.task, parent.data)  # an unknown task fails before anything is written

@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import os
 import shlex
 import signal
@@ -59,7 +58,7 @@ import time
 import traceback
 
 from moe_lab.accounting import flops
-from moe_lab.config.load import apply_overrides, from_dict
+from moe_lab.config.load import apply_overrides, from_dict, run_config_dict
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.config.validate import validate
 from moe_lab.eval.evaluate import eval_path, evaluate
@@ -146,8 +145,7 @@ def final_step(run_dir: str) -> int | None:
     path = config_path(run_dir)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return int(json.load(f)["train"]["steps"])
+    return int(run_config_dict(path)["train"]["steps"])
 
 
 def is_finished(run_dir: str, point: Point | None = None) -> bool:
@@ -202,8 +200,7 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
                          log=log, **opts)
             else:
                 _resolve_fn(kind)(parent_dir, point.source.get("step"), run_dir, point.source)
-        with open(config_path(run_dir)) as f:
-            raw = json.load(f)
+        raw = run_config_dict(config_path(run_dir))
         lineage = _read_json(lineage_path(run_dir)) or {}
         sunk = float(lineage.get("sunk_flops", 0.0))
         cfg = _apply_budget(resolved_config(apply_overrides(raw, point.overrides)), point, sunk)

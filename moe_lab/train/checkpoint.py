@@ -166,6 +166,24 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
 
 
+def resolve_step(workdir: str, step: int | None, who: str = "") -> int:
+    """The one checkpoint-step resolver: `step` (None: the latest) if DIR/checkpoints
+    holds it, else a one-line ConfigError (prefixed `who: `) listing the steps there are."""
+    return _resolve_step(checkpoint_steps(workdir), step, _checkpoint_dir(workdir), who)
+
+
+def _resolve_step(steps: list[int], step: int | None, where, who: str) -> int:
+    prefix = f"{who}: " if who else ""
+    if step is None:
+        if not steps:
+            raise ConfigError(f"{prefix}no checkpoint in {where}")
+        return steps[-1]
+    if int(step) not in steps:
+        avail = ", ".join(map(str, steps)) or "none"
+        raise ConfigError(f"{prefix}no checkpoint at step {step} in {where} (available: {avail})")
+    return int(step)
+
+
 def _key_str(path) -> str:
     """'params/w' from a jax key path; Orbax may return tuples as lists or
     string-keyed dicts, so every key kind collapses to its plain string."""
@@ -282,23 +300,7 @@ class Checkpointer:
     def resolve_step(self, step: int | None, who: str = "") -> int:
         """`step` (None: the latest) if this directory holds it, else a ConfigError
         (prefixed `who: `) that lists the steps there are."""
-        try:
-            return self._resolve(step)
-        except ConfigError as e:
-            raise ConfigError(f"{who}: {e}" if who else str(e)) from None
-
-    def _resolve(self, step: int | None) -> int:
-        steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise ConfigError(f"no checkpoint in {self.directory}")
-            return steps[-1]
-        if int(step) not in steps:
-            avail = ", ".join(map(str, steps)) or "none"
-            raise ConfigError(
-                f"no checkpoint at step {step} in {self.directory} (available: {avail})"
-            )
-        return int(step)
+        return _resolve_step(self.all_steps(), step, self.directory, who)
 
     def _has_item(self, step: int, item: str) -> bool:
         return (self.directory / str(step) / item).is_dir()
@@ -400,7 +402,7 @@ class Checkpointer:
         restored in place; a checkpoint without data state (e.g. a grown one)
         leaves it untouched and logs a warning.
         """
-        step = self._resolve(step)
+        step = self.resolve_step(step)
         saved = self._saved_tree(step)
         full = abstract_state
         fresh_opt = (isinstance(full, dict) and OPT_STATE in full and isinstance(saved, dict)
@@ -456,7 +458,7 @@ class Checkpointer:
         return state, dict(meta or {})
 
     def restore_meta(self, step: int | None = None) -> dict:
-        step = self._resolve(step)
+        step = self.resolve_step(step)
         if not self._has_item(step, META):
             return {}
         restored = self._read(step, lambda: self._mngr.restore(
@@ -466,7 +468,7 @@ class Checkpointer:
     def saved_shapes(self, step: int | None = None):
         """The saved state's tree with a jax.ShapeDtypeStruct per leaf, read from the
         checkpoint's metadata (no array is read)."""
-        step = self._resolve(step)
+        step = self.resolve_step(step)
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
                             self._saved_tree(step))
 
@@ -474,7 +476,7 @@ class Checkpointer:
         """One leaf of the saved state (`path` from the state's root, e.g. ("params",
         "embed_VD")) as a host numpy array; Orbax's partial restore reads that leaf's
         bytes only, so `moe-lab export` holds one leaf at a time."""
-        step = self._resolve(step)
+        step = self.resolve_step(step)
         node = self._saved_tree(step)
         for key in path:
             if not isinstance(node, dict) or key not in node:
@@ -498,7 +500,7 @@ class Checkpointer:
         numpy avoids needing the devices/mesh the run was saved from.  parts: only
         these top-level entries (e.g. ("params",): export and growth skip the two Adam
         moments, 2/3 of a trained checkpoint); missing ones are left out."""
-        step = self._resolve(step)
+        step = self.resolve_step(step)
         saved = self._saved_tree(step)
         item = None
         if parts is not None:
