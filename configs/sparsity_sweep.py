@@ -41,7 +41,7 @@ import os
 import ml_collections
 
 # post stages per scale: (test-time compute spec, GRPO spec); keys of
-# moe_lab.eval.test_time.TTCConfig and moe_lab.rl.grpo.GRPOConfig
+# moe_lab.config.schema.TTCConfig and GRPOConfig
 POST = {
     "tiny": ({"n": 16, "num_prompts": 32},
              {"steps": 100, "lr": 3e-4, "prompts_per_step": 8, "eval_every": 50,

@@ -162,3 +162,26 @@ def test_the_study_configs_load_and_validate():
     assert grpo.get_config("strategies")["eval_examples"] == 256
     with pytest.raises(ValueError, match="unknown arg"):
         grpo.get_config("nope")
+
+
+def test_grpo_and_ttc_configs_load_like_run_configs():
+    """`rl` and `eval --ttc` configs are schema dataclasses: the same coercion (one bool
+    parser, "4,16" integer lists), Literal choices and one-line errors as a run's."""
+    from moe_lab.config.load import load_grpo_config, ttc_config_from
+
+    rl = load_grpo_config(None, {"kl_estimator": "k1", "scale_rewards": "false", "steps": "7"})
+    assert (rl.kl_estimator, rl.scale_rewards, rl.steps) == ("k1", False, 7)
+    for bad, match in (({"loss_agg": "mean"}, "'loss_agg'='mean' is not one of sequence, token"),
+                       ({"nope": 1}, "unknown config key 'rl.nope'"),
+                       ({"scale_rewards": "maybe"}, "'rl.scale_rewards': expected a bool"),
+                       ({"num_rollouts": 1}, "'num_rollouts' must be >= 2")):
+        with pytest.raises(ConfigError, match=match):
+            load_grpo_config(None, bad)
+    t = ttc_config_from({"kind": "moe_lab.eval.test_time:sweep_stage", "budgets": "4,16",
+                         "waits": [0, 2]})
+    assert (t.budgets, t.waits) == ((4, 16), (0, 2))
+    for bad, match in (({"budgets": "4,a"}, "'ttc.budgets': expected integers"),
+                       ({"nope": 1}, "unknown config key 'ttc.nope'"),
+                       ({"waits": "1,1"}, "waits must be distinct")):
+        with pytest.raises(ConfigError, match=match):
+            ttc_config_from(bad)

@@ -28,11 +28,11 @@ import argparse
 import json
 import os
 
-from moe_lab.config.load import config_from_json
+from moe_lab.config.load import config_from_json, ttc_config_from
 from moe_lab.config.schema import ConfigError, EvalConfig
 from moe_lab.eval.evaluate import evaluate
 from moe_lab.eval.harness import load_items, run_harness, shot_indices
-from moe_lab.eval.test_time import evaluate_ttc, ttc_config_from
+from moe_lab.eval.test_time import evaluate_ttc
 from moe_lab.train.run_dir import config_path
 
 

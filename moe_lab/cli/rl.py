@@ -15,8 +15,9 @@ import argparse
 import json
 import os
 
+from moe_lab.config.load import load_grpo_config
 from moe_lab.config.schema import ConfigError
-from moe_lab.rl.grpo import load_grpo_config, run_grpo
+from moe_lab.rl.grpo import run_grpo
 from moe_lab.train.run_dir import config_path
 
 

@@ -15,8 +15,8 @@ import types
 import typing
 from typing import Any
 
-from moe_lab.config.schema import Config, ConfigError, _to_jsonable
-from moe_lab.config.validate import RENAMED, validate
+from moe_lab.config.schema import Config, ConfigError, GRPOConfig, TTCConfig, _to_jsonable
+from moe_lab.config.validate import RENAMED, validate, validate_grpo, validate_ttc
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -53,6 +53,15 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if typing.get_args(typ) == (int, Ellipsis):  # tuple[int, ...]: "2,4,8" or a sequence
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            try:
+                return tuple(_coerce(x.strip() if isinstance(x, str) else x, int, key)
+                             for x in items if str(x).strip())
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected integers ('2,4,8'), got {value!r}")
     if typ is tuple:  # the rule table: a sequence of (logical, mesh axes) pairs
         if isinstance(value, str):
             try:
@@ -222,3 +231,19 @@ def parse_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
             rest.append(a)
         i += 1
     return overrides, rest
+
+
+def load_grpo_config(config_arg: str | None, overrides: dict | None = None) -> GRPOConfig:
+    """`moe-lab rl`'s GRPOConfig: a config file's get_config() (or the defaults) +
+    overrides, coerced like a run's config and validated."""
+    raw = (load_raw(config_arg) or {}) if config_arg else {}
+    if hasattr(raw, "to_dict"):
+        raw = raw.to_dict()
+    return validate_grpo(from_dict(GRPOConfig, {**dict(raw), **(overrides or {})}, "rl."))
+
+
+def ttc_config_from(spec: dict) -> TTCConfig:
+    """TTCConfig from a sweep stage's spec or the CLI's flags ("budgets": "2,4" or a
+    list); unknown keys refused, values coerced like a run's config and validated."""
+    spec = {k: v for k, v in spec.items() if k not in ("kind", "step", "label")}
+    return validate_ttc(from_dict(TTCConfig, spec, "ttc."))

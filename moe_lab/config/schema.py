@@ -311,6 +311,64 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+# ------------------------------------------------------- post-training and test-time
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """`moe-lab rl` (moe_lab/rl/grpo.py): GRPO (DeepSeekMath) from a trained run.  Its
+    optimiser fields (lr .. b2) become the RL run's train section (rl/grpo.py:
+    _rl_run_config), so they mean what TrainConfig's do; the defaults are 2508.18672's."""
+
+    task: str = "arith"  # arith | countdown | facts (anything with Task.check)
+    steps: int = 100
+    prompts_per_step: int = 8
+    num_rollouts: int = 5  # G, rollouts per prompt
+    max_new_tokens: int = 0  # 0: longest reference completion + slack
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 5e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_eps: float = 0.2
+    kl_coef: float = 1e-3
+    kl_estimator: Literal["k3", "k1"] = "k3"  # k3 (Schulman's unbiased, >= 0) | k1 (log ratio)
+    format_reward: float = 0.0  # added to the exact-match reward when the format is right
+    loss_agg: Literal["sequence", "token"] = "sequence"  # sequence (GRPO paper) | token
+    scale_rewards: bool = True
+    updates_per_batch: int = 1
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 25
+    eval_examples: int = 64
+    checkpoint_every: int = 25
+    keep_last: int = 2
+    devices: Literal["all", "one"] = "all"  # all: the run's mesh (sharded like training) | one
+
+
+@dataclasses.dataclass(frozen=True)
+class TTCConfig:
+    """`moe-lab eval --ttc` (moe_lab/eval/test_time.py): coverage@k and majority@k of
+    sampled answers, s1 budget forcing (2501.19393), recursion depth (MoR runs)."""
+
+    task: str = ""  # "" = arith if in the mixture, else the first task with answers
+    num_prompts: int = 32
+    n: int = 16  # samples per prompt (128 on accelerators)
+    max_k: int = 0  # 0 = n
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 64
+    max_new_tokens: int = 0  # 0: from the reference completions (eval.generation_budget)
+    budgets: tuple[int, ...] = (2, 4, 8, 16, 32)  # max thinking tokens ("2,4" in a spec)
+    waits: tuple[int, ...] = (0, 1, 2, 4)  # N for the extrapolation sweep
+    wait_cap: int = 64  # max thinking tokens during the extrapolation sweep
+    depths: tuple[int, ...] = ()  # recursive models: () = 1 .. N_r + 2
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -358,8 +416,9 @@ def parse_mixture(mixture: str) -> list[tuple[str, float]]:
     return out
 
 
-def field_choices() -> dict[str, tuple]:
-    """{dotted key: allowed values} of every Literal-typed field, read from the dataclasses."""
+def field_choices(root=None) -> dict[str, tuple]:
+    """{dotted key: allowed values} of every Literal-typed field of `root` (default:
+    Config) and the dataclasses under it."""
     out = {}
 
     def walk(cls, prefix):
@@ -369,6 +428,6 @@ def field_choices() -> dict[str, tuple]:
             elif typing.get_origin(typ) is Literal:
                 out[prefix + name] = typing.get_args(typ)
 
-    walk(Config, "")
+    walk(root or Config, "")
     return out
 

@@ -15,7 +15,9 @@ from moe_lab.config.schema import (
     Config,
     ConfigError,
     DataConfig,
+    GRPOConfig,
     ModelConfig,
+    TTCConfig,
     field_choices,
     mor_capacities,
     parse_mixture,
@@ -285,3 +287,44 @@ def validate_for_devices(cfg: Config, num_devices: int) -> tuple[int, ...]:
     return shape
 
 
+
+
+# ------------------------------------------------------- post-training and test-time
+
+
+def _check_choices(obj, prefix: str) -> None:
+    for key, choices in field_choices(type(obj)).items():
+        v = getattr(obj, key)
+        if v not in choices:
+            raise ConfigError(f"{prefix} config key '{key}'={v!r} is not one of {', '.join(choices)}")
+
+
+def validate_grpo(rl: GRPOConfig) -> GRPOConfig:
+    """`moe-lab rl`'s config, checked before any run is read (one-line errors)."""
+    _check_choices(rl, "rl")
+    for k in ("steps", "prompts_per_step", "num_rollouts", "updates_per_batch", "log_every",
+              "eval_every", "eval_examples", "checkpoint_every", "keep_last"):
+        if getattr(rl, k) < 1:
+            raise ConfigError(f"rl config key '{k}' must be >= 1, got {getattr(rl, k)}")
+    if rl.num_rollouts < 2:
+        raise ConfigError("rl config key 'num_rollouts' must be >= 2 (group-normalised advantages)")
+    if rl.lr <= 0 or rl.temperature < 0 or not 0 < rl.top_p <= 1:
+        raise ConfigError("rl config: lr must be > 0, temperature >= 0, top_p in (0, 1]")
+    if not 0 < rl.clip_eps < 1 or rl.kl_coef < 0 or rl.max_new_tokens < 0:
+        raise ConfigError("rl config: clip_eps in (0, 1), kl_coef >= 0, max_new_tokens >= 0")
+    return rl
+
+
+def validate_ttc(t: TTCConfig) -> TTCConfig:
+    """`eval --ttc`'s config (and the sweep's test-time stage), checked before any run
+    is read (one-line errors)."""
+    if t.n < 1 or t.num_prompts < 1 or t.batch_size < 1:
+        raise ConfigError(f"ttc: n={t.n}, num_prompts={t.num_prompts} and batch_size must be >= 1")
+    if t.temperature < 0 or not 0 < t.top_p <= 1:
+        raise ConfigError(f"ttc: temperature must be >= 0 and top_p in (0, 1], got "
+                          f"{t.temperature}, {t.top_p}")
+    for what in ("budgets", "waits", "depths"):
+        v = getattr(t, what)
+        if any(x < (1 if what == "depths" else 0) for x in v) or len(set(v)) != len(v):
+            raise ConfigError(f"ttc: {what} must be distinct non-negative integers, got {v}")
+    return t

@@ -53,7 +53,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from moe_lab.config.schema import ConfigError, parse_mixture
+from moe_lab.config.load import ttc_config_from
+from moe_lab.config.schema import ConfigError, TTCConfig, parse_mixture
+from moe_lab.config.validate import validate_ttc
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.base import extract_answer
 from moe_lab.data.tasks.registry import make_task
@@ -243,23 +245,6 @@ def depth_sweep(cfg, state: dict, task_name: str, examples, depths: Sequence[int
 # ----------------------------------------------------------------- evaluate
 
 
-@dataclasses.dataclass(frozen=True)
-class TTCConfig:
-    task: str = ""  # "" = arith if in the mixture, else the first task with answers
-    num_prompts: int = 32
-    n: int = 16  # samples per prompt (128 on accelerators)
-    max_k: int = 0  # 0 = n
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 64
-    max_new_tokens: int = 0  # 0: from the reference completions (eval.generation_budget)
-    budgets: tuple = (2, 4, 8, 16, 32)  # max thinking tokens
-    waits: tuple = (0, 1, 2, 4)  # N for the extrapolation sweep
-    wait_cap: int = 64  # max thinking tokens during the extrapolation sweep
-    depths: tuple = ()  # recursive models: () = 1 .. N_r + 2
-
-
 def _pick_task(cfg, name: str) -> str:
     names = [n for n, _ in parse_mixture(cfg.data.mixture)]
     if name:
@@ -278,16 +263,7 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
                  write: bool = True, print_table: bool = True) -> dict:
     """Coverage/majority curves, budget-forcing tables and (MoR) the depth sweep of a
     checkpoint; writes DIR/eval/<step>-ttc.json."""
-    t = ttc or TTCConfig()
-    if t.n < 1 or t.num_prompts < 1 or t.batch_size < 1:
-        raise ConfigError(f"ttc: n={t.n}, num_prompts={t.num_prompts} and batch_size must be >= 1")
-    if t.temperature < 0 or not 0 < t.top_p <= 1:
-        raise ConfigError(f"ttc: temperature must be >= 0 and top_p in (0, 1], got "
-                          f"{t.temperature}, {t.top_p}")
-    for what in ("budgets", "waits", "depths"):
-        v = getattr(t, what)
-        if any(x < (1 if what == "depths" else 0) for x in v) or len(set(v)) != len(v):
-            raise ConfigError(f"ttc: {what} must be distinct non-negative integers, got {v}")
+    t = validate_ttc(ttc or TTCConfig())
     t0 = time.perf_counter()
     cfg, setup, state, step = load_run(workdir, step, devices="one")
     name = _pick_task(cfg, t.task)
@@ -419,26 +395,6 @@ def sweep_columns(r: dict) -> dict:
         cols[f"depth{row['depth']}_accuracy"] = row["accuracy"]
         cols[f"depth{row['depth']}_answer_loglik"] = row["answer_loglik_nats"]
     return cols
-
-
-def ttc_config_from(spec: dict) -> TTCConfig:
-    """TTCConfig from a dict of overrides (sweep spec / CLI), unknown keys refused."""
-    names = {f.name: f for f in dataclasses.fields(TTCConfig)}
-    kw = {}
-    for k, v in spec.items():
-        if k in ("kind", "step", "label"):
-            continue
-        if k not in names:
-            raise ConfigError(f"ttc: unknown key {k!r} (valid: {', '.join(sorted(names))})")
-        default = getattr(TTCConfig(), k)
-        if isinstance(default, tuple):
-            v = tuple(int(x) for x in (v.split(",") if isinstance(v, str) else v) if str(x).strip())
-        elif isinstance(default, bool):
-            v = str(v).lower() in ("1", "true")
-        else:
-            v = type(default)(v)
-        kw[k] = v
-    return TTCConfig(**kw)
 
 
 def sweep_stage(run_dir: str, spec: dict) -> dict:

@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_lab.config.load import config_from_json, from_dict, load_raw
-from moe_lab.config.schema import Config, ConfigError
+from moe_lab.config.load import config_from_json, from_dict, load_grpo_config
+from moe_lab.config.schema import Config, ConfigError, GRPOConfig
+from moe_lab.config.validate import validate_grpo
 from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.eval.generate import (
@@ -76,71 +77,6 @@ from moe_lab.train.run_dir import (
 )
 from moe_lab.train.state import make_setup, resolve_config, setup_on_devices
 from moe_lab.train.trainer import Trainer, cached_jit, local_values
-
-_LOSS_AGG = ("sequence", "token")
-_KL = ("k3", "k1")
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    task: str = "arith"  # arith | countdown | facts (anything with Task.check)
-    steps: int = 100
-    prompts_per_step: int = 8
-    num_rollouts: int = 5  # G, rollouts per prompt
-    max_new_tokens: int = 0  # 0: longest reference completion + slack
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 5e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.95
-    clip_eps: float = 0.2
-    kl_coef: float = 1e-3
-    kl_estimator: str = "k3"  # k3 (Schulman's unbiased, >= 0) | k1 (log ratio)
-    format_reward: float = 0.0  # added to the exact-match reward when the format is right
-    loss_agg: str = "sequence"  # sequence (GRPO paper) | token
-    scale_rewards: bool = True
-    updates_per_batch: int = 1
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 25
-    eval_examples: int = 64
-    checkpoint_every: int = 25
-    keep_last: int = 2
-    devices: str = "all"  # all: the run's mesh (sharded like training) | one
-
-
-def validate_grpo(rl: GRPOConfig) -> GRPOConfig:
-    for k in ("steps", "prompts_per_step", "num_rollouts", "updates_per_batch", "log_every",
-              "eval_every", "eval_examples", "checkpoint_every", "keep_last"):
-        if getattr(rl, k) < 1:
-            raise ConfigError(f"rl config key '{k}' must be >= 1, got {getattr(rl, k)}")
-    if rl.num_rollouts < 2:
-        raise ConfigError("rl config key 'num_rollouts' must be >= 2 (group-normalised advantages)")
-    if rl.lr <= 0 or rl.temperature < 0 or not 0 < rl.top_p <= 1:
-        raise ConfigError("rl config: lr must be > 0, temperature >= 0, top_p in (0, 1]")
-    if not 0 < rl.clip_eps < 1 or rl.kl_coef < 0 or rl.max_new_tokens < 0:
-        raise ConfigError("rl config: clip_eps in (0, 1), kl_coef >= 0, max_new_tokens >= 0")
-    if rl.loss_agg not in _LOSS_AGG or rl.kl_estimator not in _KL or rl.devices not in ("all",
-                                                                                         "one"):
-        raise ConfigError(f"rl config: loss_agg in {_LOSS_AGG}, kl_estimator in {_KL}, devices "
-                          f"in ('all', 'one'); got {rl.loss_agg!r}, {rl.kl_estimator!r}, "
-                          f"{rl.devices!r}")
-    return rl
-
-
-def load_grpo_config(config_arg: str | None, overrides: dict | None = None) -> GRPOConfig:
-    """GRPOConfig from a config file's get_config() (or the defaults) + overrides."""
-    raw = {}
-    if config_arg:
-        raw = load_raw(config_arg) or {}
-        if hasattr(raw, "to_dict"):
-            raw = raw.to_dict()
-    raw = {**dict(raw), **(overrides or {})}
-    return validate_grpo(from_dict(GRPOConfig, raw, "rl."))
-
 
 # -------------------------------------------------------------------- the run
 
