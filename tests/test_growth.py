@@ -20,6 +20,7 @@ from moe_lab.data import pipeline
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.growth import transforms as growth
 from moe_lab.growth.grow import grow_run
+from moe_lab.growth.options import DepthGrowth, GrowOptions
 from moe_lab.train.checkpoint import write_checkpoint
 from moe_lab.train.loop import train
 from moe_lab.train.run_dir import write_json_atomic
@@ -387,6 +388,5 @@ def test_grow_refusals(tmp_path):
         a.fn(a, {"train.steps": "3"})
     assert sorted(os.listdir(tmp_path)) == ["dense", "empty", "full", "parent"]
     with pytest.raises(ConfigError, match="at least one"):
-        grow_run(parent, str(tmp_path / "n"), [("depth", {"method": "stack", "factor": 2,
-                                                               "keep_first": 2, "keep_last": 0,
-                                                               "zero_copies": False})])
+        grow_run(parent, str(tmp_path / "n"),
+                 GrowOptions(depth=DepthGrowth(method="stack", keep_first=2)))

@@ -74,11 +74,9 @@ def _child(mode: str, src: str, dst: str) -> None:
         write_checkpoint(dst, 10, state, meta)
     elif mode == "grow":
         from moe_lab.growth.grow import grow_run
+        from moe_lab.growth.options import DepthGrowth, GrowOptions
 
-        depth = {"method": "interpose", "factor": 2, "keep_first": 0, "keep_last": 0,
-                 "zero_copies": False}
-        grow_run(src, dst, [("depth", depth)], verify=False,
-                 log=lambda *a: None)
+        grow_run(src, dst, GrowOptions(depth=DepthGrowth()), verify=False, log=lambda *a: None)
     elif mode == "baseline":
         import moe_lab.growth.grow
         import moe_lab.train.checkpoint  # noqa: F401  (imported for its start-up cost only)

@@ -24,6 +24,7 @@ import argparse
 
 from moe_lab.config.schema import ConfigError
 from moe_lab.growth.grow import grow_run
+from moe_lab.growth.options import DepthGrowth, GrowOptions, WidthGrowth
 from moe_lab.growth.transforms import WIDTH_INITS
 
 
@@ -58,33 +59,31 @@ def add_grow_parser(subparsers) -> argparse.ArgumentParser:
     return g
 
 
-def transforms_from_args(args) -> list[tuple[str, dict]]:
-    """[("depth", kwargs), ("width", kwargs)] in the requested order."""
-    depth_opts = (args.depth, args.depth_factor, args.keep_first, args.keep_last, args.zero_copies)
-    width_opts = (args.width_factor, args.noise, args.width_layout, args.width_init, args.only_e,
-                  args.only_k)
-    steps = {}
-    if any(v is not None for v in depth_opts):
-        steps["depth"] = {"method": args.depth or "interpose", "factor": args.depth_factor or 2,
-                          "keep_first": args.keep_first or 0, "keep_last": args.keep_last or 0,
-                          "zero_copies": bool(args.zero_copies)}
-    if any(v is not None for v in width_opts):
-        steps["width"] = {"factor": args.width_factor or 2,
-                          "noise": 0.01 if args.noise is None else args.noise,
-                          "layout": args.width_layout or "append",
-                          "init": args.width_init or "copy",
-                          "grow_e": not args.only_k, "grow_k": not args.only_e}
-    if not steps:
+def options_from_args(args) -> GrowOptions:
+    """The flags as GrowOptions: any depth flag turns depth growth on, any width flag
+    width growth; the rest take GrowOptions' defaults."""
+    depth = {"method": args.depth, "factor": args.depth_factor, "keep_first": args.keep_first,
+             "keep_last": args.keep_last, "zero_copies": args.zero_copies}
+    width = {"factor": args.width_factor, "noise": args.noise, "layout": args.width_layout,
+             "init": args.width_init, "grow_e": None if args.only_k is None else not args.only_k,
+             "grow_k": None if args.only_e is None else not args.only_e}
+
+    def given(kw):
+        return {k: v for k, v in kw.items() if v is not None}
+
+    if not given(depth) and not given(width):
         raise ConfigError("grow: nothing to grow (give --depth ... and/or --width-factor ...)")
-    return [(name, steps[name]) for name in args.order.split(",") if name in steps]
+    return GrowOptions(depth=DepthGrowth(**given(depth)) if given(depth) else None,
+                       width=WidthGrowth(**given(width)) if given(width) else None,
+                       order=tuple(args.order.split(",")), opt_state=args.opt_state,
+                       seed=args.seed)
 
 
 def cmd_grow(args, overrides: dict | None = None) -> int:
     """Entry point for `moe-lab grow` (cli.main calls fn(args, overrides))."""
     if overrides:
         raise ConfigError("grow takes no --config overrides (set them at train time)")
-    transforms = transforms_from_args(args)
-    grow_run(args.from_dir, args.to_dir, transforms, step=args.step, opt_state=args.opt_state,
-             seed=args.seed, verify=args.verify)
+    grow_run(args.from_dir, args.to_dir, options_from_args(args), step=args.step,
+             verify=args.verify)
     print(f"continue with: moe-lab train --workdir {args.to_dir} [--config.train.steps=N ...]")
     return 0

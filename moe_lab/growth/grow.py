@@ -15,6 +15,7 @@ from moe_lab.config.load import config_from_json
 from moe_lab.config.schema import Config, ConfigError
 from moe_lab.data import pipeline
 from moe_lab.growth import transforms as growth
+from moe_lab.growth.options import GrowOptions
 from moe_lab.train.checkpoint import Checkpointer, write_checkpoint
 from moe_lab.train.run_dir import (
     building,
@@ -74,12 +75,13 @@ def verify_logits(parent_cfg: Config, parent_state: dict, cfg: Config, workdir: 
     return float(np.max(np.abs(logits(setup, grown) - logits(parent_setup, parent_state))))
 
 
-def grow_run(from_dir: str, to_dir: str, transforms: list[tuple[str, dict]], *,
-             step: int | None = None, opt_state: str = "reset", seed: int = 0,
+def grow_run(from_dir: str, to_dir: str, options: GrowOptions, *, step: int | None = None,
              verify: bool = True, log=print) -> dict:
     """Grows run `from_dir` (checkpoint `step`, default latest) into a new run
-    `to_dir`; returns the lineage dict (also written to to_dir/lineage.json)."""
+    `to_dir` as `options` say; returns the lineage dict (also written to
+    to_dir/lineage.json)."""
     src, dst = _check_dirs(from_dir, to_dir)
+    transforms, opt_state, seed = options.transforms(), options.opt_state, options.seed
 
 
     cfg = resolve_config(config_from_json(config_path(src)))

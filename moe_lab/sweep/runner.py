@@ -65,6 +65,7 @@ from moe_lab.eval.evaluate import eval_path, evaluate
 from moe_lab.eval.harness import run_harness
 from moe_lab.growth import transforms as growth
 from moe_lab.growth.grow import grow_run
+from moe_lab.growth.options import GrowOptions
 from moe_lab.sweep.points import Point, load_sweep, shard_points
 from moe_lab.sweep.results import RESULTS, _read_json, _stage_path, record_failure, record_result, results_row
 from moe_lab.train.loop import train
@@ -72,27 +73,6 @@ from moe_lab.train.run_dir import config_path, lineage_path, write_json_atomic
 from moe_lab.train.state import resolve_config
 
 # -------------------------------------------------------------- configuration
-
-
-def grow_transforms(spec: dict | None) -> tuple[list[tuple[str, dict]], dict]:
-    """A point's "grow" spec -> (grow_run transforms, {opt_state, seed}); defaults as
-    `moe-lab grow`."""
-    spec = dict(spec or {})
-    steps = {}
-    if "depth" in spec:
-        d = {"method": "interpose", "factor": 2, "keep_first": 0, "keep_last": 0,
-             "zero_copies": False, **(spec.pop("depth") or {})}
-        steps["depth"] = d
-    if "width" in spec:
-        w = {"factor": 2, "noise": 0.01, "layout": "append", "init": "copy", "grow_e": True,
-             "grow_k": True, **(spec.pop("width") or {})}
-        steps["width"] = w
-    order = spec.pop("order", "depth,width").split(",")
-    opts = {"opt_state": spec.pop("opt_state", "reset"), "seed": int(spec.pop("seed", 0))}
-    if spec:
-        raise ConfigError(f"sweep: unknown grow option(s) {sorted(spec)} "
-                          "(depth, width, order, opt_state, seed)")
-    return [(k, steps[k]) for k in order if k in steps], opts
 
 
 def resolved_config(raw: dict) -> Config:
@@ -130,7 +110,7 @@ def planned_config(point: Point, base: dict, by_name: dict[str, Point]) -> tuple
     step = point.source.get("step", parent_cfg.train.steps)
     sunk = flops_per_step(parent_cfg) * step
     cfg = parent_cfg
-    transforms, _ = grow_transforms(point.source.get("grow"))
+    transforms = GrowOptions.from_spec(point.source.get("grow")).transforms()
     for what, kw in transforms:
         kw = {k: v for k, v in kw.items() if k not in ("zero_copies", "noise")}
         cfg = (growth.depth_plan if what == "depth" else growth.width_plan)(cfg, **kw).cfg
@@ -195,9 +175,8 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
             kind = point.source.get("kind", "grow")
             if kind == "grow":
 
-                transforms, opts = grow_transforms(point.source.get("grow"))
-                grow_run(parent_dir, run_dir, transforms, step=point.source.get("step"),
-                         log=log, **opts)
+                grow_run(parent_dir, run_dir, GrowOptions.from_spec(point.source.get("grow")),
+                         step=point.source.get("step"), log=log)
             else:
                 _resolve_fn(kind)(parent_dir, point.source.get("step"), run_dir, point.source)
         raw = run_config_dict(config_path(run_dir))
@@ -250,23 +229,10 @@ def point_commands(point: Point, base: dict, config_arg: str, sweep_dir: str,
     else:
         src = point.source
         parent = os.path.join(sweep_dir, point.parent)
-        transforms, opts = grow_transforms(src.get("grow"))
         g = ["moe-lab grow", "--from", q(parent), "--to", q(run_dir)]
         if "step" in src:
             g += ["--step", str(src["step"])]
-        for what, kw in transforms:
-            if what == "depth":
-                g += ["--depth", kw["method"], "--depth-factor", str(kw["factor"])]
-                g += ["--keep-first", str(kw["keep_first"])] if kw["keep_first"] else []
-                g += ["--keep-last", str(kw["keep_last"])] if kw["keep_last"] else []
-                g += ["--zero-copies"] if kw["zero_copies"] else []
-            else:
-                g += ["--width-factor", str(kw["factor"]), "--noise", str(kw["noise"]),
-                      "--width-layout", kw["layout"], "--width-init", kw["init"]]
-                g += ["--only-e"] if not kw["grow_k"] else []
-                g += ["--only-k"] if not kw["grow_e"] else []
-        g += ["--order", ",".join(w for w, _ in transforms) or "depth,width",
-              "--opt-state", opts["opt_state"], "--seed", str(opts["seed"])]
+        g += GrowOptions.from_spec(src.get("grow")).cli_flags()
         if src.get("kind", "grow") != "grow":
             g = [f"# {src['kind']}(from={parent}, step={src.get('step')}, to={run_dir})"]
         cmds.append(" ".join(g))
