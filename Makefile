@@ -77,8 +77,10 @@ test-gpu: $(STAMP)
 		XLA_FLAGS="--xla_force_host_platform_device_count=8" \
 		$(BIN)/python -m pytest -q -m "not bench_smoke" tests
 
+# ruff check (the rules of ruff.toml) and the formatter's verdict; CI runs it first
 lint: $(STAMP)
-	$(BIN)/ruff check moe_lab tests configs
+	$(BIN)/ruff check moe_lab tests configs experiments
+	$(BIN)/ruff format --check moe_lab tests configs experiments
 
 clean:
 	rm -rf $(VENV) build *.egg-info

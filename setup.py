@@ -67,7 +67,9 @@ setup(
             "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
-            "ruff>=0.6",
+            # pinned: `make lint` runs `ruff format --check`, whose output moves between
+            # releases (0.17.6: the version the tree was formatted with)
+            "ruff==0.17.6",
             "nbformat>=5.10,<6",
             "nbclient>=0.10,<1",
             "ipykernel>=6.29",

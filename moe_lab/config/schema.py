@@ -120,6 +120,9 @@ class MoRConfig:
     # recursion_wise | shared (all steps reuse step 1's KV)
     kv_cache: Literal["recursion_wise", "shared"] = "recursion_wise"
     decode_buckets: int = 8  # depth-wise batching at decode: row buckets of B/n (0: off)
+    # expert choice's training path: gather (the k_r kept tokens only: the fast path) |
+    # dense (every token, the others masked: the slow reference the tests hold it to)
+    expert_choice_impl: Literal["gather", "dense"] = "gather"
 
 
 @dataclasses.dataclass(frozen=True)

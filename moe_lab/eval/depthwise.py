@@ -74,7 +74,7 @@ def _step_logits(rs, h_MD, r_M):
     R = rs.cfg.mor.num_recursions
     h = h_MD[:, None]
     z_RM = jnp.stack([rs.router(h, r)[:, 0] for r in range(R)])
-    dec = rs.aux_router if hasattr(rs, "aux_router") else rs.router
+    dec = rs.aux_router if rs.aux_router is not None else rs.router
     zd_RM = jnp.stack([dec(h, r)[:, 0] for r in range(R)]) if dec is not rs.router else z_RM
     take = lambda a: jnp.take_along_axis(a, jnp.clip(r_M, 0, R - 1)[None], 0)[0]
     return take(z_RM), take(zd_RM)
