@@ -26,13 +26,36 @@ def get_config(arg=None):
         raise ValueError(f"configs/arith_strategies.py takes no argument, got {arg!r}")
     c = ml_collections.ConfigDict()
     c.name = "arith_strategies"
-    c.model = dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_hidden=384,
-                   max_seq_len=128, tie_embeddings=False, ffn="dense")
-    c.data = dict(mixture="arith:1", seq_len=128, arith_num_steps=2, arith_eval_num_steps=2,
-                  arith_modulus=7, arith_direct=0.6)
+    c.model = dict(
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_hidden=384,
+        max_seq_len=128,
+        tie_embeddings=False,
+        ffn="dense",
+    )
+    c.data = dict(
+        mixture="arith:1",
+        seq_len=128,
+        arith_num_steps=2,
+        arith_eval_num_steps=2,
+        arith_modulus=7,
+        arith_direct=0.6,
+    )
     c.eval = dict(num_examples=256, longer_chains=0)
-    c.train = dict(steps=3000, batch_size=16, lr=1e-3, schedule="cosine", warmup_steps=100,
-                   log_every=25, eval_every=500, checkpoint_every=500, keep_every=500,
-                   eval_batches=2)
+    c.train = dict(
+        steps=3000,
+        batch_size=16,
+        lr=1e-3,
+        schedule="cosine",
+        warmup_steps=100,
+        log_every=25,
+        eval_every=500,
+        checkpoint_every=500,
+        keep_every=500,
+        eval_batches=2,
+    )
     c.mesh = dict(data=-1)
     return c

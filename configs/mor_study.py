@@ -24,8 +24,7 @@ VANILLA_STEPS = {"tiny": 1000, "micro": 4}
 SEEDS = {"tiny": (0, 1, 2), "micro": (0,)}
 ARMS = {  # name -> model overrides
     "vanilla": {},
-    "fixed3": {"model.stack": "recursive", "model.mor.num_recursions": 3,
-               "model.mor.routing": "none"},
+    "fixed3": {"model.stack": "recursive", "model.mor.num_recursions": 3, "model.mor.routing": "none"},
     "mor2": {"model.stack": "recursive", "model.mor.num_recursions": 2},
     "mor3": {"model.stack": "recursive", "model.mor.num_recursions": 3},
 }
@@ -39,27 +38,58 @@ def get_config(arg=None):
     c.name = f"mor_study_{arg}"
     steps = VANILLA_STEPS[arg]
     if arg == "tiny":
-        c.model = dict(d_model=96, num_layers=8, num_heads=4, num_kv_heads=2, mlp_hidden=256,
-                       max_seq_len=128)
-        c.data = dict(mixture="facts:1,arith:1", seq_len=128, facts_num_entities=100,
-                      arith_num_steps=2, arith_eval_num_steps=2, arith_modulus=23)
+        c.model = dict(d_model=96, num_layers=8, num_heads=4, num_kv_heads=2, mlp_hidden=256, max_seq_len=128)
+        c.data = dict(
+            mixture="facts:1,arith:1",
+            seq_len=128,
+            facts_num_entities=100,
+            arith_num_steps=2,
+            arith_eval_num_steps=2,
+            arith_modulus=23,
+        )
         c.eval = dict(num_examples=96, batch_size=48, max_new_tokens=48, longer_chains=3)
         batch = 16
     else:  # tests
-        c.model = dict(d_model=32, num_layers=5, num_heads=2, num_kv_heads=2, mlp_hidden=64,
-                       max_seq_len=64)
-        c.data = dict(mixture="facts:1,arith:1", seq_len=48, facts_num_entities=20,
-                      arith_num_steps=2, arith_eval_num_steps=2, arith_modulus=11)
+        c.model = dict(d_model=32, num_layers=5, num_heads=2, num_kv_heads=2, mlp_hidden=64, max_seq_len=64)
+        c.data = dict(
+            mixture="facts:1,arith:1",
+            seq_len=48,
+            facts_num_entities=20,
+            arith_num_steps=2,
+            arith_eval_num_steps=2,
+            arith_modulus=11,
+        )
         c.eval = dict(num_examples=8, batch_size=8, max_new_tokens=16)
         batch = 8
     # the MoR arms' settings (used once model.stack = "recursive")
-    c.model.mor = dict(sharing="middle_cycle", routing="expert_choice", router_type="linear",
-                       alpha=0.1, update="add", causal_aux="bce", bce_weight=1e-3,
-                       kv_cache="recursion_wise")
-    c.train = dict(steps=steps, batch_size=batch, lr=3e-3, schedule="wsd",
-                   warmup_steps=max(1, steps // 20), decay_fraction=0.2, end_lr_ratio=0.0,
-                   b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, log_every=100,
-                   eval_every=steps, checkpoint_every=steps, keep_last=1, progress=False)
+    c.model.mor = dict(
+        sharing="middle_cycle",
+        routing="expert_choice",
+        router_type="linear",
+        alpha=0.1,
+        update="add",
+        causal_aux="bce",
+        bce_weight=1e-3,
+        kv_cache="recursion_wise",
+    )
+    c.train = dict(
+        steps=steps,
+        batch_size=batch,
+        lr=3e-3,
+        schedule="wsd",
+        warmup_steps=max(1, steps // 20),
+        decay_fraction=0.2,
+        end_lr_ratio=0.0,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        log_every=100,
+        eval_every=steps,
+        checkpoint_every=steps,
+        keep_last=1,
+        progress=False,
+    )
     c.mesh = dict(data=-1)
     return c
 
@@ -83,11 +113,20 @@ def get_sweep(arg=None):
     vanilla = _model(c, {})
     points = []
     for name, over in ARMS.items():
-        steps = iso_flop_steps(_model(c, over), vanilla, c.train.steps, c.data.seq_len,
-                               convention="mor_paper")
+        steps = iso_flop_steps(
+            _model(c, over), vanilla, c.train.steps, c.data.seq_len, convention="mor_paper"
+        )
         for seed in SEEDS[arg]:
-            points.append({"name": f"{name}_s{seed}", **over, "train.seed": seed,
-                           "train.steps": steps, "train.warmup_steps": max(1, steps // 20),
-                           "train.eval_every": steps, "train.checkpoint_every": steps,
-                           "tags": {"arm": name, "seed": seed}})
+            points.append(
+                {
+                    "name": f"{name}_s{seed}",
+                    **over,
+                    "train.seed": seed,
+                    "train.steps": steps,
+                    "train.warmup_steps": max(1, steps // 20),
+                    "train.eval_every": steps,
+                    "train.checkpoint_every": steps,
+                    "tags": {"arm": name, "seed": seed},
+                }
+            )
     return points

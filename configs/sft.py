@@ -19,8 +19,18 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.name = "sft"
     c.data = dict(mixture="file:1", files=arg or "data/sft/traces.jsonl", seq_len=512)
-    c.train = dict(steps=300, batch_size=16, lr=1e-5, schedule="cosine", warmup_steps=15,
-                   end_lr_ratio=0.0, weight_decay=1e-4, loss_on="completion",
-                   log_every=10, eval_every=100, checkpoint_every=100)
+    c.train = dict(
+        steps=300,
+        batch_size=16,
+        lr=1e-5,
+        schedule="cosine",
+        warmup_steps=15,
+        end_lr_ratio=0.0,
+        weight_decay=1e-4,
+        loss_on="completion",
+        log_every=10,
+        eval_every=100,
+        checkpoint_every=100,
+    )
     c.eval = dict(at_end=False)  # score it with moe-lab eval --data / --lm-eval
     return c

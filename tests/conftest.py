@@ -31,13 +31,24 @@ from moe_lab.config.schema import Config, DataConfig, MeshConfig, ModelConfig, T
 def tiny_config(**sections) -> Config:
     """A very small config for fast tests; override sections with dicts."""
     base = {
-        "model": dict(vocab_size=0, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      mlp_hidden=64, max_seq_len=64),
-        "data": dict(mixture="facts:1,arith:1", seq_len=32, facts_num_entities=20,
-                     arith_num_steps=2, arith_modulus=11),
-        "train": dict(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
-                      eval_every=10, checkpoint_every=10, eval_batches=1, progress=False,
-                      async_checkpoint=False),
+        "model": dict(
+            vocab_size=0, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_hidden=64, max_seq_len=64
+        ),
+        "data": dict(
+            mixture="facts:1,arith:1", seq_len=32, facts_num_entities=20, arith_num_steps=2, arith_modulus=11
+        ),
+        "train": dict(
+            steps=20,
+            batch_size=8,
+            lr=3e-3,
+            warmup_steps=2,
+            log_every=5,
+            eval_every=10,
+            checkpoint_every=10,
+            eval_batches=1,
+            progress=False,
+            async_checkpoint=False,
+        ),
         "eval": dict(at_end=False),
         "mesh": dict(data=-1),
     }
@@ -75,8 +86,10 @@ def _modules_with_shared_fixtures() -> set[str]:
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "bench_smoke: a benchmark's own quick run (`make test-bench`; not in "
-        "`make test`, whose 10-minute budget it does not fit)")
+        "markers",
+        "bench_smoke: a benchmark's own quick run (`make test-bench`; not in "
+        "`make test`, whose 10-minute budget it does not fit)",
+    )
 
 
 HF_MODULES = {"test_interop.py", "test_lm_eval.py"}  # the tests that import the HF stack

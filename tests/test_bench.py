@@ -16,12 +16,16 @@ def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
     times = {(x["dispatch"], x["experts"]): x["time_s"] for x in r["results"]}
     assert all(t > 0 for t in times.values())
     assert [t["name"] for t in r["targets"]] == [
-        "capacity time(E=8)/time(E=4)", "dropless time(E=8)/time(E=4)", "capacity(E=4)/dense"]
+        "capacity time(E=8)/time(E=4)",
+        "dropless time(E=8)/time(E=4)",
+        "capacity(E=4)/dense",
+    ]
     assert all(0 < t["value"] < 100 and t["ok"] == (t["value"] <= t["limit"]) for t in r["targets"])
     assert 0 < r["floor_ratio"] < 100 and 0 < r["ideal_ratio"] < 100
     assert times[("f32", 4)] > 0 and times[("f32", 8)] > 0  # the router alone, timed
     assert r["router_share"] == pytest.approx(
-        (times[("f32", 8)] - times[("f32", 4)]) / times[("capacity", 4)], abs=1e-4)
+        (times[("f32", 8)] - times[("f32", 4)]) / times[("capacity", 4)], abs=1e-4
+    )
     for t in r["targets"]:  # the median of the pairs, inside their interquartile range
         assert t["pairs"] == 3 and t["iqr"][0] <= t["value"] <= t["iqr"][1]
     assert all(v > 0 for v in r["copy_bandwidth_gbs"].values())
@@ -48,6 +52,7 @@ def test_paired_ratio_measures_the_ratio_of_two_functions(monkeypatch):
         def fn():
             clock["calls"] += 1
             clock["t"] += cost * (1 + (clock["calls"] - 1) // 2)  # load grows pair by pair
+
         return fn, ()
 
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock["t"])
@@ -59,14 +64,15 @@ def test_paired_ratio_measures_the_ratio_of_two_functions(monkeypatch):
 def test_host_allocator_tuned_by_the_entry_point_not_on_import_and_opt_out():
     # train tunes it (a config file that does not exist: it stops right after); prepare,
     # a host-only command, does not
-    code = ("import moe_lab.parallel.host_allocator as h, moe_lab; assert h._applied is None; "
-            "from moe_lab.cli.main import main; main(['prepare', '--input', 'nothing*', "
-            "'--out', 'x']); assert h._applied is None; "
-            "main(['train', '--config', 'nope.py', '--workdir', 'x']); print(h._applied)")
+    code = (
+        "import moe_lab.parallel.host_allocator as h, moe_lab; assert h._applied is None; "
+        "from moe_lab.cli.main import main; main(['prepare', '--input', 'nothing*', "
+        "'--out', 'x']); assert h._applied is None; "
+        "main(['train', '--config', 'nope.py', '--workdir', 'x']); print(h._applied)"
+    )
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     env = {**os.environ, "MOE_LAB_SYSTEM_MALLOC": "1"}
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert on.stdout.strip() == "True"
     assert off.stdout.strip() == "False"
 
@@ -87,17 +93,17 @@ def test_decode_bench_quick_reports_paired_speedups_and_kv_ratios():
     from moe_lab.bench import decode
 
     r = decode.run(quick=True, d_model=64, batch=4, new_tokens=4, fit_steps=2)
-    assert set(r["models"]) == {"vanilla", "vanilla_plain_path", "mor_recursion_wise",
-                                "mor_kv_shared"}
-    assert all(m["tokens_per_sec"] > 0 and m["end_to_end_tokens_per_sec"] > 0
-               for m in r["models"].values())
+    assert set(r["models"]) == {"vanilla", "vanilla_plain_path", "mor_recursion_wise", "mor_kv_shared"}
+    assert all(m["tokens_per_sec"] > 0 and m["end_to_end_tokens_per_sec"] > 0 for m in r["models"].values())
     for key in ("speedup_recursion_wise", "speedup_kv_shared", "speedup_kv_shared_equal_kv_memory"):
         assert 0.05 < r[key] < 20
     # KV sharing stores step 1's KV only: 1/N_r of the recursive part, half the buffers
     assert r["models"]["mor_kv_shared"]["kv_stored_ratio_recursive_part"] == pytest.approx(1 / 3)
     assert r["kv_alloc_ratio_shared"] == pytest.approx(0.5)
-    assert [t["ok"] == (t["value"] >= t["limit"] if t["op"] == ">=" else t["value"] <= t["limit"])
-            for t in r["targets"]] == [True] * 4
+    assert [
+        t["ok"] == (t["value"] >= t["limit"] if t["op"] == ">=" else t["value"] <= t["limit"])
+        for t in r["targets"]
+    ] == [True] * 4
 
 
 @pytest.mark.bench_smoke
@@ -106,16 +112,24 @@ def test_data_bench_quick_measures_prepare_iterator_and_startup():
 
     r = data.run(quick=True)
     assert 8 < r["tokens_big"] / r["tokens_small"] < 12 and r["prepare_shards"] >= 1  # 10x docs
-    for key in ("encode_tokens_per_sec", "prepare_tokens_per_sec", "iterator_tokens_per_sec",
-                "iterator_workers2_tokens_per_sec", "train_step_tokens_per_sec"):
+    for key in (
+        "encode_tokens_per_sec",
+        "prepare_tokens_per_sec",
+        "iterator_tokens_per_sec",
+        "iterator_workers2_tokens_per_sec",
+        "train_step_tokens_per_sec",
+    ):
         assert r[key] > 0, key
     for k in ("startup_small", "startup_big"):
         assert r[k]["seconds"] > 0 and r[k]["rss_kib"] > 0
     # each target is the ratio of this run's own measurements
     prep_tps, enc = r["prepare_tokens_per_sec"], r["encode_tokens_per_sec"]
-    ratios = [prep_tps / enc, r["iterator_tokens_per_sec"] / r["train_step_tokens_per_sec"],
-              r["startup_big"]["seconds"] / r["startup_small"]["seconds"],
-              r["startup_big"]["rss_kib"] / r["startup_small"]["rss_kib"]]
+    ratios = [
+        prep_tps / enc,
+        r["iterator_tokens_per_sec"] / r["train_step_tokens_per_sec"],
+        r["startup_big"]["seconds"] / r["startup_small"]["seconds"],
+        r["startup_big"]["rss_kib"] / r["startup_small"]["rss_kib"],
+    ]
     assert [t["value"] for t in r["targets"]] == pytest.approx(ratios, abs=1e-4)
 
 
@@ -129,12 +143,17 @@ def test_interop_bench_quick_measures_import_and_export_against_baselines():
         assert len(r[case]["all_seconds"]) == 2
     # each target is a ratio of this run's own measurements: times paired run by run
     nbytes = r["checkpoint_bytes"]
-    for case, base, key in (("import", "read+save", "import_time_ratios"),
-                            ("export", "restore+save", "export_time_ratios")):
-        assert r[key] == pytest.approx([a / b for a, b in zip(
-            r[case]["all_seconds"], r[base]["all_seconds"], strict=True)])
-    ratios = [float(np.median(r["import_time_ratios"])),
-              (r["import"]["peak"] - r["import"]["base"]) / nbytes,
-              float(np.median(r["export_time_ratios"])),
-              (r["export"]["peak"] - r["export"]["base"]) / nbytes]
+    for case, base, key in (
+        ("import", "read+save", "import_time_ratios"),
+        ("export", "restore+save", "export_time_ratios"),
+    ):
+        assert r[key] == pytest.approx(
+            [a / b for a, b in zip(r[case]["all_seconds"], r[base]["all_seconds"], strict=True)]
+        )
+    ratios = [
+        float(np.median(r["import_time_ratios"])),
+        (r["import"]["peak"] - r["import"]["base"]) / nbytes,
+        float(np.median(r["export_time_ratios"])),
+        (r["export"]["peak"] - r["export"]["base"]) / nbytes,
+    ]
     assert [t["value"] for t in r["targets"]] == pytest.approx(ratios, abs=1e-4)

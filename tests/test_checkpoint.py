@@ -31,9 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _mesh(shape=(2, 4), devices=None):
     if devices is None:
-        return jax.make_mesh(
-            shape, ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2
-        )
+        return jax.make_mesh(shape, ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2)
     return jax.sharding.Mesh(
         np.asarray(devices).reshape(shape),
         ("data", "fsdp"),
@@ -64,17 +62,13 @@ def _state(mesh, step=7):
         "model_state": {"bias": jnp.arange(8, dtype=jnp.float32)},
         "step": jnp.int32(step),
     }
-    return jax.tree.map(
-        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), values, _specs()
-    )
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), values, _specs())
 
 
 def _abstract(state, mesh, specs=None):
     specs = specs or _specs()
     return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=NamedSharding(mesh, s)
-        ),
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
         state,
         specs,
     )
@@ -129,9 +123,7 @@ def test_round_trip_and_resharding(tmp_path):
 def test_async_save_copies_state_and_close_waits(tmp_path):
     mesh = _mesh()
     state = _state(mesh, step=1)
-    big = jax.device_put(
-        jnp.ones((1024, 1024), jnp.float32), NamedSharding(mesh, P("data", "fsdp"))
-    )
+    big = jax.device_put(jnp.ones((1024, 1024), jnp.float32), NamedSharding(mesh, P("data", "fsdp")))
     expected = jax.tree.map(np.asarray, state)
     state["params"]["big"] = big
     ckpt = Checkpointer(str(tmp_path), async_save=True)
@@ -164,18 +156,14 @@ def test_data_iterator_state(tmp_path):
         expected = next(it)  # the iterator keeps going while the save runs
         next(it)
     fresh = make()
-    _, meta = Checkpointer(str(tmp_path)).restore(
-        3, _abstract(state, mesh), data_iterator=fresh
-    )
+    _, meta = Checkpointer(str(tmp_path)).restore(3, _abstract(state, mesh), data_iterator=fresh)
     np.testing.assert_array_equal(next(fresh), expected)
     assert meta["step"] == 3
 
     # A checkpoint without data state (as written by `grow`) leaves the iterator alone.
     write_checkpoint(str(tmp_path / "grown"), 0, state, {"grown": True})
     fresh = make()
-    Checkpointer(str(tmp_path / "grown")).restore(
-        0, _abstract(state, mesh), data_iterator=fresh
-    )
+    Checkpointer(str(tmp_path / "grown")).restore(0, _abstract(state, mesh), data_iterator=fresh)
     np.testing.assert_array_equal(next(fresh), next(make()))
 
 
@@ -218,23 +206,17 @@ def test_errors_are_one_line_config_errors(tmp_path):
         ckpt.restore(None, _abstract(state, mesh))
     ckpt.save(2, state)
 
-    with pytest.raises(
-        ConfigError, match=r"no checkpoint at step 5 in .* \(available: 2\)"
-    ):
+    with pytest.raises(ConfigError, match=r"no checkpoint at step 5 in .* \(available: 2\)"):
         ckpt.restore(5, _abstract(state, mesh))
     with pytest.raises(ConfigError, match=r"available: 2"):
         ckpt.restore_raw(3)
 
     bad = _abstract(state, mesh)
-    bad["params"]["w"] = jax.ShapeDtypeStruct(
-        (8, 8), jnp.float32, sharding=bad["params"]["w"].sharding
-    )
+    bad["params"]["w"] = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=bad["params"]["w"].sharding)
     with pytest.raises(ConfigError) as e:
         ckpt.restore(2, bad)
     msg = str(e.value)
-    assert (
-        "\n" not in msg and "'params/w'" in msg and "(16, 8)" in msg and "(8, 8)" in msg
-    )
+    assert "\n" not in msg and "'params/w'" in msg and "(16, 8)" in msg and "(8, 8)" in msg
 
     missing = _abstract(state, mesh)
     missing["params"]["extra"] = missing["params"]["w"]
@@ -242,11 +224,7 @@ def test_errors_are_one_line_config_errors(tmp_path):
     with pytest.raises(ConfigError) as e:
         ckpt.restore(2, missing)
     msg = str(e.value)
-    assert (
-        "\n" not in msg
-        and "'model_state/bias'" in msg
-        and "not in abstract_state" in msg
-    )
+    assert "\n" not in msg and "'model_state/bias'" in msg and "not in abstract_state" in msg
     ckpt.close()
 
     (tmp_path / "afile").write_text("x")
@@ -298,6 +276,7 @@ def test_lazy_leaves_are_written_one_at_a_time_and_restore_like_any_other(tmp_pa
             made.append(jax.tree_util.keystr(path))
             alive.append(weakref.ref(copy))
             return copy
+
         return LazyArray(a.shape, a.dtype, make, compress=path[-1].key == "w")
 
     lazy_params = jax.tree_util.tree_map_with_path(lazy, host["params"])
@@ -360,11 +339,7 @@ def test_save_killed_mid_write_is_never_listed(tmp_path):
 
     ckpt = Checkpointer(workdir)
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
-    abstract = {
-        "w": jax.ShapeDtypeStruct(
-            (4, 4), jnp.float32, sharding=NamedSharding(_mesh(), P())
-        )
-    }
+    abstract = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=NamedSharding(_mesh(), P()))}
     restored, meta = ckpt.restore(None, abstract)
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.ones((4, 4)))
     assert meta["step"] == 1
@@ -372,6 +347,4 @@ def test_save_killed_mid_write_is_never_listed(tmp_path):
     assert ckpt.save(2, {"w": jnp.zeros((4, 4))})
     ckpt.close()
     assert ckpt.all_steps() == [1, 2]
-    assert not any(
-        ".orbax-checkpoint-tmp" in n for n in os.listdir(tmp_path / "checkpoints")
-    )
+    assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(tmp_path / "checkpoints"))

@@ -25,20 +25,34 @@ from moe_lab.config.schema import ConfigError
 from moe_lab.parallel import topology
 from moe_lab.parallel.topology import compile_devices, default_shape, parse_topology
 
-needs_libtpu = pytest.mark.skipif(not topology.libtpu_installed(),
-                                  reason="libtpu not installed (setup.py's dev extra on linux x86-64)")
+needs_libtpu = pytest.mark.skipif(
+    not topology.libtpu_installed(), reason="libtpu not installed (setup.py's dev extra on linux x86-64)"
+)
 
 # a small MoE: 8 experts, top-2, d_model and expert hidden 128 (at d 32 the elementwise
 # ops' FLOPs are a sixth of the matmuls' and blur the replication check); capacity
 # factor 1: no padding rows in the FLOPs, so a ratio near 1 is the layer's own work
-MOE = dict(ffn="moe", d_model=128, moe=dict(num_experts=8, top_k=2, expert_hidden=128,
-                                            router="softmax_topk", dispatch="dropless",
-                                            capacity_factor=1.0))
+MOE = dict(
+    ffn="moe",
+    d_model=128,
+    moe=dict(
+        num_experts=8,
+        top_k=2,
+        expert_hidden=128,
+        router="softmax_topk",
+        dispatch="dropless",
+        capacity_factor=1.0,
+    ),
+)
 
 
 def _cfg(model=None, mesh=None, **sections):
-    return tiny_config(model={**(model or {}), "compute_dtype": "bfloat16"},
-                       train=dict(batch_size=16), mesh=mesh or dict(data=-1), **sections)
+    return tiny_config(
+        model={**(model or {}), "compute_dtype": "bfloat16"},
+        train=dict(batch_size=16),
+        mesh=mesh or dict(data=-1),
+        **sections,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +93,16 @@ def test_topology_names_both_forms_and_tensorcore_naming():
     # MFU's peak and the plan's HBM come from the same table, by jax's device kinds
     from moe_lab.accounting.hardware import tpu_peak_bf16
     from moe_lab.accounting.plan import device_memory_gib
+
     assert tpu_peak_bf16("TPU v5") == 459e12 and tpu_peak_bf16("TPU v6 lite") == 918e12
     assert tpu_peak_bf16("TPU7x") == 2307e12 / 2 and device_memory_gib("tpu-v5p") == 95
-    for bad, match in (("v9:2x2", "unknown TPU topology"), ("v5p:2x2", "3-D torus"),
-                       ("v5p-7", "multiple of 2"), ("tpu7x-8", "by torus"),
-                       ("v6e-12", "power of two")):
+    for bad, match in (
+        ("v9:2x2", "unknown TPU topology"),
+        ("v5p:2x2", "3-D torus"),
+        ("v5p-7", "multiple of 2"),
+        ("tpu7x-8", "by torus"),
+        ("v6e-12", "power of two"),
+    ):
         with pytest.raises(ConfigError, match=match):
             parse_topology(bad)
 
@@ -92,11 +111,12 @@ def test_topology_names_both_forms_and_tensorcore_naming():
 def test_bad_input_is_one_line_before_compiling(capsys, monkeypatch):
     base = ("compile", "--config", "configs/moe_tiny.py")
     for extra, match in (
-            (("--topology", "v5q:2x2x1"), "unknown TPU topology"),
-            (("--topology", "v5p:2x2x1", "--num-slices", "2"), "no DCN axis"),
-            (("--topology", "v5p:2x2x1", "--config.mesh.plan_devices=8"), "--allow-resize"),
-            (("--topology", "v6e:2x2", "--config.mesh.plan_hardware=tpu-v5p"), "--allow-resize"),
-            (("--topology", "v5p:2x2x1", "--programs", "train,frob"), "--programs")):
+        (("--topology", "v5q:2x2x1"), "unknown TPU topology"),
+        (("--topology", "v5p:2x2x1", "--num-slices", "2"), "no DCN axis"),
+        (("--topology", "v5p:2x2x1", "--config.mesh.plan_devices=8"), "--allow-resize"),
+        (("--topology", "v6e:2x2", "--config.mesh.plan_hardware=tpu-v5p"), "--allow-resize"),
+        (("--topology", "v5p:2x2x1", "--programs", "train,frob"), "--programs"),
+    ):
         code, out, err = run_cli(capsys, *base, *extra)
         assert code == 2 and out == "" and err.count("\n") == 1 and match in err, (extra, err)
     monkeypatch.setattr(topology, "libtpu_installed", lambda: False)
@@ -105,19 +125,23 @@ def test_bad_input_is_one_line_before_compiling(capsys, monkeypatch):
 
 
 def test_hlo_reading():
-    text = "\n".join([
-        '  %ag = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p)',
-        '  %ar = bf16[128,256]{1,0} all-reduce(bf16[128,256]{1,0} %x), to_apply=%add',
-        '  %a2a = bf16[4,2,8,16]{3,2,1,0} all-to-all(bf16[4,2,8,16]{3,2,1,0} %y)',
-        '  %custom-call.3 = bf16[64,192]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", '
-        'metadata={op_name="jit(f)/tokamax:{\\"op\\":{\\"__type\\":\\"tokamax.x.Mosaic\\"}}"}',
-        '  %gmm_megablox.2 = bf16[64,192]{1,0} custom-call(%a), custom_call_target="tpu_custom_call"',
-        '  %b = u8[16]{0} custom-call(), custom_call_target="AllocateBuffer"'])
-    assert hlo.collectives(text) == {"all-gather": {"count": 1, "bytes": 512.0},
-                                     "all-reduce": {"count": 1, "bytes": 65536.0},
-                                     "all-to-all": {"count": 1, "bytes": 2048.0}}
-    assert hlo.kernel_calls(text) == {"tpu_custom_call:tokamax.Mosaic": 1,
-                                      "tpu_custom_call:gmm_megablox": 1}
+    text = "\n".join(
+        [
+            "  %ag = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p)",
+            "  %ar = bf16[128,256]{1,0} all-reduce(bf16[128,256]{1,0} %x), to_apply=%add",
+            "  %a2a = bf16[4,2,8,16]{3,2,1,0} all-to-all(bf16[4,2,8,16]{3,2,1,0} %y)",
+            '  %custom-call.3 = bf16[64,192]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", '
+            'metadata={op_name="jit(f)/tokamax:{\\"op\\":{\\"__type\\":\\"tokamax.x.Mosaic\\"}}"}',
+            '  %gmm_megablox.2 = bf16[64,192]{1,0} custom-call(%a), custom_call_target="tpu_custom_call"',
+            '  %b = u8[16]{0} custom-call(), custom_call_target="AllocateBuffer"',
+        ]
+    )
+    assert hlo.collectives(text) == {
+        "all-gather": {"count": 1, "bytes": 512.0},
+        "all-reduce": {"count": 1, "bytes": 65536.0},
+        "all-to-all": {"count": 1, "bytes": 2048.0},
+    }
+    assert hlo.kernel_calls(text) == {"tpu_custom_call:tokamax.Mosaic": 1, "tpu_custom_call:gmm_megablox": 1}
 
 
 # ------------------------------------------------------------- compiles
@@ -131,19 +155,33 @@ def test_dense_compiles_fits_and_reports(v5p, capsys):
     assert res.programs["train"].collectives["all-reduce"]["count"] >= 1  # data-parallel grads
     assert res.programs["train"].kernels == {}  # attention auto on TPU: xla (start-up line)
     # auto attention on TPU is splash; at T = 32 (not a multiple of 128) xla, said so
-    assert any("attention: auto -> splash on tpu" in n and "seq_len=32 is not a multiple of "
-               "128: xla" in n for n in res.kernel_notes)
+    assert any(
+        "attention: auto -> splash on tpu" in n and "seq_len=32 is not a multiple of 128: xla" in n
+        for n in res.kernel_notes
+    )
     # the CLI: the KV-cache decode step, on v6e, as JSON
-    code, out, err = run_cli(capsys, "compile", "--config", "configs/tiny.py", "--topology",
-                          "v6e:2x2", "--programs", "decode", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "compile",
+        "--config",
+        "configs/tiny.py",
+        "--topology",
+        "v6e:2x2",
+        "--programs",
+        "decode",
+        "--json",
+    )
     report = json.loads(out)
     assert code == 0 and report["programs"]["decode"]["memory"]["total"] > 0, err
 
 
 @needs_libtpu
 def test_moe_capacity_all_to_all_compiles_without_replicated_expert_work(v5p):
-    res = compile_run(_cfg(MOE | {"moe": MOE["moe"] | {"dispatch": "capacity"}},
-                           dict(data=1, expert=4)), v5p, programs=("moe_layer",))
+    res = compile_run(
+        _cfg(MOE | {"moe": MOE["moe"] | {"dispatch": "capacity"}}, dict(data=1, expert=4)),
+        v5p,
+        programs=("moe_layer",),
+    )
     layer = res.programs["moe_layer"]  # the capacity train step: test_grown_config_compiles
     assert layer.collectives["all-to-all"]["count"] >= 2  # there and back (and in backward)
     assert flops_ratio(layer) <= FLOPS_TOLERANCE, flops_ratio(layer)
@@ -173,8 +211,9 @@ def test_moe_dropless_xla_kernels_do_not_replicate_expert_work(v5p, mesh):
     res = compile_run(_cfg(MOE | {"moe": ragged}, mesh), v5p, programs=("moe_layer",))
     assert flops_ratio(res.programs["moe_layer"]) <= FLOPS_TOLERANCE
     if "expert" in mesh:
-        gspmd = compile_run(_cfg(MOE | {"moe": ragged | {"expert_parallel": "gspmd"}}, mesh),
-                            v5p, programs=("moe_layer",))
+        gspmd = compile_run(
+            _cfg(MOE | {"moe": ragged | {"expert_parallel": "gspmd"}}, mesh), v5p, programs=("moe_layer",)
+        )
         assert flops_ratio(gspmd.programs["moe_layer"]) > 3
 
 
@@ -202,8 +241,11 @@ def test_auto_attention_runs_the_tpu_flash_kernel_on_packed_rows(v5p):
     res = compile_run(_cfg(dict(max_seq_len=128), data=dict(seq_len=128)), v5p, programs=("train",))
     _assert_fits(res)
     kernels = {k.split(":")[-1] for k in res.programs["train"].kernels}
-    assert {"splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
-            "splash_mqa_dkv_segmented_no_residuals"} <= kernels, kernels
+    assert {
+        "splash_mqa_fwd_segmented_residuals",
+        "splash_mqa_dq_segmented_no_residuals",
+        "splash_mqa_dkv_segmented_no_residuals",
+    } <= kernels, kernels
     tok = compile_run(_cfg(dict(attention_impl="tokamax")), v5p, programs=("train",))
     assert not tok.programs["train"].ok
 
@@ -213,8 +255,11 @@ def test_grown_config_compiles(v5p):
     """growth's grown shape (depth x2 by interposition, experts x2) compiles and fits."""
     base = _cfg(MOE | {"moe": MOE["moe"] | {"dispatch": "capacity"}})
     m = base.model
-    grown = base.replace(model=dataclasses.replace(
-        m, num_layers=2 * m.num_layers, moe=dataclasses.replace(m.moe, num_experts=16)))
+    grown = base.replace(
+        model=dataclasses.replace(
+            m, num_layers=2 * m.num_layers, moe=dataclasses.replace(m.moe, num_experts=16)
+        )
+    )
     _assert_fits(compile_run(grown, v5p, programs=("train",)))
 
 
@@ -243,9 +288,11 @@ def test_sweep_compile_writes_the_plan_of_every_point(tmp_path, capsys):
         "    c.train = dict(steps=10, batch_size=8)\n"
         "    return c\n"
         "def get_sweep(arg=None):\n"
-        "    return [{'name': 'small'}, {'name': 'huge', 'model.vocab_size': 2**27}]\n")
-    code, out, err = run_cli(capsys, "sweep", "--config", str(sweep), "--workdir",
-                          str(tmp_path / "s"), "--compile", "v5e:2x2")
+        "    return [{'name': 'small'}, {'name': 'huge', 'model.vocab_size': 2**27}]\n"
+    )
+    code, out, err = run_cli(
+        capsys, "sweep", "--config", str(sweep), "--workdir", str(tmp_path / "s"), "--compile", "v5e:2x2"
+    )
     rows = [json.loads(line) for line in (tmp_path / "s" / "compile_plan.jsonl").open()]
     assert code == 1 and [r["point"] for r in rows] == ["small", "huge"], err
     assert rows[0]["fits"] and 0 < rows[0]["gib_per_device"] < rows[0]["hbm_gib"] == 16

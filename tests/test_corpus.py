@@ -49,16 +49,22 @@ def corpus(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"content": [_text(rng, 9) for _ in range(90)]}), d / "d.parquet",
-                   row_group_size=30)
+    pq.write_table(
+        pa.table({"content": [_text(rng, 9) for _ in range(90)]}), d / "d.parquet", row_group_size=30
+    )
     tok_json = str(d / "tok.json")
     train_bpe(f"{d}/*.jsonl,{d}/*.txt", 400, tok_json, log=lambda *_: None)
     import sentencepiece as spm
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter([_text(rng, 20) for _ in range(400)]),
-                                   model_writer=model, vocab_size=300, model_type="bpe", byte_fallback=True,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([_text(rng, 20) for _ in range(400)]),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        minloglevel=2,
+    )
     (d / "sp.model").write_bytes(model.getvalue())
     return d
 
@@ -68,16 +74,17 @@ TASK_TEXT = f"{BOS}a=1 b=a+2 mod 23. b?{THINK_START}b=3{THINK_END}{ANSWER}3{EOS}
 
 @pytest.mark.parametrize("kind", ["byte", "hf", "sentencepiece"])
 def test_special_tokens_in_every_tokenizer_kind(corpus, kind):
-    spec = {"byte": "byte", "hf": str(corpus / "tok.json"),
-            "sentencepiece": str(corpus / "sp.model")}[kind]
+    spec = {"byte": "byte", "hf": str(corpus / "tok.json"), "sentencepiece": str(corpus / "sp.model")}[kind]
     tok = load_tokenizer(spec)
     assert tok.kind == kind and len(set(tok.special_to_id.values())) == len(SPECIAL_TOKENS)
     ids = tok.encode(TASK_TEXT)
     for s in (BOS, THINK_START, THINK_END, ANSWER, EOS):
         assert ids.count(tok.special_to_id[s]) == 1, s  # each special is one token
     assert tok.decode(ids) == TASK_TEXT  # specials round-trip (and this text, in every kind)
-    assert tok.encode("x", add_bos=True, add_eos=True)[::len(tok.encode("x")) + 1] == [
-        tok.bos_id, tok.eos_id]
+    assert tok.encode("x", add_bos=True, add_eos=True)[:: len(tok.encode("x")) + 1] == [
+        tok.bos_id,
+        tok.eos_id,
+    ]
     assert max(tok.encode(_text(random.Random(1), 30))) < tok.vocab_size
     assert tok.decode([tok.pad_id] + tok.encode("ab")) == "ab"
     assert tok.decode(tok.encode("a") + [tok.vocab_size + 3]) == "a\ufffd"  # padded rows
@@ -117,15 +124,17 @@ def _read_shard(path, dtype):
 
     r = ArrayRecordReader(path)
     try:
-        return [np.frombuffer(b, np.dtype(dtype).newbyteorder("<")).astype(np.int64)
-                for b in r.read_all()]
+        return [np.frombuffer(b, np.dtype(dtype).newbyteorder("<")).astype(np.int64) for b in r.read_all()]
     finally:
         r.close()
 
 
 def _digest(out):
-    return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))
-            if f.endswith(".array_record") or f == prep.META}
+    return {
+        f: open(os.path.join(out, f), "rb").read()
+        for f in sorted(os.listdir(out))
+        if f.endswith(".array_record") or f == prep.META
+    }
 
 
 def test_prepare_shards_decode_deterministic_and_resume(corpus, tmp_path, monkeypatch):
@@ -143,11 +152,14 @@ def test_prepare_shards_decode_deterministic_and_resume(corpus, tmp_path, monkey
     docs = _read_shard(str(tmp_path / "one" / one["shards"][0]["train"]), one["token_dtype"])
     held = _read_shard(str(tmp_path / "one" / one["shards"][0]["heldout"]), one["token_dtype"])
     assert len(docs) + len(held) > 1 and any(len(d) for d in docs)
-    rows = [json.loads(x)["text"] for x in open(corpus / "a.jsonl", "rb").read().split(b"\n")
-            if x and b"\xff" not in x]
+    rows = [
+        json.loads(x)["text"]
+        for x in open(corpus / "a.jsonl", "rb").read().split(b"\n")
+        if x and b"\xff" not in x
+    ]
     decoded = [tok.decode(d) for d in docs]
     assert decoded[0] == f"{BOS}{first}{EOS}" or tok.decode(held[0]) == f"{BOS}{first}{EOS}"
-    assert set(d[len(BOS):-len(EOS)] for d in decoded) <= set(rows)
+    assert set(d[len(BOS) : -len(EOS)] for d in decoded) <= set(rows)
     assert sum(len(d) for d in docs) == one["shards"][0]["tokens"]
     # the same shards and meta.json whatever --workers
     two = prep.prepare(inputs, tok_path, str(tmp_path / "two"), workers=2, **quiet)
@@ -175,8 +187,9 @@ def test_prepare_shards_decode_deterministic_and_resume(corpus, tmp_path, monkey
 
 def test_prepare_parquet_and_refusals(corpus, tmp_path):
     quiet = dict(progress=False, log=lambda *_: None)
-    meta = prep.prepare(f"{corpus}/*.parquet", "byte", str(tmp_path / "pq"), field="content",
-                        heldout=0.0, **quiet)
+    meta = prep.prepare(
+        f"{corpus}/*.parquet", "byte", str(tmp_path / "pq"), field="content", heldout=0.0, **quiet
+    )
     assert len(meta["shards"]) == 3 and meta["documents"] == 90  # one unit per row group
     assert meta["tokenizer"]["fingerprint"] == BYTE_TOKENIZER.fingerprint
     with pytest.raises(ConfigError, match="no column 'text'"):
@@ -190,8 +203,14 @@ def test_prepare_parquet_and_refusals(corpus, tmp_path):
         prep.prepare(f"{corpus}/*.txt", "byte", str(mine), **quiet)
     assert os.listdir(mine) == ["notes.txt"]
     with pytest.raises(ConfigError, match="other inputs or options"):  # another tokenizer
-        prep.prepare(f"{corpus}/*.parquet", str(corpus / "tok.json"), str(tmp_path / "pq"),
-                     field="content", heldout=0.0, **quiet)
+        prep.prepare(
+            f"{corpus}/*.parquet",
+            str(corpus / "tok.json"),
+            str(tmp_path / "pq"),
+            field="content",
+            heldout=0.0,
+            **quiet,
+        )
 
 
 KIND_FILES = {"hf": ("tok.json", "sp.model"), "sentencepiece": ("sp.model", "tok.json")}
@@ -215,9 +234,12 @@ def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp
     mine, other_file = KIND_FILES[kind]
     tok_path = str(tmp_path / ("mine" + os.path.splitext(mine)[1]))
     shutil.copyfile(corpus / mine, tok_path)
-    cfg = tiny_config(model=dict(num_layers=1), data=dict(mixture="arith:1", tokenizer=tok_path),
-                      train=dict(steps=2, log_every=1, eval_every=2, checkpoint_every=2),
-                      eval=dict(num_examples=2, batch_size=2, max_new_tokens=8))
+    cfg = tiny_config(
+        model=dict(num_layers=1),
+        data=dict(mixture="arith:1", tokenizer=tok_path),
+        train=dict(steps=2, log_every=1, eval_every=2, checkpoint_every=2),
+        eval=dict(num_examples=2, batch_size=2, max_new_tokens=8),
+    )
     tok = load_tokenizer(tok_path)
     assert cfg.model.vocab_size == 128 * -(-tok.vocab_size // 128) >= tok.vocab_size
     assert cfg.data.tokenizer_fingerprint == tok.fingerprint
@@ -231,13 +253,21 @@ def test_a_run_trains_evaluates_and_generates_with_its_own_tokenizer(corpus, tmp
     res = evaluate(run, write=False, print_table=False)
     assert res["tasks"]["arith"]["eval_loss"] > 0 and "accuracy" in res["tasks"]["arith"]
     prompts = [setup.tokenizer.encode("a=1 b=a+2 mod 11. b?", add_bos=True)]
-    new = generate_batched(setup.graphdef, state["params"], state["model_state"], prompts, 4,
-                           batch_size=1, pad_id=setup.tokenizer.pad_id,
-                           eos_id=setup.tokenizer.eos_id)
+    new = generate_batched(
+        setup.graphdef,
+        state["params"],
+        state["model_state"],
+        prompts,
+        4,
+        batch_size=1,
+        pad_id=setup.tokenizer.pad_id,
+        eos_id=setup.tokenizer.eos_id,
+    )
     assert all(0 <= t < cfg.model.vocab_size for t in new[0])
     assert isinstance(setup.tokenizer.decode(new[0]), str)  # padded rows decode as U+FFFD
-    other = cfg.replace(data=dataclasses.replace(cfg.data, tokenizer=str(corpus / other_file),
-                                                 tokenizer_fingerprint=""))
+    other = cfg.replace(
+        data=dataclasses.replace(cfg.data, tokenizer=str(corpus / other_file), tokenizer_fingerprint="")
+    )
     with pytest.raises(ConfigError, match=f"made with tokenizer {tok.fingerprint}.*this config's is"):
         train(resolve_config(other), run)
     with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
@@ -261,9 +291,11 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     quiet = dict(progress=False, log=lambda *_: None, heldout=0.1)
     cdir = str(tmp_path / "c")
     meta = prep.prepare(f"{corpus}/*.jsonl,{corpus}/*.txt", tok_path, cdir, **quiet)
-    cfg = tiny_config(model=dict(num_layers=1),
-                      data=dict(mixture="corpus:1,facts:0.2", corpus=cdir, tokenizer=tok_path),
-                      train=dict(steps=4, log_every=1, eval_every=4, checkpoint_every=2))
+    cfg = tiny_config(
+        model=dict(num_layers=1),
+        data=dict(mixture="corpus:1,facts:0.2", corpus=cdir, tokenizer=tok_path),
+        train=dict(steps=4, log_every=1, eval_every=4, checkpoint_every=2),
+    )
     batch = next(pipeline.make_train_iterator(cfg.data, 4, seed=0))
     seg, pos = batch["segment_ids"], batch["positions"]
     assert seg.shape == (4, cfg.data.seq_len) and (seg > 0).mean() > 0.9  # concat-then-split
@@ -277,8 +309,7 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     assert "eval/corpus/loss" in whole and whole["eval/corpus/loss"] > 0
     train(cfg, str(tmp_path / "cut"), max_steps=2)
     with pytest.raises(ConfigError, match=r"different data \(data.workers"):
-        train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=0)),
-              str(tmp_path / "cut"))
+        train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=0)), str(tmp_path / "cut"))
     train(cfg, str(tmp_path / "cut"))
     a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
     la = [r["loss"] for r in a if "loss" in r]
@@ -288,8 +319,7 @@ def test_training_on_a_corpus_resumes_exactly_and_refuses_bad_corpora(corpus, tm
     # record that fails Riegeli's chunk hash names its file), a truncated shard, an
     # unfinished prepare
     with pytest.raises(ConfigError, match="prepared with tokenizer .* the run's is"):
-        next(pipeline.make_train_iterator(
-            dataclasses.replace(cfg.data, tokenizer="byte"), 4, seed=0))
+        next(pipeline.make_train_iterator(dataclasses.replace(cfg.data, tokenizer="byte"), 4, seed=0))
     counts = ("documents", "tokens", "heldout_documents", "heldout_tokens")
     assert main(["prepare", "--verify", cdir]) == 0
     assert verify_corpus(cdir, progress=False) == {k: meta[k] for k in counts}

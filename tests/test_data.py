@@ -33,10 +33,19 @@ def test_tokenizer_layout():
     assert t.encode("A") == [ord("A") + t.byte_offset]
 
 
-@pytest.mark.parametrize("text", [
-    "", "hello world", "héllo → 世界 🙂", "a=7 b=a+5 mod 23. b?<think>b=12</think><answer>12",
-    "<s>x</s><sep><reserved_9>", "literal <pad> stays text", "<thin<think>k>", "<<answer>>",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello world",
+        "héllo → 世界 🙂",
+        "a=7 b=a+5 mod 23. b?<think>b=12</think><answer>12",
+        "<s>x</s><sep><reserved_9>",
+        "literal <pad> stays text",
+        "<thin<think>k>",
+        "<<answer>>",
+    ],
+)
 def test_tokenizer_round_trip(text):
     ids = TOK.encode(text)
     assert all(0 <= i < TOK.vocab_size for i in ids)
@@ -72,8 +81,7 @@ def _solve(prompt: str) -> tuple[int, dict[str, int]]:
 
 
 def test_task_determinism():
-    for make in (lambda s: ArithTask(seed=s, num_steps=3),
-                 lambda s: FactsTask(seed=s, num_entities=50)):
+    for make in (lambda s: ArithTask(seed=s, num_steps=3), lambda s: FactsTask(seed=s, num_entities=50)):
         a, b, c = make(0), make(0), make(1)
         for i in (0, 1, 17, 12345):
             assert a.train_example(i) == b.train_example(i)
@@ -91,7 +99,7 @@ def test_arith_answers_and_working_are_correct():
         assert ex.answer == str(answer)
         assert ex.text == ex.prompt + ex.working + "<answer>" + ex.answer
         assert ex.working.startswith("<think>") and ex.working.endswith("</think>")
-        steps = ex.working[len("<think>"):-len("</think>")]
+        steps = ex.working[len("<think>") : -len("</think>")]
         if "Wait" in steps:
             n_wait += 1
             wrong, right = re.search(r"([a-z])=(\d+) Wait \1=(\d+)", steps).group(2, 3)
@@ -109,8 +117,7 @@ def test_arith_direct_rows_drop_only_the_working():
     """arith_direct: that share of training rows answer with an empty <think></think>;
     the rest, every eval row and the answers are the plain task's, and 0 draws nothing
     (runs stored before the option read the same data)."""
-    plain, none, direct = (ArithTask(seed=2, num_steps=2, modulus=7, direct=d)
-                           for d in (0.0, 0.0, 0.4))
+    plain, none, direct = (ArithTask(seed=2, num_steps=2, modulus=7, direct=d) for d in (0.0, 0.0, 0.4))
     rows = [direct.train_example(i) for i in range(400)]
     assert [plain.train_example(i) for i in range(50)] == [none.train_example(i) for i in range(50)]
     empty = [ex for ex in rows if ex.working == "<think></think>"]
@@ -159,7 +166,8 @@ def test_file_task_split_and_rows(tmp_path):
     paras = "\n\n".join(f"Paragraph number {i} about topic {i * 7}." for i in range(200))
     txt = _write(tmp_path / "a.txt", paras + "\n\n" + "x" * 500)
     rows = [{"text": f"doc {i}"} for i in range(100)] + [
-        {"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(100)]
+        {"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(100)
+    ]
     jsonl = _write(tmp_path / "b.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
     task = FileTask([txt, jsonl], max_doc_tokens=127)
     train = {task.train_example(i).text for i in range(task.num_train)}
@@ -254,8 +262,9 @@ def test_batch_format_and_masks():
                 assert text.endswith(answer) and answer.startswith("<think>")
                 assert answer.split("<answer>")[1] == str(_solve(text.split("<think>")[0])[0])
             else:  # facts: answer mask = the value, and it is the true value
-                m = (re.fullmatch(r"Q: (\w+) (\w+)\? A: (.+)", text)
-                     or re.fullmatch(r"(\w+)'s (.+) is (.+)\.", text))
+                m = re.fullmatch(r"Q: (\w+) (\w+)\? A: (.+)", text) or re.fullmatch(
+                    r"(\w+)'s (.+) is (.+)\.", text
+                )
                 if m:
                     e, r_ = names[m.group(1)], {**words, **phrases}[m.group(2)]
                 else:
@@ -372,8 +381,7 @@ def test_long_documents_are_truncated_to_seq_len():
 
 
 def test_file_mixture_pipeline(tmp_path):
-    path = _write(tmp_path / "d.txt", "\n\n".join(f"the quick fox {i} " * (1 + i % 20)
-                                                   for i in range(300)))
+    path = _write(tmp_path / "d.txt", "\n\n".join(f"the quick fox {i} " * (1 + i % 20) for i in range(300)))
     cfg = DataConfig(mixture="file:1,facts:1", files=path, seq_len=64, facts_num_entities=20)
     b = next(pipeline.make_train_iterator(cfg, 4, seed=0))
     assert b["inputs"].shape == (4, 64) and set(np.unique(b["task_ids"][b["weights"] > 0])) == {0, 1}

@@ -25,9 +25,10 @@ def run_dir(tmp_path_factory):
     from moe_lab.train.loop import train
 
     wd = str(tmp_path_factory.mktemp("eval") / "run")
-    cfg = tiny_config(train=dict(steps=4, checkpoint_every=4, eval_every=4),
-                      eval=dict(num_examples=6, batch_size=4, max_new_tokens=12, longer_chains=3,
-                                at_end=False))
+    cfg = tiny_config(
+        train=dict(steps=4, checkpoint_every=4, eval_every=4),
+        eval=dict(num_examples=6, batch_size=4, max_new_tokens=12, longer_chains=3, at_end=False),
+    )
     with compile_cache():
         train(cfg, wd)
         yield wd
@@ -57,18 +58,18 @@ def test_evaluate_writes_eval_json(run_dir, capsys):
 
 def test_exact_match_scoring_on_hand_made_predictions():
     arith = ArithTask(seed=0, num_steps=2, modulus=23)
-    ex = Example(prompt="a=7 b=a+5 c=b*a mod 23. c?", answer="15",
-                 working="<think>b=12 c=15</think>")
+    ex = Example(prompt="a=7 b=a+5 c=b*a mod 23. c?", answer="15", working="<think>b=12 c=15</think>")
     facts = FactsTask(seed=0, num_entities=5)
     fx = Example(prompt="Q: Zorvak job? A:", answer="baker", marker=" ")
-    preds = ["<think>b=12 c=15</think><answer>15",  # right
-             "<think>b=12 c=14</think><answer>14",  # wrong answer
-             "<think>b=12 c=15</think><answer>15\nmore text",  # cut at newline: right
-             "<think>b=12 c=15</think>15",  # no marker: whole text is the answer -> wrong
-             "<answer>1<answer>15"]  # the last marker counts
+    preds = [
+        "<think>b=12 c=15</think><answer>15",  # right
+        "<think>b=12 c=14</think><answer>14",  # wrong answer
+        "<think>b=12 c=15</think><answer>15\nmore text",  # cut at newline: right
+        "<think>b=12 c=15</think>15",  # no marker: whole text is the answer -> wrong
+        "<answer>1<answer>15",
+    ]  # the last marker counts
     assert score_predictions(arith, [ex] * 5, preds) == [True, False, True, False, True]
-    assert score_predictions(facts, [fx] * 3, [" baker", " baker.", "baker</s>junk"]) == \
-        [True, False, True]
+    assert score_predictions(facts, [fx] * 3, [" baker", " baker.", "baker</s>junk"]) == [True, False, True]
     with pytest.raises(ValueError):
         score_predictions(arith, [ex], [])
 
@@ -105,12 +106,15 @@ def _write(path, rows):
     return str(path)
 
 
-QA = [{"prompt": f"Q: {w} backwards? A:", "answer": w[::-1]}
-      for w in ("cat", "dog", "sun", "map", "pen", "cup")]
-MC = [{"prompt": "Colour of the sky:", "choices": ["blue", "green", "red"], "answer": "blue"},
-      {"prompt": "2+2=", "choices": ["3", "4"], "answer": 1},
-      {"prompt": "Opposite of hot:", "choices": ["cold", "warm", "tepid"], "answer": "cold"},
-      {"prompt": "A baby cat is a", "choices": ["puppy", "kitten"], "answer": "kitten"}]
+QA = [
+    {"prompt": f"Q: {w} backwards? A:", "answer": w[::-1]} for w in ("cat", "dog", "sun", "map", "pen", "cup")
+]
+MC = [
+    {"prompt": "Colour of the sky:", "choices": ["blue", "green", "red"], "answer": "blue"},
+    {"prompt": "2+2=", "choices": ["3", "4"], "answer": 1},
+    {"prompt": "Opposite of hot:", "choices": ["cold", "warm", "tepid"], "answer": "cold"},
+    {"prompt": "A baby cat is a", "choices": ["puppy", "kitten"], "answer": "kitten"},
+]
 
 
 def test_few_shot_context_is_deterministic_and_excludes_the_item():
@@ -133,17 +137,19 @@ def test_exact_match_normalisation():
     assert harness.exact_match("<answer>Lyon", "Paris") == (False, False)
 
 
-@pytest.mark.parametrize("rows,match", [
-    (["{not json"], "invalid JSON"),
-    ([{"question": "x", "answer": "y"}], "string 'prompt'"),
-    ([{"prompt": "x", "answer": ""}], "non-empty string"),
-    ([{"prompt": "x", "choices": ["a", "b"], "answer": "c"}], "one of 'choices'"),
-    ([{"prompt": "x", "choices": ["a"], "answer": "a"}], ">= 2"),
-    ([{"prompt": "x", "choices": ["a", "b"], "answer": 5}], "out of range"),
-    ([{"prompt": "x", "answer": "y"}, {"prompt": "x", "choices": ["a", "b"], "answer": 0}],
-     "mixes"),
-    ([], "empty file"),
-])
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        (["{not json"], "invalid JSON"),
+        ([{"question": "x", "answer": "y"}], "string 'prompt'"),
+        ([{"prompt": "x", "answer": ""}], "non-empty string"),
+        ([{"prompt": "x", "choices": ["a", "b"], "answer": "c"}], "one of 'choices'"),
+        ([{"prompt": "x", "choices": ["a"], "answer": "a"}], ">= 2"),
+        ([{"prompt": "x", "choices": ["a", "b"], "answer": 5}], "out of range"),
+        ([{"prompt": "x", "answer": "y"}, {"prompt": "x", "choices": ["a", "b"], "answer": 0}], "mixes"),
+        ([], "empty file"),
+    ],
+)
 def test_bad_files_are_one_line_errors(tmp_path, rows, match):
     path = _write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ConfigError, match=match) as e:
@@ -180,15 +186,17 @@ def test_choice_loglik_matches_unpadded_forward(run_dir):
         cfg, setup, state, _ = load_run(run_dir)
         ctxs = [TOKENIZER.encode("2+2=<answer>", add_bos=True), TOKENIZER.encode("Sky:", True)]
         conts = [TOKENIZER.encode("4"), TOKENIZER.encode(" blue")]
-        got = harness.choice_logprobs(setup.graphdef, state["params"], state["model_state"],
-                                       ctxs, conts, batch_size=4, max_len=64)
+        got = harness.choice_logprobs(
+            setup.graphdef, state["params"], state["model_state"], ctxs, conts, batch_size=4, max_len=64
+        )
         for ctx, cont, lp in zip(ctxs, conts, got):
             seq = np.array([ctx + cont], np.int32)
-            batch = {"inputs": jnp.asarray(seq[:, :-1]),
-                     "positions": jnp.arange(seq.shape[1] - 1)[None],
-                     "segment_ids": jnp.ones((1, seq.shape[1] - 1), jnp.int32)}
-            logits, _ = forward(setup.graphdef, state["params"], state["model_state"], batch,
-                                train=False)
+            batch = {
+                "inputs": jnp.asarray(seq[:, :-1]),
+                "positions": jnp.arange(seq.shape[1] - 1)[None],
+                "segment_ids": jnp.ones((1, seq.shape[1] - 1), jnp.int32),
+            }
+            logits, _ = forward(setup.graphdef, state["params"], state["model_state"], batch, train=False)
             logp = np.asarray(logits[0] - jnp.log(jnp.sum(jnp.exp(logits[0]), -1, keepdims=True)))
             want = [logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)]
             np.testing.assert_allclose(lp, want, atol=1e-5)

@@ -6,8 +6,6 @@ drops it equals the unsharded capacity layer applied to each token shard alone
 (capacity is per device, as in GShard), outputs and gradients.
 """
 
-
-
 import dataclasses
 import functools
 
@@ -39,16 +37,16 @@ SHARDS = 8  # token shards: data (2) x expert (4)
 
 
 def _mesh():
-    return jax.make_mesh((2, 1, 4, 1), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    return jax.make_mesh((2, 1, 4, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
 def _problem(seed=0):
     keys = jax.random.split(jax.random.PRNGKey(seed), 6)
     x_ND = jax.random.normal(keys[0], (N, D))
     gate_NK, expert_NK = jax.lax.top_k(jax.nn.softmax(2 * jax.random.normal(keys[1], (N, E))), K)
-    weights = tuple(0.5 * jax.random.normal(k, s) for k, s in
-                    zip(keys[2:5], ((E, D, F), (E, D, F), (E, F, D))))
+    weights = tuple(
+        0.5 * jax.random.normal(k, s) for k, s in zip(keys[2:5], ((E, D, F), (E, D, F), (E, F, D)))
+    )
     ct_ND = jax.random.normal(keys[5], (N, D))
     return x_ND, gate_NK, expert_NK.astype(jnp.int32), weights, ct_ND
 
@@ -60,24 +58,26 @@ def _per_shard_reference(x_ND, gate_NK, weights, expert_NK, cf):
     ys, keeps = [], []
     for s in range(SHARDS):
         sl = slice(s * n, (s + 1) * n)
-        y, layout = token_choice_moe(x_ND[sl], expert_NK[sl], gate_NK[sl], weights,
-                                     capacity=cap, impl="buffer")
+        y, layout = token_choice_moe(
+            x_ND[sl], expert_NK[sl], gate_NK[sl], weights, capacity=cap, impl="buffer"
+        )
         ys.append(y)
         keeps.append(layout.keep_NK)
     return jnp.concatenate(ys), jnp.concatenate(keeps)
 
 
-@pytest.mark.parametrize("path, cf", [("all_to_all", 0.5), ("all_to_all", 100.0),
-                                      ("shard_map", 0.5)])
+@pytest.mark.parametrize("path, cf", [("all_to_all", 0.5), ("all_to_all", 100.0), ("shard_map", 0.5)])
 def test_capacity_paths_match_per_shard_capacity_layer(cf, path):
     """Capacity per device (GShard's groups) on 8 token shards: the all-to-all over
     data 2 x expert 4, and sharded_moe on data 8 (no expert axis: every device runs
     every expert on its own tokens), both against the per-shard single-device layer."""
     x_ND, gate_NK, expert_NK, weights, ct_ND = _problem()
-    mesh = (_mesh() if path == "all_to_all" else
-            jax.make_mesh((8, 1, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4))
-    moe = (ep.all_to_all_moe if path == "all_to_all" else
-           functools.partial(ep.sharded_moe, impl="auto"))
+    mesh = (
+        _mesh()
+        if path == "all_to_all"
+        else jax.make_mesh((8, 1, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    )
+    moe = ep.all_to_all_moe if path == "all_to_all" else functools.partial(ep.sharded_moe, impl="auto")
 
     def loss_ep(x_ND, gate_NK, weights):
         y, keep = moe(x_ND, expert_NK, gate_NK, weights, capacity_factor=cf)
@@ -102,15 +102,19 @@ def test_capacity_paths_match_per_shard_capacity_layer(cf, path):
 
 
 def test_moe_layer_takes_the_all_to_all_path_and_matches_unsharded():
-    cfg = ModelConfig(d_model=D, ffn="moe", init_std=0.3, moe=MoEConfig(
-        num_experts=E, top_k=K, expert_hidden=F, dispatch="capacity", capacity_factor=100.0))
+    cfg = ModelConfig(
+        d_model=D,
+        ffn="moe",
+        init_std=0.3,
+        moe=MoEConfig(num_experts=E, top_k=K, expert_hidden=F, dispatch="capacity", capacity_factor=100.0),
+    )
     x_BTD = jax.random.normal(jax.random.PRNGKey(3), (8, 8, D))
     m = MoE(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(m, nnx.Param, ...)
 
     def loss(params, x_BTD):
         y, aux = nnx.merge(graphdef, params, rest)(x_BTD, train=True)
-        return jnp.sum(y ** 2) + aux["aux_loss"], aux["drop_fraction"]
+        return jnp.sum(y**2) + aux["aux_loss"], aux["drop_fraction"]
 
     fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     (v_want, drop_want), g_want = jax.jit(fn)(params, x_BTD)
@@ -126,16 +130,30 @@ def test_moe_layer_takes_the_all_to_all_path_and_matches_unsharded():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("router, shared, mesh", [
-    ("softmax_topk", 0, dict(expert=8)), ("topk_softmax", 0, dict(data=2, expert=4)),
-    ("sigmoid", 1, dict(data=4, expert=2)), ("softmax_topk", 1, dict(data=8)),
-    ("softmax_topk", 0, dict(fsdp=2, expert=4))])
+@pytest.mark.parametrize(
+    "router, shared, mesh",
+    [
+        ("softmax_topk", 0, dict(expert=8)),
+        ("topk_softmax", 0, dict(data=2, expert=4)),
+        ("sigmoid", 1, dict(data=4, expert=2)),
+        ("softmax_topk", 1, dict(data=8)),
+        ("softmax_topk", 0, dict(fsdp=2, expert=4)),
+    ],
+)
 def test_dropless_shard_map_equals_the_reference(router, shared, mesh):
     """Dropless MoE under shard_map (sharded_moe: per-device sort, ring of experts over
     expert sizes 1, 2, 4, 8) against reference_moe on one device: outputs, gradients of
     the input and every weight, aux losses and load."""
-    moe = MoEConfig(num_experts=E, top_k=K, expert_hidden=F, router=router, dispatch="dropless",
-                    num_shared_experts=shared, aux_loss_weight=1e-2, z_loss_weight=1e-3)
+    moe = MoEConfig(
+        num_experts=E,
+        top_k=K,
+        expert_hidden=F,
+        router=router,
+        dispatch="dropless",
+        num_shared_experts=shared,
+        aux_loss_weight=1e-2,
+        z_loss_weight=1e-3,
+    )
     cfg = ModelConfig(d_model=D, ffn="moe", init_std=0.3, moe=moe)
     ref_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(moe, dispatch="reference"))
     x_BTD = jax.random.normal(jax.random.PRNGKey(4), (8, 8, D))
@@ -146,6 +164,7 @@ def test_dropless_shard_map_equals_the_reference(router, shared, mesh):
         def loss(params, x_BTD):
             y, aux = nnx.merge(gd, params, rest)(x_BTD, train=True)
             return jnp.sum(jnp.sin(y)) + aux["aux_loss"], aux
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
     (v_want, aux_want), g_want = fn(ref_graphdef)(params, x_BTD)
@@ -168,8 +187,11 @@ def test_all_to_all_config_needs_token_choice_capacity():
     cfg = Config(model=ModelConfig(ffn="moe", moe=moe))
     with pytest.raises(ConfigError, match="expert_parallel='all_to_all' needs token-choice"):
         validate(cfg)
-    validate(dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, moe=dataclasses.replace(moe, dispatch="capacity"))))
+    validate(
+        dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, dispatch="capacity"))
+        )
+    )
 
 
 def test_plan_line_says_which_expert_parallelism_runs():
@@ -184,10 +206,10 @@ def test_plan_line_says_which_expert_parallelism_runs():
     # moe_tiny: batch 16 x seq 128 over 8 token shards; C = ceil(1.25 * 256 * 2 / 8)
     assert "kernel buffer | all-to-all over expert=4: 256 tokens per device, capacity 80" in cap
     # dropless: every device sorts its own tokens, experts by a ring (sharded_moe)
-    assert "each device sorts its own 256 tokens, experts over expert=4 by a ring of 4 steps" \
-        in line("", data=2, expert=4)
-    assert "each device sorts its own 256 tokens, every expert on every device" \
-        in line(":capacity", data=-1)
+    assert "each device sorts its own 256 tokens, experts over expert=4 by a ring of 4 steps" in line(
+        "", data=2, expert=4
+    )
+    assert "each device sorts its own 256 tokens, every expert on every device" in line(":capacity", data=-1)
     assert "by GSPMD (global sort)" in line(":expert_choice", data=2, expert=4)
     # custom rules that do not split the batch over `expert`: GSPMD, said so
     cfg = load_config("configs/moe_tiny.py:capacity", {"mesh.data": "2", "mesh.expert": "4"})
@@ -200,7 +222,11 @@ def test_plan_line_says_which_expert_parallelism_runs():
     from moe_lab.train.loop import _check_expert_parallel
 
     _check_expert_parallel(cfg, mesh)  # auto: falls back, says so above
-    explicit = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(
-        cfg.model.moe, expert_parallel="all_to_all")))
+    explicit = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, moe=dataclasses.replace(cfg.model.moe, expert_parallel="all_to_all")
+        ),
+    )
     with pytest.raises(ConfigError, match="'all_to_all' cannot apply to the training batch"):
         _check_expert_parallel(explicit, mesh)

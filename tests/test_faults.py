@@ -34,13 +34,20 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
     lock is taken over (its PID is gone on this host)."""
     workdir = str(tmp_path / "run")
     lock = lock_path_beside(workdir)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, lock], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, lock],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        r = subprocess.run([sys.executable, "-m", "moe_lab", "train", "--config",
-                            "configs/tiny.py", "--workdir", workdir],
-                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        r = subprocess.run(
+            [sys.executable, "-m", "moe_lab", "train", "--config", "configs/tiny.py", "--workdir", workdir],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert f"in use by moe-lab train (pid {holder.pid} on {socket.gethostname()}" in r.stderr
         assert not os.path.exists(workdir)  # nothing written
@@ -50,8 +57,10 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
     said = []
     with DirLock(lock, "moe-lab train", log=said.append):
         assert json.load(open(lock))["pid"] == os.getpid()
-        assert said == [f"took over the lock of {workdir}: its holder (pid {holder.pid} on "
-                        f"{socket.gethostname()}) is gone"]
+        assert said == [
+            f"took over the lock of {workdir}: its holder (pid {holder.pid} on "
+            f"{socket.gethostname()}) is gone"
+        ]
     assert not os.path.exists(lock)  # released
 
 
@@ -84,9 +93,13 @@ def test_building_removes_the_leftovers_of_killed_builders(tmp_path):
 
 
 def test_usage_errors_are_one_line(capsys):
-    for argv, needle in ((("frobnicate",), "invalid choice: 'frobnicate'"),
-                         (("prepare", "--input", "x", "--tokenizer", "byte", "--out", "y",
-                           "--format", "csv"), "argument --format")):
+    for argv, needle in (
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+        (
+            ("prepare", "--input", "x", "--tokenizer", "byte", "--out", "y", "--format", "csv"),
+            "argument --format",
+        ),
+    ):
         with pytest.raises(SystemExit) as e:
             run_cli(capsys, *argv)
         err = capsys.readouterr().err
@@ -97,17 +110,39 @@ def test_text_with_no_usable_document_is_refused(tmp_path, capsys):
     """tokenizer train and prepare refuse inputs without a document, counting each kind
     of skipped row, and leave nothing behind."""
     (tmp_path / "b.txt").write_bytes(bytes(range(128, 256)) * 40)  # not UTF-8
-    code, _, err = run_cli(capsys, "tokenizer", "train", "--input", str(tmp_path / "b.txt"),
-                        "--vocab-size", "300", "--out", str(tmp_path / "t.json"))
+    code, _, err = run_cli(
+        capsys,
+        "tokenizer",
+        "train",
+        "--input",
+        str(tmp_path / "b.txt"),
+        "--vocab-size",
+        "300",
+        "--out",
+        str(tmp_path / "t.json"),
+    )
     assert code == 2 and "no usable text" in err and "not UTF-8" in err, err
     assert not (tmp_path / "t.json").exists()
     rows = ['{"text": 123}', '{"other": "x"}', '{"text": ""}', '{"text": null}']
     (tmp_path / "n.jsonl").write_text("\n".join(rows) + "\n")
-    code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path / "n.jsonl"), "--tokenizer",
-                        "byte", "--out", str(tmp_path / "p"), "--workers", "1")
+    code, _, err = run_cli(
+        capsys,
+        "prepare",
+        "--input",
+        str(tmp_path / "n.jsonl"),
+        "--tokenizer",
+        "byte",
+        "--out",
+        str(tmp_path / "p"),
+        "--workers",
+        "1",
+    )
     assert code == 2 and err.count("\n") == 1, err
-    for said in ("1 row whose text is not a string", "2 rows without the text field",
-                 "1 row with an empty text"):
+    for said in (
+        "1 row whose text is not a string",
+        "2 rows without the text field",
+        "1 row with an empty text",
+    ):
         assert said in err, err
     assert not (tmp_path / "p").exists()
 
@@ -132,10 +167,10 @@ def test_unreadable_input_is_one_line(tmp_path, capsys, monkeypatch):
     src.write_text('{"text": "one"}\n')
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: p != str(src) and real(p, mode))
-    for argv in (("prepare", "--input", str(src), "--tokenizer", "byte", "--out",
-                  str(tmp_path / "p")),
-                 ("tokenizer", "train", "--input", str(src), "--vocab-size", "300", "--out",
-                  str(tmp_path / "t.json"))):
+    for argv in (
+        ("prepare", "--input", str(src), "--tokenizer", "byte", "--out", str(tmp_path / "p")),
+        ("tokenizer", "train", "--input", str(src), "--vocab-size", "300", "--out", str(tmp_path / "t.json")),
+    ):
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and err == f"moe-lab: error: --input {src} is not readable (permissions)\n"
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
@@ -143,8 +178,17 @@ def test_unreadable_input_is_one_line(tmp_path, capsys, monkeypatch):
 
 def test_init_from_refuses_overrides_of_what_it_takes(tmp_path, capsys):
     for override in ("--config.model.vocab_size=1024", "--config.data.tokenizer=tok.json"):
-        code, _, err = run_cli(capsys, "train", "--config", "configs/tiny.py", "--init-from",
-                            str(tmp_path / "src"), override, "--workdir", str(tmp_path / "f"))
+        code, _, err = run_cli(
+            capsys,
+            "train",
+            "--config",
+            "configs/tiny.py",
+            "--init-from",
+            str(tmp_path / "src"),
+            override,
+            "--workdir",
+            str(tmp_path / "f"),
+        )
         assert code == 2 and "takes the model and tokenizer of that run" in err, err
     assert not (tmp_path / "f").exists()
 
@@ -166,8 +210,12 @@ def test_a_busy_prepare_worker_dies_with_its_parent(tmp_path):
     unit is killed with its parent, not left to finish it."""
     script = tmp_path / "pool.py"
     script.write_text(SLEEPING_POOL)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     worker = int(proc.stdout.readline())
     time.sleep(0.3)
     proc.kill()

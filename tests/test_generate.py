@@ -15,11 +15,14 @@ def _model(**model_kw):
     return split_model(build_model(cfg))
 
 
-@pytest.mark.parametrize("model_kw", [
-    dict(),
-    dict(norm_placement="post", tie_embeddings=True),
-    dict(ffn="moe", moe=dict(num_experts=4, top_k=2, expert_hidden=32, dispatch="dropless")),
-])
+@pytest.mark.parametrize(
+    "model_kw",
+    [
+        dict(),
+        dict(norm_placement="post", tie_embeddings=True),
+        dict(ffn="moe", moe=dict(num_experts=4, top_k=2, expert_hidden=32, dispatch="dropless")),
+    ],
+)
 def test_cached_decode_matches_reference(model_kw):
     gd, params, rest = _model(**model_kw)
     for temperature, top_p in [(0.0, 1.0), (1.0, 0.9)]:
@@ -50,15 +53,18 @@ def test_eos_truncates():
     row = generate(gd, params, rest, PROMPTS[:1], max_new_tokens=8)[0]
     eos = row[3]
     cut = generate(gd, params, rest, PROMPTS[:1], max_new_tokens=8, eos_id=eos)[0]
-    assert cut == row[:row.index(eos)]
+    assert cut == row[: row.index(eos)]
     assert np.all(np.array(cut) != eos)
 
 
-@pytest.mark.parametrize("kw, needle", [
-    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(max_new_tokens=4, top_p=0.0), "top_p must be in (0, 1]"),
-    (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=4, top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+    ],
+)
 def test_bad_sampling_arguments_are_one_line_errors(kw, needle):
     gd, params, rest = _model()
     with pytest.raises(ValueError) as e:

@@ -30,8 +30,9 @@ from moe_lab.train.state import build_model, setup_on_devices, split_model
 def moe_cfg(**moe):
     layers = moe.pop("num_layers", 2)
     base = {"num_experts": 4, "top_k": 2, "dispatch": "dropless", "first_dense_layers": 0}
-    return tiny_config(model={"ffn": "moe", "num_layers": layers, "moe": {**base, **moe}},
-                       data={"seq_len": 16})
+    return tiny_config(
+        model={"ffn": "moe", "num_layers": layers, "moe": {**base, **moe}}, data={"seq_len": 16}
+    )
 
 
 def init(cfg, seed=0):
@@ -46,8 +47,7 @@ def init(cfg, seed=0):
 
     params = jax.tree_util.tree_map_with_path(fill, shapes)
     # a trained-looking, non-zero selection bias (sigmoid router)
-    model_state = jax.tree.map(
-        lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), ms_shapes)
+    model_state = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), ms_shapes)
     return params, model_state
 
 
@@ -69,8 +69,8 @@ def marked(cfg):
     for name, n in growth.stack_sizes(cfg).items():
         mark = np.arange(offset, offset + n, dtype=np.float32) + 1
         out[name] = jax.tree.map(
-            lambda x, m=mark: np.broadcast_to(m.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape),
-            params[name])
+            lambda x, m=mark: np.broadcast_to(m.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape), params[name]
+        )
         offset += n
     return out
 
@@ -115,8 +115,9 @@ def test_depth_zero_copies_preserves_logits():
         assert not g["blocks"]["layers"]["attn"]["o_HKD"][copy].any()
         assert not g["blocks"]["layers"]["ffn"]["shared"]["down_FD"][copy].any()
         assert not g["dense_blocks"]["layers"]["ffn"]["down_FD"][copy].any()
-        np.testing.assert_array_equal(g["blocks"]["layers"]["ffn"]["up_EDF"][1],
-                                      params["blocks"]["layers"]["ffn"]["up_EDF"][0])
+        np.testing.assert_array_equal(
+            g["blocks"]["layers"]["ffn"]["up_EDF"][1], params["blocks"]["layers"]["ffn"]["up_EDF"][0]
+        )
         assert np.max(np.abs(logits(c, g, gms, toks) - base)) < 1e-5
     assert growth.depth_preserves_function(cfg, zero_copies=True)
     post = cfg.replace(model=dataclasses.replace(cfg.model, norm_placement="post"))
@@ -126,10 +127,15 @@ def test_depth_zero_copies_preserves_logits():
 # ------------------------------------------------------------------------ width
 
 
-@pytest.mark.parametrize("router,layout", [("softmax_topk", "append"),
-                                           ("topk_softmax", "interleave"),
-                                           ("sigmoid", "append"),
-                                           ("expert_choice", "interleave")])
+@pytest.mark.parametrize(
+    "router,layout",
+    [
+        ("softmax_topk", "append"),
+        ("topk_softmax", "interleave"),
+        ("sigmoid", "append"),
+        ("expert_choice", "interleave"),
+    ],
+)
 def test_width_noise0_preserves_logits(router, layout):
     # expert_choice: C = cf*N*k/E is unchanged by growing k and E together, and each
     # copy picks the original's tokens with half its gate, so it holds too.
@@ -154,14 +160,12 @@ def test_width_from_top1_preserves_logits():
     toks = tokens(cfg)
     assert np.max(np.abs(logits(c, g, gms, toks) - logits(cfg, params, ms, toks))) < 1e-5
     top1_sigmoid = moe_cfg(router="sigmoid", top_k=1, renormalize=True)
-    assert not growth.width_preserves_function(top1_sigmoid, noise=0.0, grow_e=True,
-                                               grow_k=True, init="copy")
+    assert not growth.width_preserves_function(top1_sigmoid, noise=0.0, grow_e=True, grow_k=True, init="copy")
 
 
 def test_width_sigmoid_without_renormalisation_is_not_preserved():
     cfg = moe_cfg(router="sigmoid", renormalize=False)
-    assert not growth.width_preserves_function(cfg, noise=0.0, grow_e=True, grow_k=True,
-                                               init="copy")
+    assert not growth.width_preserves_function(cfg, noise=0.0, grow_e=True, grow_k=True, init="copy")
 
 
 def test_width_noise_on_copies_only_and_random_init():
@@ -194,8 +198,11 @@ def test_width_noise_on_copies_only_and_random_init():
         np.testing.assert_array_equal(old, ffn[name])
         assert abs(new.std() / cfg.model.init_std - 1) < 0.1, name
         assert np.abs(np.corrcoef(new.ravel(), old.ravel())[0, 1]) < 0.3, name  # 256+ draws
-    np.testing.assert_allclose(gms["blocks"]["layers"]["ffn"]["bias_E"][:, 4:],
-                               np.repeat(bias.mean(1, keepdims=True), 4, 1), rtol=1e-6)
+    np.testing.assert_allclose(
+        gms["blocks"]["layers"]["ffn"]["bias_E"][:, 4:],
+        np.repeat(bias.mean(1, keepdims=True), 4, 1),
+        rtol=1e-6,
+    )
     # random_router (the released script's --growth-use-random-router): the whole
     # router redrawn, zero biases, the experts still copies (with their noise)
     g, gms, _ = growth.grow_width(params, ms, cfg, init="random_router", noise=0.0, seed=1)
@@ -206,8 +213,10 @@ def test_width_noise_on_copies_only_and_random_init():
     assert np.abs(np.corrcoef(router[..., :4].ravel(), ffn["router_DE"].ravel())[0, 1]) < 0.3
     np.testing.assert_array_equal(gms["blocks"]["layers"]["ffn"]["bias_E"], 0.0)
     g, _, _ = growth.grow_width(params, ms, cfg, init="random_router", grow_e=False, seed=1)
-    assert np.abs(np.corrcoef(g["blocks"]["layers"]["ffn"]["router_DE"].ravel(),
-                              ffn["router_DE"].ravel())[0, 1]) < 0.3  # top-k only: redrawn too
+    assert (
+        np.abs(np.corrcoef(g["blocks"]["layers"]["ffn"]["router_DE"].ravel(), ffn["router_DE"].ravel())[0, 1])
+        < 0.3
+    )  # top-k only: redrawn too
     with pytest.raises(ConfigError, match="not one of copy, random_router, random_experts"):
         growth.grow_width(params, ms, cfg, init="random")
 
@@ -221,8 +230,7 @@ def test_only_e_and_only_k():
     g, _, c = growth.grow_width(params, ms, cfg, grow_e=False)
     assert (c.model.moe.num_experts, c.model.moe.top_k) == (4, 4)
     jax.tree.map(np.testing.assert_array_equal, g, params)  # weights untouched
-    assert not growth.width_preserves_function(c, noise=0.0, grow_e=False, grow_k=True,
-                                               init="copy")
+    assert not growth.width_preserves_function(c, noise=0.0, grow_e=False, grow_k=True, init="copy")
     with pytest.raises(ConfigError, match="exceeds"):
         growth.grow_width(params, ms, moe_cfg(top_k=3), grow_e=False)
     with pytest.raises(ConfigError, match="dense"):
@@ -242,12 +250,13 @@ def test_opt_state_grow_and_reset():
     adam = opt[1][0]._replace(count=np.int32(17), mu=fill(params), nu=fill(params))
     opt = (opt[0], (adam, opt[1][1], opt[1][2]._replace(count=np.int32(17))))
     state = {"params": params, "opt_state": opt, "model_state": ms, "step": np.int32(17)}
-    steps = [("depth", {"method": "interpose", "zero_copies": True}),
-             ("width", {"noise": 0.01, "layout": "append"})]
+    steps = [
+        ("depth", {"method": "interpose", "zero_copies": True}),
+        ("width", {"noise": 0.01, "layout": "append"}),
+    ]
     new, c = growth.grow_train_state(state, cfg, steps, opt_state="grow", seed=0)
     new_setup = setup_on_devices(c)[1]
-    assert jax.tree.structure(new["opt_state"]) == jax.tree.structure(
-        new_setup.abstract_state["opt_state"])
+    assert jax.tree.structure(new["opt_state"]) == jax.tree.structure(new_setup.abstract_state["opt_state"])
     g_adam = new["opt_state"][1][0]
     assert int(g_adam.count) == 17 and int(new["opt_state"][1][2].count) == 0
     assert int(new["step"]) == 0
@@ -264,8 +273,9 @@ def test_opt_state_grow_and_reset():
     # the weights themselves did get noise on the new experts
     w = new["params"]["blocks"]["layers"]["ffn"]["up_EDF"]
     assert not np.array_equal(w[:, 4:], w[:, :4])
-    new, _ = growth.grow_train_state(state, cfg, steps, opt_state="reset",
-                                     init_fn_for=lambda _: new_setup.tx.init)
+    new, _ = growth.grow_train_state(
+        state, cfg, steps, opt_state="reset", init_fn_for=lambda _: new_setup.tx.init
+    )
     assert int(new["opt_state"][1][0].count) == 0
     assert not any(np.any(x) for x in jax.tree.leaves(new["opt_state"][1][0].mu))
 
@@ -281,8 +291,7 @@ def test_weight_norm_profile_and_sunk_flops():
     grown = growth.weight_norm_profile(g, c)
     assert [r["attn/q_DHK"] for r in grown][::2] == [r["attn/q_DHK"] for r in rows]
     assert grown[2]["attn/q_DHK"] == grown[3]["attn/q_DHK"]
-    per_e = [np.sqrt(np.mean(np.square(params["blocks"]["layers"]["ffn"]["up_EDF"][1, e])))
-             for e in range(4)]
+    per_e = [np.sqrt(np.mean(np.square(params["blocks"]["layers"]["ffn"]["up_EDF"][1, e]))) for e in range(4)]
     assert abs(rows[1]["ffn/up_EDF"] - np.mean(per_e)) < 1e-6 and want in per_e
     assert growth.sunk_flops(cfg, {"flops_spent": 5.0, "step": 3}) == 5.0
     assert growth.sunk_flops(cfg, {"step": 2}) > 0
@@ -297,8 +306,7 @@ def make_parent(workdir, cfg, step=7, flops_spent=1.5e9):
     write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
     params, model_state = init(cfg)
     opt_state = jax.device_get(setup_on_devices(cfg)[1].tx.init(params))
-    state = {"params": params, "opt_state": opt_state, "model_state": model_state,
-             "step": np.int32(step)}
+    state = {"params": params, "opt_state": opt_state, "model_state": model_state, "step": np.int32(step)}
     write_checkpoint(workdir, step, state, {"flops_spent": flops_spent, "tokens_seen": 99.0})
     return state
 
@@ -316,13 +324,33 @@ def parse(argv):
 
 def test_grow_command_then_train(tmp_path, capsys):
     cfg = moe_cfg(router="softmax_topk").replace(
-        train=dataclasses.replace(tiny_config().train, steps=2, batch_size=8, eval_every=2,
-                                  checkpoint_every=2, log_every=1))
+        train=dataclasses.replace(
+            tiny_config().train, steps=2, batch_size=8, eval_every=2, checkpoint_every=2, log_every=1
+        )
+    )
     parent, child = str(tmp_path / "parent"), str(tmp_path / "child")
     make_parent(parent, cfg)
-    args = parse(["--from", parent, "--to", child, "--depth", "stack", "--zero-copies",
-                  "--width-factor", "2", "--noise", "0", "--order", "width,depth",
-                  "--opt-state", "grow", "--seed", "5"])
+    args = parse(
+        [
+            "--from",
+            parent,
+            "--to",
+            child,
+            "--depth",
+            "stack",
+            "--zero-copies",
+            "--width-factor",
+            "2",
+            "--noise",
+            "0",
+            "--order",
+            "width,depth",
+            "--opt-state",
+            "grow",
+            "--seed",
+            "5",
+        ]
+    )
     assert args.fn(args, {}) == 0
     out = capsys.readouterr().out
     assert "function-preserving; max |logits - parent logits|" in out
@@ -335,8 +363,7 @@ def test_grow_command_then_train(tmp_path, capsys):
     assert lin["grown_params_active"] > lin["parent_params_active"]
     assert lin["max_abs_logit_diff"] < 1e-5 and lin["function_preserving"]
     grown_cfg = read_json(os.path.join(child, "config.json"))["model"]
-    assert (grown_cfg["num_layers"], grown_cfg["moe"]["num_experts"], grown_cfg["moe"]["top_k"]) \
-        == (4, 8, 4)
+    assert (grown_cfg["num_layers"], grown_cfg["moe"]["num_experts"], grown_cfg["moe"]["top_k"]) == (4, 8, 4)
     assert sorted(os.listdir(tmp_path)) == ["child", "parent"]  # no temp dir left behind
     # the grown run is continued with its own batch size (grow's checkpoint has no
     # data iterator state, so nothing ties the continuation to the parent's batches)
@@ -370,10 +397,10 @@ def test_grow_refusals(tmp_path):
     os.makedirs(empty)
     write_json_atomic(os.path.join(empty, "config.json"), cfg.to_dict())
     assert "no checkpoint" in run("--from", empty, "--to", str(tmp_path / "n"), *depth)
-    assert "no checkpoint at step 3" in run("--from", parent, "--step", "3", "--to",
-                                            str(tmp_path / "n"), *depth)
-    assert "no config.json" in run("--from", str(tmp_path / "nope"), "--to", str(tmp_path / "n"),
-                                   *depth)
+    assert "no checkpoint at step 3" in run(
+        "--from", parent, "--step", "3", "--to", str(tmp_path / "n"), *depth
+    )
+    assert "no config.json" in run("--from", str(tmp_path / "nope"), "--to", str(tmp_path / "n"), *depth)
     dense = str(tmp_path / "dense")
     os.makedirs(dense)
     write_json_atomic(os.path.join(dense, "config.json"), tiny_config().to_dict())
@@ -388,5 +415,4 @@ def test_grow_refusals(tmp_path):
         a.fn(a, {"train.steps": "3"})
     assert sorted(os.listdir(tmp_path)) == ["dense", "empty", "full", "parent"]
     with pytest.raises(ConfigError, match="at least one"):
-        grow_run(parent, str(tmp_path / "n"),
-                 GrowOptions(depth=DepthGrowth(method="stack", keep_first=2)))
+        grow_run(parent, str(tmp_path / "n"), GrowOptions(depth=DepthGrowth(method="stack", keep_first=2)))

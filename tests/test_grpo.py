@@ -51,17 +51,16 @@ def test_grpo_loss_matches_slow_reference(agg, kl):
     old = logp + jnp.asarray(rng.normal(0, 0.3, (B, T)), jnp.float32)  # ratios beyond 1 +- eps
     ref = logp + jnp.asarray(rng.normal(0, 0.5, (B, T)), jnp.float32)
     adv = jnp.asarray([1.5, -0.5, 0.0, -1.0], jnp.float32)
-    mask = np.array([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0],
-                     [0, 0, 0, 0, 0, 1]], bool)
+    mask = np.array([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]], bool)
     kw = dict(eps=0.2, beta=0.05, agg=agg, kl=kl)
 
     def fast(lp):
-        return objective.grpo_loss(lp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05,
-                              loss_agg=agg, kl_estimator=kl)[0]
+        return objective.grpo_loss(
+            lp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05, loss_agg=agg, kl_estimator=kl
+        )[0]
 
     val, g = jax.jit(jax.value_and_grad(fast))(logp)
-    sval, sg = jax.jit(jax.value_and_grad(lambda lp: slow_loss(lp, old, ref, adv, mask, **kw)))(
-        logp)
+    sval, sg = jax.jit(jax.value_and_grad(lambda lp: slow_loss(lp, old, ref, adv, mask, **kw)))(logp)
     np.testing.assert_allclose(val, sval, rtol=1e-5)
     np.testing.assert_allclose(g, sg, rtol=1e-5, atol=1e-7)
     _, m = objective.grpo_loss(logp, old, ref, adv, jnp.asarray(mask), clip_eps=0.2, kl_coef=0.05)
@@ -71,10 +70,11 @@ def test_grpo_loss_matches_slow_reference(agg, kl):
 def _model(kind):
     from moe_lab.train.state import build_model, split_model
 
-    model = {"dense": dict(num_layers=1),
-             "moe": dict(num_layers=1, ffn="moe", moe=dict(num_experts=4, top_k=2)),
-             "recursive": dict(num_layers=3, stack="recursive",
-                               mor=dict(num_recursions=1, routing="none"))}[kind]
+    model = {
+        "dense": dict(num_layers=1),
+        "moe": dict(num_layers=1, ffn="moe", moe=dict(num_experts=4, top_k=2)),
+        "recursive": dict(num_layers=3, stack="recursive", mor=dict(num_recursions=1, routing="none")),
+    }[kind]
     cfg = tiny_config(model=model)
     from flax import nnx
 
@@ -109,8 +109,9 @@ def test_batched_logprobs_match_per_prefix_forward(kind):
     prompts, responses = _rows()
     b = objective.build_batch(prompts, responses, 8, TOK.eos_id, TOK.pad_id)
     assert b["lengths"].tolist() == [3, 4, 1]
-    fast = jax.jit(lambda p: objective.token_logprobs(gd, p, ms, jnp.asarray(b["tokens"]),
-                                                 jnp.asarray(b["valid"]))[0])(params)
+    fast = jax.jit(
+        lambda p: objective.token_logprobs(gd, p, ms, jnp.asarray(b["tokens"]), jnp.asarray(b["valid"]))[0]
+    )(params)
     slow = jax.jit(lambda p: _slow_logprobs(gd, p, ms, prompts, responses, b["lengths"]))(params)
     for i in range(3):
         got = np.asarray(fast[i])[b["mask"][i]]
@@ -129,15 +130,15 @@ def test_grpo_loss_from_params_matches_slow_reference_with_gradients():
     tokens, valid = jnp.asarray(b["tokens"]), jnp.asarray(b["valid"])
     logprobs = jax.jit(lambda p: objective.token_logprobs(gd, p, ms, tokens, valid)[0])
     ref_fast, cur = logprobs(ref_params), logprobs(params)
-    ref_slow = jax.jit(lambda p: _slow_logprobs(gd, p, ms, prompts, responses,
-                                                b["lengths"]))(ref_params)
+    ref_slow = jax.jit(lambda p: _slow_logprobs(gd, p, ms, prompts, responses, b["lengths"]))(ref_params)
     old_fast = cur + 0.25 * jnp.sin(jnp.arange(cur.size).reshape(cur.shape))  # off-policy
     eps, beta = 0.2, 0.1
 
     def fast(p):
         lp, _ = objective.token_logprobs(gd, p, ms, tokens, valid)
-        return objective.grpo_loss(lp, old_fast, ref_fast, adv, jnp.asarray(b["mask"]),
-                              clip_eps=eps, kl_coef=beta)[0]
+        return objective.grpo_loss(
+            lp, old_fast, ref_fast, adv, jnp.asarray(b["mask"]), clip_eps=eps, kl_coef=beta
+        )[0]
 
     def slow(p):
         lp = _slow_logprobs(gd, p, ms, prompts, responses, b["lengths"])
@@ -156,8 +157,7 @@ def test_group_advantages_and_batch_layout():
     a = objective.group_advantages(np.array([[1, 0, 0, 1], [1, 1, 1, 1]], np.float32))
     np.testing.assert_allclose(a[0], [1, -1, -1, 1], atol=1e-3)
     np.testing.assert_allclose(a[1], 0.0)
-    np.testing.assert_allclose(objective.group_advantages(np.array([[2.0, 0.0]]), scale=False),
-                               [[1.0, -1.0]])
+    np.testing.assert_allclose(objective.group_advantages(np.array([[2.0, 0.0]]), scale=False), [[1.0, -1.0]])
     b = objective.build_batch([[1, 5], [1]], [[7, 2, 9], [8, 8, 8]], 4, eos_id=2, pad_id=0)
     assert b["tokens"].tolist() == [[0, 0, 1, 5, 7, 2, 9], [0, 0, 0, 1, 8, 8, 8]]
     # targets 3..: response tokens; row 0 stops after its EOS
@@ -212,9 +212,18 @@ def _rl_args(src, dst, *extra):
     return p.parse_args(["rl", "--from", src, "--to", dst, *extra])
 
 
-RL = {"steps": "2", "prompts_per_step": "2", "num_rollouts": "2", "max_new_tokens": "8",
-      "eval_examples": "2", "eval_every": "2", "checkpoint_every": "1", "devices": "one",
-      "lr": "1e-3", "kl_coef": "0.01"}
+RL = {
+    "steps": "2",
+    "prompts_per_step": "2",
+    "num_rollouts": "2",
+    "max_new_tokens": "8",
+    "eval_examples": "2",
+    "eval_every": "2",
+    "checkpoint_every": "1",
+    "devices": "one",
+    "lr": "1e-3",
+    "kl_coef": "0.01",
+}
 
 
 def test_rl_command_creates_refuses_and_resumes(tmp_path, capsys):

@@ -26,12 +26,27 @@ import pathlib
 import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "moe_lab"
-RANKS = {"config": 0, "parallel": 1, "layers": 2, "models": 3, "accounting": 4, "data": 5,
-         "train": 6, "growth": 7, "interop": 7, "eval": 8, "rl": 9, "aot": 9, "sweep": 10,
-         "bench": 11, "cli": 12, "__main__": 13, "__init__": 13}
+RANKS = {
+    "config": 0,
+    "parallel": 1,
+    "layers": 2,
+    "models": 3,
+    "accounting": 4,
+    "data": 5,
+    "train": 6,
+    "growth": 7,
+    "interop": 7,
+    "eval": 8,
+    "rl": 9,
+    "aot": 9,
+    "sweep": 10,
+    "bench": 11,
+    "cli": 12,
+    "__main__": 13,
+    "__init__": 13,
+}
 # the stack every room may import at module top; a local import of these is a hidden edge
-CORE_LIBRARIES = {"moe_lab", "jax", "jaxlib", "flax", "optax", "orbax", "grain", "numpy",
-                  "ml_collections"}
+CORE_LIBRARIES = {"moe_lab", "jax", "jaxlib", "flax", "optax", "orbax", "grain", "numpy", "ml_collections"}
 # modules whose function-local imports are the point
 LOCAL_IMPORTS_BY_DESIGN = {
     # its child processes measure peak memory (RSS) of a growth against a baseline
@@ -82,8 +97,11 @@ def import_graph():
             if getattr(node, "module", "") == "__future__":
                 continue
             names = _imported_names(node, m, path.name == "__init__.py")
-            if (id(node) not in top and names[0].split(".")[0] in CORE_LIBRARIES
-                    and m not in LOCAL_IMPORTS_BY_DESIGN):
+            if (
+                id(node) not in top
+                and names[0].split(".")[0] in CORE_LIBRARIES
+                and m not in LOCAL_IMPORTS_BY_DESIGN
+            ):
                 local.append((m, node.lineno, names[0]))
             for n in names:
                 target = resolve(n) if n.startswith("moe_lab") else None
@@ -159,8 +177,7 @@ def test_no_function_local_imports_of_the_stack():
 
 def test_the_checks_can_fail():
     """The detectors themselves, on a made-up graph: a cycle and an upward import."""
-    edges = {"moe_lab.train.loop": {"moe_lab.eval.evaluate"},
-             "moe_lab.eval.evaluate": {"moe_lab.train.loop"}}
+    edges = {"moe_lab.train.loop": {"moe_lab.eval.evaluate"}, "moe_lab.eval.evaluate": {"moe_lab.train.loop"}}
     assert find_cycles(edges) == [["moe_lab.eval.evaluate", "moe_lab.train.loop"]]
     assert against_the_order(edges) == ["moe_lab.train.loop -> moe_lab.eval.evaluate"]
 
@@ -169,10 +186,20 @@ def test_every_file_the_tree_names_exists():
     """A docstring, comment or README that names moe_lab/<path>.py names a file that is there
     (files move; their mentions must move with them)."""
     root = PACKAGE.parent
-    texts = [*root.glob("moe_lab/**/*.py"), *root.glob("configs/*.py"), *root.glob("tests/*.py"),
-             *root.glob("experiments/**/*.py"), *root.glob("experiments/**/*.md"),
-             root / "README.md"]
-    missing = sorted({(str(t.relative_to(root)), name) for t in texts
-                      for name in re.findall(r"moe_lab/[\w/]+\.py", t.read_text())
-                      if not (root / name).is_file()})
+    texts = [
+        *root.glob("moe_lab/**/*.py"),
+        *root.glob("configs/*.py"),
+        *root.glob("tests/*.py"),
+        *root.glob("experiments/**/*.py"),
+        *root.glob("experiments/**/*.md"),
+        root / "README.md",
+    ]
+    missing = sorted(
+        {
+            (str(t.relative_to(root)), name)
+            for t in texts
+            for name in re.findall(r"moe_lab/[\w/]+\.py", t.read_text())
+            if not (root / name).is_file()
+        }
+    )
     assert missing == []

@@ -15,14 +15,12 @@ from moe_lab.train.state import make_setup
 
 def _device0_bytes(tree) -> int:
     dev = jax.devices()[0]
-    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
-               if s.device == dev)
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
 
 
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=2, expert=4)])
 def test_memory_plan_matches_sharded_arrays(mesh):
-    cfg = tiny_config(mesh=mesh, model=dict(ffn="moe", moe=dict(num_experts=8, top_k=2,
-                                                                expert_hidden=32)))
+    cfg = tiny_config(mesh=mesh, model=dict(ffn="moe", moe=dict(num_experts=8, top_k=2, expert_hidden=32)))
     m = sharding.make_mesh(cfg.mesh)
     setup = make_setup(cfg, m)
     state = setup.init_state()
@@ -30,16 +28,33 @@ def test_memory_plan_matches_sharded_arrays(mesh):
     assert plan["params"] == _device0_bytes(state["params"])
     assert plan["opt_state"] == _device0_bytes(state["opt_state"])
     # the abstract (device-less) mesh gives the same plan
-    plan_abstract = memory_plan(cfg, make_setup(cfg, sharding.make_abstract_mesh(cfg.mesh, 8)),
-                                sharding.make_abstract_mesh(cfg.mesh, 8))
+    plan_abstract = memory_plan(
+        cfg,
+        make_setup(cfg, sharding.make_abstract_mesh(cfg.mesh, 8)),
+        sharding.make_abstract_mesh(cfg.mesh, 8),
+    )
     assert plan_abstract == plan
 
 
 def test_info_plans_a_pod_config_on_a_laptop():
-    r = subprocess.run([sys.executable, "-m", "moe_lab", "info", "--config",
-                        "configs/sparsity_sweep.py:paper", "--devices", "256", "--hardware",
-                        "tpu-v5p"], capture_output=True, text=True, timeout=300,
-                       env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_lab",
+            "info",
+            "--config",
+            "configs/sparsity_sweep.py:paper",
+            "--devices",
+            "256",
+            "--hardware",
+            "tpu-v5p",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "params: total 6,511,199,232  active 1,679,361,024" in r.stdout
     assert "on 256 x tpu-v5p" in r.stdout and "fits" in r.stdout

@@ -37,6 +37,7 @@ def _transformers():
     pytest.importorskip("torch")
     return pytest.importorskip("transformers")
 
+
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
 
 
@@ -89,10 +90,13 @@ def test_import_matches_transformers_and_export_round_trips(arch, hf_dirs, tmp_p
     assert (tok.bos_token_id, tok.eos_token_id) == (ours.bos_id, ours.eos_id)
 
 
-@pytest.mark.parametrize("arch,grow", [
-    ("MixtralForCausalLM", ["--width-factor", "2", "--noise", "0"]),
-    ("LlamaForCausalLM", ["--depth", "interpose", "--zero-copies"]),
-])
+@pytest.mark.parametrize(
+    "arch,grow",
+    [
+        ("MixtralForCausalLM", ["--width-factor", "2", "--noise", "0"]),
+        ("LlamaForCausalLM", ["--depth", "interpose", "--zero-copies"]),
+    ],
+)
 def test_imported_checkpoint_grows_and_exports_the_same_function(arch, grow, hf_dirs, tmp_path):
     """2510.08008 on a public-format checkpoint: import -> grow (function-preserving) ->
     export -> transformers' logits are the original model's."""
@@ -105,11 +109,14 @@ def test_imported_checkpoint_grows_and_exports_the_same_function(arch, grow, hf_
     orig = json.load(open(os.path.join(hf_dir, "config.json")))
     if arch == "MixtralForCausalLM":
         assert (hf["num_local_experts"], hf["num_experts_per_tok"]) == (
-            2 * orig["num_local_experts"], 2 * orig["num_experts_per_tok"])
+            2 * orig["num_local_experts"],
+            2 * orig["num_experts_per_tok"],
+        )
     else:
         assert hf["num_hidden_layers"] == 2 * orig["num_hidden_layers"]
-    np.testing.assert_allclose(hf_logits(load_hf(str(back)), TOKENS), hf_logits(model, TOKENS),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        hf_logits(load_hf(str(back)), TOKENS), hf_logits(model, TOKENS), atol=1e-4, rtol=0
+    )
 
 
 def _native_run(tmp_path, **model) -> str:
@@ -123,19 +130,34 @@ def _native_run(tmp_path, **model) -> str:
     return run
 
 
-@pytest.mark.parametrize("model,arch", [
-    ({}, "LlamaForCausalLM"),
-    ({"ffn": "moe", "moe": {"num_experts": 4, "top_k": 2, "router": "topk_softmax",
-                            "expert_hidden": 32}}, "MixtralForCausalLM"),
-])
+@pytest.mark.parametrize(
+    "model,arch",
+    [
+        ({}, "LlamaForCausalLM"),
+        (
+            {
+                "ffn": "moe",
+                "moe": {"num_experts": 4, "top_k": 2, "router": "topk_softmax", "expert_hidden": 32},
+            },
+            "MixtralForCausalLM",
+        ),
+    ],
+)
 def test_a_native_byte_run_exports_to_transformers(model, arch, tmp_path):
     run = _native_run(tmp_path, **model)
     back = tmp_path / "back"
     assert cli("export", "--workdir", run, "--to", back) == 0
     assert json.load(open(back / "config.json"))["architectures"] == [arch]
-    tokens = np.asarray([BYTE_TOKENIZER.encode("<s>a=1 b=a+2 mod 11. b?<think>", )])
-    np.testing.assert_allclose(hf_logits(load_hf(str(back)), tokens),
-                               moe_lab_logits(run, tokens), atol=1e-4, rtol=0)
+    tokens = np.asarray(
+        [
+            BYTE_TOKENIZER.encode(
+                "<s>a=1 b=a+2 mod 11. b?<think>",
+            )
+        ]
+    )
+    np.testing.assert_allclose(
+        hf_logits(load_hf(str(back)), tokens), moe_lab_logits(run, tokens), atol=1e-4, rtol=0
+    )
     tok = _transformers().AutoTokenizer.from_pretrained(str(back))
     for text in ("x<sep>y", "naïve 日本 <answer>3</s>", " two  spaces\n"):
         assert tok(text).input_ids == BYTE_TOKENIZER.encode(text)
@@ -173,8 +195,7 @@ def test_a_vocabulary_larger_than_the_checkpoint_gains_mean_rows(tmp_path, capsy
     np.testing.assert_allclose(got[..., :300], hf_logits(model, tokens), atol=1e-4, rtol=0)
     with Checkpointer(str(run), create=False) as ckpt:
         embed = ckpt.restore_raw(0, parts=("params",))["params"]["embed_VD"]
-    np.testing.assert_allclose(embed[300:], np.broadcast_to(embed[:300].mean(0), (20, 32)),
-                               atol=1e-6)
+    np.testing.assert_allclose(embed[300:], np.broadcast_to(embed[:300].mean(0), (20, 32)), atol=1e-6)
 
 
 def test_byte_tokenizer_as_hf_gives_the_same_ids():
@@ -183,17 +204,32 @@ def test_byte_tokenizer_as_hf_gives_the_same_ids():
         assert hf.encode(text, add_special_tokens=False).ids == BYTE_TOKENIZER.encode(text)
 
 
-SP_TEXTS = ("", " ", "hello world", "  two  spaces  ", "a\tb\nc\r\nd", "   leading",
-            "the cat<sep>sat<answer> 19</s>", "<think>12 + 7</think><answer>19",
-            "résumé 中文 😀 ǅ ﬁ", "Ｆｕｌｌ　ｗｉｄｔｈ", "19+12=31\n\n\nParis", "▁already▁",
-            "naïve\u00a0cat " * 5)
+SP_TEXTS = (
+    "",
+    " ",
+    "hello world",
+    "  two  spaces  ",
+    "a\tb\nc\r\nd",
+    "   leading",
+    "the cat<sep>sat<answer> 19</s>",
+    "<think>12 + 7</think><answer>19",
+    "résumé 中文 😀 ǅ ﬁ",
+    "Ｆｕｌｌ　ｗｉｄｔｈ",
+    "19+12=31\n\n\nParis",
+    "▁already▁",
+    "naïve\u00a0cat " * 5,
+)
 
 
-@pytest.mark.parametrize("model_type,options", [
-    ("bpe", {}), ("unigram", {}),
-    # Llama 2's tokenizer.model: no NFKC, whitespace kept as it is
-    ("bpe", {"normalization_rule_name": "identity", "remove_extra_whitespaces": False}),
-])
+@pytest.mark.parametrize(
+    "model_type,options",
+    [
+        ("bpe", {}),
+        ("unigram", {}),
+        # Llama 2's tokenizer.model: no NFKC, whitespace kept as it is
+        ("bpe", {"normalization_rule_name": "identity", "remove_extra_whitespaces": False}),
+    ],
+)
 def test_sentencepiece_runs_export_with_sentencepieces_ids(model_type, options, tmp_path):
     """A run's SentencePiece model, written as tokenizer.json, gives SentencePiece's own
     ids through transformers' AutoTokenizer (moe_lab's specials split out first, the
@@ -210,10 +246,14 @@ def test_sentencepiece_runs_export_with_sentencepieces_ids(model_type, options, 
     path = str(tmp_path / "sp.model")
     with open(path, "wb") as f:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter([" ".join(rng.choices(words, k=rng.randint(3, 20)))
-                                    for _ in range(300)]),
-            model_writer=f, vocab_size=300, model_type=model_type, byte_fallback=True,
-            minloglevel=2, **options)
+            sentence_iterator=iter([" ".join(rng.choices(words, k=rng.randint(3, 20))) for _ in range(300)]),
+            model_writer=f,
+            vocab_size=300,
+            model_type=model_type,
+            byte_fallback=True,
+            minloglevel=2,
+            **options,
+        )
     ours = load_tokenizer(path)
     write_hf_tokenizer(ours, str(tmp_path), 128)
     hf = _transformers().AutoTokenizer.from_pretrained(str(tmp_path))
@@ -230,9 +270,11 @@ def test_pretrained_vocabularies_keep_their_own_bos_eos(tmp_path):
     import tokenizers
     from tokenizers import models, pre_tokenizers
 
-    tok = tokenizers.Tokenizer(models.WordLevel({"a": 0, "<|begin_of_text|>": 1,
-                                                 "<|end_of_text|>": 2, "[UNK]": 3},
-                                                unk_token="[UNK]"))
+    tok = tokenizers.Tokenizer(
+        models.WordLevel(
+            {"a": 0, "<|begin_of_text|>": 1, "<|end_of_text|>": 2, "[UNK]": 3}, unk_token="[UNK]"
+        )
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     path = str(tmp_path / "tokenizer.json")
     tok.save(path)
@@ -267,11 +309,15 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(hf_dirs, tmp_path, cap
         (_copy(src, tmp_path / "nocfg", drop=["config.json"]), "has no config.json"),
         (_copy(src, tmp_path / "noweights", drop=["model.safetensors"]), "no .safetensors"),
         (_copy(src, tmp_path / "notok", drop=["tokenizer.json"]), "has no tokenizer"),
-        (_copy(src, tmp_path / "gpt2", {"architectures": ["GPT2LMHeadModel"]}),
-         "architectures=['GPT2LMHeadModel']"),
+        (
+            _copy(src, tmp_path / "gpt2", {"architectures": ["GPT2LMHeadModel"]}),
+            "architectures=['GPT2LMHeadModel']",
+        ),
         (_copy(src, tmp_path / "swa", {"sliding_window": 4096}), "sliding_window=4096"),
-        (_copy(src, tmp_path / "shape", {"intermediate_size": 48}),
-         "tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape"),
+        (
+            _copy(src, tmp_path / "shape", {"intermediate_size": 48}),
+            "tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape",
+        ),
         (_truncated(_copy(src, tmp_path / "truncated")), "not a readable safetensors file"),
     ]
     for hf_dir, message in cases:
@@ -296,12 +342,15 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(hf_dirs, tmp_path, cap
     assert not os.path.exists(tmp_path / "x")
 
 
-@pytest.mark.parametrize("model,why", [
-    ({"stack": "recursive", "num_layers": 5}, "a recursive"),
-    ({"ffn": "moe", "moe": {"router": "expert_choice"}}, "experts choose tokens"),
-    ({"ffn": "moe", "moe": {"router": "sigmoid"}}, "loss-free selection bias"),
-    ({"norm_placement": "post"}, "post-norm"),
-])
+@pytest.mark.parametrize(
+    "model,why",
+    [
+        ({"stack": "recursive", "num_layers": 5}, "a recursive"),
+        ({"ffn": "moe", "moe": {"router": "expert_choice"}}, "experts choose tokens"),
+        ({"ffn": "moe", "moe": {"router": "sigmoid"}}, "loss-free selection bias"),
+        ({"norm_placement": "post"}, "post-norm"),
+    ],
+)
 def test_export_refuses_what_no_hf_class_represents(model, why):
     with pytest.raises(ConfigError, match=why):
         hf_config.architecture_for(tiny_config(model=model).model)
@@ -336,8 +385,9 @@ def test_a_bf16_checkpoint_round_trips_bit_for_bit(hf_dirs, tmp_path):
     with safe_open(str(back / "model.safetensors"), framework="np") as ref:
         assert set(ref.keys()) == b.names()
         for name in ref.keys():  # our reader against the safetensors package's own
-            np.testing.assert_array_equal(b(name).view(np.uint16),
-                                          ref.get_tensor(name).view(np.uint16), err_msg=name)
+            np.testing.assert_array_equal(
+                b(name).view(np.uint16), ref.get_tensor(name).view(np.uint16), err_msg=name
+            )
     for name in sorted(a.names()):
         x, y = a(name), b(name)
         assert x.dtype == y.dtype == np.dtype("bfloat16") and x.shape == y.shape, name

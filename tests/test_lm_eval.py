@@ -21,6 +21,7 @@ def _lm_eval():
     pytest.importorskip("transformers")
     return pytest.importorskip("lm_eval")
 
+
 MAX_LEN = 24  # short, so rolling windows and context truncation are exercised
 
 
@@ -47,38 +48,70 @@ def test_loglikelihoods_and_greedy_text_match_the_harness_hf_backend(imported):
 
     hf_dir, run = imported
     ours = MoeLabLM(run, batch_size=4, max_length=MAX_LEN)
-    theirs = HFLM(pretrained=hf_dir, dtype="float32", batch_size=4, max_length=MAX_LEN,
-                  device="cpu")
-    pairs = [("the cat sat on", " the mat"), ("question: what is two plus three? answer:",
-              " five"), ("", "a dog ran"), ("numbers 0 1 2 ", "3 4"),
-             ("a dog ran to the park and back " * 3, " the cat")]  # the last one is truncated
+    theirs = HFLM(pretrained=hf_dir, dtype="float32", batch_size=4, max_length=MAX_LEN, device="cpu")
+    pairs = [
+        ("the cat sat on", " the mat"),
+        ("question: what is two plus three? answer:", " five"),
+        ("", "a dog ran"),
+        ("numbers 0 1 2 ", "3 4"),
+        ("a dog ran to the park and back " * 3, " the cat"),
+    ]  # the last one is truncated
     got = ours.loglikelihood(_requests("loglikelihood", pairs))
     want = theirs.loglikelihood(_requests("loglikelihood", pairs))
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=0)
     assert [g[1] for g in got] == [w[1] for w in want]
     texts = [("the cat sat on the mat " * 4,), ("a dog",)]  # 2+ windows, and one
-    np.testing.assert_allclose(ours.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)),
-                               theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)),
-                               atol=1e-4, rtol=0)
-    gen = [("the cat sat", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
-           ("numbers 0 1", {"until": [" 5"], "max_gen_toks": 6, "do_sample": False})]
-    assert (ours.generate_until(_requests("generate_until", gen))
-            == theirs.generate_until(_requests("generate_until", gen)))
+    np.testing.assert_allclose(
+        ours.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)),
+        theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)),
+        atol=1e-4,
+        rtol=0,
+    )
+    gen = [
+        ("the cat sat", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
+        ("numbers 0 1", {"until": [" 5"], "max_gen_toks": 6, "do_sample": False}),
+    ]
+    assert ours.generate_until(_requests("generate_until", gen)) == theirs.generate_until(
+        _requests("generate_until", gen)
+    )
 
 
 def test_eval_lm_eval_runs_the_shipped_tasks_on_local_files(imported, tmp_path, capsys):
     _lm_eval()
     _, run = imported
     gsm, hs = tmp_path / "gsm8k.jsonl", tmp_path / "hellaswag.jsonl"
-    gsm.write_text("".join(json.dumps({"question": f"what is {i} plus {i}?",
-                                       "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n"
-                           for i in range(4)))
-    hs.write_text("".join(json.dumps({"ctx": f"the cat {i} sat on the",
-                                      "endings": ["mat", "dog", "park"], "label": i % 3}) + "\n"
-                          for i in range(4)))
-    assert main(["eval", "--workdir", run, "--lm-eval", "gsm8k_local,hellaswag_local",
-                 "--lm-eval-data", f"gsm8k_local={gsm},hellaswag_local={hs}",
-                 "--limit", "3", "--num-fewshot", "1"]) == 0
+    gsm.write_text(
+        "".join(
+            json.dumps({"question": f"what is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
+            + "\n"
+            for i in range(4)
+        )
+    )
+    hs.write_text(
+        "".join(
+            json.dumps({"ctx": f"the cat {i} sat on the", "endings": ["mat", "dog", "park"], "label": i % 3})
+            + "\n"
+            for i in range(4)
+        )
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--workdir",
+                run,
+                "--lm-eval",
+                "gsm8k_local,hellaswag_local",
+                "--lm-eval-data",
+                f"gsm8k_local={gsm},hellaswag_local={hs}",
+                "--limit",
+                "3",
+                "--num-fewshot",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "gsm8k_local" in out and "acc_norm" in out
     result = json.load(open(f"{run}/eval/0-lm_eval.json"))
@@ -94,8 +127,22 @@ def test_eval_lm_eval_runs_the_shipped_tasks_on_local_files(imported, tmp_path, 
     assert "data/lm_eval/triviaqa.jsonl, which does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"  # a malformed row: named by file and line, one line
     bad.write_text(gsm.read_text() + '{"question": "broken\n')
-    assert main(["eval", "--workdir", run, "--lm-eval", "gsm8k_local", "--lm-eval-data",
-                 f"gsm8k_local={bad}", "--limit", "2"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--workdir",
+                run,
+                "--lm-eval",
+                "gsm8k_local",
+                "--lm-eval-data",
+                f"gsm8k_local={bad}",
+                "--limit",
+                "2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bad}:5: invalid JSON" in err, err
 
@@ -106,12 +153,20 @@ def test_a_wheel_install_ships_the_task_yamls(tmp_path):
     shipped file."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     lib = tmp_path / "lib"
-    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
-                   cwd=repo, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
     found = subprocess.run(
         [sys.executable, "-c", "from moe_lab.eval.lm_eval_model import tasks_dir; print(tasks_dir())"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(lib)}, check=True,
-        capture_output=True, text=True).stdout.strip()
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(lib)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert found == str(lib / "moe_lab" / "lm_eval_tasks")
 
     def tasks(d):

@@ -82,8 +82,9 @@ def test_attention_matches_per_head_reference():
     for name in ("q_DHK", "k_DGK", "v_DGK", "o_HKD"):
         getattr(layer, name)[...] = p[name][0]
     got = layer(x, jnp.broadcast_to(jnp.arange(12), (2, 12)))
-    want = _naive_attention_block(x, p["q_DHK"][0], p["k_DGK"][0], p["v_DGK"][0], p["o_HKD"][0],
-                                  cfg.model.rope_theta)
+    want = _naive_attention_block(
+        x, p["q_DHK"][0], p["k_DGK"][0], p["v_DGK"][0], p["o_HKD"][0], cfg.model.rope_theta
+    )
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -97,8 +98,12 @@ def test_param_count_matches_flops_accounting(kw):
 
 
 def test_moe_param_count_total_vs_active():
-    cfg = tiny_config(model=dict(ffn="moe", moe=dict(num_experts=4, top_k=1, expert_hidden=16,
-                                                     num_shared_experts=1, first_dense_layers=1)))
+    cfg = tiny_config(
+        model=dict(
+            ffn="moe",
+            moe=dict(num_experts=4, top_k=1, expert_hidden=16, num_shared_experts=1, first_dense_layers=1),
+        )
+    )
     _, params, _ = split_model(build_model(cfg))
     n = sum(x.size for x in jax.tree.leaves(params))
     counts = flops.param_counts(cfg.model)
@@ -112,9 +117,14 @@ def test_moe_param_count_total_vs_active():
 def test_expert_choice_active_params_count_capacity_factor_times_k_experts():
     """Expert choice: every expert takes C = cf*N*k/E tokens, so a token passes
     through cf*k experts on average (FLOPs and active parameters count that)."""
+
     def counts(router, cf):
-        cfg = tiny_config(model=dict(ffn="moe", moe=dict(num_experts=8, top_k=2, expert_hidden=16,
-                                                         router=router, capacity_factor=cf)))
+        cfg = tiny_config(
+            model=dict(
+                ffn="moe",
+                moe=dict(num_experts=8, top_k=2, expert_hidden=16, router=router, capacity_factor=cf),
+            )
+        )
         return cfg.model, flops.param_counts(cfg.model)
 
     m, tc = counts("softmax_topk", 1.25)
@@ -134,9 +144,20 @@ def test_router_learns_from_the_loss_at_top1():
     w = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
 
     def router_grad(router, renormalize):
-        cfg = ModelConfig(d_model=16, init_std=0.5, ffn="moe", moe=MoEConfig(
-            num_experts=4, top_k=1, expert_hidden=8, router=router, renormalize=renormalize,
-            aux_loss_weight=0.0, z_loss_weight=0.0))
+        cfg = ModelConfig(
+            d_model=16,
+            init_std=0.5,
+            ffn="moe",
+            moe=MoEConfig(
+                num_experts=4,
+                top_k=1,
+                expert_hidden=8,
+                router=router,
+                renormalize=renormalize,
+                aux_loss_weight=0.0,
+                z_loss_weight=0.0,
+            ),
+        )
         graphdef, params, rest = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
         g = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x, train=True)[0] * w))(params)
         return np.asarray(g["router_DE"][...])
@@ -200,8 +221,11 @@ def test_tree_paths_name_the_models_attributes():
         _, params, rest = split_model(nnx.eval_shape(lambda: build_model(tiny_config(model=model))))
         return params, rest
 
-    moe = dict(num_layers=3, ffn="moe", moe=dict(num_experts=4, top_k=2, router="sigmoid",
-                                                 num_shared_experts=1, first_dense_layers=1))
+    moe = dict(
+        num_layers=3,
+        ffn="moe",
+        moe=dict(num_experts=4, top_k=2, router="sigmoid", num_shared_experts=1, first_dense_layers=1),
+    )
     params, rest = trees(**moe)
     assert tree.stack_paths(params) == [(tree.DENSE_STACK,), (tree.MAIN_STACK,)]
     assert tree.get(rest, tree.router_bias_path((tree.MAIN_STACK,))).shape == (2, 4)
@@ -209,22 +233,25 @@ def test_tree_paths_name_the_models_attributes():
     assert {tree.ffn_leaf(p) for p in leaves} >= {"router_DE", "gate_EDF", "up_EDF", "down_EFD"}
     assert {tree.plain_stack_of(p) for p in leaves} - {None} == {tree.DENSE_STACK, tree.MAIN_STACK}
 
-    mor = dict(num_layers=4, stack="recursive", mor=dict(num_recursions=2, sharing="middle_cycle",
-                                                         routing="expert_choice",
-                                                         causal_aux="aux_router"))
+    mor = dict(
+        num_layers=4,
+        stack="recursive",
+        mor=dict(num_recursions=2, sharing="middle_cycle", routing="expert_choice", causal_aux="aux_router"),
+    )
     params, _ = trees(**mor)
     assert tree.stack_paths(params) == [(tree.RECURSIVE, n) for n in tree.RECURSIVE_STACKS]
     for path in tree.STEP_ROUTERS:
         assert tree.get(params, path) is not None, path
-    _, rest = trees(**{**mor, "mor": dict(num_recursions=2, routing="token_choice",
-                                          balance="loss_free", warmup_steps=2)})
+    _, rest = trees(
+        **{**mor, "mor": dict(num_recursions=2, routing="token_choice", balance="loss_free", warmup_steps=2)}
+    )
     for name in (tree.DEPTH_BIAS, tree.STEPS_SEEN):
         assert tree.get(rest, tree.mor_path(name)) is not None, name
 
 
-@pytest.mark.parametrize("impl,extra", [("chunked", {}),
-                                        ("chunked", dict(stack="recursive", num_layers=5)),
-                                        ("tokamax", {})])
+@pytest.mark.parametrize(
+    "impl,extra", [("chunked", {}), ("chunked", dict(stack="recursive", num_layers=5)), ("tokamax", {})]
+)
 def test_attention_implementations_match_xla(impl, extra):
     """Every attention kernel that runs on CPU (tokamax's xla_chunked and its own
     choice, which is its XLA attention here) against moe_lab's einsum attention:
@@ -252,8 +279,9 @@ def test_attention_implementations_match_xla(impl, extra):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-3)
     if impl == "chunked" and not extra:
         prompts = [[5, 17, 33, 80], [7, 8]]
-        assert (generate(gd_impl, params, rest, prompts, max_new_tokens=4)
-                == generate(gd, params, rest, prompts, max_new_tokens=4))
+        assert generate(gd_impl, params, rest, prompts, max_new_tokens=4) == generate(
+            gd, params, rest, prompts, max_new_tokens=4
+        )
 
 
 def test_cudnn_attention_is_refused_off_gpu_and_auto_picks_what_runs():
@@ -284,7 +312,7 @@ def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str, str]]:
         if eqn.primitive.name == "dot_general":
             out.append(tuple(str(v.aval.dtype) for v in (*eqn.invars[:2], eqn.outvars[0])))
         for p in eqn.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     out += _dot_operand_dtypes(inner)
@@ -295,16 +323,20 @@ def test_mixed_precision_bf16_compute_f32_params_router_and_loss():
     """compute_dtype bf16, param_dtype f32: every matmul of the forward and backward
     runs on bf16 operands except the router's (f32: its logits decide the routing);
     logits (cast after the bf16 LM head, as MaxText), loss and gradients are f32."""
-    cfg, model = _model(compute_dtype="bfloat16", ffn="moe", moe=dict(
-        num_experts=4, top_k=2, expert_hidden=32, dispatch="dropless"))
+    cfg, model = _model(
+        compute_dtype="bfloat16",
+        ffn="moe",
+        moe=dict(num_experts=4, top_k=2, expert_hidden=32, dispatch="dropless"),
+    )
     gd, params, rest = split_model(model)
     tok = _tokens(cfg)
 
     def loss(p):
         logits, _ = nnx.merge(gd, p, rest)(tok)
         assert logits.dtype == jnp.float32
-        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-            logits, tok[..., None], -1)[..., 0])
+        return jnp.mean(
+            jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tok[..., None], -1)[..., 0]
+        )
 
     dots = _dot_operand_dtypes(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr)
     f32 = [d for d in dots if "float32" in d[:2]]
@@ -325,8 +357,7 @@ def test_splash_attention_matches_xla_on_packed_rows():
     from moe_lab.layers.attention import Attention
     from moe_lab.parallel import sharding
 
-    m = ModelConfig(d_model=16, num_heads=4, num_kv_heads=2, max_seq_len=128,
-                    attention_impl="splash")
+    m = ModelConfig(d_model=16, num_heads=4, num_kv_heads=2, max_seq_len=128, attention_impl="splash")
     splash = Attention(m, rngs=nnx.Rngs(0))
     ref = Attention(dataclasses.replace(m, attention_impl="xla"), rngs=nnx.Rngs(0))
     x_BTD = jax.random.normal(jax.random.PRNGKey(1), (2, 128, 16))
@@ -345,7 +376,8 @@ def test_splash_attention_matches_xla_on_packed_rows():
     for ctx in (contextlib.nullcontext(), sharding.use_rules(DEFAULT_RULES, mesh)):
         with jax.set_mesh(mesh), ctx:
             g_got, y_got = nnx.jit(grad)(splash, x_BTD)
-        np.testing.assert_allclose(np.where(real_BT1, y_got, 0), np.where(real_BT1, y_want, 0),
-                                   atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.where(real_BT1, y_got, 0), np.where(real_BT1, y_want, 0), atol=2e-5, rtol=1e-4
+        )
         for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
             np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)

@@ -25,16 +25,40 @@ ROUTERS = ["topk_softmax", "softmax_topk", "sigmoid", "expert_choice"]
 # The accelerator kernels do not look at the router (they see expert_NK / gate_NK
 # only), so they are run for two routers to keep the file fast.
 FAST = [("capacity", "loop"), ("dropless", "loop")]
-ACCEL = [("capacity", "accelerator"), ("dropless", "ragged"), ("dropless", "blocks"),
-         ("dropless", "tokamax")]
+ACCEL = [("capacity", "accelerator"), ("dropless", "ragged"), ("dropless", "blocks"), ("dropless", "tokamax")]
 ACCEL_ROUTERS = ("softmax_topk", "expert_choice")
 
 
-def make_cfg(router="softmax_topk", dispatch="reference", *, e=4, k=2, d=16, f=8, shared=0,
-             cf=100.0, renormalize=True, jitter=0.0, std=0.3):
-    return ModelConfig(d_model=d, ffn="moe", init_std=std, moe=MoEConfig(
-        num_experts=e, top_k=k, expert_hidden=f, num_shared_experts=shared, router=router,
-        dispatch=dispatch, capacity_factor=cf, renormalize=renormalize, router_jitter=jitter))
+def make_cfg(
+    router="softmax_topk",
+    dispatch="reference",
+    *,
+    e=4,
+    k=2,
+    d=16,
+    f=8,
+    shared=0,
+    cf=100.0,
+    renormalize=True,
+    jitter=0.0,
+    std=0.3,
+):
+    return ModelConfig(
+        d_model=d,
+        ffn="moe",
+        init_std=std,
+        moe=MoEConfig(
+            num_experts=e,
+            top_k=k,
+            expert_hidden=f,
+            num_shared_experts=shared,
+            router=router,
+            dispatch=dispatch,
+            capacity_factor=cf,
+            renormalize=renormalize,
+            router_jitter=jitter,
+        ),
+    )
 
 
 def make_moe(cfg, impl="auto", bias_seed=3):
@@ -52,8 +76,7 @@ def value_and_grads(m, x_BTD, ct_BTD):
         y, aux = nnx.merge(graphdef, params, rest)(x_BTD, train=False)
         return jnp.sum(y * ct_BTD) + aux["aux_loss"], (y, aux)
 
-    (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-        params, x_BTD)
+    (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x_BTD)
     return y, aux, grads
 
 
@@ -66,8 +89,7 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
 
 def inputs(cfg, b=2, t=6, seed=1):
     kx, kc = jax.random.split(jax.random.PRNGKey(seed))
-    return (jax.random.normal(kx, (b, t, cfg.d_model)),
-            jax.random.normal(kc, (b, t, cfg.d_model)))
+    return (jax.random.normal(kx, (b, t, cfg.d_model)), jax.random.normal(kc, (b, t, cfg.d_model)))
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -84,8 +106,17 @@ def test_every_dispatch_matches_reference(router):
         assert float(got[1]["drop_fraction"]) == 0.0
 
 
-@pytest.mark.parametrize("tiles, empty", [((32, 8), False), ((128, 32), False), ((70, 70), False),
-                                          ((24, 16), False), ((40, 8), False), ((32, 8), True)])
+@pytest.mark.parametrize(
+    "tiles, empty",
+    [
+        ((32, 8), False),
+        ((128, 32), False),
+        ((70, 70), False),
+        ((24, 16), False),
+        ((40, 8), False),
+        ((32, 8), True),
+    ],
+)
 def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     """Groups spanning several full tiles plus a window, or one window larger than
     the group, of every size (the tiny configs above only run the latter), window
@@ -103,8 +134,9 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     if empty:  # experts 0, 2, 3 hold the rows; expert 1 none
         expert_NK = jnp.where(expert_NK >= 1, expert_NK + 1, expert_NK)
     gate_NK = jax.random.uniform(keys[2], (n, k))
-    weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
-                    zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
+    weights = tuple(
+        jax.random.normal(kk, s) * 0.5 for kk, s in zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)])
+    )
     assert choose_tiles(100) == (152, 16)  # one window up to 1.5x the expected rows
     assert choose_tiles(100, 125) == (128, 8)  # ... or covering the capacity
     assert choose_tiles(1000) == (256, 24)  # full tiles of ~half, then a window
@@ -113,9 +145,10 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     assert _window_sizes((24, 16)) == [16, 24]
 
     def fast(x_ND, gate_NK, weights):
-        y, layout = token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=capacity,
-                                         impl="loop", tiles=tiles)
-        return jnp.sum(y ** 2), layout.keep_NK
+        y, layout = token_choice_moe(
+            x_ND, expert_NK, gate_NK, weights, capacity=capacity, impl="loop", tiles=tiles
+        )
+        return jnp.sum(y**2), layout.keep_NK
 
     def ref(x_ND, gate_NK, weights):
         _, keep_NK = fast(x_ND, gate_NK, weights)
@@ -123,9 +156,9 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
         return jnp.sum(reference_moe(x_ND, gates_NE, *weights) ** 2), keep_NK
 
     (v1, keep), g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2), has_aux=True))(
-        x_ND, gate_NK, weights)
-    (v2, _), g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True))(
-        x_ND, gate_NK, weights)
+        x_ND, gate_NK, weights
+    )
+    (v2, _), g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True))(x_ND, gate_NK, weights)
     assert bool(jnp.all(keep)) == (capacity is None)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     assert_trees_close(g1, g2, rtol=1e-4, atol=1e-4)
@@ -147,8 +180,9 @@ def test_block_kernel_vs_reference(skew, n):
     if skew:
         expert_NK = jnp.stack([jnp.zeros((n,), jnp.int32), 1 + expert_NK[:, 1] % (e - 1)], 1)
     gate_NK = jax.random.uniform(keys[2], (n, k))
-    weights = tuple(jax.random.normal(kk, s) * 0.5 for kk, s in
-                    zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
+    weights = tuple(
+        jax.random.normal(kk, s) * 0.5 for kk, s in zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)])
+    )
     block = choose_block(n * k, e)
     assert block == 16
     layout, block_expert_J = block_layout(expert_NK, e, block)
@@ -163,13 +197,11 @@ def test_block_kernel_vs_reference(skew, n):
     assert int(np.sum(np.asarray(layout.valid_S))) == n * k
 
     def fast(x_ND, gate_NK, weights):
-        y, _ = token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=None,
-                                    impl="blocks")
-        return jnp.sum(y ** 2)
+        y, _ = token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=None, impl="blocks")
+        return jnp.sum(y**2)
 
     def ref(x_ND, gate_NK, weights):
-        return jnp.sum(reference_moe(x_ND, dense_gates(expert_NK, gate_NK, e),
-                                         *weights) ** 2)
+        return jnp.sum(reference_moe(x_ND, dense_gates(expert_NK, gate_NK, e), *weights) ** 2)
 
     v1, g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
     v2, g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
@@ -236,8 +268,13 @@ def np_aux(logits_NE, probs_NE, expert_NK, balance=True):
     m = logits_NE.max(-1)
     lse = m + np.log(np.exp(logits_NE - m[:, None]).sum(-1))
     ent = -np.mean(np.sum(probs_NE * np.log(probs_NE), -1))
-    return {"load_balance_loss": lb, "z_loss": np.mean(lse**2), "tokens_per_expert_E": f,
-            "router_entropy": ent, "max_violation": load.max() / load.mean() - 1}
+    return {
+        "load_balance_loss": lb,
+        "z_loss": np.mean(lse**2),
+        "tokens_per_expert_E": f,
+        "router_entropy": ent,
+        "max_violation": load.max() / load.mean() - 1,
+    }
 
 
 @nnx.jit
@@ -260,8 +297,11 @@ def test_gates_and_aux_match_numpy(router, renormalize):
     bias = np.asarray(m.bias_E[...]) if router == "sigmoid" else None
     expert, gate, probs = np_route(router, logits, 2, renormalize, bias)
     tc = routing.TOKEN_CHOICE_ROUTERS[router](
-        jnp.asarray(logits, jnp.float32), None if bias is None else jnp.asarray(bias),
-        top_k=2, renormalize=renormalize)
+        jnp.asarray(logits, jnp.float32),
+        None if bias is None else jnp.asarray(bias),
+        top_k=2,
+        renormalize=renormalize,
+    )
     np.testing.assert_array_equal(np.asarray(tc.expert_NK), expert)
     np.testing.assert_allclose(np.asarray(tc.gate_NK), gate, rtol=1e-5)
     y, aux = apply(m, x)
@@ -272,14 +312,16 @@ def test_gates_and_aux_match_numpy(router, renormalize):
     np.testing.assert_allclose(
         float(aux["aux_loss"]),
         mc.aux_loss_weight * want["load_balance_loss"] + mc.z_loss_weight * want["z_loss"],
-        rtol=1e-5)
+        rtol=1e-5,
+    )
     g, u, d = np_weights(m)
     xn = np.asarray(x_ND, np.float64)
     y_np = np.zeros_like(xn)
     for n in range(xn.shape[0]):
         for j in range(2):
-            y_np[n] += gate[n, j] * np_swiglu(xn[n:n + 1], g[expert[n, j]], u[expert[n, j]],
-                                              d[expert[n, j]])[0]
+            y_np[n] += (
+                gate[n, j] * np_swiglu(xn[n : n + 1], g[expert[n, j]], u[expert[n, j]], d[expert[n, j]])[0]
+            )
     np.testing.assert_allclose(np.asarray(y).reshape(xn.shape), y_np, rtol=1e-4, atol=1e-5)
 
 
@@ -321,7 +363,7 @@ def test_capacity_drops_match_hand_count(impl):
         for j in range(2):
             if kept[i, j]:
                 e = expert[i, j]
-                y_np[i] += gate[i, j] * np_swiglu(x_ND[i:i + 1], g[e], u[e], d[e])[0]
+                y_np[i] += gate[i, j] * np_swiglu(x_ND[i : i + 1], g[e], u[e], d[e])[0]
     np.testing.assert_allclose(np.asarray(y).reshape(n, -1), y_np, rtol=1e-4, atol=1e-5)
     # tokens_per_expert is measured before drops
     np.testing.assert_allclose(aux["tokens_per_expert_E"], seen / seen.sum(), rtol=1e-6)
@@ -345,8 +387,7 @@ def test_expert_choice_takes_exactly_c_tokens():
         top = np.argsort(-probs[:, e], kind="stable")[:cap]
         assert len(set(np.asarray(ec.token_EC[e]).tolist())) == cap
         np.testing.assert_array_equal(np.sort(np.asarray(ec.token_EC[e])), np.sort(top))
-        np.testing.assert_allclose(np.sort(np.asarray(ec.gate_EC[e])),
-                                   np.sort(probs[top, e]), rtol=1e-5)
+        np.testing.assert_allclose(np.sort(np.asarray(ec.gate_EC[e])), np.sort(probs[top, e]), rtol=1e-5)
         y_np[top] += probs[top, e][:, None] * np_swiglu(x_ND[top], g[e], u[e], d[e])
     y, aux = apply(m, x)
     np.testing.assert_allclose(np.asarray(y).reshape(n, -1), y_np, rtol=1e-4, atol=1e-5)

@@ -21,8 +21,9 @@ from moe_lab.train.state import build_model, split_model
 
 B, T = 2, 16
 # tiny models: XLA's backend optimisations cost more compile time than they save here
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_llvm_disable_expensive_passes": True})
+_jit = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+)
 
 
 # MoE feed-forwards inside the shared block (dropless: a token's output does not
@@ -31,8 +32,12 @@ MOE_FFN = dict(ffn="moe", moe=dict(num_experts=4, top_k=2, expert_hidden=32, dis
 
 
 def _mor(num_layers=5, init_std=0.02, model_extra=None, **mor):
-    return tiny_config(model=dict(stack="recursive", num_layers=num_layers, init_std=init_std,
-                                  mor=mor, **(model_extra or {})), data=dict(seq_len=T))
+    return tiny_config(
+        model=dict(
+            stack="recursive", num_layers=num_layers, init_std=init_std, mor=mor, **(model_extra or {})
+        ),
+        data=dict(seq_len=T),
+    )
 
 
 def _batch(seed=0, packed=True):
@@ -50,12 +55,14 @@ def _batch(seed=0, packed=True):
 def _forward_fn(graphdef, rest, train=True):
     def f(params, tokens, pos, seg):
         return nnx.merge(graphdef, params, rest)(tokens, pos, seg, train=train)
+
     return f
 
 
 def _assert_close_trees(a, b, atol):
-    for (pa, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a),
-                               jax.tree_util.tree_leaves_with_path(b)):
+    for (pa, x), (_, y) in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    ):
         np.testing.assert_allclose(x, y, atol=atol, rtol=1e-4, err_msg=jax.tree_util.keystr(pa))
 
 
@@ -68,8 +75,7 @@ def test_layer_sequences():
     assert layer_sequence(4, 1, "cycle") == s(0, 1, 2, 3)
 
 
-@pytest.mark.parametrize("num_layers,n_r,sharing", [
-    (2, 1, "cycle"), (6, 2, "middle_cycle")])
+@pytest.mark.parametrize("num_layers,n_r,sharing", [(2, 1, "cycle"), (6, 2, "middle_cycle")])
 def test_fixed_depth_equals_plain_with_mapped_params(num_layers, n_r, sharing):
     """routing none: the recursive model IS the plain model whose layer l holds the pool
     layer of the schedule; N_r=1 cycle is the plain transformer with the same params."""
@@ -80,8 +86,10 @@ def test_fixed_depth_equals_plain_with_mapped_params(num_layers, n_r, sharing):
     pgd, pparams, prest = split_model(build_model(plain_cfg))
     rec = params["recursive"]
     layers = [jax.tree.map(lambda a, i=i: a[i], rec[name]["layers"]) for name, i in seq]
-    pparams = {**{k: v for k, v in params.items() if k != "recursive"},
-               "blocks": {"layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}}
+    pparams = {
+        **{k: v for k, v in params.items() if k != "recursive"},
+        "blocks": {"layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)},
+    }
     batch = _batch()
     lp, _ = _jit(_forward_fn(pgd, prest, train=False))(pparams, *batch)
     lr, aux = _jit(_forward_fn(gd, rest, train=False))(params, *batch)
@@ -112,8 +120,10 @@ def _reference_forward(model, tokens, pos, seg, kept_RBT, tc_depth=None):
     kept = np.asarray(kept_RBT)
     if tc_depth is not None:
         probs = jax.nn.softmax(rs.router(x), axis=-1)
-        gate_tc = mor.token_choice_alpha * jnp.take_along_axis(
-            probs, jnp.asarray(tc_depth - 1)[..., None], axis=-1)[..., 0]
+        gate_tc = (
+            mor.token_choice_alpha
+            * jnp.take_along_axis(probs, jnp.asarray(tc_depth - 1)[..., None], axis=-1)[..., 0]
+        )
     for r in range(mor.num_recursions):
         g = gate_tc if tc_depth is not None else rr.ec_gate(rs.router(x, r), "sigmoid", mor.alpha)
         for b in range(B):
@@ -157,15 +167,19 @@ def test_recursion_updates_follow_the_paper_equations(routing, monkeypatch):
     monkeypatch.setattr(RecursiveStack, "_layers", _affine_block)
     tokens, pos, seg = _batch(packed=False)
     for update in ("add", "interpolate"):
-        cfg = _mor(num_layers=3, init_std=0.5, sharing="cycle", routing=routing,
-                   update=update, balance_weight=0.0)
+        cfg = _mor(
+            num_layers=3, init_std=0.5, sharing="cycle", routing=routing, update=update, balance_weight=0.0
+        )
         model = build_model(cfg)
         rs, mor = model.recursive, cfg.model.mor
         h1 = model.embed(tokens)
         out, aux = rs(h1, pos, seg, train=True)
         h1 = np.asarray(h1, np.float64)
-        gated = ((lambda base, f, g: base + g * (f - base)) if update == "interpolate"
-                 else (lambda base, f, g: base + g * f))
+        gated = (
+            (lambda base, f, g: base + g * (f - base))
+            if update == "interpolate"
+            else (lambda base, f, g: base + g * f)
+        )
         if routing == "token_choice":
             z = h1 @ np.asarray(rs.router.w_DR[...], np.float64)
             p = np.exp(z - z.max(-1, keepdims=True))
@@ -196,19 +210,26 @@ def test_recursion_updates_follow_the_paper_equations(routing, monkeypatch):
 
 def _vag(fwd, w):
     """(logits, aux) and d/dparams of sum(logits * w) + aux loss, in one jit."""
+
     def loss(params, *batch):
         logits, aux = fwd(params, *batch)
         return jnp.sum(logits * w) + aux["mor"]["aux_loss"], (logits, aux)
+
     return _jit(jax.value_and_grad(loss, has_aux=True))
 
 
 # (the plain expert-choice case is the MoE-FFN one's path with a dense FFN: the suite's
 # time budget keeps the two that differ in what the gather has to get right)
-@pytest.mark.parametrize("mor,extra", [
-    (dict(routing="expert_choice", kv_cache="shared", update="interpolate", capacities="1,0.5,0.25"),
-     None),
-    (dict(routing="expert_choice"), MOE_FFN),
-])
+@pytest.mark.parametrize(
+    "mor,extra",
+    [
+        (
+            dict(routing="expert_choice", kv_cache="shared", update="interpolate", capacities="1,0.5,0.25"),
+            None,
+        ),
+        (dict(routing="expert_choice"), MOE_FFN),
+    ],
+)
 def test_expert_choice_gather_matches_dense_reference(mor, extra):
     """Exactly k_r tokens per step, hierarchical; gathered fast path == dense masked
     reference (outputs and gradients), for both updates and both KV patterns, and
@@ -216,8 +237,7 @@ def test_expert_choice_gather_matches_dense_reference(mor, extra):
     cfg = _mor(model_extra=extra, **mor)
     gd, params, rest = split_model(build_model(cfg))
     # the reference: the same variables in the model built with the dense path
-    gd_dense, _, _ = split_model(build_model(_mor(model_extra=extra, expert_choice_impl="dense",
-                                                  **mor)))
+    gd_dense, _, _ = split_model(build_model(_mor(model_extra=extra, expert_choice_impl="dense", **mor)))
     batch = _batch()
     w = jax.random.normal(jax.random.key(1), (B, T, cfg.model.vocab_size))
     (_, (logits, aux)), g_fast = _vag(_forward_fn(gd, rest), w)(params, *batch)
@@ -232,8 +252,7 @@ def test_expert_choice_gather_matches_dense_reference(mor, extra):
     _assert_close_trees(g_fast, g_dense, 1e-4)
     if extra is not None:  # MoE statistics count the tokens a step runs, in both paths
         for key in ("tokens_per_expert_E", "load_balance_loss", "z_loss", "router_entropy"):
-            np.testing.assert_allclose(aux_d["shared"][key], aux["shared"][key], atol=1e-5,
-                                       err_msg=key)
+            np.testing.assert_allclose(aux_d["shared"][key], aux["shared"][key], atol=1e-5, err_msg=key)
     if mor.get("kv_cache") != "shared" and extra is None:  # and an independent one: a
         # per-row Python loop (slow; the MoE case is covered by the dense path above)
         ref = _reference_forward(nnx.merge(gd, params, rest), *batch, kept)
@@ -264,16 +283,23 @@ def test_token_choice_matches_per_row_reference():
 PROMPTS = [[5, 17, 33, 80, 81, 100], [7, 8], [200, 201, 202, 9]]
 
 
-@pytest.mark.parametrize("mor,temperature,extra,layers", [
-    (dict(routing="expert_choice", kv_cache="shared", causal_aux="aux_router", decode_buckets=0),
-     0.0, None, 5),
-    (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0, None, 5),
-    (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, MOE_FFN, 5),
-    # a pool of 2 layers per step: each layer has its own cache slot in the step's buffer
-    # (and sampling at temperature 1: the cached and reference paths draw the same tokens)
-    (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0, None, 8),
-    (dict(routing="expert_choice", kv_cache="shared"), 0.0, None, 8),
-])
+@pytest.mark.parametrize(
+    "mor,temperature,extra,layers",
+    [
+        (
+            dict(routing="expert_choice", kv_cache="shared", causal_aux="aux_router", decode_buckets=0),
+            0.0,
+            None,
+            5,
+        ),
+        (dict(routing="token_choice", kv_cache="recursion_wise"), 0.0, None, 5),
+        (dict(routing="expert_choice", kv_cache="recursion_wise"), 0.0, MOE_FFN, 5),
+        # a pool of 2 layers per step: each layer has its own cache slot in the step's buffer
+        # (and sampling at temperature 1: the cached and reference paths draw the same tokens)
+        (dict(routing="expert_choice", kv_cache="recursion_wise"), 1.0, None, 8),
+        (dict(routing="expert_choice", kv_cache="shared"), 0.0, None, 8),
+    ],
+)
 def test_cached_decode_matches_reference(mor, temperature, extra, layers):
     """Cached decode (threshold routing, depth-wise row buckets) == the no-cache
     reference decode, which runs the full forward with the same threshold routing
@@ -290,8 +316,9 @@ def test_cached_decode_matches_reference(mor, temperature, extra, layers):
             model = nnx.merge(gd, p, rest)
             cache = model.init_cache(4, 8)["recursive"]
             pos = jnp.broadcast_to(jnp.arange(8), (4, 8))
-            return model.recursive.decode(model.embed(tokens), pos, jnp.ones((4, 8), bool),
-                                          cache, 0, stats=True)[2]
+            return model.recursive.decode(
+                model.embed(tokens), pos, jnp.ones((4, 8), bool), cache, 0, stats=True
+            )[2]
 
         kept = _jit(prefill)(params, jnp.asarray(np.arange(32).reshape(4, 8) + 3, jnp.int32))
         frac = np.asarray(kept).mean(axis=(1, 2))
@@ -324,19 +351,34 @@ def test_mor_tiny_trains_and_logs_depth_histogram():
     from moe_lab.train.state import make_setup, resolve_config
     from moe_lab.train.step import make_train_step
 
-    cfg = load_config("configs/mor_tiny.py", {
-        "model.d_model": 32, "model.mlp_hidden": 64, "model.num_heads": 4, "data.seq_len": 16,
-        "train.batch_size": 4, "train.steps": 30, "train.warmup_steps": 2, "mesh.data": 1})
+    cfg = load_config(
+        "configs/mor_tiny.py",
+        {
+            "model.d_model": 32,
+            "model.mlp_hidden": 64,
+            "model.num_heads": 4,
+            "data.seq_len": 16,
+            "train.batch_size": 4,
+            "train.steps": 30,
+            "train.warmup_steps": 2,
+            "mesh.data": 1,
+        },
+    )
     cfg = resolve_config(cfg)
     setup = make_setup(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
     step = _jit(make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule))
     state = setup.init_state()
     rng = np.random.default_rng(0)
     toks = rng.integers(3, 40, (4, 17)).astype(np.int32)
-    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((4, 16), np.float32),
-             "segment_ids": np.ones((4, 16), np.int32), "task_ids": np.zeros((4, 16), np.int32),
-             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy(),
-             "answer_mask": np.zeros((4, 16), np.float32)}
+    batch = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "weights": np.ones((4, 16), np.float32),
+        "segment_ids": np.ones((4, 16), np.int32),
+        "task_ids": np.zeros((4, 16), np.int32),
+        "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy(),
+        "answer_mask": np.zeros((4, 16), np.float32),
+    }
     losses = []
     for _ in range(8):
         state, m = step(state, batch)
@@ -358,19 +400,29 @@ def test_train_step_updates_every_sigmoid_router_bias(stack):
     from moe_lab.train.state import make_setup, resolve_config
     from moe_lab.train.step import make_train_step
 
-    moe = dict(num_experts=4, top_k=2, expert_hidden=16, router="sigmoid", dispatch="dropless",
-               bias_update_rate=0.01)
-    cfg = resolve_config(tiny_config(model=dict(num_layers=5, stack=stack, ffn="moe", moe=moe,
-                                                 mor=dict(routing="token_choice")),
-                                     train=dict(batch_size=4), data=dict(seq_len=16)))
+    moe = dict(
+        num_experts=4, top_k=2, expert_hidden=16, router="sigmoid", dispatch="dropless", bias_update_rate=0.01
+    )
+    cfg = resolve_config(
+        tiny_config(
+            model=dict(num_layers=5, stack=stack, ffn="moe", moe=moe, mor=dict(routing="token_choice")),
+            train=dict(batch_size=4),
+            data=dict(seq_len=16),
+        )
+    )
     setup = make_setup(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
     step = _jit(make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule))
     state = setup.init_state()
     toks = np.random.default_rng(0).integers(3, 40, (4, 17)).astype(np.int32)
-    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((4, 16), np.float32),
-             "segment_ids": np.ones((4, 16), np.int32), "task_ids": np.zeros((4, 16), np.int32),
-             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy(),
-             "answer_mask": np.zeros((4, 16), np.float32)}
+    batch = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "weights": np.ones((4, 16), np.float32),
+        "segment_ids": np.ones((4, 16), np.int32),
+        "task_ids": np.zeros((4, 16), np.int32),
+        "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy(),
+        "answer_mask": np.zeros((4, 16), np.float32),
+    }
     new, _ = step(state, batch)
     before = jax.tree_util.tree_leaves_with_path(state["model_state"])
     after = dict(jax.tree_util.tree_leaves_with_path(new["model_state"]))
@@ -391,13 +443,24 @@ def test_pool_bias_update_weighs_applications_by_their_tokens():
     aux = {"shared": {"tokens_per_expert_E": frac, "num_tokens": jnp.asarray([1000.0, 2.0])}}
     state = {"recursive": {"shared": {"layers": {"ffn": {"bias_E": jnp.zeros((1, 4))}}}}}
     new = update_router_biases(state, aux, 0.1, shared_pool_ids=(0, 0))
-    np.testing.assert_allclose(new["recursive"]["shared"]["layers"]["ffn"]["bias_E"],
-                               [[-0.1, -0.1, 0.1, 0.1]])  # totals 300, 300, 201, 201
+    np.testing.assert_allclose(
+        new["recursive"]["shared"]["layers"]["ffn"]["bias_E"], [[-0.1, -0.1, 0.1, 0.1]]
+    )  # totals 300, 300, 201, 201
     # logged averages weigh rows by their tokens; a row that ran none does not count
-    scalars = {k: jnp.asarray([1.0, 5.0, 9.0]) for k in (
-        "load_balance_loss", "z_loss", "drop_fraction", "router_entropy", "max_violation")}
-    m = moe_metrics({"shared": {**scalars, "num_tokens": jnp.asarray([3.0, 1.0, 0.0]),
-                                "tokens_per_expert_E": jnp.eye(3)}}, per_layer=False)
+    scalars = {
+        k: jnp.asarray([1.0, 5.0, 9.0])
+        for k in ("load_balance_loss", "z_loss", "drop_fraction", "router_entropy", "max_violation")
+    }
+    m = moe_metrics(
+        {
+            "shared": {
+                **scalars,
+                "num_tokens": jnp.asarray([3.0, 1.0, 0.0]),
+                "tokens_per_expert_E": jnp.eye(3),
+            }
+        },
+        per_layer=False,
+    )
     assert float(m["moe/z_loss"]) == 2.0 and float(m["moe/max_violation"]) == 5.0
     np.testing.assert_allclose(m["moe/tokens_per_expert_E"], [0.75, 0.25, 0.0])
 
@@ -419,24 +482,28 @@ def test_token_choice_loss_free_bias_and_warmup_state():
     assert float(aux_after["mor"]["warming_up"]) == 0.0
     after = update_mor_state(done, aux_after, 1e-3)
     load = np.asarray(aux_after["mor"]["tokens_per_depth_R"])
-    np.testing.assert_allclose(np.asarray(after["recursive"]["bias_R"]),
-                               1e-3 * np.sign(load.mean() - load), atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(after["recursive"]["bias_R"]), 1e-3 * np.sign(load.mean() - load), atol=1e-7
+    )
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"model.num_layers": 6}, "does not divide the 4 shared layers"),
-    ({"model.mor.sharing": "cycle", "model.num_layers": 4}, "does not divide the 4 shared"),
-    ({"model.mor.capacities": "1,0.5,0.7"}, "non-increasing"),
-    ({"model.mor.capacities": "1,0.5,0"}, r"in \(0, 1\]"),
-    ({"model.mor.capacities": "1.2,0.5,0.2"}, r"in \(0, 1\]"),
-    ({"model.mor.capacities": "1,0.5"}, "need num_recursions=3"),
-    ({"model.mor.capacities": "0.9,0.5,0.2", "model.mor.kv_cache": "shared"}, "kv_cache='shared'"),
-    ({"model.mor.routing": "token_choice", "model.mor.router_func": "tanh"}, "softmax or sigmoid"),
-    ({"model.mor.sharing": "diagonal"}, "is not one of"),
-    ({"model.ffn": "moe", "model.moe.dispatch": "capacity"}, "needs token-choice dropless MoE"),
-    ({"model.ffn": "moe", "model.moe.router": "expert_choice"}, "needs token-choice dropless"),
-    ({"model.mor.update": "paper"}, "was renamed: it named h \\+ g \\(f\\(h\\) - h\\)"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"model.num_layers": 6}, "does not divide the 4 shared layers"),
+        ({"model.mor.sharing": "cycle", "model.num_layers": 4}, "does not divide the 4 shared"),
+        ({"model.mor.capacities": "1,0.5,0.7"}, "non-increasing"),
+        ({"model.mor.capacities": "1,0.5,0"}, r"in \(0, 1\]"),
+        ({"model.mor.capacities": "1.2,0.5,0.2"}, r"in \(0, 1\]"),
+        ({"model.mor.capacities": "1,0.5"}, "need num_recursions=3"),
+        ({"model.mor.capacities": "0.9,0.5,0.2", "model.mor.kv_cache": "shared"}, "kv_cache='shared'"),
+        ({"model.mor.routing": "token_choice", "model.mor.router_func": "tanh"}, "softmax or sigmoid"),
+        ({"model.mor.sharing": "diagonal"}, "is not one of"),
+        ({"model.ffn": "moe", "model.moe.dispatch": "capacity"}, "needs token-choice dropless MoE"),
+        ({"model.ffn": "moe", "model.moe.router": "expert_choice"}, "needs token-choice dropless"),
+        ({"model.mor.update": "paper"}, "was renamed: it named h \\+ g \\(f\\(h\\) - h\\)"),
+    ],
+)
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config("configs/mor_tiny.py", overrides)
@@ -484,8 +551,7 @@ def test_flops_count_routed_recursions():
 def test_iso_flop_steps_reproduce_the_released_configs():
     """The paper configs' step counts at vanilla's FLOPs, in 2507.10524's convention
     (no LM head, K/V at d x d), against the released configs' hard-coded steps."""
-    released = {"vanilla": 9438, "2": 12619, "3": 14161, "4": 14216, "3,kv_shared": 14672,
-                "3,fixed": 9438}
+    released = {"vanilla": 9438, "2": 12619, "3": 14161, "4": 14216, "3,kv_shared": 14672, "3,fixed": 9438}
     for arg, steps in released.items():
         assert abs(load_config(f"configs/paper/mor_360m.py:{arg}").train.steps - steps) <= 2, arg
 
@@ -497,10 +563,11 @@ def test_capacity_warmup_runs_full_depth_first_then_routed(tmp_path):
 
     from moe_lab.train.loop import train
 
-    cfg = tiny_config(model=dict(stack="recursive", num_layers=5, mor=dict(capacity_warmup_steps=2)),
-                      data=dict(seq_len=16),
-                      train=dict(steps=4, batch_size=8, log_every=1, eval_every=100,
-                                 checkpoint_every=100))
+    cfg = tiny_config(
+        model=dict(stack="recursive", num_layers=5, mor=dict(capacity_warmup_steps=2)),
+        data=dict(seq_len=16),
+        train=dict(steps=4, batch_size=8, log_every=1, eval_every=100, checkpoint_every=100),
+    )
     train(cfg, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     rows = {r["step"]: r for r in rows if "mor/mean_depth" in r}
@@ -512,5 +579,6 @@ def test_capacity_warmup_runs_full_depth_first_then_routed(tmp_path):
 
 def test_capacity_warmup_needs_expert_choice():
     with pytest.raises(ConfigError, match="capacity_warmup_steps are only used by"):
-        load_config("configs/mor_tiny.py", {"model.mor.routing": "token_choice",
-                                            "model.mor.capacity_warmup_steps": 5})
+        load_config(
+            "configs/mor_tiny.py", {"model.mor.routing": "token_choice", "model.mor.capacity_warmup_steps": 5}
+        )

@@ -13,12 +13,23 @@ from conftest import FAST_COMPILE_FLAGS
 
 from moe_lab.train.metrics import read_metrics
 
-TINY = ["--config", "configs/tiny.py", "--config.model.d_model=32", "--config.model.num_layers=2",
-        "--config.model.mlp_hidden=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
-        "--config.train.log_every=1", "--config.train.eval_every=1000", "--config.eval.at_end=false",
-        "--config.train.checkpoint_every=3", "--config.train.progress=false",
-        # constant LR: the runs compared below differ in their total step count
-        "--config.train.schedule=constant", "--config.train.warmup_steps=2"]
+TINY = [
+    "--config",
+    "configs/tiny.py",
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.mlp_hidden=64",
+    "--config.data.seq_len=32",
+    "--config.train.batch_size=8",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=1000",
+    "--config.eval.at_end=false",
+    "--config.train.checkpoint_every=3",
+    "--config.train.progress=false",
+    # constant LR: the runs compared below differ in their total step count
+    "--config.train.schedule=constant",
+    "--config.train.warmup_steps=2",
+]
 
 
 def _free_port() -> int:
@@ -28,8 +39,17 @@ def _free_port() -> int:
 
 
 def _cmd(workdir, steps, extra=()):
-    return [sys.executable, "-m", "moe_lab", "train", *TINY, "--workdir", str(workdir),
-            f"--config.train.steps={steps}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "moe_lab",
+        "train",
+        *TINY,
+        "--workdir",
+        str(workdir),
+        f"--config.train.steps={steps}",
+        *extra,
+    ]
 
 
 def _env(devices):
@@ -50,11 +70,28 @@ def _losses(workdir):
 def _two_processes(workdir, steps, extra=()):
     """Two local processes x 4 CPU devices with a localhost coordinator."""
     port = _free_port()
-    return [subprocess.Popen(
-        _cmd(workdir, steps, ["--coordinator", f"localhost:{port}", "--num-processes", "2",
-                              "--process-id", str(i), *extra]),
-        env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    return [
+        subprocess.Popen(
+            _cmd(
+                workdir,
+                steps,
+                [
+                    "--coordinator",
+                    f"localhost:{port}",
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                    *extra,
+                ],
+            ),
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
 
 
 def test_two_processes_match_one_stop_together_and_reshard(tmp_path):
@@ -88,11 +125,11 @@ def test_two_processes_match_one_stop_together_and_reshard(tmp_path):
     one = tmp_path / "one"
     _run(_cmd(one, stop + 3, ["--config.mesh.fsdp=2"]), 8)
     l1 = _losses(one)
-    np.testing.assert_allclose([l2[s] for s in range(1, stop + 1)],
-                               [l1[s] for s in range(1, stop + 1)], rtol=1e-5)
+    np.testing.assert_allclose(
+        [l2[s] for s in range(1, stop + 1)], [l1[s] for s in range(1, stop + 1)], rtol=1e-5
+    )
     shutil.copytree(two, tmp_path / "resharded")
-    _run(_cmd(tmp_path / "resharded", stop + 3, ["--config.mesh.fsdp=1", "--config.mesh.data=-1"]),
-         1)
+    _run(_cmd(tmp_path / "resharded", stop + 3, ["--config.mesh.fsdp=1", "--config.mesh.data=-1"]), 1)
     lr = _losses(tmp_path / "resharded")
     after = range(stop + 1, stop + 4)
     np.testing.assert_allclose([lr[s] for s in after], [l1[s] for s in after], rtol=1e-5)

@@ -48,9 +48,11 @@ def _losses(cfg, devices, steps=3):
     setup = make_setup(cfg, mesh)
     state = setup.init_state()
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
-        step = jax.jit(make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule),
-                       in_shardings=(setup.shardings, setup.batch_sharding),
-                       out_shardings=(setup.shardings, None))
+        step = jax.jit(
+            make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule),
+            in_shardings=(setup.shardings, setup.batch_sharding),
+            out_shardings=(setup.shardings, None),
+        )
         losses = []
         for i in range(steps):
             batch = jax.device_put(_random_batch(cfg, seed=i), setup.batch_sharding)
@@ -75,8 +77,10 @@ def test_expert_parallel_equals_single_device():
     """Experts split over the mesh's expert axis (data parallel on the rest), dropless:
     the ring of experts under shard_map in a whole train step gives one device's losses
     (capacity's all-to-all and the ring layer by layer: tests/test_expert_parallel.py)."""
-    moe = dict(ffn="moe", moe=dict(num_experts=8, top_k=2, expert_hidden=32, dispatch="dropless",
-                                   capacity_factor=2.0))
+    moe = dict(
+        ffn="moe",
+        moe=dict(num_experts=8, top_k=2, expert_hidden=32, dispatch="dropless", capacity_factor=2.0),
+    )
     cfg1 = _cfg(dict(data=1), **moe)
     cfg8 = dataclasses.replace(cfg1, mesh=MeshConfig(data=2, expert=4))
     l1, _ = _losses(cfg1, jax.devices()[:1])
@@ -86,5 +90,3 @@ def test_expert_parallel_equals_single_device():
     assert specs["down_EFD"] == P(None, "expert", None, None)
     l8, _ = _losses(cfg8, jax.devices())
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
-
-

@@ -68,22 +68,29 @@ def sparsity_post_stages(scale):
 
 def grown_from_e2_k1(name, step):
     """A width-grown e2_k1 (-> the e4_k2 architecture), tagged for the sunk-compute notebook."""
-    return {"name": name, "from": {"run": "e2_k1", "step": step,
-                                   "grow": {"width": {"factor": 2, "noise": 0.0}}},
-            "tags": {"study": "grow", "grown_at": step}}
+    return {
+        "name": name,
+        "from": {"run": "e2_k1", "step": step, "grow": {"width": {"factor": 2, "noise": 0.0}}},
+        "tags": {"study": "grow", "grown_at": step},
+    }
 
 
 # two sparsities (k = 1, 2), a bad point and a tiny sunk-compute study grown from e2_k1;
 # e4_k2, the study's from-scratch baseline, also runs the +post stages (test-time
 # compute, GRPO) of configs/sparsity_sweep.py
 GROWN = grown_from_e2_k1("grown", 4)
-POINTS = [{"model.moe.num_experts": 2, "model.moe.top_k": 1,
-           "tags": {"study": "base", "grown_at": None}},
-          {"model.moe.num_experts": 4, "model.moe.top_k": 2,
-           "tags": {"study": "grow", "grown_at": 0}, "post": sparsity_post_stages("micro")},
-          {"name": "bad", "model.moe.num_experts": 2, "model.moe.top_k": 3},
-          GROWN,
-          grown_from_e2_k1("g2", 2)]
+POINTS = [
+    {"model.moe.num_experts": 2, "model.moe.top_k": 1, "tags": {"study": "base", "grown_at": None}},
+    {
+        "model.moe.num_experts": 4,
+        "model.moe.top_k": 2,
+        "tags": {"study": "grow", "grown_at": 0},
+        "post": sparsity_post_stages("micro"),
+    },
+    {"name": "bad", "model.moe.num_experts": 2, "model.moe.top_k": 3},
+    GROWN,
+    grown_from_e2_k1("g2", 2),
+]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +117,9 @@ def test_names_and_expansion():
     assert sweep_points.run_name({"model.moe.num_experts": 8, "model.moe.top_k": 2}) == "e8_k2"
     assert sweep_points.run_name({"train.lr": 0.001, "data.mixture": "facts:1"}) == "lr0.001_mixfacts-1"
     assert sweep_points.run_name({"budget_flops": 1.5e12}) == "B1.5e12"
-    pts = sweep_points.make_points([GROWN, {"model.moe.num_experts": 2, "model.moe.top_k": 1},
-                             {"name": "x", "from": {"run": "grown"}}])
+    pts = sweep_points.make_points(
+        [GROWN, {"model.moe.num_experts": 2, "model.moe.top_k": 1}, {"name": "x", "from": {"run": "grown"}}]
+    )
     assert [p.name for p in pts] == ["e2_k1", "grown", "x"]  # parents first
     assert pts[1].parent == "e2_k1" and pts[0].index == 1
     with pytest.raises(ConfigError, match="same name"):
@@ -136,16 +144,22 @@ def test_shards_split_the_points():
 
 
 def test_dry_run_prints_commands(tmp_path):
-    cfg_path = write_config(tmp_path / "c.py", POINTS + [
-        {"name": "budget", "from": {"run": "e2_k1"}, "budget_flops": 4e9}])
+    cfg_path = write_config(
+        tmp_path / "c.py", POINTS + [{"name": "budget", "from": {"run": "e2_k1"}, "budget_flops": 4e9}]
+    )
     out = []
-    sweep.run_sweep(cfg_path, str(tmp_path / "sw"), dry_run=True, overrides={"train.lr": "0.01"},
-                    log=out.append)
+    sweep.run_sweep(
+        cfg_path, str(tmp_path / "sw"), dry_run=True, overrides={"train.lr": "0.01"}, log=out.append
+    )
     text = "\n".join(out)
-    assert f"moe-lab train --config {cfg_path} --workdir {tmp_path}/sw/e4_k2 --config.train.lr=0.01 " \
-           "--config.model.moe.num_experts=4 --config.model.moe.top_k=2" in text
-    assert f"moe-lab grow --from {tmp_path}/sw/e2_k1 --to {tmp_path}/sw/grown --step 4 " \
-           "--width-factor 2 --noise 0.0" in text
+    assert (
+        f"moe-lab train --config {cfg_path} --workdir {tmp_path}/sw/e4_k2 --config.train.lr=0.01 "
+        "--config.model.moe.num_experts=4 --config.model.moe.top_k=2" in text
+    )
+    assert (
+        f"moe-lab grow --from {tmp_path}/sw/e2_k1 --to {tmp_path}/sw/grown --step 4 "
+        "--width-factor 2 --noise 0.0" in text
+    )
     assert f"moe-lab eval --workdir {tmp_path}/sw/grown --step 4" in text
     assert "invalid point" in text  # the bad point is reported, not fatal
     # the budget point: steps = budget / FLOPs per step of its model
@@ -157,8 +171,7 @@ def test_dry_run_prints_commands(tmp_path):
     assert not os.path.exists(tmp_path / "sw")
     out = []
     sweep.run_sweep(cfg_path, str(tmp_path / "sw"), dry_run=True, shard=(1, 2), log=out.append)
-    assert [line.split()[2] for line in out if line.startswith("# [")] == ["e4_k2", "grown",
-                                                                           "budget"]
+    assert [line.split()[2] for line in out if line.startswith("# [")] == ["e4_k2", "grown", "budget"]
 
 
 def test_micro_sweep_runs_records_and_isolates_failures(micro_sweep):
@@ -174,11 +187,29 @@ def test_micro_sweep_runs_records_and_isolates_failures(micro_sweep):
     assert steps == [1, 2, 3, 4]
     df = results.load_results(d)
     assert list(df["run"]) == ["e2_k1", "e4_k2", "grown", "g2"]
-    want = {"run", "model.moe.num_experts", "model.moe.top_k", "num_experts", "top_k",
-            "params_total", "params_active", "sparsity", "tpp", "train_flops", "train_loss",
-            "eval_loss", "facts_eval_loss", "facts_task_loss_bits", "facts_accuracy",
-            "arith_accuracy", "memorization_accuracy", "reasoning_accuracy",
-            "reasoning_task_loss_bits", "sunk_flops", "total_flops"}
+    want = {
+        "run",
+        "model.moe.num_experts",
+        "model.moe.top_k",
+        "num_experts",
+        "top_k",
+        "params_total",
+        "params_active",
+        "sparsity",
+        "tpp",
+        "train_flops",
+        "train_loss",
+        "eval_loss",
+        "facts_eval_loss",
+        "facts_task_loss_bits",
+        "facts_accuracy",
+        "arith_accuracy",
+        "memorization_accuracy",
+        "reasoning_accuracy",
+        "reasoning_task_loss_bits",
+        "sunk_flops",
+        "total_flops",
+    }
     assert want <= set(df.columns), want - set(df.columns)
     row = df.set_index("run").loc["e4_k2"]
     assert row["sparsity"] == 0.5 and row["params_active"] < row["params_total"]
@@ -205,8 +236,9 @@ def test_rerun_skips_finished_points_and_resumes_the_rest(micro_sweep):
         names = [json.loads(line)["run"] for line in f]
     assert sorted(names) == ["e2_k1", "e4_k2", "g2", "grown"]  # no duplicates
     # a shard whose points' parent is unfinished skips it with a message
-    status = sweep.run_sweep(cfg_path, d + "_other", isolate="inprocess", shard=(3, 4),
-                             log=(out := []).append)
+    status = sweep.run_sweep(
+        cfg_path, d + "_other", isolate="inprocess", shard=(3, 4), log=(out := []).append
+    )
     assert "grown" in status["skipped"] and any("parent 'e2_k1'" in s for s in out)
 
 
@@ -226,9 +258,14 @@ def test_results_dedupe_and_load_results(tmp_path):
 def test_subprocess_isolation_records_a_crashing_point(tmp_path):
     cfg_path = write_config(tmp_path / "c.py", [{"name": "bad", "model.moe.top_k": 5}])
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-m", "moe_lab.cli.sweep", "--config", cfg_path,
-                        "--workdir", str(tmp_path / "sw")], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "moe_lab.cli.sweep", "--config", cfg_path, "--workdir", str(tmp_path / "sw")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     with open(tmp_path / "sw" / "failures.jsonl") as f:
         fails = [json.loads(line) for line in f]
@@ -263,18 +300,23 @@ def test_sweep_cli_parser():
 
     p = argparse.ArgumentParser()
     sweep_cli.add_sweep_parser(p.add_subparsers())
-    args = p.parse_args(["sweep", "--config", "c.py", "--workdir", "w", "--shard", "1/4",
-                         "--dry-run"])
+    args = p.parse_args(["sweep", "--config", "c.py", "--workdir", "w", "--shard", "1/4", "--dry-run"])
     assert args.fn is sweep_cli.cmd_sweep and args.shard == "1/4" and args.dry_run
     assert textwrap.dedent(sweep.__doc__).startswith("Sweeps")
 
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
-FIGURES = {"sparsity_vs_reasoning": ("loss_vs_total_params.png", "accuracy_vs_pretrain_loss.png",
-                                     "accuracy_vs_tpp.png", "ttc_grpo_vs_sparsity.png"),
-           "sunk_compute": ("sunk_compute.png",),
-           # without *-ttc.json next to the results it draws labelled empty panels
-           "test_time_compute": ("ttc_curves.png", "budget_forcing.png")}
+FIGURES = {
+    "sparsity_vs_reasoning": (
+        "loss_vs_total_params.png",
+        "accuracy_vs_pretrain_loss.png",
+        "accuracy_vs_tpp.png",
+        "ttc_grpo_vs_sparsity.png",
+    ),
+    "sunk_compute": ("sunk_compute.png",),
+    # without *-ttc.json next to the results it draws labelled empty panels
+    "test_time_compute": ("ttc_curves.png", "budget_forcing.png"),
+}
 
 
 def test_every_notebook_is_covered():
@@ -290,8 +332,9 @@ def test_notebook_executes(path, micro_sweep, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:  # analysis only: no training or model code in notebooks
         assert "train(" not in cell.source and "moe_lab.train" not in cell.source
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(path)}}
+    ).execute()
     name = os.path.splitext(os.path.basename(path))[0]
     for png in FIGURES[name]:
         assert os.path.getsize(tmp_path / png) > 1000, png

@@ -39,10 +39,12 @@ def make_run(path: str, cfg) -> str:
 
 
 def tiny_model_config(**model):
-    return tiny_config(model=dict(num_layers=1, **model),
-                       data=dict(mixture="arith:1", arith_num_steps=2, arith_eval_num_steps=2),
-                       train=dict(steps=1),
-                       eval=dict(num_examples=4, batch_size=4, max_new_tokens=16, at_end=False))
+    return tiny_config(
+        model=dict(num_layers=1, **model),
+        data=dict(mixture="arith:1", arith_num_steps=2, arith_eval_num_steps=2),
+        train=dict(steps=1),
+        eval=dict(num_examples=4, batch_size=4, max_new_tokens=16, at_end=False),
+    )
 
 
 # ---------------------------------------------------------------- estimators
@@ -57,17 +59,18 @@ def test_coverage_and_majority_match_enumeration():
         correct = [k == right for k in keys]
         for k in range(1, n + 1):
             assert tt.coverage_at_k(n, sum(correct), k) == pytest.approx(
-                tt.coverage_bruteforce(correct, k), abs=1e-12)
+                tt.coverage_bruteforce(correct, k), abs=1e-12
+            )
             assert tt.majority_at_k(keys, correct, k) == pytest.approx(
-                tt.majority_bruteforce(keys, correct, k), abs=1e-12)
+                tt.majority_bruteforce(keys, correct, k), abs=1e-12
+            )
 
 
 def test_majority_with_several_right_keys_and_hand_values():
     # verifier tasks: two different right answers ("=6" twice, "=6b" once) vs one wrong
     keys, correct = ["r1", "r1", "r2", "w"], [True, True, True, False]
     for k in range(1, 5):
-        assert tt.majority_at_k(keys, correct, k) == pytest.approx(
-            tt.majority_bruteforce(keys, correct, k))
+        assert tt.majority_at_k(keys, correct, k) == pytest.approx(tt.majority_bruteforce(keys, correct, k))
     # hand-computed: answers a, a, b with a right; k=2: subsets {a,a} 1, {a,b} x2 tie 1/2 -> 2/3
     assert tt.majority_at_k(["a", "a", "b"], [True, True, False], 2) == pytest.approx(2 / 3)
     assert tt.coverage_at_k(3, 1, 2) == pytest.approx(2 / 3)  # 1 - C(2,2)/C(3,2)
@@ -79,7 +82,7 @@ def test_majority_with_several_right_keys_and_hand_values():
 
 def test_majority_scales_to_128_samples():
     rng = np.random.default_rng(0)
-    keys = list(rng.choice(list("abcdefgh"), size=128, p=[.3, .2, .1, .1, .1, .1, .05, .05]))
+    keys = list(rng.choice(list("abcdefgh"), size=128, p=[0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05]))
     correct = [k == "a" for k in keys]
     curve = [tt.majority_at_k(keys, correct, k) for k in (1, 8, 64, 128)]
     assert curve[0] == pytest.approx(np.mean(correct))
@@ -88,10 +91,8 @@ def test_majority_scales_to_128_samples():
 
 def test_budget_metrics_on_hand_computed_fixtures():
     # f = (0.1, 0.3, 0.2) at a = (1, 2, 4): slopes 0.2, 0.1/3, -0.05 -> mean 0.061111
-    m = tt.budget_metrics([1, 2, 4], [0.1, 0.3, 0.2],
-                          [[True, False], [True, True], [True, True]])
-    assert m == pytest.approx({"control": 5 / 6, "scaling": (0.2 + 0.1 / 3 - 0.05) / 3,
-                               "performance": 0.3})
+    m = tt.budget_metrics([1, 2, 4], [0.1, 0.3, 0.2], [[True, False], [True, True], [True, True]])
+    assert m == pytest.approx({"control": 5 / 6, "scaling": (0.2 + 0.1 / 3 - 0.05) / 3, "performance": 0.3})
     # order of the budgets does not matter; shares may be given directly
     m2 = tt.budget_metrics([4, 1, 2], [0.2, 0.1, 0.3], [1.0, 0.5, 1.0])
     assert m2["scaling"] == pytest.approx(m["scaling"]) and m2["control"] == pytest.approx(2.5 / 3)
@@ -135,8 +136,7 @@ def text_of(row):
 
 def test_forced_end_at_max_budget():
     # after <think> the model writes "a" forever; after <answer> "7" then EOS
-    table = {TOK.think_start_id: ids("a"), ids("a"): ids("a"), TOK.answer_id: ids("7"),
-             ids("7"): TOK.eos_id}
+    table = {TOK.think_start_id: ids("a"), ids("a"): ids("a"), TOK.answer_id: ids("7"), ids("7"): TOK.eos_id}
     m = Bigram([table], TOK.eos_id)
     for budget in (0, 1, 5):
         (row,) = bf.budget_force(m.start(1), m, bf.Forcing(max_think=budget))
@@ -146,8 +146,13 @@ def test_forced_end_at_max_budget():
 
 def test_wait_is_inserted_n_times_then_end_allowed():
     # the model thinks "b" and immediately tries to close; after "Wait" it writes "b" again
-    table = {TOK.think_start_id: ids("b"), ids("b"): TOK.think_end_id, ids("t"): ids("b"),
-             TOK.answer_id: ids("7"), ids("7"): TOK.eos_id}
+    table = {
+        TOK.think_start_id: ids("b"),
+        ids("b"): TOK.think_end_id,
+        ids("t"): ids("b"),
+        TOK.answer_id: ids("7"),
+        ids("7"): TOK.eos_id,
+    }
     m = Bigram([table], TOK.eos_id)
     for n in (0, 1, 2, 4):
         (row,) = bf.budget_force(m.start(1), m, bf.Forcing(num_waits=n))
@@ -165,10 +170,14 @@ def test_wait_is_inserted_n_times_then_end_allowed():
 
 
 def test_rows_are_controlled_independently():
-    closing = {TOK.think_start_id: ids("b"), ids("b"): TOK.think_end_id, ids("t"): ids("b"),
-               TOK.answer_id: ids("7"), ids("7"): TOK.eos_id}
-    endless = {TOK.think_start_id: ids("a"), ids("a"): ids("a"), TOK.answer_id: ids("5"),
-               ids("5"): ids("5")}
+    closing = {
+        TOK.think_start_id: ids("b"),
+        ids("b"): TOK.think_end_id,
+        ids("t"): ids("b"),
+        TOK.answer_id: ids("7"),
+        ids("7"): TOK.eos_id,
+    }
+    endless = {TOK.think_start_id: ids("a"), ids("a"): ids("a"), TOK.answer_id: ids("5"), ids("5"): ids("5")}
     m = Bigram([closing, endless], TOK.eos_id)
     rows = bf.budget_force(m.start(2), m, bf.Forcing(max_think=10, num_waits=1, max_answer=3))
     assert text_of(rows[0]) == "<think>b Waitb</think><answer>7</s>"
@@ -211,8 +220,22 @@ def test_eval_ttc_command_writes_tables(run_dir, capsys):
 
     p = argparse.ArgumentParser()
     add_eval_parser(p.add_subparsers())
-    args = p.parse_args(["eval", "--workdir", run_dir, "--ttc", "--ttc-n", "4",
-                         "--ttc-prompts", "4", "--ttc-budgets", "2,6", "--ttc-waits", "0,1"])
+    args = p.parse_args(
+        [
+            "eval",
+            "--workdir",
+            run_dir,
+            "--ttc",
+            "--ttc-n",
+            "4",
+            "--ttc-prompts",
+            "4",
+            "--ttc-budgets",
+            "2,6",
+            "--ttc-waits",
+            "0,1",
+        ]
+    )
     assert args.fn(args, {}) == 0
     with open(os.path.join(run_dir, "eval", "1-ttc.json")) as f:
         r = json.load(f)
@@ -237,9 +260,13 @@ def test_recursion_depth_override_keeps_the_pool_and_extrapolates():
 
     from moe_lab.train.state import build_model, split_model
 
-    cfg = tiny_config(model=dict(num_layers=3, stack="recursive",
-                                 mor=dict(num_recursions=1, sharing="middle_cycle",
-                                          routing="expert_choice")))
+    cfg = tiny_config(
+        model=dict(
+            num_layers=3,
+            stack="recursive",
+            mor=dict(num_recursions=1, sharing="middle_cycle", routing="expert_choice"),
+        )
+    )
     params, ms = jax.jit(lambda: split_model(build_model(cfg))[1:])()  # jit: eager is slow
     state = {"params": jax.tree.map(np.asarray, params), "model_state": ms}
     toks = jnp.asarray([[1, 30, 40, 50, 60, 70]], jnp.int32)
@@ -256,7 +283,8 @@ def test_recursion_depth_override_keeps_the_pool_and_extrapolates():
         outs[d] = forward(cfg2, p2, ms2)
     np.testing.assert_allclose(outs[1], ref, rtol=1e-6, atol=1e-6)  # trained depth: same model
     assert not np.allclose(outs[3], outs[1])  # more recursions change the function
-    tc = tiny_config(model=dict(num_layers=3, stack="recursive",
-                                mor=dict(num_recursions=1, routing="token_choice")))
+    tc = tiny_config(
+        model=dict(num_layers=3, stack="recursive", mor=dict(num_recursions=1, routing="token_choice"))
+    )
     with pytest.raises(Exception, match="token-choice"):
         with_recursions(tc, state, 2)

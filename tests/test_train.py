@@ -24,9 +24,10 @@ def _losses(workdir):
 
 
 def test_loss_decreases_on_facts(tmp_path):
-    cfg = tiny_config(data=dict(mixture="facts:1"),
-                      train=dict(steps=150, eval_every=150, checkpoint_every=150, log_every=10,
-                                 profile="3:5"))
+    cfg = tiny_config(
+        data=dict(mixture="facts:1"),
+        train=dict(steps=150, eval_every=150, checkpoint_every=150, log_every=10, profile="3:5"),
+    )
     summary = train(cfg, str(tmp_path / "run"))
     # train.profile: a jax.profiler trace of steps 3..4 for TensorBoard / XProf
     traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
@@ -117,16 +118,30 @@ def test_workdir_of_another_model_is_refused(tmp_path):
 
 
 def _cli_train(workdir, steps, extra=()):
-    args = [sys.executable, "-m", "moe_lab", "train", "--config", "configs/tiny.py",
-            "--workdir", str(workdir), f"--config.train.steps={steps}",
-            "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.mlp_hidden=64",
-            "--config.data.seq_len=32", "--config.train.batch_size=8",
-            "--config.train.checkpoint_every=5", "--config.train.log_every=1",
-            "--config.train.eval_every=1000", "--config.train.progress=false",
-            "--config.eval.at_end=false", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "moe_lab",
+        "train",
+        "--config",
+        "configs/tiny.py",
+        "--workdir",
+        str(workdir),
+        f"--config.train.steps={steps}",
+        "--config.model.d_model=32",
+        "--config.model.num_layers=2",
+        "--config.model.mlp_hidden=64",
+        "--config.data.seq_len=32",
+        "--config.train.batch_size=8",
+        "--config.train.checkpoint_every=5",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=1000",
+        "--config.train.progress=false",
+        "--config.eval.at_end=false",
+        *extra,
+    ]
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def _wait_for_step(workdir, step, proc, timeout=240):
@@ -172,8 +187,9 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert cfg["train"]["steps"] == 100000
 
 
-@pytest.mark.parametrize("content, needle", [("", "no documents"),
-                                             ('{"text": "a"}\n{broken\n', ":2: invalid JSON")])
+@pytest.mark.parametrize(
+    "content, needle", [("", "no documents"), ('{"text": "a"}\n{broken\n', ":2: invalid JSON")]
+)
 def test_a_bad_data_file_is_refused_before_any_output_or_write(content, needle, tmp_path, capfd):
     data = tmp_path / "d.jsonl"
     data.write_text(content)

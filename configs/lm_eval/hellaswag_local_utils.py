@@ -19,9 +19,11 @@ def _process_doc(doc):
     else:
         ctx = doc["ctx"]
     label = doc.get("activity_label")
-    return {"query": preprocess(f"{label}: {ctx}" if label else ctx),
-            "choices": [preprocess(e) for e in doc["endings"]],
-            "gold": int(doc["label"])}
+    return {
+        "query": preprocess(f"{label}: {ctx}" if label else ctx),
+        "choices": [preprocess(e) for e in doc["endings"]],
+        "gold": int(doc["label"]),
+    }
 
 
 def process_docs(dataset):

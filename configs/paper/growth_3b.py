@@ -24,15 +24,38 @@ def get_config(arg=None):
     grown = arg == "grown"
     c = ml_collections.ConfigDict()
     c.name = "growth_3b" + ("_grown" if grown else "")
-    c.model = dict(vocab_size=50304, d_model=2048, num_layers=40 if grown else 20, num_heads=16,
-                   num_kv_heads=16, max_seq_len=4096, compute_dtype="bfloat16", remat="full",
-                   ffn="moe", moe=dict(num_experts=64, top_k=4, expert_hidden=384,
-                                       router="softmax_topk", aux_loss_weight=1e-2,
-                                       z_loss_weight=1e-3, dispatch="dropless"))
+    c.model = dict(
+        vocab_size=50304,
+        d_model=2048,
+        num_layers=40 if grown else 20,
+        num_heads=16,
+        num_kv_heads=16,
+        max_seq_len=4096,
+        compute_dtype="bfloat16",
+        remat="full",
+        ffn="moe",
+        moe=dict(
+            num_experts=64,
+            top_k=4,
+            expert_hidden=384,
+            router="softmax_topk",
+            aux_loss_weight=1e-2,
+            z_loss_weight=1e-3,
+            dispatch="dropless",
+        ),
+    )
     c.data = dict(mixture="facts:1,arith:1", seq_len=4096)
-    c.train = dict(steps=96000, batch_size=512, lr=3e-4 if grown else 4e-4,
-                   schedule="constant" if grown else "wsd", warmup_steps=0 if grown else 2000,
-                   decay_fraction=0.1, log_every=50, eval_every=2000, checkpoint_every=2000,
-                   keep_every=8000)
+    c.train = dict(
+        steps=96000,
+        batch_size=512,
+        lr=3e-4 if grown else 4e-4,
+        schedule="constant" if grown else "wsd",
+        warmup_steps=0 if grown else 2000,
+        decay_fraction=0.1,
+        log_every=50,
+        eval_every=2000,
+        checkpoint_every=2000,
+        keep_every=8000,
+    )
     c.mesh = dict(data=-1, fsdp=16, expert=8, plan_devices=128, plan_hardware="tpu-v5p")
     return c

@@ -12,7 +12,8 @@ import importlib.util
 import os
 
 _spec = importlib.util.spec_from_file_location(
-    "_mor_360m", os.path.join(os.path.dirname(os.path.abspath(__file__)), "mor_360m.py"))
+    "_mor_360m", os.path.join(os.path.dirname(os.path.abspath(__file__)), "mor_360m.py")
+)
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 

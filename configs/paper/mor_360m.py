@@ -57,9 +57,17 @@ def mor_config(size: str, arg=None):
     shape = dict(SHAPES[size])
     c = ml_collections.ConfigDict()
     c.name = f"mor_{size}"
-    c.model = dict(vocab_size=49152, max_seq_len=2048, tie_embeddings=True, rope_theta=10000.0,
-                   norm_placement="pre", param_dtype="float32", compute_dtype="bfloat16",
-                   remat="dots", **shape)
+    c.model = dict(
+        vocab_size=49152,
+        max_seq_len=2048,
+        tie_embeddings=True,
+        rope_theta=10000.0,
+        norm_placement="pre",
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        remat="dots",
+        **shape,
+    )
     vanilla = c.model.to_dict()
     if parts[0] != "vanilla":
         n_r = int(parts[0])
@@ -69,13 +77,22 @@ def mor_config(size: str, arg=None):
         shared = max(n_r, round(middle / n_r) * n_r)
         c.name = f"mor_{size}_nr{n_r}"
         c.model.update(stack="recursive", num_layers=shared + 2)
-        c.model.mor = dict(num_recursions=n_r, sharing="middle_cycle", routing="expert_choice",
-                           router_type="linear", alpha=0.1, update="add", causal_aux="bce",
-                           bce_weight=1e-3, kv_cache="recursion_wise")
+        c.model.mor = dict(
+            num_recursions=n_r,
+            sharing="middle_cycle",
+            routing="expert_choice",
+            router_type="linear",
+            alpha=0.1,
+            update="add",
+            causal_aux="bce",
+            bce_weight=1e-3,
+            kv_cache="recursion_wise",
+        )
         for p in parts[1:]:
             if p == "token_choice":
-                c.model.mor.update(routing="token_choice", balance="loss", balance_weight=0.1,
-                                   z_loss_weight=1e-3)
+                c.model.mor.update(
+                    routing="token_choice", balance="loss", balance_weight=0.1, z_loss_weight=1e-3
+                )
                 c.name += "_tc"
             elif p == "kv_shared":
                 c.model.mor.kv_cache = "shared"
@@ -87,10 +104,23 @@ def mor_config(size: str, arg=None):
                 raise ValueError(f"unknown option {p!r} (token_choice, kv_shared, fixed)")
     c.data = dict(mixture="facts:1,arith:1", seq_len=2048)
     steps = iso_flop_steps(c.model, vanilla, VANILLA_STEPS, c.data.seq_len)
-    c.train = dict(steps=steps, batch_size=1024, lr=3e-3, schedule="wsd",
-                   warmup_steps=steps // 20, decay_fraction=0.2, end_lr_ratio=0.0,
-                   b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, log_every=50,
-                   eval_every=1000, checkpoint_every=1000, keep_last=2)
+    c.train = dict(
+        steps=steps,
+        batch_size=1024,
+        lr=3e-3,
+        schedule="wsd",
+        warmup_steps=steps // 20,
+        decay_fraction=0.2,
+        end_lr_ratio=0.0,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        log_every=50,
+        eval_every=1000,
+        checkpoint_every=1000,
+        keep_last=2,
+    )
     # the pod it is planned for: a v5p-128 slice (64 chips; Cloud names v5p by TensorCores)
     c.mesh = dict(data=-1, plan_devices=64, plan_hardware="tpu-v5p")
     return c

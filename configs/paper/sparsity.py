@@ -32,23 +32,52 @@ def get_config(arg=None):
     dims, _, hw = arg.partition("@")
     hw = hw or "tpu-v5p-256"
     parts = [int(x) for x in dims.split(",")]
-    d, e, k = (parts + [64, 16][len(parts) - 1:])[:3]
+    d, e, k = (parts + [64, 16][len(parts) - 1 :])[:3]
     if hw not in MESHES:
         raise ValueError(f"unknown hardware {hw!r} (one of {', '.join(MESHES)})")
     devices, mesh = MESHES[hw]
     c = ml_collections.ConfigDict()
     c.name = f"sparsity_d{d}_e{e}_k{k}"
-    c.model = dict(d_model=d, num_layers=16, num_heads=d // 64, num_kv_heads=d // 64,
-                   max_seq_len=4096, init_std=0.02, tie_embeddings=False,
-                   param_dtype="float32", compute_dtype="bfloat16", remat="full", ffn="moe",
-                   moe=dict(num_experts=e, top_k=k, expert_hidden=2 * d, router="softmax_topk",
-                            renormalize=True, aux_loss_weight=1e-2, z_loss_weight=1e-3,
-                            dispatch="dropless"))
+    c.model = dict(
+        d_model=d,
+        num_layers=16,
+        num_heads=d // 64,
+        num_kv_heads=d // 64,
+        max_seq_len=4096,
+        init_std=0.02,
+        tie_embeddings=False,
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        remat="full",
+        ffn="moe",
+        moe=dict(
+            num_experts=e,
+            top_k=k,
+            expert_hidden=2 * d,
+            router="softmax_topk",
+            renormalize=True,
+            aux_loss_weight=1e-2,
+            z_loss_weight=1e-3,
+            dispatch="dropless",
+        ),
+    )
     c.data = dict(mixture="facts:1,arith:1", seq_len=4096)
-    c.train = dict(steps=int(125e9 // (1024 * 4096)), batch_size=1024, lr=4e-4,
-                   schedule="cosine", warmup_steps=2000, end_lr_ratio=0.1, b1=0.9, b2=0.95,
-                   weight_decay=0.1, clip_norm=1.0, log_every=50, eval_every=1000,
-                   checkpoint_every=1000, keep_every=5000)
+    c.train = dict(
+        steps=int(125e9 // (1024 * 4096)),
+        batch_size=1024,
+        lr=4e-4,
+        schedule="cosine",
+        warmup_steps=2000,
+        end_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        log_every=50,
+        eval_every=1000,
+        checkpoint_every=1000,
+        keep_every=5000,
+    )
     chip = "h100" if hw == "8xh100" else hw.rsplit("-", 1)[0]  # tpu-v5p-256 -> tpu-v5p
     c.mesh = dict(mesh, plan_devices=devices, plan_hardware=chip)
     return c

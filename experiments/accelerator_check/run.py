@@ -77,9 +77,11 @@ def _problem(seed: int, n: int, d: int, f: int, e: int, k: int):
     x_ND = jax.random.normal(keys[0], (n, d))
     probs_NE = jax.nn.softmax(2.0 * jax.random.normal(keys[1], (n, e)))
     gate_NK, expert_NK = jax.lax.top_k(probs_NE, k)
-    weights = (jax.random.normal(keys[2], (e, d, f)) / math.sqrt(d),
-               jax.random.normal(keys[3], (e, d, f)) / math.sqrt(d),
-               jax.random.normal(keys[4], (e, f, d)) / math.sqrt(f))
+    weights = (
+        jax.random.normal(keys[2], (e, d, f)) / math.sqrt(d),
+        jax.random.normal(keys[3], (e, d, f)) / math.sqrt(d),
+        jax.random.normal(keys[4], (e, f, d)) / math.sqrt(f),
+    )
     ct_ND = jax.random.normal(keys[5], (n, d))  # cotangent: sum(y * ct) as the loss
     return x_ND, gate_NK, expert_NK.astype(jnp.int32), weights, ct_ND, probs_NE
 
@@ -90,8 +92,7 @@ def _value_and_grads(fn, x_ND, gate, weights, ct_ND, dtype):
         y_ND = fn(cast(x_ND), cast(gate), tuple(cast(w) for w in weights))
         return jnp.sum(y_ND.astype(jnp.float32) * ct_ND), y_ND.astype(jnp.float32)
 
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
-        x_ND, gate, weights)
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x_ND, gate, weights)
     return [y, grads[0], grads[1], *grads[2]]
 
 
@@ -102,11 +103,20 @@ def check_dispatch(seed: int = 0, only: str = ""):
     tight = int(math.ceil(1.0 * n * k / e))  # capacity factor 1.0: some drops
     names = ("y", "dx", "dgate", "dw_gate", "dw_up", "dw_down")
     cases = []
-    for impl, capacity in (("tokamax", None), ("ragged", None), ("blocks", None), ("loop", None),
-                           ("buffer", n),
-                           ("buffer", tight), ("loop", tight)):
-        keep_NK = jax.jit(lambda x, g, w, impl=impl, capacity=capacity: token_choice_moe(
-            x, expert_NK, g, w, capacity=capacity, impl=impl)[1].keep_NK)(x_ND, gate_NK, weights)
+    for impl, capacity in (
+        ("tokamax", None),
+        ("ragged", None),
+        ("blocks", None),
+        ("loop", None),
+        ("buffer", n),
+        ("buffer", tight),
+        ("loop", tight),
+    ):
+        keep_NK = jax.jit(
+            lambda x, g, w, impl=impl, capacity=capacity: (
+                token_choice_moe(x, expert_NK, g, w, capacity=capacity, impl=impl)[1].keep_NK
+            )
+        )(x_ND, gate_NK, weights)
 
         def fast(x, g, w, impl=impl, capacity=capacity):
             return token_choice_moe(x, expert_NK, g, w, capacity=capacity, impl=impl)[0]
@@ -120,6 +130,7 @@ def check_dispatch(seed: int = 0, only: str = ""):
     cap = int(math.ceil(n * k / e))
     gate_EC, token_EC = jax.lax.top_k(probs_NE.T, cap)
     for impl in ("buffer", "loop"):
+
         def fast(x, g, w, impl=impl):
             return expert_choice_moe(x, token_EC, g, w, impl=impl)
 
@@ -139,9 +150,15 @@ def check_dispatch(seed: int = 0, only: str = ""):
                 got = _value_and_grads(fast, x_ND, gate, weights, ct_ND, jnp.dtype(dtype))
                 errs = {nm: _rel_err(g, w) for nm, g, w in zip(names, got, want)}
                 worst = max(errs.values())
-                yield {"case": label, "dtype": dtype, "dropped": dropped, **errs,
-                       "max": worst, "ok": worst <= TOL[dtype],
-                       "seconds": time.perf_counter() - t0}
+                yield {
+                    "case": label,
+                    "dtype": dtype,
+                    "dropped": dropped,
+                    **errs,
+                    "max": worst,
+                    "ok": worst <= TOL[dtype],
+                    "seconds": time.perf_counter() - t0,
+                }
 
 
 def _time_or_oom(fn, *args) -> float:
@@ -162,15 +179,18 @@ def kernel_times(rows: int = 32768, d: int = 256, f: int = 512):
         for e in (8, 256):
             keys = jax.random.split(jax.random.PRNGKey(e), 4)
             x_SD = jax.random.normal(keys[0], (rows, d), dtype)
-            w = tuple(0.05 * jax.random.normal(k, sh, dtype) for k, sh in
-                      zip(keys[1:], ((e, d, f), (e, d, f), (e, f, d))))
+            w = tuple(
+                0.05 * jax.random.normal(k, sh, dtype)
+                for k, sh in zip(keys[1:], ((e, d, f), (e, d, f), (e, f, d)))
+            )
             sizes_E = jnp.full((e,), rows // e, jnp.int32)
             block = choose_block(rows, e)
             block_expert_J = jnp.repeat(jnp.arange(e, dtype=jnp.int32), rows // e // block)
 
             def grad_of(kernel):
-                return jax.jit(jax.grad(lambda x, w: jnp.sum(kernel(x, w).astype(jnp.float32)),
-                                        argnums=(0, 1)))
+                return jax.jit(
+                    jax.grad(lambda x, w: jnp.sum(kernel(x, w).astype(jnp.float32)), argnums=(0, 1))
+                )
 
             kernels = {
                 "tokamax": lambda x, w: grouped_swiglu_tokamax(x, sizes_E, *w),
@@ -197,12 +217,14 @@ def _attention_vag(impl: str):
     def loss(q, k, v, seg, ct):
         out = attend(q, k, v, self_attention_mask(seg, seg.shape), impl)
         return jnp.sum(out.astype(jnp.float32) * ct), out
+
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
 def attention_impls() -> list[str]:
-    return [i for i in ("xla", "chunked", "tokamax", "cudnn")
-            if attention_impl_error(i, "bfloat16", 128) is None]
+    return [
+        i for i in ("xla", "chunked", "tokamax", "cudnn") if attention_impl_error(i, "bfloat16", 128) is None
+    ]
 
 
 def check_attention(T: int = 1024):
@@ -216,12 +238,25 @@ def check_attention(T: int = 1024):
                     continue  # cuDNN flash attention is a half-precision kernel
                 cast = [x.astype(dtype) for x in (q, k, v)]
                 (_, got), got_g = _attention_vag(impl)(*cast, seg, ct)
-                errs = {"y": _rel_err(got, want),
-                        **{f"d{n}": _rel_err(a, b) for n, a, b in zip("qkv", got_g, want_g)}}
+                errs = {
+                    "y": _rel_err(got, want),
+                    **{f"d{n}": _rel_err(a, b) for n, a, b in zip("qkv", got_g, want_g)},
+                }
                 worst = max(errs.values())
-                yield {"case": f"attention {impl}", "dtype": dtype, "dropped": 0.0, "dx": errs["dq"],
-                       "dgate": errs["dk"], "dw_gate": errs["dv"], "dw_up": 0.0, "dw_down": 0.0,
-                       "y": errs["y"], "max": worst, "ok": worst <= TOL[dtype], "seconds": 0.0}
+                yield {
+                    "case": f"attention {impl}",
+                    "dtype": dtype,
+                    "dropped": 0.0,
+                    "dx": errs["dq"],
+                    "dgate": errs["dk"],
+                    "dw_gate": errs["dv"],
+                    "dw_up": 0.0,
+                    "dw_down": 0.0,
+                    "y": errs["y"],
+                    "max": worst,
+                    "ok": worst <= TOL[dtype],
+                    "seconds": 0.0,
+                }
 
 
 def attention_times(lengths=(4096, 8192)):
@@ -247,38 +282,60 @@ def attention_times(lengths=(4096, 8192)):
 # lease (d 1024, 16 layers, seq 1024; MoE 32 experts of 512, top-2).  tiny: the same
 # code paths in seconds on CPU.
 MFU_SIZES = {
-    "full": {"dense": dict(d=2048, layers=16, heads=16, kv=8, seq=4096, batch=2),
-             "moe": dict(d=1024, layers=16, heads=16, kv=8, seq=4096, batch=2, experts=64,
-                         hidden=512, top_k=8),
-             "vocab": 32768, "peak_n": 8192, "iters": 5},
-    "small": {"dense": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8),
-              "moe": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8, experts=32,
-                          hidden=512, top_k=2),
-              "vocab": 32768, "peak_n": 8192, "iters": 10},
-    "tiny": {"dense": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2),
-             "moe": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2, experts=4, hidden=32,
-                         top_k=2),
-             "vocab": 512, "peak_n": 256, "iters": 2},
+    "full": {
+        "dense": dict(d=2048, layers=16, heads=16, kv=8, seq=4096, batch=2),
+        "moe": dict(d=1024, layers=16, heads=16, kv=8, seq=4096, batch=2, experts=64, hidden=512, top_k=8),
+        "vocab": 32768,
+        "peak_n": 8192,
+        "iters": 5,
+    },
+    "small": {
+        "dense": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8),
+        "moe": dict(d=1024, layers=16, heads=16, kv=8, seq=1024, batch=8, experts=32, hidden=512, top_k=2),
+        "vocab": 32768,
+        "peak_n": 8192,
+        "iters": 10,
+    },
+    "tiny": {
+        "dense": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2),
+        "moe": dict(d=64, layers=2, heads=4, kv=2, seq=64, batch=2, experts=4, hidden=32, top_k=2),
+        "vocab": 512,
+        "peak_n": 256,
+        "iters": 2,
+    },
 }
 
 
 def _mfu_config(ffn: str, size: dict) -> Config:
     z = size[ffn]
-    moe = MoEConfig(num_experts=z.get("experts", 8), top_k=z.get("top_k", 2),
-                    expert_hidden=z.get("hidden", 0), dispatch="dropless", router="softmax_topk")
+    moe = MoEConfig(
+        num_experts=z.get("experts", 8),
+        top_k=z.get("top_k", 2),
+        expert_hidden=z.get("hidden", 0),
+        dispatch="dropless",
+        router="softmax_topk",
+    )
     cfg = Config(
-        model=ModelConfig(vocab_size=size["vocab"], d_model=z["d"], num_layers=z["layers"],
-                          num_heads=z["heads"], num_kv_heads=z["kv"], max_seq_len=z["seq"],
-                          compute_dtype="bfloat16", ffn=ffn, moe=moe),
+        model=ModelConfig(
+            vocab_size=size["vocab"],
+            d_model=z["d"],
+            num_layers=z["layers"],
+            num_heads=z["heads"],
+            num_kv_heads=z["kv"],
+            max_seq_len=z["seq"],
+            compute_dtype="bfloat16",
+            ffn=ffn,
+            moe=moe,
+        ),
         data=DataConfig(seq_len=z["seq"], mixture="arith:1"),
         train=TrainConfig(steps=1000, batch_size=z["batch"], warmup_steps=10),
-        mesh=MeshConfig(data=1))
+        mesh=MeshConfig(data=1),
+    )
     return resolve_config(validate(cfg))
 
 
 def bf16_peak(n: int = 8192) -> float:
-    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16)
-            for k in jax.random.split(jax.random.PRNGKey(0), 2))
+    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in jax.random.split(jax.random.PRNGKey(0), 2))
     f = jax.jit(lambda x, y: x @ y)
     return 2 * n**3 / time_fn(f, a, b, warmup=3, iters=10)
 
@@ -287,20 +344,30 @@ def check_mfu(size: str = "full") -> dict:
     z = MFU_SIZES[size]
     peak = bf16_peak(z["peak_n"])
     sheet, how = peak_flops_per_device("bfloat16")  # what `moe-lab train` reports MFU against
-    out = {"bf16_matmul_peak_tflops": peak / 1e12, "size": size,
-           "train_peak_tflops": sheet / 1e12, "train_peak_source": how}
+    out = {
+        "bf16_matmul_peak_tflops": peak / 1e12,
+        "size": size,
+        "train_peak_tflops": sheet / 1e12,
+        "train_peak_source": how,
+    }
     for ffn in ("dense", "moe"):
         cfg = _mfu_config(ffn, z)
-        print(f"  {ffn}: d {cfg.model.d_model}, {cfg.model.num_layers} layers, seq "
-              f"{cfg.data.seq_len}, batch {cfg.train.batch_size}", flush=True)
+        print(
+            f"  {ffn}: d {cfg.model.d_model}, {cfg.model.num_layers} layers, seq "
+            f"{cfg.data.seq_len}, batch {cfg.train.batch_size}",
+            flush=True,
+        )
         r = measure_throughput(cfg, peak, iters=z["iters"])
         r["active_params"] = flops.param_counts(cfg.model)["active"]
         r["mfu_vs_train_peak"] = r["mfu"] * peak / sheet
         out[ffn] = r
-        print(f"  {ffn:<6} {r['params'] / 1e6:7.1f}M params ({r['active_params'] / 1e6:.1f}M "
-              f"active)  {1e3 * r['step_seconds']:8.1f} ms/step  {r['tokens_per_sec']:9.0f} "
-              f"tok/s  MFU {100 * r['mfu']:.1f}% of measured, "
-              f"{100 * r['mfu_vs_train_peak']:.1f}% of {how}", flush=True)
+        print(
+            f"  {ffn:<6} {r['params'] / 1e6:7.1f}M params ({r['active_params'] / 1e6:.1f}M "
+            f"active)  {1e3 * r['step_seconds']:8.1f} ms/step  {r['tokens_per_sec']:9.0f} "
+            f"tok/s  MFU {100 * r['mfu']:.1f}% of measured, "
+            f"{100 * r['mfu_vs_train_peak']:.1f}% of {how}",
+            flush=True,
+        )
     return out
 
 
@@ -315,41 +382,57 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print(f"backend {jax.default_backend()}: {jax.devices()}")
     print("dispatch vs reference: rel. L2 errors of outputs and gradients (s: compile + run)")
-    print(f"  {'case':<34}{'dtype':<10}{'dropped':>8}{'y':>10}{'dx':>10}{'dgate':>10}"
-          f"{'dW max':>10}{'s':>6}")
+    print(f"  {'case':<34}{'dtype':<10}{'dropped':>8}{'y':>10}{'dx':>10}{'dgate':>10}{'dW max':>10}{'s':>6}")
     rows = []
     for r in check_dispatch(only=args.cases):  # printed as they come: a slow kernel shows where it is
         rows.append(r)
         dw = max(r["dw_gate"], r["dw_up"], r["dw_down"])
-        print(f"  {r['case']:<34}{r['dtype']:<10}{r['dropped']:>8.3f}{r['y']:>10.2e}"
-              f"{r['dx']:>10.2e}{r['dgate']:>10.2e}{dw:>10.2e}{r['seconds']:>6.1f}  "
-              f"{'OK' if r['ok'] else 'FAIL'}", flush=True)
+        print(
+            f"  {r['case']:<34}{r['dtype']:<10}{r['dropped']:>8.3f}{r['y']:>10.2e}"
+            f"{r['dx']:>10.2e}{r['dgate']:>10.2e}{dw:>10.2e}{r['seconds']:>6.1f}  "
+            f"{'OK' if r['ok'] else 'FAIL'}",
+            flush=True,
+        )
     if not args.skip_attention:
         for r in check_attention(256 if jax.default_backend() == "cpu" else 1024):
             rows.append(r)
-            print(f"  {r['case']:<34}{r['dtype']:<10}{'':>8}{r['y']:>10.2e}{r['dx']:>10.2e}"
-                  f"{r['dgate']:>10.2e}{r['dw_gate']:>10.2e}{'':>6}  "
-                  f"{'OK' if r['ok'] else 'FAIL'}  (columns: out, dq, dk, dv)", flush=True)
+            print(
+                f"  {r['case']:<34}{r['dtype']:<10}{'':>8}{r['y']:>10.2e}{r['dx']:>10.2e}"
+                f"{r['dgate']:>10.2e}{r['dw_gate']:>10.2e}{'':>6}  "
+                f"{'OK' if r['ok'] else 'FAIL'}  (columns: out, dq, dk, dv)",
+                flush=True,
+            )
     result = {"backend": jax.default_backend(), "dispatch": rows, "kernels": [], "attention": []}
     on_cpu = jax.default_backend() == "cpu"  # ragged_dot on CPU is a dense loop: skip
     if not (on_cpu or args.skip_kernels):
         print("expert SwiGLU alone, fwd+bwd (ms), 32768 rows, d 256, F 512, balanced groups")
         for r in kernel_times():
             result["kernels"].append(r)
-            print(f"  {r['dtype']:<9} E={r['experts']:<4} ragged_dot {r['ragged_ms']:8.2f}  "
-                  f"blocks(b={r['block']}) {r['blocks_ms']:8.2f}  [E, C, D] buffers "
-                  f"{r['buffer_ms']:8.2f}", flush=True)
+            print(
+                f"  {r['dtype']:<9} E={r['experts']:<4} ragged_dot {r['ragged_ms']:8.2f}  "
+                f"blocks(b={r['block']}) {r['blocks_ms']:8.2f}  [E, C, D] buffers "
+                f"{r['buffer_ms']:8.2f}",
+                flush=True,
+            )
     if not (on_cpu or args.skip_attention):
-        print("attention fwd+bwd, bf16, B 1, 16 heads, 8 kv heads, head dim 128, 2 segments: "
-              "ms and planned temporaries (MiB)")
+        print(
+            "attention fwd+bwd, bf16, B 1, 16 heads, 8 kv heads, head dim 128, 2 segments: "
+            "ms and planned temporaries (MiB)"
+        )
         for r in attention_times():
             result["attention"].append(r)
-            print(f"  T={r['seq_len']:<6}" + "  ".join(
-                f"{i} {r[f'{i}_ms']:8.2f} ms {r[f'{i}_temp_mib']:9.0f} MiB"
-                for i in attention_impls()), flush=True)
+            print(
+                f"  T={r['seq_len']:<6}"
+                + "  ".join(
+                    f"{i} {r[f'{i}_ms']:8.2f} ms {r[f'{i}_temp_mib']:9.0f} MiB" for i in attention_impls()
+                ),
+                flush=True,
+            )
     if not args.skip_mfu:
-        print(f"train step ({args.mfu_size}), bf16 compute; MFU against the bf16 matmul rate "
-              "measured now", flush=True)
+        print(
+            f"train step ({args.mfu_size}), bf16 compute; MFU against the bf16 matmul rate measured now",
+            flush=True,
+        )
         result["mfu"] = check_mfu(args.mfu_size)
         print(f"  bf16 matmul peak {result['mfu']['bf16_matmul_peak_tflops']:.1f} TFLOP/s")
     if args.out:

@@ -45,8 +45,9 @@ def timed(cmd) -> float:
 
 def kill_at(cmd, seconds: float) -> bool:
     """Starts cmd, kill -9 after `seconds`; True if it was still running then."""
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         proc.wait(timeout=seconds)
         return False
@@ -58,10 +59,10 @@ def kill_at(cmd, seconds: float) -> bool:
 
 def same_tree(a: str, b: str, names=None) -> bool:
     """Every file (or the given names) under a equals b's, byte for byte."""
-    names = names or sorted(os.path.relpath(os.path.join(r, f), a)
-                            for r, _, fs in os.walk(a) for f in fs)
-    return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False)
-               for n in names) and bool(names)
+    names = names or sorted(os.path.relpath(os.path.join(r, f), a) for r, _, fs in os.walk(a) for f in fs)
+    return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names) and bool(
+        names
+    )
 
 
 def exported(run_dir: str, out: str) -> str:
@@ -90,12 +91,18 @@ def case(name, clean_cmd, killed_cmd, compare, kills, rng, prepare_target):
         # a command killed after its result was complete (renamed into place) refuses to
         # write over it: the rerun's "not empty" is right, and that result is compared
         done_before = r.returncode == 2 and ("not empty" in said or "exists" in said)
-        rows.append({"kill_at_s": round(at, 2), "killed_mid_run": hit, "rerun_rc": r.returncode,
-                     "result_complete_before_kill": done_before,
-                     "took_over_lock": "took over the lock" in said,
-                     "removed_leftover": "left by a killed" in said,
-                     "rerun_error": r.stderr.strip().splitlines()[-1][:200] if r.returncode else "",
-                     "identical": (r.returncode == 0 or done_before) and compare()})
+        rows.append(
+            {
+                "kill_at_s": round(at, 2),
+                "killed_mid_run": hit,
+                "rerun_rc": r.returncode,
+                "result_complete_before_kill": done_before,
+                "took_over_lock": "took over the lock" in said,
+                "removed_leftover": "left by a killed" in said,
+                "rerun_error": r.stderr.strip().splitlines()[-1][:200] if r.returncode else "",
+                "identical": (r.returncode == 0 or done_before) and compare(),
+            }
+        )
         print(f"{name} #{i + 1}: {rows[-1]}", flush=True)
     return {"clean_s": round(clean_s, 1), "runs": rows}
 
@@ -121,48 +128,115 @@ def main() -> int:
             f.write(rows)
 
     def prep(o):
-        return MOE_LAB + ["prepare", "--input", f"{w}/in*.jsonl", "--tokenizer", "byte",
-                          "--out", f"{w}/{o}", "--workers", "2"]
+        return MOE_LAB + [
+            "prepare",
+            "--input",
+            f"{w}/in*.jsonl",
+            "--tokenizer",
+            "byte",
+            "--out",
+            f"{w}/{o}",
+            "--workers",
+            "2",
+        ]
+
     def same_corpus():  # shards and meta.json (units/*.json also hold their seconds)
         names = [n for n in os.listdir(f"{w}/p_clean") if n.endswith(".array_record")]
-        return same_tree(f"{w}/p_clean", f"{w}/p", names + ["meta.json"]) and \
-            sorted(os.listdir(f"{w}/p_clean")) == sorted(os.listdir(f"{w}/p"))
-    out["prepare"] = case("prepare", prep("p_clean"), prep("p"), same_corpus, args.kills, rng,
-                          lambda: shutil.rmtree(f"{w}/p", ignore_errors=True))
+        return same_tree(f"{w}/p_clean", f"{w}/p", names + ["meta.json"]) and sorted(
+            os.listdir(f"{w}/p_clean")
+        ) == sorted(os.listdir(f"{w}/p"))
+
+    out["prepare"] = case(
+        "prepare",
+        prep("p_clean"),
+        prep("p"),
+        same_corpus,
+        args.kills,
+        rng,
+        lambda: shutil.rmtree(f"{w}/p", ignore_errors=True),
+    )
 
     # import: a tiny Mixtral
     make_hf_model("MixtralForCausalLM", f"{w}/hf")
     imp = lambda o: MOE_LAB + ["import", "--hf", f"{w}/hf", "--to", f"{w}/{o}"]
     out["import"] = case(
-        "import", imp("i_clean"), imp("i"),
+        "import",
+        imp("i_clean"),
+        imp("i"),
         lambda: same_tree(exported(f"{w}/i_clean", f"{w}/ei_clean"), exported(f"{w}/i", f"{w}/ei")),
-        args.kills, rng, lambda: shutil.rmtree(f"{w}/i", ignore_errors=True))
+        args.kills,
+        rng,
+        lambda: shutil.rmtree(f"{w}/i", ignore_errors=True),
+    )
 
     # grow: the imported model, 2x deeper and 2x wider
-    grow = lambda o: MOE_LAB + ["grow", "--from", f"{w}/i_clean", "--to", f"{w}/{o}",
-                                "--depth", "interpose", "--width-factor", "2", "--noise", "0.01"]
+    grow = lambda o: (
+        MOE_LAB
+        + [
+            "grow",
+            "--from",
+            f"{w}/i_clean",
+            "--to",
+            f"{w}/{o}",
+            "--depth",
+            "interpose",
+            "--width-factor",
+            "2",
+            "--noise",
+            "0.01",
+        ]
+    )
     out["grow"] = case(
-        "grow", grow("g_clean"), grow("g"),
+        "grow",
+        grow("g_clean"),
+        grow("g"),
         lambda: same_tree(exported(f"{w}/g_clean", f"{w}/eg_clean"), exported(f"{w}/g", f"{w}/eg")),
-        args.kills, rng, lambda: shutil.rmtree(f"{w}/g", ignore_errors=True))
+        args.kills,
+        rng,
+        lambda: shutil.rmtree(f"{w}/g", ignore_errors=True),
+    )
 
     # export
     exp = lambda o: MOE_LAB + ["export", "--workdir", f"{w}/g_clean", "--to", f"{w}/{o}"]
-    out["export"] = case("export", exp("x_clean"), exp("x"),
-                         lambda: same_tree(f"{w}/x_clean", f"{w}/x"), args.kills, rng,
-                         lambda: shutil.rmtree(f"{w}/x", ignore_errors=True))
+    out["export"] = case(
+        "export",
+        exp("x_clean"),
+        exp("x"),
+        lambda: same_tree(f"{w}/x_clean", f"{w}/x"),
+        args.kills,
+        rng,
+        lambda: shutil.rmtree(f"{w}/x", ignore_errors=True),
+    )
 
     # sweep: configs/sparsity_sweep.py:micro at 40 steps
-    sw = lambda o: MOE_LAB + ["sweep", "--config", "configs/sparsity_sweep.py:micro",
-                              "--workdir", f"{w}/{o}", "--config.train.steps=40",
-                              "--config.train.checkpoint_every=10", "--config.train.eval_every=40"]
+    sw = lambda o: (
+        MOE_LAB
+        + [
+            "sweep",
+            "--config",
+            "configs/sparsity_sweep.py:micro",
+            "--workdir",
+            f"{w}/{o}",
+            "--config.train.steps=40",
+            "--config.train.checkpoint_every=10",
+            "--config.train.eval_every=40",
+        ]
+    )
 
     def same_sweep():
         a, b = f"{w}/s_clean", f"{w}/s"
         points = sorted(d for d in os.listdir(a) if os.path.isfile(f"{a}/{d}/metrics.jsonl"))
         return bool(points) and all(losses(f"{a}/{p}") == losses(f"{b}/{p}") for p in points)
-    out["sweep"] = case("sweep", sw("s_clean"), sw("s"), same_sweep, args.kills, rng,
-                        lambda: shutil.rmtree(f"{w}/s", ignore_errors=True))
+
+    out["sweep"] = case(
+        "sweep",
+        sw("s_clean"),
+        sw("s"),
+        same_sweep,
+        args.kills,
+        rng,
+        lambda: shutil.rmtree(f"{w}/s", ignore_errors=True),
+    )
 
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(out, f, indent=1)

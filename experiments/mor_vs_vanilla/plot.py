@@ -19,8 +19,12 @@ from moe_lab.accounting import flops
 from moe_lab.config.load import config_from_json
 from moe_lab.sweep.results import load_results
 
-METRICS = [("eval_loss", "eval loss (nats)"), ("memorization_accuracy", "facts acc"),
-           ("reasoning_accuracy", "arith acc"), ("reasoning_long_accuracy", "arith@3 acc")]
+METRICS = [
+    ("eval_loss", "eval loss (nats)"),
+    ("memorization_accuracy", "facts acc"),
+    ("reasoning_accuracy", "arith acc"),
+    ("reasoning_long_accuracy", "arith@3 acc"),
+]
 
 
 def paper_train_flops(sweep_dir: str, run: str, tokens: float) -> float:
@@ -30,15 +34,21 @@ def paper_train_flops(sweep_dir: str, run: str, tokens: float) -> float:
 
 def summarise(sweep_dir: str):
     df = load_results(sweep_dir)
-    df["paper_train_flops"] = [paper_train_flops(sweep_dir, r, t)
-                               for r, t in zip(df["run"], df["train_tokens"])]
+    df["paper_train_flops"] = [
+        paper_train_flops(sweep_dir, r, t) for r, t in zip(df["run"], df["train_tokens"])
+    ]
     arms = list(dict.fromkeys(df["arm"]))
     rows = []
     for arm in arms:
         d = df[df["arm"] == arm]
-        row = {"arm": arm, "seeds": len(d), "params": int(d["params_total_non_embedding"].iloc[0]),
-               "steps": int(d["steps"].iloc[0]), "paper_flops": float(d["paper_train_flops"].mean()),
-               "exact_flops": float(d["train_flops"].mean())}
+        row = {
+            "arm": arm,
+            "seeds": len(d),
+            "params": int(d["params_total_non_embedding"].iloc[0]),
+            "steps": int(d["steps"].iloc[0]),
+            "paper_flops": float(d["paper_train_flops"].mean()),
+            "exact_flops": float(d["train_flops"].mean()),
+        }
         for key, _ in METRICS:
             v = d[key].to_numpy(float)
             row[key] = (v.mean(), v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
@@ -47,14 +57,24 @@ def summarise(sweep_dir: str):
 
 
 def markdown(rows) -> str:
-    head = ("| arm | seeds | non-embedding params | steps | train FLOPs (paper conv.) | "
-            "train FLOPs (exact) | " + " | ".join(n for _, n in METRICS) + " |")
+    head = (
+        "| arm | seeds | non-embedding params | steps | train FLOPs (paper conv.) | "
+        "train FLOPs (exact) | " + " | ".join(n for _, n in METRICS) + " |"
+    )
     lines = [head, "|" + "---|" * (6 + len(METRICS))]
     for r in rows:
-        cells = [r["arm"], str(r["seeds"]), f"{r['params']:,}", str(r["steps"]),
-                 f"{r['paper_flops']:.3g}", f"{r['exact_flops']:.3g}"]
-        cells += [f"{r[k][0]:.4f} ± {r[k][1]:.4f}" if k == "eval_loss" else
-                  f"{r[k][0]:.3f} ± {r[k][1]:.3f}" for k, _ in METRICS]
+        cells = [
+            r["arm"],
+            str(r["seeds"]),
+            f"{r['params']:,}",
+            str(r["steps"]),
+            f"{r['paper_flops']:.3g}",
+            f"{r['exact_flops']:.3g}",
+        ]
+        cells += [
+            f"{r[k][0]:.4f} ± {r[k][1]:.4f}" if k == "eval_loss" else f"{r[k][0]:.3f} ± {r[k][1]:.3f}"
+            for k, _ in METRICS
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -70,12 +90,12 @@ def plot(rows, out: str) -> str:
         for r in rows:
             mean, se = r[key]
             ax.errorbar(r["params"] / 1e3, mean, yerr=se, fmt="o", capsize=4, label=r["arm"])
-            ax.annotate(r["arm"], (r["params"] / 1e3, mean), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            ax.annotate(
+                r["arm"], (r["params"] / 1e3, mean), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
         ax.set_xlabel("non-embedding params (k)")
         ax.set_title(name)
-    fig.suptitle("MoR vs vanilla at equal training FLOPs (2507.10524 convention); "
-                 "mean ± s.e. over seeds")
+    fig.suptitle("MoR vs vanilla at equal training FLOPs (2507.10524 convention); mean ± s.e. over seeds")
     fig.tight_layout()
     path = os.path.join(out, "mor_vs_vanilla.png")
     fig.savefig(path, dpi=120)

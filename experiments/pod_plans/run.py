@@ -31,16 +31,32 @@ from moe_lab.train.state import make_setup, resolve_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (label, config, topology, overrides)
 ROWS = [
-    ("sparsity E64 k16 (F 2048), auto kernels", "configs/paper/sparsity.py:1024,64,16@tpu-v5p-256",
-     "v5p-256", {}),
+    (
+        "sparsity E64 k16 (F 2048), auto kernels",
+        "configs/paper/sparsity.py:1024,64,16@tpu-v5p-256",
+        "v5p-256",
+        {},
+    ),
     # equal active parameters: E8 / k2 with expert hidden 8x (the dispatch-memory target)
-    ("sparsity E8 k2 (F 16384), auto kernels", "configs/paper/sparsity.py:1024,8,2@tpu-v5p-256",
-     "v5p-256", {"model.moe.expert_hidden": 16384}),
+    (
+        "sparsity E8 k2 (F 16384), auto kernels",
+        "configs/paper/sparsity.py:1024,8,2@tpu-v5p-256",
+        "v5p-256",
+        {"model.moe.expert_hidden": 16384},
+    ),
     # lax.ragged_dot: FLOPs the cost analysis counts (the replication check)
-    ("sparsity E64 k16, ragged_dot (XLA)", "configs/paper/sparsity.py:1024,64,16@tpu-v5p-256",
-     "v5p-256", {"model.moe.kernel": "ragged"}),
-    ("sparsity E64 k16 on v6e-256, auto kernels",
-     "configs/paper/sparsity.py:1024,64,16@tpu-v6e-256", "v6e-256", {}),
+    (
+        "sparsity E64 k16, ragged_dot (XLA)",
+        "configs/paper/sparsity.py:1024,64,16@tpu-v5p-256",
+        "v5p-256",
+        {"model.moe.kernel": "ragged"},
+    ),
+    (
+        "sparsity E64 k16 on v6e-256, auto kernels",
+        "configs/paper/sparsity.py:1024,64,16@tpu-v6e-256",
+        "v6e-256",
+        {},
+    ),
     ("growth_3b, auto kernels", "configs/paper/growth_3b.py", "v5p-256", {}),
     ("growth_3b grown (40 layers), auto kernels", "configs/paper/growth_3b.py:grown", "v5p-256", {}),
     ("mor_360m N_r=3 expert choice", "configs/paper/mor_360m.py:3", "v5p-128", {}),
@@ -58,18 +74,35 @@ def compile_row(label, config, topology, overrides) -> dict:
     train = res.programs["train"]
     layer = res.programs.get("moe_layer")
     hbm = hbm_bytes_per_device(res)
-    row = {"label": label, "config": config, "topology": topo.libtpu_name, "chips": topo.chips,
-           "overrides": overrides, "mesh": res.mesh_shape, "compiles": train.ok,
-           "error": train.error, "compile_s": round(train.seconds, 1),
-           "plan_gib": plan_total(res.plan) / GIB, "hbm_gib": hbm / GIB,
-           "kernel_notes": list(res.kernel_notes), "wall_s": round(time.perf_counter() - t0, 1)}
+    row = {
+        "label": label,
+        "config": config,
+        "topology": topo.libtpu_name,
+        "chips": topo.chips,
+        "overrides": overrides,
+        "mesh": res.mesh_shape,
+        "compiles": train.ok,
+        "error": train.error,
+        "compile_s": round(train.seconds, 1),
+        "plan_gib": plan_total(res.plan) / GIB,
+        "hbm_gib": hbm / GIB,
+        "kernel_notes": list(res.kernel_notes),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     if train.ok:
-        row.update(compiler_gib=train.memory["total"] / GIB,
-                   temp_gib=train.memory["temporaries"] / GIB, kernels=train.kernels,
-                   collectives={k: v["count"] for k, v in train.collectives.items()})
+        row.update(
+            compiler_gib=train.memory["total"] / GIB,
+            temp_gib=train.memory["temporaries"] / GIB,
+            kernels=train.kernels,
+            collectives={k: v["count"] for k, v in train.collectives.items()},
+        )
     if layer is not None:
-        row.update(moe_layer_ok=layer.ok, moe_layer_error=layer.error,
-                   moe_flops_ratio=flops_ratio(layer), moe_layer_kernels=layer.kernels)
+        row.update(
+            moe_layer_ok=layer.ok,
+            moe_layer_error=layer.error,
+            moe_flops_ratio=flops_ratio(layer),
+            moe_layer_kernels=layer.kernels,
+        )
     return row
 
 
@@ -81,9 +114,11 @@ def replan(config: str, topology: str, overrides: dict) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| config @ pod | mesh | compiles | compiler GiB/chip | plan GiB | compiler/plan "
-           "| fits (HBM) | kernels in train step | MoE layer FLOPs / analytic | compile s |",
-           "|---|---|---|---:|---:|---:|---|---|---:|---:|"]
+    out = [
+        "| config @ pod | mesh | compiles | compiler GiB/chip | plan GiB | compiler/plan "
+        "| fits (HBM) | kernels in train step | MoE layer FLOPs / analytic | compile s |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---:|",
+    ]
     for r in rows:
         mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1)
         if r["compiles"]:
@@ -96,8 +131,11 @@ def table(rows: list[dict]) -> str:
         mf = r.get("moe_flops_ratio")
         mf = f"{mf:.2f}" if mf else ("(kernel)" if r.get("moe_layer_ok") else "-")
         status = "yes" if r["compiles"] else f"no: {r['error'][:140]}"
-        out.append(f"| {r['label']} @ {r['topology']} | {mesh} | {status} | " + " | ".join(cells)
-                   + f" | {mf} | {r['compile_s']} |")
+        out.append(
+            f"| {r['label']} @ {r['topology']} | {mesh} | {status} | "
+            + " | ".join(cells)
+            + f" | {mf} | {r['compile_s']} |"
+        )
     return "\n".join(out)
 
 
@@ -105,15 +143,17 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default=os.path.join(HERE, "results.jsonl"))
-    ap.add_argument("--replan", action="store_true",
-                    help="recompute the analytic plan of the stored rows (no compiles)")
+    ap.add_argument(
+        "--replan", action="store_true", help="recompute the analytic plan of the stored rows (no compiles)"
+    )
     args = ap.parse_args()
     done = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
             done = {r["label"]: r for r in map(json.loads, f)}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     for label, config, topology, overrides in ROWS:
         if args.replan and label in done:
             done[label]["plan_gib"] = replan(config, topology, overrides)
@@ -124,9 +164,16 @@ def main() -> int:
         try:
             row = compile_row(label, config, topology, overrides)
         except ConfigError as e:  # refused before compiling (a mesh that cannot be laid out)
-            row = {"label": label, "config": config, "topology": topology, "compiles": False,
-                   "error": f"refused: {e}", "mesh": {}, "plan_gib": float("nan"),
-                   "compile_s": 0.0}
+            row = {
+                "label": label,
+                "config": config,
+                "topology": topology,
+                "compiles": False,
+                "error": f"refused: {e}",
+                "mesh": {},
+                "plan_gib": float("nan"),
+                "compile_s": 0.0,
+            }
         row.update(commit=commit, date=datetime.date.today().isoformat())
         print(json.dumps(row), flush=True)
         done[label] = row

@@ -18,11 +18,13 @@ import numpy as np
 
 from moe_lab.sweep.results import load_results
 
-METRICS = [("eval_loss", "eval loss (nats/token)"),
-           ("memorization_accuracy", "facts accuracy"),
-           ("memorization_task_loss_bits", "facts answer loss (bits/token)"),
-           ("reasoning_accuracy", "arith accuracy (3 steps)"),
-           ("reasoning_long_accuracy", "arith@5 accuracy (longer than trained)")]
+METRICS = [
+    ("eval_loss", "eval loss (nats/token)"),
+    ("memorization_accuracy", "facts accuracy"),
+    ("memorization_task_loss_bits", "facts answer loss (bits/token)"),
+    ("reasoning_accuracy", "arith accuracy (3 steps)"),
+    ("reasoning_long_accuracy", "arith@5 accuracy (longer than trained)"),
+]
 
 
 def summarise(sweep_dir: str, metrics=METRICS, by=("top_k", "num_experts")) -> list[dict]:
@@ -32,28 +34,48 @@ def summarise(sweep_dir: str, metrics=METRICS, by=("top_k", "num_experts")) -> l
     rows = []
     for keys, d in df.groupby(list(by), sort=True):
         row = {name: int(v) for name, v in zip(by, keys)}
-        row.update({"seeds": len(d), "params_total": int(d["params_total"].iloc[0]),
-                    "params_active": int(d["params_active"].iloc[0]),
-                    "tpp": float(d["tpp"].iloc[0]), "sparsity": float(d["sparsity"].iloc[0])})
+        row.update(
+            {
+                "seeds": len(d),
+                "params_total": int(d["params_total"].iloc[0]),
+                "params_active": int(d["params_active"].iloc[0]),
+                "tpp": float(d["tpp"].iloc[0]),
+                "sparsity": float(d["sparsity"].iloc[0]),
+            }
+        )
         for key, _ in metrics:
             v = d[key].to_numpy(float) if key in d else np.full(len(d), np.nan)
             v = v[~np.isnan(v)]
-            row[key] = ((v.mean(), v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
-                        if len(v) else (np.nan, np.nan))
+            row[key] = (
+                (v.mean(), v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+                if len(v)
+                else (np.nan, np.nan)
+            )
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| k | E | seeds | total params | active params | sparsity | TPP | "
-            + " | ".join(n for _, n in METRICS) + " |")
+    head = (
+        "| k | E | seeds | total params | active params | sparsity | TPP | "
+        + " | ".join(n for _, n in METRICS)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (7 + len(METRICS))]
     for r in rows:
-        cells = [str(r["top_k"]), str(r["num_experts"]), str(r["seeds"]),
-                 f"{r['params_total']:,}", f"{r['params_active']:,}", f"{r['sparsity']:.3g}",
-                 f"{r['tpp']:.3g}"]
-        cells += [f"{r[key][0]:.4f} ± {r[key][1]:.4f}" if "loss" in key else
-                  f"{r[key][0]:.3f} ± {r[key][1]:.3f}" for key, _ in METRICS]
+        cells = [
+            str(r["top_k"]),
+            str(r["num_experts"]),
+            str(r["seeds"]),
+            f"{r['params_total']:,}",
+            f"{r['params_active']:,}",
+            f"{r['sparsity']:.3g}",
+            f"{r['tpp']:.3g}",
+        ]
+        cells += [
+            f"{r[key][0]:.4f} ± {r[key][1]:.4f}" if "loss" in key else f"{r[key][0]:.3f} ± {r[key][1]:.3f}"
+            for key, _ in METRICS
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -68,18 +90,27 @@ def plot(rows: list[dict], out: str) -> str:
     for ax, (key, name) in zip(axes, METRICS):
         for k in sorted({r["top_k"] for r in rows}):
             sub = [r for r in rows if r["top_k"] == k]
-            ax.errorbar([r["params_total"] / 1e3 for r in sub], [r[key][0] for r in sub],
-                        yerr=[r[key][1] for r in sub], fmt="o-", capsize=3,
-                        label=f"k={k} (active {sub[0]['params_active'] / 1e3:.0f}k)")
+            ax.errorbar(
+                [r["params_total"] / 1e3 for r in sub],
+                [r[key][0] for r in sub],
+                yerr=[r[key][1] for r in sub],
+                fmt="o-",
+                capsize=3,
+                label=f"k={k} (active {sub[0]['params_active'] / 1e3:.0f}k)",
+            )
             for r in sub:
-                ax.annotate(f"E{r['num_experts']}", (r["params_total"] / 1e3, r[key][0]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(
+                    f"E{r['num_experts']}",
+                    (r["params_total"] / 1e3, r[key][0]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
         ax.set_xscale("log")
         ax.set_xlabel("total params (k)")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle("Sparsity at fixed active parameters (2508.18672), CPU scale; "
-                 "mean ± s.e. over seeds")
+    fig.suptitle("Sparsity at fixed active parameters (2508.18672), CPU scale; mean ± s.e. over seeds")
     fig.tight_layout()
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "sparsity_vs_reasoning.png")

@@ -213,11 +213,13 @@ def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     return 3.0 * forward_flops_per_token(m, seq_len)
 
 
-def iso_flop_steps(m: ModelConfig, base: ModelConfig, base_steps: int, seq_len: int,
-                   convention: str = "exact") -> int:
+def iso_flop_steps(
+    m: ModelConfig, base: ModelConfig, base_steps: int, seq_len: int, convention: str = "exact"
+) -> int:
     """Train steps of m that spend base_steps of base's FLOPs (same batch and length)."""
     ratio = forward_flops_per_token(base, seq_len, convention) / forward_flops_per_token(
-        m, seq_len, convention)
+        m, seq_len, convention
+    )
     return round(base_steps * ratio)
 
 
@@ -233,8 +235,7 @@ def run_summary(cfg: Config) -> dict:
         "params_active_non_embedding": counts["active_non_embedding"],
         "sparsity": sparsity(m),
         "forward_flops_per_token": forward_flops_per_token(m, cfg.data.seq_len),
-        "forward_flops_per_token_mor_paper": forward_flops_per_token(m, cfg.data.seq_len,
-                                                                     "mor_paper"),
+        "forward_flops_per_token_mor_paper": forward_flops_per_token(m, cfg.data.seq_len, "mor_paper"),
         "train_flops_per_token": fpt,
         "train_tokens": tokens,
         "train_flops": fpt * tokens,

@@ -1,5 +1,4 @@
-"""Memory plans: per-device bytes of params, optimizer state and activations under a mesh.
-"""
+"""Memory plans: per-device bytes of params, optimizer state and activations under a mesh."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from moe_lab.parallel.topology import GENERATIONS
 def _shard_factor(spec, mesh) -> int:
     f = 1
     for axes in spec:
-        for a in (axes if isinstance(axes, tuple) else (axes,)):
+        for a in axes if isinstance(axes, tuple) else (axes,):
             if a is not None:
                 f *= mesh.shape[a]
     return f
@@ -29,12 +28,17 @@ def sharded_bytes(shapes_tree, specs_tree, mesh) -> int:
     """Bytes one device holds for a tree of arrays under its PartitionSpecs."""
     leaves = jax.tree.leaves(shapes_tree)
     specs = jax.tree.leaves(specs_tree, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    return int(sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize / _shard_factor(p, mesh)
-                   for s, p in zip(leaves, specs)))
+    return int(
+        sum(
+            math.prod(s.shape) * np.dtype(s.dtype).itemsize / _shard_factor(p, mesh)
+            for s, p in zip(leaves, specs)
+        )
+    )
 
 
-def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = None,
-                     platform: str | None = None) -> int:
+def activation_bytes(
+    cfg: Config, batch_per_device: int, remat: str | None = None, platform: str | None = None
+) -> int:
     """Activation memory per device of one train step: what the backward pass keeps,
     plus the transient set of the layer being recomputed and the logits.
 
@@ -64,8 +68,9 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
     T = cfg.data.seq_len
     b = np.dtype(dtype_of(m.compute_dtype)).itemsize
     D, H, G, K = m.d_model, m.num_heads, m.num_kv_heads, m.resolved_head_dim
-    attn = resolve_attention_impl(m.attention_impl, platform or "cpu",
-                                  compute_dtype=m.compute_dtype, head_dim=K)
+    attn = resolve_attention_impl(
+        m.attention_impl, platform or "cpu", compute_dtype=m.compute_dtype, head_dim=K
+    )
     # splash covers the plain stack at T a multiple of 128 (layers/splash.py)
     flash = attn != "xla" and not (attn == "splash" and (m.stack == "recursive" or T % 128))
     attn_saved = 4 * H * K * b if flash else H * T * (12 + b)
@@ -73,10 +78,10 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
     if m.ffn == "moe":
         e = m.moe
         dispatch = "dropless" if e.dispatch == "auto" else e.dispatch
-        rows = e.top_k * (1 if dispatch == "dropless" and e.router != "expert_choice"
-                          else e.capacity_factor)
-        shared_f = (e.shared_hidden or e.num_shared_experts * m.resolved_expert_hidden
-                    if e.num_shared_experts else 0)
+        rows = e.top_k * (1 if dispatch == "dropless" and e.router != "expert_choice" else e.capacity_factor)
+        shared_f = (
+            e.shared_hidden or e.num_shared_experts * m.resolved_expert_hidden if e.num_shared_experts else 0
+        )
         ffn = rows * (2 * D + 3 * m.resolved_expert_hidden) + 3 * shared_f
         hidden = rows * m.resolved_expert_hidden + shared_f
         ffn_dots = e.num_experts + (2 * shared_f + D if shared_f else 0) + D
@@ -87,8 +92,11 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
     # + the SwiGLU hidden once more in f32 (silu's gradient; the compiler's largest live
     # buffer on the dropless paper configs: [n k, F] f32)
     layer_vals = (10 * D + ffn) * b + 4 * hidden
-    saved = {"none": layer_vals + attn_saved, "full": D * b,
-             "dots": (2 * D + H * K + 2 * G * K + ffn_dots) * b}[remat]
+    saved = {
+        "none": layer_vals + attn_saved,
+        "full": D * b,
+        "dots": (2 * D + H * K + 2 * G * K + ffn_dots) * b,
+    }[remat]
     recomputed = 0 if remat == "none" else layer_vals + attn_recomputed
     tokens = batch_per_device * T
     logits = tokens * m.vocab_size * 2 * b
@@ -97,9 +105,13 @@ def activation_bytes(cfg: Config, batch_per_device: int, remat: str | None = Non
 
 # memory per chip (GiB) for the memory plan
 # (TPUs from parallel/topology.py's generation table: HBM per device)
-DEVICE_MEMORY_GIB = {"a100": 80, "h100": 80, "h200": 141, "b200": 180,
-                     **{g.hardware: g.hbm_gib_per_chip / g.devices_per_chip
-                        for g in GENERATIONS.values()}}
+DEVICE_MEMORY_GIB = {
+    "a100": 80,
+    "h100": 80,
+    "h200": 141,
+    "b200": 180,
+    **{g.hardware: g.hbm_gib_per_chip / g.devices_per_chip for g in GENERATIONS.values()},
+}
 
 
 def plan_platform(hardware: str) -> str | None:
@@ -125,10 +137,11 @@ def memory_plan(cfg: Config, setup, mesh) -> dict:
     p = sharded_bytes(setup.abstract_state["params"], setup.specs["params"], mesh)
     o = sharded_bytes(setup.abstract_state["opt_state"], setup.specs["opt_state"], mesh)
     platform = getattr(setup, "platform", None) or plan_platform(cfg.mesh.plan_hardware)
-    return {"params": p, "opt_state": o, "grads": p,
-            "activations": activation_bytes(cfg, batch_per_device, platform=platform),
-            "activations_remat_full": activation_bytes(cfg, batch_per_device, remat="full",
-                                                       platform=platform),
-            "batch_per_device": batch_per_device}
-
-
+    return {
+        "params": p,
+        "opt_state": o,
+        "grads": p,
+        "activations": activation_bytes(cfg, batch_per_device, platform=platform),
+        "activations_remat_full": activation_bytes(cfg, batch_per_device, remat="full", platform=platform),
+        "batch_per_device": batch_per_device,
+    }

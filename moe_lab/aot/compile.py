@@ -75,21 +75,30 @@ class CompileResult:
     programs: dict  # name -> Program
 
     def to_dict(self) -> dict:
-        return {"name": self.cfg.name, "devices": self.devices, "platform": self.platform,
-                "device_kind": self.device_kind, "mesh": self.mesh_shape, "plan": self.plan,
-                "kernel_notes": list(self.kernel_notes),
-                "programs": {k: p.to_dict() for k, p in self.programs.items()}}
+        return {
+            "name": self.cfg.name,
+            "devices": self.devices,
+            "platform": self.platform,
+            "device_kind": self.device_kind,
+            "mesh": self.mesh_shape,
+            "plan": self.plan,
+            "kernel_notes": list(self.kernel_notes),
+            "programs": {k: p.to_dict() for k, p in self.programs.items()},
+        }
 
 
 def memory_stats(compiled) -> dict:
     """The compiler's per-device bytes: arguments, outputs, aliased (donated inputs
     reused as outputs), temporaries, generated code, and their total in HBM."""
     m = compiled.memory_analysis()
-    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-           "code": m.generated_code_size_in_bytes}
-    out["total"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-                    + out["code"])
+    out = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "code": m.generated_code_size_in_bytes,
+    }
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
     return out
 
 
@@ -136,22 +145,30 @@ def compile_run(cfg: Config, devices: list, programs=PROGRAMS) -> CompileResult:
         if "train" in programs:
             batch = batch_shapes(setup, cfg.train.batch_size, cfg.data.seq_len)
             step = jit_train_step(setup, cfg, setup.graphdef, num_tasks, tok.eos_id)
-            out["train"] = _compile(Program("train"), devices,
-                                    lambda: step.lower(setup.abstract_state, batch))
+            out["train"] = _compile(
+                Program("train"), devices, lambda: step.lower(setup.abstract_state, batch)
+            )
         if "eval" in programs:
             batch = batch_shapes(setup, cfg.train.batch_size, cfg.data.seq_len)
             step = jit_eval_step(setup, num_tasks)
             st = setup.abstract_state
-            out["eval"] = _compile(Program("eval"), devices,
-                                   lambda: step.lower(st["params"], st["model_state"], batch))
+            out["eval"] = _compile(
+                Program("eval"), devices, lambda: step.lower(st["params"], st["model_state"], batch)
+            )
         if "decode" in programs:
             out["decode"] = _compile(Program("decode"), devices, _decode_lowering(cfg, setup))
         if "moe_layer" in programs and cfg.model.ffn == "moe":
             out["moe_layer"] = _compile_moe_layer(cfg, setup, devices)
-    return CompileResult(cfg=cfg, devices=len(devices), platform=devices[0].platform,
-                         device_kind=devices[0].device_kind, mesh_shape=dict(mesh.shape),
-                         plan=memory_plan(cfg, setup, mesh), kernel_notes=setup.kernel_notes,
-                         programs=out)
+    return CompileResult(
+        cfg=cfg,
+        devices=len(devices),
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+        mesh_shape=dict(mesh.shape),
+        plan=memory_plan(cfg, setup, mesh),
+        kernel_notes=setup.kernel_notes,
+        programs=out,
+    )
 
 
 def _decode_lowering(cfg: Config, setup):
@@ -159,9 +176,11 @@ def _decode_lowering(cfg: Config, setup):
     train.batch_size rows and a cache of data.seq_len slots, batch-sharded."""
     graphdef, st = setup.graphdef, setup.abstract_state
     rows, slots = cfg.train.batch_size, cfg.data.seq_len
+
     def cache_of(batch):
-        return jax.eval_shape(lambda p, s: nnx.merge(graphdef, p, s).init_cache(batch, slots),
-                              st["params"], st["model_state"])
+        return jax.eval_shape(
+            lambda p, s: nnx.merge(graphdef, p, s).init_cache(batch, slots), st["params"], st["model_state"]
+        )
 
     batch_axes = sharding.batch_spec(cfg.mesh.rules, setup.mesh)[0]
 
@@ -169,11 +188,13 @@ def _decode_lowering(cfg: Config, setup):
         """x with its batch dimension (the one that differs from `other`, the same
         cache for one more row; a [B] vector's only one) over the batch axes."""
         dims = [None] * len(x.shape)
-        batch = 0 if other is None else next(
-            i for i, (a, b) in enumerate(zip(x.shape, other.shape)) if a != b)
+        batch = (
+            0 if other is None else next(i for i, (a, b) in enumerate(zip(x.shape, other.shape)) if a != b)
+        )
         dims[batch] = batch_axes
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-            setup.mesh, jax.sharding.PartitionSpec(*dims)))
+        return jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=NamedSharding(setup.mesh, jax.sharding.PartitionSpec(*dims))
+        )
 
     cache = jax.tree.map(sharded, cache_of(rows), cache_of(rows + 1))
     token = sharded(jax.ShapeDtypeStruct((rows,), jnp.int32))
@@ -182,8 +203,9 @@ def _decode_lowering(cfg: Config, setup):
         return decode_logits(nnx.merge(graphdef, params, model_state), token_B, pos_B, cache, index)
 
     fn = jax.jit(step, donate_argnums=2, out_shardings=(None, None))
-    return lambda: fn.lower(st["params"], st["model_state"], cache, token, token,
-                            jax.ShapeDtypeStruct((), jnp.int32))
+    return lambda: fn.lower(
+        st["params"], st["model_state"], cache, token, token, jax.ShapeDtypeStruct((), jnp.int32)
+    )
 
 
 def _compile_moe_layer(cfg: Config, setup, devices) -> Program:
@@ -200,13 +222,17 @@ def _compile_moe_layer(cfg: Config, setup, devices) -> Program:
     logical = sharding.state_logical_axes(abstract, nnx.Param)
     p_pure, r_pure = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     specs = sharding.tree_specs(logical, p_pure, rules, mesh)
-    p_abs = jax.tree.map(lambda s, sp: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                            sharding=NamedSharding(mesh, sp)),
-                         p_pure, specs, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    p_abs = jax.tree.map(
+        lambda s, sp: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, sp)),
+        p_pure,
+        specs,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
     rows, seq = cfg.train.batch_size, cfg.data.seq_len
     x_spec = sharding.logical_to_spec(("batch", None, None), rules, mesh)
-    x = jax.ShapeDtypeStruct((rows, seq, m.d_model), dtype_of(m.compute_dtype),
-                             sharding=NamedSharding(mesh, x_spec))
+    x = jax.ShapeDtypeStruct(
+        (rows, seq, m.d_model), dtype_of(m.compute_dtype), sharding=NamedSharding(mesh, x_spec)
+    )
 
     def loss(p, x_BTD):
         layer = nnx.merge(graphdef, p, r_pure) if r_pure else nnx.merge(graphdef, p)
@@ -222,4 +248,3 @@ def _compile_moe_layer(cfg: Config, setup, devices) -> Program:
 def fits(result: CompileResult, hbm_bytes: float, headroom: float = 1.0) -> bool:
     train = result.programs.get("train")
     return bool(train and train.ok and train.memory["total"] <= headroom * hbm_bytes)
-

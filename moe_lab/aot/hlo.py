@@ -13,11 +13,36 @@ import math
 import re
 
 # dtype -> bytes (HLO's names)
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-             "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-             "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
-               "collective-permute", "collective-broadcast")
+_ITEMSIZE = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+}
+COLLECTIVES = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "ragged-all-to-all",
+    "collective-permute",
+    "collective-broadcast",
+)
 # `%x = bf16[8,128]{1,0} all-gather(...)`, async `all-gather-start(`, tuple results too
 _INSTR = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
@@ -28,11 +53,24 @@ _KERNEL_NAME = re.compile(r'"?kernel_name"?\s*[:=]\s*\\?"([^"\\]+)')
 _OP_NAME = re.compile(r'op_name="([^"\\]*)')
 _OP_TYPE = re.compile(r'__type\\*"\s*:\s*\\*"([\w.]+)')
 # custom calls XLA itself emits for bookkeeping, not kernels
-_BOOKKEEPING = ("AllocateBuffer", "PrepareAsyncCall", "AssumeGatherIndicesInBound",
-                "GatherScatterIndicesBitpacked", "Sharding", "SPMDFullToShardShape",
-                "SPMDShardToFullShape", "MoveToHost", "MoveToDevice", "annotate_device_placement",
-                "X64Combine", "X64SplitLow", "X64SplitHigh", "LayoutConstraint", "cu_threefry2x32",
-                "ConcatBitcast")
+_BOOKKEEPING = (
+    "AllocateBuffer",
+    "PrepareAsyncCall",
+    "AssumeGatherIndicesInBound",
+    "GatherScatterIndicesBitpacked",
+    "Sharding",
+    "SPMDFullToShardShape",
+    "SPMDShardToFullShape",
+    "MoveToHost",
+    "MoveToDevice",
+    "annotate_device_placement",
+    "X64Combine",
+    "X64SplitLow",
+    "X64SplitHigh",
+    "LayoutConstraint",
+    "cu_threefry2x32",
+    "ConcatBitcast",
+)
 
 
 def shape_bytes(text: str) -> float:
@@ -104,7 +142,7 @@ def _tpu_kernel_name(line: str) -> str:
     if not op:
         return "?"
     base = op.group(1).rsplit("/", 1)[-1].split(":", 1)[0].split("{", 1)[0]
-    kind = _OP_TYPE.search(line[op.start():op.start() + 2000])
+    kind = _OP_TYPE.search(line[op.start() : op.start() + 2000])
     return f"{base}.{kind.group(1).rsplit('.', 1)[-1]}" if kind else base
 
 

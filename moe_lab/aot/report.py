@@ -47,11 +47,15 @@ def resize_error(cfg: Config, topo: Topology) -> str:
     mesh.plan_hardware), else why not (compile refuses it without --allow-resize)."""
     m = cfg.mesh
     if m.plan_devices and m.plan_devices != topo.devices:
-        return (f"{cfg.name} states {m.plan_devices} devices (mesh.plan_devices) but "
-                f"{topo.libtpu_name} has {topo.devices}; pass --allow-resize to compile anyway")
+        return (
+            f"{cfg.name} states {m.plan_devices} devices (mesh.plan_devices) but "
+            f"{topo.libtpu_name} has {topo.devices}; pass --allow-resize to compile anyway"
+        )
     if m.plan_hardware.startswith("tpu") and m.plan_hardware != topo.generation.hardware:
-        return (f"{cfg.name} is written for {m.plan_hardware} (mesh.plan_hardware), not "
-                f"{topo.generation.hardware}; pass --allow-resize to compile anyway")
+        return (
+            f"{cfg.name} is written for {m.plan_hardware} (mesh.plan_hardware), not "
+            f"{topo.generation.hardware}; pass --allow-resize to compile anyway"
+        )
     return ""
 
 
@@ -59,10 +63,15 @@ def slices_error(cfg: Config, num_slices: int) -> str:
     """'' where the mesh's DCN axis spans `num_slices` slices (mesh.dcn_data), else why not."""
     if cfg.mesh.dcn_data == num_slices:
         return ""
-    what = ("the mesh has no DCN axis to span slices with" if cfg.mesh.dcn_data == 1
-            else f"the mesh spans mesh.dcn_data={cfg.mesh.dcn_data} slices")
-    return (f"--num-slices {num_slices}: {what}; set --config.mesh.dcn_data={num_slices} "
-            "(data parallelism across slices)")
+    what = (
+        "the mesh has no DCN axis to span slices with"
+        if cfg.mesh.dcn_data == 1
+        else f"the mesh spans mesh.dcn_data={cfg.mesh.dcn_data} slices"
+    )
+    return (
+        f"--num-slices {num_slices}: {what}; set --config.mesh.dcn_data={num_slices} "
+        "(data parallelism across slices)"
+    )
 
 
 def _gib(b: float) -> str:
@@ -79,31 +88,42 @@ def _bytes(b: float) -> str:
 def format_report(result: CompileResult, where: str) -> str:
     hbm = hbm_bytes_per_device(result)
     plan = plan_total(result.plan)
-    lines = [f"compiled {result.cfg.name} for {where}",
-             f"mesh {result.mesh_shape} ({result.device_kind}, {result.devices} devices)",
-             *result.kernel_notes]
+    lines = [
+        f"compiled {result.cfg.name} for {where}",
+        f"mesh {result.mesh_shape} ({result.device_kind}, {result.devices} devices)",
+        *result.kernel_notes,
+    ]
     for name, p in result.programs.items():
         if not p.ok:
             lines.append(f"{name:<9} FAILED after {p.seconds:.1f} s: {p.error}")
             continue
         mem = p.memory
-        line = (f"{name:<9} {p.seconds:6.1f} s | per device: total {_gib(mem['total'])}"
-                + (f" = {100 * mem['total'] / hbm:.0f}% of {hbm / GIB:g} GiB HBM" if hbm else "")
-                + f" (args {_gib(mem['arguments'])}, out {_gib(mem['outputs'])}, aliased "
-                f"{_gib(mem['aliased'])}, temp {_gib(mem['temporaries'])})")
+        line = (
+            f"{name:<9} {p.seconds:6.1f} s | per device: total {_gib(mem['total'])}"
+            + (f" = {100 * mem['total'] / hbm:.0f}% of {hbm / GIB:g} GiB HBM" if hbm else "")
+            + f" (args {_gib(mem['arguments'])}, out {_gib(mem['outputs'])}, aliased "
+            f"{_gib(mem['aliased'])}, temp {_gib(mem['temporaries'])})"
+        )
         if name == "train":
             line += f" | plan {_gib(plan)} (compiler / plan {mem['total'] / plan:.2f})"
         lines.append(line)
-        coll = ", ".join(f"{k} {v['count']} ({_bytes(v['bytes'])})" for k, v in
-                         sorted(p.collectives.items())) or "none"
+        coll = (
+            ", ".join(f"{k} {v['count']} ({_bytes(v['bytes'])})" for k, v in sorted(p.collectives.items()))
+            or "none"
+        )
         kern = ", ".join(f"{k} x{v}" for k, v in sorted(p.kernels.items())) or "none (XLA only)"
         lines.append(f"{'':<9} collectives: {coll} | kernels: {kern}")
         if name == "moe_layer":
             ratio = flops_ratio(p)
-            lines.append(f"{'':<9} MoE layer FLOPs per device: compiled {p.flops:.4g}, analytic "
-                         f"{p.analytic_flops:.4g}" + (
-                             f" (ratio {ratio:.2f}; > {FLOPS_TOLERANCE}: expert work replicated)"
-                             if ratio else " (kernel FLOPs are invisible to the cost analysis)"))
+            lines.append(
+                f"{'':<9} MoE layer FLOPs per device: compiled {p.flops:.4g}, analytic "
+                f"{p.analytic_flops:.4g}"
+                + (
+                    f" (ratio {ratio:.2f}; > {FLOPS_TOLERANCE}: expert work replicated)"
+                    if ratio
+                    else " (kernel FLOPs are invisible to the cost analysis)"
+                )
+            )
     return "\n".join(lines)
 
 
@@ -118,7 +138,9 @@ def failure_line(result: CompileResult) -> str:
     hbm = hbm_bytes_per_device(result)
     if hbm and train.memory["total"] > hbm:
         big = "; ".join(f"{desc} {_bytes(b)}" for b, desc in train.largest)
-        return (f"the train step does not fit: {_gib(train.memory['total'])} per device > "
-                f"{hbm / GIB:g} GiB HBM (temporaries {_gib(train.memory['temporaries'])}; "
-                f"largest buffers: {big})")
+        return (
+            f"the train step does not fit: {_gib(train.memory['total'])} per device > "
+            f"{hbm / GIB:g} GiB HBM (temporaries {_gib(train.memory['temporaries'])}; "
+            f"largest buffers: {big})"
+        )
     return ""

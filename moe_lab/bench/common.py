@@ -16,8 +16,7 @@ import numpy as np
 from moe_lab.accounting.timing import block, time_fn
 
 
-def paired_ratios(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs: int = 7
-                  ) -> list[float]:
+def paired_ratios(num: tuple[Callable, tuple], den: tuple[Callable, tuple], pairs: int = 7) -> list[float]:
     """time(num) / time(den) of each of `pairs` back-to-back (num, den) calls.
 
     For ratio targets on a shared machine: both cases of a pair see the same load,
@@ -67,8 +66,13 @@ def target(name: str, value: float | dict, limit: float, *, at_least: bool = Fal
     stats = value if isinstance(value, dict) else None
     value = stats["median"] if stats else value
     ok = value >= limit if at_least else value <= limit
-    out = {"name": name, "value": round(float(value), 4), "limit": limit,
-           "op": ">=" if at_least else "<=", "ok": bool(ok)}
+    out = {
+        "name": name,
+        "value": round(float(value), 4),
+        "limit": limit,
+        "op": ">=" if at_least else "<=",
+        "ok": bool(ok),
+    }
     if stats:
         out["iqr"] = [round(stats["q25"], 4), round(stats["q75"], 4)]
         out["pairs"] = stats["pairs"]
@@ -78,6 +82,5 @@ def target(name: str, value: float | dict, limit: float, *, at_least: bool = Fal
 def print_targets(targets: list[dict]) -> None:
     for t in targets:
         mark = "OK  " if t["ok"] else "MISS"
-        iqr = (f", middle half of {t['pairs']} pairs {t['iqr'][0]}-{t['iqr'][1]}"
-               if "iqr" in t else "")
+        iqr = f", middle half of {t['pairs']} pairs {t['iqr'][0]}-{t['iqr'][1]}" if "iqr" in t else ""
         print(f"  [{mark}] {t['name']}: {t['value']} (target {t['op']} {t['limit']}{iqr})")

@@ -50,8 +50,12 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "rss_kib": hwm}))
 
 
 def _startup(corpus: str, tok: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, corpus, tok], capture_output=True,
-                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, corpus, tok],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -75,22 +79,24 @@ def run(quick: bool = False) -> dict:
         units = plan_units(expand_inputs(f"{big_dir}/*.jsonl"), None, "text")
         docs = [d for u in units for d in iter_unit(u, "text", Skipped())]
         t0 = time.perf_counter()
-        n_tok = sum(len(x) + 2 for s in range(0, len(docs), 512)
-                    for x in tok.encode_batch(docs[s:s + 512]))
+        n_tok = sum(len(x) + 2 for s in range(0, len(docs), 512) for x in tok.encode_batch(docs[s : s + 512]))
         encode_tps = n_tok / (time.perf_counter() - t0)
         del docs
 
         t0 = time.perf_counter()
-        meta_big = prepare(f"{big_dir}/*.jsonl", tok_path, os.path.join(tmp, "c_big"),
-                           workers=2, heldout=0.001, **quiet)
+        meta_big = prepare(
+            f"{big_dir}/*.jsonl", tok_path, os.path.join(tmp, "c_big"), workers=2, heldout=0.001, **quiet
+        )
         prep_s = time.perf_counter() - t0
         prep_tokens = meta_big["tokens"] + meta_big["heldout_tokens"]
-        meta_small = prepare(f"{small_dir}/*.jsonl", tok_path, os.path.join(tmp, "c_small"),
-                             workers=2, heldout=0.001, **quiet)
+        meta_small = prepare(
+            f"{small_dir}/*.jsonl", tok_path, os.path.join(tmp, "c_small"), workers=2, heldout=0.001, **quiet
+        )
 
         # the iterator in-process against the small dense config's train step
-        cfg = DataConfig(mixture="corpus:1", corpus=os.path.join(tmp, "c_big"),
-                         tokenizer=tok_path, seq_len=256)
+        cfg = DataConfig(
+            mixture="corpus:1", corpus=os.path.join(tmp, "c_big"), tokenizer=tok_path, seq_len=256
+        )
         it = pipeline.make_train_iterator(cfg, 16, seed=0)
         next(it)
         n_batches = 20 if quick else 200
@@ -99,8 +105,7 @@ def run(quick: bool = False) -> dict:
             next(it)
         iter_tps = n_batches * 16 * 256 / (time.perf_counter() - t0)
         # the same in 2 grain worker processes (data.workers=2), after their start-up
-        workers_it = pipeline.make_train_iterator(dataclasses.replace(cfg, workers=2), 16,
-                                                  seed=0)
+        workers_it = pipeline.make_train_iterator(dataclasses.replace(cfg, workers=2), 16, seed=0)
         next(workers_it)
         t0 = time.perf_counter()
         for _ in range(n_batches):
@@ -114,35 +119,53 @@ def run(quick: bool = False) -> dict:
         start_small = _startup(os.path.join(tmp, "c_small"), tok_path)
         start_big = _startup(os.path.join(tmp, "c_big"), tok_path)
         return {
-            "name": "data", "quick": quick, "tokenizer": tok.describe(),
-            "tokens_small": meta_small["tokens"], "tokens_big": meta_big["tokens"],
-            "encode_tokens_per_sec": encode_tps, "prepare_tokens_per_sec": prep_tokens / prep_s,
-            "prepare_seconds": prep_s, "prepare_shards": len(meta_big["shards"]),
-            "iterator_tokens_per_sec": iter_tps, "iterator_workers2_tokens_per_sec": workers_tps,
+            "name": "data",
+            "quick": quick,
+            "tokenizer": tok.describe(),
+            "tokens_small": meta_small["tokens"],
+            "tokens_big": meta_big["tokens"],
+            "encode_tokens_per_sec": encode_tps,
+            "prepare_tokens_per_sec": prep_tokens / prep_s,
+            "prepare_seconds": prep_s,
+            "prepare_shards": len(meta_big["shards"]),
+            "iterator_tokens_per_sec": iter_tps,
+            "iterator_workers2_tokens_per_sec": workers_tps,
             "train_step_tokens_per_sec": step_tps,
-            "startup_small": start_small, "startup_big": start_big,
+            "startup_small": start_small,
+            "startup_big": start_big,
             "targets": [
-                target("prepare tok/s (2 workers) / tokenizer batch-encode tok/s",
-                       prep_tokens / prep_s / encode_tps, 0.7, at_least=True),
-                target("iterator tok/s / small dense train-step tok/s", iter_tps / step_tps,
-                       20.0, at_least=True),
-                target("pipeline start-up time, 10x corpus / 1x",
-                       start_big["seconds"] / start_small["seconds"], 1.2),
-                target("pipeline peak RSS, 10x corpus / 1x",
-                       start_big["rss_kib"] / start_small["rss_kib"], 1.2),
-            ]}
+                target(
+                    "prepare tok/s (2 workers) / tokenizer batch-encode tok/s",
+                    prep_tokens / prep_s / encode_tps,
+                    0.7,
+                    at_least=True,
+                ),
+                target(
+                    "iterator tok/s / small dense train-step tok/s", iter_tps / step_tps, 20.0, at_least=True
+                ),
+                target(
+                    "pipeline start-up time, 10x corpus / 1x",
+                    start_big["seconds"] / start_small["seconds"],
+                    1.2,
+                ),
+                target(
+                    "pipeline peak RSS, 10x corpus / 1x", start_big["rss_kib"] / start_small["rss_kib"], 1.2
+                ),
+            ],
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main_print(r: dict) -> None:
-    print(f"data benchmark: {r['tokenizer']}; corpora {r['tokens_small']:,} / "
-          f"{r['tokens_big']:,} tokens")
-    print(f"  tokenizer batch-encode {r['encode_tokens_per_sec']:,.0f} tok/s | prepare "
-          f"{r['prepare_tokens_per_sec']:,.0f} tok/s ({r['prepare_shards']} shards, "
-          f"{r['prepare_seconds']:.1f}s) | iterator {r['iterator_tokens_per_sec']:,.0f} tok/s "
-          f"(2 workers: {r['iterator_workers2_tokens_per_sec']:,.0f}) | "
-          f"small dense train step {r['train_step_tokens_per_sec']:,.0f} tok/s")
+    print(f"data benchmark: {r['tokenizer']}; corpora {r['tokens_small']:,} / {r['tokens_big']:,} tokens")
+    print(
+        f"  tokenizer batch-encode {r['encode_tokens_per_sec']:,.0f} tok/s | prepare "
+        f"{r['prepare_tokens_per_sec']:,.0f} tok/s ({r['prepare_shards']} shards, "
+        f"{r['prepare_seconds']:.1f}s) | iterator {r['iterator_tokens_per_sec']:,.0f} tok/s "
+        f"(2 workers: {r['iterator_workers2_tokens_per_sec']:,.0f}) | "
+        f"small dense train step {r['train_step_tokens_per_sec']:,.0f} tok/s"
+    )
     for k in ("startup_small", "startup_big"):
         print(f"  {k}: {r[k]['seconds']:.2f}s, peak RSS {r[k]['rss_kib'] / 1024:.0f} MiB")
     print_targets(r["targets"])

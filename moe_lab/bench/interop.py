@@ -77,22 +77,39 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak": rss("VmHWM"), "ba
 
 
 def _child(what: str, a: str, b: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, what, a, b], capture_output=True,
-                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, what, a, b],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     if out.returncode:
         raise RuntimeError(f"bench interop {what}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_random_mixtral(out_dir: str, *, d_model: int, layers: int, experts: int,
-                         hidden: int, vocab: int) -> int:
+def write_random_mixtral(
+    out_dir: str, *, d_model: int, layers: int, experts: int, hidden: int, vocab: int
+) -> int:
     """A random Mixtral checkpoint (config.json, model.safetensors, the byte tokenizer as
     tokenizer.json); returns the safetensors bytes."""
-    hf = {"architectures": [hf_config.MIXTRAL], "model_type": "mixtral", "hidden_size": d_model,
-          "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 4,
-          "intermediate_size": hidden, "num_local_experts": experts, "num_experts_per_tok": 2,
-          "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-          "rope_theta": 1e6, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    hf = {
+        "architectures": [hf_config.MIXTRAL],
+        "model_type": "mixtral",
+        "hidden_size": d_model,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "intermediate_size": hidden,
+        "num_local_experts": experts,
+        "num_experts_per_tok": 2,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
     os.makedirs(out_dir)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f)
@@ -121,7 +138,7 @@ def _paired(num: tuple, den: tuple, pairs: int) -> tuple[list[dict], list[dict]]
     runs_num, runs_den = [], []
     for i in range(pairs):
         order = ((num, runs_num), (den, runs_den))
-        for (what, a, b), out in (order if i % 2 == 0 else order[::-1]):
+        for (what, a, b), out in order if i % 2 == 0 else order[::-1]:
             shutil.rmtree(b, ignore_errors=True)
             out.append(_child(what, a, b))
     return runs_num, runs_den
@@ -129,30 +146,37 @@ def _paired(num: tuple, den: tuple, pairs: int) -> tuple[list[dict], list[dict]]
 
 def _summary(runs: list[dict]) -> dict:
     """The median run's seconds and peak, with every run's seconds."""
-    return {"seconds": float(np.median([r["seconds"] for r in runs])),
-            "peak": float(np.median([r["peak"] for r in runs])),
-            "base": float(np.median([r["base"] for r in runs])),
-            "all_seconds": [r["seconds"] for r in runs]}
+    return {
+        "seconds": float(np.median([r["seconds"] for r in runs])),
+        "peak": float(np.median([r["peak"] for r in runs])),
+        "base": float(np.median([r["base"] for r in runs])),
+        "all_seconds": [r["seconds"] for r in runs],
+    }
 
 
 def run(quick: bool = False, pairs: int | None = None) -> dict:
-    size = (dict(d_model=64, layers=2, experts=4, hidden=128, vocab=272) if quick else
-            dict(d_model=512, layers=8, experts=8, hidden=1024, vocab=272))
+    size = (
+        dict(d_model=64, layers=2, experts=4, hidden=128, vocab=272)
+        if quick
+        else dict(d_model=512, layers=8, experts=8, hidden=1024, vocab=272)
+    )
     pairs = pairs or (1 if quick else 3)
     tmp = tempfile.mkdtemp(prefix="moe_lab_bench_interop_")
     try:
         hf_dir, run_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "run")
         nbytes = write_random_mixtral(hf_dir, **size)
         res = {"checkpoint_bytes": nbytes, "config": size, "pairs": pairs}
-        imp, base = _paired(("import", hf_dir, run_dir),
-                            ("read+save", hf_dir, os.path.join(tmp, "orbax")), pairs)
-        exp, base_exp = _paired(("export", run_dir, os.path.join(tmp, "back")),
-                                ("restore+save", run_dir, os.path.join(tmp, "plain.safetensors")),
-                                pairs)
+        imp, base = _paired(
+            ("import", hf_dir, run_dir), ("read+save", hf_dir, os.path.join(tmp, "orbax")), pairs
+        )
+        exp, base_exp = _paired(
+            ("export", run_dir, os.path.join(tmp, "back")),
+            ("restore+save", run_dir, os.path.join(tmp, "plain.safetensors")),
+            pairs,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for case, runs in (("read+save", base), ("import", imp), ("restore+save", base_exp),
-                       ("export", exp)):
+    for case, runs in (("read+save", base), ("import", imp), ("restore+save", base_exp), ("export", exp)):
         res[case] = _summary(runs)
     res["import_time_ratios"] = [a["seconds"] / b["seconds"] for a, b in zip(imp, base)]
     res["export_time_ratios"] = [a["seconds"] / b["seconds"] for a, b in zip(exp, base_exp)]
@@ -161,11 +185,17 @@ def run(quick: bool = False, pairs: int | None = None) -> dict:
         return (res[case]["peak"] - res[case]["base"]) / nbytes
 
     res["targets"] = [
-        target("import time / (safetensors read + Orbax save), median of pairs",
-               float(np.median(res["import_time_ratios"])), 1.5),
+        target(
+            "import time / (safetensors read + Orbax save), median of pairs",
+            float(np.median(res["import_time_ratios"])),
+            1.5,
+        ),
         target("import peak RSS added / checkpoint bytes", added("import"), 1.5),
-        target("export time / (Orbax restore + safetensors save), median of pairs",
-               float(np.median(res["export_time_ratios"])), 1.5),
+        target(
+            "export time / (Orbax restore + safetensors save), median of pairs",
+            float(np.median(res["export_time_ratios"])),
+            1.5,
+        ),
         target("export peak RSS added / checkpoint bytes", added("export"), 1.5),
     ]
     res["name"] = "interop"
@@ -174,11 +204,15 @@ def run(quick: bool = False, pairs: int | None = None) -> dict:
 
 def main_print(res: dict) -> None:
     mb = res["checkpoint_bytes"] / 1e6
-    print(f"interop: random Mixtral checkpoint {mb:.0f} MB ({res['config']}), {res['pairs']} "
-          f"pairs of runs (each a fresh process), medians")
+    print(
+        f"interop: random Mixtral checkpoint {mb:.0f} MB ({res['config']}), {res['pairs']} "
+        f"pairs of runs (each a fresh process), medians"
+    )
     for case in ("read+save", "import", "restore+save", "export"):
         r = res[case]
         runs = ", ".join(f"{t:.2f}" for t in r["all_seconds"])
-        print(f"  {case:13s} {r['seconds']:7.2f} s (runs {runs})  peak RSS {r['peak'] / 1e6:7.0f}"
-              f" MB (after imports {r['base'] / 1e6:.0f} MB)")
+        print(
+            f"  {case:13s} {r['seconds']:7.2f} s (runs {runs})  peak RSS {r['peak'] / 1e6:7.0f}"
+            f" MB (after imports {r['base'] / 1e6:.0f} MB)"
+        )
     print_targets(res["targets"])

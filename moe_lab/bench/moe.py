@@ -97,8 +97,17 @@ def _ideal_fn(s: dict, e: int):
         layout = sorted_layout(tc.expert_NK, e, n, pad=0)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = buffer_swiglu(x_SD.reshape(e, -1, d), *weights).reshape(x_SD.shape)
-        return jnp.sum(combine_rows(y_SD, tc.gate_NK, layout.row_NK, layout.keep_NK,
-                                    layout.token_S, layout.assign_S, layout.valid_S))
+        return jnp.sum(
+            combine_rows(
+                y_SD,
+                tc.gate_NK,
+                layout.row_NK,
+                layout.keep_NK,
+                layout.token_S,
+                layout.assign_S,
+                layout.valid_S,
+            )
+        )
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x_ND)
 
@@ -116,8 +125,15 @@ def _router_fn(s: dict, e: int):
         logits_NE = router_matmul(x_ND, router_DE)
         tc = routing.SoftmaxTopKRouter()(logits_NE, None, top_k=TOP_K, renormalize=True)
         load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e)
-        aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True, drop_fraction=0.0,
-                                 aux_loss_weight=1e-2, z_loss_weight=1e-3)
+        aux = routing.router_aux(
+            logits_NE,
+            tc.probs_NE,
+            load_E,
+            balance=True,
+            drop_fraction=0.0,
+            aux_loss_weight=1e-2,
+            z_loss_weight=1e-3,
+        )
         return jnp.sum(tc.gate_NK) + aux["aux_loss"] + aux["router_entropy"]
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (router_DE, x_ND)
@@ -128,9 +144,17 @@ def run(quick: bool = False) -> dict:
     iters = 2 if quick else 7
     bandwidth_start = copy_bandwidth_gbs(16 if quick else 256)
     x_BTD = jax.random.normal(jax.random.PRNGKey(0), (s["batch"], s["seq"], s["d_model"]))
-    base = ModelConfig(d_model=s["d_model"], ffn="moe", moe=MoEConfig(
-        top_k=TOP_K, expert_hidden=s["hidden"], router="softmax_topk",
-        capacity_factor=CAPACITY_FACTOR, router_jitter=0.0))
+    base = ModelConfig(
+        d_model=s["d_model"],
+        ffn="moe",
+        moe=MoEConfig(
+            top_k=TOP_K,
+            expert_hidden=s["hidden"],
+            router="softmax_topk",
+            capacity_factor=CAPACITY_FACTOR,
+            router_jitter=0.0,
+        ),
+    )
     # (row label, jitted fn, args): built and compiled in the first round
     cases: dict[tuple, tuple] = {}
     # the dense baseline gets 2-D [N, D] input: on CPU, SwiGLU on [B, T, D] is slower
@@ -142,8 +166,9 @@ def run(quick: bool = False) -> dict:
         for dispatch in ("capacity", "dropless", "reference"):
             if dispatch == "reference" and e > REFERENCE_MAX_E:
                 continue  # every expert on every token: E/k times the work
-            cfg = dataclasses.replace(base, moe=dataclasses.replace(
-                base.moe, num_experts=e, dispatch=dispatch))
+            cfg = dataclasses.replace(
+                base, moe=dataclasses.replace(base.moe, num_experts=e, dispatch=dispatch)
+            )
             fn, params = _grad_fn(MoE(cfg, rngs=nnx.Rngs(0)), True)
             cases[("MoE", e, dispatch)] = (fn, (params, x_BTD))
     e_lo, e_hi = s["experts"][0], s["experts"][-1]
@@ -163,8 +188,10 @@ def run(quick: bool = False) -> dict:
             t = time_fn(fn, *args, warmup=1 if ref else 2, iters=1 if ref else iters)
             times[key] = min(t, times.get(key, t))
     t_dense = times[("dense SwiGLU", 0, "-")]
-    rows = [{"layer": k[0], "experts": k[1], "dispatch": k[2], "time_s": t, "vs_dense": t / t_dense}
-            for k, t in times.items()]
+    rows = [
+        {"layer": k[0], "experts": k[1], "dispatch": k[2], "time_s": t, "vs_dense": t / t_dense}
+        for k, t in times.items()
+    ]
     times = {(k[2], k[1]): t for k, t in times.items()}
     # the targets: medians of back-to-back pairs (drift cancels within a pair)
     n_pairs = 3 if quick else 7
@@ -174,56 +201,79 @@ def run(quick: bool = False) -> dict:
 
     dense_key = ("dense SwiGLU", 0, "-")
     targets = [
-        target(f"capacity time(E={e_hi})/time(E={e_lo})",
-               ratio(("MoE", e_hi, "capacity"), ("MoE", e_lo, "capacity")), 1.3),
-        target(f"dropless time(E={e_hi})/time(E={e_lo})",
-               ratio(("MoE", e_hi, "dropless"), ("MoE", e_lo, "dropless")), 1.6),
+        target(
+            f"capacity time(E={e_hi})/time(E={e_lo})",
+            ratio(("MoE", e_hi, "capacity"), ("MoE", e_lo, "capacity")),
+            1.3,
+        ),
+        target(
+            f"dropless time(E={e_hi})/time(E={e_lo})",
+            ratio(("MoE", e_hi, "dropless"), ("MoE", e_lo, "dropless")),
+            1.6,
+        ),
         target(f"capacity(E={e_lo})/dense", ratio(("MoE", e_lo, "capacity"), dense_key), 1.4),
     ]
     floor_ratio = ratio(("matmul floor", e_hi, "balanced"), ("matmul floor", e_lo, "balanced"))
     ideal_ratio = ratio(("ideal layer", e_hi, "balanced"), ("ideal layer", e_lo, "balanced"))
-    return {"name": "moe", "backend": jax.default_backend(),
-            "shape": {"tokens": s["batch"] * s["seq"], "d_model": s["d_model"],
-                      "expert_hidden": s["hidden"], "top_k": TOP_K,
-                      "capacity_factor": CAPACITY_FACTOR},
-            "results": rows, "targets": targets,
-            "floor_ratio": round(floor_ratio["median"], 4),
-            "ideal_ratio": round(ideal_ratio["median"], 4),
-            "floor_ratio_iqr": [round(floor_ratio["q25"], 4), round(floor_ratio["q75"], 4)],
-            "ideal_ratio_iqr": [round(ideal_ratio["q25"], 4), round(ideal_ratio["q75"], 4)],
-            # what the E=hi/E=lo ratios would be from the table's times (each case's
-            # best median), next to the paired medians the targets use
-            "table_ratios": {d: round(times[(d, e_hi)] / times[(d, e_lo)], 4)
-                             for d in ("capacity", "dropless")},
-            # the router's extra time at E=hi, as a share of the E=lo capacity layer: the
-            # part of the capacity ratio that the router alone adds
-            "router_share": round((times[("f32", e_hi)] - times[("f32", e_lo)])
-                                  / times[("capacity", e_lo)], 4),
-            "copy_bandwidth_gbs": {"start": round(bandwidth_start, 2),
-                                   "end": round(copy_bandwidth_gbs(16 if quick else 256), 2)}}
+    return {
+        "name": "moe",
+        "backend": jax.default_backend(),
+        "shape": {
+            "tokens": s["batch"] * s["seq"],
+            "d_model": s["d_model"],
+            "expert_hidden": s["hidden"],
+            "top_k": TOP_K,
+            "capacity_factor": CAPACITY_FACTOR,
+        },
+        "results": rows,
+        "targets": targets,
+        "floor_ratio": round(floor_ratio["median"], 4),
+        "ideal_ratio": round(ideal_ratio["median"], 4),
+        "floor_ratio_iqr": [round(floor_ratio["q25"], 4), round(floor_ratio["q75"], 4)],
+        "ideal_ratio_iqr": [round(ideal_ratio["q25"], 4), round(ideal_ratio["q75"], 4)],
+        # what the E=hi/E=lo ratios would be from the table's times (each case's
+        # best median), next to the paired medians the targets use
+        "table_ratios": {d: round(times[(d, e_hi)] / times[(d, e_lo)], 4) for d in ("capacity", "dropless")},
+        # the router's extra time at E=hi, as a share of the E=lo capacity layer: the
+        # part of the capacity ratio that the router alone adds
+        "router_share": round((times[("f32", e_hi)] - times[("f32", e_lo)]) / times[("capacity", e_lo)], 4),
+        "copy_bandwidth_gbs": {
+            "start": round(bandwidth_start, 2),
+            "end": round(copy_bandwidth_gbs(16 if quick else 256), 2),
+        },
+    }
 
 
 def main_print(result: dict) -> None:
     sh = result["shape"]
-    print(f"MoE layer fwd+bwd on {result['backend']}: {sh['tokens']} tokens, d={sh['d_model']}, "
-          f"F={sh['expert_hidden']}, k={sh['top_k']}, cf={sh['capacity_factor']}")
+    print(
+        f"MoE layer fwd+bwd on {result['backend']}: {sh['tokens']} tokens, d={sh['d_model']}, "
+        f"F={sh['expert_hidden']}, k={sh['top_k']}, cf={sh['capacity_factor']}"
+    )
     print(f"  {'layer':<14}{'E':>5}  {'dispatch':<10}{'time (ms)':>11}{'x dense':>9}")
     for r in result["results"]:
         rel = f"{r['vs_dense']:.2f}" if "vs_dense" in r else "1.00"
-        print(f"  {r['layer']:<14}{r['experts']:>5}  {r['dispatch']:<10}"
-              f"{1e3 * r['time_s']:>11.1f}{rel:>9}")
+        print(f"  {r['layer']:<14}{r['experts']:>5}  {r['dispatch']:<10}{1e3 * r['time_s']:>11.1f}{rel:>9}")
     fi, ii = result["floor_ratio_iqr"], result["ideal_ratio_iqr"]
-    print(f"  matmul floor time(E=hi)/time(E=lo): {result['floor_ratio']} [{fi[0]}-{fi[1]}] "
-          "(balanced expert SwiGLU alone, no routing or dispatch)")
-    print(f"  ideal layer time(E=hi)/time(E=lo): {result['ideal_ratio']} [{ii[0]}-{ii[1]}] "
-          "(real router, sort, gather and combine; experts as if perfectly balanced, no "
-          "padding: a lower bound for the ratios below)")
-    print(f"  router alone (f32 logits, softmax, top-k, aux losses), E=hi minus E=lo: "
-          f"{result['router_share']:+.3f} of the E=lo capacity layer's time")
+    print(
+        f"  matmul floor time(E=hi)/time(E=lo): {result['floor_ratio']} [{fi[0]}-{fi[1]}] "
+        "(balanced expert SwiGLU alone, no routing or dispatch)"
+    )
+    print(
+        f"  ideal layer time(E=hi)/time(E=lo): {result['ideal_ratio']} [{ii[0]}-{ii[1]}] "
+        "(real router, sort, gather and combine; experts as if perfectly balanced, no "
+        "padding: a lower bound for the ratios below)"
+    )
+    print(
+        f"  router alone (f32 logits, softmax, top-k, aux losses), E=hi minus E=lo: "
+        f"{result['router_share']:+.3f} of the E=lo capacity layer's time"
+    )
     tr, bw = result["table_ratios"], result["copy_bandwidth_gbs"]
-    print(f"  from the table's times: capacity {tr['capacity']}, dropless {tr['dropless']}; "
-          f"memory copy bandwidth {bw['start']} GB/s at start, {bw['end']} at end (neighbours "
-          "on a shared host take it; the largest E streams its expert weights 3x per step)")
+    print(
+        f"  from the table's times: capacity {tr['capacity']}, dropless {tr['dropless']}; "
+        f"memory copy bandwidth {bw['start']} GB/s at start, {bw['end']} at end (neighbours "
+        "on a shared host take it; the largest E streams its expert weights 3x per step)"
+    )
     print("  targets: medians of back-to-back pairs [middle half of the pairs]")
     print_targets(result["targets"])
 

@@ -28,8 +28,14 @@ from moe_lab.train.step import make_train_step
 
 def _config(d_model, layers, heads, kv, seq, batch, mlp_hidden=0) -> Config:
     cfg = Config(
-        model=ModelConfig(d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                          mlp_hidden=mlp_hidden, max_seq_len=seq),
+        model=ModelConfig(
+            d_model=d_model,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv,
+            mlp_hidden=mlp_hidden,
+            max_seq_len=seq,
+        ),
         data=DataConfig(seq_len=seq, mixture="arith:1"),
         train=TrainConfig(steps=1000, batch_size=batch, warmup_steps=10),
         mesh=MeshConfig(data=1),
@@ -41,18 +47,21 @@ def _random_batch(cfg: Config, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     B, T, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
     tokens = rng.integers(3, V, size=(B, T + 1), dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "weights": np.ones((B, T), np.float32), "answer_mask": np.zeros((B, T), np.float32),
-            "segment_ids": np.ones((B, T), np.int32),
-            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-            "task_ids": np.zeros((B, T), np.int32)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": np.ones((B, T), np.float32),
+        "answer_mask": np.zeros((B, T), np.float32),
+        "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+        "task_ids": np.zeros((B, T), np.int32),
+    }
 
 
 def _jitted_step(cfg: Config):
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
     setup = make_setup(cfg, mesh)
-    step = jax.jit(make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule),
-                   donate_argnums=0)
+    step = jax.jit(make_train_step(setup.graphdef, setup.tx, cfg, 1, setup.schedule), donate_argnums=0)
     return setup, step
 
 
@@ -69,8 +78,13 @@ def measure_throughput(cfg: Config, peak: float, iters: int) -> dict:
     dt = time_fn(run, warmup=2, iters=iters)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     fl = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-    return {"step_seconds": dt, "tokens_per_sec": tokens / dt, "flops_per_step": fl,
-            "mfu": fl / dt / peak, "params": flops.param_counts(cfg.model)["total"]}
+    return {
+        "step_seconds": dt,
+        "tokens_per_sec": tokens / dt,
+        "flops_per_step": fl,
+        "mfu": fl / dt / peak,
+        "params": flops.param_counts(cfg.model)["total"],
+    }
 
 
 def compile_seconds(cfg: Config) -> float:
@@ -110,9 +124,9 @@ def main_print(r: dict) -> None:
     print(f"train-step benchmark on {r['backend']}; matmul peak {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     for k in ("tiny", "small_dense"):
         x = r[k]
-        print(f"  {k:<12} {x['params'] / 1e6:7.2f}M params  {x['step_seconds'] * 1e3:8.1f} ms/step  "
-              f"{x['tokens_per_sec']:9.0f} tok/s  MFU {100 * x['mfu']:.1f}%")
+        print(
+            f"  {k:<12} {x['params'] / 1e6:7.2f}M params  {x['step_seconds'] * 1e3:8.1f} ms/step  "
+            f"{x['tokens_per_sec']:9.0f} tok/s  MFU {100 * x['mfu']:.1f}%"
+        )
     print("  compile: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["compile_seconds"].items()))
     print_targets(r["targets"])
-
-

@@ -10,7 +10,8 @@ from moe_lab.bench import run_benchmark
 
 def add_bench_parser(subparsers):
     b = subparsers.add_parser(
-        "bench", help="benchmarks: train-step, moe, decode, growth, data, interop, attention")
+        "bench", help="benchmarks: train-step, moe, decode, growth, data, interop, attention"
+    )
     b.add_argument("name")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")

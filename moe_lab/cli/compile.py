@@ -27,18 +27,21 @@ from moe_lab.parallel.topology import compile_devices, parse_topology
 
 
 def add_compile_parser(subparsers):
-    c = subparsers.add_parser("compile", help="AOT-compile a run for a TPU topology: memory, "
-                                              "collectives, kernels, FLOPs per chip")
+    c = subparsers.add_parser(
+        "compile", help="AOT-compile a run for a TPU topology: memory, collectives, kernels, FLOPs per chip"
+    )
     c.add_argument("--config")
     c.add_argument("--workdir", help="compile the run in DIR (its config.json)")
-    c.add_argument("--topology", help="v5p:4x4x8, v5p-256, v6e:16x16, ... (default: this "
-                                      "host's devices)")
+    c.add_argument("--topology", help="v5p:4x4x8, v5p-256, v6e:16x16, ... (default: this host's devices)")
     c.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN")
-    c.add_argument("--allow-resize", action="store_true",
-                   help="compile for a topology whose device count differs from the config's "
-                        "mesh.plan_devices")
-    c.add_argument("--programs", default=",".join(PROGRAMS),
-                   help=f"comma-separated subset of {','.join(PROGRAMS)}")
+    c.add_argument(
+        "--allow-resize",
+        action="store_true",
+        help="compile for a topology whose device count differs from the config's mesh.plan_devices",
+    )
+    c.add_argument(
+        "--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {','.join(PROGRAMS)}"
+    )
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(fn=cmd_compile)
     return c
@@ -65,8 +68,7 @@ def cmd_compile(args, overrides) -> int:
     cfg = config_from_args(args, overrides)
     programs = tuple(p for p in args.programs.split(",") if p)
     if not programs or set(programs) - set(PROGRAMS):
-        raise ConfigError(f"--programs {args.programs!r}: a comma-separated subset of "
-                          f"{','.join(PROGRAMS)}")
+        raise ConfigError(f"--programs {args.programs!r}: a comma-separated subset of {','.join(PROGRAMS)}")
     devices, where = target_devices(cfg, args.topology, args.num_slices, args.allow_resize)
     result: CompileResult = compile_run(cfg, devices, programs)
     if args.json:

@@ -16,16 +16,22 @@ def summarize(workdir: str) -> str:
     eval_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
     if not train_rows:
         raise SystemExit(f"no metrics in {workdir}")
-    lines = [f"run {workdir}: {train_rows[-1]['step']} steps, "
-             f"{train_rows[-1]['tokens_seen']:.3g} tokens, {train_rows[-1]['flops_spent']:.3g} FLOPs"]
+    lines = [
+        f"run {workdir}: {train_rows[-1]['step']} steps, "
+        f"{train_rows[-1]['tokens_seen']:.3g} tokens, {train_rows[-1]['flops_spent']:.3g} FLOPs"
+    ]
     for r in (train_rows[0], train_rows[len(train_rows) // 2], train_rows[-1]):
         tasks = " ".join(f"{k[5:]}={v:.3f}" for k, v in r.items() if k.startswith("loss/"))
-        lines.append(f"  step {r['step']:>5}: loss {r['loss']:.4f} ({tasks}) "
-                     f"{r['tokens_per_sec']:.0f} tok/s MFU {100 * r['mfu']:.1f}%")
+        lines.append(
+            f"  step {r['step']:>5}: loss {r['loss']:.4f} ({tasks}) "
+            f"{r['tokens_per_sec']:.0f} tok/s MFU {100 * r['mfu']:.1f}%"
+        )
     if eval_rows:
         last = eval_rows[-1]
-        lines.append(f"  eval @ {last['step']}: " + json.dumps(
-            {k[5:]: round(v, 3) for k, v in last.items() if k.startswith("eval/")}))
+        lines.append(
+            f"  eval @ {last['step']}: "
+            + json.dumps({k[5:]: round(v, 3) for k, v in last.items() if k.startswith("eval/")})
+        )
     try:
         import matplotlib
 

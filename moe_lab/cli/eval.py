@@ -44,11 +44,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (--data)")
     e.add_argument("--limit", type=int, default=None, help="score only the first N rows (--data)")
     e.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (--data)")
-    e.add_argument("--num-examples", type=int, default=None,
-                   help="prompts per built-in task (default: the run's eval.num_examples)")
+    e.add_argument(
+        "--num-examples",
+        type=int,
+        default=None,
+        help="prompts per built-in task (default: the run's eval.num_examples)",
+    )
     e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
-    e.add_argument("--ttc", action="store_true",
-                   help="test-time compute: majority/coverage@k and budget forcing tables")
+    e.add_argument(
+        "--ttc", action="store_true", help="test-time compute: majority/coverage@k and budget forcing tables"
+    )
     e.add_argument("--ttc-n", type=int, default=16, help="samples per prompt (--ttc)")
     e.add_argument("--ttc-prompts", type=int, default=32, help="prompts (--ttc)")
     e.add_argument("--ttc-task", default="", help="task (--ttc; default arith if trained)")
@@ -58,13 +63,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--ttc-waits", default="0,1,2,4", help="'Wait' counts N (--ttc)")
     e.add_argument("--ttc-depths", default="", help="recursion depths (--ttc, MoR models)")
     e.add_argument("--ttc-seed", type=int, default=0, help="sampling seed (--ttc)")
-    e.add_argument("--lm-eval", default=None, metavar="TASK[,TASK]",
-                   help="lm-evaluation-harness tasks (offline: configs/lm_eval/, --include-path)")
+    e.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASK[,TASK]",
+        help="lm-evaluation-harness tasks (offline: configs/lm_eval/, --include-path)",
+    )
     e.add_argument("--include-path", default=None, help="more lm-eval task YAMLs (--lm-eval)")
     e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (--lm-eval)")
-    e.add_argument("--lm-eval-data", default="", metavar="TASK=FILE[,TASK=FILE]",
-                   help="local data file of a shipped task (--lm-eval; default "
-                        "data/lm_eval/<name>.jsonl)")
+    e.add_argument(
+        "--lm-eval-data",
+        default="",
+        metavar="TASK=FILE[,TASK=FILE]",
+        help="local data file of a shipped task (--lm-eval; default data/lm_eval/<name>.jsonl)",
+    )
     e.add_argument("--batch-size", type=int, default=8, help="sequences per batch (--lm-eval)")
     e.set_defaults(fn=cmd_eval)
     return e
@@ -92,19 +104,26 @@ def cmd_eval(args, overrides: dict | None = None) -> int:
         if args.data is not None or overrides:
             raise ConfigError("eval --ttc takes neither --data nor --config overrides")
 
-        ttc = ttc_config_from({"n": args.ttc_n, "num_prompts": args.ttc_prompts,
-                               "task": args.ttc_task, "temperature": args.ttc_temperature,
-                               "top_p": args.ttc_top_p, "budgets": args.ttc_budgets,
-                               "waits": args.ttc_waits, "depths": args.ttc_depths,
-                               "seed": args.ttc_seed})
+        ttc = ttc_config_from(
+            {
+                "n": args.ttc_n,
+                "num_prompts": args.ttc_prompts,
+                "task": args.ttc_task,
+                "temperature": args.ttc_temperature,
+                "top_p": args.ttc_top_p,
+                "budgets": args.ttc_budgets,
+                "waits": args.ttc_waits,
+                "depths": args.ttc_depths,
+                "seed": args.ttc_seed,
+            }
+        )
         result = evaluate_ttc(args.workdir, args.step, ttc=ttc)
     elif args.data is None:
         if args.shots or args.limit is not None:
             raise ConfigError("eval: --shots and --limit need --data FILE.jsonl")
         eval_cfg = eval_config_from(args.workdir, overrides or {})
 
-        result = evaluate(args.workdir, args.step, num_examples=args.num_examples,
-                          eval_cfg=eval_cfg)
+        result = evaluate(args.workdir, args.step, num_examples=args.num_examples, eval_cfg=eval_cfg)
     else:
         if overrides:
             raise ConfigError("eval --data takes no --config overrides")
@@ -113,8 +132,14 @@ def cmd_eval(args, overrides: dict | None = None) -> int:
         if args.shots < 0:
             raise ConfigError(f"eval: --shots must be >= 0, got {args.shots}")
         shot_indices(len(items), 0, args.shots)
-        result = run_harness(args.workdir, args.data, shots=args.shots, step=args.step,
-                             limit=args.limit, max_new_tokens=args.max_new_tokens)
+        result = run_harness(
+            args.workdir,
+            args.data,
+            shots=args.shots,
+            step=args.step,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+        )
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
     return 0
@@ -141,11 +166,19 @@ def _cmd_lm_eval(args, overrides: dict) -> int:
     try:
         from moe_lab.eval.lm_eval_model import run_lm_eval  # optional extra
     except ImportError as e:
-        raise ConfigError(f"eval --lm-eval needs lm-evaluation-harness: pip install "
-                          f"'moe_lab[eval]' ({e})") from None
-    result = run_lm_eval(args.workdir, tasks, step=args.step, include_path=args.include_path,
-                         limit=args.limit, num_fewshot=args.num_fewshot,
-                         batch_size=args.batch_size, data=data)
+        raise ConfigError(
+            f"eval --lm-eval needs lm-evaluation-harness: pip install 'moe_lab[eval]' ({e})"
+        ) from None
+    result = run_lm_eval(
+        args.workdir,
+        tasks,
+        step=args.step,
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        data=data,
+    )
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}))
     return 0

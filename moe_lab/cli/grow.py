@@ -38,23 +38,32 @@ def add_grow_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--depth-factor", type=int, default=None)
     g.add_argument("--keep-first", type=int, default=None, help="first N layers stay single")
     g.add_argument("--keep-last", type=int, default=None, help="last N layers stay single")
-    g.add_argument("--zero-copies", action="store_true", default=None,
-                   help="zero the output projections of the copies (function-preserving)")
+    g.add_argument(
+        "--zero-copies",
+        action="store_true",
+        default=None,
+        help="zero the output projections of the copies (function-preserving)",
+    )
     g.add_argument("--width-factor", type=int, default=None)
     g.add_argument("--noise", type=float, default=None, help="relative noise on copies (0.01)")
     g.add_argument("--width-layout", choices=("append", "interleave"), default=None)
-    g.add_argument("--width-init", choices=WIDTH_INITS, default=None,
-                   help="copy (the paper's method); random_router: the released code's baseline "
-                        "(whole router redrawn, experts copied); random_experts: the paper "
-                        "text's (new experts and their router columns drawn fresh)")
+    g.add_argument(
+        "--width-init",
+        choices=WIDTH_INITS,
+        default=None,
+        help="copy (the paper's method); random_router: the released code's baseline "
+        "(whole router redrawn, experts copied); random_experts: the paper "
+        "text's (new experts and their router columns drawn fresh)",
+    )
     only = g.add_mutually_exclusive_group()
     only.add_argument("--only-e", action="store_true", default=None, help="grow experts, not top-k")
     only.add_argument("--only-k", action="store_true", default=None, help="grow top-k, not experts")
     g.add_argument("--order", choices=("depth,width", "width,depth"), default="depth,width")
     g.add_argument("--opt-state", choices=("reset", "grow"), default="reset")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the logits check against the parent")
+    g.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip the logits check against the parent"
+    )
     g.set_defaults(fn=cmd_grow)
     return g
 
@@ -62,28 +71,40 @@ def add_grow_parser(subparsers) -> argparse.ArgumentParser:
 def options_from_args(args) -> GrowOptions:
     """The flags as GrowOptions: any depth flag turns depth growth on, any width flag
     width growth; the rest take GrowOptions' defaults."""
-    depth = {"method": args.depth, "factor": args.depth_factor, "keep_first": args.keep_first,
-             "keep_last": args.keep_last, "zero_copies": args.zero_copies}
-    width = {"factor": args.width_factor, "noise": args.noise, "layout": args.width_layout,
-             "init": args.width_init, "grow_e": None if args.only_k is None else not args.only_k,
-             "grow_k": None if args.only_e is None else not args.only_e}
+    depth = {
+        "method": args.depth,
+        "factor": args.depth_factor,
+        "keep_first": args.keep_first,
+        "keep_last": args.keep_last,
+        "zero_copies": args.zero_copies,
+    }
+    width = {
+        "factor": args.width_factor,
+        "noise": args.noise,
+        "layout": args.width_layout,
+        "init": args.width_init,
+        "grow_e": None if args.only_k is None else not args.only_k,
+        "grow_k": None if args.only_e is None else not args.only_e,
+    }
 
     def given(kw):
         return {k: v for k, v in kw.items() if v is not None}
 
     if not given(depth) and not given(width):
         raise ConfigError("grow: nothing to grow (give --depth ... and/or --width-factor ...)")
-    return GrowOptions(depth=DepthGrowth(**given(depth)) if given(depth) else None,
-                       width=WidthGrowth(**given(width)) if given(width) else None,
-                       order=tuple(args.order.split(",")), opt_state=args.opt_state,
-                       seed=args.seed)
+    return GrowOptions(
+        depth=DepthGrowth(**given(depth)) if given(depth) else None,
+        width=WidthGrowth(**given(width)) if given(width) else None,
+        order=tuple(args.order.split(",")),
+        opt_state=args.opt_state,
+        seed=args.seed,
+    )
 
 
 def cmd_grow(args, overrides: dict | None = None) -> int:
     """Entry point for `moe-lab grow` (cli.main calls fn(args, overrides))."""
     if overrides:
         raise ConfigError("grow takes no --config overrides (set them at train time)")
-    grow_run(args.from_dir, args.to_dir, options_from_args(args), step=args.step,
-             verify=args.verify)
+    grow_run(args.from_dir, args.to_dir, options_from_args(args), step=args.step, verify=args.verify)
     print(f"continue with: moe-lab train --workdir {args.to_dir} [--config.train.steps=N ...]")
     return 0

@@ -22,8 +22,9 @@ from moe_lab.interop.hf_import import import_hf
 
 def add_import_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("import", help="a HF transformers checkpoint -> a moe_lab run")
-    p.add_argument("--hf", required=True, help="HF model directory (config.json, safetensors, "
-                                                "tokenizer.json)")
+    p.add_argument(
+        "--hf", required=True, help="HF model directory (config.json, safetensors, tokenizer.json)"
+    )
     p.add_argument("--to", dest="to_dir", required=True, help="new run directory")
     p.set_defaults(fn=run_import)
     return p

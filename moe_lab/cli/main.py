@@ -26,9 +26,20 @@ from moe_lab.config.schema import ConfigError
 from moe_lab.parallel.host_allocator import tune_host_allocator
 from moe_lab.parallel.topology import quiet_libtpu_on_cpu_host
 
-COMMANDS = (add_train_parser, add_info_parser, add_compile_parser, add_grow_parser, add_eval_parser,
-            add_sweep_parser, add_rl_parser, add_bench_parser, add_tokenizer_parser,
-            add_prepare_parser, add_import_parser, add_export_parser)
+COMMANDS = (
+    add_train_parser,
+    add_info_parser,
+    add_compile_parser,
+    add_grow_parser,
+    add_eval_parser,
+    add_sweep_parser,
+    add_rl_parser,
+    add_bench_parser,
+    add_tokenizer_parser,
+    add_prepare_parser,
+    add_import_parser,
+    add_export_parser,
+)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -17,8 +17,7 @@ from moe_lab.data.tokenizer_train import train_bpe
 
 def _input_flags(p, required: bool = True) -> None:
     p.add_argument("--input", required=required, help="glob(s), comma-separated")
-    p.add_argument("--format", choices=FORMATS, default=None,
-                   help="default: from each file's extension")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from each file's extension")
     p.add_argument("--field", default="text", help="the text field of jsonl / parquet rows")
 
 
@@ -28,11 +27,16 @@ def add_prepare_parser(subparsers):
     p.add_argument("--tokenizer", default="byte", help="byte | tokenizer.json | NAME.model")
     p.add_argument("--out", default=None, help="the corpus directory (new, or one to resume)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--heldout", type=float, default=0.001,
-                   help="share of documents held out for the eval loss")
-    p.add_argument("--verify", default=None, metavar="DIR",
-                   help="instead: read every record of the prepared corpus DIR and check "
-                        "its chunk hashes and meta.json's counts")
+    p.add_argument(
+        "--heldout", type=float, default=0.001, help="share of documents held out for the eval loss"
+    )
+    p.add_argument(
+        "--verify",
+        default=None,
+        metavar="DIR",
+        help="instead: read every record of the prepared corpus DIR and check "
+        "its chunk hashes and meta.json's counts",
+    )
     p.set_defaults(fn=cmd_prepare)
     return p
 
@@ -55,14 +59,23 @@ def cmd_prepare(args, overrides) -> int:
         if args.input or args.out:
             raise ConfigError("prepare --verify DIR takes no --input / --out")
         read = verify_corpus(args.verify)
-        print(f"verify: {args.verify} is intact: {read['documents']:,} documents, "
-              f"{read['tokens']:,} tokens (+ held out {read['heldout_documents']:,} documents, "
-              f"{read['heldout_tokens']:,} tokens), every record read")
+        print(
+            f"verify: {args.verify} is intact: {read['documents']:,} documents, "
+            f"{read['tokens']:,} tokens (+ held out {read['heldout_documents']:,} documents, "
+            f"{read['heldout_tokens']:,} tokens), every record read"
+        )
         return 0
     if not args.input or not args.out:
         raise ConfigError("prepare needs --input and --out (or --verify DIR)")
-    prepare(args.input, args.tokenizer, args.out, fmt=args.format, field=args.field,
-            workers=args.workers, heldout=args.heldout)
+    prepare(
+        args.input,
+        args.tokenizer,
+        args.out,
+        fmt=args.format,
+        field=args.field,
+        workers=args.workers,
+        heldout=args.heldout,
+    )
     return 0
 
 

@@ -25,11 +25,16 @@ def add_rl_parser(subparsers) -> argparse.ArgumentParser:
     r = subparsers.add_parser("rl", help="GRPO post-training with verifiable rewards")
     r.add_argument("--from", dest="src", required=True, help="the run to start from")
     r.add_argument("--to", dest="dst", required=True, help="new run directory (or one to resume)")
-    r.add_argument("--config", default=None,
-                   help="GRPO config file, path.py[:arg] (default: GRPOConfig defaults)")
+    r.add_argument(
+        "--config", default=None, help="GRPO config file, path.py[:arg] (default: GRPOConfig defaults)"
+    )
     r.add_argument("--step", type=int, default=None, help="checkpoint of --from (default: latest)")
-    r.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps of this invocation (resume later)")
+    r.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many steps of this invocation (resume later)",
+    )
     r.set_defaults(fn=cmd_rl)
     return r
 

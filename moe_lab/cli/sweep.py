@@ -1,5 +1,4 @@
-"""`moe-lab sweep` (and `python -m moe_lab.cli.sweep`, the sweep's child processes).
-"""
+"""`moe-lab sweep` (and `python -m moe_lab.cli.sweep`, the sweep's child processes)."""
 
 from __future__ import annotations
 
@@ -24,30 +23,53 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--workdir", required=True, help="sweep directory")
     s.add_argument("--shard", default=None, help="I/N: run every N-th point starting at I")
     s.add_argument("--dry-run", action="store_true", help="print the equivalent commands")
-    s.add_argument("--isolate", choices=("subprocess", "inprocess"), default="subprocess",
-                   help="run each point in a child process (default) or in this one")
+    s.add_argument(
+        "--isolate",
+        choices=("subprocess", "inprocess"),
+        default="subprocess",
+        help="run each point in a child process (default) or in this one",
+    )
     s.add_argument("--point", default=None, help="run only this point, in this process")
     s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    s.add_argument("--compile", metavar="TOPOLOGY", default=None,
-                   help="compile every point for this TPU topology (v5p-256, v6e:16x16, ...) "
-                        "and write SWEEP/compile_plan.jsonl instead of running")
+    s.add_argument(
+        "--compile",
+        metavar="TOPOLOGY",
+        default=None,
+        help="compile every point for this TPU topology (v5p-256, v6e:16x16, ...) "
+        "and write SWEEP/compile_plan.jsonl instead of running",
+    )
     s.add_argument("--num-slices", type=int, default=1, help="with --compile: slices over DCN")
-    s.add_argument("--allow-resize", action="store_true",
-                   help="with --compile: points whose mesh.plan_devices differ from the topology")
+    s.add_argument(
+        "--allow-resize",
+        action="store_true",
+        help="with --compile: points whose mesh.plan_devices differ from the topology",
+    )
     s.set_defaults(fn=cmd_sweep)
     return s
 
 
 def cmd_sweep(args, overrides) -> int:
     if args.compile:
-        rows = compile_sweep(args.config, args.workdir, args.compile, num_slices=args.num_slices,
-                             overrides=overrides, allow_resize=args.allow_resize)
+        rows = compile_sweep(
+            args.config,
+            args.workdir,
+            args.compile,
+            num_slices=args.num_slices,
+            overrides=overrides,
+            allow_resize=args.allow_resize,
+        )
         return 0 if all(r["fits"] for r in rows) else 1
-    status = run_sweep(args.config, args.workdir, overrides=overrides,
-                       shard=parse_shard(args.shard), dry_run=args.dry_run,
-                       isolate=args.isolate, only=args.point, child=args.child)
-    if not args.dry_run and args.point is None and os.path.isfile(
-            os.path.join(args.workdir, RESULTS)):
+    status = run_sweep(
+        args.config,
+        args.workdir,
+        overrides=overrides,
+        shard=parse_shard(args.shard),
+        dry_run=args.dry_run,
+        isolate=args.isolate,
+        only=args.point,
+        child=args.child,
+    )
+    if not args.dry_run and args.point is None and os.path.isfile(os.path.join(args.workdir, RESULTS)):
         print(format_results(load_results(args.workdir)))
     return 1 if status["failed"] else 0
 

@@ -1,8 +1,8 @@
 """`moe-lab train`: train or resume the run in --workdir, then evaluate it at the end.
 
-    moe-lab train --config configs/tiny.py --workdir runs/tiny [--config.a.b=V ...]
-    moe-lab train --workdir runs/tiny --config.train.steps=600     # resume, extended
-    moe-lab train --config configs/sft.py --init-from runs/imported --workdir runs/sft
+moe-lab train --config configs/tiny.py --workdir runs/tiny [--config.a.b=V ...]
+moe-lab train --workdir runs/tiny --config.train.steps=600     # resume, extended
+moe-lab train --config configs/sft.py --init-from runs/imported --workdir runs/sft
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ def add_train_parser(subparsers):
     t = subparsers.add_parser("train", help="train or resume a run (overrides: --config.a.b=V)")
     t.add_argument("--config", help="config file, path.py[:arg]")
     t.add_argument("--workdir", required=True)
-    t.add_argument("--init-from", default=None, metavar="RUN[:STEP]",
-                   help="a new run starts from RUN's weights (its model and tokenizer), fresh "
-                        "optimizer and schedule (SFT; sets train.init_from)")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN[:STEP]",
+        help="a new run starts from RUN's weights (its model and tokenizer), fresh "
+        "optimizer and schedule (SFT; sets train.init_from)",
+    )
     distributed.add_flags(t)
     t.set_defaults(fn=cmd_train)
     return t
@@ -41,18 +45,21 @@ def cmd_train(args, overrides) -> int:
     if overrides.get("train.init_from"):
         taken = sorted(k for k in overrides if k.startswith(_FROM_SOURCE))
         if taken:
-            raise ConfigError(f"--init-from {overrides['train.init_from']} takes the model and "
-                              f"tokenizer of that run; --config.{taken[0]} cannot change them "
-                              "(drop the override, or train from scratch)")
+            raise ConfigError(
+                f"--init-from {overrides['train.init_from']} takes the model and "
+                f"tokenizer of that run; --config.{taken[0]} cannot change them "
+                "(drop the override, or train from scratch)"
+            )
     cfg = config_from_args(args, overrides)
     distributed.initialize(args)
     summary = train(cfg, args.workdir)
     if cfg.eval.at_end and summary["step"] == cfg.train.steps:  # training, then evaluation
-        res = evaluate(args.workdir, summary["step"],
-                       devices="one" if jax.process_count() == 1 else "all")
+        res = evaluate(args.workdir, summary["step"], devices="one" if jax.process_count() == 1 else "all")
         summary.update({f"{g}/{k}": v for g, d in res["groups"].items() for k, v in d.items()})
     if summary.get("process_index", 0) != 0:
         return 0
-    print("summary: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                    for k, v in summary.items()}))
+    print(
+        "summary: "
+        + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
+    )
     return 0

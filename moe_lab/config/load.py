@@ -57,8 +57,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if isinstance(items, (list, tuple)):
             try:
-                return tuple(_coerce(x.strip() if isinstance(x, str) else x, int, key)
-                             for x in items if str(x).strip())
+                return tuple(
+                    _coerce(x.strip() if isinstance(x, str) else x, int, key) for x in items if str(x).strip()
+                )
             except ConfigError:
                 pass
         raise ConfigError(f"config key '{key}': expected integers ('2,4,8'), got {value!r}")
@@ -92,9 +93,7 @@ def from_dict(cls, d: Any, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in d:
         if k not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})"
-            )
+            raise ConfigError(f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})")
     kwargs = {}
     for name in names:
         if name not in d:
@@ -117,8 +116,9 @@ def _load_module(path: str) -> types.ModuleType:
     except SyntaxError as e:  # one line naming file:line, not a traceback
         raise ConfigError(f"config file {e.filename or path}:{e.lineno}: {e.msg}") from None
     except Exception as e:  # an error raised while the file's top level runs
-        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
-                     if f.filename == path), "?")
+        line = next(
+            (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?"
+        )
         raise ConfigError(f"config file {path}:{line}: {type(e).__name__}: {e}") from None
     return module
 
@@ -162,9 +162,7 @@ def _check_key_in_schema(parts: list[str], key: str) -> None:
     for i, p in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if p not in fields:
-            raise ConfigError(
-                f"unknown config key '{key}' ('{p}' not in {', '.join(sorted(fields))})"
-            )
+            raise ConfigError(f"unknown config key '{key}' ('{p}' not in {', '.join(sorted(fields))})")
         typ = typing.get_type_hints(cls)[p]
         if i < len(parts) - 1:
             if not dataclasses.is_dataclass(typ):
@@ -187,8 +185,9 @@ def run_config_dict(path: str) -> dict:
         try:
             raw = json.load(f)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                              "was it cut short?") from e
+            raise ConfigError(
+                f"{path} is not valid JSON ({e.msg} at line {e.lineno}); was it cut short?"
+            ) from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} does not hold a config (a JSON object)")
     return stored_meaning(raw)
@@ -218,7 +217,7 @@ def parse_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     while i < len(argv):
         a = argv[i]
         if a.startswith("--config."):
-            body = a[len("--config."):]
+            body = a[len("--config.") :]
             if "=" in body:
                 k, v = body.split("=", 1)
             else:

@@ -286,8 +286,7 @@ class MeshConfig:
         if -1 in sizes:
             if num_devices % known:
                 raise ConfigError(
-                    f"mesh: fixed axes {sizes} (product {known}) do not divide the "
-                    f"{num_devices} devices"
+                    f"mesh: fixed axes {sizes} (product {known}) do not divide the {num_devices} devices"
                 )
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
@@ -433,4 +432,3 @@ def field_choices(root=None) -> dict[str, tuple]:
 
     walk(root or Config, "")
     return out
-

@@ -35,6 +35,7 @@ META = "meta.json"
 @dataclasses.dataclass(frozen=True)
 class Corpus:
     """A prepared corpus directory, checked: its meta.json and every shard's size."""
+
     path: str
     meta: dict
 
@@ -48,8 +49,7 @@ class Corpus:
     def shard_counts(self, split: str) -> list[tuple[str, int]]:
         """(path, documents) of the shards of split that hold any."""
         key = "heldout_documents" if split == "heldout" else "documents"
-        return [(os.path.join(self.path, s[split]), int(s[key])) for s in self.meta["shards"]
-                if s[key] > 0]
+        return [(os.path.join(self.path, s[split]), int(s[key])) for s in self.meta["shards"] if s[key] > 0]
 
     def records(self, split: str) -> ShardRecords:
         return ShardRecords(self.shard_counts(split))
@@ -88,7 +88,8 @@ class ShardRecords:
                 raise CorruptShardError(
                     f"data.corpus: shard {self.paths[shard]} is corrupt (its index lists "
                     f"{len(reader)} records, meta.json says {want}); prepare the corpus "
-                    f"again or restore the file")
+                    f"again or restore the file"
+                )
             self._readers.setdefault(shard, reader)
         return self._readers[shard]
 
@@ -107,7 +108,8 @@ class ShardRecords:
         return CorruptShardError(
             f"data.corpus: shard {self.paths[shard]} is corrupt ({where}: "
             f"{str(e).partition(chr(10))[0][:160]}); prepare the corpus again or restore "
-            f"the file")
+            f"the file"
+        )
 
     def __getstate__(self):  # grain workers reopen their own readers
         return {"paths": self.paths, "starts": self.starts}
@@ -117,7 +119,7 @@ class ShardRecords:
 
 
 def parse_corpora(spec: str) -> list[tuple[str, float]]:
-    """"DIR[:W],DIR[:W]" -> [(DIR, W)] (W defaults to 1)."""
+    """ "DIR[:W],DIR[:W]" -> [(DIR, W)] (W defaults to 1)."""
     out = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         path, _, w = part.rpartition(":") if ":" in part else (part, "", "1")
@@ -139,22 +141,28 @@ def open_corpus(path: str, tok: Tokenizer | None) -> Corpus:
     truncated shard (named)."""
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
-        raise ConfigError(f"data.corpus {path}: no {META} (not a prepared corpus, or its "
-                          f"prepare has not finished; rerun moe-lab prepare)")
+        raise ConfigError(
+            f"data.corpus {path}: no {META} (not a prepared corpus, or its "
+            f"prepare has not finished; rerun moe-lab prepare)"
+        )
     with open(meta_path) as f:
         meta = json.load(f)
     want = meta["tokenizer"]["fingerprint"]
     if tok is not None and want != tok.fingerprint:
-        raise ConfigError(f"data.corpus {path} was prepared with tokenizer {want} "
-                          f"({meta['tokenizer']['source']}); the run's is {tok.fingerprint} "
-                          f"({tok.source})")
+        raise ConfigError(
+            f"data.corpus {path} was prepared with tokenizer {want} "
+            f"({meta['tokenizer']['source']}); the run's is {tok.fingerprint} "
+            f"({tok.source})"
+        )
     for shard in meta["shards"]:
         for split in ("train", "heldout"):
             p = os.path.join(path, shard[split])
             size = os.path.getsize(p) if os.path.isfile(p) else None
             if size != shard["bytes"][split]:
-                raise ConfigError(f"data.corpus: shard {p} is missing or truncated "
-                                  f"({size} bytes, meta.json says {shard['bytes'][split]})")
+                raise ConfigError(
+                    f"data.corpus: shard {p} is missing or truncated "
+                    f"({size} bytes, meta.json says {shard['bytes'][split]})"
+                )
     return Corpus(path, meta)
 
 
@@ -169,8 +177,14 @@ def verify_corpus(path: str, *, progress: bool = True) -> dict:
     width = np.dtype(c.meta["token_dtype"]).itemsize
     read = {"documents": 0, "tokens": 0, "heldout_documents": 0, "heldout_tokens": 0}
     total = c.meta["documents"] + c.meta["heldout_documents"]
-    with tqdm(total=total, desc="verify", unit="doc", disable=not progress or None,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(
+        total=total,
+        desc="verify",
+        unit="doc",
+        disable=not progress or None,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    ) as bar:
         for shard in c.meta["shards"]:
             for split, prefix in (("train", ""), ("heldout", "heldout_")):
                 want = (shard[f"{prefix}documents"], shard[f"{prefix}tokens"])
@@ -182,7 +196,8 @@ def verify_corpus(path: str, *, progress: bool = True) -> dict:
                 if tokens != want[1]:
                     raise CorruptShardError(
                         f"data.corpus: shard {records.paths[0]} holds {tokens} tokens, "
-                        f"meta.json says {want[1]}")
+                        f"meta.json says {want[1]}"
+                    )
                 read[f"{prefix}documents"] += want[0]
                 read[f"{prefix}tokens"] += tokens
                 bar.update(want[0])
@@ -199,14 +214,17 @@ def describe_corpora(spec: str, tok: Tokenizer, run_tokens: int, active_params: 
     corpora = open_corpora(spec, tok)
     total = sum(c.tokens for c, _ in corpora)
     shards = sum(len(c.meta["shards"]) for c, _ in corpora)
-    return (f"corpus: {total:,} tokens in {shards} shards ({len(corpora)} corpora); this run: "
-            f"{run_tokens / max(total, 1):.3g} epochs of it (all mixture entries counted); "
-            f"TPP of the whole corpus {total / max(active_params, 1):.3g}")
+    return (
+        f"corpus: {total:,} tokens in {shards} shards ({len(corpora)} corpora); this run: "
+        f"{run_tokens / max(total, 1):.3g} epochs of it (all mixture entries counted); "
+        f"TPP of the whole corpus {total / max(active_params, 1):.3g}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _RecordDocument:
     """Map: an ArrayRecord record (token bytes) -> {"doc": [n, 4]} (task id, no answer)."""
+
     dtype: str
     task_index: int
 
@@ -217,8 +235,9 @@ class _RecordDocument:
         return {"doc": doc_N4}
 
 
-def corpus_documents(corpora: list[tuple[Corpus, float]], task_index: int, seed: int,
-                     shard_index: int, shard_count: int) -> grain.MapDataset:
+def corpus_documents(
+    corpora: list[tuple[Corpus, float]], task_index: int, seed: int, shard_index: int, shard_count: int
+) -> grain.MapDataset:
     """The infinite, shuffled document stream of the corpora (this host's slice)."""
     streams = []
     for k, (c, _) in enumerate(corpora):
@@ -227,26 +246,31 @@ def corpus_documents(corpora: list[tuple[Corpus, float]], task_index: int, seed:
         source = c.records("train")
         shuffle_seed = stable_hash(f"shuffle/{seed}/corpus/{k}") % 2**32
         ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
-        streams.append(ds[shard_index::shard_count].map(
-            _RecordDocument(c.meta["token_dtype"], task_index)))
+        streams.append(ds[shard_index::shard_count].map(_RecordDocument(c.meta["token_dtype"], task_index)))
     if len(streams) == 1:
         return streams[0]
     return grain.MapDataset.mix(streams, [w for _, w in corpora])
 
 
-def heldout_documents(corpora: list[tuple[Corpus, float]], n: int, task_index: int,
-                      seq_len: int) -> list[dict[str, np.ndarray]]:
+def heldout_documents(
+    corpora: list[tuple[Corpus, float]], n: int, task_index: int, seq_len: int
+) -> list[dict[str, np.ndarray]]:
     """The first n held-out documents (round robin over the corpora), cut to seq_len:
     the eval-loss rows (cycled where the held-out split is smaller)."""
     readers = [(c.records("heldout"), c.meta["token_dtype"]) for c, _ in corpora if c.shard_paths("heldout")]
     if not readers:
-        raise ConfigError("data.corpus: the corpora hold no held-out documents (prepare "
-                          "with --heldout > 0)")
+        raise ConfigError("data.corpus: the corpora hold no held-out documents (prepare with --heldout > 0)")
     out = []
     for i in range(n):
         r, dtype = readers[i % len(readers)]
         record = r[(i // len(readers)) % len(r)]
         doc_N4 = _RecordDocument(dtype, task_index)(record)["doc"][:seq_len]
-        out.append({"inputs": doc_N4[:, 0], "targets": doc_N4[:, 1], "task_ids": doc_N4[:, 2],
-                    "answer_mask": doc_N4[:, 3].astype(np.float32)})
+        out.append(
+            {
+                "inputs": doc_N4[:, 0],
+                "targets": doc_N4[:, 1],
+                "task_ids": doc_N4[:, 2],
+                "answer_mask": doc_N4[:, 3].astype(np.float32),
+            }
+        )
     return out

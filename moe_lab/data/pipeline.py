@@ -51,8 +51,7 @@ from moe_lab.data.tasks.base import Example, Task, stable_hash
 from moe_lab.data.tasks.registry import make_task
 from moe_lab.data.tokenizer import BYTE_TOKENIZER, Tokenizer, load_tokenizer
 
-BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "task_ids",
-                "answer_mask")
+BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "task_ids", "answer_mask")
 # Columns of a document's [n, 4] int32 array. Packing one 2-D feature instead of
 # four 1-D ones cuts grain's per-document packing overhead (it walks pytrees).
 _COLUMNS = ("inputs", "targets", "task_ids", "answer_mask")
@@ -61,8 +60,7 @@ _COLUMNS = ("inputs", "targets", "task_ids", "answer_mask")
 # ------------------------------------------------------------------ documents
 
 
-def document_N4(ex: Example, task_index: int, seq_len: int,
-                tok: Tokenizer = BYTE_TOKENIZER) -> np.ndarray:
+def document_N4(ex: Example, task_index: int, seq_len: int, tok: Tokenizer = BYTE_TOKENIZER) -> np.ndarray:
     """Example -> [n, 4] int32 columns (inputs, targets, task_ids, answer_mask),
     n <= seq_len: BOS + text + EOS shifted by one.
 
@@ -92,12 +90,13 @@ def document_N4(ex: Example, task_index: int, seq_len: int,
     out_N4[:, 2] = task_index
     out_N4[:, 3] = 0
     # target k is doc[k + 1]; the answer occupies doc[1 + len(prefix): ... + len(answer)]
-    out_N4[len(prefix): len(prefix) + len(answer), 3] = 1
+    out_N4[len(prefix) : len(prefix) + len(answer), 3] = 1
     return out_N4
 
 
-def tokenize_example(ex: Example, task_index: int, seq_len: int,
-                     tok: Tokenizer = BYTE_TOKENIZER) -> dict[str, np.ndarray]:
+def tokenize_example(
+    ex: Example, task_index: int, seq_len: int, tok: Tokenizer = BYTE_TOKENIZER
+) -> dict[str, np.ndarray]:
     """Example -> {inputs, targets, task_ids (int32), answer_mask (float32)}, each [n]."""
     doc_N4 = document_N4(ex, task_index, seq_len, tok)
     out = {k: np.ascontiguousarray(doc_N4[:, c]) for c, k in enumerate(_COLUMNS)}
@@ -159,8 +158,10 @@ class _PadCollate:
 def make_tasks(data_cfg: DataConfig) -> list[Task | None]:
     """One task per mixture entry, in mixture order (task_ids index this list); None
     for the `corpus` entry (data/corpus.py: documents, not examples)."""
-    return [None if name == corpus_source.CORPUS else make_task(name, data_cfg)
-            for name, _ in parse_mixture(data_cfg.mixture)]
+    return [
+        None if name == corpus_source.CORPUS else make_task(name, data_cfg)
+        for name, _ in parse_mixture(data_cfg.mixture)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +178,9 @@ class _TrainDocument:
         return {"doc": document_N4(ex, self.task_index, self.seq_len, self.tok)}
 
 
-def _task_documents(task_index: int, task: Task, seq_len: int, seed: int, shard_index: int,
-                    shard_count: int, tok: Tokenizer) -> grain.MapDataset:
+def _task_documents(
+    task_index: int, task: Task, seq_len: int, seed: int, shard_index: int, shard_count: int, tok: Tokenizer
+) -> grain.MapDataset:
     """Infinite stream of one task's documents, reshuffled every epoch, this
     host's slice only."""
     shuffle_seed = stable_hash(f"shuffle/{seed}/{task_index}/{task.name}") % 2**32
@@ -211,8 +213,7 @@ def make_train_dataset(
     `tokenizer`: the run's (default: data_cfg.tokenizer's).
     """
     if global_batch_size % shard_count:
-        raise ConfigError(f"global batch {global_batch_size} not divisible by "
-                          f"{shard_count} hosts")
+        raise ConfigError(f"global batch {global_batch_size} not divisible by {shard_count} hosts")
     if not 0 <= shard_index < shard_count:
         raise ConfigError(f"shard_index {shard_index} not in [0, {shard_count})")
     host_batch = global_batch_size // shard_count
@@ -224,11 +225,14 @@ def make_train_dataset(
     # different task (host 0 all t0, host 1 all t1). Sliced first, every host
     # sees the full mixture over disjoint example indices.
     tok = tokenizer or load_tokenizer(data_cfg.tokenizer)
-    streams = [corpus_source.corpus_documents(corpus_source.open_corpora(data_cfg.corpus, tok),
-                                              t, seed, shard_index, shard_count)
-               if task is None else
-               _task_documents(t, task, seq_len, seed, shard_index, shard_count, tok)
-               for t, task in enumerate(tasks)]
+    streams = [
+        corpus_source.corpus_documents(
+            corpus_source.open_corpora(data_cfg.corpus, tok), t, seed, shard_index, shard_count
+        )
+        if task is None
+        else _task_documents(t, task, seq_len, seed, shard_index, shard_count, tok)
+        for t, task in enumerate(tasks)
+    ]
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if None in tasks:  # a corpus: documents of any length, concatenated then split into rows
@@ -251,28 +255,48 @@ def make_train_dataset(
         # Contiguous slices of the mixture: grain's default (every N-th document) would
         # give each worker one task of a fixed interleave (1:1 -> worker 0 all t0)
         parse_absl_flags_once()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data_cfg.workers, per_worker_buffer_size=max(1, prefetch)),
-            sequential_slice=True)
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=data_cfg.workers, per_worker_buffer_size=max(1, prefetch)
+            ),
+            sequential_slice=True,
+        )
     elif prefetch:
         it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
     return it_ds
 
 
-def make_train_iterator(data_cfg: DataConfig, global_batch_size: int, *, seed: int,
-                        shard_index: int = 0, shard_count: int = 1, **kwargs):
+def make_train_iterator(
+    data_cfg: DataConfig,
+    global_batch_size: int,
+    *,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    **kwargs,
+):
     """`iter(make_train_dataset(...))`: a grain DatasetIterator with
     get_state() / set_state(state) (a small JSON-able dict) for checkpoints."""
-    return iter(make_train_dataset(data_cfg, global_batch_size, seed=seed,
-                                   shard_index=shard_index, shard_count=shard_count, **kwargs))
+    return iter(
+        make_train_dataset(
+            data_cfg, global_batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count, **kwargs
+        )
+    )
 
 
 # ----------------------------------------------------------------------- eval
 
 
-def make_eval_batches(task: Task, data_cfg: DataConfig, batch_size: int, num_batches: int, *,
-                      task_index: int = 0, start: int = 0,
-                      tokenizer: Tokenizer | None = None) -> list[dict[str, np.ndarray]]:
+def make_eval_batches(
+    task: Task,
+    data_cfg: DataConfig,
+    batch_size: int,
+    num_batches: int,
+    *,
+    task_index: int = 0,
+    start: int = 0,
+    tokenizer: Tokenizer | None = None,
+) -> list[dict[str, np.ndarray]]:
     """Fixed, unpacked batches of the task's eval split (one example per row).
 
     Same fields as training batches, so the same loss code gives eval loss
@@ -282,14 +306,17 @@ def make_eval_batches(task: Task, data_cfg: DataConfig, batch_size: int, num_bat
     tok = tokenizer or load_tokenizer(data_cfg.tokenizer)
     out = []
     for b in range(num_batches):
-        docs = [tokenize_example(task.eval_example(start + b * batch_size + r), task_index,
-                                 data_cfg.seq_len, tok) for r in range(batch_size)]
+        docs = [
+            tokenize_example(task.eval_example(start + b * batch_size + r), task_index, data_cfg.seq_len, tok)
+            for r in range(batch_size)
+        ]
         out.append(pad_documents(docs, data_cfg.seq_len))
     return out
 
 
-def mixture_eval_batches(data_cfg: DataConfig, batch_size: int, num_batches: int, *,
-                         tokenizer: Tokenizer | None = None, tasks=None) -> list[dict]:
+def mixture_eval_batches(
+    data_cfg: DataConfig, batch_size: int, num_batches: int, *, tokenizer: Tokenizer | None = None, tasks=None
+) -> list[dict]:
     """make_eval_batches of every mixture entry (`tasks`: [(name, Task | None)], default
     the mixture's), task_index = its position; the corpus entry reads its held-out
     documents."""
@@ -300,14 +327,15 @@ def mixture_eval_batches(data_cfg: DataConfig, batch_size: int, num_batches: int
     out = []
     for i, (_, task) in enumerate(tasks):
         if task is not None:
-            out += make_eval_batches(task, data_cfg, batch_size, num_batches, task_index=i,
-                                     tokenizer=tok)
+            out += make_eval_batches(task, data_cfg, batch_size, num_batches, task_index=i, tokenizer=tok)
             continue
         docs = corpus_source.heldout_documents(
-            corpus_source.open_corpora(data_cfg.corpus, tok), batch_size * num_batches, i,
-            data_cfg.seq_len)
-        out += [pad_documents(docs[b * batch_size:(b + 1) * batch_size], data_cfg.seq_len)
-                for b in range(num_batches)]
+            corpus_source.open_corpora(data_cfg.corpus, tok), batch_size * num_batches, i, data_cfg.seq_len
+        )
+        out += [
+            pad_documents(docs[b * batch_size : (b + 1) * batch_size], data_cfg.seq_len)
+            for b in range(num_batches)
+        ]
     return out
 
 
@@ -317,13 +345,21 @@ def eval_prompts(task: Task, n: int, *, start: int = 0) -> list[Example]:
     return [task.eval_example(start + i) for i in range(n)]
 
 
-def describe_batch(batch: dict[str, np.ndarray], task_names: Sequence[str] = (),
-                   rows: int = 2, tok: Tokenizer = BYTE_TOKENIZER) -> str:
+def describe_batch(
+    batch: dict[str, np.ndarray],
+    task_names: Sequence[str] = (),
+    rows: int = 2,
+    tok: Tokenizer = BYTE_TOKENIZER,
+) -> str:
     """Human-readable summary: shapes, fill, documents per row, first rows."""
     w = batch["weights"]
-    lines = [", ".join(f"{k}{tuple(v.shape)}:{v.dtype}" for k, v in batch.items()),
-             (f"fill {w.mean():.1%}  docs/row {batch['segment_ids'].max(1).mean():.1f}  "
-              f"answer tokens {int(batch['answer_mask'].sum())}")]
+    lines = [
+        ", ".join(f"{k}{tuple(v.shape)}:{v.dtype}" for k, v in batch.items()),
+        (
+            f"fill {w.mean():.1%}  docs/row {batch['segment_ids'].max(1).mean():.1f}  "
+            f"answer tokens {int(batch['answer_mask'].sum())}"
+        ),
+    ]
     for t in np.unique(batch["task_ids"][w > 0]):
         name = task_names[t] if t < len(task_names) else str(t)
         lines.append(f"  task {name}: {int(((batch['task_ids'] == t) & (w > 0)).sum())} tokens")

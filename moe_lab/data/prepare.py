@@ -60,7 +60,7 @@ def is_heldout(unit_index: int, doc_index: int, fraction: float) -> bool:
     if fraction <= 0:
         return False
     h = hashlib.blake2b(f"{unit_index}:{doc_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0 ** 64 < fraction
+    return int.from_bytes(h, "little") / 2.0**64 < fraction
 
 
 def _write_json(path: str, obj) -> None:
@@ -112,13 +112,20 @@ def prepare_unit(args: tuple) -> dict:
     for s, w in writers.items():
         w.close()
         os.replace(paths[s] + tmp, paths[s])
-    record = {"unit": index, "path": unit.path, "start": unit.start, "end": unit.end,
-              "documents": counts["train"][0], "tokens": counts["train"][1],
-              "heldout_documents": counts["heldout"][0], "heldout_tokens": counts["heldout"][1],
-              **{f"skipped_{k}": n for k, n in skipped.counts().items()},
-              "bytes": {s: os.path.getsize(p) for s, p in paths.items()},
-              "input_bytes": (unit.end - unit.start) if unit.fmt != "parquet" else 0,
-              "seconds": time.perf_counter() - t0}
+    record = {
+        "unit": index,
+        "path": unit.path,
+        "start": unit.start,
+        "end": unit.end,
+        "documents": counts["train"][0],
+        "tokens": counts["train"][1],
+        "heldout_documents": counts["heldout"][0],
+        "heldout_tokens": counts["heldout"][1],
+        **{f"skipped_{k}": n for k, n in skipped.counts().items()},
+        "bytes": {s: os.path.getsize(p) for s, p in paths.items()},
+        "input_bytes": (unit.end - unit.start) if unit.fmt != "parquet" else 0,
+        "seconds": time.perf_counter() - t0,
+    }
     _write_json(os.path.join(out, UNITS, f"{index:05d}.json"), record)
     return record
 
@@ -160,13 +167,23 @@ def _plan(inputs: str, fmt: str | None, field: str, tokenizer: str, heldout: flo
     files = sources.expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     units = sources.plan_units(files, fmt, field)
-    plan = {"format_version": FORMAT_VERSION, "field": field, "heldout_fraction": heldout,
-            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint,
-                          "vocab_size": tok.vocab_size, "source": tok.source},
-            "token_dtype": token_dtype(tok.vocab_size),
-            "sources": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f),
-                         "mtime_ns": os.stat(f).st_mtime_ns} for f in files],
-            "units": [[u.path, u.fmt, u.start, u.end] for u in units]}
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "field": field,
+        "heldout_fraction": heldout,
+        "tokenizer": {
+            "kind": tok.kind,
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "source": tok.source,
+        },
+        "token_dtype": token_dtype(tok.vocab_size),
+        "sources": [
+            {"path": os.path.abspath(f), "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
+            for f in files
+        ],
+        "units": [[u.path, u.fmt, u.start, u.end] for u in units],
+    }
     return plan, units, tok
 
 
@@ -188,17 +205,21 @@ def _check_out(out: str, plan: dict, log=print) -> bool:
         old = json.load(f)
     if not _same_plan(old, plan):
         diff = [k for k in plan if old.get(k) != plan[k]]
-        same_files = ([s["path"] for s in old.get("sources", [])]
-                      == [s["path"] for s in plan["sources"]])
-        if diff == ["sources", "units"][:len(diff)] and same_files and \
-                not os.path.isfile(os.path.join(out, META)):
+        same_files = [s["path"] for s in old.get("sources", [])] == [s["path"] for s in plan["sources"]]
+        if (
+            diff == ["sources", "units"][: len(diff)]
+            and same_files
+            and not os.path.isfile(os.path.join(out, META))
+        ):
             # an unfinished prepare of the same files, changed since (a fixed input):
             # what it made is replaced; a finished corpus never is
             _remove_prepare(out)
             log(f"prepare: replacing the unfinished prepare in {out} (its inputs changed since)")
             return False
-        raise ConfigError(f"--out {out} holds a prepare of other inputs or options "
-                          f"({', '.join(diff)} differ); use a new --out")
+        raise ConfigError(
+            f"--out {out} holds a prepare of other inputs or options "
+            f"({', '.join(diff)} differ); use a new --out"
+        )
     return True
 
 
@@ -210,9 +231,18 @@ def _remove_prepare(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
-            field: str = "text", workers: int = 1, heldout: float = 0.001,
-            progress: bool = True, log=print) -> dict:
+def prepare(
+    inputs: str,
+    tokenizer: str,
+    out: str,
+    *,
+    fmt: str | None = None,
+    field: str = "text",
+    workers: int = 1,
+    heldout: float = 0.001,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Prepares (or resumes preparing) the corpus in `out`; returns its meta."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -229,14 +259,23 @@ def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
     _write_json(os.path.join(out, PLAN), plan)
     done = {i: rec for i in range(len(units)) if (rec := _unit_done(out, i)) is not None}
     todo = [i for i in range(len(units)) if i not in done]
-    log(f"prepare: {len(plan['sources'])} files, {len(units)} units "
-        f"({len(done)} done before), tokenizer {tok.describe()}, {workers} workers")
+    log(
+        f"prepare: {len(plan['sources'])} files, {len(units)} units "
+        f"({len(done)} done before), tokenizer {tok.describe()}, {workers} workers"
+    )
     spec = tokenizer if tok.kind != BYTE else BYTE
     jobs = [(out, i, units[i], field, spec, heldout) for i in todo]
     t0 = time.perf_counter()
     docs = tokens = 0
-    bar = tqdm(total=len(units), initial=len(done), desc="prepare", unit="unit",
-               disable=not progress or None, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=len(units),
+        initial=len(done),
+        desc="prepare",
+        unit="unit",
+        disable=not progress or None,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     pool = None
     try:
         if workers == 1:
@@ -264,23 +303,42 @@ def prepare(inputs: str, tokenizer: str, out: str, *, fmt: str | None = None,
         _remove_prepare(out)
         if not os.listdir(out):
             os.rmdir(out)
-        raise ConfigError(f"--input {inputs}: no documents ({said or 'no rows'}); nothing "
-                          f"written to {out}")
+        raise ConfigError(f"--input {inputs}: no documents ({said or 'no rows'}); nothing written to {out}")
     _write_json(meta_path, meta)
     dt = time.perf_counter() - t0
-    log(f"prepare: {meta['documents']:,} documents, {meta['tokens']:,} tokens in "
+    log(
+        f"prepare: {meta['documents']:,} documents, {meta['tokens']:,} tokens in "
         f"{len(units)} shards (+ held out {meta['heldout_documents']:,} documents, "
-        f"{meta['heldout_tokens']:,} tokens); {dt:.1f}s this run" + (f"; {said}" if said else ""))
+        f"{meta['heldout_tokens']:,} tokens); {dt:.1f}s this run" + (f"; {said}" if said else "")
+    )
     return meta
 
 
 def _meta(out: str, plan: dict, records: list[dict]) -> dict:
-    keys = ("documents", "tokens", "heldout_documents", "heldout_tokens",
-            *(f"skipped_{k}" for k in sources.Skipped.KINDS))
-    shards = [{"train": shard_name("train", r["unit"]), "heldout": shard_name("heldout", r["unit"]),
-               "bytes": r["bytes"], **{k: r[k] for k in keys[:4]}} for r in records]
+    keys = (
+        "documents",
+        "tokens",
+        "heldout_documents",
+        "heldout_tokens",
+        *(f"skipped_{k}" for k in sources.Skipped.KINDS),
+    )
+    shards = [
+        {
+            "train": shard_name("train", r["unit"]),
+            "heldout": shard_name("heldout", r["unit"]),
+            "bytes": r["bytes"],
+            **{k: r[k] for k in keys[:4]},
+        }
+        for r in records
+    ]
     sources_ = [{**s, "sha256": sources.file_sha256(s["path"])} for s in plan["sources"]]
-    return {"format_version": FORMAT_VERSION, "tokenizer": plan["tokenizer"],
-            "token_dtype": plan["token_dtype"], "field": plan["field"],
-            "heldout_fraction": plan["heldout_fraction"], "sources": sources_,
-            "shards": shards, **{k: sum(r.get(k, 0) for r in records) for k in keys}}
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": plan["tokenizer"],
+        "token_dtype": plan["token_dtype"],
+        "field": plan["field"],
+        "heldout_fraction": plan["heldout_fraction"],
+        "sources": sources_,
+        "shards": shards,
+        **{k: sum(r.get(k, 0) for r in records) for k in keys},
+    }

@@ -33,6 +33,7 @@ UNIT_BYTES = 16 << 20  # jsonl work unit: 16 MiB of the file
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """One piece of work: documents of `path` in [start, end) (bytes, or row groups)."""
+
     path: str
     fmt: str
     start: int
@@ -43,8 +44,7 @@ def expand_inputs(pattern: str) -> list[str]:
     """The files of a comma-separated list of globs, sorted, each once."""
     files: list[str] = []
     for part in (p for p in pattern.split(",") if p):
-        hits = sorted(f for f in glob.glob(os.path.expanduser(part), recursive=True)
-                      if os.path.isfile(f))
+        hits = sorted(f for f in glob.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(f))
         if not hits:
             raise ConfigError(f"--input {part!r} matches no file")
         files += [f for f in hits if f not in files]
@@ -64,8 +64,9 @@ def file_format(path: str, fmt: str | None) -> str:
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     ext = {"text": "txt", "json": "jsonl", "pq": "parquet"}.get(ext, ext)
     if ext not in FORMATS:
-        raise ConfigError(f"{path}: cannot tell the format from the extension; pass --format "
-                          f"({'|'.join(FORMATS)})")
+        raise ConfigError(
+            f"{path}: cannot tell the format from the extension; pass --format ({'|'.join(FORMATS)})"
+        )
     return ext
 
 
@@ -80,8 +81,7 @@ def check_field(path: str, fmt: str, field: str) -> None:
     except Exception as e:
         raise ConfigError(f"{path}: not a Parquet file ({str(e).splitlines()[0][:100]})") from None
     if field not in names:
-        raise ConfigError(f"{path}: no column {field!r} (has {', '.join(names[:10])}); "
-                          f"pass --field")
+        raise ConfigError(f"{path}: no column {field!r} (has {', '.join(names[:10])}); pass --field")
 
 
 def plan_units(files: list[str], fmt: str | None, field: str) -> list[Unit]:
@@ -96,8 +96,7 @@ def plan_units(files: list[str], fmt: str | None, field: str) -> list[Unit]:
             units += [Unit(path, f, g, g + 1) for g in range(groups)]
         elif f == "jsonl":
             size = os.path.getsize(path)
-            units += [Unit(path, f, s, min(s + UNIT_BYTES, size))
-                      for s in range(0, max(size, 1), UNIT_BYTES)]
+            units += [Unit(path, f, s, min(s + UNIT_BYTES, size)) for s in range(0, max(size, 1), UNIT_BYTES)]
         else:
             units.append(Unit(path, f, 0, os.path.getsize(path)))
     return units
@@ -107,8 +106,12 @@ class Skipped:
     """Counts the rows a unit could not use, by kind: not UTF-8, no text field (JSONL /
     Parquet), a text field that is not a string, an empty text."""
 
-    KINDS = {"not_utf8": "not UTF-8", "no_text": "without the text field",
-             "not_string": "whose text is not a string", "empty": "with an empty text"}
+    KINDS = {
+        "not_utf8": "not UTF-8",
+        "no_text": "without the text field",
+        "not_string": "whose text is not a string",
+        "empty": "with an empty text",
+    }
 
     def __init__(self):
         self.not_utf8 = self.no_text = self.not_string = self.empty = 0
@@ -119,8 +122,7 @@ class Skipped:
     @classmethod
     def describe(cls, counts: dict[str, int]) -> str:
         """'skipped 2 rows not UTF-8, 1 row with an empty text' ('' if none)."""
-        parts = [f"{n:,} row{'s' if n != 1 else ''} {cls.KINDS[k]}"
-                 for k, n in counts.items() if n]
+        parts = [f"{n:,} row{'s' if n != 1 else ''} {cls.KINDS[k]}" for k, n in counts.items() if n]
         return f"skipped {', '.join(parts)}" if parts else ""
 
 
@@ -180,8 +182,7 @@ def _jsonl_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{unit.path} (byte {lineno_hint}): invalid JSON ({e.msg})") \
-                    from None
+                raise ConfigError(f"{unit.path} (byte {lineno_hint}): invalid JSON ({e.msg})") from None
             if not isinstance(row, dict) or field not in row or row[field] is None:
                 skipped.no_text += 1
             elif not isinstance(row[field], str):
@@ -196,8 +197,9 @@ def _parquet_docs(unit: Unit, field: str, skipped: Skipped) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(unit.path)
-    for batch in pf.iter_batches(batch_size=1024, row_groups=list(range(unit.start, unit.end)),
-                                 columns=[field]):
+    for batch in pf.iter_batches(
+        batch_size=1024, row_groups=list(range(unit.start, unit.end)), columns=[field]
+    ):
         for value in batch.column(0).to_pylist():
             if value is None:
                 skipped.no_text += 1

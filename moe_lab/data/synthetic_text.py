@@ -13,8 +13,14 @@ import random
 from moe_lab.data.tasks.arith import ArithTask
 from moe_lab.data.tasks.facts import FactsTask
 
-FILLER = ("In the old records", "According to the survey", "Most accounts agree that",
-          "It is often said that", "The archive notes that", "Travellers report that")
+FILLER = (
+    "In the old records",
+    "According to the survey",
+    "Most accounts agree that",
+    "It is often said that",
+    "The archive notes that",
+    "Travellers report that",
+)
 
 
 class SyntheticText:

@@ -112,8 +112,9 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         return self.encode_array(text, add_bos, add_eos).tolist()
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
-                     add_eos: bool = False) -> list[np.ndarray]:
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
+    ) -> list[np.ndarray]:
         """encode_array of each text (kinds override it with a faster batched path)."""
         return [self.encode_array(t, add_bos, add_eos) for t in texts]
 
@@ -293,8 +294,9 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_str(payload.decode("utf-8"))
         except Exception as e:  # the Rust parser's message, on one line
-            raise TokenizerError(f"tokenizer {path}: not a HF tokenizer.json "
-                                 f"({str(e).splitlines()[0][:120]})") from None
+            raise TokenizerError(
+                f"tokenizer {path}: not a HF tokenizer.json ({str(e).splitlines()[0][:120]})"
+            ) from None
         base = self._tok.get_vocab_size(with_added_tokens=True)
         self._set_specials(_with_specials(self._tok.token_to_id, base))
         self.vocab_size = max(base, max(self.special_to_id.values()) + 1)
@@ -354,15 +356,16 @@ def _load_cached(kind: str, path: str, mtime_ns: int, size: int) -> Tokenizer:
 
 
 def tokenizer_kind(spec: str) -> str:
-    """"byte", "hf" (a .json) or "sentencepiece" (a .model) from a data.tokenizer value."""
+    """ "byte", "hf" (a .json) or "sentencepiece" (a .model) from a data.tokenizer value."""
     if spec == BYTE:
         return BYTE
     if spec.endswith(".json"):
         return "hf"
     if spec.endswith(".model"):
         return "sentencepiece"
-    raise TokenizerError(f"data.tokenizer={spec!r}: use 'byte', a HF tokenizer.json or a "
-                         f"SentencePiece .model file")
+    raise TokenizerError(
+        f"data.tokenizer={spec!r}: use 'byte', a HF tokenizer.json or a SentencePiece .model file"
+    )
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -17,15 +17,15 @@ from moe_lab.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and the byte alphabet
 
 
-def train_bpe(inputs: str, vocab_size: int, out: str, *, fmt: str | None = None,
-              field: str = "text", log=print) -> str:
+def train_bpe(
+    inputs: str, vocab_size: int, out: str, *, fmt: str | None = None, field: str = "text", log=print
+) -> str:
     """Trains the tokenizer on every document of `inputs`; writes `out` (a new file)."""
     import tokenizers  # optional dependency of this command
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB:
-        raise ConfigError(f"--vocab-size must be >= {MIN_VOCAB} (16 specials + 256 bytes), "
-                          f"got {vocab_size}")
+        raise ConfigError(f"--vocab-size must be >= {MIN_VOCAB} (16 specials + 256 bytes), got {vocab_size}")
     if not out.endswith(".json"):
         raise ConfigError(f"--out {out}: a HF tokenizer file ends in .json")
     if os.path.exists(out):
@@ -43,19 +43,23 @@ def train_bpe(inputs: str, vocab_size: int, out: str, *, fmt: str | None = None,
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
     tok.train_from_iterator(documents(), trainer=trainer)
     if not seen[0]:  # a vocabulary of nothing: refused before anything is written
-        raise ConfigError(f"--input {inputs}: no usable text (0 documents; "
-                          f"{sources.Skipped.describe(skipped.counts()) or 'no rows'})")
+        raise ConfigError(
+            f"--input {inputs}: no usable text (0 documents; "
+            f"{sources.Skipped.describe(skipped.counts()) or 'no rows'})"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.{os.getpid()}"
     tok.save(tmp)
     os.replace(tmp, out)
     loaded = load_tokenizer(out)
     said = sources.Skipped.describe(skipped.counts())
-    log(f"tokenizer: {loaded.describe()} from {seen[0]:,} documents -> {out}"
-        + (f"; {said}" if said else ""))
+    log(f"tokenizer: {loaded.describe()} from {seen[0]:,} documents -> {out}" + (f"; {said}" if said else ""))
     return out

@@ -37,8 +37,9 @@ class Forcing:
 _THINK, _ANSWER, _DONE = 0, 1, 2
 
 
-def _sample_host(logits_BV: np.ndarray, rng: np.random.Generator, temperature: float,
-                 top_p: float) -> np.ndarray:
+def _sample_host(
+    logits_BV: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float
+) -> np.ndarray:
     if temperature == 0.0:
         return np.argmax(logits_BV, axis=-1)
     z = logits_BV / temperature
@@ -56,8 +57,15 @@ def _sample_host(logits_BV: np.ndarray, rng: np.random.Generator, temperature: f
     return np.array([rng.choice(len(row), p=row) for row in p])
 
 
-def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: int = 0,
-                 max_steps: int | None = None, tok: Tokenizer = BYTE_TOKENIZER) -> list[dict]:
+def budget_force(
+    first_logits_BV,
+    step_fn: Callable,
+    forcing: Forcing,
+    *,
+    seed: int = 0,
+    max_steps: int | None = None,
+    tok: Tokenizer = BYTE_TOKENIZER,
+) -> list[dict]:
     """Runs the budget-forcing controller; returns per row {"tokens", "think_len",
     "forced_end", "waits", "ended"}.
 
@@ -74,12 +82,24 @@ def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: 
     logits = np.asarray(first_logits_BV)
     B = logits.shape[0]
     rng = np.random.default_rng(seed)
-    rows = [{"tokens": [], "think_len": 0, "forced_end": False, "waits": 0, "ended": False,
-             "phase": _THINK, "queue": [tok.think_start_id] if f.open_think else [],
-             "opened": not f.open_think, "answer_len": 0} for _ in range(B)]
+    rows = [
+        {
+            "tokens": [],
+            "think_len": 0,
+            "forced_end": False,
+            "waits": 0,
+            "ended": False,
+            "phase": _THINK,
+            "queue": [tok.think_start_id] if f.open_think else [],
+            "opened": not f.open_think,
+            "answer_len": 0,
+        }
+        for _ in range(B)
+    ]
     cap = f.max_think if f.max_think is not None else 10**9
-    limit = max_steps or (min(cap, 4096) + (len(wait_ids) + 1) * (f.num_waits + 1)
-                          + f.min_think + f.max_answer + 4)
+    limit = max_steps or (
+        min(cap, 4096) + (len(wait_ids) + 1) * (f.num_waits + 1) + f.min_think + f.max_answer + 4
+    )
     for _ in range(limit):
         if all(r["phase"] == _DONE for r in rows):
             break
@@ -132,38 +152,55 @@ def budget_force(first_logits_BV, step_fn: Callable, forcing: Forcing, *, seed: 
         if all(r["phase"] == _DONE for r in rows):
             break
         logits = np.asarray(step_fn(feed))
-    return [{k: r[k] for k in ("tokens", "think_len", "forced_end", "waits", "ended")}
-            for r in rows]
+    return [{k: r[k] for k in ("tokens", "think_len", "forced_end", "waits", "ended")} for r in rows]
 
 
 def forcing_tokens(forcing: Forcing, tok: Tokenizer = BYTE_TOKENIZER) -> int:
     """An upper bound on the tokens one row writes under `forcing`."""
     cap = forcing.max_think if forcing.max_think is not None else 256
-    return cap + (len(tok.encode(forcing.wait)) + 1) * (forcing.num_waits + 1) \
-        + forcing.min_think + forcing.max_answer + 8
+    return (
+        cap
+        + (len(tok.encode(forcing.wait)) + 1) * (forcing.num_waits + 1)
+        + forcing.min_think
+        + forcing.max_answer
+        + 8
+    )
 
 
-def run_forcing(graphdef, params, model_state, task, examples, forcing: Forcing, *,
-                tok: Tokenizer, batch_size: int = 64, seed: int = 0,
-                max_new: int | None = None) -> dict:
+def run_forcing(
+    graphdef,
+    params,
+    model_state,
+    task,
+    examples,
+    forcing: Forcing,
+    *,
+    tok: Tokenizer,
+    batch_size: int = 64,
+    seed: int = 0,
+    max_new: int | None = None,
+) -> dict:
     """Budget forcing on `examples`: accuracy, control (within max_think), mean thinking.
     `max_new` (>= forcing_tokens) fixes the cache length: one compilation for a table."""
     max_new = max(max_new or 0, forcing_tokens(forcing, tok))
     rows = []
     for s, chunk, padded in fixed_batches(examples, batch_size):
         prompts = [tok.encode(ex.prompt, add_bos=True) for ex in padded]
-        stepper = CachedStepper(graphdef, params, model_state, prompts, max_new,
-                                pad_id=tok.pad_id)
-        out = budget_force(stepper.first_logits, stepper, forcing, seed=seed + s,
-                           max_steps=max_new - 1, tok=tok)
+        stepper = CachedStepper(graphdef, params, model_state, prompts, max_new, pad_id=tok.pad_id)
+        out = budget_force(
+            stepper.first_logits, stepper, forcing, seed=seed + s, max_steps=max_new - 1, tok=tok
+        )
         for ex, r in zip(chunk, out):
             text = tok.decode(t for t in r["tokens"] if t != tok.eos_id)
             rows.append({**r, "correct": bool(task.check(text, ex)), "text": text})
     within = [forcing.max_think is None or r["think_len"] <= forcing.max_think for r in rows]
-    return {"accuracy": float(np.mean([r["correct"] for r in rows])),
-            "control": float(np.mean(within)), "within": within,
-            "think_lens": [r["think_len"] for r in rows],
-            "mean_think": float(np.mean([r["think_len"] for r in rows])),
-            "forced_end": float(np.mean([r["forced_end"] for r in rows])),
-            "mean_waits": float(np.mean([r["waits"] for r in rows])),
-            "sample": rows[0]["text"] if rows else ""}
+    return {
+        "accuracy": float(np.mean([r["correct"] for r in rows])),
+        "control": float(np.mean(within)),
+        "within": within,
+        "think_lens": [r["think_len"] for r in rows],
+        "mean_think": float(np.mean([r["think_len"] for r in rows])),
+        "forced_end": float(np.mean([r["forced_end"] for r in rows])),
+        "mean_waits": float(np.mean([r["waits"] for r in rows])),
+        "sample": rows[0]["text"] if rows else "",
+    }

@@ -48,24 +48,32 @@ def depthwise_error(m: ModelConfig) -> str | None:
     if r.kv_cache != "recursion_wise":
         return f"depth-wise batching needs model.mor.kv_cache='recursion_wise', got {r.kv_cache!r}"
     if mor_capacities(m)[0] < 1.0:
-        return ("depth-wise batching runs step 1 for every token: it needs the first "
-                f"capacity at 1, got model.mor.capacities={r.capacities!r}")
+        return (
+            "depth-wise batching runs step 1 for every token: it needs the first "
+            f"capacity at 1, got model.mor.capacities={r.capacities!r}"
+        )
     if m.ffn == "moe" and m.moe.dispatch == "capacity":
-        return ("depth-wise batching needs a token's result independent of its call's other "
-                "tokens: dropless MoE, not model.moe.dispatch='capacity'")
+        return (
+            "depth-wise batching needs a token's result independent of its call's other "
+            "tokens: dropless MoE, not model.moe.dispatch='capacity'"
+        )
     if not r.sharing.endswith("cycle"):
-        return (f"depth-wise batching batches tokens of different steps through the same "
-                f"layers: it needs cycle or middle_cycle sharing, got {r.sharing!r}")
+        return (
+            f"depth-wise batching batches tokens of different steps through the same "
+            f"layers: it needs cycle or middle_cycle sharing, got {r.sharing!r}"
+        )
     return None
 
 
 def _per_row(decode, h_MD, pos_M, slot_M, cache_rows):
     """decode(x_11D, pos_11, valid_11, cache_n1, index) of a stack, one slot per row:
     cache_rows {k: [M, n, S, ...]}, each row written at its own slot_M."""
+
     def one(h_D, pos, slot, row):
         cache = jax.tree.map(lambda a: a[:, None], row)
         y, new = decode(h_D[None, None], pos[None, None], jnp.ones((1, 1), bool), cache, slot)
         return y[0, 0], jax.tree.map(lambda a: a[:, 0], new)
+
     return jax.vmap(one)(h_MD, pos_M, slot_M, cache_rows)
 
 
@@ -136,13 +144,23 @@ def _prefill(graphdef, params, model_state, tokens_BP, valid_BP, *, cache_len: i
 
 def _with_dummy_row(cache: dict, axis: int) -> dict:
     """One more batch row (the slots the queue could not fill read and write it)."""
-    return jax.tree.map(lambda a: jnp.concatenate(
-        [a, jnp.zeros_like(jax.lax.slice_in_dim(a, 0, 1, axis=axis))], axis=axis), cache)
+    return jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.zeros_like(jax.lax.slice_in_dim(a, 0, 1, axis=axis))], axis=axis),
+        cache,
+    )
 
 
-def generate_depthwise(graphdef, params, model_state, prompts: list[list[int]],
-                       max_new_tokens: int, *, slots: int | None = None, pad_id: int = 0,
-                       stats: dict | None = None) -> list[list[int]]:
+def generate_depthwise(
+    graphdef,
+    params,
+    model_state,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    slots: int | None = None,
+    pad_id: int = 0,
+    stats: dict | None = None,
+) -> list[list[int]]:
     """Greedy generation of max_new_tokens per prompt with continuous depth-wise
     batching; `slots` (default: the number of prompts) tokens per shared-block call.
     stats (a dict, optional) receives the calls made and their filled slots."""
@@ -156,8 +174,9 @@ def generate_depthwise(graphdef, params, model_state, prompts: list[list[int]],
     M = slots or B
     tokens, valid = left_pad(prompts, pad_id)
     P = tokens.shape[1]
-    token_B, cache, last_pos_B = _prefill(graphdef, params, model_state, jnp.asarray(tokens),
-                                          jnp.asarray(valid), cache_len=P + max_new_tokens)
+    token_B, cache, last_pos_B = _prefill(
+        graphdef, params, model_state, jnp.asarray(tokens), jnp.asarray(valid), cache_len=P + max_new_tokens
+    )
     out = [[int(t)] for t in np.asarray(token_B)]
     pos = np.asarray(last_pos_B).astype(np.int32)  # position of each sequence's last fed token
     fed = np.zeros(B, np.int32)  # tokens fed back so far (slot of the next: P + fed)
@@ -179,13 +198,21 @@ def generate_depthwise(graphdef, params, model_state, prompts: list[list[int]],
         take = [queue.popleft() for _ in range(min(M, len(queue)))]
         b_M = np.full(M, B, np.int32)
         r_M = np.zeros(M, np.int32)
-        b_M[:len(take)] = [b for b, _ in take]
-        r_M[:len(take)] = [r for _, r in take]
+        b_M[: len(take)] = [b for b, _ in take]
+        r_M[: len(take)] = [r for _, r in take]
         pos_M = np.append(pos, 0)[b_M] + 1
         slot_M = P + np.append(fed, 0)[b_M]
-        shared, h_MD, cont_M = _recursion_tick(graphdef, params, model_state, shared, h[b_M],
-                                               jnp.asarray(b_M), jnp.asarray(r_M),
-                                               jnp.asarray(pos_M), jnp.asarray(slot_M))
+        shared, h_MD, cont_M = _recursion_tick(
+            graphdef,
+            params,
+            model_state,
+            shared,
+            h[b_M],
+            jnp.asarray(b_M),
+            jnp.asarray(r_M),
+            jnp.asarray(pos_M),
+            jnp.asarray(slot_M),
+        )
         h = h.at[b_M].set(h_MD)
         calls, filled = calls + 1, filled + len(take)
         cont = np.asarray(cont_M)
@@ -195,10 +222,18 @@ def generate_depthwise(graphdef, params, model_state, prompts: list[list[int]],
         if not done:
             continue
         e_M = np.full(M, B, np.int32)
-        e_M[:len(done)] = done
+        e_M[: len(done)] = done
         first, last, tok_M, x_MD = _exit_and_enter(
-            graphdef, params, model_state, first, last, h[e_M], jnp.asarray(e_M),
-            jnp.asarray(np.append(pos, 0)[e_M] + 1), jnp.asarray(P + np.append(fed, 0)[e_M]))
+            graphdef,
+            params,
+            model_state,
+            first,
+            last,
+            h[e_M],
+            jnp.asarray(e_M),
+            jnp.asarray(np.append(pos, 0)[e_M] + 1),
+            jnp.asarray(P + np.append(fed, 0)[e_M]),
+        )
         tok = np.asarray(tok_M)
         h = h.at[e_M].set(x_MD)
         for m, b in enumerate(done):
@@ -220,15 +255,13 @@ def _enter_fn(graphdef, params, model_state, first, token_B, pos_B, *, slot: int
     if rs.schedule.first:
         B = token_B.shape[0]
         rows = jax.tree.map(lambda a: a[:, :B].swapaxes(0, 1), first)
-        x_BD, rows = _per_row(rs.first.decode, x_BD, pos_B + 1,
-                              jnp.full((B,), slot, jnp.int32), rows)
+        x_BD, rows = _per_row(rs.first.decode, x_BD, pos_B + 1, jnp.full((B,), slot, jnp.int32), rows)
         first = jax.tree.map(lambda a, x: a.at[:, :B].set(x.swapaxes(0, 1)), first, rows)
     return first, x_BD
 
 
 def _enter(graphdef, params, model_state, first, token_B, pos_B, slot: int):
-    return _enter_fn(graphdef, params, model_state, first, token_B, jnp.asarray(pos_B),
-                     slot=slot)
+    return _enter_fn(graphdef, params, model_state, first, token_B, jnp.asarray(pos_B), slot=slot)
 
 
 def graphdef_model_config(graphdef, params, model_state) -> ModelConfig:

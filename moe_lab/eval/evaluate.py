@@ -108,8 +108,9 @@ def task_losses(setup, state, batches, task_names: list[str]) -> dict:
     task_index is its task's position in task_names), with the latest model's jitted
     eval step."""
     n = len(task_names)
-    eval_step = cached_for(_EVAL_STEPS, (setup.graphdef, n), "eval",
-                           lambda: jax.jit(make_eval_step(setup.graphdef, n)))
+    eval_step = cached_for(
+        _EVAL_STEPS, (setup.graphdef, n), "eval", lambda: jax.jit(make_eval_step(setup.graphdef, n))
+    )
     return evaluate_losses(eval_step, state, batches, setup.batch_sharding, task_names)
 
 
@@ -120,8 +121,7 @@ def _loss_tier(cfg, setup, state, tasks) -> dict:
     data = cfg.data
     if e.longer_chains > 0:  # documents of N-step chains need room; one length for all tasks
         data = dataclasses.replace(data, seq_len=max(data.seq_len, 8 * e.longer_chains + 48))
-    batches = pipeline.mixture_eval_batches(data, bs, num_batches, tokenizer=setup.tokenizer,
-                                            tasks=tasks)
+    batches = pipeline.mixture_eval_batches(data, bs, num_batches, tokenizer=setup.tokenizer, tasks=tasks)
     return task_losses(setup, state, batches, [name for name, _ in tasks])
 
 
@@ -140,9 +140,17 @@ def _summary(per_task: dict) -> dict:
     return groups
 
 
-def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
-             print_table: bool = True, devices: str = "one", num_examples: int | None = None,
-             num_samples: int = 3, eval_cfg=None) -> dict:
+def evaluate(
+    workdir: str,
+    step: int | None = None,
+    *,
+    write: bool = True,
+    print_table: bool = True,
+    devices: str = "one",
+    num_examples: int | None = None,
+    num_samples: int = 3,
+    eval_cfg=None,
+) -> dict:
     """Evaluates checkpoint `step` (default: latest) of the run in `workdir`.
 
     Returns {"step", "tasks": {name: {kind, eval_loss, task_loss_bits, accuracy,
@@ -164,9 +172,11 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
         losses = _loss_tier(cfg, setup, state, tasks)
         # every task's prompts in one list: one prompt width and one budget, so the
         # decoder compiles once per model (tiny models: compile time dominates)
-        examples = {name: [ex for ex in pipeline.eval_prompts(task, min(e.num_examples,
-                                                                          task.num_eval))
-                           if ex.answer] for name, task in tasks if task is not None}
+        examples = {
+            name: [ex for ex in pipeline.eval_prompts(task, min(e.num_examples, task.num_eval)) if ex.answer]
+            for name, task in tasks
+            if task is not None
+        }
         flat = [ex for exs in examples.values() for ex in exs]
         preds: list[str] = []
         budget = 0
@@ -174,34 +184,47 @@ def evaluate(workdir: str, step: int | None = None, *, write: bool = True,
             tok = setup.tokenizer
             budget = generation_budget(flat, e.max_new_tokens, tok)
             prompts = [tok.encode(ex.prompt, add_bos=True) for ex in flat]
-            out = generate_batched(setup.graphdef, state["params"], state["model_state"],
-                                   prompts, budget, batch_size=min(e.batch_size, len(prompts)),
-                                   pad_id=tok.pad_id, eos_id=tok.eos_id)
+            out = generate_batched(
+                setup.graphdef,
+                state["params"],
+                state["model_state"],
+                prompts,
+                budget,
+                batch_size=min(e.batch_size, len(prompts)),
+                pad_id=tok.pad_id,
+                eos_id=tok.eos_id,
+            )
             preds = [tok.decode(o) for o in out]
     offset = 0
     for name, task in tasks:
-        row = {"kind": TASK_KIND.get(name, name),
-               "eval_loss": losses.get(f"eval/{name}/loss"),
-               "task_loss_bits": losses.get(f"eval/{name}/task_loss_bits")}
+        row = {
+            "kind": TASK_KIND.get(name, name),
+            "eval_loss": losses.get(f"eval/{name}/loss"),
+            "task_loss_bits": losses.get(f"eval/{name}/task_loss_bits"),
+        }
         if name in ("arith", "arith_long"):
             row["num_steps"] = task.eval_num_steps
         exs = examples.get(name)
         if exs:
-            p = preds[offset:offset + len(exs)]
+            p = preds[offset : offset + len(exs)]
             offset += len(exs)
             correct = score_predictions(task, exs, p)
-            row.update(accuracy=float(np.mean(correct)), num_examples=len(exs),
-                       max_new_tokens=budget)
-            samples[name] = [{"prompt": ex.prompt, "answer": ex.answer, "prediction": q,
-                              "correct": c}
-                             for ex, q, c in list(zip(exs, p, correct))[:num_samples]]
+            row.update(accuracy=float(np.mean(correct)), num_examples=len(exs), max_new_tokens=budget)
+            samples[name] = [
+                {"prompt": ex.prompt, "answer": ex.answer, "prediction": q, "correct": c}
+                for ex, q, c in list(zip(exs, p, correct))[:num_samples]
+            ]
         per_task[name] = row
-    result = {"workdir": os.path.abspath(workdir), "step": step, "tasks": per_task,
-              "groups": _summary(per_task), "samples": samples,
-              "eval_config": dataclasses.asdict(cfg.eval),
-              "seconds": time.perf_counter() - t0}
-    return report(result, eval_path(workdir, step), format_table, write=write,
-                  print_table=print_table)
+    result = {
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+        "tasks": per_task,
+        "groups": _summary(per_task),
+        "samples": samples,
+        "eval_config": dataclasses.asdict(cfg.eval),
+        "seconds": time.perf_counter() - t0,
+    }
+    return report(result, eval_path(workdir, step), format_table, write=write, print_table=print_table)
 
 
 def save_result(path: str, result: dict) -> None:
@@ -229,8 +252,11 @@ def read_eval(workdir: str, step: int | None = None) -> dict | None:
     """The eval json of `step` (default: the highest step evaluated), or None."""
     d = eval_dir(workdir)
     if step is None:
-        steps = [int(f[:-5]) for f in os.listdir(d) if f[:-5].isdigit() and f.endswith(".json")] \
-            if os.path.isdir(d) else []
+        steps = (
+            [int(f[:-5]) for f in os.listdir(d) if f[:-5].isdigit() and f.endswith(".json")]
+            if os.path.isdir(d)
+            else []
+        )
         if not steps:
             return None
         step = max(steps)
@@ -246,14 +272,20 @@ def _fmt(v, spec: str) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"eval @ step {result['step']}  ({result['workdir']})",
-             f"{'task':<12} {'kind':<13} {'eval loss':>9} {'task bits':>9} {'accuracy':>8} {'n':>5}"]
+    lines = [
+        f"eval @ step {result['step']}  ({result['workdir']})",
+        f"{'task':<12} {'kind':<13} {'eval loss':>9} {'task bits':>9} {'accuracy':>8} {'n':>5}",
+    ]
     for name, r in result["tasks"].items():
         label = name + (f"@{r['num_steps']}" if "num_steps" in r else "")
-        lines.append(f"{label:<12} {r['kind']:<13} {_fmt(r.get('eval_loss'), '9.4f')} "
-                     f"{_fmt(r.get('task_loss_bits'), '9.4f')} {_fmt(r.get('accuracy'), '8.3f')} "
-                     f"{r.get('num_examples', 0):>5}")
+        lines.append(
+            f"{label:<12} {r['kind']:<13} {_fmt(r.get('eval_loss'), '9.4f')} "
+            f"{_fmt(r.get('task_loss_bits'), '9.4f')} {_fmt(r.get('accuracy'), '8.3f')} "
+            f"{r.get('num_examples', 0):>5}"
+        )
     for group, g in result.get("groups", {}).items():
-        lines.append(f"{'[' + group + ']':<26} {_fmt(g.get('eval_loss'), '9.4f')} "
-                     f"{_fmt(g.get('task_loss_bits'), '9.4f')} {_fmt(g.get('accuracy'), '8.3f')}")
+        lines.append(
+            f"{'[' + group + ']':<26} {_fmt(g.get('eval_loss'), '9.4f')} "
+            f"{_fmt(g.get('task_loss_bits'), '9.4f')} {_fmt(g.get('accuracy'), '8.3f')}"
+        )
     return "\n".join(lines)

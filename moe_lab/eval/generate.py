@@ -45,8 +45,9 @@ def prompt_width(prompts: list[list[int]]) -> int:
     return bucketed(max(len(p) for p in prompts))
 
 
-def left_pad(prompts: list[list[int]], pad_id: int,
-             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: list[list[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens_BP, valid_BP) with each prompt right-aligned in `width` columns
     (default: the longest prompt's length)."""
     longest = max(len(p) for p in prompts)
@@ -58,8 +59,8 @@ def left_pad(prompts: list[list[int]], pad_id: int,
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError("empty prompt")
-        tokens[i, P - len(p):] = p
-        valid[i, P - len(p):] = True
+        tokens[i, P - len(p) :] = p
+        valid[i, P - len(p) :] = True
     return tokens, valid
 
 
@@ -67,14 +68,14 @@ def fixed_batches(rows: list, batch_size: int) -> Iterator[tuple[int, list, list
     """(start, chunk, padded) per batch of `batch_size` rows: the last chunk is padded
     with copies of its first row, so every batch has the same shape (one compilation)."""
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+        chunk = rows[s : s + batch_size]
         yield s, chunk, chunk + [chunk[0]] * (batch_size - len(chunk))
 
 
 def cut_at_eos(row: list[int], eos_id: int | None) -> list[int]:
     """The tokens before the first eos_id (all of them where there is none)."""
     if eos_id is not None and eos_id in row:
-        return row[:row.index(eos_id)]
+        return row[: row.index(eos_id)]
     return row
 
 
@@ -112,8 +113,7 @@ def decode_logits(model, token_B, pos_B, cache, index):
     return logits_B1V[:, 0], cache
 
 
-def prefill(model, tokens_BP, valid_BP, rng, *, max_new_tokens: int, temperature: float,
-            top_p: float):
+def prefill(model, tokens_BP, valid_BP, rng, *, max_new_tokens: int, temperature: float, top_p: float):
     """Runs the prompt through `model` into a fresh cache; returns the decode state.
 
     State = (first sampled token_B, cache, last prompt position_B, per-step keys).
@@ -141,8 +141,18 @@ def decode_steps(model, state, prompt_len: int, *, temperature: float, top_p: fl
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
-def _generate_cached(graphdef, params, model_state, tokens_BP, valid_BP, rng, *,
-                     max_new_tokens: int, temperature: float, top_p: float):
+def _generate_cached(
+    graphdef,
+    params,
+    model_state,
+    tokens_BP,
+    valid_BP,
+    rng,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+):
     model = nnx.merge(graphdef, params, model_state)
     sampling = {"temperature": temperature, "top_p": top_p}
     state = prefill(model, tokens_BP, valid_BP, rng, max_new_tokens=max_new_tokens, **sampling)
@@ -150,8 +160,18 @@ def _generate_cached(graphdef, params, model_state, tokens_BP, valid_BP, rng, *,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
-def _generate_reference(graphdef, params, model_state, tokens_BP, valid_BP, rng, *,
-                        max_new_tokens: int, temperature: float, top_p: float):
+def _generate_reference(
+    graphdef,
+    params,
+    model_state,
+    tokens_BP,
+    valid_BP,
+    rng,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+):
     """No cache: every step re-runs the full forward pass over prompt + generated."""
     model = nnx.merge(graphdef, params, model_state)
     B, P = tokens_BP.shape
@@ -187,28 +207,66 @@ def _check_sampling(who: str, max_new_tokens: int, temperature: float, top_p: fl
 # ---------------------------------------------------------------- host level
 
 
-def generate_tokens(graphdef, params, model_state, tokens_BP, valid_BP, rng, *,
-                    max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0) -> np.ndarray:
+def generate_tokens(
+    graphdef,
+    params,
+    model_state,
+    tokens_BP,
+    valid_BP,
+    rng,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> np.ndarray:
     """KV-cache generation for one left-padded batch (`left_pad`): the new tokens
     [B, max_new_tokens], not cut at EOS; sampled with key `rng`."""
     _check_sampling("generate", max_new_tokens, temperature, top_p)
-    return np.asarray(_generate_cached(
-        graphdef, params, model_state, jnp.asarray(tokens_BP), jnp.asarray(valid_BP), rng,
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p)))
+    return np.asarray(
+        _generate_cached(
+            graphdef,
+            params,
+            model_state,
+            jnp.asarray(tokens_BP),
+            jnp.asarray(valid_BP),
+            rng,
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p),
+        )
+    )
 
 
-def generate(graphdef, params, model_state, prompts: list[list[int]], max_new_tokens: int, *,
-             pad_id: int = 0, eos_id: int | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> list[list[int]]:
+def generate(
+    graphdef,
+    params,
+    model_state,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    pad_id: int = 0,
+    eos_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Generates up to `max_new_tokens` per prompt in one batch (no bucketing; key(seed));
     output stops at (and drops) eos_id.  use_cache=False: the no-cache reference."""
     _check_sampling("generate", max_new_tokens, temperature, top_p)
     tokens, valid = left_pad(prompts, pad_id)
     fn = _generate_cached if use_cache else _generate_reference
-    out = fn(graphdef, params, model_state, jnp.asarray(tokens), jnp.asarray(valid),
-             jax.random.key(seed), max_new_tokens=max_new_tokens, temperature=float(temperature),
-             top_p=float(top_p))
+    out = fn(
+        graphdef,
+        params,
+        model_state,
+        jnp.asarray(tokens),
+        jnp.asarray(valid),
+        jax.random.key(seed),
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+    )
     return [cut_at_eos(row, eos_id) for row in np.asarray(out).tolist()]
 
 
@@ -219,10 +277,21 @@ def generation_budget(examples, cap: int, tok: Tokenizer) -> int:
     return max(min(cap, need + 8), need)
 
 
-def generate_batched(graphdef, params, model_state, prompts: list[list[int]], max_new_tokens: int,
-                     *, batch_size: int, pad_id: int, eos_id: int | None,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     rng: jax.Array | None = None) -> list[list[int]]:
+def generate_batched(
+    graphdef,
+    params,
+    model_state,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int,
+    pad_id: int,
+    eos_id: int | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    rng: jax.Array | None = None,
+) -> list[list[int]]:
     """KV-cache generation in fixed-shape batches (rows padded to `batch_size`, every
     prompt left-padded to `prompt_width(prompts)`, so the decoder compiles once per
     model and budget): one token list per prompt, cut at (and without) eos_id.
@@ -236,10 +305,18 @@ def generate_batched(graphdef, params, model_state, prompts: list[list[int]], ma
     out: list[list[int]] = []
     for b, (_, chunk, rows) in enumerate(fixed_batches(prompts, batch_size)):
         tokens, valid = left_pad(rows, pad_id, width)
-        new = generate_tokens(graphdef, params, model_state, tokens, valid,
-                              jax.random.fold_in(rng, b), max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p)
-        out += [cut_at_eos(row, eos_id) for row in new[:len(chunk)].tolist()]
+        new = generate_tokens(
+            graphdef,
+            params,
+            model_state,
+            tokens,
+            valid,
+            jax.random.fold_in(rng, b),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )
+        out += [cut_at_eos(row, eos_id) for row in new[: len(chunk)].tolist()]
     return out
 
 
@@ -258,10 +335,18 @@ _STEPPER_FNS: dict = {}  # the latest model's jitted prefill and one-token step 
 
 
 def _stepper_fns(graphdef):
-    prefill_fn = cached_for(_STEPPER_FNS, graphdef, "prefill", lambda: jax.jit(
-        functools.partial(_prefill_fn, graphdef), static_argnames=("cache_len",)))
-    decode_fn = cached_for(_STEPPER_FNS, graphdef, "decode", lambda: jax.jit(
-        functools.partial(_decode_fn, graphdef), donate_argnames=("cache",)))
+    prefill_fn = cached_for(
+        _STEPPER_FNS,
+        graphdef,
+        "prefill",
+        lambda: jax.jit(functools.partial(_prefill_fn, graphdef), static_argnames=("cache_len",)),
+    )
+    decode_fn = cached_for(
+        _STEPPER_FNS,
+        graphdef,
+        "decode",
+        lambda: jax.jit(functools.partial(_decode_fn, graphdef), donate_argnames=("cache",)),
+    )
     return prefill_fn, decode_fn
 
 
@@ -270,22 +355,24 @@ class CachedStepper:
     prompts (left-padded to `prompt_width`), and stepper(tokens_B) feeds one token
     per row and returns the next logits [B, V].  Room for `max_new` tokens (bucketed)."""
 
-    def __init__(self, graphdef, params, model_state, prompts: list[list[int]], max_new: int,
-                 pad_id: int = 0):
+    def __init__(
+        self, graphdef, params, model_state, prompts: list[list[int]], max_new: int, pad_id: int = 0
+    ):
         width = prompt_width(prompts)
         tokens, valid = left_pad(prompts, pad_id, width)
         prefill_fn, self._decode = _stepper_fns(graphdef)
         self._weights = (params, model_state)
         self.index, self.max_len = width, width + bucketed(max_new)
         self.first_logits, self.cache, self.pos = prefill_fn(
-            params, model_state, jnp.asarray(tokens), jnp.asarray(valid), cache_len=self.max_len)
+            params, model_state, jnp.asarray(tokens), jnp.asarray(valid), cache_len=self.max_len
+        )
 
     def __call__(self, tokens_B):
         if self.index >= self.max_len:
             raise RuntimeError("CachedStepper: cache full (raise max_new)")
         self.pos = self.pos + 1
-        logits, self.cache = self._decode(*self._weights, self.cache,
-                                          jnp.asarray(tokens_B, jnp.int32), self.pos,
-                                          jnp.int32(self.index))
+        logits, self.cache = self._decode(
+            *self._weights, self.cache, jnp.asarray(tokens_B, jnp.int32), self.pos, jnp.int32(self.index)
+        )
         self.index += 1
         return logits

@@ -78,13 +78,15 @@ def load_items(path: str) -> list[Item]:
                 raise ConfigError(f"{where}: 'answer' must be a non-empty string")
             items.append(Item(row["prompt"], answer, line=lineno))
             continue
-        if (not isinstance(choices, list) or len(choices) < 2
-                or not all(isinstance(c, str) and c for c in choices)):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
             raise ConfigError(f"{where}: 'choices' must be a list of >= 2 non-empty strings")
         if isinstance(answer, int) and not isinstance(answer, bool):
             if not 0 <= answer < len(choices):
-                raise ConfigError(f"{where}: answer index {answer} out of range "
-                                  f"(0..{len(choices) - 1})")
+                raise ConfigError(f"{where}: answer index {answer} out of range (0..{len(choices) - 1})")
             label = answer
         elif isinstance(answer, str) and answer in choices:
             label = choices.index(answer)
@@ -95,8 +97,10 @@ def load_items(path: str) -> list[Item]:
         raise ConfigError(f"eval --data {path}: no rows (empty file)")
     kinds = {bool(it.choices) for it in items}
     if len(kinds) > 1:
-        raise ConfigError(f"eval --data {path}: mixes multiple-choice rows (with 'choices') and "
-                          "exact-match rows; use one kind per file")
+        raise ConfigError(
+            f"eval --data {path}: mixes multiple-choice rows (with 'choices') and "
+            "exact-match rows; use one kind per file"
+        )
     return items
 
 
@@ -105,8 +109,9 @@ def shot_indices(num_items: int, i: int, shots: int, seed: int = 0) -> list[int]
     if shots <= 0:
         return []
     if shots >= num_items:
-        raise ConfigError(f"eval --shots {shots}: the file has only {num_items} rows "
-                          "(need more rows than shots)")
+        raise ConfigError(
+            f"eval --shots {shots}: the file has only {num_items} rows (need more rows than shots)"
+        )
     pool = [j for j in range(num_items) if j != i]
     rng = KeyedRng(seed, "harness-shots", i)
     for k in range(shots):  # partial Fisher-Yates
@@ -115,11 +120,14 @@ def shot_indices(num_items: int, i: int, shots: int, seed: int = 0) -> list[int]
     return pool[:shots]
 
 
-def build_context(items: list[Item], i: int, shots: int, *, seed: int = 0,
-                  marker: str = ANSWER, separator: str = "\n") -> str:
+def build_context(
+    items: list[Item], i: int, shots: int, *, seed: int = 0, marker: str = ANSWER, separator: str = "\n"
+) -> str:
     """Few-shot context for item i: shots then the prompt (without the marker)."""
-    parts = [items[j].prompt + marker + items[j].answer + separator
-             for j in shot_indices(len(items), i, shots, seed)]
+    parts = [
+        items[j].prompt + marker + items[j].answer + separator
+        for j in shot_indices(len(items), i, shots, seed)
+    ]
     return "".join(parts) + items[i].prompt
 
 
@@ -154,9 +162,17 @@ def _target_logprobs(graphdef, params, model_state, batch):
 _LOGP_FNS: dict = {}  # the latest model's jitted `_target_logprobs` (cached_for)
 
 
-def choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
-                    continuations: list[list[int]], *, batch_size: int, max_len: int,
-                    with_greedy: bool = False) -> list:
+def choice_logprobs(
+    graphdef,
+    params,
+    model_state,
+    contexts: list[list[int]],
+    continuations: list[list[int]],
+    *,
+    batch_size: int,
+    max_len: int,
+    with_greedy: bool = False,
+) -> list:
     """Per-token log p(continuation | context) for each pair (teacher forcing), and with
     `with_greedy` (logprobs, is each token the argmax) pairs.  Contexts longer than
     `max_len` - len(continuation) lose their oldest tokens."""
@@ -167,11 +183,12 @@ def choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
         seqs.append(ctx + cont)
         starts.append(len(ctx))
     T = LENGTH_BUCKET * math.ceil(max(len(s) for s in seqs) / LENGTH_BUCKET)
-    logp = cached_for(_LOGP_FNS, graphdef, "logp",
-                      lambda: jax.jit(functools.partial(_target_logprobs, graphdef)))
+    logp = cached_for(
+        _LOGP_FNS, graphdef, "logp", lambda: jax.jit(functools.partial(_target_logprobs, graphdef))
+    )
     out = []
     for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s:s + batch_size]
+        chunk = seqs[s : s + batch_size]
         B = batch_size
         inputs = np.zeros((B, T), np.int32)
         targets = np.zeros((B, T), np.int32)
@@ -180,9 +197,18 @@ def choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
             n = len(seq) - 1
             inputs[r, :n], targets[r, :n], seg[r, :n] = seq[:-1], seq[1:], 1
         positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-        lp, greedy = jax.device_get(logp(params, model_state, {
-            "inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
-            "positions": jnp.asarray(positions), "segment_ids": jnp.asarray(seg)}))
+        lp, greedy = jax.device_get(
+            logp(
+                params,
+                model_state,
+                {
+                    "inputs": jnp.asarray(inputs),
+                    "targets": jnp.asarray(targets),
+                    "positions": jnp.asarray(positions),
+                    "segment_ids": jnp.asarray(seg),
+                },
+            )
+        )
         for r, seq in enumerate(chunk):
             # target k predicts seq[k + 1]: the continuation is targets start-1 .. len-2
             cut = slice(starts[s + r] - 1, len(seq) - 1)
@@ -190,10 +216,22 @@ def choice_logprobs(graphdef, params, model_state, contexts: list[list[int]],
     return out
 
 
-def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | None = None,
-                seed: int = 0, max_new_tokens: int = 64, batch_size: int | None = None,
-                limit: int | None = None, marker: str = ANSWER, separator: str = "\n",
-                write: bool = True, print_table: bool = True, num_samples: int = 3) -> dict:
+def run_harness(
+    workdir: str,
+    data_path: str,
+    *,
+    shots: int = 0,
+    step: int | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    marker: str = ANSWER,
+    separator: str = "\n",
+    write: bool = True,
+    print_table: bool = True,
+    num_samples: int = 3,
+) -> dict:
     """Scores the run's checkpoint on a user JSONL file; writes
     DIR/eval/<step>-<file stem>-<K>shot.json."""
     items = load_items(data_path)
@@ -204,12 +242,17 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
     cfg, setup, state, step = load_run(workdir, step)
     bs = batch_size or cfg.eval.batch_size
     todo = list(range(len(items)))[:limit] if limit else list(range(len(items)))
-    contexts = [build_context(items, i, shots, seed=seed, marker=marker, separator=separator)
-                for i in todo]
+    contexts = [build_context(items, i, shots, seed=seed, marker=marker, separator=separator) for i in todo]
     mc = bool(items[0].choices)
-    result = {"workdir": os.path.abspath(workdir), "step": step,
-              "data": os.path.abspath(data_path), "shots": shots, "seed": seed,
-              "num_examples": len(todo), "kind": "multiple_choice" if mc else "exact_match"}
+    result = {
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+        "data": os.path.abspath(data_path),
+        "shots": shots,
+        "seed": seed,
+        "num_examples": len(todo),
+        "kind": "multiple_choice" if mc else "exact_match",
+    }
     P, M, S = setup.graphdef, state["params"], state["model_state"]
     tok = setup.tokenizer
     with jax.set_mesh(setup.mesh), sharding.use_rules(cfg.mesh.rules, setup.mesh):
@@ -221,8 +264,9 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
                     ctx_ids.append(ctx)
                     cont_ids.append(tok.encode(c))
                     owner.append(k)
-            lps = choice_logprobs(P, M, S, ctx_ids, cont_ids, batch_size=bs,
-                                   max_len=max(cfg.model.max_seq_len, 64))
+            lps = choice_logprobs(
+                P, M, S, ctx_ids, cont_ids, batch_size=bs, max_len=max(cfg.model.max_seq_len, 64)
+            )
             sums = [[] for _ in todo]
             means = [[] for _ in todo]
             for k, lp in zip(owner, lps):
@@ -234,34 +278,66 @@ def run_harness(workdir: str, data_path: str, *, shots: int = 0, step: int | Non
             result.update(
                 accuracy=float(np.mean([p == y for p, y in zip(pred, labels)])),
                 accuracy_length_normalized=float(np.mean([p == y for p, y in zip(pred_n, labels)])),
-                chance=float(np.mean([1 / len(items[i].choices) for i in todo])))
-            samples = [{"prompt": items[i].prompt, "answer": items[i].answer,
-                        "loglik": sums[k], "prediction": items[i].choices[pred[k]]}
-                       for k, i in enumerate(todo[:num_samples])]
+                chance=float(np.mean([1 / len(items[i].choices) for i in todo])),
+            )
+            samples = [
+                {
+                    "prompt": items[i].prompt,
+                    "answer": items[i].answer,
+                    "loglik": sums[k],
+                    "prediction": items[i].choices[pred[k]],
+                }
+                for k, i in enumerate(todo[:num_samples])
+            ]
         else:
             prompts = [tok.encode(c, add_bos=True) for c in contexts]
-            out = generate_batched(P, M, S, prompts, max_new_tokens,
-                                   batch_size=min(bs, len(prompts)), pad_id=tok.pad_id,
-                                   eos_id=tok.eos_id)
+            out = generate_batched(
+                P,
+                M,
+                S,
+                prompts,
+                max_new_tokens,
+                batch_size=min(bs, len(prompts)),
+                pad_id=tok.pad_id,
+                eos_id=tok.eos_id,
+            )
             preds = [tok.decode(o) for o in out]
             scores = [exact_match(p, items[i].answer) for p, i in zip(preds, todo)]
             # the answer's NLL in bits/token given the context (the task-loss tier)
-            lps = choice_logprobs(P, M, S,
-                                   [tok.encode(c + marker, add_bos=True) for c in contexts],
-                                   [tok.encode(items[i].answer) for i in todo],
-                                   batch_size=bs, max_len=max(cfg.model.max_seq_len, 64))
+            lps = choice_logprobs(
+                P,
+                M,
+                S,
+                [tok.encode(c + marker, add_bos=True) for c in contexts],
+                [tok.encode(items[i].answer) for i in todo],
+                batch_size=bs,
+                max_len=max(cfg.model.max_seq_len, 64),
+            )
             nll = np.concatenate(lps)
-            result.update(accuracy=float(np.mean([s[0] for s in scores])),
-                          accuracy_normalized=float(np.mean([s[1] for s in scores])),
-                          task_loss_bits=float(-nll.mean() / math.log(2)),
-                          max_new_tokens=max_new_tokens)
-            samples = [{"prompt": contexts[k][-200:], "answer": items[i].answer,
-                        "prediction": preds[k], "correct": scores[k][0]}
-                       for k, i in enumerate(todo[:num_samples])]
+            result.update(
+                accuracy=float(np.mean([s[0] for s in scores])),
+                accuracy_normalized=float(np.mean([s[1] for s in scores])),
+                task_loss_bits=float(-nll.mean() / math.log(2)),
+                max_new_tokens=max_new_tokens,
+            )
+            samples = [
+                {
+                    "prompt": contexts[k][-200:],
+                    "answer": items[i].answer,
+                    "prediction": preds[k],
+                    "correct": scores[k][0],
+                }
+                for k, i in enumerate(todo[:num_samples])
+            ]
     result["samples"] = samples
     result["seconds"] = time.perf_counter() - t0
-    return report(result, harness_path(workdir, step, data_path, shots), format_harness,
-                  write=write, print_table=print_table)
+    return report(
+        result,
+        harness_path(workdir, step, data_path, shots),
+        format_harness,
+        write=write,
+        print_table=print_table,
+    )
 
 
 def harness_path(workdir: str, step: int, data_path: str, shots: int) -> str:
@@ -270,12 +346,18 @@ def harness_path(workdir: str, step: int, data_path: str, shots: int) -> str:
 
 
 def format_harness(r: dict) -> str:
-    head = (f"eval @ step {r['step']} on {os.path.basename(r['data'])} ({r['kind']}, "
-            f"{r['shots']}-shot, n={r['num_examples']})")
+    head = (
+        f"eval @ step {r['step']} on {os.path.basename(r['data'])} ({r['kind']}, "
+        f"{r['shots']}-shot, n={r['num_examples']})"
+    )
     if r["kind"] == "multiple_choice":
-        body = (f"accuracy {r['accuracy']:.3f}  length-normalised {r['accuracy_length_normalized']:.3f}"
-                f"  chance {r['chance']:.3f}")
+        body = (
+            f"accuracy {r['accuracy']:.3f}  length-normalised {r['accuracy_length_normalized']:.3f}"
+            f"  chance {r['chance']:.3f}"
+        )
     else:
-        body = (f"exact match {r['accuracy']:.3f}  normalised {r['accuracy_normalized']:.3f}  "
-                f"answer NLL {r['task_loss_bits']:.3f} bits/token")
+        body = (
+            f"exact match {r['accuracy']:.3f}  normalised {r['accuracy_normalized']:.3f}  "
+            f"answer NLL {r['task_loss_bits']:.3f} bits/token"
+        )
     return head + "\n" + body

@@ -45,16 +45,24 @@ def tasks_dir() -> str:
 
     spec = importlib.util.find_spec("moe_lab.lm_eval_tasks")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("eval --lm-eval: the shipped task YAMLs are missing (neither "
-                          "configs/lm_eval/ nor moe_lab.lm_eval_tasks; reinstall moe_lab)")
+        raise ConfigError(
+            "eval --lm-eval: the shipped task YAMLs are missing (neither "
+            "configs/lm_eval/ nor moe_lab.lm_eval_tasks; reinstall moe_lab)"
+        )
     return list(spec.submodule_search_locations)[0]
 
 
 class MoeLabLM(TemplateLM):
     """lm_eval model over run `workdir`'s checkpoint `step` (default: latest)."""
 
-    def __init__(self, workdir: str, step: int | None = None, batch_size: int = 8,
-                 max_length: int | None = None, max_gen_toks: int = 256):
+    def __init__(
+        self,
+        workdir: str,
+        step: int | None = None,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+    ):
         super().__init__()
         self.cfg, self.setup, self.state, self.step = load_run(workdir, step)
         self.workdir = workdir
@@ -83,8 +91,7 @@ class MoeLabLM(TemplateLM):
         return self.setup.graphdef, self.state["params"], self.state["model_state"]
 
     def _scope(self):
-        return jax.set_mesh(self.setup.mesh), sharding.use_rules(self.cfg.mesh.rules,
-                                                                 self.setup.mesh)
+        return jax.set_mesh(self.setup.mesh), sharding.use_rules(self.cfg.mesh.rules, self.setup.mesh)
 
     # ------------------------------------------------------------ scoring
 
@@ -96,10 +103,15 @@ class MoeLabLM(TemplateLM):
         mesh_scope, rules_scope = self._scope()
         with mesh_scope, rules_scope:
             for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                got = choice_logprobs(*self._model(), [pairs[i][0] for i in idx],
-                                      [pairs[i][1] for i in idx], batch_size=self.batch_size,
-                                      max_len=self.max_length + 1, with_greedy=True)
+                idx = order[s : s + self.batch_size]
+                got = choice_logprobs(
+                    *self._model(),
+                    [pairs[i][0] for i in idx],
+                    [pairs[i][1] for i in idx],
+                    batch_size=self.batch_size,
+                    max_len=self.max_length + 1,
+                    with_greedy=True,
+                )
                 for i, (lp, greedy) in zip(idx, got, strict=True):
                     out[i] = (float(lp.sum()), bool(greedy.all()))
         return out
@@ -112,9 +124,15 @@ class MoeLabLM(TemplateLM):
 
         windows, owner = [], []
         for k, req in enumerate(requests):
-            for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in map(
+                utils.make_disjoint_window,
+                utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(req.args[0]),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((list(ctx), list(cont)))
                 owner.append(k)
         totals = [0.0] * len(requests)
@@ -130,19 +148,25 @@ class MoeLabLM(TemplateLM):
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0:
-                raise ConfigError("lm-eval: moe_lab's harness model decodes greedily "
-                                  "(do_sample / temperature > 0 asked for)")
+                raise ConfigError(
+                    "lm-eval: moe_lab's harness model decodes greedily "
+                    "(do_sample / temperature > 0 asked for)"
+                )
             n = int(kw.get("max_gen_toks", self.max_gen_toks))
             groups.setdefault(n, []).append((i, context, until))
         mesh_scope, rules_scope = self._scope()
         with mesh_scope, rules_scope:
             for n, items in groups.items():
                 keep = max(1, self.max_length - n)
-                prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:]
-                           for _, c, _ in items]
-                gen = generate_batched(*self._model(), prompts, n,
-                                       batch_size=min(self.batch_size, len(prompts)),
-                                       pad_id=self.tok.pad_id, eos_id=self.tok.eos_id)
+                prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:] for _, c, _ in items]
+                gen = generate_batched(
+                    *self._model(),
+                    prompts,
+                    n,
+                    batch_size=min(self.batch_size, len(prompts)),
+                    pad_id=self.tok.pad_id,
+                    eos_id=self.tok.eos_id,
+                )
                 for (i, _, until), ids in zip(items, gen, strict=True):
                     text = self.tok_decode(ids)
                     for stop in until:
@@ -161,11 +185,19 @@ def task_manager(paths: list[str]):
     return TaskManager(include_path=paths, include_defaults=False)
 
 
-def run_lm_eval(workdir: str, tasks: list[str], *, step: int | None = None,
-                include_path: str | None = None, limit: int | None = None,
-                num_fewshot: int | None = None, batch_size: int = 8,
-                data: dict[str, str] | None = None, write: bool = True,
-                print_table: bool = True) -> dict:
+def run_lm_eval(
+    workdir: str,
+    tasks: list[str],
+    *,
+    step: int | None = None,
+    include_path: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    data: dict[str, str] | None = None,
+    write: bool = True,
+    print_table: bool = True,
+) -> dict:
     """Scores the run with lm-eval on `tasks` (found offline: configs/lm_eval/ and
     include_path); writes DIR/eval/<step>-lm_eval.json."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is downloaded at run time
@@ -179,15 +211,33 @@ def run_lm_eval(workdir: str, tasks: list[str], *, step: int | None = None,
             check_offline(manager, t)
         t0 = time.perf_counter()
         lm = MoeLabLM(workdir, step, batch_size=batch_size)
-        res = evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot,
-                                        limit=limit, task_manager=manager, log_samples=False,
-                                        bootstrap_iters=0)
-    result = {"workdir": os.path.abspath(workdir), "step": lm.step, "tasks": tasks,
-              "limit": limit, "num_fewshot": num_fewshot, "results": res["results"],
-              "n_samples": res.get("n-samples", {}), "seconds": time.perf_counter() - t0,
-              "table": utils.make_table(res)}
-    return report(result, eval_file(workdir, f"{int(lm.step)}-lm_eval"), lambda r: r["table"],
-                  write=write, print_table=print_table)
+        res = evaluator.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+    result = {
+        "workdir": os.path.abspath(workdir),
+        "step": lm.step,
+        "tasks": tasks,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "results": res["results"],
+        "n_samples": res.get("n-samples", {}),
+        "seconds": time.perf_counter() - t0,
+        "table": utils.make_table(res),
+    }
+    return report(
+        result,
+        eval_file(workdir, f"{int(lm.step)}-lm_eval"),
+        lambda r: r["table"],
+        write=write,
+        print_table=print_table,
+    )
 
 
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' file readers
@@ -199,29 +249,36 @@ def check_offline(manager, task: str) -> None:
     shipped = sorted(t for t in manager.all_tasks if t.endswith("_local"))
     entry = manager.task_index.get(task)
     if entry is None:
-        raise ConfigError(f"eval --lm-eval: task {task!r} is not available offline (lm-eval's "
-                          f"built-in tasks read the HF Hub; shipped offline tasks: "
-                          f"{', '.join(shipped)}; more with --include-path DIR)")
+        raise ConfigError(
+            f"eval --lm-eval: task {task!r} is not available offline (lm-eval's "
+            f"built-in tasks read the HF Hub; shipped offline tasks: "
+            f"{', '.join(shipped)}; more with --include-path DIR)"
+        )
     cfg = getattr(entry, "cfg", None) or {}
     source = cfg.get("dataset_path")
     if source is None:  # a group or tag: its tasks are checked by lm-eval itself
         return
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if source not in LOCAL_BUILDERS and not os.path.isdir(source):
-        raise ConfigError(f"eval --lm-eval: task {task!r} reads {source} from the HF Hub, which "
-                          f"is not available offline (shipped offline tasks: "
-                          f"{', '.join(shipped)})")
+        raise ConfigError(
+            f"eval --lm-eval: task {task!r} reads {source} from the HF Hub, which "
+            f"is not available offline (shipped offline tasks: "
+            f"{', '.join(shipped)})"
+        )
     paths = files.values() if isinstance(files, dict) else [files] if files else []
     for path in (q for p in paths for q in ([p] if isinstance(p, str) else p)):
         if not os.path.isfile(path):
-            raise ConfigError(f"eval --lm-eval: task {task!r} reads {path}, which does not exist"
-                              f" (give --lm-eval-data {task}=FILE)")
+            raise ConfigError(
+                f"eval --lm-eval: task {task!r} reads {path}, which does not exist"
+                f" (give --lm-eval-data {task}=FILE)"
+            )
         if source == "json" and path.endswith((".jsonl", ".json")):
             # read here first: a bad row is named (file:line), not a datasets traceback
             for lineno, row in iter_jsonl(path, f"eval --lm-eval: task {task!r} reads"):
                 if not isinstance(row, dict):
-                    raise ConfigError(f"eval --lm-eval: task {task!r} reads {path}:{lineno}: "
-                                      "a row must be a JSON object")
+                    raise ConfigError(
+                        f"eval --lm-eval: task {task!r} reads {path}:{lineno}: a row must be a JSON object"
+                    )
 
 
 def local_task_copies(data: dict[str, str], tmp: str) -> str:
@@ -233,8 +290,9 @@ def local_task_copies(data: dict[str, str], tmp: str) -> str:
     for task, path in data.items():
         dst = os.path.join(tmp, f"{task}.yaml")
         if not os.path.isfile(dst):
-            raise ConfigError(f"eval --lm-eval-data {task}=...: no shipped task {task} "
-                              f"(configs/lm_eval/{task}.yaml)")
+            raise ConfigError(
+                f"eval --lm-eval-data {task}=...: no shipped task {task} (configs/lm_eval/{task}.yaml)"
+            )
         if not os.path.isfile(path):
             raise ConfigError(f"eval --lm-eval-data {task}={path}: no such file")
         with open(dst) as f:

@@ -117,7 +117,7 @@ def majority_at_k(keys: Sequence, correct: Sequence[bool], k: int) -> float:
                 for x in range(min(m, j, rest) + 1):
                     w = math.comb(m, x)
                     tie = 1 if x == j else 0
-                    new[x:, tie:] += w * dp[:rest + 1 - x, :dp.shape[1] - tie]
+                    new[x:, tie:] += w * dp[: rest + 1 - x, : dp.shape[1] - tie]
                 dp = new
             credit = np.sum(dp[rest] / (np.arange(dp.shape[1]) + 1.0))
             total += math.comb(m_c, j) * credit
@@ -148,18 +148,19 @@ def default_ks(n: int, max_k: int | None = None) -> list[int]:
     return [2**i for i in range(int(math.log2(top)) + 1)]
 
 
-def ttc_curves(keys_PN: Sequence[Sequence], correct_PN: Sequence[Sequence[bool]],
-               ks: Sequence[int]) -> dict:
+def ttc_curves(keys_PN: Sequence[Sequence], correct_PN: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict:
     """Mean over prompts of coverage@k and majority@k: {"coverage": {k: v}, "majority": ...}."""
-    cov = {k: float(np.mean([coverage_at_k(len(c), int(sum(c)), k) for c in correct_PN]))
-           for k in ks}
-    maj = {k: float(np.mean([majority_at_k(list(kk), list(c), k)
-                             for kk, c in zip(keys_PN, correct_PN)])) for k in ks}
+    cov = {k: float(np.mean([coverage_at_k(len(c), int(sum(c)), k) for c in correct_PN])) for k in ks}
+    maj = {
+        k: float(np.mean([majority_at_k(list(kk), list(c), k) for kk, c in zip(keys_PN, correct_PN)]))
+        for k in ks
+    }
     return {"coverage": cov, "majority": maj}
 
 
-def budget_metrics(budgets: Sequence[float], accuracy: Sequence[float],
-                   within: Sequence[Sequence[bool]] | Sequence[float]) -> dict:
+def budget_metrics(
+    budgets: Sequence[float], accuracy: Sequence[float], within: Sequence[Sequence[bool]] | Sequence[float]
+) -> dict:
     """s1's Control / Scaling / Performance over a budget set A (REFERENCES.md sec. 4).
 
     budgets: the a in A; accuracy: f(a); within: per budget, the flags "this run's
@@ -183,10 +184,21 @@ def budget_metrics(budgets: Sequence[float], accuracy: Sequence[float],
 # ------------------------------------------------------------------ sampling
 
 
-def sample_batched(graphdef, params, model_state, prompts: list[list[int]], n: int,
-                   max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
-                   seed: int = 0, batch_size: int = 64, pad_id: int = 0,
-                   eos_id: int | None = None) -> list[list[list[int]]]:
+def sample_batched(
+    graphdef,
+    params,
+    model_state,
+    prompts: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    pad_id: int = 0,
+    eos_id: int | None = None,
+) -> list[list[list[int]]]:
     """n samples per prompt from the KV-cache decoder: out[p][i] = tokens (cut at EOS).
 
     Rows are prompt-major (each prompt repeated n times) in fixed-shape batches;
@@ -194,10 +206,20 @@ def sample_batched(graphdef, params, model_state, prompts: list[list[int]], n: i
     (generate_batched).
     """
     rows = [p for p in prompts for _ in range(n)]
-    flat = generate_batched(graphdef, params, model_state, rows, max_new_tokens,
-                            batch_size=min(batch_size, len(rows)), pad_id=pad_id, eos_id=eos_id,
-                            temperature=temperature, top_p=top_p, seed=seed)
-    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+    flat = generate_batched(
+        graphdef,
+        params,
+        model_state,
+        rows,
+        max_new_tokens,
+        batch_size=min(batch_size, len(rows)),
+        pad_id=pad_id,
+        eos_id=eos_id,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def vote_key(task, prediction: str, example) -> str:
@@ -211,9 +233,18 @@ def vote_key(task, prediction: str, example) -> str:
 # ------------------------------------------------------- recursion depth (MoR)
 
 
-def depth_sweep(cfg, state: dict, task_name: str, examples, depths: Sequence[int], *,
-                max_new_tokens: int, batch_size: int = 32, num_loss_batches: int = 2,
-                tok: Tokenizer | None = None) -> list[dict]:
+def depth_sweep(
+    cfg,
+    state: dict,
+    task_name: str,
+    examples,
+    depths: Sequence[int],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    num_loss_batches: int = 2,
+    tok: Tokenizer | None = None,
+) -> list[dict]:
     """Per depth (on one device): greedy accuracy on `examples`, eval loss and answer NLL
     of the task; `tok`: the run's tokenizer (default: cfg.data.tokenizer's)."""
     task = make_task(task_name, cfg.data)
@@ -225,20 +256,30 @@ def depth_sweep(cfg, state: dict, task_name: str, examples, depths: Sequence[int
         cfg2, setup = setup_on_devices(cfg2, "one", tok)
         params = jax.device_put(params, setup.shardings["params"])
         with jax.set_mesh(setup.mesh), sharding.use_rules(cfg2.mesh.rules, setup.mesh):
-            batches = pipeline.make_eval_batches(task, cfg2.data, batch_size, num_loss_batches,
-                                                 tokenizer=tok)
-            losses = task_losses(setup, {"params": params, "model_state": ms}, batches,
-                                 [task_name])
-            generated = generate_batched(setup.graphdef, params, ms, prompts, max_new_tokens,
-                                         batch_size=min(batch_size, len(prompts)),
-                                         pad_id=tok.pad_id, eos_id=tok.eos_id)
+            batches = pipeline.make_eval_batches(task, cfg2.data, batch_size, num_loss_batches, tokenizer=tok)
+            losses = task_losses(setup, {"params": params, "model_state": ms}, batches, [task_name])
+            generated = generate_batched(
+                setup.graphdef,
+                params,
+                ms,
+                prompts,
+                max_new_tokens,
+                batch_size=min(batch_size, len(prompts)),
+                pad_id=tok.pad_id,
+                eos_id=tok.eos_id,
+            )
         correct = [task.check(tok.decode(g), ex) for g, ex in zip(generated, examples)]
         bits = losses.get(f"eval/{task_name}/task_loss_bits")
-        out.append({"depth": int(d), "trained_depth": cfg.model.mor.num_recursions,
-                    "accuracy": float(np.mean(correct)),
-                    "eval_loss": losses.get(f"eval/{task_name}/loss"),
-                    "task_loss_bits": bits,
-                    "answer_loglik_nats": None if bits is None else -bits * math.log(2)})
+        out.append(
+            {
+                "depth": int(d),
+                "trained_depth": cfg.model.mor.num_recursions,
+                "accuracy": float(np.mean(correct)),
+                "eval_loss": losses.get(f"eval/{task_name}/loss"),
+                "task_loss_bits": bits,
+                "answer_loglik_nats": None if bits is None else -bits * math.log(2),
+            }
+        )
     return out
 
 
@@ -254,13 +295,20 @@ def _pick_task(cfg, name: str) -> str:
             return cand
     task = next((n for n in names if n not in ("file", "corpus")), None)
     if task is None:
-        raise ConfigError("ttc: the run's mixture has no task with answers; pass --task "
-                          "(arith, countdown, facts)")
+        raise ConfigError(
+            "ttc: the run's mixture has no task with answers; pass --task (arith, countdown, facts)"
+        )
     return task
 
 
-def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None = None,
-                 write: bool = True, print_table: bool = True) -> dict:
+def evaluate_ttc(
+    workdir: str,
+    step: int | None = None,
+    *,
+    ttc: TTCConfig | None = None,
+    write: bool = True,
+    print_table: bool = True,
+) -> dict:
     """Coverage/majority curves, budget-forcing tables and (MoR) the depth sweep of a
     checkpoint; writes DIR/eval/<step>-ttc.json."""
     t = validate_ttc(ttc or TTCConfig())
@@ -268,8 +316,7 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
     cfg, setup, state, step = load_run(workdir, step, devices="one")
     name = _pick_task(cfg, t.task)
     task = make_task(name, cfg.data)
-    examples = [ex for ex in pipeline.eval_prompts(task, min(t.num_prompts, task.num_eval))
-                if ex.answer]
+    examples = [ex for ex in pipeline.eval_prompts(task, min(t.num_prompts, task.num_eval)) if ex.answer]
     if not examples:
         raise ConfigError(f"ttc: task {name!r} has no eval examples with answers")
     tok = setup.tokenizer
@@ -277,19 +324,44 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
     ks = default_ks(t.n, t.max_k or None)
     gd, params, ms = setup.graphdef, state["params"], state["model_state"]
     prompts = [tok.encode(ex.prompt, add_bos=True) for ex in examples]
-    result = {"workdir": os.path.abspath(workdir), "step": step, "task": name,
-              "num_prompts": len(examples), "n": t.n, "ks": ks,
-              "ttc_config": dataclasses.asdict(t), "max_new_tokens": budget}
+    result = {
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+        "task": name,
+        "num_prompts": len(examples),
+        "n": t.n,
+        "ks": ks,
+        "ttc_config": dataclasses.asdict(t),
+        "max_new_tokens": budget,
+    }
     with jax.set_mesh(setup.mesh), sharding.use_rules(cfg.mesh.rules, setup.mesh):
-        greedy = generate_batched(gd, params, ms, prompts, budget,
-                                  batch_size=min(t.batch_size, len(prompts)),
-                                  pad_id=tok.pad_id, eos_id=tok.eos_id)
-        result["greedy_accuracy"] = float(np.mean(
-            [task.check(tok.decode(g), ex) for g, ex in zip(greedy, examples)]))
-        samples = sample_batched(gd, params, ms, prompts, t.n, budget,
-                                 temperature=t.temperature, top_p=t.top_p, seed=t.seed,
-                                 batch_size=t.batch_size, pad_id=tok.pad_id,
-                                 eos_id=tok.eos_id)
+        greedy = generate_batched(
+            gd,
+            params,
+            ms,
+            prompts,
+            budget,
+            batch_size=min(t.batch_size, len(prompts)),
+            pad_id=tok.pad_id,
+            eos_id=tok.eos_id,
+        )
+        result["greedy_accuracy"] = float(
+            np.mean([task.check(tok.decode(g), ex) for g, ex in zip(greedy, examples)])
+        )
+        samples = sample_batched(
+            gd,
+            params,
+            ms,
+            prompts,
+            t.n,
+            budget,
+            temperature=t.temperature,
+            top_p=t.top_p,
+            seed=t.seed,
+            batch_size=t.batch_size,
+            pad_id=tok.pad_id,
+            eos_id=tok.eos_id,
+        )
         keys, correct = [], []
         for ex, outs in zip(examples, samples):
             texts = [tok.decode(o) for o in outs]
@@ -303,41 +375,79 @@ def evaluate_ttc(workdir: str, step: int | None = None, *, ttc: TTCConfig | None
             result["budget_forcing"] = _forcing_tables(gd, params, ms, task, examples, t, tok)
     if cfg.model.stack == "recursive" and cfg.model.mor.routing != "token_choice":
         depths = t.depths or tuple(range(1, cfg.model.mor.num_recursions + 3))
-        result["recursion_depth"] = depth_sweep(cfg, state, name, examples, depths,
-                                                max_new_tokens=budget,
-                                                batch_size=min(t.batch_size, 32), tok=tok)
+        result["recursion_depth"] = depth_sweep(
+            cfg,
+            state,
+            name,
+            examples,
+            depths,
+            max_new_tokens=budget,
+            batch_size=min(t.batch_size, 32),
+            tok=tok,
+        )
     result["seconds"] = time.perf_counter() - t0
-    return report(result, ttc_path(workdir, step), format_ttc, write=write,
-                  print_table=print_table)
+    return report(result, ttc_path(workdir, step), format_ttc, write=write, print_table=print_table)
 
 
 def _forcing_tables(gd, params, ms, task, examples, t: TTCConfig, tok: Tokenizer) -> dict:
     bs = min(t.batch_size, len(examples))
     settings = [Forcing(max_think=max(t.budgets + (t.wait_cap,)), num_waits=max(t.waits + (0,)))]
     L = max(forcing_tokens(f, tok) for f in settings)
-    free = run_forcing(gd, params, ms, task, examples, Forcing(max_think=t.wait_cap),
-                       tok=tok, batch_size=bs, seed=t.seed, max_new=L)
+    free = run_forcing(
+        gd,
+        params,
+        ms,
+        task,
+        examples,
+        Forcing(max_think=t.wait_cap),
+        tok=tok,
+        batch_size=bs,
+        seed=t.seed,
+        max_new=L,
+    )
     rows_max = []
     for a in t.budgets:
-        r = run_forcing(gd, params, ms, task, examples, Forcing(max_think=int(a)),
-                        tok=tok, batch_size=bs, seed=t.seed, max_new=L)
+        r = run_forcing(
+            gd,
+            params,
+            ms,
+            task,
+            examples,
+            Forcing(max_think=int(a)),
+            tok=tok,
+            batch_size=bs,
+            seed=t.seed,
+            max_new=L,
+        )
         # the unforced run of the same prompts judged against budget a (s1's baseline)
         r["unforced_control"] = float(np.mean([x <= a for x in free["think_lens"]]))
         rows_max.append({"budget": int(a), **_public(r)})
-    m_max = budget_metrics([r["budget"] for r in rows_max], [r["accuracy"] for r in rows_max],
-                           [r["control"] for r in rows_max])
+    m_max = budget_metrics(
+        [r["budget"] for r in rows_max], [r["accuracy"] for r in rows_max], [r["control"] for r in rows_max]
+    )
     rows_wait = []
     for n in t.waits:
-        r = run_forcing(gd, params, ms, task, examples,
-                        Forcing(max_think=t.wait_cap, num_waits=int(n)), tok=tok,
-                        batch_size=bs,
-                        seed=t.seed, max_new=L)
+        r = run_forcing(
+            gd,
+            params,
+            ms,
+            task,
+            examples,
+            Forcing(max_think=t.wait_cap, num_waits=int(n)),
+            tok=tok,
+            batch_size=bs,
+            seed=t.seed,
+            max_new=L,
+        )
         rows_wait.append({"waits": int(n), **_public(r)})
-    m_wait = budget_metrics([r["waits"] for r in rows_wait], [r["accuracy"] for r in rows_wait],
-                            [r["control"] for r in rows_wait])
-    return {"max_budget": {"rows": rows_max, "metrics": m_max},
-            "extrapolation": {"rows": rows_wait, "metrics": m_wait, "think_cap": t.wait_cap},
-            "unforced": _public(free)}
+    m_wait = budget_metrics(
+        [r["waits"] for r in rows_wait], [r["accuracy"] for r in rows_wait], [r["control"] for r in rows_wait]
+    )
+    return {
+        "max_budget": {"rows": rows_max, "metrics": m_max},
+        "extrapolation": {"rows": rows_wait, "metrics": m_wait, "think_cap": t.wait_cap},
+        "unforced": _public(free),
+    }
 
 
 def _public(r: dict) -> dict:
@@ -349,9 +459,11 @@ def ttc_path(workdir: str, step: int) -> str:
 
 
 def format_ttc(r: dict) -> str:
-    lines = [f"test-time compute @ step {r['step']}  task {r['task']}  "
-             f"({r['num_prompts']} prompts x n={r['n']}, greedy acc {r['greedy_accuracy']:.3f})",
-             f"{'k':>5} {'coverage@k':>11} {'majority@k':>11}"]
+    lines = [
+        f"test-time compute @ step {r['step']}  task {r['task']}  "
+        f"({r['num_prompts']} prompts x n={r['n']}, greedy acc {r['greedy_accuracy']:.3f})",
+        f"{'k':>5} {'coverage@k':>11} {'majority@k':>11}",
+    ]
     for k in r["ks"]:
         lines.append(f"{k:>5} {r['coverage'][str(k)]:>11.3f} {r['majority'][str(k)]:>11.3f}")
     bf = r.get("budget_forcing")
@@ -359,26 +471,36 @@ def format_ttc(r: dict) -> str:
         lines.append("budget forcing (max thinking tokens; s1):")
         lines.append(f"{'budget':>7} {'accuracy':>9} {'control':>8} {'think':>7} {'forced':>7}")
         for row in bf["max_budget"]["rows"]:
-            lines.append(f"{row['budget']:>7} {row['accuracy']:>9.3f} {row['control']:>8.3f} "
-                         f"{row['mean_think']:>7.1f} {row['forced_end']:>7.2f}")
+            lines.append(
+                f"{row['budget']:>7} {row['accuracy']:>9.3f} {row['control']:>8.3f} "
+                f"{row['mean_think']:>7.1f} {row['forced_end']:>7.2f}"
+            )
         lines.append(_metrics_line(bf["max_budget"]["metrics"], "per thinking token"))
-        lines.append(f"extrapolation (suppress end of thinking, append 'Wait' N times; "
-                     f"cap {bf['extrapolation']['think_cap']}):")
+        lines.append(
+            f"extrapolation (suppress end of thinking, append 'Wait' N times; "
+            f"cap {bf['extrapolation']['think_cap']}):"
+        )
         lines.append(f"{'N':>7} {'accuracy':>9} {'control':>8} {'think':>7} {'waits':>7}")
         for row in bf["extrapolation"]["rows"]:
-            lines.append(f"{row['waits']:>7} {row['accuracy']:>9.3f} {row['control']:>8.3f} "
-                         f"{row['mean_think']:>7.1f} {row['mean_waits']:>7.2f}")
+            lines.append(
+                f"{row['waits']:>7} {row['accuracy']:>9.3f} {row['control']:>8.3f} "
+                f"{row['mean_think']:>7.1f} {row['mean_waits']:>7.2f}"
+            )
         lines.append(_metrics_line(bf["extrapolation"]["metrics"], "per Wait"))
     for row in r.get("recursion_depth", []):
-        lines.append(f"depth {row['depth']} (trained {row['trained_depth']}): accuracy "
-                     f"{row['accuracy']:.3f}  answer loglik {row['answer_loglik_nats']:.4f} "
-                     f"nats/token  eval loss {row['eval_loss']:.4f}")
+        lines.append(
+            f"depth {row['depth']} (trained {row['trained_depth']}): accuracy "
+            f"{row['accuracy']:.3f}  answer loglik {row['answer_loglik_nats']:.4f} "
+            f"nats/token  eval loss {row['eval_loss']:.4f}"
+        )
     return "\n".join(lines)
 
 
 def _metrics_line(m: dict, unit: str) -> str:
-    return (f"  Control {100 * m['control']:.1f}%  Scaling {100 * m['scaling']:.3f} "
-            f"points {unit}  Performance {100 * m['performance']:.1f}%")
+    return (
+        f"  Control {100 * m['control']:.1f}%  Scaling {100 * m['scaling']:.3f} "
+        f"points {unit}  Performance {100 * m['performance']:.1f}%"
+    )
 
 
 def sweep_columns(r: dict) -> dict:

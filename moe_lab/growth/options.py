@@ -48,10 +48,11 @@ class GrowOptions:
 
     def __post_init__(self):  # neither depth nor width: a plain continuation (sweeps)
         for value, choices, what in (
-                (self.depth and self.depth.method, DEPTH_METHODS, "depth method"),
-                (self.width and self.width.layout, WIDTH_LAYOUTS, "width layout"),
-                (self.width and self.width.init, WIDTH_INITS, "width init"),
-                (self.opt_state, OPT_STATES, "opt_state")):
+            (self.depth and self.depth.method, DEPTH_METHODS, "depth method"),
+            (self.width and self.width.layout, WIDTH_LAYOUTS, "width layout"),
+            (self.width and self.width.init, WIDTH_INITS, "width init"),
+            (self.opt_state, OPT_STATES, "opt_state"),
+        ):
             if value is not None and value not in choices:
                 raise ConfigError(f"grow: {what} {value!r} is not one of {', '.join(choices)}")
         if sorted(self.order) != ["depth", "width"]:
@@ -59,8 +60,11 @@ class GrowOptions:
 
     def transforms(self) -> list[tuple[str, dict]]:
         """[("depth" | "width", the transform's keyword arguments)] in order."""
-        return [(what, dataclasses.asdict(getattr(self, what))) for what in self.order
-                if getattr(self, what) is not None]
+        return [
+            (what, dataclasses.asdict(getattr(self, what)))
+            for what in self.order
+            if getattr(self, what) is not None
+        ]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,8 +76,9 @@ class GrowOptions:
         spec = dict(spec or {})
         known = {f.name for f in dataclasses.fields(cls)}
         if set(spec) - known:
-            raise ConfigError(f"sweep: unknown grow option(s) {sorted(set(spec) - known)} "
-                              f"({', '.join(sorted(known))})")
+            raise ConfigError(
+                f"sweep: unknown grow option(s) {sorted(set(spec) - known)} ({', '.join(sorted(known))})"
+            )
 
         def part(kind, key):
             if key not in spec:
@@ -85,9 +90,13 @@ class GrowOptions:
             return kind(**kw)
 
         order = spec.get("order", "depth,width")
-        return cls(depth=part(DepthGrowth, "depth"), width=part(WidthGrowth, "width"),
-                   order=tuple(order.split(",") if isinstance(order, str) else order),
-                   opt_state=spec.get("opt_state", "reset"), seed=int(spec.get("seed", 0)))
+        return cls(
+            depth=part(DepthGrowth, "depth"),
+            width=part(WidthGrowth, "width"),
+            order=tuple(order.split(",") if isinstance(order, str) else order),
+            opt_state=spec.get("opt_state", "reset"),
+            seed=int(spec.get("seed", 0)),
+        )
 
     def cli_flags(self) -> list[str]:
         """The `moe-lab grow` flags that give these options (a sweep's --dry-run)."""
@@ -100,9 +109,23 @@ class GrowOptions:
             flags += ["--zero-copies"] if d.zero_copies else []
         if self.width:
             w = self.width
-            flags += ["--width-factor", str(w.factor), "--noise", str(w.noise),
-                      "--width-layout", w.layout, "--width-init", w.init]
+            flags += [
+                "--width-factor",
+                str(w.factor),
+                "--noise",
+                str(w.noise),
+                "--width-layout",
+                w.layout,
+                "--width-init",
+                w.init,
+            ]
             flags += ["--only-e"] if not w.grow_k else []
             flags += ["--only-k"] if not w.grow_e else []
-        return flags + ["--order", ",".join(self.order), "--opt-state", self.opt_state,
-                        "--seed", str(self.seed)]
+        return flags + [
+            "--order",
+            ",".join(self.order),
+            "--opt-state",
+            self.opt_state,
+            "--seed",
+            str(self.seed),
+        ]

@@ -135,16 +135,19 @@ class DepthPlan:
     cfg: Config  # the grown config
 
 
-def depth_plan(cfg: Config, *, method: str = "interpose", factor: int = 2, keep_first: int = 0,
-               keep_last: int = 0) -> DepthPlan:
+def depth_plan(
+    cfg: Config, *, method: str = "interpose", factor: int = 2, keep_first: int = 0, keep_last: int = 0
+) -> DepthPlan:
     if method not in ("interpose", "stack"):
         raise ConfigError(f"grow: depth method {method!r} is not one of interpose, stack")
     if factor < 2:
         raise ConfigError(f"grow: depth factor must be >= 2, got {factor}")
     L = cfg.model.num_layers
     if keep_first < 0 or keep_last < 0 or keep_first + keep_last >= L:
-        raise ConfigError(f"grow: keep_first={keep_first} + keep_last={keep_last} must leave "
-                          f"at least one of the {L} layers to grow")
+        raise ConfigError(
+            f"grow: keep_first={keep_first} + keep_last={keep_last} must leave "
+            f"at least one of the {L} layers to grow"
+        )
     index, is_copy, offset = {}, {}, 0
     for name, n in stack_sizes(cfg).items():
         g = offset + np.arange(n)
@@ -161,8 +164,9 @@ def depth_plan(cfg: Config, *, method: str = "interpose", factor: int = 2, keep_
         is_copy[name] = np.array([c for _, c in order], bool)
         offset += n
     sizes = {k: len(v) for k, v in index.items()}
-    new_cfg = _replace_model(cfg, num_layers=sum(sizes.values()),
-                             moe={"first_dense_layers": sizes.get(model_tree.DENSE_STACK, 0)})
+    new_cfg = _replace_model(
+        cfg, num_layers=sum(sizes.values()), moe={"first_dense_layers": sizes.get(model_tree.DENSE_STACK, 0)}
+    )
     return DepthPlan(index=index, is_copy=is_copy, cfg=new_cfg)
 
 
@@ -183,16 +187,22 @@ def apply_depth(tree: dict, plan: DepthPlan, *, zero_copies: bool = False) -> di
     return _map_dict(tree, fn)
 
 
-def grow_depth(params: dict, cfg: Config, *, method: str = "interpose", factor: int = 2,
-               keep_first: int = 0, keep_last: int = 0, zero_copies: bool = False
-               ) -> tuple[dict, Config]:
+def grow_depth(
+    params: dict,
+    cfg: Config,
+    *,
+    method: str = "interpose",
+    factor: int = 2,
+    keep_first: int = 0,
+    keep_last: int = 0,
+    zero_copies: bool = False,
+) -> tuple[dict, Config]:
     """(params, cfg) of the depth-grown model (2510.08008: interposition / stacking).
 
     `params` may be any tree with the params layout under the stacks, e.g.
     model_state (router biases) or Adam moments: `grow_depth(model_state, cfg, ...)`.
     """
-    plan = depth_plan(cfg, method=method, factor=factor, keep_first=keep_first,
-                      keep_last=keep_last)
+    plan = depth_plan(cfg, method=method, factor=factor, keep_first=keep_first, keep_last=keep_last)
     return apply_depth(params, plan, zero_copies=zero_copies), plan.cfg
 
 
@@ -209,8 +219,15 @@ class WidthPlan:
     init: str  # copy | random_router | random_experts (see the module docstring)
 
 
-def width_plan(cfg: Config, *, factor: int = 2, layout: str = "append", grow_k: bool = True,
-               grow_e: bool = True, init: str = "copy") -> WidthPlan:
+def width_plan(
+    cfg: Config,
+    *,
+    factor: int = 2,
+    layout: str = "append",
+    grow_k: bool = True,
+    grow_e: bool = True,
+    init: str = "copy",
+) -> WidthPlan:
     m = cfg.model
     if m.ffn != "moe":
         raise ConfigError("grow: width growth needs an MoE model (model.ffn='moe'); this one is dense")
@@ -245,8 +262,15 @@ def width_plan(cfg: Config, *, factor: int = 2, layout: str = "append", grow_k: 
     return WidthPlan(index=index.astype(np.int32), is_copy=is_copy, cfg=new_cfg, init=init)
 
 
-def apply_width(tree: dict, plan: WidthPlan, *, kind: str = "params", noise: float = 0.0,
-                seed: int = 0, init_std: float = 0.02) -> dict:
+def apply_width(
+    tree: dict,
+    plan: WidthPlan,
+    *,
+    kind: str = "params",
+    noise: float = 0.0,
+    seed: int = 0,
+    init_std: float = 0.02,
+) -> dict:
     """Applies a width plan to a params-shaped tree.
 
     kind="params": copies get noise*std-scaled Gaussian noise; kind="model_state":
@@ -255,6 +279,7 @@ def apply_width(tree: dict, plan: WidthPlan, *, kind: str = "params", noise: flo
     weights from N(0, init_std^2), set biases as described there and give redrawn
     weights zero moments.
     """
+
     def fn(path, x):
         if model_tree.plain_stack_of(path) is None or model_tree.ffn_leaf(path) not in EXPERT_AXES:
             return x  # not an MoE leaf (shared experts live under ffn/shared)
@@ -298,9 +323,19 @@ def _redrawn(kind: str, path, shape, seed: int, init_std: float, *, bias) -> np.
     return init_std * _leaf_rng(seed, path).standard_normal(shape)
 
 
-def grow_width(params: dict, model_state: dict, cfg: Config, *, factor: int = 2,
-               noise: float = 0.01, seed: int = 0, layout: str = "append", grow_k: bool = True,
-               grow_e: bool = True, init: str = "copy") -> tuple[dict, dict, Config]:
+def grow_width(
+    params: dict,
+    model_state: dict,
+    cfg: Config,
+    *,
+    factor: int = 2,
+    noise: float = 0.01,
+    seed: int = 0,
+    layout: str = "append",
+    grow_k: bool = True,
+    grow_e: bool = True,
+    init: str = "copy",
+) -> tuple[dict, dict, Config]:
     """(params, model_state, cfg) with E -> factor*E experts and k -> factor*k (2510.08008).
 
     noise: relative std of the noise on the copies (paper: 0.01); 0 preserves the
@@ -311,12 +346,14 @@ def grow_width(params: dict, model_state: dict, cfg: Config, *, factor: int = 2,
     """
     plan = width_plan(cfg, factor=factor, layout=layout, grow_k=grow_k, grow_e=grow_e, init=init)
     kw = {"noise": noise, "seed": seed, "init_std": cfg.model.init_std}
-    return (apply_width(params, plan, kind="params", **kw),
-            apply_width(model_state, plan, kind="model_state", **kw), plan.cfg)
+    return (
+        apply_width(params, plan, kind="params", **kw),
+        apply_width(model_state, plan, kind="model_state", **kw),
+        plan.cfg,
+    )
 
 
-def width_preserves_function(cfg: Config, *, noise: float, grow_e: bool, grow_k: bool,
-                             init: str) -> bool:
+def width_preserves_function(cfg: Config, *, noise: float, grow_e: bool, grow_k: bool, init: str) -> bool:
     """Whether width growth with these options keeps the logits (see module docstring)."""
     moe = cfg.model.moe
     # sigmoid copies keep the full score s each: only renormalised gates over k > 1
@@ -337,9 +374,15 @@ def _is_params_like(node, params_struct) -> bool:
     return isinstance(node, dict) and jax.tree.structure(node) == params_struct
 
 
-def grow_opt_state(opt_state, old_params: dict, transform: Callable[[dict], dict], *,
-                   mode: str = "reset", init_fn: Callable | None = None,
-                   new_params: dict | None = None):
+def grow_opt_state(
+    opt_state,
+    old_params: dict,
+    transform: Callable[[dict], dict],
+    *,
+    mode: str = "reset",
+    init_fn: Callable | None = None,
+    new_params: dict | None = None,
+):
     """The optimizer state after growth.
 
     mode="reset" (2510.08008 re-initialises Adam): `init_fn(new_params)`, e.g.
@@ -377,10 +420,15 @@ def grow_opt_state(opt_state, old_params: dict, transform: Callable[[dict], dict
 # ------------------------------------------------------------- whole states
 
 
-def grow_train_state(state: dict, cfg: Config, steps: list[tuple[str, dict]], *,
-                     opt_state: str = "reset", seed: int = 0,
-                     init_fn_for: Callable[[Config], Callable] | None = None
-                     ) -> tuple[dict, Config]:
+def grow_train_state(
+    state: dict,
+    cfg: Config,
+    steps: list[tuple[str, dict]],
+    *,
+    opt_state: str = "reset",
+    seed: int = 0,
+    init_fn_for: Callable[[Config], Callable] | None = None,
+) -> tuple[dict, Config]:
     """Applies [("depth", kwargs) | ("width", kwargs), ...] in order to a whole
     train state {"params", "opt_state", "model_state", "step"}; step becomes 0.
 
@@ -416,11 +464,16 @@ def grow_train_state(state: dict, cfg: Config, steps: list[tuple[str, dict]], *,
         return tree
 
     init_fn = init_fn_for(cfg) if (opt_state == "reset" and init_fn_for) else None
-    new_opt = grow_opt_state(state["opt_state"], state["params"], transform, mode=opt_state,
-                             init_fn=init_fn, new_params=params)
+    new_opt = grow_opt_state(
+        state["opt_state"], state["params"], transform, mode=opt_state, init_fn=init_fn, new_params=params
+    )
     step = state["step"]
-    new = {"params": params, "opt_state": new_opt, "model_state": model_state,
-           "step": _xp(step).zeros_like(step)}
+    new = {
+        "params": params,
+        "opt_state": new_opt,
+        "model_state": model_state,
+        "step": _xp(step).zeros_like(step),
+    }
     return new, cfg
 
 
@@ -487,16 +540,20 @@ def with_recursions(cfg, state: dict, depth: int):
         raise ConfigError("recursion depth sweep needs model.stack='recursive'")
     mor = m.mor
     if mor.routing == "token_choice":
-        raise ConfigError("recursion depth sweep: token-choice routing fixes depths 1..N_r "
-                          "in its router; only routing='none' or 'expert_choice' can vary depth")
+        raise ConfigError(
+            "recursion depth sweep: token-choice routing fixes depths 1..N_r "
+            "in its router; only routing='none' or 'expert_choice' can vary depth"
+        )
     if depth < 1:
         raise ConfigError(f"recursion depth must be >= 1, got {depth}")
     R = mor.num_recursions
     pool = recursion_schedule(m.num_layers, R, mor.sharing).pool
     middle = mor.sharing.startswith("middle")
     if mor.sharing.endswith("sequence") and pool > 1:
-        raise ConfigError("recursion depth sweep: 'sequence' sharing with a pool > 1 applies "
-                          "each layer N_r times in a row; its depth cannot be changed")
+        raise ConfigError(
+            "recursion depth sweep: 'sequence' sharing with a pool > 1 applies "
+            "each layer N_r times in a row; its depth cannot be changed"
+        )
     caps = ""
     if mor.capacities.strip():
         old = [c.strip() for c in mor.capacities.split(",")]

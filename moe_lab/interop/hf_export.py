@@ -28,8 +28,9 @@ from moe_lab.train.checkpoint import Checkpointer
 from moe_lab.train.run_dir import building, check_new_run_dir, config_path, run_tokenizer
 
 
-def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
-              shard_bytes: int | None = None, log=print) -> dict:
+def export_hf(
+    workdir: str, to_dir: str, *, step: int | None = None, shard_bytes: int | None = None, log=print
+) -> dict:
     """Writes the HF files of run `workdir` at `step` (default: latest); returns config.json."""
     if not os.path.isfile(config_path(workdir)):
         raise ConfigError(f"export: --workdir {workdir} holds no run (no config.json)")
@@ -47,14 +48,24 @@ def export_hf(workdir: str, to_dir: str, *, step: int | None = None,
             return ckpt.restore_leaf(step, ("params", *path))
 
         with building(dst, "exporting") as tmp:
-            files = write_sharded(tmp, specs, lambda: hf_weights.hf_tensors(m, arch, leaf_of),
-                                  **({"shard_bytes": shard_bytes} if shard_bytes else {}))
+            files = write_sharded(
+                tmp,
+                specs,
+                lambda: hf_weights.hf_tensors(m, arch, leaf_of),
+                **({"shard_bytes": shard_bytes} if shard_bytes else {}),
+            )
             write_hf_tokenizer(tok, tmp, m.max_seq_len)
-            for name, obj in (("config.json", hf), ("generation_config.json", {
-                    "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                    "pad_token_id": tok.pad_id})):
+            for name, obj in (
+                ("config.json", hf),
+                (
+                    "generation_config.json",
+                    {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id},
+                ),
+            ):
                 with open(os.path.join(tmp, name), "w") as f:
                     json.dump(obj, f, indent=2)
-    log(f"export: {workdir} step {step} -> {dst} ({arch}, {len(files)} safetensors file"
-        f"{'s' if len(files) > 1 else ''}, {m.param_dtype})")
+    log(
+        f"export: {workdir} step {step} -> {dst} ({arch}, {len(files)} safetensors file"
+        f"{'s' if len(files) > 1 else ''}, {m.param_dtype})"
+    )
     return hf

@@ -76,8 +76,10 @@ def safetensors_files(hf_dir: str) -> list[str]:
         return files
     files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if not files:
-        raise ConfigError(f"import: {hf_dir} holds no .safetensors weights (a PyTorch .bin "
-                          f"checkpoint must be re-saved with safe_serialization=True)")
+        raise ConfigError(
+            f"import: {hf_dir} holds no .safetensors weights (a PyTorch .bin "
+            f"checkpoint must be re-saved with safe_serialization=True)"
+        )
     return files
 
 
@@ -117,16 +119,17 @@ def _with_mean_rows(make, vocab_size: int, axis: int):
     """make() with rows past the checkpoint's vocabulary appended on `axis` (embedding:
     0, unembedding: 1), each the mean of the checkpoint's rows, so the new ids start
     where the model's average token is (as transformers' resize_token_embeddings)."""
+
     def grown():
         a = make()
         extra = vocab_size - a.shape[axis]
         mean = a.astype(np.float32).mean(axis=axis, keepdims=True).astype(a.dtype)
         return np.concatenate([a, np.repeat(mean, extra, axis=axis)], axis=axis)
+
     return grown
 
 
-def lazy_params(m_hf, arch: str, reader: TensorReader, abstract_hf: dict, vocab_size: int,
-                dtype) -> dict:
+def lazy_params(m_hf, arch: str, reader: TensorReader, abstract_hf: dict, vocab_size: int, dtype) -> dict:
     """The params tree with a LazyArray per leaf (train/checkpoint.py): nothing is read
     until the checkpoint writer makes the leaf, one leaf at a time."""
     params: dict = {}
@@ -149,8 +152,10 @@ def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=pr
     m_hf = dataclasses.replace(cfg.model, vocab_size=hf_vocab)
     missing = [n for n in hf_weights.hf_names(m_hf, arch) if n not in reader.names()]
     if missing:
-        raise ConfigError(f"import: the checkpoint has no tensor {missing[0]} "
-                          f"({len(missing)} missing; is config.json the checkpoint's own?)")
+        raise ConfigError(
+            f"import: the checkpoint has no tensor {missing[0]} "
+            f"({len(missing)} missing; is config.json the checkpoint's own?)"
+        )
     setup = setup_on_devices(cfg)[1]
     abstract = setup.abstract_state
     want = abstract["params"]
@@ -160,37 +165,56 @@ def import_hf(hf_dir: str, to_dir: str, overrides: dict | None = None, *, log=pr
         hf_weights.check_shapes(m_hf, arch, reader.shape, want)
     except hf_weights.HFShapeError as e:
         raise ConfigError(f"import: {e}") from None
-    params = lazy_params(m_hf, arch, reader, want, cfg.model.vocab_size,
-                         NP_DTYPES[cfg.model.param_dtype])
+    params = lazy_params(m_hf, arch, reader, want, cfg.model.vocab_size, NP_DTYPES[cfg.model.param_dtype])
     if hf_vocab != cfg.model.vocab_size:
-        log(f"import: the tokenizer needs {cfg.model.vocab_size} ids, the checkpoint has "
+        log(
+            f"import: the tokenizer needs {cfg.model.vocab_size} ids, the checkpoint has "
             f"{hf_vocab}: {cfg.model.vocab_size - hf_vocab} embedding rows added (mean-"
-            f"initialised); export will write vocab_size={cfg.model.vocab_size}")
+            f"initialised); export will write vocab_size={cfg.model.vocab_size}"
+        )
 
     def zeros(s):
         return np.zeros(s.shape, s.dtype)
 
     # no optimizer state: a restore gives fresh Adam moments (train/checkpoint.py), and
     # the checkpoint is a third of the size it would be with two zero moments
-    state = {"params": params, "model_state": jax.tree.map(zeros, abstract["model_state"]),
-             "step": np.zeros((), np.int32)}
+    state = {
+        "params": params,
+        "model_state": jax.tree.map(zeros, abstract["model_state"]),
+        "step": np.zeros((), np.int32),
+    }
     sources = [*files, os.path.join(hf_dir, "config.json"), cfg.data.tokenizer]
     # the lineage's hashes are computed beside the checkpoint write (hashlib releases the
     # GIL; 0.3-0.5 s of the 429 MB benchmark's import otherwise)
     with ThreadPoolExecutor(1) as pool, building(dst, "importing") as tmp:
         hashes = pool.map(file_sha256, sources)
-        write_checkpoint(tmp, 0, state, {"tokens_seen": 0.0, "flops_spent": 0.0,
-                                         "wall_seconds": 0.0,
-                                         "imported_from": os.path.abspath(hf_dir)})
-        lineage = {"imported_from": os.path.abspath(hf_dir), "hf_architecture": arch,
-                   "hf_vocab_size": hf_vocab,
-                   "files": {os.path.basename(f): {"bytes": os.path.getsize(f), "sha256": h}
-                             for f, h in zip(sources, hashes, strict=True)}}
+        write_checkpoint(
+            tmp,
+            0,
+            state,
+            {
+                "tokens_seen": 0.0,
+                "flops_spent": 0.0,
+                "wall_seconds": 0.0,
+                "imported_from": os.path.abspath(hf_dir),
+            },
+        )
+        lineage = {
+            "imported_from": os.path.abspath(hf_dir),
+            "hf_architecture": arch,
+            "hf_vocab_size": hf_vocab,
+            "files": {
+                os.path.basename(f): {"bytes": os.path.getsize(f), "sha256": h}
+                for f, h in zip(sources, hashes, strict=True)
+            },
+        }
         keep_tokenizer(tmp, load_tokenizer(cfg.data.tokenizer))
         write_json_atomic(lineage_path(tmp), lineage)
         write_json_atomic(config_path(tmp), cfg.to_dict())
     m = cfg.model
-    log(f"import: {arch} {hf_dir} -> {dst}: {m.num_layers} layers, d_model {m.d_model}"
+    log(
+        f"import: {arch} {hf_dir} -> {dst}: {m.num_layers} layers, d_model {m.d_model}"
         + (f", {m.moe.num_experts} experts top-{m.moe.top_k}" if m.ffn == "moe" else "")
-        + f", vocab {m.vocab_size}, {m.param_dtype}")
+        + f", vocab {m.vocab_size}, {m.param_dtype}"
+    )
     return lineage

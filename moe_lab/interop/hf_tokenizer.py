@@ -46,8 +46,11 @@ def _byte_level_tokenizer():
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the ByteLevel pre-tokenizer's)."""
-    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-            + list(range(ord("®"), ord("ÿ") + 1)))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -74,13 +77,17 @@ def _sentencepiece_as_hf(path: str):
     with open(path, "rb") as f:
         proto.ParseFromString(f.read())
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
-    for field, bad in (("trainer_spec.treat_whitespace_as_suffix", trainer.treat_whitespace_as_suffix),
-                       ("trainer_spec.model_type", trainer.model_type not in (_UNIGRAM, _BPE)),
-                       ("normalizer_spec.escape_whitespaces", not norm.escape_whitespaces),
-                       ("user_defined pieces", any(p.type == _USER_DEFINED for p in proto.pieces))):
+    for field, bad in (
+        ("trainer_spec.treat_whitespace_as_suffix", trainer.treat_whitespace_as_suffix),
+        ("trainer_spec.model_type", trainer.model_type not in (_UNIGRAM, _BPE)),
+        ("normalizer_spec.escape_whitespaces", not norm.escape_whitespaces),
+        ("user_defined pieces", any(p.type == _USER_DEFINED for p in proto.pieces)),
+    ):
         if bad:
-            raise ConfigError(f"export: SentencePiece model {path}: {field} is not supported "
-                              f"(its encoding has no tokenizers equivalent here)")
+            raise ConfigError(
+                f"export: SentencePiece model {path}: {field} is not supported "
+                f"(its encoding has no tokenizers equivalent here)"
+            )
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     unk = trainer.unk_id
     if trainer.model_type == _BPE:
@@ -94,15 +101,21 @@ def _sentencepiece_as_hf(path: str):
                 if left in vocab and right in vocab:
                     merges.append((-score, i, vocab[left], left, right))
         merges.sort()
-        model = models.BPE(vocab, [(a, b) for *_, a, b in merges],
-                           unk_token=pieces[unk][0], fuse_unk=True,
-                           byte_fallback=trainer.byte_fallback)
+        model = models.BPE(
+            vocab,
+            [(a, b) for *_, a, b in merges],
+            unk_token=pieces[unk][0],
+            fuse_unk=True,
+            byte_fallback=trainer.byte_fallback,
+        )
     else:
         # SentencePiece never matches a control, byte or unused piece in text (literal
         # "<0x41>" stays characters); tokenizers' Viterbi would: score them out
-        model = models.Unigram([(piece, score if kind == _NORMAL else -1e9)
-                                for piece, score, kind in pieces], unk_id=unk,
-                               byte_fallback=trainer.byte_fallback)
+        model = models.Unigram(
+            [(piece, score if kind == _NORMAL else -1e9) for piece, score, kind in pieces],
+            unk_id=unk,
+            byte_fallback=trainer.byte_fallback,
+        )
     hf = tokenizers.Tokenizer(model)
     steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
     if norm.remove_extra_whitespaces:
@@ -113,7 +126,8 @@ def _sentencepiece_as_hf(path: str):
     hf.normalizer = normalizers.Sequence(steps)
     hf.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
+        + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else [])
+    )
     return hf
 
 
@@ -134,14 +148,14 @@ def hf_tokenizer_of(tok: Tokenizer):
     # a role alias ("<s>" played by "<|begin_of_text|>") is the vocabulary's token already
     base = hf.get_vocab_size(with_added_tokens=True)
     ids = tok.special_to_id
-    mine = sorted((s for s in SPECIAL_TOKENS if hf.token_to_id(s) == ids[s] or ids[s] >= base),
-                  key=ids.get)
-    hf.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
-                           for s in mine])
+    mine = sorted((s for s in SPECIAL_TOKENS if hf.token_to_id(s) == ids[s] or ids[s] >= base), key=ids.get)
+    hf.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in mine])
     wrong = [s for s in mine if hf.token_to_id(s) != ids[s]]
     if wrong:
-        raise ConfigError(f"export: special {wrong[0]} gets id {hf.token_to_id(wrong[0])} in the "
-                          f"HF tokenizer, the run uses {ids[wrong[0]]}")
+        raise ConfigError(
+            f"export: special {wrong[0]} gets id {hf.token_to_id(wrong[0])} in the "
+            f"HF tokenizer, the run uses {ids[wrong[0]]}"
+        )
     return hf
 
 
@@ -152,9 +166,15 @@ def write_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int) -> None:
     def name(i):
         return hf.id_to_token(i)
 
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-              "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
-              "pad_token": name(tok.pad_id), "add_bos_token": False, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_len,
+        "bos_token": name(tok.bos_id),
+        "eos_token": name(tok.eos_id),
+        "pad_token": name(tok.pad_id),
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)

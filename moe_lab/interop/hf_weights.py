@@ -40,42 +40,70 @@ class Leaf:
 
 def _linear_in(shape_of: Callable[[np.ndarray], tuple]):
     """HF [out, in] -> moe_lab [in, *out split] (W.T reshaped), and back."""
-    return (lambda ws: ws[0].T.reshape(shape_of(ws[0])),
-            lambda a: [a.reshape(a.shape[0], -1).T])
+    return (lambda ws: ws[0].T.reshape(shape_of(ws[0])), lambda a: [a.reshape(a.shape[0], -1).T])
 
 
 def _attn_leaves(m: ModelConfig, arch_qk_norm: str) -> list[Leaf]:
     D, H, G, K = m.d_model, m.num_heads, m.num_kv_heads, m.resolved_head_dim
     p = "model.layers.{i}.self_attn."
-    out = [Leaf(("attn_norm", "scale_D"), ("model.layers.{i}.input_layernorm.weight",),
-                lambda ws: ws[0], lambda a: [a]),
-           Leaf(("ffn_norm", "scale_D"), ("model.layers.{i}.post_attention_layernorm.weight",),
-                lambda ws: ws[0], lambda a: [a])]
+    out = [
+        Leaf(
+            ("attn_norm", "scale_D"),
+            ("model.layers.{i}.input_layernorm.weight",),
+            lambda ws: ws[0],
+            lambda a: [a],
+        ),
+        Leaf(
+            ("ffn_norm", "scale_D"),
+            ("model.layers.{i}.post_attention_layernorm.weight",),
+            lambda ws: ws[0],
+            lambda a: [a],
+        ),
+    ]
     for name, n in (("q", H), ("k", G), ("v", G)):
         suffix = "HK" if name == "q" else "GK"
         to_ml, to_hf = _linear_in(lambda w, n=n: (D, n, K))
         out.append(Leaf(("attn", f"{name}_D{suffix}"), (f"{p}{name}_proj.weight",), to_ml, to_hf))
         if m.attn_bias != "none":
-            out.append(Leaf(("attn", f"{name}_bias_{suffix}"), (f"{p}{name}_proj.bias",),
-                            lambda ws, n=n: ws[0].reshape(n, K), lambda a: [a.reshape(-1)]))
-    out.append(Leaf(("attn", "o_HKD"), (f"{p}o_proj.weight",),
-                    lambda ws: ws[0].T.reshape(H, K, D), lambda a: [a.reshape(H * K, D).T]))
+            out.append(
+                Leaf(
+                    ("attn", f"{name}_bias_{suffix}"),
+                    (f"{p}{name}_proj.bias",),
+                    lambda ws, n=n: ws[0].reshape(n, K),
+                    lambda a: [a.reshape(-1)],
+                )
+            )
+    out.append(
+        Leaf(
+            ("attn", "o_HKD"),
+            (f"{p}o_proj.weight",),
+            lambda ws: ws[0].T.reshape(H, K, D),
+            lambda a: [a.reshape(H * K, D).T],
+        )
+    )
     if m.attn_bias == "qkvo":
-        out.append(Leaf(("attn", "o_bias_D"), (f"{p}o_proj.bias",), lambda ws: ws[0],
-                        lambda a: [a]))
+        out.append(Leaf(("attn", "o_bias_D"), (f"{p}o_proj.bias",), lambda ws: ws[0], lambda a: [a]))
     if arch_qk_norm != "none":
         for name in ("q", "k"):
-            out.append(Leaf(("attn", f"{name}_norm", "scale_D"), (f"{p}{name}_norm.weight",),
-                            lambda ws: ws[0], lambda a: [a]))
+            out.append(
+                Leaf(
+                    ("attn", f"{name}_norm", "scale_D"),
+                    (f"{p}{name}_norm.weight",),
+                    lambda ws: ws[0],
+                    lambda a: [a],
+                )
+            )
     return out
 
 
 def _swiglu_leaves(path: Path, prefix: str, names=("gate_proj", "up_proj", "down_proj")):
     gate, up, down = names
     t = (lambda ws: ws[0].T, lambda a: [a.T])
-    return [Leaf((*path, "gate_DF"), (f"{prefix}{gate}.weight",), *t),
-            Leaf((*path, "up_DF"), (f"{prefix}{up}.weight",), *t),
-            Leaf((*path, "down_FD"), (f"{prefix}{down}.weight",), *t)]
+    return [
+        Leaf((*path, "gate_DF"), (f"{prefix}{gate}.weight",), *t),
+        Leaf((*path, "up_DF"), (f"{prefix}{up}.weight",), *t),
+        Leaf((*path, "down_FD"), (f"{prefix}{down}.weight",), *t),
+    ]
 
 
 def _moe_leaves(m: ModelConfig, arch: str) -> list[Leaf]:
@@ -88,35 +116,42 @@ def _moe_leaves(m: ModelConfig, arch: str) -> list[Leaf]:
         return ws[0].T[None] if len(ws) == 1 else np.stack([w.T for w in ws])
 
     def experts(name):  # E HF [out, in] matrices <-> one [E, in, out]
-        return (tuple(f"{p}experts.{e}.{name}.weight" for e in range(E)), to_ml,
-                lambda a: [x.T for x in a])
+        return (tuple(f"{p}experts.{e}.{name}.weight" for e in range(E)), to_ml, lambda a: [x.T for x in a])
 
-    out = [Leaf((tree.FFN, "router_DE"), (f"{p}gate.weight",), lambda ws: ws[0].T,
-                lambda a: [a.T]),
-           Leaf((tree.FFN, "gate_EDF"), *experts(gate)),
-           Leaf((tree.FFN, "up_EDF"), *experts(up)),
-           Leaf((tree.FFN, "down_EFD"), *experts(down))]
+    out = [
+        Leaf((tree.FFN, "router_DE"), (f"{p}gate.weight",), lambda ws: ws[0].T, lambda a: [a.T]),
+        Leaf((tree.FFN, "gate_EDF"), *experts(gate)),
+        Leaf((tree.FFN, "up_EDF"), *experts(up)),
+        Leaf((tree.FFN, "down_EFD"), *experts(down)),
+    ]
     if m.moe.num_shared_experts:
         out += _swiglu_leaves((tree.FFN, "shared"), f"{p}shared_expert.")
-        out.append(Leaf((tree.FFN, "shared_gate_D"), (f"{p}shared_expert_gate.weight",),
-                        lambda ws: ws[0].reshape(-1), lambda a: [a.reshape(1, -1)]))
+        out.append(
+            Leaf(
+                (tree.FFN, "shared_gate_D"),
+                (f"{p}shared_expert_gate.weight",),
+                lambda ws: ws[0].reshape(-1),
+                lambda a: [a.reshape(1, -1)],
+            )
+        )
     return out
 
 
 def block_leaves(m: ModelConfig, arch: str, ffn_kind: str) -> list[Leaf]:
     """The leaves of one block of kind ffn_kind ("dense" or "moe")."""
-    ffn = (_swiglu_leaves((tree.FFN,), "model.layers.{i}.mlp.") if ffn_kind == "dense"
-           else _moe_leaves(m, arch))
+    ffn = (
+        _swiglu_leaves((tree.FFN,), "model.layers.{i}.mlp.") if ffn_kind == "dense" else _moe_leaves(m, arch)
+    )
     return _attn_leaves(m, m.qk_norm) + ffn
 
 
 def top_leaves(m: ModelConfig) -> list[Leaf]:
-    out = [Leaf(("embed_VD",), ("model.embed_tokens.weight",), lambda ws: ws[0], lambda a: [a]),
-           Leaf(("final_norm", "scale_D"), ("model.norm.weight",), lambda ws: ws[0],
-                lambda a: [a])]
+    out = [
+        Leaf(("embed_VD",), ("model.embed_tokens.weight",), lambda ws: ws[0], lambda a: [a]),
+        Leaf(("final_norm", "scale_D"), ("model.norm.weight",), lambda ws: ws[0], lambda a: [a]),
+    ]
     if not m.tie_embeddings:
-        out.append(Leaf(("unembed_DV",), ("lm_head.weight",), lambda ws: ws[0].T,
-                        lambda a: [a.T]))
+        out.append(Leaf(("unembed_DV",), ("lm_head.weight",), lambda ws: ws[0].T, lambda a: [a.T]))
     return out
 
 
@@ -151,9 +186,11 @@ def _converted(leaf: Leaf, names: tuple[str, ...], ws: list, want: tuple) -> np.
         a = None
     if a is None or tuple(a.shape) != tuple(want):
         shapes = sorted({tuple(w.shape) for w in ws})
-        raise HFShapeError(f"tensor {names[0]} has shape {shapes[0] if len(shapes) == 1 else shapes}"
-                           f", which does not fit the config (moe_lab wants {tuple(want)} for "
-                           f"{'/'.join(leaf.path)})")
+        raise HFShapeError(
+            f"tensor {names[0]} has shape {shapes[0] if len(shapes) == 1 else shapes}"
+            f", which does not fit the config (moe_lab wants {tuple(want)} for "
+            f"{'/'.join(leaf.path)})"
+        )
     return a
 
 
@@ -171,8 +208,7 @@ def _stacked_parts(leaf: Leaf, layers: range, read: Callable[[str], np.ndarray],
 
 def leaf_plan(m: ModelConfig, arch: str, abstract_params: dict):
     """[(moe_lab path, Leaf, HF layers or None for a top leaf, shape)] in file order."""
-    out = [(leaf.path, leaf, None, tree.get(abstract_params, leaf.path).shape)
-           for leaf in top_leaves(m)]
+    out = [(leaf.path, leaf, None, tree.get(abstract_params, leaf.path).shape) for leaf in top_leaves(m)]
     for stack, layers, kind in stacks_of(m):
         for leaf in block_leaves(m, arch, kind):
             path = (stack, tree.LAYERS, *leaf.path)
@@ -180,11 +216,11 @@ def leaf_plan(m: ModelConfig, arch: str, abstract_params: dict):
     return out
 
 
-def check_shapes(m: ModelConfig, arch: str, shape_of: Callable[[str], tuple],
-                 abstract_params: dict) -> None:
+def check_shapes(m: ModelConfig, arch: str, shape_of: Callable[[str], tuple], abstract_params: dict) -> None:
     """Runs every conversion on zero-stride views of the HF shapes (shape_of(name)), so
     a tensor that does not fit the config is named (HFShapeError) before any tensor
     is read or anything written; memory: one HF tensor at most (a reshape's copy)."""
+
     def view(name):
         return np.broadcast_to(np.zeros((), np.float32), shape_of(name))
 
@@ -196,11 +232,13 @@ def check_shapes(m: ModelConfig, arch: str, shape_of: Callable[[str], tuple],
                 pass
 
 
-def param_makers(m: ModelConfig, arch: str, read: Callable[[str], np.ndarray],
-                 abstract_params: dict, dtype) -> list[tuple[tuple, tuple, Callable]]:
+def param_makers(
+    m: ModelConfig, arch: str, read: Callable[[str], np.ndarray], abstract_params: dict, dtype
+) -> list[tuple[tuple, tuple, Callable]]:
     """[(moe_lab path, shape, make)]: make() reads the leaf's HF tensors one at a time
     and returns the moe_lab array (a stacked leaf is allocated once and filled layer by
     layer), so making one leaf holds that leaf plus one HF tensor."""
+
     def maker(leaf, layers, want):
         def make():
             if layers is None:
@@ -210,14 +248,18 @@ def param_makers(m: ModelConfig, arch: str, read: Callable[[str], np.ndarray],
             for index, a in _stacked_parts(leaf, layers, read, want):
                 out[index] = a
             return out
+
         return make
 
-    return [(path, tuple(want), maker(leaf, layers, want))
-            for path, leaf, layers, want in leaf_plan(m, arch, abstract_params)]
+    return [
+        (path, tuple(want), maker(leaf, layers, want))
+        for path, leaf, layers, want in leaf_plan(m, arch, abstract_params)
+    ]
 
 
-def hf_tensors(m: ModelConfig, arch: str, leaf_of: Callable[[Path], np.ndarray]
-               ) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(
+    m: ModelConfig, arch: str, leaf_of: Callable[[Path], np.ndarray]
+) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array view) for every tensor of the HF checkpoint, in file order, one
     at a time (views: the caller copies what it writes).  leaf_of(moe_lab path) is
     called once per leaf, and each leaf is dropped before the next is asked for: export
@@ -228,20 +270,21 @@ def hf_tensors(m: ModelConfig, arch: str, leaf_of: Callable[[Path], np.ndarray]
         for leaf in block_leaves(m, arch, kind):
             stacked = leaf_of((stack, tree.LAYERS, *leaf.path))
             for j, i in enumerate(layers):
-                yield from zip(layer_names(leaf, i), leaf.to_hf(np.asarray(stacked[j])),
-                               strict=True)
+                yield from zip(layer_names(leaf, i), leaf.to_hf(np.asarray(stacked[j])), strict=True)
             del stacked  # before the next leaf is read
 
 
 def hf_specs(m: ModelConfig, arch: str, shapes: dict) -> list[tuple[str, tuple, np.dtype]]:
     """[(HF name, shape, dtype)] of hf_tensors for a params tree of `shapes` (anything
     with .shape and .dtype), computed on zero-stride views (no tensor is copied)."""
+
     def shapes_only(a):
         return np.broadcast_to(np.zeros((), a.dtype), a.shape)
 
     views = _map(shapes_only, shapes)
-    return [(name, tuple(a.shape), a.dtype)
-            for name, a in hf_tensors(m, arch, lambda path: tree.get(views, path))]
+    return [
+        (name, tuple(a.shape), a.dtype) for name, a in hf_tensors(m, arch, lambda path: tree.get(views, path))
+    ]
 
 
 def _map(fn, node):

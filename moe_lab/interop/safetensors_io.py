@@ -22,9 +22,13 @@ import numpy as np
 
 from moe_lab.config.schema import ConfigError
 
-DTYPE_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-               np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
-               np.dtype(np.int64): "I64"}
+DTYPE_CODES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int64): "I64",
+}
 READ_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
@@ -34,6 +38,7 @@ def read_header(path: str) -> tuple[dict, int]:
     """({name: {dtype, shape, data_offsets}}, the byte offset of the data) of a
     .safetensors file, checked: every entry's dtype known and its bytes inside the
     file.  A file that breaks any of it is one ConfigError naming the file."""
+
     def bad(why: str) -> ConfigError:
         return ConfigError(f"{path}: not a readable safetensors file ({why})")
 
@@ -59,12 +64,16 @@ def read_header(path: str) -> tuple[dict, int]:
             begin, end = (int(x) for x in entry["data_offsets"])
             count = math.prod(int(d) for d in entry["shape"])
         except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name}: dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}"
-                      f" is not one of {sorted(READ_DTYPES)} or its entry is malformed") from None
+            raise bad(
+                f"tensor {name}: dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}"
+                f" is not one of {sorted(READ_DTYPES)} or its entry is malformed"
+            ) from None
         if not 0 <= begin <= end <= data_bytes or end - begin != count * dtype.itemsize:
-            raise bad(f"tensor {name}: bytes [{begin}, {end}) do not hold shape "
-                      f"{entry['shape']} {entry['dtype']} inside the {data_bytes} data bytes "
-                      f"(truncated?)")
+            raise bad(
+                f"tensor {name}: bytes [{begin}, {end}) do not hold shape "
+                f"{entry['shape']} {entry['dtype']} inside the {data_bytes} data bytes "
+                f"(truncated?)"
+            )
     return header, data_start
 
 
@@ -105,15 +114,19 @@ class TensorReader:
         return out.reshape(shape)
 
 
-def write_stream(path: str, specs: list[tuple[str, tuple, np.dtype]],
-                 arrays: Iterable[tuple[str, np.ndarray]]) -> None:
+def write_stream(
+    path: str, specs: list[tuple[str, tuple, np.dtype]], arrays: Iterable[tuple[str, np.ndarray]]
+) -> None:
     """Writes `path` from specs [(name, shape, dtype)] (the header) and then `arrays`,
     yielded in the same order, one at a time."""
     header, offset = {}, 0
     for name, shape, dtype in specs:
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": DTYPE_CODES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -123,14 +136,19 @@ def write_stream(path: str, specs: list[tuple[str, tuple, np.dtype]],
         f.write(blob)
         for (name, shape, dtype), (got, a) in zip(specs, arrays, strict=True):
             if got != name or tuple(a.shape) != tuple(shape) or a.dtype != dtype:
-                raise AssertionError(f"safetensors stream: {got} {a.shape} {a.dtype} where the "
-                                     f"header says {name} {shape} {dtype}")
+                raise AssertionError(
+                    f"safetensors stream: {got} {a.shape} {a.dtype} where the "
+                    f"header says {name} {shape} {dtype}"
+                )
             f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)  # no bytes copy
 
 
-def write_sharded(out_dir: str, specs: list[tuple[str, tuple, np.dtype]],
-                  arrays: Callable[[], Iterable[tuple[str, np.ndarray]]],
-                  shard_bytes: int = SHARD_BYTES) -> list[str]:
+def write_sharded(
+    out_dir: str,
+    specs: list[tuple[str, tuple, np.dtype]],
+    arrays: Callable[[], Iterable[tuple[str, np.ndarray]]],
+    shard_bytes: int = SHARD_BYTES,
+) -> list[str]:
     """model.safetensors, or model-0000k-of-0000N.safetensors + model.safetensors.index.json
     above shard_bytes (transformers' names); returns the files written."""
     shards, size = [[]], 0
@@ -150,9 +168,12 @@ def write_sharded(out_dir: str, specs: list[tuple[str, tuple, np.dtype]],
         write_stream(os.path.join(out_dir, name), shard, (next(stream) for _ in shard))
     if len(shards) > 1:
         total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {spec[0]: name for name, shard in zip(names, shards, strict=True)
-                                for spec in shard}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {
+                spec[0]: name for name, shard in zip(names, shards, strict=True) for spec in shard
+            },
+        }
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
     return names

@@ -37,10 +37,12 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
         high_wavelen = old / cfg.rope_high_freq_factor
         wavelen = 2 * np.pi / inv_freq
         smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor,
-                            np.where(wavelen < high_wavelen, inv_freq, blended))
+        inv_freq = np.where(
+            wavelen > low_wavelen, inv_freq / factor, np.where(wavelen < high_wavelen, inv_freq, blended)
+        )
     return inv_freq.astype(np.float32)
 
 
@@ -115,7 +117,8 @@ class Attention(nnx.Module):
         self.inv_freq_K2 = tuple(rope_frequencies(cfg).tolist())  # static (hashable)
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         self.impl = resolve_attention_impl(  # layers/attention_kernels.py
-            cfg.attention_impl, compute_dtype=cfg.compute_dtype, head_dim=K)
+            cfg.attention_impl, compute_dtype=cfg.compute_dtype, head_dim=K
+        )
 
     def _project(self, x_BTD, w_DNK, bias_NK, norm):
         """x @ w (+ bias_NK) (then the q / k norm) -> [B, T, N, K]."""
@@ -150,10 +153,10 @@ class Attention(nnx.Module):
         return out_BTD
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
-        seg_BT = (jnp.ones(x_BTD.shape[:2], jnp.int32) if segment_ids_BT is None
-                  else segment_ids_BT)
-        return self.attend(x_BTD, positions_BT, self_attention_mask(segment_ids_BT, x_BTD.shape[:2]),
-                           segment_ids_BT=seg_BT)[0]
+        seg_BT = jnp.ones(x_BTD.shape[:2], jnp.int32) if segment_ids_BT is None else segment_ids_BT
+        return self.attend(
+            x_BTD, positions_BT, self_attention_mask(segment_ids_BT, x_BTD.shape[:2]), segment_ids_BT=seg_BT
+        )[0]
 
     def attend(self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None):
         """-> (out_BTD, (k, v) attended to).  kv=None: keys / values of x itself; else
@@ -162,8 +165,12 @@ class Attention(nnx.Module):
         packed rows' self-attention mask, so the splash kernel may take them instead."""
         q_BTHK = self.project_q(x_BTD, positions_BT)
         k, v = self.project_kv(x_BTD, positions_BT) if kv is None else kv
-        if (self.impl == "splash" and kv is None and segment_ids_BT is not None
-                and splash_takes(x_BTD.shape[1])):
+        if (
+            self.impl == "splash"
+            and kv is None
+            and segment_ids_BT is not None
+            and splash_takes(x_BTD.shape[1])
+        ):
             return self.output(splash_attention(q_BTHK, k, v, segment_ids_BT)), (k, v)
         return self.output(attend(q_BTHK, k, v, mask_BTS, self.impl)), (k, v)
 
@@ -198,8 +205,10 @@ class Attention(nnx.Module):
         def read(buf):
             return buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, 0, False)
 
-        new_cache = {"k_BSGK": write(cache["k_BSGK"], k_BTGK),
-                     "v_BSGK": write(cache["v_BSGK"], v_BTGK),
-                     "valid_BS": write(cache["valid_BS"], valid_BT)}
+        new_cache = {
+            "k_BSGK": write(cache["k_BSGK"], k_BTGK),
+            "v_BSGK": write(cache["v_BSGK"], v_BTGK),
+            "valid_BS": write(cache["valid_BS"], valid_BT),
+        }
         cache_kv = tuple(read(new_cache[n]) for n in ("k_BSGK", "v_BSGK", "valid_BS"))
         return self.attend_cache(x_BTD, positions_BT, cache_kv, index), new_cache

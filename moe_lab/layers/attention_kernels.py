@@ -57,9 +57,9 @@ def gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
     return out_BTGRK.reshape(B, T, H, K)
 
 
-
-def resolve_attention_impl(impl: str, backend: str | None = None, *,
-                           compute_dtype: str = "bfloat16", head_dim: int = 128) -> str:
+def resolve_attention_impl(
+    impl: str, backend: str | None = None, *, compute_dtype: str = "bfloat16", head_dim: int = 128
+) -> str:
     """The implementation `impl` means on `backend` (default: the host's) for this
     compute dtype and head dim: 'auto' is cudnn on GPU where cuDNN's flash kernel takes
     the call (bf16 / fp16, head dim <= 128 divisible by 8), else xla; 'tokamax' on TPU
@@ -76,20 +76,26 @@ def resolve_attention_impl(impl: str, backend: str | None = None, *,
 
 def splash_note(seq_len: int | None) -> str:
     """What the splash kernel covers, and what it leaves to xla, for a start-up line."""
-    short = (f"; data.seq_len={seq_len} is not a multiple of 128: xla attention"
-             if seq_len and seq_len % 128 else "")
-    return ("the plain stack's self-attention by segment ids; MoR's gathered-token "
-            f"attention and KV-cache decoding run xla{short}")
+    short = (
+        f"; data.seq_len={seq_len} is not a multiple of 128: xla attention"
+        if seq_len and seq_len % 128
+        else ""
+    )
+    return (
+        "the plain stack's self-attention by segment ids; MoR's gathered-token "
+        f"attention and KV-cache decoding run xla{short}"
+    )
 
 
-def auto_attention_note(backend: str, compute_dtype: str, head_dim: int,
-                        seq_len: int | None = None) -> str:
+def auto_attention_note(backend: str, compute_dtype: str, head_dim: int, seq_len: int | None = None) -> str:
     """Why 'auto' resolved as it did on `backend` (a start-up line)."""
     impl = resolve_attention_impl("auto", backend, compute_dtype=compute_dtype, head_dim=head_dim)
     if backend == "tpu":
-        why = ("the TPU flash kernel on packed rows: " + splash_note(seq_len) + "; not "
-               "tokamax: its TPU kernel takes no dense [B,1,T,S] mask and would fall back "
-               "to XLA silently")
+        why = (
+            "the TPU flash kernel on packed rows: " + splash_note(seq_len) + "; not "
+            "tokamax: its TPU kernel takes no dense [B,1,T,S] mask and would fall back "
+            "to XLA silently"
+        )
     elif backend in ("gpu", "cuda") and impl == "xla":
         why = _cudnn_error(compute_dtype, head_dim)
     else:
@@ -99,22 +105,24 @@ def auto_attention_note(backend: str, compute_dtype: str, head_dim: int,
 
 def _cudnn_error(compute_dtype: str, head_dim: int) -> str | None:
     if compute_dtype not in ("bfloat16", "float16"):
-        return (f"model.attention_impl='cudnn' runs in bf16 / fp16; model.compute_dtype "
-                f"is {compute_dtype}")
+        return f"model.attention_impl='cudnn' runs in bf16 / fp16; model.compute_dtype is {compute_dtype}"
     if head_dim % 8 or head_dim > 128:
         return f"model.attention_impl='cudnn' needs a head dim <= 128 divisible by 8, got {head_dim}"
     return None
 
 
-def attention_impl_error(impl: str, compute_dtype: str, head_dim: int,
-                         backend: str | None = None) -> str | None:
+def attention_impl_error(
+    impl: str, compute_dtype: str, head_dim: int, backend: str | None = None
+) -> str | None:
     """Why `impl` cannot run here (a one-line reason), or None."""
     impl = resolve_attention_impl(impl, backend, compute_dtype=compute_dtype, head_dim=head_dim)
     backend = backend or jax.default_backend()
     if impl == "cudnn":
         if backend not in ("gpu", "cuda"):
-            return (f"model.attention_impl='cudnn' needs an NVIDIA GPU (this backend is "
-                    f"{backend}); use xla, chunked or tokamax")
+            return (
+                f"model.attention_impl='cudnn' needs an NVIDIA GPU (this backend is "
+                f"{backend}); use xla, chunked or tokamax"
+            )
         return _cudnn_error(compute_dtype, head_dim)
     return None
 
@@ -130,10 +138,8 @@ def attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl: str, *, decoding: bool = Fals
         return gqa(q_BTHK, k_BSGK, v_BSGK, mask_BTS)
     mask_B1TS = mask_BTS[:, None]
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS, implementation="cudnn")
     tokamax = import_tokamax()  # only where it is used
     which = {"chunked": "xla_chunked", "tokamax:mosaic": "mosaic"}.get(impl)
-    out = tokamax.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
-                                        implementation=which)
+    out = tokamax.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS, implementation=which)
     return out.astype(v_BSGK.dtype)

@@ -29,8 +29,7 @@ def router_matmul(x, w):
     TF32 on recent GPUs, and near-tied logits decide the routing (top-k,
     thresholds).  No change on CPU, where float32 dots are float32.
     """
-    return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def param(

@@ -105,13 +105,17 @@ def all_to_all_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float)
         y_eRD = buffer_swiglu(rows_eRD, g_eDF, u_eDF, d_eFD)
         back_XeCD = y_eRD.reshape(local_experts, x_axes, cap, d).transpose(1, 0, 2, 3)
         y_SD = jax.lax.all_to_all(back_XeCD, EXPERT_AXIS, 0, 0, tiled=True).reshape(-1, d)
-        y_nD = combine_rows(y_SD, gate_nK, layout.row_NK, layout.keep_NK,
-                            layout.token_S, layout.assign_S, layout.valid_S)
+        y_nD = combine_rows(
+            y_SD, gate_nK, layout.row_NK, layout.keep_NK, layout.token_S, layout.assign_S, layout.valid_S
+        )
         return y_nD, layout.keep_NK
 
-    fn = jax.shard_map(local, mesh=mesh,
-                       in_specs=(token_spec, token_spec, token_spec) + (expert_spec,) * 3,
-                       out_specs=(token_spec, token_spec))
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec) + (expert_spec,) * 3,
+        out_specs=(token_spec, token_spec),
+    )
     return fn(x_ND, expert_NK, gate_NK, *weights)
 
 
@@ -122,25 +126,35 @@ def plan_line(cfg, mesh) -> str:
     tokens = cfg.train.batch_size * cfg.data.seq_len
     why_not = why_not_all_to_all(m, cfg.mesh.rules, mesh, tokens)
     platform = sharding.mesh_platform(mesh) or jax.default_backend()
-    kernel = "buffer" if not why_not else resolve_impl(
-        moe_kernel_for(m, platform), dropless=dispatch != "capacity",
-        expert_choice=m.router == "expert_choice")
-    line = (f"MoE: {m.num_experts} experts, top-{m.top_k}, {m.router}, dispatch {dispatch}, "
-            f"kernel {kernel}"
-            + (f" (auto, on {platform})" if m.kernel == "auto" and why_not else ""))
+    kernel = (
+        "buffer"
+        if not why_not
+        else resolve_impl(
+            moe_kernel_for(m, platform),
+            dropless=dispatch != "capacity",
+            expert_choice=m.router == "expert_choice",
+        )
+    )
+    line = (
+        f"MoE: {m.num_experts} experts, top-{m.top_k}, {m.router}, dispatch {dispatch}, "
+        f"kernel {kernel}" + (f" (auto, on {platform})" if m.kernel == "auto" and why_not else "")
+    )
     if why_not:
         why_local = why_not_local(m, cfg.mesh.rules, mesh, tokens)
         if why_local:
             return f"{line} | {why_not}" + ("" if mesh.size == 1 else f"; {why_local}")
         local = tokens // math.prod(mesh.shape[a] for a in _token_axes(cfg.mesh.rules, mesh))
         x = int(dict(mesh.shape).get(EXPERT_AXIS, 1))
-        experts = (f"experts over expert={x} by a ring of {x} steps" if x > 1
-                   else "every expert on every device")
+        experts = (
+            f"experts over expert={x} by a ring of {x} steps" if x > 1 else "every expert on every device"
+        )
         return f"{line} | shard_map: each device sorts its own {local} tokens, {experts}"
     local = tokens // math.prod(mesh.shape[a] for a in _token_axes(cfg.mesh.rules, mesh))
     cap = routing.capacity(local, m.top_k, m.num_experts, m.capacity_factor)
-    return (f"{line} | all-to-all over expert={mesh.shape[EXPERT_AXIS]}: {local} tokens per "
-            f"device, capacity {cap} per expert per device")
+    return (
+        f"{line} | all-to-all over expert={mesh.shape[EXPERT_AXIS]}: {local} tokens per "
+        f"device, capacity {cap} per expert per device"
+    )
 
 
 # ------------------------------------- dropless (and per-shard capacity) under shard_map
@@ -173,8 +187,7 @@ def why_not_local(moe, rules, mesh, num_tokens: int) -> str:
     return ""
 
 
-def sharded_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float | None,
-                impl: str):
+def sharded_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float | None, impl: str):
     """Token-choice MoE under shard_map: no global sort, nothing replicated.
 
     Every device lays out its own n tokens' assignments (dispatch.py's sorted layouts
@@ -200,17 +213,20 @@ def sharded_moe(x_ND, expert_NK, gate_NK, weights, *, capacity_factor: float | N
         n, k = expert_nK.shape
         w = (g_eDF, u_eDF, d_eFD)
         if x_axes == 1:
-            cap = (None if capacity_factor is None
-                   else routing.capacity(n, k, num_experts, capacity_factor))
+            cap = None if capacity_factor is None else routing.capacity(n, k, num_experts, capacity_factor)
             y_nD, layout = token_choice_moe(x_nD, expert_nK, gate_nK, w, capacity=cap, impl=impl)
             return y_nD, layout.keep_NK
         return _ring_of_experts(x_nD, expert_nK, gate_nK, w, x_axes, impl), jnp.ones((n, k), bool)
 
     # check_vma off: the CPU loop kernel's hand-written VJP carries weight-gradient
     # accumulators that shard_map's varying-axis types would have to be told about
-    fn = jax.shard_map(local, mesh=mesh,
-                       in_specs=(token_spec, token_spec, token_spec) + (expert_spec,) * 3,
-                       out_specs=(token_spec, token_spec), check_vma=False)
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec) + (expert_spec,) * 3,
+        out_specs=(token_spec, token_spec),
+        check_vma=False,
+    )
     return fn(x_ND, expert_NK, gate_NK, *weights)
 
 
@@ -243,12 +259,14 @@ def local_expert_rows(x_nD, local_nK, gate_nK, weights, impl: str):
     mine_nK = (local_nK >= 0) & (local_nK < e)
     ids_nK = jnp.where(mine_nK, local_nK, e)
     kernel = "loop" if impl == "loop" else ("tokamax" if impl == "tokamax" else "ragged")
-    tiles = (choose_tiles(n * k / (e + 1), None, row_macs=x_nD.shape[1] * weights[0].shape[-1])
-             if kernel == "loop" else (0, 0))
+    tiles = (
+        choose_tiles(n * k / (e + 1), None, row_macs=x_nD.shape[1] * weights[0].shape[-1])
+        if kernel == "loop"
+        else (0, 0)
+    )
     layout = sorted_layout(ids_nK, e + 1, n, pad=tiles[0])
     rows_S = jnp.arange(layout.token_S.shape[0], dtype=jnp.int32)
     valid_S = rows_S < layout.starts_E[e]  # the local rows come first
     x_SD = gather_rows(x_nD, layout.token_S, layout.row_NK, mine_nK)
     y_SD = sorted_swiglu(kernel, x_SD, layout.starts_E[:e], layout.counts_E[:e], weights, tiles)
-    return combine_rows(y_SD, gate_nK, layout.row_NK, mine_nK, layout.token_S,
-                        layout.assign_S, valid_S)
+    return combine_rows(y_SD, gate_nK, layout.row_NK, mine_nK, layout.token_S, layout.assign_S, valid_S)

@@ -33,22 +33,26 @@ def moe_kernel_for(moe, platform: str) -> str:
     return "tokamax"
 
 
-def for_platform(m: ModelConfig, platform: str,
-                 seq_len: int | None = None) -> tuple[ModelConfig, list[str]]:
+def for_platform(m: ModelConfig, platform: str, seq_len: int | None = None) -> tuple[ModelConfig, list[str]]:
     """(the model config with concrete kernels for `platform`, start-up lines; seq_len:
     the run's, for what the splash kernel takes)."""
     head_dim = m.resolved_head_dim
-    attn = resolve_attention_impl(m.attention_impl, platform, compute_dtype=m.compute_dtype,
-                                  head_dim=head_dim)
+    attn = resolve_attention_impl(
+        m.attention_impl, platform, compute_dtype=m.compute_dtype, head_dim=head_dim
+    )
     notes = []
     if m.attention_impl == "auto":
         notes.append(auto_attention_note(platform, m.compute_dtype, head_dim, seq_len))
     elif attn == "splash":
-        notes.append(f"attention: splash: {splash_note(seq_len)}" + (
-            " (on cpu in Pallas' interpreter: for tests, slow)" if platform == "cpu" else ""))
+        notes.append(
+            f"attention: splash: {splash_note(seq_len)}"
+            + (" (on cpu in Pallas' interpreter: for tests, slow)" if platform == "cpu" else "")
+        )
     elif attn != m.attention_impl:
-        notes.append(f"attention: {m.attention_impl} -> {attn} on {platform} (the kernel "
-                     "alone: a call it refuses fails to compile instead of falling back)")
+        notes.append(
+            f"attention: {m.attention_impl} -> {attn} on {platform} (the kernel "
+            "alone: a call it refuses fails to compile instead of falling back)"
+        )
     out = dataclasses.replace(m, attention_impl=attn)
     if m.ffn == "moe":
         kernel = moe_kernel_for(m.moe, platform)

@@ -23,9 +23,16 @@ def swiglu(x_BTD, gate_DF, up_DF, down_FD):
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, d_model: int, hidden: int, *, init_std: float = 0.02,
-                 param_dtype: str = "float32", compute_dtype: str = "float32",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        *,
+        init_std: float = 0.02,
+        param_dtype: str = "float32",
+        compute_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
         pd = dtype_of(param_dtype)
         self.gate_DF = param(rngs, (d_model, hidden), ("embed", "mlp"), std=init_std, dtype=pd)
         self.up_DF = param(rngs, (d_model, hidden), ("embed", "mlp"), std=init_std, dtype=pd)
@@ -34,7 +41,9 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cd = self.compute_dtype
-        return swiglu(x_BTD.astype(cd), self.gate_DF[...].astype(cd),
-                      self.up_DF[...].astype(cd), self.down_FD[...].astype(cd))
-
-
+        return swiglu(
+            x_BTD.astype(cd),
+            self.gate_DF[...].astype(cd),
+            self.up_DF[...].astype(cd),
+            self.down_FD[...].astype(cd),
+        )

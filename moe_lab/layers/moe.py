@@ -61,9 +61,14 @@ class MoE(nnx.Module):
         if m.router == "sigmoid":
             self.bias_E = routing.make_router_bias(e)
         if m.num_shared_experts > 0:
-            self.shared = SwiGLU(d, m.shared_hidden or m.num_shared_experts * f,
-                                 init_std=cfg.init_std, param_dtype=cfg.param_dtype,
-                                 compute_dtype=cfg.compute_dtype, rngs=rngs)
+            self.shared = SwiGLU(
+                d,
+                m.shared_hidden or m.num_shared_experts * f,
+                init_std=cfg.init_std,
+                param_dtype=cfg.param_dtype,
+                compute_dtype=cfg.compute_dtype,
+                rngs=rngs,
+            )
             if m.shared_gate:  # Qwen2-MoE: shared output * sigmoid(x . w)
                 self.shared_gate_D = param(rngs, (d,), ("embed",), std=cfg.init_std, dtype=pd)
 
@@ -84,8 +89,14 @@ class MoE(nnx.Module):
         rules, mesh = sharding.active_rules_and_mesh()
         return not ep.why_not_all_to_all(self.cfg.moe, rules, mesh, num_tokens)
 
-    def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None,
-                 active_BT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        *,
+        train: bool,
+        rng: jax.Array | None = None,
+        active_BT: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """active_BT: tokens counted in the load, balance, z-loss and drop statistics
         (all if None).  Every token is still computed; a recursive stack's dense path
         passes the tokens its recursion step really runs."""
@@ -93,13 +104,11 @@ class MoE(nnx.Module):
         b, t, d = x_BTD.shape
         n, e, k = b * t, m.num_experts, m.top_k
         # weight 1 for each token the statistics count
-        w_N = (jnp.ones((n,), jnp.float32) if active_BT is None
-               else active_BT.reshape(n).astype(jnp.float32))
+        w_N = jnp.ones((n,), jnp.float32) if active_BT is None else active_BT.reshape(n).astype(jnp.float32)
         cd = dtype_of(self.cfg.compute_dtype)
         x_ND = x_BTD.reshape(n, d)
         logits_NE = self.router_logits(x_ND, train=train, rng=rng)
-        weights = (self.gate_EDF[...].astype(cd), self.up_EDF[...].astype(cd),
-                   self.down_EFD[...].astype(cd))
+        weights = (self.gate_EDF[...].astype(cd), self.up_EDF[...].astype(cd), self.down_EFD[...].astype(cd))
         xc_ND = x_ND.astype(cd)
         dispatch = "dropless" if m.dispatch == "auto" else m.dispatch
 
@@ -107,19 +116,26 @@ class MoE(nnx.Module):
             cap = routing.capacity(n, k, e, m.capacity_factor)
             ec = routing.ExpertChoiceRouter()(logits_NE, capacity=cap)
             if dispatch == "reference":
-                gates_NE = jnp.zeros((n, e), jnp.float32).at[
-                    ec.token_EC, jnp.arange(e)[:, None]].add(ec.gate_EC)
+                gates_NE = (
+                    jnp.zeros((n, e), jnp.float32).at[ec.token_EC, jnp.arange(e)[:, None]].add(ec.gate_EC)
+                )
                 y_ND = reference_moe(xc_ND, gates_NE.astype(cd), *weights)
             else:
-                y_ND = expert_choice_moe(xc_ND, ec.token_EC, ec.gate_EC.astype(cd), weights,
-                                             impl=self.impl)
+                y_ND = expert_choice_moe(xc_ND, ec.token_EC, ec.gate_EC.astype(cd), weights, impl=self.impl)
             load_E = jnp.full((e,), cap, jnp.int32)
             # tokens no expert picked (expert choice drops tokens, not assignments)
             unpicked_N = jnp.ones((n,), jnp.float32).at[ec.token_EC.reshape(-1)].set(0.0)
             drop = jnp.mean(unpicked_N)
-            aux = routing.router_aux(logits_NE, ec.probs_NE, load_E, balance=False,
-                                     drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
-                                     z_loss_weight=m.z_loss_weight, mask_N=w_N)
+            aux = routing.router_aux(
+                logits_NE,
+                ec.probs_NE,
+                load_E,
+                balance=False,
+                drop_fraction=drop,
+                aux_loss_weight=m.aux_loss_weight,
+                z_loss_weight=m.z_loss_weight,
+                mask_N=w_N,
+            )
         else:
             router = routing.TOKEN_CHOICE_ROUTERS[m.router]
             bias_E = self.bias_E[...] if m.router == "sigmoid" else None
@@ -131,24 +147,37 @@ class MoE(nnx.Module):
             else:
                 rules, mesh = sharding.active_rules_and_mesh()
                 if self._all_to_all(n):
-                    y_ND, keep_NK = ep.all_to_all_moe(xc_ND, tc.expert_NK, gate_NK, weights,
-                                                      capacity_factor=m.capacity_factor)
+                    y_ND, keep_NK = ep.all_to_all_moe(
+                        xc_ND, tc.expert_NK, gate_NK, weights, capacity_factor=m.capacity_factor
+                    )
                 elif not ep.why_not_local(m, rules, mesh, n):
                     y_ND, keep_NK = ep.sharded_moe(
-                        xc_ND, tc.expert_NK, gate_NK, weights, impl=self.impl,
-                        capacity_factor=m.capacity_factor if dispatch == "capacity" else None)
+                        xc_ND,
+                        tc.expert_NK,
+                        gate_NK,
+                        weights,
+                        impl=self.impl,
+                        capacity_factor=m.capacity_factor if dispatch == "capacity" else None,
+                    )
                 else:
-                    cap = (routing.capacity(n, k, e, m.capacity_factor)
-                           if dispatch == "capacity" else None)
-                    y_ND, layout = token_choice_moe(xc_ND, tc.expert_NK, gate_NK, weights,
-                                                        capacity=cap, impl=self.impl)
+                    cap = routing.capacity(n, k, e, m.capacity_factor) if dispatch == "capacity" else None
+                    y_ND, layout = token_choice_moe(
+                        xc_ND, tc.expert_NK, gate_NK, weights, capacity=cap, impl=self.impl
+                    )
                     keep_NK = layout.keep_NK
                 dropped_NK = jnp.logical_not(keep_NK).astype(jnp.float32)
                 drop = jnp.sum(dropped_NK * w_N[:, None]) / jnp.maximum(k * jnp.sum(w_N), 1.0)
             load_E = jnp.bincount(tc.expert_NK.reshape(-1), length=e, weights=jnp.repeat(w_N, k))
-            aux = routing.router_aux(logits_NE, tc.probs_NE, load_E, balance=True,
-                                     drop_fraction=drop, aux_loss_weight=m.aux_loss_weight,
-                                     z_loss_weight=m.z_loss_weight, mask_N=w_N)
+            aux = routing.router_aux(
+                logits_NE,
+                tc.probs_NE,
+                load_E,
+                balance=True,
+                drop_fraction=drop,
+                aux_loss_weight=m.aux_loss_weight,
+                z_loss_weight=m.z_loss_weight,
+                mask_N=w_N,
+            )
 
         if m.routed_scale != 1.0:
             y_ND = y_ND * m.routed_scale
@@ -161,8 +190,12 @@ class MoE(nnx.Module):
         return y_ND.reshape(b, t, d).astype(x_BTD.dtype), aux
 
 
-def router_bias_after_step(bias_LE: jax.Array, aux: dict[str, jax.Array], rate: float,
-                           application_layer: tuple[int, ...] | None = None) -> jax.Array:
+def router_bias_after_step(
+    bias_LE: jax.Array,
+    aux: dict[str, jax.Array],
+    rate: float,
+    application_layer: tuple[int, ...] | None = None,
+) -> jax.Array:
     """A stack's sigmoid-router biases after a train step: per layer,
     b_i += rate * sign(mean load - load_i) (DeepSeek-V3 loss-free balancing).
 
@@ -178,5 +211,4 @@ def router_bias_after_step(bias_LE: jax.Array, aux: dict[str, jax.Array], rate: 
         ids_A = jnp.asarray(application_layer, jnp.int32)
         counts_AE = load_LE * aux["num_tokens"][:, None]
         load_LE = jax.ops.segment_sum(counts_AE, ids_A, bias_LE.shape[0])
-    return jax.vmap(lambda b_E, load_E: routing.loss_free_bias_update(b_E, load_E, rate))(
-        bias_LE, load_LE)
+    return jax.vmap(lambda b_E, load_E: routing.loss_free_bias_update(b_E, load_E, rate))(bias_LE, load_LE)

@@ -10,8 +10,15 @@ from moe_lab.layers.base import param
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-                 axis: str | None = "embed"):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        axis: str | None = "embed",
+    ):
         """axis: the scale's logical axis (None: replicated, e.g. a head-dim norm)."""
         self.scale_D = param(None, (dim,), (axis,), init="ones", dtype=dtype)
         self.eps = eps

@@ -79,8 +79,9 @@ class TopKSoftmaxRouter:
 
     def __call__(self, logits_NE, bias_E, *, top_k: int, renormalize: bool) -> TokenChoice:
         top_NK, expert_NK = jax.lax.top_k(logits_NE, top_k)
-        return TokenChoice(expert_NK.astype(jnp.int32), jax.nn.softmax(top_NK, axis=-1),
-                           jax.nn.softmax(logits_NE, axis=-1))
+        return TokenChoice(
+            expert_NK.astype(jnp.int32), jax.nn.softmax(top_NK, axis=-1), jax.nn.softmax(logits_NE, axis=-1)
+        )
 
 
 class SoftmaxTopKRouter:
@@ -169,9 +170,17 @@ def jitter(x_ND: jax.Array, eps: float, rng: jax.Array) -> jax.Array:
     return x_ND * noise
 
 
-def router_aux(logits_NE: jax.Array, probs_NE: jax.Array, load_E: jax.Array, *,
-               balance: bool, drop_fraction: jax.Array, aux_loss_weight: float,
-               z_loss_weight: float, mask_N: jax.Array | None = None) -> dict[str, jax.Array]:
+def router_aux(
+    logits_NE: jax.Array,
+    probs_NE: jax.Array,
+    load_E: jax.Array,
+    *,
+    balance: bool,
+    drop_fraction: jax.Array,
+    aux_loss_weight: float,
+    z_loss_weight: float,
+    mask_N: jax.Array | None = None,
+) -> dict[str, jax.Array]:
     """The aux dict (all float32; same keys for every router so layers can be scanned).
 
     load_E: assignments per expert BEFORE capacity drops (counts), of the tokens in
@@ -190,8 +199,7 @@ def router_aux(logits_NE: jax.Array, probs_NE: jax.Array, load_E: jax.Array, *,
     num_experts = logits_NE.shape[-1]
     f_E = load_E.astype(jnp.float32) / jnp.maximum(jnp.sum(load_E).astype(jnp.float32), 1.0)
     # means over the tokens that count (mask_N: e.g. those a recursion step really runs)
-    w_N = (jnp.ones(logits_NE.shape[:1], jnp.float32) if mask_N is None
-           else mask_N.astype(jnp.float32))
+    w_N = jnp.ones(logits_NE.shape[:1], jnp.float32) if mask_N is None else mask_N.astype(jnp.float32)
 
     def mean_n(v_N):
         return jnp.sum(v_N * w_N) / jnp.maximum(jnp.sum(w_N), 1.0)

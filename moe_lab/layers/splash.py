@@ -34,9 +34,16 @@ def _kernel(seq_len: int, group: int, interpret: bool):
     """Built per trace (not cached: the kernel object holds the mask's block tables as
     arrays, which a cache would carry from one trace into the next)."""
     block = next(b for b in (512, 256, 128) if seq_len % b == 0)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                          block_q_dq=block, block_kv_dq=block)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len))] * group)
     return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
@@ -59,12 +66,14 @@ def _local(q_BTHK, k_BTGK, v_BTGK, seg_BT, interpret: bool):
 def splash_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT):
     """Causal, segment-masked GQA attention -> [B, T, H, K] (see module doc)."""
     rules, mesh = sharding.active_rules_and_mesh()
-    interpret = (mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh)
-                 else jax.default_backend()) == "cpu"
+    interpret = (
+        mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
+    ) == "cpu"
     fn = functools.partial(_local, interpret=interpret)
     if mesh is None or mesh.size == 1:
         return fn(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
     batch = sharding.logical_to_spec(("batch",), rules, mesh)[0]
     P = jax.sharding.PartitionSpec
-    return jax.shard_map(fn, mesh=mesh, in_specs=(P(batch),) * 4, out_specs=P(batch),
-                         check_vma=False)(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(batch),) * 4, out_specs=P(batch), check_vma=False)(
+        q_BTHK, k_BTGK, v_BTGK, segment_ids_BT
+    )

@@ -42,8 +42,11 @@ CACHE_KEYS = ("k_BSGK", "v_BSGK", "valid_BS")  # one KV cache buffer set, in thi
 def empty_cache(lead: tuple[int, ...], batch: int, max_len: int, cfg: ModelConfig, dtype) -> dict:
     """{"k_BSGK", "v_BSGK", "valid_BS"} zeros with leading axes `lead` (the layers)."""
     shape = (*lead, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
-    return {"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype),
-            "valid_BS": jnp.zeros(shape[:-2], bool)}
+    return {
+        "k_BSGK": jnp.zeros(shape, dtype),
+        "v_BSGK": jnp.zeros(shape, dtype),
+        "valid_BS": jnp.zeros(shape[:-2], bool),
+    }
 
 
 class Block(nnx.Module):
@@ -57,9 +60,14 @@ class Block(nnx.Module):
         if ffn_kind == "moe":
             self.ffn = MoE(cfg, rngs=rngs)
         else:
-            self.ffn = SwiGLU(cfg.d_model, cfg.resolved_mlp_hidden, init_std=cfg.init_std,
-                              param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                              rngs=rngs)
+            self.ffn = SwiGLU(
+                cfg.d_model,
+                cfg.resolved_mlp_hidden,
+                init_std=cfg.init_std,
+                param_dtype=cfg.param_dtype,
+                compute_dtype=cfg.compute_dtype,
+                rngs=rngs,
+            )
         self.ffn_kind = ffn_kind
         self.post_norm = cfg.norm_placement == "post"
 
@@ -70,8 +78,7 @@ class Block(nnx.Module):
             return self.ffn(h_BTD, train=train, rng=rng, active_BT=active_BT)
         return self.ffn(h_BTD), {}
 
-    def residual(self, x_BTD, attend: Callable, *, train: bool = False, rng=None,
-                 active_BT=None):
+    def residual(self, x_BTD, attend: Callable, *, train: bool = False, rng=None, active_BT=None):
         """The block skeleton -> (y_BTD, ffn aux, extra).
 
         attend(h_BTD) -> (a_BTD, extra): the attention of the normed (pre-norm) or raw
@@ -89,29 +96,45 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng=None):
         y_BTD, aux, _ = self.residual(
-            x_BTD, lambda h: (self.attn(h, positions_BT, segment_ids_BT), None),
-            train=train, rng=rng)
+            x_BTD, lambda h: (self.attn(h, positions_BT, segment_ids_BT), None), train=train, rng=rng
+        )
         return y_BTD, aux
 
-    def masked(self, x_BTD, positions_BT, mask_BTS, *, kv=None, train: bool, rng=None,
-               active_BT=None, segment_ids_BT=None):
+    def masked(
+        self,
+        x_BTD,
+        positions_BT,
+        mask_BTS,
+        *,
+        kv=None,
+        train: bool,
+        rng=None,
+        active_BT=None,
+        segment_ids_BT=None,
+    ):
         """The block with an explicit attention mask and optional external KV
         (see Attention.attend) -> (y_BTD, aux, (k, v) attended to)."""
-        return self.residual(x_BTD, lambda h: self.attn.attend(h, positions_BT, mask_BTS, kv,
-                                                               segment_ids_BT),
-                             train=train, rng=rng, active_BT=active_BT)
+        return self.residual(
+            x_BTD,
+            lambda h: self.attn.attend(h, positions_BT, mask_BTS, kv, segment_ids_BT),
+            train=train,
+            rng=rng,
+            active_BT=active_BT,
+        )
 
     def decode(self, x_BTD, positions_BT, valid_BT, cache, index, layer=None):
         """Like __call__ with a KV cache (inference only; see Attention.decode)."""
         y_BTD, _, cache = self.residual(
-            x_BTD, lambda h: self.attn.decode(h, positions_BT, valid_BT, cache, index, layer))
+            x_BTD, lambda h: self.attn.decode(h, positions_BT, valid_BT, cache, index, layer)
+        )
         return y_BTD, cache
 
     def decode_read_only(self, x_BTD, positions_BT, cache_kv, index):
         """T new tokens attending only to a read-only cache (MoR KV sharing, steps >= 2:
         the cache already holds these tokens' step-1 KV at their slots)."""
         return self.residual(
-            x_BTD, lambda h: (self.attn.attend_cache(h, positions_BT, cache_kv, index), None))[0]
+            x_BTD, lambda h: (self.attn.attend_cache(h, positions_BT, cache_kv, index), None)
+        )[0]
 
 
 def scan_layers(body, carry, xs):
@@ -129,8 +152,16 @@ def layer_keys(rng, n: int):
     return jax.random.split(rng, n) if rng is not None else jnp.zeros((n, 2), jnp.uint32)
 
 
-def apply_layers(layers, body: Callable, carry, xs=None, *, ids: Sequence[int] | None = None,
-                 remat: str = "none", loop: Callable = scan_layers):
+def apply_layers(
+    layers,
+    body: Callable,
+    carry,
+    xs=None,
+    *,
+    ids: Sequence[int] | None = None,
+    remat: str = "none",
+    loop: Callable = scan_layers,
+):
     """The stack-apply: body(block, carry, xs_l) -> (carry, ys) over stacked blocks.
 
     layers: nnx.vmap'ed Blocks (parameters stacked on axis 0).  ids=None: every layer
@@ -157,8 +188,9 @@ class ScannedStack(nnx.Module):
     unique first / last layers are; plain stacks scan every depth, one included.
     """
 
-    def __init__(self, cfg: ModelConfig, num_layers: int, ffn_kind: str, *, rngs: nnx.Rngs,
-                 scan_single: bool = True):
+    def __init__(
+        self, cfg: ModelConfig, num_layers: int, ffn_kind: str, *, rngs: nnx.Rngs, scan_single: bool = True
+    ):
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
@@ -173,13 +205,25 @@ class ScannedStack(nnx.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng=None):
         """-> (x_BTD, aux_L): every layer, attention causal within each packed document."""
         mask_BTS = self_attention_mask(segment_ids_BT, x_BTD.shape[:2])
-        x_BTD, aux_L, _ = self.run(x_BTD, positions_BT, mask_BTS, train=train, rng=rng,
-                                   segment_ids_BT=segment_ids_BT)
+        x_BTD, aux_L, _ = self.run(
+            x_BTD, positions_BT, mask_BTS, train=train, rng=rng, segment_ids_BT=segment_ids_BT
+        )
         return x_BTD, aux_L
 
-    def run(self, x_BTD, positions_BT, mask_BTS, *, ids: Sequence[int] | None = None,
-            kv_n=None, want_kv: bool = False, train: bool, rng=None, active_BT=None,
-            segment_ids_BT=None):
+    def run(
+        self,
+        x_BTD,
+        positions_BT,
+        mask_BTS,
+        *,
+        ids: Sequence[int] | None = None,
+        kv_n=None,
+        want_kv: bool = False,
+        train: bool,
+        rng=None,
+        active_BT=None,
+        segment_ids_BT=None,
+    ):
         """The layers (all, or the pool layers `ids`) with an explicit mask -> (x, aux_n,
         kv_n or None).  kv_n: per-layer (k, v) to attend to (MoR KV sharing); want_kv:
         return the KV each layer used.  active_BT: the tokens the MoE statistics count.
@@ -189,22 +233,39 @@ class ScannedStack(nnx.Module):
 
         def body(block, x_BTD, xs_l):
             key, kv = xs_l
-            x_BTD, aux, kv_used = block.masked(x_BTD, positions_BT, mask_BTS, kv=kv,
-                                               train=train, rng=key if rng is not None else None,
-                                               active_BT=active_BT, segment_ids_BT=segment_ids_BT)
+            x_BTD, aux, kv_used = block.masked(
+                x_BTD,
+                positions_BT,
+                mask_BTS,
+                kv=kv,
+                train=train,
+                rng=key if rng is not None else None,
+                active_BT=active_BT,
+                segment_ids_BT=segment_ids_BT,
+            )
             x_BTD = sharding.constrain(x_BTD, ("batch", None, "embed"))
             return x_BTD, (aux, kv_used if want_kv else None)
 
         loop = jax.lax.scan if ids is None and self.scan_single else scan_layers
-        x_BTD, (aux_n, kv_out) = apply_layers(self.layers, body, x_BTD, (layer_keys(rng, n), kv_n),
-                                              ids=ids, remat=self.remat, loop=loop)
+        x_BTD, (aux_n, kv_out) = apply_layers(
+            self.layers, body, x_BTD, (layer_keys(rng, n), kv_n), ids=ids, remat=self.remat, loop=loop
+        )
         return x_BTD, aux_n, kv_out
 
     def init_cache(self, batch: int, max_len: int, dtype) -> dict:
         return empty_cache((self.num_layers,), batch, max_len, self.cfg, dtype)
 
-    def decode(self, x_BTD, positions_BT, valid_BT, cache_n, index, *,
-               ids: Sequence[int] | None = None, write: bool = True):
+    def decode(
+        self,
+        x_BTD,
+        positions_BT,
+        valid_BT,
+        cache_n,
+        index,
+        *,
+        ids: Sequence[int] | None = None,
+        write: bool = True,
+    ):
         """The stack (or the pool layers `ids`) on T new tokens -> (x_BTD, cache_n).
 
         cache_n ([n, B, S, ...] arrays, one row per layer applied) is carried through
@@ -215,6 +276,7 @@ class ScannedStack(nnx.Module):
         """
         local_n = jnp.arange(self.num_layers if ids is None else len(ids), dtype=jnp.int32)
         if write:
+
             def body(block, carry, j):
                 x_BTD, cache = carry
                 return block.decode(x_BTD, positions_BT, valid_BT, cache, index, layer=j), None

@@ -90,7 +90,7 @@ def recursion_schedule(num_layers: int, num_recursions: int, sharing: str) -> Sc
         flat = [i % pool for i in range(shared)]
     else:
         flat = [i // R for i in range(shared)]
-    steps = tuple(tuple(flat[r * pool:(r + 1) * pool]) for r in range(R))
+    steps = tuple(tuple(flat[r * pool : (r + 1) * pool]) for r in range(R))
     return Schedule(first=middle, last=middle, pool=pool, steps=steps)
 
 
@@ -157,26 +157,26 @@ class RecursiveStack(nnx.Module):
         self.cfg = cfg
         self.schedule = recursion_schedule(cfg.num_layers, R, mor.sharing)
         first_ffn = "dense" if (cfg.ffn == "moe" and cfg.moe.first_dense_layers) else cfg.ffn
-        self.first = (ScannedStack(cfg, 1, first_ffn, rngs=rngs, scan_single=False)
-                      if self.schedule.first else None)
+        self.first = (
+            ScannedStack(cfg, 1, first_ffn, rngs=rngs, scan_single=False) if self.schedule.first else None
+        )
         self.shared = ScannedStack(cfg, self.schedule.pool, cfg.ffn, rngs=rngs)
-        self.last = (ScannedStack(cfg, 1, cfg.ffn, rngs=rngs, scan_single=False)
-                     if self.schedule.last else None)
+        self.last = (
+            ScannedStack(cfg, 1, cfg.ffn, rngs=rngs, scan_single=False) if self.schedule.last else None
+        )
         # each attribute assigned once (NNX fixes whether it holds data or None then)
         router = aux_router = bias_R = steps_seen = None
         if mor.routing == "expert_choice":
             router = rr.StepRouters(cfg.d_model, R, mor.router_type, cfg.init_std, rngs=rngs)
             if mor.causal_aux == "aux_router":
-                aux_router = rr.StepRouters(cfg.d_model, R, mor.router_type, cfg.init_std,
-                                            rngs=rngs)
+                aux_router = rr.StepRouters(cfg.d_model, R, mor.router_type, cfg.init_std, rngs=rngs)
         elif mor.routing == "token_choice":
             router = rr.DepthRouter(cfg.d_model, R, mor.router_type, cfg.init_std, rngs=rngs)
             if mor.balance == "loss_free":
                 bias_R = make_router_bias(R)
             if mor.warmup_steps:
                 steps_seen = rr.StepCounter(jnp.zeros((), jnp.int32))
-        self.router, self.aux_router, self.bias_R, self.steps_seen = (router, aux_router, bias_R,
-                                                                      steps_seen)
+        self.router, self.aux_router, self.bias_R, self.steps_seen = (router, aux_router, bias_R, steps_seen)
         self.capacities = mor_capacities(cfg)
 
     # ------------------------------------------------------------- pieces
@@ -207,15 +207,19 @@ class RecursiveStack(nnx.Module):
         mor = self.cfg.mor
         warming = self.steps_seen[...] < mor.warmup_steps
         full_gate_BT = mor.token_choice_alpha * probs_BTR[..., -1]
-        return (jnp.where(warming, mor.num_recursions, depth_BT),
-                jnp.where(warming, full_gate_BT, gate_BT), warming)
+        return (
+            jnp.where(warming, mor.num_recursions, depth_BT),
+            jnp.where(warming, full_gate_BT, gate_BT),
+            warming,
+        )
 
     def _tc_route(self, z_BTR):
         """Token choice from the depth logits -> (depth_BT, gate_BT, probs_BTR, warming or
         None): the loss-free bias steers the choice, the warm-up forces full depth."""
         bias_R = None if self.bias_R is None else self.bias_R[...]
-        depth_BT, gate_BT, probs_BTR = rr.tc_route(z_BTR, self._func(), bias_R,
-                                                   self.cfg.mor.token_choice_alpha)
+        depth_BT, gate_BT, probs_BTR = rr.tc_route(
+            z_BTR, self._func(), bias_R, self.cfg.mor.token_choice_alpha
+        )
         warming = None
         if self.steps_seen is not None:
             depth_BT, gate_BT, warming = self._tc_warmup(depth_BT, gate_BT, probs_BTR)
@@ -238,8 +242,7 @@ class RecursiveStack(nnx.Module):
             return None, None, None, None
         if routing == "token_choice":
             depth_BT, gate_BT, first_BTD = tc
-            return (depth_BT > r, FinalStepGate(gate_BT, depth_BT == r + 1, first_BTD),
-                    None, None)
+            return (depth_BT > r, FinalStepGate(gate_BT, depth_BT == r + 1, first_BTD), None, None)
         z_BT = self.router(h_BTD, r)
         gate_BT = rr.ec_gate(z_BT, self._func(), self.cfg.mor.alpha)
         z_dec_BT = z_BT
@@ -248,12 +251,20 @@ class RecursiveStack(nnx.Module):
         sel_BT = cand_BT if self.capacities[r] >= 1.0 else rr.ec_threshold(z_dec_BT, cand_BT)
         return sel_BT, gate_BT, z_BT, z_dec_BT
 
-    def _layers(self, r, x_BTD, pos_BT, mask_BTS, *, kv_n=None, want_kv=False, train, rng,
-                active_BT=None):
+    def _layers(self, r, x_BTD, pos_BT, mask_BTS, *, kv_n=None, want_kv=False, train, rng, active_BT=None):
         """The pool layers of step r in order; returns (x, aux_n, kv_n or None).
         active_BT: the tokens this step really runs (MoE statistics count only them)."""
-        return self.shared.run(x_BTD, pos_BT, mask_BTS, ids=self.schedule.steps[r], kv_n=kv_n,
-                               want_kv=want_kv, train=train, rng=rng, active_BT=active_BT)
+        return self.shared.run(
+            x_BTD,
+            pos_BT,
+            mask_BTS,
+            ids=self.schedule.steps[r],
+            kv_n=kv_n,
+            want_kv=want_kv,
+            train=train,
+            rng=rng,
+            active_BT=active_BT,
+        )
 
     def _dense_step(self, r, h_BTD, pos_BT, seg_BT, sel_BT, gate, kv_step1, *, train, rng):
         """All T tokens through f; only `sel_BT` tokens (all if None) are updated.
@@ -265,16 +276,24 @@ class RecursiveStack(nnx.Module):
         shared_kv = self.cfg.mor.kv_cache == "shared"
         if shared_kv and r > 0:
             mask_BTT = self_attention_mask(seg_BT, (B, T))
-            f_BTD, aux, _ = self._layers(r, h_BTD, pos_BT, mask_BTT, kv_n=kv_step1,
-                                         train=train, rng=rng, active_BT=sel_BT)
+            f_BTD, aux, _ = self._layers(
+                r, h_BTD, pos_BT, mask_BTT, kv_n=kv_step1, train=train, rng=rng, active_BT=sel_BT
+            )
             kv_out = None
         else:
             idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             seg_q_BT = seg_BT if sel_BT is None else jnp.where(sel_BT, seg_BT, -1 - idx_BT)
             mask_BTT = self_attention_mask(seg_q_BT, (B, T))
-            f_BTD, aux, kv_out = self._layers(r, h_BTD, pos_BT, mask_BTT,
-                                              want_kv=shared_kv and r == 0, train=train, rng=rng,
-                                              active_BT=sel_BT)
+            f_BTD, aux, kv_out = self._layers(
+                r,
+                h_BTD,
+                pos_BT,
+                mask_BTT,
+                want_kv=shared_kv and r == 0,
+                train=train,
+                rng=rng,
+                active_BT=sel_BT,
+            )
         new_BTD = self._update(h_BTD, f_BTD, gate)
         if sel_BT is not None:
             new_BTD = jnp.where(sel_BT[..., None], new_BTD, h_BTD)
@@ -292,8 +311,7 @@ class RecursiveStack(nnx.Module):
         if self.cfg.mor.kv_cache == "shared" and r > 0:
             idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             mask_BkT = attention_mask(idx_Bk, idx_BT, seg_Bk, seg_BT)
-            f_BkD, aux, _ = self._layers(r, h_BkD, pos_Bk, mask_BkT, kv_n=kv_step1, train=train,
-                                         rng=rng)
+            f_BkD, aux, _ = self._layers(r, h_BkD, pos_Bk, mask_BkT, kv_n=kv_step1, train=train, rng=rng)
         else:
             mask_Bkk = attention_mask(idx_Bk, idx_Bk, seg_Bk, seg_Bk)
             f_BkD, aux, _ = self._layers(r, h_BkD, pos_Bk, mask_Bkk, train=train, rng=rng)
@@ -308,13 +326,12 @@ class RecursiveStack(nnx.Module):
         key = (lambda i: jax.random.fold_in(rng, i)) if rng is not None else (lambda i: None)
         aux = {}
         if self.first is not None:
-            x_BTD, aux["first"] = self.first(x_BTD, positions_BT, segment_ids_BT, train=train,
-                                             rng=key(0))
-        x_BTD, aux["shared"], aux["mor"] = self._recurse(x_BTD, positions_BT, segment_ids_BT,
-                                                         train=train, rng=key(1))
+            x_BTD, aux["first"] = self.first(x_BTD, positions_BT, segment_ids_BT, train=train, rng=key(0))
+        x_BTD, aux["shared"], aux["mor"] = self._recurse(
+            x_BTD, positions_BT, segment_ids_BT, train=train, rng=key(1)
+        )
         if self.last is not None:
-            x_BTD, aux["last"] = self.last(x_BTD, positions_BT, segment_ids_BT, train=train,
-                                           rng=key(2))
+            x_BTD, aux["last"] = self.last(x_BTD, positions_BT, segment_ids_BT, train=train, rng=key(2))
         return x_BTD, aux
 
     def _recurse(self, h_BTD, pos_BT, seg_BT, *, train, rng):
@@ -329,7 +346,7 @@ class RecursiveStack(nnx.Module):
         kv_step1, shared_aux = None, []
         metrics = {}
         aux_loss = jnp.zeros((), jnp.float32)
-        step_keys = (jax.random.split(rng, R) if rng is not None else [None] * R)
+        step_keys = jax.random.split(rng, R) if rng is not None else [None] * R
         tc = None
         if routing == "token_choice":  # step 0: every token's depth, up front
             z_BTR = self.router(h_BTD)
@@ -342,8 +359,9 @@ class RecursiveStack(nnx.Module):
             if mor.balance == "loss":
                 aux_loss += mor.balance_weight * balance
             aux_loss += mor.z_loss_weight * z_loss
-            metrics.update(balance_loss=balance, z_loss=z_loss, tokens_per_depth_R=load_R,
-                           max_violation=maxvio)
+            metrics.update(
+                balance_loss=balance, z_loss=z_loss, tokens_per_depth_R=load_R, max_violation=maxvio
+            )
         bce_per_step, z_loss_per_step, accuracy_per_step, kept_per_step = [], [], [], []
         for r in range(R):
             sel_BT, gate, z_BT, z_dec_BT = self._route_step(r, h_BTD, cand_BT, tc)
@@ -356,24 +374,25 @@ class RecursiveStack(nnx.Module):
                 threshold_BT = sel_BT
                 k = rr.capacity_tokens(self.capacities[r], T)
                 idx_Bk, target_BT = rr.ec_topk(z_BT, cand_BT, valid_BT, k)
-                accuracy_per_step.append(rr.masked_mean(
-                    (threshold_BT == target_BT).astype(jnp.float32), live_BT))
+                accuracy_per_step.append(
+                    rr.masked_mean((threshold_BT == target_BT).astype(jnp.float32), live_BT)
+                )
                 if train or mor.eval_routing == "topk":
                     sel_BT = target_BT
                 else:
                     idx_Bk = None
             if z_BT is not None:  # per-step means over the candidates, summed over steps
                 if mor.causal_aux != "none":
-                    bce_per_step.append(rr.masked_mean(rr.bce_with_logits(z_dec_BT, target_BT),
-                                                       live_BT))
+                    bce_per_step.append(rr.masked_mean(rr.bce_with_logits(z_dec_BT, target_BT), live_BT))
                 z_loss_per_step.append(rr.masked_mean(jnp.square(z_BT), live_BT))
             if idx_Bk is not None and mor.expert_choice_impl == "gather":
-                h_BTD, step_aux = self._gather_step(r, h_BTD, pos_BT, seg_BT, idx_Bk, gate,
-                                                    kv_step1, train=train, rng=step_keys[r])
+                h_BTD, step_aux = self._gather_step(
+                    r, h_BTD, pos_BT, seg_BT, idx_Bk, gate, kv_step1, train=train, rng=step_keys[r]
+                )
             else:
-                h_BTD, step_aux, kv_out = self._dense_step(r, h_BTD, pos_BT, seg_BT, sel_BT,
-                                                           gate, kv_step1, train=train,
-                                                           rng=step_keys[r])
+                h_BTD, step_aux, kv_out = self._dense_step(
+                    r, h_BTD, pos_BT, seg_BT, sel_BT, gate, kv_step1, train=train, rng=step_keys[r]
+                )
                 if r == 0:
                     kv_step1 = kv_out
             shared_aux.append(step_aux)
@@ -388,18 +407,15 @@ class RecursiveStack(nnx.Module):
             bce = sum(bce_per_step) if bce_per_step else jnp.zeros((), jnp.float32)
             z_loss = sum(z_loss_per_step)
             aux_loss += mor.bce_weight * bce + mor.z_loss_weight * z_loss
-            accuracy = (sum(accuracy_per_step) / len(accuracy_per_step) if accuracy_per_step
-                        else jnp.ones(()))
+            accuracy = sum(accuracy_per_step) / len(accuracy_per_step) if accuracy_per_step else jnp.ones(())
             metrics.update(bce_loss=bce, z_loss=z_loss, sampling_accuracy=accuracy)
             any_kept_T = jnp.any(cand_BT & valid_BT, axis=0)
             any_valid_T = jnp.any(valid_BT, axis=0)
-            metrics["dead_token_ratio"] = (1.0 - jnp.sum(any_kept_T)
-                                           / jnp.maximum(jnp.sum(any_valid_T), 1))
+            metrics["dead_token_ratio"] = 1.0 - jnp.sum(any_kept_T) / jnp.maximum(jnp.sum(any_valid_T), 1)
         metrics["kept_RBT"] = jnp.stack(kept_per_step)  # per-step kept masks (tests, analysis)
         valid_f_BT = valid_BT.astype(jnp.float32)
         n = jnp.maximum(jnp.sum(valid_f_BT), 1.0)
-        metrics["depth_hist"] = jnp.stack([jnp.sum(valid_f_BT * (depth_BT == d)) / n
-                                           for d in range(R + 1)])
+        metrics["depth_hist"] = jnp.stack([jnp.sum(valid_f_BT * (depth_BT == d)) / n for d in range(R + 1)])
         metrics["mean_depth"] = jnp.sum(valid_f_BT * depth_BT) / n
         metrics["aux_loss"] = aux_loss
         return h_BTD, _concat_aux(shared_aux), metrics
@@ -427,8 +443,7 @@ class RecursiveStack(nnx.Module):
         """
         new = dict(cache)
         if self.first is not None:
-            x_BTD, new["first"] = self.first.decode(x_BTD, positions_BT, valid_BT,
-                                                    cache["first"], index)
+            x_BTD, new["first"] = self.first.decode(x_BTD, positions_BT, valid_BT, cache["first"], index)
         h_BTD = x_BTD
         cand_BT = jnp.ones(h_BTD.shape[:2], bool)
         shared = cache["shared"]
@@ -439,14 +454,12 @@ class RecursiveStack(nnx.Module):
         for r in range(self.cfg.mor.num_recursions):
             sel_BT, gate, _, _ = self._route_step(r, h_BTD, cand_BT, tc)
             sel_BT = cand_BT if sel_BT is None else sel_BT
-            h_BTD, shared = self._decode_step(r, h_BTD, positions_BT, valid_BT, sel_BT, gate,
-                                              shared, index)
+            h_BTD, shared = self._decode_step(r, h_BTD, positions_BT, valid_BT, sel_BT, gate, shared, index)
             kept_per_step.append(sel_BT)
             cand_BT = sel_BT
         new["shared"] = shared
         if self.last is not None:
-            h_BTD, new["last"] = self.last.decode(h_BTD, positions_BT, valid_BT, cache["last"],
-                                                  index)
+            h_BTD, new["last"] = self.last.decode(h_BTD, positions_BT, valid_BT, cache["last"], index)
         if stats:
             return h_BTD, new, jnp.stack(kept_per_step)
         return h_BTD, new
@@ -455,8 +468,9 @@ class RecursiveStack(nnx.Module):
         """Step r's pool layers on T new tokens -> (h, cache_n); cache_n has a leading
         axis over the step's n layers (see ScannedStack.decode; write=False: KV
         sharing, steps >= 2 read step 1's cache only)."""
-        return self.shared.decode(h_BTD, pos_BT, kv_valid_BT, cache_n, index,
-                                  ids=self.schedule.steps[r], write=write)
+        return self.shared.decode(
+            h_BTD, pos_BT, kv_valid_BT, cache_n, index, ids=self.schedule.steps[r], write=write
+        )
 
     def _decode_step(self, r, h_BTD, pos_BT, valid_BT, sel_BT, gate, shared, index):
         """Step r of decoding T new tokens: the kept rows through f, their KV written
@@ -466,17 +480,15 @@ class RecursiveStack(nnx.Module):
         write = mor.kv_cache == "recursion_wise" or r == 0
         cache_n = shared[c]
         B, T = h_BTD.shape[:2]
-        routed = mor.routing != "none" and not (mor.routing == "expert_choice"
-                                                 and self.capacities[r] >= 1.0)
+        routed = mor.routing != "none" and not (mor.routing == "expert_choice" and self.capacities[r] >= 1.0)
 
         def with_step(cache):
-            return shared[:c] + (cache,) + shared[c + 1:]
+            return shared[:c] + (cache,) + shared[c + 1 :]
 
         if T > 1 or not routed or mor.decode_buckets == 0:
             # every row computed; rows not kept write their slots marked invalid (each
             # slot is written once per step, so nothing valid is overwritten)
-            f_BTD, cache_n = self._decode_layers(r, h_BTD, pos_BT, valid_BT & sel_BT, cache_n,
-                                                 index, write)
+            f_BTD, cache_n = self._decode_layers(r, h_BTD, pos_BT, valid_BT & sel_BT, cache_n, index, write)
             h_BTD = jnp.where(sel_BT[..., None], self._update(h_BTD, f_BTD, gate), h_BTD)
             return h_BTD, with_step(cache_n)
 
@@ -502,19 +514,26 @@ class RecursiveStack(nnx.Module):
                 row_sel_s = sel_B[rows_s]
                 cache_s = {k: a[:, rows_s] for k, a in cache_n.items()}
                 h_sTD = h_BTD[rows_s]
-                f_sTD, cache_s = self._decode_layers(r, h_sTD, pos_BT[rows_s],
-                                                     (valid_BT[rows_s, 0] & row_sel_s)[:, None],
-                                                     cache_s, index, write)
+                f_sTD, cache_s = self._decode_layers(
+                    r,
+                    h_sTD,
+                    pos_BT[rows_s],
+                    (valid_BT[rows_s, 0] & row_sel_s)[:, None],
+                    cache_s,
+                    index,
+                    write,
+                )
                 gate_s = None if gate is None else jax.tree.map(lambda a: a[rows_s], gate)
-                upd_sTD = jnp.where(row_sel_s[:, None, None],
-                                    self._update(h_sTD, f_sTD, gate_s), h_sTD)
+                upd_sTD = jnp.where(row_sel_s[:, None, None], self._update(h_sTD, f_sTD, gate_s), h_sTD)
                 h_BTD = h_BTD.at[rows_s].set(upd_sTD)
                 if not write:
                     return h_BTD
-                new_kv = (jax.lax.dynamic_slice_in_dim(cache_s[k], index, 1, axis=2)
-                          for k in ("k_BSGK", "v_BSGK"))
+                new_kv = (
+                    jax.lax.dynamic_slice_in_dim(cache_s[k], index, 1, axis=2) for k in ("k_BSGK", "v_BSGK")
+                )
                 k_full, v_full = (z.at[:, rows_s].set(x) for z, x in zip(zeros, new_kv))
                 return h_BTD, k_full, v_full
+
             return run
 
         out = jax.lax.switch(bucket, [branch(s) for s in sizes], h_BTD)
@@ -525,9 +544,14 @@ class RecursiveStack(nnx.Module):
         valid_nBT = jnp.broadcast_to((valid_BT & sel_BT)[None], (n, B, T))
 
         def upd(buf, x):  # in place on the carried buffer
-            return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype),
-                                                (0, 0, index) + (0,) * (buf.ndim - 3))
+            return jax.lax.dynamic_update_slice(
+                buf, x.astype(buf.dtype), (0, 0, index) + (0,) * (buf.ndim - 3)
+            )
 
-        return h_BTD, with_step({"k_BSGK": upd(cache_n["k_BSGK"], k_full),
-                                 "v_BSGK": upd(cache_n["v_BSGK"], v_full),
-                                 "valid_BS": upd(cache_n["valid_BS"], valid_nBT)})
+        return h_BTD, with_step(
+            {
+                "k_BSGK": upd(cache_n["k_BSGK"], k_full),
+                "v_BSGK": upd(cache_n["v_BSGK"], v_full),
+                "valid_BS": upd(cache_n["valid_BS"], valid_nBT),
+            }
+        )

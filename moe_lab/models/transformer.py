@@ -54,12 +54,11 @@ class Transformer(nnx.Module):
     def logits(self, x_BTD):
         h_BTD = self.final_norm(x_BTD)
         cd = dtype_of(self.cfg.compute_dtype)
-        w_DV = (self.embed_VD[...].T if self.cfg.tie_embeddings else self.unembed_DV[...])
+        w_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.unembed_DV[...]
         logits_BTV = jnp.einsum("btd,dv->btv", h_BTD.astype(cd), w_DV.astype(cd))
         return logits_BTV.astype(jnp.float32)
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *,
-                 train: bool = False, rng=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False, rng=None):
         """Returns (logits_BTV in f32, aux) where aux maps stack name -> per-layer aux."""
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -76,7 +75,6 @@ class Transformer(nnx.Module):
             else:
                 aux[name] = a
         return self.logits(x_BTD), aux
-
 
     # ------------------------------------------------------------ decoding (KV cache)
 

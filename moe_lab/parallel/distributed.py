@@ -19,8 +19,12 @@ _ENV = ("MOE_LAB_COORDINATOR", "MOE_LAB_NUM_PROCESSES", "MOE_LAB_PROCESS_ID")
 
 
 def add_flags(parser) -> None:
-    parser.add_argument("--distributed", choices=("off", "auto", "explicit"), default=None,
-                        help="multi-host init: auto (TPU/SLURM detection) or explicit")
+    parser.add_argument(
+        "--distributed",
+        choices=("off", "auto", "explicit"),
+        default=None,
+        help="multi-host init: auto (TPU/SLURM detection) or explicit",
+    )
     parser.add_argument("--coordinator", help="host:port of process 0 (explicit mode)")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
@@ -38,8 +42,10 @@ def settings(args) -> dict | None:
     if mode == "auto":
         return {}
     if not coordinator or nproc is None or pid is None:
-        raise ConfigError("--distributed explicit needs --coordinator, --num-processes and "
-                          "--process-id (or MOE_LAB_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID)")
+        raise ConfigError(
+            "--distributed explicit needs --coordinator, --num-processes and "
+            "--process-id (or MOE_LAB_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID)"
+        )
     nproc, pid = int(nproc), int(pid)
     if not 0 <= pid < nproc:
         raise ConfigError(f"--process-id {pid} must be in [0, {nproc})")

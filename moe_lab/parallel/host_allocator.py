@@ -47,6 +47,9 @@ def tune_host_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
-                    and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    _applied = bool(
+        mallopt(_M_ARENA_MAX, 1)
+        and mallopt(_M_MMAP_MAX, 0)
+        and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+    )
     return _applied

@@ -47,9 +47,11 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> jax.sharding
     try:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (NotImplementedError, ValueError) as e:
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} cannot be laid out on these "
-                          f"{len(devices)} {devices[0].device_kind} devices: "
-                          f"{str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(
+            f"mesh {dict(zip(MESH_AXES, shape))} cannot be laid out on these "
+            f"{len(devices)} {devices[0].device_kind} devices: "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from None
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
 
 
@@ -57,19 +59,22 @@ def _hybrid_mesh(mesh_cfg: MeshConfig, shape, devices, slices: int, types):
     """Multi-slice: data parallelism over DCN across the slices (mesh.dcn_data of them),
     every other axis inside a slice (mesh_utils.create_hybrid_device_mesh)."""
     if mesh_cfg.dcn_data != slices:
-        raise ConfigError(f"the devices span {slices} slice(s) but mesh.dcn_data="
-                          f"{mesh_cfg.dcn_data}; set mesh.dcn_data={slices} (data "
-                          "parallelism across slices)")
+        raise ConfigError(
+            f"the devices span {slices} slice(s) but mesh.dcn_data="
+            f"{mesh_cfg.dcn_data}; set mesh.dcn_data={slices} (data "
+            "parallelism across slices)"
+        )
     if shape[0] % slices:
         raise ConfigError(f"mesh data={shape[0]} does not split over {slices} slices")
     ici = (shape[0] // slices,) + tuple(shape[1:])
     dcn = (slices,) + (1,) * (len(shape) - 1)
     try:
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                    allow_split_physical_axes=True)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     except (NotImplementedError, ValueError) as e:
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} over {slices} slices cannot be "
-                          f"laid out: {str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(
+            f"mesh {dict(zip(MESH_AXES, shape))} over {slices} slices cannot be "
+            f"laid out: {str(e).splitlines()[0][:200]}"
+        ) from None
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
 
 
@@ -92,8 +97,9 @@ def _as_tuple(axes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def logical_to_spec(logical_axes: Iterable[str | None], rules, mesh=None,
-                    shape: tuple[int, ...] | None = None, name: str = "") -> P:
+def logical_to_spec(
+    logical_axes: Iterable[str | None], rules, mesh=None, shape: tuple[int, ...] | None = None, name: str = ""
+) -> P:
     """Maps logical names to a PartitionSpec; a mesh axis is used at most once.
 
     With `shape` and `mesh`, mesh axes that do not divide the dimension are an
@@ -142,20 +148,26 @@ def _replace_leaves(node, path, flat):
 def tree_specs(logical_tree: dict, shapes_tree: dict, rules, mesh) -> dict:
     def one(path, la, shape):
         return logical_to_spec(la, rules, mesh, shape.shape, jax.tree_util.keystr(path))
-    return jax.tree_util.tree_map_with_path(one, logical_tree, shapes_tree,
-                                            is_leaf=lambda x: isinstance(x, tuple))
+
+    return jax.tree_util.tree_map_with_path(
+        one, logical_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple)
+    )
 
 
 def opt_state_specs(tx: optax.GradientTransformation, opt_shapes, param_specs):
     """Optimizer moments take their parameter's spec; counters are replicated."""
-    return optax.tree_map_params(tx, lambda _, spec: spec, opt_shapes, param_specs,
-                                 transform_non_params=lambda _: P(),
-                                 is_leaf=lambda x: isinstance(x, P))
+    return optax.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        opt_shapes,
+        param_specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def named(mesh, spec_tree):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_spec(rules, mesh=None) -> P:
@@ -188,14 +200,14 @@ def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
 
 
 def format_rules(rules, mesh) -> str:
-    platform = (mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh)
-                else "planned (abstract)")
-    lines = [f"mesh {dict(mesh.shape)} on {mesh.size} {platform} device(s)",
-             "logical axis -> mesh axes"]
+    platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else "planned (abstract)"
+    lines = [f"mesh {dict(mesh.shape)} on {mesh.size} {platform} device(s)", "logical axis -> mesh axes"]
     for la, axes in rules:
         active = [a for a in _as_tuple(axes) if mesh.shape.get(a, 1) > 1]
-        lines.append(f"  {la:<10} -> {', '.join(_as_tuple(axes)) or '(replicated)'}"
-                     + ("" if active or not _as_tuple(axes) else "   [size-1 axes: replicated]"))
+        lines.append(
+            f"  {la:<10} -> {', '.join(_as_tuple(axes)) or '(replicated)'}"
+            + ("" if active or not _as_tuple(axes) else "   [size-1 axes: replicated]")
+        )
     return "\n".join(lines)
 
 

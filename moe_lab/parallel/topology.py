@@ -40,13 +40,16 @@ class TpuGeneration:
 
 
 # Datasheets (cloud.google.com/tpu/docs/<generation>): HBM and dense bf16 peak per chip.
-GENERATIONS = {g.name: g for g in (
-    TpuGeneration("v4", 3, 1, 2, 32, 275, chip_config="megacore", hardware="tpu-v4"),
-    TpuGeneration("v5e", 2, 1, 1, 16, 197, hardware="tpu-v5e"),
-    TpuGeneration("v5p", 3, 1, 2, 95, 459, hardware="tpu-v5p"),
-    TpuGeneration("v6e", 2, 1, 1, 32, 918, hardware="tpu-v6e"),
-    TpuGeneration("tpu7x", 3, 2, 0, 192, 2307, hardware="tpu-7x"),
-)}
+GENERATIONS = {
+    g.name: g
+    for g in (
+        TpuGeneration("v4", 3, 1, 2, 32, 275, chip_config="megacore", hardware="tpu-v4"),
+        TpuGeneration("v5e", 2, 1, 1, 16, 197, hardware="tpu-v5e"),
+        TpuGeneration("v5p", 3, 1, 2, 95, 459, hardware="tpu-v5p"),
+        TpuGeneration("v6e", 2, 1, 1, 32, 918, hardware="tpu-v6e"),
+        TpuGeneration("tpu7x", 3, 2, 0, 192, 2307, hardware="tpu-7x"),
+    )
+}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v7x": "tpu7x"}
 
 
@@ -79,9 +82,11 @@ class Topology:
     def describe(self) -> str:
         g = self.generation
         slices = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
-        return (f"{self.libtpu_name}{slices}: {self.chips} chips, {self.devices} devices, "
-                f"{self.hbm_gib_per_device:g} GiB HBM and "
-                f"{g.bf16_tflops_per_chip / g.devices_per_chip:g} bf16 TFLOP/s per device")
+        return (
+            f"{self.libtpu_name}{slices}: {self.chips} chips, {self.devices} devices, "
+            f"{self.hbm_gib_per_device:g} GiB HBM and "
+            f"{g.bf16_tflops_per_chip / g.devices_per_chip:g} bf16 TFLOP/s per device"
+        )
 
 
 def default_shape(chips: int, dims: int) -> tuple[int, ...]:
@@ -90,8 +95,9 @@ def default_shape(chips: int, dims: int) -> tuple[int, ...]:
     if chips < 4 or chips & (chips - 1):
         small = {1: (1, 1), 2: (1, 2)}.get(chips)
         if small is None:
-            raise ConfigError(f"topology: {chips} chips is not a power of two >= 4 "
-                              "(give the torus, e.g. v5p:4x4x8)")
+            raise ConfigError(
+                f"topology: {chips} chips is not a power of two >= 4 (give the torus, e.g. v5p:4x4x8)"
+            )
         return small + (1,) * (dims - 2)
     shape = [2, 2] + [1] * (dims - 2)
     while math.prod(shape) < chips:
@@ -107,32 +113,47 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     m = re.fullmatch(r"([a-z0-9]+?)(?::(\d+(?:x\d+)*)|-(\d+))", text)
     gen_name = m and _ALIASES.get(m.group(1), m.group(1))
     if not m or gen_name not in GENERATIONS:
-        raise ConfigError(f"unknown TPU topology {name!r}: use GEN:AxB[xC] or GEN-N with GEN one "
-                          f"of {', '.join(GENERATIONS)} (e.g. v5p:4x4x8, v5p-256, v6e:16x16)")
+        raise ConfigError(
+            f"unknown TPU topology {name!r}: use GEN:AxB[xC] or GEN-N with GEN one "
+            f"of {', '.join(GENERATIONS)} (e.g. v5p:4x4x8, v5p-256, v6e:16x16)"
+        )
     if num_slices < 1:
         raise ConfigError(f"--num-slices must be >= 1, got {num_slices}")
     gen = GENERATIONS[gen_name]
     if m.group(2):
         shape = tuple(int(s) for s in m.group(2).split("x"))
         if len(shape) != gen.dims or min(shape) < 1:
-            raise ConfigError(f"topology {name!r}: {gen.name} is a {gen.dims}-D torus "
-                              f"(e.g. {gen.name}:{'x'.join(['2'] * 2 + ['1'] * (gen.dims - 2))})")
+            raise ConfigError(
+                f"topology {name!r}: {gen.name} is a {gen.dims}-D torus "
+                f"(e.g. {gen.name}:{'x'.join(['2'] * 2 + ['1'] * (gen.dims - 2))})"
+            )
         return Topology(gen, shape, num_slices)
     if not gen.cores_in_name:
-        raise ConfigError(f"topology {name!r}: name {gen.name} slices by torus "
-                          f"({gen.name}:AxBxC), not by a core count")
+        raise ConfigError(
+            f"topology {name!r}: name {gen.name} slices by torus ({gen.name}:AxBxC), not by a core count"
+        )
     count = int(m.group(3))
     if count % gen.cores_in_name:
-        raise ConfigError(f"topology {name!r}: {gen.name}-N counts {gen.cores_in_name} "
-                          f"TensorCores per chip, so N is a multiple of {gen.cores_in_name}")
+        raise ConfigError(
+            f"topology {name!r}: {gen.name}-N counts {gen.cores_in_name} "
+            f"TensorCores per chip, so N is a multiple of {gen.cores_in_name}"
+        )
     return Topology(gen, default_shape(count // gen.cores_in_name, gen.dims), num_slices)
 
 
 def tpu_generation_of(device_kind: str) -> TpuGeneration | None:
     """The generation of a jax device kind ('TPU v5', 'TPU v6 lite', 'TPU7x', ...)."""
     kind = device_kind.lower().replace(" ", "")
-    table = {"tpuv4": "v4", "tpuv5lite": "v5e", "tpuv5e": "v5e", "tpuv5": "v5p",
-             "tpuv5p": "v5p", "tpuv6lite": "v6e", "tpuv6e": "v6e", "tpu7x": "tpu7x"}
+    table = {
+        "tpuv4": "v4",
+        "tpuv5lite": "v5e",
+        "tpuv5e": "v5e",
+        "tpuv5": "v5p",
+        "tpuv5p": "v5p",
+        "tpuv6lite": "v6e",
+        "tpuv6e": "v6e",
+        "tpu7x": "tpu7x",
+    }
     return GENERATIONS.get(table.get(kind, ""))
 
 
@@ -143,7 +164,8 @@ def quiet_libtpu_on_cpu_host() -> None:
     set to a one-host, no-metadata start unless the user set them; a TPU VM is left
     alone."""
     on_tpu_vm = any(n.startswith("accel") for n in _listdir("/dev")) or any(
-        n.isdigit() for n in _listdir("/dev/vfio"))
+        n.isdigit() for n in _listdir("/dev/vfio")
+    )
     if on_tpu_vm:
         return
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -165,8 +187,10 @@ def libtpu_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-LIBTPU_MISSING = ("libtpu is not installed: compiling for a TPU topology needs it "
-                  "(pip install \"jax[tpu]==<your jax version>\", or `pip install -e .[dev]`)")
+LIBTPU_MISSING = (
+    "libtpu is not installed: compiling for a TPU topology needs it "
+    '(pip install "jax[tpu]==<your jax version>", or `pip install -e .[dev]`)'
+)
 
 
 def compile_devices(topology: Topology) -> list:
@@ -177,6 +201,5 @@ def compile_devices(topology: Topology) -> list:
     kwargs = {"num_slices": topology.num_slices} if topology.num_slices > 1 else {}
     if topology.generation.chip_config != "default":
         kwargs["chip_config_name"] = topology.generation.chip_config
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name,
-                                        **kwargs)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name, **kwargs)
     return list(desc.devices)

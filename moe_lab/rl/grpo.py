@@ -84,18 +84,27 @@ from moe_lab.train.trainer import Trainer, cached_jit, local_values
 def _rl_run_config(parent: Config, rl: GRPOConfig, name: str) -> Config:
     """The parent's config with a train section that describes the RL optimizer (so the
     checkpoints' optimizer state has the structure `make_setup` expects)."""
-    t = dataclasses.replace(parent.train, steps=rl.steps, lr=rl.lr, schedule="constant",
-                            warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
-                            clip_norm=rl.clip_norm, b1=rl.b1, b2=rl.b2,
-                            log_every=rl.log_every, checkpoint_every=rl.checkpoint_every,
-                            keep_last=rl.keep_last, async_checkpoint=False,
-                            batch_size=rl.prompts_per_step * rl.num_rollouts)
+    t = dataclasses.replace(
+        parent.train,
+        steps=rl.steps,
+        lr=rl.lr,
+        schedule="constant",
+        warmup_steps=rl.warmup_steps,
+        weight_decay=rl.weight_decay,
+        clip_norm=rl.clip_norm,
+        b1=rl.b1,
+        b2=rl.b2,
+        log_every=rl.log_every,
+        checkpoint_every=rl.checkpoint_every,
+        keep_last=rl.keep_last,
+        async_checkpoint=False,
+        batch_size=rl.prompts_per_step * rl.num_rollouts,
+    )
     ev = dataclasses.replace(parent.eval, at_end=False)
     return parent.replace(train=t, eval=ev, name=name)
 
 
-_RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "checkpoint_every", "keep_last",
-                      "devices"}
+_RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "checkpoint_every", "keep_last", "devices"}
 
 
 def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
@@ -109,12 +118,16 @@ def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
         old = from_dict(GRPOConfig, info["grpo"], "rl.")
         if os.path.abspath(src) != info["parent"]:
             raise ConfigError(f"rl: {dst} holds a GRPO run of {info['parent']}, not of {src}")
-        diff = [f"{k}: {getattr(old, k)} -> {getattr(rl, k)}"
-                for k in vars(old) if getattr(old, k) != getattr(rl, k)
-                and k not in _RESUMABLE_CHANGES]
+        diff = [
+            f"{k}: {getattr(old, k)} -> {getattr(rl, k)}"
+            for k in vars(old)
+            if getattr(old, k) != getattr(rl, k) and k not in _RESUMABLE_CHANGES
+        ]
         if diff:
-            raise ConfigError(f"rl: {dst} holds a GRPO run with a different config "
-                              f"({'; '.join(diff)[:200]}); use a new --to")
+            raise ConfigError(
+                f"rl: {dst} holds a GRPO run with a different config "
+                f"({'; '.join(diff)[:200]}); use a new --to"
+            )
         cfg = config_from_json(config_path(dst))
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, steps=rl.steps))
         write_json_atomic(config_path(dst), cfg.to_dict())
@@ -133,20 +146,25 @@ def _prepare(src: str, dst: str, rl: GRPOConfig, step: int | None):
     os.makedirs(dst, exist_ok=True)
     keep_tokenizer(dst, tok)
     write_json_atomic(config_path(dst), cfg.to_dict())
-    write_json_atomic(lineage_path(dst),
-                      {"parent": os.path.abspath(src), "step": step, "transform": "grpo"})
-    write_json_atomic(rl_json, {"grpo": dataclasses.asdict(rl), "parent": os.path.abspath(src),
-                                "parent_step": step})
+    write_json_atomic(lineage_path(dst), {"parent": os.path.abspath(src), "step": step, "transform": "grpo"})
+    write_json_atomic(
+        rl_json, {"grpo": dataclasses.asdict(rl), "parent": os.path.abspath(src), "parent_step": step}
+    )
     return cfg, rl, step, False
 
 
-
-def _greedy_accuracy(graphdef, params, model_state, task, examples, max_new: int,
-                     tok) -> float:
+def _greedy_accuracy(graphdef, params, model_state, task, examples, max_new: int, tok) -> float:
     prompts = [tok.encode(ex.prompt, add_bos=True) for ex in examples]
-    out = generate_batched(graphdef, params, model_state, prompts, max_new,
-                           batch_size=min(32, len(prompts)), pad_id=tok.pad_id,
-                           eos_id=tok.eos_id)
+    out = generate_batched(
+        graphdef,
+        params,
+        model_state,
+        prompts,
+        max_new,
+        batch_size=min(32, len(prompts)),
+        pad_id=tok.pad_id,
+        eos_id=tok.eos_id,
+    )
     return float(np.mean([task.check(tok.decode(o), ex) for o, ex in zip(out, examples)]))
 
 
@@ -165,16 +183,29 @@ class GRPOSteps:
         # everything the jitted functions close over: a resumed run or a sweep point
         # with the same model and objective in this process compiles nothing again
         loss_keys = ("clip_eps", "kl_coef", "loss_agg", "kl_estimator")
-        key = (setup.graphdef, repr(setup.cfg.train), rl.updates_per_batch == 1,
-               tuple(getattr(rl, k) for k in loss_keys), setup.mesh.shape_tuple,
-               tuple(d.id for d in setup.mesh.devices.flat))
-        self.step_fn = cached_jit("grpo", key, "step", lambda: jax.jit(
-            make_grpo_step(setup.graphdef, setup.tx, rl),
-            in_shardings=(setup.shardings, setup.batch_sharding),
-            out_shardings=(setup.shardings, replicated), donate_argnums=0))
+        key = (
+            setup.graphdef,
+            repr(setup.cfg.train),
+            rl.updates_per_batch == 1,
+            tuple(getattr(rl, k) for k in loss_keys),
+            setup.mesh.shape_tuple,
+            tuple(d.id for d in setup.mesh.devices.flat),
+        )
+        self.step_fn = cached_jit(
+            "grpo",
+            key,
+            "step",
+            lambda: jax.jit(
+                make_grpo_step(setup.graphdef, setup.tx, rl),
+                in_shardings=(setup.shardings, setup.batch_sharding),
+                out_shardings=(setup.shardings, replicated),
+                donate_argnums=0,
+            ),
+        )
         gd = setup.graphdef
-        self.logp_fn = cached_jit("grpo", key, "logp", lambda: jax.jit(
-            lambda p, ms, t, v: token_logprobs(gd, p, ms, t, v)[0]))
+        self.logp_fn = cached_jit(
+            "grpo", key, "logp", lambda: jax.jit(lambda p, ms, t, v: token_logprobs(gd, p, ms, t, v)[0])
+        )
 
     def batch(self, state, step: int) -> dict:
         """Rollouts of step `step` + 1: its prompts and sampling key are functions of
@@ -186,27 +217,43 @@ class GRPOSteps:
         width = prompt_width(rows)
         tokens, valid = left_pad(rows, tok.pad_id, width)
         responses = generate_tokens(
-            self.setup.graphdef, state["params"], state["model_state"], tokens, valid,
-            jax.random.fold_in(jax.random.key(rl.seed), step), max_new_tokens=self.max_new,
-            temperature=rl.temperature, top_p=rl.top_p).tolist()
+            self.setup.graphdef,
+            state["params"],
+            state["model_state"],
+            tokens,
+            valid,
+            jax.random.fold_in(jax.random.key(rl.seed), step),
+            max_new_tokens=self.max_new,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+        ).tolist()
         b = build_batch(rows, responses, width, tok.eos_id, tok.pad_id)
         texts = [tok.decode(r[:n]) for r, n in zip(responses, b["lengths"])]
-        correct = np.array([self.task.check(x, exs[i // G]) for i, x in enumerate(texts)],
-                           np.float32)
+        correct = np.array([self.task.check(x, exs[i // G]) for i, x in enumerate(texts)], np.float32)
         fmt = np.array([format_ok(x, exs[i // G]) for i, x in enumerate(texts)], np.float32)
         reward = correct + rl.format_reward * fmt
         adv = group_advantages(reward.reshape(P, G), rl.scale_rewards).reshape(-1)
         seqs = (jnp.asarray(b["tokens"]), jnp.asarray(b["valid"]))
-        dev = {"tokens": seqs[0], "valid": seqs[1], "mask": jnp.asarray(b["mask"]),
-               "adv_B1": jnp.asarray(adv)[:, None]}  # rank 2: the batch sharding applies
-        dev["ref_logp"] = (self.logp_fn(self.ref_params, self.ref_model_state, *seqs)
-                           if rl.kl_coef > 0 else jnp.zeros(b["mask"].shape))
+        dev = {
+            "tokens": seqs[0],
+            "valid": seqs[1],
+            "mask": jnp.asarray(b["mask"]),
+            "adv_B1": jnp.asarray(adv)[:, None],
+        }  # rank 2: the batch sharding applies
+        dev["ref_logp"] = (
+            self.logp_fn(self.ref_params, self.ref_model_state, *seqs)
+            if rl.kl_coef > 0
+            else jnp.zeros(b["mask"].shape)
+        )
         if rl.updates_per_batch > 1:  # pi_old: the sampler, frozen for the batch
             dev["old_logp"] = self.logp_fn(state["params"], state["model_state"], *seqs)
-        rollout = {"reward": float(reward.mean()), "accuracy": float(correct.mean()),
-                   "format": float(fmt.mean()),
-                   "response_length": float(b["lengths"].mean()),
-                   "solved_groups": float(np.mean(correct.reshape(P, G).max(1)))}
+        rollout = {
+            "reward": float(reward.mean()),
+            "accuracy": float(correct.mean()),
+            "format": float(fmt.mean()),
+            "response_length": float(b["lengths"].mean()),
+            "solved_groups": float(np.mean(correct.reshape(P, G).max(1))),
+        }
         return {"device": jax.device_put(dev, self.setup.batch_sharding), "rollout": rollout}
 
     def update(self, state, batch, step: int):
@@ -227,15 +274,24 @@ class GRPOSteps:
         return {**rollout, **m, "step_time": step_time}
 
     def message(self, step: int, row: dict, eta: float) -> str:
-        return (f"rl step {step}/{self.rl.steps} reward {row['reward']:.3f} acc "
-                f"{row['accuracy']:.3f} kl {row['kl']:.2e} len {row['response_length']:.1f} "
-                f"clip {row['clip_fraction']:.3f}"
-                + (f" | eval acc {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
-                + f" | {row['step_time']:.2f}s")
+        return (
+            f"rl step {step}/{self.rl.steps} reward {row['reward']:.3f} acc "
+            f"{row['accuracy']:.3f} kl {row['kl']:.2e} len {row['response_length']:.1f} "
+            f"clip {row['clip_fraction']:.3f}"
+            + (f" | eval acc {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+            + f" | {row['step_time']:.2f}s"
+        )
 
     def evaluate(self, state, step: int) -> tuple[dict, str]:
-        acc = _greedy_accuracy(self.setup.graphdef, state["params"], state["model_state"],
-                               self.task, self.eval_examples, self.max_new, self.setup.tokenizer)
+        acc = _greedy_accuracy(
+            self.setup.graphdef,
+            state["params"],
+            state["model_state"],
+            self.task,
+            self.eval_examples,
+            self.max_new,
+            self.setup.tokenizer,
+        )
         return {"eval_accuracy": acc}, f"rl: step {step} eval accuracy {acc:.3f}"
 
     def meta(self, seconds_this_run: float) -> dict:
@@ -251,18 +307,24 @@ def _start_state(src: str, parent_step: int, setup, dst: str):
         pstate, _ = pc.restore(parent_step, parent_setup.abstract_state)
 
     def fresh(params, model_state):
-        return {"params": params, "opt_state": setup.tx.init(params),
-                "model_state": model_state, "step": jnp.zeros((), jnp.int32)}
+        return {
+            "params": params,
+            "opt_state": setup.tx.init(params),
+            "model_state": model_state,
+            "step": jnp.zeros((), jnp.int32),
+        }
 
     state = jax.jit(fresh, out_shardings=setup.shardings)(pstate["params"], pstate["model_state"])
     if not os.path.isdir(os.path.join(reference_dir(dst), CHECKPOINTS)):
-        write_checkpoint(reference_dir(dst), 0, state, {"parent": os.path.abspath(src),
-                                                        "parent_step": parent_step})
+        write_checkpoint(
+            reference_dir(dst), 0, state, {"parent": os.path.abspath(src), "parent_step": parent_step}
+        )
     return state
 
 
-def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
-             max_steps: int | None = None, log=print) -> dict:
+def run_grpo(
+    src: str, dst: str, rl: GRPOConfig, *, step: int | None = None, max_steps: int | None = None, log=print
+) -> dict:
     """GRPO from run `src` (checkpoint `step`, default latest) into `dst`; resumes a
     GRPO run already in `dst`.  `max_steps` stops after that many steps of this call."""
     rl = validate_grpo(rl)
@@ -275,18 +337,27 @@ def run_grpo(src: str, dst: str, rl: GRPOConfig, *, step: int | None = None,
     B = rl.prompts_per_step * rl.num_rollouts
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
     if B % shards:
-        raise ConfigError(f"rl: prompts_per_step*num_rollouts={B} is not divisible by the "
-                          f"data*fsdp*expert mesh size {shards} (or use devices='one')")
+        raise ConfigError(
+            f"rl: prompts_per_step*num_rollouts={B} is not divisible by the "
+            f"data*fsdp*expert mesh size {shards} (or use devices='one')"
+        )
     task = make_task(rl.task, cfg.data)
-    eval_exs = [ex for ex in pipeline.eval_prompts(task, min(rl.eval_examples, task.num_eval))
-                if ex.answer]
+    eval_exs = [ex for ex in pipeline.eval_prompts(task, min(rl.eval_examples, task.num_eval)) if ex.answer]
     probe = [task.train_example(i) for i in range(64)] + eval_exs
     max_new = rl.max_new_tokens or generation_budget(probe, cfg.eval.max_new_tokens, tok)
 
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
-        trainer = Trainer(dst, total_steps=rl.steps, log_every=rl.log_every,
-                          eval_every=rl.eval_every, checkpoint_every=rl.checkpoint_every,
-                          keep_last=rl.keep_last, async_save=False, merge_eval=True, log=log)
+        trainer = Trainer(
+            dst,
+            total_steps=rl.steps,
+            log_every=rl.log_every,
+            eval_every=rl.eval_every,
+            checkpoint_every=rl.checkpoint_every,
+            keep_last=rl.keep_last,
+            async_save=False,
+            merge_eval=True,
+            log=log,
+        )
         state, _ = trainer.restore(setup.abstract_state)
         if state is not None:
             with Checkpointer(reference_dir(dst), create=False) as rc:
@@ -329,9 +400,12 @@ def sweep_stage(run_dir: str, spec: dict) -> dict:
     evals = [r for r in rows if "eval_accuracy" in r]
     rewards = [r["reward"] for r in rows if "reward" in r]
     kls = [r["kl"] for r in rows if "kl" in r]
-    return {"grpo_task": rl.task, "grpo_steps": rl.steps,
-            "grpo_accuracy_before": evals[0]["eval_accuracy"] if evals else None,
-            "grpo_accuracy": evals[-1]["eval_accuracy"] if evals else None,
-            "grpo_reward_first": float(np.mean(rewards[:5])) if rewards else None,
-            "grpo_reward_last": float(np.mean(rewards[-5:])) if rewards else None,
-            "grpo_kl": kls[-1] if kls else None}
+    return {
+        "grpo_task": rl.task,
+        "grpo_steps": rl.steps,
+        "grpo_accuracy_before": evals[0]["eval_accuracy"] if evals else None,
+        "grpo_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        "grpo_reward_first": float(np.mean(rewards[:5])) if rewards else None,
+        "grpo_reward_last": float(np.mean(rewards[-5:])) if rewards else None,
+        "grpo_kl": kls[-1] if kls else None,
+    }

@@ -35,8 +35,18 @@ def token_logprobs(graphdef, params, model_state, tokens_BS, valid_BS):
     return jnp.take_along_axis(logp_BTV, targets[..., None], axis=-1)[..., 0], aux
 
 
-def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_eps: float,
-              kl_coef: float, loss_agg: str = "sequence", kl_estimator: str = "k3"):
+def grpo_loss(
+    logp_BT,
+    old_logp_BT,
+    ref_logp_BT,
+    adv_B,
+    mask_BT,
+    *,
+    clip_eps: float,
+    kl_coef: float,
+    loss_agg: str = "sequence",
+    kl_estimator: str = "k3",
+):
     """The clipped GRPO objective (rl/grpo.py's docstring, step 4) -> (loss, metrics)."""
     mask = mask_BT.astype(jnp.float32)
     ratio = jnp.exp(logp_BT - old_logp_BT)
@@ -52,9 +62,12 @@ def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_eps: fl
     else:
         loss = jnp.sum(tok * mask) / total
     clipped = (jnp.abs(ratio - 1.0) > clip_eps) & (mask > 0)
-    metrics = {"pg_loss": jnp.sum(pg * mask) / total, "kl": jnp.sum(kl * mask) / total,
-               "clip_fraction": jnp.sum(clipped) / total,
-               "ratio": jnp.sum(ratio * mask) / total}
+    metrics = {
+        "pg_loss": jnp.sum(pg * mask) / total,
+        "kl": jnp.sum(kl * mask) / total,
+        "clip_fraction": jnp.sum(clipped) / total,
+        "ratio": jnp.sum(ratio * mask) / total,
+    }
     return loss, metrics
 
 
@@ -64,23 +77,35 @@ def make_grpo_step(graphdef, tx, rl):
     on_policy = rl.updates_per_batch == 1
 
     def loss_fn(params, model_state, batch):
-        logp, aux = token_logprobs(graphdef, params, model_state, batch["tokens"],
-                                   batch["valid"])
+        logp, aux = token_logprobs(graphdef, params, model_state, batch["tokens"], batch["valid"])
         old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
-        loss, m = grpo_loss(logp, old, batch["ref_logp"], batch["adv_B1"][:, 0], batch["mask"],
-                            clip_eps=rl.clip_eps, kl_coef=rl.kl_coef, loss_agg=rl.loss_agg,
-                            kl_estimator=rl.kl_estimator)
+        loss, m = grpo_loss(
+            logp,
+            old,
+            batch["ref_logp"],
+            batch["adv_B1"][:, 0],
+            batch["mask"],
+            clip_eps=rl.clip_eps,
+            kl_coef=rl.kl_coef,
+            loss_agg=rl.loss_agg,
+            kl_estimator=rl.kl_estimator,
+        )
         aux_loss = total_aux_loss(aux)
         return loss + aux_loss, {**m, "aux_loss": aux_loss, "loss": loss}
 
     def step(state, batch):
         (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["model_state"], batch)
+            state["params"], state["model_state"], batch
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         m["grad_norm"] = optax.tree.norm(grads)
-        return {"params": params, "opt_state": opt_state, "model_state": state["model_state"],
-                "step": state["step"] + 1}, m
+        return {
+            "params": params,
+            "opt_state": opt_state,
+            "model_state": state["model_state"],
+            "step": state["step"] + 1,
+        }, m
 
     return step
 
@@ -103,7 +128,7 @@ def format_ok(text: str, example) -> bool:
     any), the answer marker, a non-empty answer, then EOS."""
     if not text.endswith(EOS):
         return False
-    body = text[:-len(EOS)]
+    body = text[: -len(EOS)]
     if example.working.startswith(THINK_START):
         if not body.startswith(THINK_START) or THINK_END not in body:
             return False
@@ -111,8 +136,9 @@ def format_ok(text: str, example) -> bool:
     return body.startswith(example.marker) and bool(extract_answer(body))
 
 
-def build_batch(prompts: list[list[int]], responses: list[list[int]], width: int, eos_id: int,
-                pad_id: int) -> dict:
+def build_batch(
+    prompts: list[list[int]], responses: list[list[int]], width: int, eos_id: int, pad_id: int
+) -> dict:
     """tokens/valid [B, W+N] (prompt left-padded to W, then the N generated tokens) and
     mask [B, W+N-1] over the targets that are response tokens up to and incl. EOS."""
     tok_p, val_p = left_pad(prompts, pad_id, width)
@@ -123,5 +149,5 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], width: int
     valid = np.concatenate([val_p, np.ones((B, N), bool)], axis=1)
     mask = np.zeros((B, width + N - 1), bool)
     for b, n in enumerate(lengths):
-        mask[b, width - 1:width - 1 + n] = True
+        mask[b, width - 1 : width - 1 + n] = True
     return {"tokens": tokens, "valid": valid, "mask": mask, "lengths": lengths}

@@ -32,10 +32,15 @@ PLAN = "compile_plan.jsonl"
 def compile_point(cfg, devices) -> dict:
     res = compile_run(cfg, devices, programs=("train",))
     train = res.programs["train"]
-    row = {"compiles": train.ok, "fits": train.ok and not failure_line(res),
-           "error": train.error or failure_line(res), "compile_s": round(train.seconds, 2),
-           "plan_gib": plan_total(res.plan) / GIB, "mesh": res.mesh_shape,
-           "kernel_notes": list(res.kernel_notes)}
+    row = {
+        "compiles": train.ok,
+        "fits": train.ok and not failure_line(res),
+        "error": train.error or failure_line(res),
+        "compile_s": round(train.seconds, 2),
+        "plan_gib": plan_total(res.plan) / GIB,
+        "mesh": res.mesh_shape,
+        "kernel_notes": list(res.kernel_notes),
+    }
     hbm = hbm_bytes_per_device(res)
     if hbm:
         row["hbm_gib"] = hbm / GIB
@@ -44,8 +49,16 @@ def compile_point(cfg, devices) -> dict:
     return row
 
 
-def compile_sweep(config_arg: str, sweep_dir: str, topology: str, *, num_slices: int = 1,
-                  overrides: dict | None = None, allow_resize: bool = False, log=print) -> list[dict]:
+def compile_sweep(
+    config_arg: str,
+    sweep_dir: str,
+    topology: str,
+    *,
+    num_slices: int = 1,
+    overrides: dict | None = None,
+    allow_resize: bool = False,
+    log=print,
+) -> list[dict]:
     """Compiles every point for `topology`; returns the rows written to compile_plan.jsonl."""
     base, points = load_sweep(config_arg, dict(overrides or {}))
     by_name = {p.name: p for p in points}
@@ -60,8 +73,14 @@ def compile_sweep(config_arg: str, sweep_dir: str, topology: str, *, num_slices:
     os.makedirs(sweep_dir, exist_ok=True)
     for k, (name, cfg) in enumerate(planned.items()):
         log(f"[{k + 1}/{len(planned)}] compiling {name} for {topo.libtpu_name}")
-        rows.append({"point": name, "topology": topo.libtpu_name, "devices": topo.devices,
-                     **compile_point(cfg, devices)})
+        rows.append(
+            {
+                "point": name,
+                "topology": topo.libtpu_name,
+                "devices": topo.devices,
+                **compile_point(cfg, devices),
+            }
+        )
         path = os.path.join(sweep_dir, PLAN)
         with open(path + ".tmp", "w") as f:  # rewritten whole after each point: atomic
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -75,8 +94,13 @@ def format_plan(rows: list[dict]) -> str:
     for r in rows:
         gib = f"{r['gib_per_device']:.3f}" if "gib_per_device" in r else "-"
         hbm = f"{r['hbm_gib']:g}" if "hbm_gib" in r else "-"
-        what = (", ".join(f"{k.split(':')[-1]} x{v}" for k, v in r.get("kernels", {}).items())
-                or "XLA only") if r["fits"] else r["error"][:120]
-        lines.append(f"{r['point']:<28} {'yes' if r['fits'] else 'NO':<5} {gib:>10} {hbm:>6} "
-                     f"{r['compile_s']:>9}  {what}")
+        what = (
+            (", ".join(f"{k.split(':')[-1]} x{v}" for k, v in r.get("kernels", {}).items()) or "XLA only")
+            if r["fits"]
+            else r["error"][:120]
+        )
+        lines.append(
+            f"{r['point']:<28} {'yes' if r['fits'] else 'NO':<5} {gib:>10} {hbm:>6} "
+            f"{r['compile_s']:>9}  {what}"
+        )
     return "\n".join(lines)

@@ -12,10 +12,22 @@ from moe_lab.config.load import apply_overrides, load_raw
 from moe_lab.config.schema import ConfigError
 
 SPECIAL = ("name", "from", "budget_flops", "budget_flops_total", "trainer", "post", "tags")
-_ABBREV = {"num_experts": "e", "top_k": "k", "d_model": "d", "num_layers": "l",
-           "expert_hidden": "f", "num_heads": "h", "num_kv_heads": "kv", "steps": "s",
-           "batch_size": "b", "seed": "seed", "lr": "lr", "mixture": "mix",
-           "budget_flops": "B", "budget_flops_total": "BT"}
+_ABBREV = {
+    "num_experts": "e",
+    "top_k": "k",
+    "d_model": "d",
+    "num_layers": "l",
+    "expert_hidden": "f",
+    "num_heads": "h",
+    "num_kv_heads": "kv",
+    "steps": "s",
+    "batch_size": "b",
+    "seed": "seed",
+    "lr": "lr",
+    "mixture": "mix",
+    "budget_flops": "B",
+    "budget_flops_total": "BT",
+}
 
 
 # ------------------------------------------------------------------ expansion
@@ -77,8 +89,10 @@ def make_points(raw_points) -> list[Point]:
         overrides = {k: v for k, v in p.items() if k not in SPECIAL}
         for k in overrides:
             if "." not in k:
-                raise ConfigError(f"sweep point {i}: unknown key {k!r} (config keys are dotted, "
-                                  f"special keys: {', '.join(SPECIAL)})")
+                raise ConfigError(
+                    f"sweep point {i}: unknown key {k!r} (config keys are dotted, "
+                    f"special keys: {', '.join(SPECIAL)})"
+                )
         src = p.get("from")
         if src is not None and not (isinstance(src, dict) and isinstance(src.get("run"), str)):
             raise ConfigError(f"sweep point {i}: 'from' must be a dict with a 'run' name")
@@ -86,18 +100,26 @@ def make_points(raw_points) -> list[Point]:
         for s in post:
             if not (isinstance(s, dict) and isinstance(s.get("kind"), str)):
                 raise ConfigError(f"sweep point {i}: each 'post' stage needs a 'kind'")
-        pt = Point(index=i, name="", overrides=overrides, source=src,
-                   budget_flops=p.get("budget_flops"),
-                   budget_flops_total=p.get("budget_flops_total"), trainer=p.get("trainer"),
-                   post=post, tags=dict(p.get("tags") or {}))
+        pt = Point(
+            index=i,
+            name="",
+            overrides=overrides,
+            source=src,
+            budget_flops=p.get("budget_flops"),
+            budget_flops_total=p.get("budget_flops_total"),
+            trainer=p.get("trainer"),
+            post=post,
+            tags=dict(p.get("tags") or {}),
+        )
         name = p.get("name") or run_name(pt.swept)
         if src is not None and not p.get("name"):
             name = f"{src['run']}_from{src.get('step', 'last')}" + ("_" + name if pt.swept else "")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@=+-]*", name):
             raise ConfigError(f"sweep point {i}: bad run name {name!r}")
         if name in names:
-            raise ConfigError(f"sweep points {names[name]} and {i} have the same name {name!r}; "
-                              "give them explicit 'name's")
+            raise ConfigError(
+                f"sweep points {names[name]} and {i} have the same name {name!r}; give them explicit 'name's"
+            )
         names[name] = i
         points.append(dataclasses.replace(pt, name=name))
     by_name = {p.name: p for p in points}
@@ -109,8 +131,9 @@ def make_points(raw_points) -> list[Point]:
     while remaining:
         ready = [p for p in remaining if p.parent is None or p.parent in done]
         if not ready:
-            raise ConfigError("sweep: 'from' dependencies form a cycle: "
-                              + ", ".join(p.name for p in remaining))
+            raise ConfigError(
+                "sweep: 'from' dependencies form a cycle: " + ", ".join(p.name for p in remaining)
+            )
         for p in ready:
             ordered.append(p)
             done.add(p.name)

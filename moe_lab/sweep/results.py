@@ -39,18 +39,36 @@ def results_row(point: Point, run_dir: str) -> dict:
     cfg = config_from_json(config_path(run_dir))
     ev = read_eval(run_dir, cfg.train.steps) or {}
     m = cfg.model
-    row = {"run": point.name, "sweep_index": point.index, **point.swept,
-           "d_model": m.d_model, "num_layers": m.num_layers, "ffn": m.ffn,
-           "num_experts": m.moe.num_experts if m.ffn == "moe" else 1,
-           "top_k": m.moe.top_k if m.ffn == "moe" else 1,
-           "expert_hidden": m.resolved_expert_hidden if m.ffn == "moe" else m.resolved_mlp_hidden,
-           "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
-           "seq_len": cfg.data.seq_len}
+    row = {
+        "run": point.name,
+        "sweep_index": point.index,
+        **point.swept,
+        "d_model": m.d_model,
+        "num_layers": m.num_layers,
+        "ffn": m.ffn,
+        "num_experts": m.moe.num_experts if m.ffn == "moe" else 1,
+        "top_k": m.moe.top_k if m.ffn == "moe" else 1,
+        "expert_hidden": m.resolved_expert_hidden if m.ffn == "moe" else m.resolved_mlp_hidden,
+        "steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+    }
     summary = flops.run_summary(cfg)
-    row.update({k: summary[k] for k in ("params_total", "params_active",
-                                        "params_total_non_embedding",
-                                        "params_active_non_embedding", "sparsity", "tpp",
-                                        "train_tokens", "train_flops")})
+    row.update(
+        {
+            k: summary[k]
+            for k in (
+                "params_total",
+                "params_active",
+                "params_total_non_embedding",
+                "params_active_non_embedding",
+                "sparsity",
+                "tpp",
+                "train_tokens",
+                "train_flops",
+            )
+        }
+    )
     metrics = read_metrics(run_dir)
     losses = [r for r in metrics if "loss" in r]
     if losses:
@@ -60,12 +78,16 @@ def results_row(point: Point, run_dir: str) -> dict:
     row["sunk_flops"] = float(lineage["sunk_flops"]) if lineage else 0.0
     row["total_flops"] = row["sunk_flops"] + row["train_flops"]
     if lineage:
-        row.update(parent_run=point.parent, parent_step=lineage["parent_step"],
-                   grow=json.dumps(lineage["transforms"]),
-                   sunk_chinchilla_ratio=lineage.get("sunk_chinchilla_ratio"))
+        row.update(
+            parent_run=point.parent,
+            parent_step=lineage["parent_step"],
+            grow=json.dumps(lineage["transforms"]),
+            sunk_chinchilla_ratio=lineage.get("sunk_chinchilla_ratio"),
+        )
     tasks = ev.get("tasks", {})
-    eval_losses = [t["eval_loss"] for n, t in tasks.items()
-                   if n != "arith_long" and t.get("eval_loss") is not None]
+    eval_losses = [
+        t["eval_loss"] for n, t in tasks.items() if n != "arith_long" and t.get("eval_loss") is not None
+    ]
     row["eval_loss"] = sum(eval_losses) / len(eval_losses) if eval_losses else None
     for name, t in tasks.items():
         for k in ("eval_loss", "task_loss_bits", "accuracy", "num_steps"):
@@ -127,8 +149,7 @@ def record_result(sweep_dir: str, row: dict) -> None:
 
 
 def record_failure(sweep_dir: str, point: Point, error: str, log_path: str | None = None) -> None:
-    row = {"run": point.name, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "log": log_path}
+    row = {"run": point.name, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "log": log_path}
     with _locked(sweep_dir), open(os.path.join(sweep_dir, FAILURES), "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -154,10 +175,20 @@ def load_results(path: str):
 
 
 def format_results(df, columns: list[str] | None = None) -> str:
-    cols = columns or [c for c in ("run", "params_total", "params_active", "sparsity", "tpp",
-                                   "train_loss", "eval_loss", "memorization_accuracy",
-                                   "reasoning_accuracy", "reasoning_task_loss_bits")
-                       if c in df]
+    cols = columns or [
+        c
+        for c in (
+            "run",
+            "params_total",
+            "params_active",
+            "sparsity",
+            "tpp",
+            "train_loss",
+            "eval_loss",
+            "memorization_accuracy",
+            "reasoning_accuracy",
+            "reasoning_task_loss_bits",
+        )
+        if c in df
+    ]
     return df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")
-
-

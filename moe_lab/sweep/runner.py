@@ -82,8 +82,7 @@ def resolved_config(raw: dict) -> Config:
 
 def flops_per_step(cfg: Config) -> float:
     """Training FLOPs of one step of `cfg` (the unit of a point's FLOP budget)."""
-    return flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
-        * cfg.data.seq_len
+    return flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
 
 
 def _apply_budget(cfg: Config, point: Point, sunk: float) -> Config:
@@ -93,8 +92,9 @@ def _apply_budget(cfg: Config, point: Point, sunk: float) -> Config:
     if budget is None:
         return cfg
     if budget <= 0:
-        raise ConfigError(f"sweep point {point.name}: FLOP budget {budget:.3g} <= 0 "
-                          f"(total budget minus sunk {sunk:.3g})")
+        raise ConfigError(
+            f"sweep point {point.name}: FLOP budget {budget:.3g} <= 0 (total budget minus sunk {sunk:.3g})"
+        )
     steps = max(1, round(budget / flops_per_step(cfg)))
     return cfg.replace(train=dataclasses.replace(cfg.train, steps=steps))
 
@@ -133,8 +133,7 @@ def is_finished(run_dir: str, point: Point | None = None) -> bool:
     step = final_step(run_dir)
     if step is None or not os.path.isfile(eval_path(run_dir, step)):
         return False
-    return all(os.path.isfile(_stage_path(run_dir, i, s))
-               for i, s in enumerate(point.post if point else ()))
+    return all(os.path.isfile(_stage_path(run_dir, i, s)) for i, s in enumerate(point.post if point else ()))
 
 
 def _resolve_fn(spec: str, default_module: str | None = None):
@@ -148,18 +147,17 @@ def _resolve_fn(spec: str, default_module: str | None = None):
 
 def _post_harness(run_dir: str, spec: dict) -> dict:
 
-    r = run_harness(run_dir, spec["data"], shots=int(spec.get("shots", 0)),
-                    limit=spec.get("limit"), print_table=True)
+    r = run_harness(
+        run_dir, spec["data"], shots=int(spec.get("shots", 0)), limit=spec.get("limit"), print_table=True
+    )
     stem = spec.get("label") or os.path.splitext(os.path.basename(spec["data"]))[0]
-    return {f"{stem}_{k}": v for k, v in r.items()
-            if k.startswith("accuracy") or k == "task_loss_bits"}
+    return {f"{stem}_{k}": v for k, v in r.items() if k.startswith("accuracy") or k == "task_loss_bits"}
 
 
 POST_STAGES = {"harness": _post_harness}  # kind -> fn(run_dir, spec) -> row columns
 
 
-def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point],
-              log=print) -> dict:
+def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point], log=print) -> dict:
     """Runs one point to completion in this process (grow/train/eval/post as
     needed); returns its results row."""
 
@@ -174,9 +172,13 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
                 raise ConfigError(f"parent run {point.parent!r} is not finished")
             kind = point.source.get("kind", "grow")
             if kind == "grow":
-
-                grow_run(parent_dir, run_dir, GrowOptions.from_spec(point.source.get("grow")),
-                         step=point.source.get("step"), log=log)
+                grow_run(
+                    parent_dir,
+                    run_dir,
+                    GrowOptions.from_spec(point.source.get("grow")),
+                    step=point.source.get("step"),
+                    log=log,
+                )
             else:
                 _resolve_fn(kind)(parent_dir, point.source.get("step"), run_dir, point.source)
         raw = run_config_dict(config_path(run_dir))
@@ -191,8 +193,10 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
         trainer = _resolve_fn(point.trainer) if point.trainer else train
         summary = trainer(cfg, run_dir)
         if summary and summary.get("step", steps) < steps:
-            raise RuntimeError(f"training stopped at step {summary['step']} of {steps} "
-                               "(preempted?); rerun the sweep to resume")
+            raise RuntimeError(
+                f"training stopped at step {summary['step']} of {steps} "
+                "(preempted?); rerun the sweep to resume"
+            )
         if not os.path.isfile(eval_path(run_dir, steps)):  # training, then evaluation
             evaluate(run_dir, steps)
     for i, spec in enumerate(point.post):
@@ -209,8 +213,9 @@ def run_point(point: Point, base: dict, sweep_dir: str, by_name: dict[str, Point
 # --------------------------------------------------------------------- runner
 
 
-def point_commands(point: Point, base: dict, config_arg: str, sweep_dir: str,
-                   by_name: dict[str, Point], cli_overrides: dict) -> list[str]:
+def point_commands(
+    point: Point, base: dict, config_arg: str, sweep_dir: str, by_name: dict[str, Point], cli_overrides: dict
+) -> list[str]:
     """The `moe-lab` commands equivalent to running this point."""
     run_dir = os.path.join(sweep_dir, point.name)
     try:
@@ -224,8 +229,9 @@ def point_commands(point: Point, base: dict, config_arg: str, sweep_dir: str,
     q = shlex.quote
     cmds = []
     if point.source is None:
-        cmds.append(" ".join(["moe-lab train", "--config", q(config_arg), "--workdir", q(run_dir),
-                              *map(q, flags)]))
+        cmds.append(
+            " ".join(["moe-lab train", "--config", q(config_arg), "--workdir", q(run_dir), *map(q, flags)])
+        )
     else:
         src = point.source
         parent = os.path.join(sweep_dir, point.parent)
@@ -242,8 +248,9 @@ def point_commands(point: Point, base: dict, config_arg: str, sweep_dir: str,
     cmds.append(f"moe-lab eval --workdir {q(run_dir)} --step {steps}")
     for spec in point.post:
         if spec["kind"] == "harness":
-            cmds.append(f"moe-lab eval --workdir {q(run_dir)} --data {q(spec['data'])} "
-                        f"--shots {spec.get('shots', 0)}")
+            cmds.append(
+                f"moe-lab eval --workdir {q(run_dir)} --data {q(spec['data'])} --shots {spec.get('shots', 0)}"
+            )
         else:
             cmds.append(f"# post stage {spec['kind']}({run_dir}, {spec})")
     return cmds
@@ -256,24 +263,33 @@ def _log_path(sweep_dir: str, point: Point) -> str:
     return os.path.join(sweep_dir, "logs", f"{point.name}.log")
 
 
-def _run_child(point: Point, config_arg: str, sweep_dir: str, cli_overrides: dict,
-               log) -> str | None:
+def _run_child(point: Point, config_arg: str, sweep_dir: str, cli_overrides: dict, log) -> str | None:
     """Runs the point in a child process; returns None or the error line."""
     log_path = _log_path(sweep_dir, point)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = [sys.executable, "-m", "moe_lab.cli.sweep", "--config", config_arg, "--workdir", sweep_dir,
-           "--point", point.name, "--child", *[f"--config.{k}={v}" for k, v in cli_overrides.items()]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_lab.cli.sweep",
+        "--config",
+        config_arg,
+        "--workdir",
+        sweep_dir,
+        "--point",
+        point.name,
+        "--child",
+        *[f"--config.{k}={v}" for k, v in cli_overrides.items()],
+    ]
     error = None
     with open(log_path, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         try:
             for line in proc.stdout:
                 f.write(line)
                 log(f"[{point.name}] {line.rstrip()}")
                 if line.startswith(FAILED_MARK):
-                    error = line.rstrip()[len(FAILED_MARK):]
+                    error = line.rstrip()[len(FAILED_MARK) :]
             rc = proc.wait()
         except BaseException:  # Ctrl-C / SIGTERM of the sweep: let the child checkpoint
             proc.terminate()
@@ -284,10 +300,18 @@ def _run_child(point: Point, config_arg: str, sweep_dir: str, cli_overrides: dic
     return None
 
 
-def run_sweep(config_arg: str, sweep_dir: str, *, overrides: dict | None = None,
-              shard: tuple[int, int] = (0, 1), dry_run: bool = False,
-              isolate: str = "subprocess", only: str | None = None, child: bool = False,
-              log=print) -> dict:
+def run_sweep(
+    config_arg: str,
+    sweep_dir: str,
+    *,
+    overrides: dict | None = None,
+    shard: tuple[int, int] = (0, 1),
+    dry_run: bool = False,
+    isolate: str = "subprocess",
+    only: str | None = None,
+    child: bool = False,
+    log=print,
+) -> dict:
     """Runs (or with dry_run prints) this shard's unfinished points; returns
     {"done": [...], "ran": [...], "skipped": [...], "failed": [...]} (run names)."""
     overrides = dict(overrides or {})
@@ -301,18 +325,19 @@ def run_sweep(config_arg: str, sweep_dir: str, *, overrides: dict | None = None,
     status = {"done": [], "ran": [], "skipped": [], "failed": []}
     if dry_run:
         for k, p in enumerate(mine):
-            log(f"# [{k + 1}/{len(mine)}] {p.name}"
-                + (f"  (after {p.parent})" if p.parent else ""))
+            log(f"# [{k + 1}/{len(mine)}] {p.name}" + (f"  (after {p.parent})" if p.parent else ""))
             for c in point_commands(p, base, config_arg, sweep_dir, by_name, overrides):
                 log(c)
         return status
     os.makedirs(sweep_dir, exist_ok=True)
     if isolate == "subprocess" and only is None:
         with _sigterm_as_interrupt():  # so a killed sweep stops (and checkpoints) its child
-            return _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status,
-                               isolate, only, child, log)
-    return _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, isolate,
-                       only, child, log)
+            return _run_points(
+                mine, base, config_arg, sweep_dir, by_name, overrides, status, isolate, only, child, log
+            )
+    return _run_points(
+        mine, base, config_arg, sweep_dir, by_name, overrides, status, isolate, only, child, log
+    )
 
 
 @contextlib.contextmanager
@@ -331,8 +356,9 @@ def _sigterm_as_interrupt():
             signal.signal(signal.SIGTERM, old)
 
 
-def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, isolate, only,
-                child, log) -> dict:
+def _run_points(
+    mine, base, config_arg, sweep_dir, by_name, overrides, status, isolate, only, child, log
+) -> dict:
     failed = set()
     t_start = time.perf_counter()
     for k, p in enumerate(mine):
@@ -346,8 +372,7 @@ def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, i
             status["done"].append(p.name)
             log(f"{head}: finished earlier, skipped")
             continue
-        if p.parent is not None and not is_finished(os.path.join(sweep_dir, p.parent),
-                                                    by_name[p.parent]):
+        if p.parent is not None and not is_finished(os.path.join(sweep_dir, p.parent), by_name[p.parent]):
             why = "failed" if p.parent in failed else "is not finished yet"
             log(f"{head}: skipped, its parent {p.parent!r} {why} (rerun the sweep later)")
             status["skipped"].append(p.name)
@@ -389,9 +414,9 @@ def _run_points(mine, base, config_arg, sweep_dir, by_name, overrides, status, i
                 record_failure(sweep_dir, p, error, _log_path(sweep_dir, p))
             log(f"{head}: FAILED: {error}")
     if only is None:
-        log(f"sweep: {len(status['ran'])} ran, {len(status['done'])} already done, "
+        log(
+            f"sweep: {len(status['ran'])} ran, {len(status['done'])} already done, "
             f"{len(status['skipped'])} waiting, {len(status['failed'])} failed "
-            f"in {time.perf_counter() - t_start:.0f}s; results: {os.path.join(sweep_dir, RESULTS)}")
+            f"in {time.perf_counter() - t_start:.0f}s; results: {os.path.join(sweep_dir, RESULTS)}"
+        )
     return status
-
-

@@ -109,14 +109,19 @@ class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
         def made(k):
             array = values[k].make()
             if tuple(array.shape) != values[k].shape or array.dtype != values[k].dtype:
-                raise ValueError(f"LazyArray {infos[k].name}: made {array.shape} {array.dtype},"
-                                 f" declared {values[k].shape} {values[k].dtype}")
+                raise ValueError(
+                    f"LazyArray {infos[k].name}: made {array.shape} {array.dtype},"
+                    f" declared {values[k].shape} {values[k].dtype}"
+                )
             return array
 
         for k in range(len(values)):
             array = made(k)
-            arg = args[k] if args[k].chunk_byte_size else dataclasses.replace(
-                args[k], chunk_byte_size=LAZY_CHUNK_BYTES)
+            arg = (
+                args[k]
+                if args[k].chunk_byte_size
+                else dataclasses.replace(args[k], chunk_byte_size=LAZY_CHUNK_BYTES)
+            )
             info = copy.copy(infos[k])
             info.use_compression = values[k].compress
             await self._background_serialize([array], [info], [arg])
@@ -124,8 +129,11 @@ class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
-        return [ocp_future.CommitFutureAwaitingContractedSignals(
-            self._write_in_sequence(values, infos, args), name="lazy_array_handler")]
+        return [
+            ocp_future.CommitFutureAwaitingContractedSignals(
+                self._write_in_sequence(values, infos, args), name="lazy_array_handler"
+            )
+        ]
 
 
 def _state_type_handlers():
@@ -134,15 +142,17 @@ def _state_type_handlers():
     goes first so that the typestr 'np.ndarray' still restores with Orbax's handler."""
     return ocp.type_handlers.create_type_handler_registry(
         (LazyArray, _LazyArrayHandler()),
-        *[(ty, ocp.type_handlers.get_type_handler(ty))
-          for ty in ocp.type_handlers.supported_types()])
+        *[(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()],
+    )
 
 
 def _fresh_opt_state(abstract_opt):
     """Zeros of the optimizer state's shapes and shardings: the fresh Adam moments and
     counts of a checkpoint saved without optimizer state (`moe-lab import`)."""
-    return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_opt),
-                   out_shardings=jax.tree.map(lambda s: s.sharding, abstract_opt))()
+    return jax.jit(
+        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_opt),
+        out_shardings=jax.tree.map(lambda s: s.sharding, abstract_opt),
+    )()
 
 
 def _checkpoint_dir(workdir: str) -> epath.Path:
@@ -227,9 +237,7 @@ def _jsonable(meta: dict) -> dict:
     try:
         return json.loads(json.dumps(meta, default=default))
     except TypeError as e:
-        raise ConfigError(
-            f"checkpoint meta: value of type {e} is not JSON-serializable"
-        ) from None
+        raise ConfigError(f"checkpoint meta: value of type {e} is not JSON-serializable") from None
 
 
 class Checkpointer:
@@ -251,9 +259,7 @@ class Checkpointer:
         create: bool = True,
     ):
         if keep_last < 0 or keep_every < 0:
-            raise ConfigError(
-                f"checkpoint: keep_last={keep_last} and keep_every={keep_every} must be >= 0"
-            )
+            raise ConfigError(f"checkpoint: keep_last={keep_last} and keep_every={keep_every} must be >= 0")
         self.directory = _checkpoint_dir(workdir)
         # Retention: the union of "latest N" and "every K-th step".  LatestN(None)
         # keeps everything; LatestN(0) would delete even the newest step.
@@ -279,9 +285,7 @@ class Checkpointer:
         data_handler = grain.checkpoint.CheckpointHandler()
         registry.add(DATA, grain.checkpoint.CheckpointSave, data_handler)
         registry.add(DATA, grain.checkpoint.CheckpointRestore, data_handler)
-        self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, handler_registry=registry
-        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
         self._cleaned_tmp = False
         self._closed = False
 
@@ -344,9 +348,7 @@ class Checkpointer:
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         try:
-            return bool(
-                self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
-            )
+            return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=force))
         except ocp.checkpoint_manager.StepAlreadyExistsError:  # only with force=True
             log.warning(
                 "checkpoint step %d already exists in %s; not overwriting",
@@ -375,9 +377,7 @@ class Checkpointer:
     def _saved_tree(self, step: int):
         """The saved state's metadata tree (ArrayMetadata leaves: shape, dtype)."""
         if not self._has_item(step, STATE):
-            raise ConfigError(
-                f"checkpoint step {step} in {self.directory} has no '{STATE}' item"
-            )
+            raise ConfigError(f"checkpoint step {step} in {self.directory} has no '{STATE}' item")
         md = self._read(step, lambda: self._mngr.metadata(step).item_metadata[STATE])
         return md.tree if hasattr(md, "tree") else md
 
@@ -388,12 +388,11 @@ class Checkpointer:
             return fn()
         except (ValueError, KeyError, OSError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"checkpoint step {step} in {self.directory} cannot be read "
-                              f"(damaged?): {first[:300]}") from e
+            raise ConfigError(
+                f"checkpoint step {step} in {self.directory} cannot be read (damaged?): {first[:300]}"
+            ) from e
 
-    def restore(
-        self, step: int | None, abstract_state, *, data_iterator=None
-    ) -> tuple[Any, dict]:
+    def restore(self, step: int | None, abstract_state, *, data_iterator=None) -> tuple[Any, dict]:
         """Restore (state, meta) from `step` (None: latest).
 
         abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set; every
@@ -405,8 +404,12 @@ class Checkpointer:
         step = self.resolve_step(step)
         saved = self._saved_tree(step)
         full = abstract_state
-        fresh_opt = (isinstance(full, dict) and OPT_STATE in full and isinstance(saved, dict)
-                     and OPT_STATE not in saved)
+        fresh_opt = (
+            isinstance(full, dict)
+            and OPT_STATE in full
+            and isinstance(saved, dict)
+            and OPT_STATE not in saved
+        )
         if fresh_opt:
             abstract_state = {k: v for k, v in full.items() if k != OPT_STATE}
         problem = _first_mismatch(_shapes_by_key(saved), _shapes_by_key(abstract_state))
@@ -417,17 +420,19 @@ class Checkpointer:
         items = {
             STATE: ocp.args.PyTreeRestore(
                 item=abstract_state,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(
-                    abstract_state
-                ),
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
             )
         }
         if self._has_item(step, META):
             items[META] = ocp.args.JsonRestore()
         data_fallback = None
         if data_iterator is not None:
-            own = self.directory / str(step) / DATA / (
-                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            own = (
+                self.directory
+                / str(step)
+                / DATA
+                / (f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            )
             if self._has_item(step, DATA) and own.exists():
                 items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
             elif self._has_item(step, DATA):
@@ -443,12 +448,8 @@ class Checkpointer:
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, OSError) as e:
-            first = (
-                str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            )
-            raise ConfigError(
-                f"checkpoint step {step} in {self.directory}: {first}"
-            ) from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint step {step} in {self.directory}: {first}") from e
         if data_fallback:
             data_iterator.set_state(json.loads(data_fallback[0].read_text()))
         meta = restored[META] if META in items else {}
@@ -461,16 +462,18 @@ class Checkpointer:
         step = self.resolve_step(step)
         if not self._has_item(step, META):
             return {}
-        restored = self._read(step, lambda: self._mngr.restore(
-            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})))
+        restored = self._read(
+            step, lambda: self._mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        )
         return dict(restored[META] or {})
 
     def saved_shapes(self, step: int | None = None):
         """The saved state's tree with a jax.ShapeDtypeStruct per leaf, read from the
         checkpoint's metadata (no array is read)."""
         step = self.resolve_step(step)
-        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
-                            self._saved_tree(step))
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), self._saved_tree(step)
+        )
 
     def restore_leaf(self, step: int, path: tuple[str, ...]) -> np.ndarray:
         """One leaf of the saved state (`path` from the state's root, e.g. ("params",
@@ -480,16 +483,15 @@ class Checkpointer:
         node = self._saved_tree(step)
         for key in path:
             if not isinstance(node, dict) or key not in node:
-                raise ConfigError(f"checkpoint step {step} in {self.directory} has no leaf "
-                                  f"{'/'.join(path)}")
+                raise ConfigError(f"checkpoint step {step} in {self.directory} has no leaf {'/'.join(path)}")
             node = node[key]
         item, restore_args = node, ocp.RestoreArgs(restore_type=np.ndarray)
         for key in reversed(path):
             item, restore_args = {key: item}, {key: restore_args}
-        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                      partial_restore=True)
-        out = self._read(step, lambda: self._mngr.restore(
-            step, args=ocp.args.Composite(**{STATE: args}))[STATE])
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        out = self._read(
+            step, lambda: self._mngr.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+        )
         for key in path:
             out = out[key]
         return out
@@ -505,13 +507,11 @@ class Checkpointer:
         item = None
         if parts is not None:
             saved = item = {k: v for k, v in saved.items() if k in parts}
-        restore_args = jax.tree.map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=parts is not None)
+        return self._read(
+            step, lambda: self._mngr.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
         )
-        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                      partial_restore=parts is not None)
-        return self._read(step, lambda: self._mngr.restore(
-            step, args=ocp.args.Composite(**{STATE: args}))[STATE])
 
 
 def grown_steps(workdir: str) -> tuple[int, ...]:
@@ -534,11 +534,7 @@ def write_checkpoint(workdir: str, step: int, state, meta: dict | None) -> None:
     workdir/checkpoints/<step>/; used by `grow` to start a new run.  Refuses to
     touch an existing step and keeps every other checkpoint there."""
     if int(step) in checkpoint_steps(workdir):
-        raise ConfigError(
-            f"checkpoint step {step} already exists in {_checkpoint_dir(workdir)}"
-        )
+        raise ConfigError(f"checkpoint step {step} already exists in {_checkpoint_dir(workdir)}")
     with Checkpointer(workdir, keep_last=0, async_save=False) as ckpt:
         if not ckpt.save(step, state, meta=meta, force=True):
-            raise ConfigError(
-                f"could not write checkpoint step {step} in {ckpt.directory}"
-            )
+            raise ConfigError(f"could not write checkpoint step {step} in {ckpt.directory}")

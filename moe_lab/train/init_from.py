@@ -26,7 +26,7 @@ from moe_lab.train.run_dir import config_path, run_tokenizer
 
 
 def parse_init_from(spec: str) -> tuple[str, int | None]:
-    """"RUN[:STEP]" -> (RUN, STEP or None)."""
+    """ "RUN[:STEP]" -> (RUN, STEP or None)."""
     run, sep, step = spec.rpartition(":")
     if not sep or not step.isdigit():
         return spec, None
@@ -47,8 +47,9 @@ def source_config(cfg: Config) -> tuple[Config, Tokenizer]:
     src, _ = _source_step(cfg.train.init_from)
     src_cfg = config_from_json(config_path(src))
     tok = run_tokenizer(src, src_cfg)
-    data = dataclasses.replace(cfg.data, tokenizer=tok.source,
-                               tokenizer_fingerprint=src_cfg.data.tokenizer_fingerprint)
+    data = dataclasses.replace(
+        cfg.data, tokenizer=tok.source, tokenizer_fingerprint=src_cfg.data.tokenizer_fingerprint
+    )
     return cfg.replace(model=src_cfg.model, data=data), tok
 
 
@@ -69,12 +70,14 @@ def initial_state(cfg: Config, setup, fresh: dict) -> dict:
         want = setup.abstract_state[part]
         have = raw.get(part) or {}
         if jax.tree.structure(have) != jax.tree.structure(want):
-            raise ConfigError(f"train.init_from: {src} step {step}'s {part} do not match the "
-                              f"model's tree")
-        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0],
-                                jax.tree.leaves(have), strict=True):
+            raise ConfigError(f"train.init_from: {src} step {step}'s {part} do not match the model's tree")
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(have), strict=True
+        ):
             if tuple(a.shape) != tuple(np.shape(b)):
-                raise ConfigError(f"train.init_from: {jax.tree_util.keystr(path)} has shape "
-                                  f"{np.shape(b)} in {src}, the model wants {a.shape}")
+                raise ConfigError(
+                    f"train.init_from: {jax.tree_util.keystr(path)} has shape "
+                    f"{np.shape(b)} in {src}, the model wants {a.shape}"
+                )
         out[part] = jax.tree.map(_placed, have, want)
     return out

@@ -53,10 +53,14 @@ _EVAL_ONLY = {"data": ("arith_eval_num_steps",)}
 
 
 def _resume_diffs(old, new, section: str) -> list[str]:
-    keys = _RESUME_FIXED.get(section) or [f.name for f in dataclasses.fields(old)
-                                          if f.name not in _EVAL_ONLY.get(section, ())]
-    return [f"{section}.{k}: {getattr(old, k)} -> {getattr(new, k)}"
-            for k in keys if getattr(old, k) != getattr(new, k)]
+    keys = _RESUME_FIXED.get(section) or [
+        f.name for f in dataclasses.fields(old) if f.name not in _EVAL_ONLY.get(section, ())
+    ]
+    return [
+        f"{section}.{k}: {getattr(old, k)} -> {getattr(new, k)}"
+        for k in keys
+        if getattr(old, k) != getattr(new, k)
+    ]
 
 
 def _latest_has_data_state(workdir: str) -> bool:
@@ -81,15 +85,18 @@ def check_workdir(cfg: Config, workdir: str) -> bool:
             fixed = fixed[:1]
         was, now = old.data.tokenizer_fingerprint, cfg.data.tokenizer_fingerprint
         if was != now:
-            raise ConfigError(f"workdir {workdir} holds a run made with tokenizer {was} "
-                              f"({old.data.tokenizer}); this config's is {now} "
-                              f"({cfg.data.tokenizer}); use a new --workdir")
+            raise ConfigError(
+                f"workdir {workdir} holds a run made with tokenizer {was} "
+                f"({old.data.tokenizer}); this config's is {now} "
+                f"({cfg.data.tokenizer}); use a new --workdir"
+            )
         for section, what in fixed:
             diffs = _resume_diffs(getattr(old, section), getattr(cfg, section), section)
             if diffs:
                 raise ConfigError(
                     f"workdir {workdir} holds a run with a different {what} "
-                    f"({'; '.join(diffs)[:200]}); use a new --workdir")
+                    f"({'; '.join(diffs)[:200]}); use a new --workdir"
+                )
         return True
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise ConfigError(f"workdir {workdir} is not empty and holds no moe_lab run (no config.json)")
@@ -113,16 +120,16 @@ def _check_expert_parallel(cfg: Config, mesh) -> None:
     m = cfg.model.moe
     if cfg.model.ffn != "moe" or m.expert_parallel != "all_to_all" or mesh.shape["expert"] == 1:
         return
-    why = expert_parallel.why_not_all_to_all(m, cfg.mesh.rules, mesh,
-                                             cfg.train.batch_size * cfg.data.seq_len)
+    why = expert_parallel.why_not_all_to_all(m, cfg.mesh.rules, mesh, cfg.train.batch_size * cfg.data.seq_len)
     if why:
-        raise ConfigError(f"model.moe.expert_parallel='all_to_all' cannot apply to the training "
-                          f"batch here: {why}; use 'auto' or change mesh.rules")
+        raise ConfigError(
+            f"model.moe.expert_parallel='all_to_all' cannot apply to the training "
+            f"batch here: {why}; use 'auto' or change mesh.rules"
+        )
 
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -136,7 +143,7 @@ def host_rows(batch: dict) -> dict:
     if n == 1:
         return batch
     rows = next(iter(batch.values())).shape[0] // n
-    return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+    return {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
 
 
 class HostRows:
@@ -194,8 +201,18 @@ class PretrainSteps:
     """Next-token pre-training on the Trainer: batches from the data iterator, the
     (phased) train step, per-task losses, throughput and MFU, the eval losses."""
 
-    def __init__(self, cfg: Config, setup, train_iter, train_step: PhasedStep, eval_step,
-                 eval_batches, task_names, counters: dict, peak_total: float):
+    def __init__(
+        self,
+        cfg: Config,
+        setup,
+        train_iter,
+        train_step: PhasedStep,
+        eval_step,
+        eval_batches,
+        task_names,
+        counters: dict,
+        peak_total: float,
+    ):
         self.cfg, self.setup, self.train_iter = cfg, setup, train_iter
         self.train_step, self.eval_step, self.eval_batches = train_step, eval_step, eval_batches
         self.task_names, self.counters, self.peak_total = task_names, counters, peak_total
@@ -224,24 +241,31 @@ class PretrainSteps:
         for i, name in enumerate(self.task_names):
             if m["task_weight_sum"][i] > 0:
                 row[f"loss/{name}"] = m["task_loss_sum"][i] / m["task_weight_sum"][i]
-        row.update(tokens_seen=counted["tokens_seen"], flops_spent=counted["flops_spent"],
-                   tokens_per_sec=self.tokens_per_step / dt,
-                   mfu=step_flops / dt / self.peak_total, step_time=dt)
+        row.update(
+            tokens_seen=counted["tokens_seen"],
+            flops_spent=counted["flops_spent"],
+            tokens_per_sec=self.tokens_per_step / dt,
+            mfu=step_flops / dt / self.peak_total,
+            step_time=dt,
+        )
         return row
 
     def message(self, step, row, eta):
         names = self.task_names
-        msg = (f"step {step}/{self.cfg.train.steps} loss {row['loss']:.4f} "
-               + " ".join(f"{n} {row[f'loss/{n}']:.3f}" for n in names if f"loss/{n}" in row)
-               + f" | {row['tokens_per_sec']:.0f} tok/s | MFU {100 * row['mfu']:.1f}% "
-               f"| ETA {fmt_time(eta)}")
+        msg = (
+            f"step {step}/{self.cfg.train.steps} loss {row['loss']:.4f} "
+            + " ".join(f"{n} {row[f'loss/{n}']:.3f}" for n in names if f"loss/{n}" in row)
+            + f" | {row['tokens_per_sec']:.0f} tok/s | MFU {100 * row['mfu']:.1f}% "
+            f"| ETA {fmt_time(eta)}"
+        )
         if "moe/max_violation" in row:
             msg += f" | maxvio {row['moe/max_violation']:.2f} drop {row['moe/drop_fraction']:.3f}"
         return msg
 
     def evaluate(self, state, step):
-        res = evaluate_losses(self.eval_step, state, self.eval_batches,
-                              self.setup.batch_sharding, self.task_names)
+        res = evaluate_losses(
+            self.eval_step, state, self.eval_batches, self.setup.batch_sharding, self.task_names
+        )
         return res, f"eval @ {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items())
 
     def meta(self, seconds_this_run):
@@ -264,8 +288,7 @@ def train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     The run holds the workdir's lock (train/run_lock.py; process 0 of a multi-host
     run): a second writer is refused, a dead holder's lock taken over.
     """
-    with locked(lock_path_beside(workdir), "moe-lab train", enabled=jax.process_index() == 0,
-                log=log0):
+    with locked(lock_path_beside(workdir), "moe-lab train", enabled=jax.process_index() == 0, log=log0):
         return _train(cfg, workdir, max_steps=max_steps)
 
 
@@ -293,19 +316,29 @@ def _train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     # run sees does not depend on the number of hosts, and the iterator state in a
     # checkpoint restores under any process count.
     # shuffles follow the run's seed; data.seed fixes the tasks' contents (pipeline.py)
-    train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=t.seed,
-                                                       tokenizer=tok))
-    eval_batches = [host_rows(b) for b in pipeline.mixture_eval_batches(
-        cfg.data, t.batch_size, t.eval_batches, tokenizer=tok)]
+    train_iter = HostRows(pipeline.make_train_iterator(cfg.data, t.batch_size, seed=t.seed, tokenizer=tok))
+    eval_batches = [
+        host_rows(b)
+        for b in pipeline.mixture_eval_batches(cfg.data, t.batch_size, t.eval_batches, tokenizer=tok)
+    ]
 
     if not resuming:  # the checkpoint manager creates checkpoints/ in the new workdir
         write_workdir_config(cfg, workdir, tok)
     counters = {"tokens_seen": 0.0, "flops_spent": 0.0, "wall_seconds": 0.0}
-    trainer = Trainer(workdir, total_steps=t.steps, log_every=t.log_every,
-                      eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
-                      keep_last=t.keep_last, keep_every=t.keep_every,
-                      keep_steps=grown_steps(workdir), async_save=t.async_checkpoint,
-                      data_iterator=train_iter, progress=t.progress, profile=t.profile_steps)
+    trainer = Trainer(
+        workdir,
+        total_steps=t.steps,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        keep_last=t.keep_last,
+        keep_every=t.keep_every,
+        keep_steps=grown_steps(workdir),
+        async_save=t.async_checkpoint,
+        data_iterator=train_iter,
+        progress=t.progress,
+        profile=t.profile_steps,
+    )
     state, meta = trainer.restore(setup.abstract_state)
     if state is None:
         state = setup.init_state()
@@ -326,9 +359,11 @@ def _train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     peak, peak_how = peak_flops_per_device(cfg.model.compute_dtype)
     peak_total = peak * jax.device_count()
     log0(f"tokenizer {tok.describe()} | model.vocab_size {cfg.model.vocab_size}")
-    log0(f"params total {counts['total']:,} active {counts['active']:,} | "
-         f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
-         f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}")
+    log0(
+        f"params total {counts['total']:,} active {counts['active']:,} | "
+        f"{flops_per_step / tokens_per_step:.3g} train FLOPs/token | peak {peak_total:.3g} "
+        f"FLOP/s ({peak_how}) | steps {start_step} -> {t.steps}"
+    )
     if cfg.data.corpus:
         log0(describe_corpora(cfg.data.corpus, tok, t.steps * tokens_per_step, counts["active"]))
     for note in setup.kernel_notes:
@@ -341,12 +376,16 @@ def _train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
     # whatever the field types; setup was built from this cfg and this mesh), the mesh,
     # the number of tasks and the tokenizer's EOS id (a file the config names only by
     # path).  The run's name is a label: runs that differ only in it share the steps.
-    cache_key = (json.dumps(cfg.replace(name="").to_dict(), sort_keys=True), mesh, num_tasks,
-                 tok.eos_id)
+    cache_key = (json.dumps(cfg.replace(name="").to_dict(), sort_keys=True), mesh, num_tasks, tok.eos_id)
     with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules, mesh):
+
         def jit_step(name, graphdef, step_cfg):
-            return cached_jit("train", cache_key, name, lambda: jit_train_step(
-                setup, step_cfg, graphdef, num_tasks, tok.eos_id))
+            return cached_jit(
+                "train",
+                cache_key,
+                name,
+                lambda: jit_train_step(setup, step_cfg, graphdef, num_tasks, tok.eos_id),
+            )
 
         train_step = PhasedStep(jit_step("train", setup.graphdef, cfg), flops_per_step)
         warm_cfg = capacity_warmup_config(cfg)
@@ -354,23 +393,36 @@ def _train(cfg: Config, workdir: str, *, max_steps: int | None = None) -> dict:
         if start_step < warm_until:  # a resume after the warm-up never compiles it
             warm_flops = flops.train_flops_per_token(warm_cfg.model, cfg.data.seq_len)
             train_step = PhasedStep(
-                train_step.main, flops_per_step,
+                train_step.main,
+                flops_per_step,
                 jit_step("warm-up", warmup_graphdef(warm_cfg), warm_cfg),
-                warm_flops * tokens_per_step, warm_until)
-            log0(f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
-                 f"({warm_flops:.3g} train FLOPs/token)")
+                warm_flops * tokens_per_step,
+                warm_until,
+            )
+            log0(
+                f"capacity warm-up: steps {start_step} -> {warm_until} at full depth "
+                f"({warm_flops:.3g} train FLOPs/token)"
+            )
         eval_step = cached_jit("train", cache_key, "eval", lambda: jit_eval_step(setup, num_tasks))
-        steps = PretrainSteps(cfg, setup, train_iter, train_step, eval_step, eval_batches,
-                              task_names, counters, peak_total)
+        steps = PretrainSteps(
+            cfg, setup, train_iter, train_step, eval_step, eval_batches, task_names, counters, peak_total
+        )
         try:
             out = trainer.run(steps, state, start_step, max_steps=max_steps)
         finally:
             trainer.close()
             train_iter.close()
     last_row = out["last_row"]
-    return {"workdir": workdir, "step": out["step"], "steps": t.steps,
-            "process_index": jax.process_index(),
-            "loss": last_row.get("loss"), **out["last_eval"],
-            "tokens_seen": counters["tokens_seen"], "flops_spent": counters["flops_spent"],
-            "seconds_this_run": out["seconds_this_run"], "mfu": last_row.get("mfu"),
-            "tokens_per_sec": last_row.get("tokens_per_sec")}
+    return {
+        "workdir": workdir,
+        "step": out["step"],
+        "steps": t.steps,
+        "process_index": jax.process_index(),
+        "loss": last_row.get("loss"),
+        **out["last_eval"],
+        "tokens_seen": counters["tokens_seen"],
+        "flops_spent": counters["flops_spent"],
+        "seconds_this_run": out["seconds_this_run"],
+        "mfu": last_row.get("mfu"),
+        "tokens_per_sec": last_row.get("tokens_per_sec"),
+    }

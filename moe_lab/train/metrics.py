@@ -21,8 +21,9 @@ def _scalarize(v):
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+    def __init__(
+        self, workdir: str, *, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True
+    ):
         self.enabled = enabled
         self.path = metrics_path(workdir)
         self.tb = None

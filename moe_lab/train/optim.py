@@ -42,13 +42,22 @@ def make_schedule(t: TrainConfig) -> optax.Schedule:
 
 def decay_mask(logical_tree) -> dict:
     """Weight decay on matrices only: not on norm scales, biases or the router bias."""
-    return jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2,
-                        logical_tree, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda axes: len([a for a in axes if a != "layers"]) >= 2,
+        logical_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def make_optimizer(t: TrainConfig, logical_tree) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(t.clip_norm) if t.clip_norm > 0 else optax.identity(),
-        optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                    weight_decay=t.weight_decay, mask=decay_mask(logical_tree)),
+        optax.adamw(
+            make_schedule(t),
+            b1=t.b1,
+            b2=t.b2,
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            mask=decay_mask(logical_tree),
+        ),
     )

@@ -27,8 +27,9 @@ def capacity_warmup_config(cfg: Config) -> Config | None:
     if m.stack != "recursive" or mor.routing != "expert_choice" or mor.capacity_warmup_steps <= 0:
         return None
     full = ",".join(["1"] * mor.num_recursions)
-    return dataclasses.replace(cfg, model=dataclasses.replace(
-        m, mor=dataclasses.replace(mor, capacities=full)))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(m, mor=dataclasses.replace(mor, capacities=full))
+    )
 
 
 def warmup_graphdef(warm_cfg: Config):

@@ -1,15 +1,15 @@
 """A run directory: every file name of a run, and atomic writes into it.
 
-    DIR/config.json          the run's config (written once the run is known to start)
-    DIR/metrics.jsonl        one JSON object per logged step
-    DIR/tb/                  TensorBoard event files
-    DIR/checkpoints/<step>/  checkpoints (train/checkpoint.py)
-    DIR/eval/<step>.json     evaluation results
-    DIR/lineage.json         where a grown / post-trained run came from
-    DIR/rl.json              a GRPO run's config and parent
-    DIR/reference/           a GRPO run's frozen start (a checkpoint dir of its own)
-    DIR/stages/              a sweep point's post-stage results
-    DIR/tokenizer/<file>     the run's tokenizer file (learned vocabularies; byte: none)
+DIR/config.json          the run's config (written once the run is known to start)
+DIR/metrics.jsonl        one JSON object per logged step
+DIR/tb/                  TensorBoard event files
+DIR/checkpoints/<step>/  checkpoints (train/checkpoint.py)
+DIR/eval/<step>.json     evaluation results
+DIR/lineage.json         where a grown / post-trained run came from
+DIR/rl.json              a GRPO run's config and parent
+DIR/reference/           a GRPO run's frozen start (a checkpoint dir of its own)
+DIR/stages/              a sweep point's post-stage results
+DIR/tokenizer/<file>     the run's tokenizer file (learned vocabularies; byte: none)
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ def run_tokenizer(workdir: str, cfg: Config) -> Tokenizer:
     tok = load_tokenizer(spec)
     want = cfg.data.tokenizer_fingerprint
     if want and want != tok.fingerprint:
-        raise ConfigError(f"run {workdir} was made with tokenizer fingerprint {want}; "
-                          f"{tok.source} has {tok.fingerprint}")
+        raise ConfigError(
+            f"run {workdir} was made with tokenizer fingerprint {want}; {tok.source} has {tok.fingerprint}"
+        )
     return tok
 
 
@@ -138,10 +139,9 @@ def building(dst: str, verb: str, log=print):
         if os.path.isdir(dst) and os.listdir(dst):  # another writer finished meanwhile
             raise ConfigError(f"{dst} is not empty")
         for old in sorted(glob.glob(f"{glob.escape(dst)}.*-*")):
-            if re.fullmatch(r"\.(growing|importing|exporting)-\d+", old[len(dst):]) and \
-                    os.path.isdir(old):
+            if re.fullmatch(r"\.(growing|importing|exporting)-\d+", old[len(dst) :]) and os.path.isdir(old):
                 shutil.rmtree(old, ignore_errors=True)
-                log(f"removed {old}, left by a killed {old[len(dst) + 1:].split('-')[0]}")
+                log(f"removed {old}, left by a killed {old[len(dst) + 1 :].split('-')[0]}")
         tmp = f"{dst}.{verb}-{os.getpid()}"
         os.makedirs(tmp)
         try:

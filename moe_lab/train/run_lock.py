@@ -83,8 +83,12 @@ class DirLock:
 
     def __init__(self, path: str, what: str, log=print):
         self.path, self.what, self.log = path, what, log
-        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
-                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "what": what,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.held = False
@@ -103,7 +107,8 @@ class DirLock:
                     raise ConfigError(
                         f"{self._target()} is in use by {holder.get('what', 'moe-lab')} (pid "
                         f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since "
-                        f"{holder.get('since', '?')}); wait for it to finish") from None
+                        f"{holder.get('since', '?')}); wait for it to finish"
+                    ) from None
                 if self._take_over(why):
                     break
                 continue
@@ -121,7 +126,7 @@ class DirLock:
         base = os.path.basename(self.path)
         if base == LOCK:
             return os.path.dirname(self.path)
-        return os.path.join(os.path.dirname(self.path), base[1:-len(LOCK)])
+        return os.path.join(os.path.dirname(self.path), base[1 : -len(LOCK)])
 
     def _take_over(self, why: str) -> bool:
         tmp = f"{self.path}.{os.getpid()}.tmp"

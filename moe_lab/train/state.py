@@ -36,14 +36,19 @@ def resolve_config(cfg: Config, tokenizer: Tokenizer | None = None) -> Config:
         return cfg
     tok = tokenizer or load_tokenizer(d.tokenizer)
     if d.tokenizer_fingerprint and d.tokenizer_fingerprint != tok.fingerprint:
-        raise ConfigError(f"tokenizer {tok.source} has fingerprint {tok.fingerprint}, but the "
-                          f"run was made with {d.tokenizer_fingerprint}")
+        raise ConfigError(
+            f"tokenizer {tok.source} has fingerprint {tok.fingerprint}, but the "
+            f"run was made with {d.tokenizer_fingerprint}"
+        )
     if m.vocab_size and m.vocab_size < tok.vocab_size:  # token ids past the embedding table
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-                          f"{tok.vocab_size} ids ({tok.source}; 0: use the tokenizer's)")
-    return cfg.replace(data=dataclasses.replace(d, tokenizer_fingerprint=tok.fingerprint),
-                       model=dataclasses.replace(m, vocab_size=m.vocab_size
-                                                 or tok.default_vocab_size()))
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+            f"{tok.vocab_size} ids ({tok.source}; 0: use the tokenizer's)"
+        )
+    return cfg.replace(
+        data=dataclasses.replace(d, tokenizer_fingerprint=tok.fingerprint),
+        model=dataclasses.replace(m, vocab_size=m.vocab_size or tok.default_vocab_size()),
+    )
 
 
 def build_model(cfg: Config, seed: int | None = None, platform: str | None = None) -> Transformer:
@@ -92,8 +97,12 @@ class TrainSetup:
 
         def init():
             _, params, rest = split_model(build_model(cfg, platform=self.platform))
-            return {"params": params, "opt_state": tx.init(params), "model_state": rest,
-                    "step": jnp.zeros((), jnp.int32)}
+            return {
+                "params": params,
+                "opt_state": tx.init(params),
+                "model_state": rest,
+                "step": jnp.zeros((), jnp.int32),
+            }
 
         with jax.set_mesh(self.mesh):
             return jax.jit(init, out_shardings=self.shardings)()
@@ -112,27 +121,40 @@ def make_setup(cfg: Config, mesh, tokenizer: Tokenizer | None = None) -> TrainSe
     rest_specs = sharding.tree_specs(logical_rest, rest_shape, rules, mesh)
     opt_shape = jax.eval_shape(tx.init, params_shape)
     opt_specs = sharding.opt_state_specs(tx, opt_shape, param_specs)
-    specs = {"params": param_specs, "opt_state": opt_specs, "model_state": rest_specs,
-             "step": P()}
+    specs = {"params": param_specs, "opt_state": opt_specs, "model_state": rest_specs, "step": P()}
     shardings = sharding.named(mesh, specs)
-    shapes = {"params": params_shape, "opt_state": opt_shape, "model_state": rest_shape,
-              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    shapes = {
+        "params": params_shape,
+        "opt_state": opt_shape,
+        "model_state": rest_shape,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
     abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
     batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules, mesh))
-    return TrainSetup(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx,
-                      schedule=make_schedule(cfg.train),
-                      logical={"params": logical_params, "model_state": logical_rest},
-                      specs=specs, shardings=shardings, abstract_state=abstract_state,
-                      batch_sharding=batch_sharding,
-                      given_tokenizer=tokenizer, platform=platform,
-                      kernel_notes=tuple(kernel_choice.for_platform(
-                                          cfg.model, platform, cfg.data.seq_len)[1]
-                                          if platform else ()))
+    return TrainSetup(
+        cfg=cfg,
+        mesh=mesh,
+        graphdef=graphdef,
+        tx=tx,
+        schedule=make_schedule(cfg.train),
+        logical={"params": logical_params, "model_state": logical_rest},
+        specs=specs,
+        shardings=shardings,
+        abstract_state=abstract_state,
+        batch_sharding=batch_sharding,
+        given_tokenizer=tokenizer,
+        platform=platform,
+        kernel_notes=tuple(
+            kernel_choice.for_platform(cfg.model, platform, cfg.data.seq_len)[1] if platform else ()
+        ),
+    )
 
 
-def setup_on_devices(cfg: Config, devices: str = "one",
-                     tokenizer: Tokenizer | None = None) -> tuple[Config, TrainSetup]:
+def setup_on_devices(
+    cfg: Config, devices: str = "one", tokenizer: Tokenizer | None = None
+) -> tuple[Config, TrainSetup]:
     """(cfg with its mesh, setup) on one device ("one": evaluation, growth checks, RL on one
     host; every mesh axis 1) or on all devices ("all": the config's own mesh)."""
     if devices == "one":

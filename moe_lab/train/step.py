@@ -27,8 +27,7 @@ from moe_lab.models.recursive import recursion_schedule
 from moe_lab.models.transformer import total_aux_loss
 
 # Per-layer MoE aux entries summarised in metrics (mean over layers; max for violation).
-_MOE_SCALARS = ("load_balance_loss", "z_loss", "drop_fraction", "router_entropy",
-                "max_violation")
+_MOE_SCALARS = ("load_balance_loss", "z_loss", "drop_fraction", "router_entropy", "max_violation")
 
 
 def forward(graphdef, params, model_state, batch, *, train: bool, rng=None):
@@ -64,20 +63,35 @@ def moe_metrics(aux: dict, per_layer: bool) -> dict:
             out[f"moe/{stack}/tokens_per_expert_LE"] = a["tokens_per_expert_E"]
     if not rows:
         return out
-    cat = {k: jnp.concatenate([a[k] for a in rows], axis=0)
-           for k in (*_MOE_SCALARS, "tokens_per_expert_E", "num_tokens")}
+    cat = {
+        k: jnp.concatenate([a[k] for a in rows], axis=0)
+        for k in (*_MOE_SCALARS, "tokens_per_expert_E", "num_tokens")
+    }
     w_L = cat["num_tokens"]
     total = jnp.maximum(jnp.sum(w_L), 1.0)
     for k in _MOE_SCALARS:
-        out[f"moe/{k}"] = (jnp.max(jnp.where(w_L > 0, cat[k], -jnp.inf)) if k == "max_violation"
-                           else jnp.sum(cat[k] * w_L) / total)
+        out[f"moe/{k}"] = (
+            jnp.max(jnp.where(w_L > 0, cat[k], -jnp.inf))
+            if k == "max_violation"
+            else jnp.sum(cat[k] * w_L) / total
+        )
     out["moe/tokens_per_expert_E"] = jnp.sum(cat["tokens_per_expert_E"] * w_L[:, None], 0) / total
     return out
 
 
 # MoR scalars summarised in metrics (aux["mor"], see models/recursive.py).
-_MOR_KEYS = ("mean_depth", "depth_hist", "dead_token_ratio", "sampling_accuracy", "bce_loss",
-             "z_loss", "balance_loss", "max_violation", "tokens_per_depth_R", "aux_loss")
+_MOR_KEYS = (
+    "mean_depth",
+    "depth_hist",
+    "dead_token_ratio",
+    "sampling_accuracy",
+    "bce_loss",
+    "z_loss",
+    "balance_loss",
+    "max_violation",
+    "tokens_per_depth_R",
+    "aux_loss",
+)
 
 
 def mor_metrics(aux: dict) -> dict:
@@ -92,8 +106,10 @@ def mor_metrics(aux: dict) -> dict:
 def update_mor_state(model_state: dict, aux: dict, rate: float) -> dict:
     """MoR token choice: the loss-free depth bias and the warm-up step counter after a
     step (non-trainable model_state, like update_router_biases)."""
-    updates = ((tree.DEPTH_BIAS, lambda b: rr.depth_bias_after_step(b, aux["mor"], rate)),
-               (tree.STEPS_SEEN, rr.steps_seen_after_step))
+    updates = (
+        (tree.DEPTH_BIAS, lambda b: rr.depth_bias_after_step(b, aux["mor"], rate)),
+        (tree.STEPS_SEEN, rr.steps_seen_after_step),
+    )
     new = model_state
     for name, after_step in updates:
         value = tree.get(model_state, tree.mor_path(name))
@@ -102,8 +118,9 @@ def update_mor_state(model_state: dict, aux: dict, rate: float) -> dict:
     return new
 
 
-def update_router_biases(model_state: dict, aux: dict, rate: float,
-                         shared_pool_ids: tuple[int, ...] | None = None) -> dict:
+def update_router_biases(
+    model_state: dict, aux: dict, rate: float, shared_pool_ids: tuple[int, ...] | None = None
+) -> dict:
     """Loss-free balancing of every stack's sigmoid routers (moe.router_bias_after_step).
 
     Plain stacks: a stack's [L, E] biases get one row of aux[stack] per layer.  A
@@ -118,12 +135,16 @@ def update_router_biases(model_state: dict, aux: dict, rate: float,
         if bias_LE is None or name not in aux:
             continue
         pool = stack == (tree.RECURSIVE, tree.SHARED_POOL)
-        if pool and (shared_pool_ids is None
-                     or len(shared_pool_ids) != aux[name]["tokens_per_expert_E"].shape[0]):
-            raise ValueError("update_router_biases: a recursive stack's shared pool needs "
-                             "the pool layer of each aux row (shared_pool_ids)")
-        new = tree.replace(new, path, router_bias_after_step(
-            bias_LE, aux[name], rate, shared_pool_ids if pool else None))
+        if pool and (
+            shared_pool_ids is None or len(shared_pool_ids) != aux[name]["tokens_per_expert_E"].shape[0]
+        ):
+            raise ValueError(
+                "update_router_biases: a recursive stack's shared pool needs "
+                "the pool layer of each aux row (shared_pool_ids)"
+            )
+        new = tree.replace(
+            new, path, router_bias_after_step(bias_LE, aux[name], rate, shared_pool_ids if pool else None)
+        )
     return new
 
 
@@ -140,14 +161,21 @@ def loss_weights(batch, loss_on: str, eos_id: int | None) -> jax.Array:
     return w_BT * jnp.maximum(ans_BT, stop_BT)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
-                    num_tasks: int, schedule: Callable, eos_id: int | None = None) -> Callable:
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    cfg: Config,
+    num_tasks: int,
+    schedule: Callable,
+    eos_id: int | None = None,
+) -> Callable:
     """eos_id: the tokenizer's EOS (train.loss_on="completion" counts it after a completion)."""
     per_layer = cfg.model.ffn == "moe" and cfg.model.moe.metrics == "per_layer"
     shared_pool_ids = None
     if cfg.model.stack == "recursive":  # pool layer of each row of aux["shared"]
-        shared_pool_ids = recursion_schedule(cfg.model.num_layers, cfg.model.mor.num_recursions,
-                                             cfg.model.mor.sharing).applications
+        shared_pool_ids = recursion_schedule(
+            cfg.model.num_layers, cfg.model.mor.num_recursions, cfg.model.mor.sharing
+        ).applications
     seed = cfg.train.seed + 1
 
     def loss_fn(params, model_state, batch, rng):
@@ -164,13 +192,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (total, (lm_loss, aux_loss, ce_BT, aux)), grads = grad_fn(
-            state["params"], state["model_state"], batch, rng)
+            state["params"], state["model_state"], batch, rng
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         model_state = state["model_state"]
         if cfg.model.ffn == "moe" and cfg.model.moe.router == "sigmoid":
-            model_state = update_router_biases(model_state, aux, cfg.model.moe.bias_update_rate,
-                                               shared_pool_ids)
+            model_state = update_router_biases(
+                model_state, aux, cfg.model.moe.bias_update_rate, shared_pool_ids
+            )
         if cfg.model.stack == "recursive":
             model_state = update_mor_state(model_state, aux, cfg.model.mor.bias_update_rate)
         num, den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
@@ -187,8 +217,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Config,
             **moe_metrics(aux, per_layer),
             **mor_metrics(aux),
         }
-        new_state = {"params": params, "opt_state": opt_state, "model_state": model_state,
-                     "step": state["step"] + 1}
+        new_state = {
+            "params": params,
+            "opt_state": opt_state,
+            "model_state": model_state,
+            "step": state["step"] + 1,
+        }
         return new_state, metrics
 
     return train_step
@@ -203,8 +237,7 @@ def make_eval_step(graphdef, num_tasks: int) -> Callable:
         loss_num, loss_den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
         ans_w = batch["answer_mask"] * batch["weights"]
         ans_num, ans_den = per_task_sums(ce_BT, ans_w, batch["task_ids"], num_tasks)
-        return {"loss_num": loss_num, "loss_den": loss_den, "answer_num": ans_num,
-                "answer_den": ans_den}
+        return {"loss_num": loss_num, "loss_den": loss_den, "answer_num": ans_num, "answer_den": ans_den}
 
     return eval_step
 
@@ -217,10 +250,14 @@ _FLOAT_FIELDS = ("weights", "answer_mask")
 
 def batch_shapes(setup, batch_size: int, seq_len: int) -> dict:
     """ShapeDtypeStructs of a global batch under the setup's batch sharding."""
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len),
-                                    jnp.float32 if k in _FLOAT_FIELDS else jnp.int32,
-                                    sharding=setup.batch_sharding)
-            for k in BATCH_FIELDS}
+    return {
+        k: jax.ShapeDtypeStruct(
+            (batch_size, seq_len),
+            jnp.float32 if k in _FLOAT_FIELDS else jnp.int32,
+            sharding=setup.batch_sharding,
+        )
+        for k in BATCH_FIELDS
+    }
 
 
 def replicated(mesh) -> jax.sharding.NamedSharding:
@@ -228,17 +265,17 @@ def replicated(mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def jit_train_step(setup, step_cfg: Config, graphdef, num_tasks: int,
-                   eos_id: int | None) -> Callable:
+def jit_train_step(setup, step_cfg: Config, graphdef, num_tasks: int, eos_id: int | None) -> Callable:
     """The jitted train step of `moe-lab train`, with the state's shardings in and out and
     the state donated.  `moe-lab compile` lowers this same function for a pod."""
-    return jax.jit(make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule,
-                                   eos_id),
-                   in_shardings=(setup.shardings, setup.batch_sharding),
-                   out_shardings=(setup.shardings, replicated(setup.mesh)), donate_argnums=0)
+    return jax.jit(
+        make_train_step(graphdef, setup.tx, step_cfg, num_tasks, setup.schedule, eos_id),
+        in_shardings=(setup.shardings, setup.batch_sharding),
+        out_shardings=(setup.shardings, replicated(setup.mesh)),
+        donate_argnums=0,
+    )
 
 
 def jit_eval_step(setup, num_tasks: int) -> Callable:
     """The jitted eval step of `moe-lab train` (and `moe-lab compile`)."""
-    return jax.jit(make_eval_step(setup.graphdef, num_tasks),
-                   out_shardings=replicated(setup.mesh))
+    return jax.jit(make_eval_step(setup.graphdef, num_tasks), out_shardings=replicated(setup.mesh))

@@ -132,18 +132,32 @@ class Trainer:
     logged), instead of a row of their own after it.
     """
 
-    def __init__(self, workdir: str, *, total_steps: int, log_every: int,
-                 eval_every: int, checkpoint_every: int, keep_last: int, keep_every: int = 0,
-                 keep_steps: tuple[int, ...] = (), async_save: bool = True,
-                 data_iterator=None, progress: bool = False, merge_eval: bool = False,
-                 log=log0, profile: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        total_steps: int,
+        log_every: int,
+        eval_every: int,
+        checkpoint_every: int,
+        keep_last: int,
+        keep_every: int = 0,
+        keep_steps: tuple[int, ...] = (),
+        async_save: bool = True,
+        data_iterator=None,
+        progress: bool = False,
+        merge_eval: bool = False,
+        log=log0,
+        profile: tuple[int, int] | None = None,
+    ):
         self.workdir, self.total_steps = workdir, total_steps
         self.profile = profile  # (START, STOP): jax.profiler trace of those steps
         self.log_every, self.eval_every = log_every, eval_every
         self.checkpoint_every, self.merge_eval = checkpoint_every, merge_eval
         self.data_iterator, self.progress, self.log = data_iterator, progress, log
-        self.ckpt = Checkpointer(workdir, keep_last=keep_last, keep_every=keep_every,
-                                 keep_steps=keep_steps, async_save=async_save)
+        self.ckpt = Checkpointer(
+            workdir, keep_last=keep_last, keep_every=keep_every, keep_steps=keep_steps, async_save=async_save
+        )
         self.writer: MetricsWriter | None = None
         self.latest = self.ckpt.latest_step()
 
@@ -156,8 +170,11 @@ class Trainer:
 
     def open_metrics(self, start_step: int) -> MetricsWriter:
         """metrics.jsonl, rows after the resumed checkpoint dropped (they are re-logged)."""
-        self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0,
-                                    resume_step=start_step if self.latest is not None else None)
+        self.writer = MetricsWriter(
+            self.workdir,
+            enabled=jax.process_index() == 0,
+            resume_step=start_step if self.latest is not None else None,
+        )
         return self.writer
 
     def close(self) -> None:
@@ -198,8 +215,7 @@ class _StepProfiler:
 class _Run:
     """One invocation of Trainer.run: its clock, pending row and last save."""
 
-    def __init__(self, trainer: Trainer, steps: Steps, state, start_step: int,
-                 max_steps: int | None):
+    def __init__(self, trainer: Trainer, steps: Steps, state, start_step: int, max_steps: int | None):
         self.tr, self.steps, self.state, self.start = trainer, steps, state, start_step
         n = trainer.total_steps
         self.last_step = n if max_steps is None else min(n, start_step + max_steps)
@@ -207,8 +223,15 @@ class _Run:
             trainer.open_metrics(start_step)
         self.bar = None
         if trainer.progress and jax.process_index() == 0 and self.last_step > start_step:
-            self.bar = tqdm(total=n, initial=start_step, desc="train", unit="step",
-                            dynamic_ncols=True, mininterval=1.0, disable=None)  # off if no tty
+            self.bar = tqdm(
+                total=n,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                disable=None,
+            )  # off if no tty
         # (step, update's out, eval metrics merged into the row): read one step late
         self.pending = None
         self.last_row, self.last_eval = {}, {}
@@ -227,8 +250,7 @@ class _Run:
             return
         self.saved = step
         meta = {**self.steps.meta(time.perf_counter() - self.t_run), "step": step}
-        self.tr.ckpt.save(step, self.state, data_iterator=self.tr.data_iterator, meta=meta,
-                          force=force)
+        self.tr.ckpt.save(step, self.state, data_iterator=self.tr.data_iterator, meta=meta, force=force)
 
     @contextlib.contextmanager
     def untimed(self):
@@ -278,8 +300,7 @@ class _Run:
                     self.clock.update(t=time.perf_counter(), step=step, excluded=0.0)
                 self.flush()
                 eval_now = step % tr.eval_every == 0 or step == tr.total_steps
-                if (step % tr.log_every == 0 or step == self.last_step
-                        or (tr.merge_eval and eval_now)):
+                if step % tr.log_every == 0 or step == self.last_step or (tr.merge_eval and eval_now):
                     self.pending = (step, out)
                 if self.bar:
                     self.bar.update(1)
@@ -299,8 +320,10 @@ class _Run:
                         if checkpoint_now:
                             self.save(step, force=step == self.last_step)
                         if stop:
-                            tr.log(f"SIGTERM{'' if preempt.flag else ' on another host'}: "
-                                   f"saving step {step} and exiting")
+                            tr.log(
+                                f"SIGTERM{'' if preempt.flag else ' on another host'}: "
+                                f"saving step {step} and exiting"
+                            )
                             self.save(step, force=True)
                     if stop:
                         break
@@ -309,5 +332,10 @@ class _Run:
         if self.bar:
             self.bar.close()
         tr.ckpt.wait()
-        return {"state": self.state, "step": int(step), "last_row": self.last_row,
-                "last_eval": self.last_eval, "seconds_this_run": time.perf_counter() - self.t_run}
+        return {
+            "state": self.state,
+            "step": int(step),
+            "last_row": self.last_row,
+            "last_eval": self.last_eval,
+            "seconds_this_run": time.perf_counter() - self.t_run,
+        }

@@ -1,5 +1,4 @@
-"""`arith`: the reasoning task (chained modular arithmetic with a worked solution).
-"""
+"""`arith`: the reasoning task (chained modular arithmetic with a worked solution)."""
 
 from __future__ import annotations
 
@@ -48,8 +47,15 @@ class ArithTask(Task):
     name = "arith"
     _EVAL_FRACTION = 0.1
 
-    def __init__(self, seed: int = 0, num_steps: int = 3, eval_num_steps: int | None = None,
-                 modulus: int = 23, self_correct: float = 0.0, direct: float = 0.0):
+    def __init__(
+        self,
+        seed: int = 0,
+        num_steps: int = 3,
+        eval_num_steps: int | None = None,
+        modulus: int = 23,
+        self_correct: float = 0.0,
+        direct: float = 0.0,
+    ):
         eval_num_steps = num_steps if eval_num_steps is None else eval_num_steps
         for key, v in (("arith_num_steps", num_steps), ("arith_eval_num_steps", eval_num_steps)):
             if not 1 <= v <= len(_VARS) - 1:
@@ -67,8 +73,7 @@ class ArithTask(Task):
     def is_eval_problem(self, prompt: str) -> bool:
         return _held_out("arith-split/" + prompt, self._EVAL_FRACTION)
 
-    def _sample(self, rng: KeyedRng, steps: int, self_correct: float,
-                direct: float = 0.0) -> Example:
+    def _sample(self, rng: KeyedRng, steps: int, self_correct: float, direct: float = 0.0) -> Example:
         m = self.modulus
         values = [rng.below(m)]
         parts = [f"a={values[0]}"]
@@ -95,17 +100,22 @@ class ArithTask(Task):
 
     def train_example(self, i: int) -> Example:
         for j in range(10_000):
-            ex = self._sample(KeyedRng(self.seed, "arith-train", i, j), self.num_steps,
-                              self.self_correct, self.direct)
+            ex = self._sample(
+                KeyedRng(self.seed, "arith-train", i, j), self.num_steps, self.self_correct, self.direct
+            )
             if not self.is_eval_problem(ex.prompt):
                 return ex
-        raise ConfigError(f"data.arith_modulus={self.modulus} with arith_num_steps="
-                          f"{self.num_steps} leaves too few problems for a train split")
+        raise ConfigError(
+            f"data.arith_modulus={self.modulus} with arith_num_steps="
+            f"{self.num_steps} leaves too few problems for a train split"
+        )
 
     def eval_example(self, i: int) -> Example:
         for j in range(100_000):
             ex = self._sample(KeyedRng(self.seed, "arith-eval", i, j), self.eval_num_steps, 0.0)
             if self.is_eval_problem(ex.prompt):
                 return ex
-        raise ConfigError(f"data.arith_modulus={self.modulus} with arith_eval_num_steps="
-                          f"{self.eval_num_steps} leaves too few problems for an eval split")
+        raise ConfigError(
+            f"data.arith_modulus={self.modulus} with arith_eval_num_steps="
+            f"{self.eval_num_steps} leaves too few problems for an eval split"
+        )

@@ -133,5 +133,3 @@ class Task:
 
 def _held_out(key: str, fraction: float) -> bool:
     return stable_hash(key) % 10_000 < round(fraction * 10_000)
-
-

@@ -131,8 +131,7 @@ class CountdownTask(Task):
     name = "countdown"
     _EVAL_FRACTION = 0.1
 
-    def __init__(self, seed: int = 0, num_numbers: int = 3, max_number: int = 20,
-                 use_all: bool = False):
+    def __init__(self, seed: int = 0, num_numbers: int = 3, max_number: int = 20, use_all: bool = False):
         if not 2 <= num_numbers <= 6:
             raise ConfigError(f"data.countdown_num_numbers must be in [2, 6], got {num_numbers}")
         if max_number < 2:

@@ -1,5 +1,4 @@
-"""`facts`: the memorization task (a knowledge base of invented entities).
-"""
+"""`facts`: the memorization task (a knowledge base of invented entities)."""
 
 from __future__ import annotations
 
@@ -10,23 +9,139 @@ from moe_lab.data.tasks.base import Example, KeyedRng, Task, _held_out
 
 # ----------------------------------------------------------------------- facts
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "dr", "gr", "kr", "tr", "st", "sh", "th", "ch", "j")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "tr",
+    "st",
+    "sh",
+    "th",
+    "ch",
+    "j",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
 _CODAS = ("", "", "", "n", "r", "l", "k", "s", "x", "m")
 
-_CITIES = ("Paris", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Rome", "Tokyo", "Accra",
-           "Hanoi", "Kyiv", "Dakar", "Perth", "Bergen", "Porto", "Austin", "Lagos", "Riga",
-           "Seoul", "Tunis", "Zurich", "Bogota", "Havana", "Nairobi")
-_JOBS = ("baker", "pilot", "farmer", "nurse", "painter", "tailor", "judge", "miner",
-         "sailor", "doctor", "poet", "chemist", "plumber", "dancer", "weaver", "carpenter",
-         "lawyer", "drummer", "florist", "teacher", "cook", "jeweler", "mason", "potter")
-_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey",
-            "pink", "brown", "teal", "gold", "silver", "violet", "amber", "crimson",
-            "navy", "olive", "maroon", "ivory", "cyan", "lime", "beige")
-_PETS = ("cat", "dog", "parrot", "hamster", "rabbit", "turtle", "goldfish", "lizard",
-         "ferret", "pony", "snake", "owl", "frog", "goat", "canary", "mouse", "crab",
-         "hedgehog", "llama", "duck", "pig", "spider", "bat", "gecko")
+_CITIES = (
+    "Paris",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Delhi",
+    "Quito",
+    "Rome",
+    "Tokyo",
+    "Accra",
+    "Hanoi",
+    "Kyiv",
+    "Dakar",
+    "Perth",
+    "Bergen",
+    "Porto",
+    "Austin",
+    "Lagos",
+    "Riga",
+    "Seoul",
+    "Tunis",
+    "Zurich",
+    "Bogota",
+    "Havana",
+    "Nairobi",
+)
+_JOBS = (
+    "baker",
+    "pilot",
+    "farmer",
+    "nurse",
+    "painter",
+    "tailor",
+    "judge",
+    "miner",
+    "sailor",
+    "doctor",
+    "poet",
+    "chemist",
+    "plumber",
+    "dancer",
+    "weaver",
+    "carpenter",
+    "lawyer",
+    "drummer",
+    "florist",
+    "teacher",
+    "cook",
+    "jeweler",
+    "mason",
+    "potter",
+)
+_COLOURS = (
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "orange",
+    "black",
+    "white",
+    "grey",
+    "pink",
+    "brown",
+    "teal",
+    "gold",
+    "silver",
+    "violet",
+    "amber",
+    "crimson",
+    "navy",
+    "olive",
+    "maroon",
+    "ivory",
+    "cyan",
+    "lime",
+    "beige",
+)
+_PETS = (
+    "cat",
+    "dog",
+    "parrot",
+    "hamster",
+    "rabbit",
+    "turtle",
+    "goldfish",
+    "lizard",
+    "ferret",
+    "pony",
+    "snake",
+    "owl",
+    "frog",
+    "goat",
+    "canary",
+    "mouse",
+    "crab",
+    "hedgehog",
+    "llama",
+    "duck",
+    "pig",
+    "spider",
+    "bat",
+    "gecko",
+)
 _NUMBERS = tuple(str(n) for n in range(100))
 
 # (query word, statement phrase, value vocabulary)
@@ -50,8 +165,9 @@ def invented_names(seed: int, n: int) -> list[str]:
         rng = KeyedRng(seed, "facts-name", k)
         k += 1
         syllables = 2 + rng.below(2)
-        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                       for _ in range(syllables)).capitalize()
+        name = "".join(
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+        ).capitalize()
         if name not in seen and len(name) <= 12:
             seen.add(name)
             names.append(name)
@@ -78,10 +194,22 @@ class FactsTask(Task):
         num_rel = len(RELATIONS)
         # value index of every fact: [entity, relation]
         self.values_ER = np.array(
-            [[KeyedRng(seed, "facts-value", e, r).below(len(RELATIONS[r][2]))
-              for r in range(num_rel)] for e in range(num_entities)], dtype=np.int32)
-        held = np.array([[_held_out(f"facts-split/{seed}/{self.entities[e]}/{r}", eval_fraction)
-                          for r in range(num_rel)] for e in range(num_entities)], dtype=bool)
+            [
+                [KeyedRng(seed, "facts-value", e, r).below(len(RELATIONS[r][2])) for r in range(num_rel)]
+                for e in range(num_entities)
+            ],
+            dtype=np.int32,
+        )
+        held = np.array(
+            [
+                [
+                    _held_out(f"facts-split/{seed}/{self.entities[e]}/{r}", eval_fraction)
+                    for r in range(num_rel)
+                ]
+                for e in range(num_entities)
+            ],
+            dtype=bool,
+        )
         if not held.any() and held.size > 1:  # tiny KBs: hold out at least one fact
             held.flat[0] = True
         if held.all() and held.size > 1:  # ... and train the query form of at least one
@@ -89,11 +217,11 @@ class FactsTask(Task):
         self.held_out_ER = held
         e_idx, r_idx = np.meshgrid(np.arange(num_entities), np.arange(num_rel), indexing="ij")
         e_idx, r_idx = e_idx.ravel(), r_idx.ravel()
-        statements = [np.stack([e_idx, r_idx, np.full_like(e_idx, t)], 1)
-                      for t in (_STATEMENT, _STATEMENT_ALT)]
+        statements = [
+            np.stack([e_idx, r_idx, np.full_like(e_idx, t)], 1) for t in (_STATEMENT, _STATEMENT_ALT)
+        ]
         trained_q = ~held.ravel()
-        queries = np.stack([e_idx[trained_q], r_idx[trained_q],
-                            np.full(trained_q.sum(), _QUERY)], 1)
+        queries = np.stack([e_idx[trained_q], r_idx[trained_q], np.full(trained_q.sum(), _QUERY)], 1)
         self.train_items_N3 = np.concatenate(statements + [queries]).astype(np.int32)
         self.eval_items_N2 = np.stack([e_idx[~trained_q], r_idx[~trained_q]], 1).astype(np.int32)
         self.num_train = len(self.train_items_N3)
@@ -121,5 +249,3 @@ class FactsTask(Task):
     def eval_example(self, i: int) -> Example:
         e, r = self.eval_items_N2[i % self.num_eval]
         return self._example(int(e), int(r), _QUERY)
-
-

@@ -1,5 +1,4 @@
-"""`file`: the user's own .txt / .jsonl documents with a hash split.
-"""
+"""`file`: the user's own .txt / .jsonl documents with a hash split."""
 
 from __future__ import annotations
 
@@ -64,16 +63,27 @@ def _read_jsonl(path: str) -> list[tuple[int, Example]]:
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             if row["text"].strip():
                 docs.append((lineno, _plain(row["text"])))
-        elif (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-              and isinstance(row.get("answer"), str)):
+        elif (
+            isinstance(row, dict)
+            and isinstance(row.get("prompt"), str)
+            and isinstance(row.get("answer"), str)
+        ):
             working = row.get("working", "")
             if not isinstance(working, str):
                 raise ConfigError(f"data.files: {path}:{lineno}: 'working' must be a string")
             if working:
                 working = THINK_START + working + THINK_END
-            docs.append((lineno, Example(prompt=row["prompt"], answer=row["answer"],
-                                         working=working,
-                                         key=row["prompt"] + ANSWER + row["answer"])))
+            docs.append(
+                (
+                    lineno,
+                    Example(
+                        prompt=row["prompt"],
+                        answer=row["answer"],
+                        working=working,
+                        key=row["prompt"] + ANSWER + row["answer"],
+                    ),
+                )
+            )
         else:
             raise ConfigError(
                 f"data.files: {path}:{lineno}: row needs a string 'text', or string "
@@ -94,8 +104,13 @@ class FileTask(Task):
 
     name = "file"
 
-    def __init__(self, paths: Sequence[str], seed: int = 0, max_doc_tokens: int | None = None,
-                 eval_fraction: float = 0.05):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        seed: int = 0,
+        max_doc_tokens: int | None = None,
+        eval_fraction: float = 0.05,
+    ):
         if not paths:
             raise ConfigError("data.files is empty but the mixture uses 'file'")
         self.seed, self.paths = seed, list(paths)
@@ -113,8 +128,10 @@ class FileTask(Task):
                 raise ConfigError(f"data.files: {path}: no documents (empty file)")
             docs.extend((path, n, ex) for n, ex in file_docs)
         if len(docs) < 2:
-            raise ConfigError(f"data.files: need at least 2 documents for a train/eval split, "
-                              f"found {len(docs)} in {', '.join(self.paths)}")
+            raise ConfigError(
+                f"data.files: need at least 2 documents for a train/eval split, "
+                f"found {len(docs)} in {', '.join(self.paths)}"
+            )
         held = [_held_out("file-split/" + ex.key, eval_fraction) for _, _, ex in docs]
         if not any(held):  # tiny files: the document with the smallest hash goes to eval
             held[min(range(len(docs)), key=lambda k: stable_hash(docs[k][2].key))] = True
@@ -136,5 +153,3 @@ class FileTask(Task):
 
     def eval_example(self, i: int) -> Example:
         return self.eval_docs[i % self.num_eval]
-
-

@@ -1,5 +1,4 @@
-"""Task names -> Task objects built from the DataConfig knobs.
-"""
+"""Task names -> Task objects built from the DataConfig knobs."""
 
 from __future__ import annotations
 
@@ -19,15 +18,20 @@ def make_task(name: str, data_cfg: DataConfig) -> Task:
     if name == "facts":
         return FactsTask(seed=data_cfg.seed, num_entities=data_cfg.facts_num_entities)
     if name == "arith":
-        return ArithTask(seed=data_cfg.seed, num_steps=data_cfg.arith_num_steps,
-                         eval_num_steps=data_cfg.arith_eval_num_steps,
-                         modulus=data_cfg.arith_modulus,
-                         self_correct=float(getattr(data_cfg, "arith_self_correct", 0.0)),
-                         direct=float(getattr(data_cfg, "arith_direct", 0.0)))
+        return ArithTask(
+            seed=data_cfg.seed,
+            num_steps=data_cfg.arith_num_steps,
+            eval_num_steps=data_cfg.arith_eval_num_steps,
+            modulus=data_cfg.arith_modulus,
+            self_correct=float(getattr(data_cfg, "arith_self_correct", 0.0)),
+            direct=float(getattr(data_cfg, "arith_direct", 0.0)),
+        )
     if name == "countdown":
-
-        return CountdownTask(seed=data_cfg.seed, num_numbers=data_cfg.countdown_num_numbers,
-                             max_number=data_cfg.countdown_max_number)
+        return CountdownTask(
+            seed=data_cfg.seed,
+            num_numbers=data_cfg.countdown_num_numbers,
+            max_number=data_cfg.countdown_max_number,
+        )
     if name == "file":
         paths = [p.strip() for p in data_cfg.files.split(",") if p.strip()]
         # BOS + content + EOS = seq_len + 1 tokens -> seq_len (input, target) pairs

@@ -1,5 +1,4 @@
-"""Accelerator kernels: tokamax / XLA ragged_dot, block-padded experts, [E, C, D] buffers.
-"""
+"""Accelerator kernels: tokamax / XLA ragged_dot, block-padded experts, [E, C, D] buffers."""
 
 from __future__ import annotations
 
@@ -45,7 +44,6 @@ def grouped_swiglu_blocks(x_SD, block_expert_J, gate_EDF, up_EDF, down_EFD):
 def buffer_swiglu(x_ECD, gate_EDF, up_EDF, down_EFD):
     """Batched expert SwiGLU on explicit per-expert buffers."""
     h_ECF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ECD, gate_EDF)) * jnp.einsum(
-        "ecd,edf->ecf", x_ECD, up_EDF)
+        "ecd,edf->ecf", x_ECD, up_EDF
+    )
     return jnp.einsum("ecf,efd->ecd", h_ECF, down_EFD)
-
-

@@ -1,5 +1,4 @@
-"""The CPU kernel: a loop over experts with windows sized by lax.switch, and its hand-written VJP.
-"""
+"""The CPU kernel: a loop over experts with windows sized by lax.switch, and its hand-written VJP."""
 
 from __future__ import annotations
 
@@ -19,8 +18,9 @@ from jax import lax
 SINGLE_WINDOW_MACS = 2**21
 
 
-def choose_tiles(rows_per_expert: float, max_rows: int | None = None,
-                 row_macs: int | None = None) -> tuple[int, int]:
+def choose_tiles(
+    rows_per_expert: float, max_rows: int | None = None, row_macs: int | None = None
+) -> tuple[int, int]:
     """(W, g) of the CPU loop for an expert's expected row count: an expert's rows run
     as full tiles of W rows while more than W remain, then the last 1..W rows as one
     window of the next multiple of g rows (see `_expert_tiles`).
@@ -127,6 +127,7 @@ def _window(tiles, branch, fn, zeros, row_args, other_args):
         def run(row_args, other_args):
             rows_out, rest = fn(*[a[:rows] for a in row_args], *other_args)
             return tuple(_pad_rows(a, w) for a in rows_out), rest
+
         return run
 
     branches = [lambda row_args, other_args: zeros] + [sized(r) for r in _window_sizes(tiles)]
@@ -150,12 +151,11 @@ def _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles):
             return tuple(lax.dynamic_update_slice_in_dim(a, o, r0, 0) for a, o in zip(c, outs))
 
         carry = lax.fori_loop(0, n_full, full_tile, carry)
-        zeros = ((jnp.zeros((w, x_SD.shape[1]), dt), jnp.zeros((w, f), dt), jnp.zeros((w, f), dt)),
-                 ())
-        outs, _ = _window(tiles, branch, _fwd_window, zeros,
-                          (lax.dynamic_slice_in_dim(x_SD, row, w),), (g_DF, u_DF, d_FD))
-        return tuple(lax.dynamic_update_slice_in_dim(a, o, row, 0)
-                     for a, o in zip(carry, outs)), None
+        zeros = ((jnp.zeros((w, x_SD.shape[1]), dt), jnp.zeros((w, f), dt), jnp.zeros((w, f), dt)), ())
+        outs, _ = _window(
+            tiles, branch, _fwd_window, zeros, (lax.dynamic_slice_in_dim(x_SD, row, w),), (g_DF, u_DF, d_FD)
+        )
+        return tuple(lax.dynamic_update_slice_in_dim(a, o, row, 0) for a, o in zip(carry, outs)), None
 
     init = (jnp.zeros_like(x_SD), jnp.zeros((s, f), dt), jnp.zeros((s, f), dt))
     # scan over experts: weights arrive as scan slices, row ranges as scalars
@@ -164,8 +164,7 @@ def _loop_forward(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def grouped_swiglu_loop(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD,
-                        tiles: tuple[int, int]):
+def grouped_swiglu_loop(x_SD, starts_E, counts_E, gate_EDF, up_EDF, down_EFD, tiles: tuple[int, int]):
     """y rows of expert e = SwiGLU_e(x rows of e) for the kept rows; other rows undefined.
 
     tiles = (W, g) (see choose_tiles; expert choice: (C, C), one window of C rows);
@@ -194,27 +193,33 @@ def _loop_bwd(tiles, res, dy_SD):
         # nothing to add when the expert has no full tile, the usual case)
         mine_W1 = (jnp.arange(w) < start + count - row)[:, None]
         dy_WD = jnp.where(mine_W1, rows(dy_SD, row), 0)
-        zeros = ((jnp.zeros((w, x_SD.shape[1]), x_SD.dtype),),
-                 tuple(jnp.zeros_like(a) for a in weights))
-        (dx_WD,), grads = _window(tiles, branch, _bwd_window, zeros,
-                                  (rows(x_SD, row), rows(g_SF, row), rows(u_SF, row), dy_WD),
-                                  weights)
+        zeros = ((jnp.zeros((w, x_SD.shape[1]), x_SD.dtype),), tuple(jnp.zeros_like(a) for a in weights))
+        (dx_WD,), grads = _window(
+            tiles,
+            branch,
+            _bwd_window,
+            zeros,
+            (rows(x_SD, row), rows(g_SF, row), rows(u_SF, row), dy_WD),
+            weights,
+        )
 
         def full_tile(j, c):
             r0 = start + j * w
-            dx_TD, tile_grads = _bwd_rows(rows(x_SD, r0), rows(g_SF, r0), rows(u_SF, r0),
-                                          rows(dy_SD, r0), *weights)
-            return (lax.dynamic_update_slice_in_dim(c[0], dx_TD, r0, 0),
-                    jax.tree.map(jnp.add, c[1], tile_grads))
+            dx_TD, tile_grads = _bwd_rows(
+                rows(x_SD, r0), rows(g_SF, r0), rows(u_SF, r0), rows(dy_SD, r0), *weights
+            )
+            return (
+                lax.dynamic_update_slice_in_dim(c[0], dx_TD, r0, 0),
+                jax.tree.map(jnp.add, c[1], tile_grads),
+            )
 
         dx_SD, grads = lax.fori_loop(0, n_full, full_tile, (dx_SD, grads))
         return lax.dynamic_update_slice_in_dim(dx_SD, dx_WD, row, 0), grads
 
     dx_SD, (dgate_EDF, dup_EDF, ddown_EFD) = lax.scan(
-        expert_body, jnp.zeros_like(x_SD), (starts_E, counts_E, gate_EDF, up_EDF, down_EFD))
+        expert_body, jnp.zeros_like(x_SD), (starts_E, counts_E, gate_EDF, up_EDF, down_EFD)
+    )
     return dx_SD, None, None, dgate_EDF, dup_EDF, ddown_EFD
 
 
 grouped_swiglu_loop.defvjp(_loop_fwd, _loop_bwd)
-
-

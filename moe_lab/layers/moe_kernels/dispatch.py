@@ -96,8 +96,16 @@ def sorted_swiglu(impl: str, x_SD, starts_E, counts_E, weights, tiles: tuple[int
     return grouped(x_SD, counts_E, *weights)
 
 
-def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
-                     impl: str = "auto", tiles: tuple[int, int] | None = None):
+def token_choice_moe(
+    x_ND,
+    expert_NK,
+    gate_NK,
+    weights,
+    *,
+    capacity: int | None,
+    impl: str = "auto",
+    tiles: tuple[int, int] | None = None,
+):
     """Expert-sorted token-choice MoE.  capacity=None: dropless.
 
     Returns (y_ND, layout); layout.keep_NK tells which assignments were dropped.
@@ -115,8 +123,7 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
     if impl in ("ragged", "blocks", "tokamax") and capacity is not None:
         raise ValueError(f"impl={impl!r} is dropless only (got capacity={capacity})")
     if impl == "blocks":
-        layout, block_expert_J = block_layout(expert_NK, num_experts,
-                                              choose_block(n * k, num_experts))
+        layout, block_expert_J = block_layout(expert_NK, num_experts, choose_block(n * k, num_experts))
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = grouped_swiglu_blocks(x_SD, block_expert_J, *weights)
     elif impl == "buffer":
@@ -124,15 +131,21 @@ def token_choice_moe(x_ND, expert_NK, gate_NK, weights, *, capacity: int | None,
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = buffer_swiglu(x_SD.reshape(num_experts, cap, -1), *weights).reshape(x_SD.shape)
     elif impl in ("ragged", "tokamax", "loop"):
-        tiles = tiles or ((0, 0) if impl != "loop" else choose_tiles(
-            min(cap, n * k / num_experts), capacity, row_macs=x_ND.shape[1] * weights[0].shape[-1]))
+        tiles = tiles or (
+            (0, 0)
+            if impl != "loop"
+            else choose_tiles(
+                min(cap, n * k / num_experts), capacity, row_macs=x_ND.shape[1] * weights[0].shape[-1]
+            )
+        )
         layout = sorted_layout(expert_NK, num_experts, cap, pad=tiles[0])
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = sorted_swiglu(impl, x_SD, layout.starts_E, layout.counts_E, weights, tiles)
     else:
         raise ValueError(f"unknown MoE impl {impl!r}")
-    y_ND = combine_rows(y_SD, gate_NK, layout.row_NK, layout.keep_NK, layout.token_S,
-                        layout.assign_S, layout.valid_S)
+    y_ND = combine_rows(
+        y_SD, gate_NK, layout.row_NK, layout.keep_NK, layout.token_S, layout.assign_S, layout.valid_S
+    )
     return y_ND, layout
 
 

@@ -1,5 +1,4 @@
-"""Expert-sorted layouts of the token->expert assignments, and the gather-only permutations.
-"""
+"""Expert-sorted layouts of the token->expert assignments, and the gather-only permutations."""
 
 from __future__ import annotations
 
@@ -108,8 +107,7 @@ def block_layout(expert_NK, num_experts: int, block: int) -> tuple[Layout, jax.A
     n, k = expert_NK.shape
     a = n * k
     e_A, order_A, load_E, _starts, _row, pos_A = _sort_by_expert(expert_NK, num_experts)
-    num_blocks = min(-(-(a + num_experts * (block - 1)) // block),
-                     min(num_experts, a) + a // block)
+    num_blocks = min(-(-(a + num_experts * (block - 1)) // block), min(num_experts, a) + a // block)
     blocks_E = (load_E + block - 1) // block
     end_E = jnp.cumsum(blocks_E).astype(jnp.int32)  # exclusive end block of each expert
     starts_E = (end_E - blocks_E) * block
@@ -118,12 +116,18 @@ def block_layout(expert_NK, num_experts: int, block: int) -> tuple[Layout, jax.A
     arange_A = jnp.arange(a, dtype=jnp.int32)
     assign_S = jnp.zeros((rows,), jnp.int32).at[row_A].set(arange_A)
     block_expert_J = jnp.minimum(
-        jnp.searchsorted(end_E, jnp.arange(num_blocks, dtype=jnp.int32), side="right"),
-        num_experts - 1).astype(jnp.int32)
-    layout = Layout(token_S=assign_S // k, assign_S=assign_S,
-                    valid_S=jnp.zeros((rows,), bool).at[row_A].set(True),
-                    row_NK=row_A.reshape(n, k), keep_NK=jnp.ones((n, k), bool),
-                    starts_E=starts_E, counts_E=load_E, load_E=load_E)
+        jnp.searchsorted(end_E, jnp.arange(num_blocks, dtype=jnp.int32), side="right"), num_experts - 1
+    ).astype(jnp.int32)
+    layout = Layout(
+        token_S=assign_S // k,
+        assign_S=assign_S,
+        valid_S=jnp.zeros((rows,), bool).at[row_A].set(True),
+        row_NK=row_A.reshape(n, k),
+        keep_NK=jnp.ones((n, k), bool),
+        starts_E=starts_E,
+        counts_E=load_E,
+        load_E=load_E,
+    )
     return layout, block_expert_J
 
 
@@ -186,5 +190,3 @@ def _combine_bwd(res, dy_ND):
 
 
 combine_rows.defvjp(_combine_fwd, _combine_bwd)
-
-

@@ -1,5 +1,4 @@
-"""The slow, obviously correct MoE: every expert on every token, weighted by dense gates.
-"""
+"""The slow, obviously correct MoE: every expert on every token, weighted by dense gates."""
 
 from __future__ import annotations
 
@@ -25,5 +24,3 @@ def reference_moe(x_ND, gates_NE, gate_EDF, up_EDF, down_EFD):
 def dense_gates(expert_NK, gate_NK, num_experts):
     """The [N, E] gate matrix of a token-choice routing (zeros where unselected)."""
     return jnp.sum(jax.nn.one_hot(expert_NK, num_experts, dtype=gate_NK.dtype) * gate_NK[..., None], 1)
-
-
