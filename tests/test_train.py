@@ -40,6 +40,10 @@ def test_loss_decreases_on_facts(tmp_path):
     assert os.path.isdir(tmp_path / "run" / "tb")
 
 
+# tiny_config's train losses (8 fake CPU devices, float32); see the test for when to update
+GOLDEN_LOSSES = {1: 5.62347, 10: 4.70898, 20: 4.28695}
+
+
 def test_interrupted_run_resumes_with_identical_losses(tmp_path):
     cfg = tiny_config(train=dict(steps=20, log_every=1, checkpoint_every=10, eval_every=10))
     train(cfg, str(tmp_path / "full"))
@@ -47,6 +51,13 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path):
     # the retrace check: 20 steps (and two evals) traced the train step once; a batch,
     # state or metric whose shape, dtype or weak type drifted between steps would add one
     assert compiled["train"]._cache_size() == 1 and compiled["eval"]._cache_size() == 1
+    # golden metrics (nanodo's regression test): this config's losses, pinned
+    got = {s: _losses(str(tmp_path / "full"))[s] for s in GOLDEN_LOSSES}
+    np.testing.assert_allclose(
+        list(got.values()), list(GOLDEN_LOSSES.values()), rtol=2e-3,
+        err_msg=f"losses at steps 1, 10, 20 moved: {got}. Update GOLDEN_LOSSES only for a "
+        "change meant to alter training (init, data order, optimizer, loss), and say so "
+        "in the commit; any other change that moves them is a regression")
     train(cfg, str(tmp_path / "split"), max_steps=13)  # stops after step 13 (and saves it) ...
     # same config in the same process: the jitted steps are reused, not compiled again
     assert jit_cache("train")["train"] is compiled["train"]
