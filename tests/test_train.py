@@ -54,10 +54,13 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path):
     # golden metrics (nanodo's regression test): this config's losses, pinned
     got = {s: _losses(str(tmp_path / "full"))[s] for s in GOLDEN_LOSSES}
     np.testing.assert_allclose(
-        list(got.values()), list(GOLDEN_LOSSES.values()), rtol=2e-3,
+        list(got.values()),
+        list(GOLDEN_LOSSES.values()),
+        rtol=2e-3,
         err_msg=f"losses at steps 1, 10, 20 moved: {got}. Update GOLDEN_LOSSES only for a "
         "change meant to alter training (init, data order, optimizer, loss), and say so "
-        "in the commit; any other change that moves them is a regression")
+        "in the commit; any other change that moves them is a regression",
+    )
     train(cfg, str(tmp_path / "split"), max_steps=13)  # stops after step 13 (and saves it) ...
     # same config in the same process: the jitted steps are reused, not compiled again
     assert jit_cache("train")["train"] is compiled["train"]
