@@ -230,3 +230,35 @@ def test_plan_line_says_which_expert_parallelism_runs():
     )
     with pytest.raises(ConfigError, match="'all_to_all' cannot apply to the training batch"):
         _check_expert_parallel(explicit, mesh)
+
+
+def test_rules_travel_with_the_model():
+    """A Transformer traced under `jax.set_mesh` alone (a notebook, a new script: no
+    `use_rules`) keeps its rule table: the expert all-to-all is in the compiled step, and
+    the logits equal those traced inside `use_rules`."""
+    from moe_lab.models.transformer import Transformer
+
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=D,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        max_seq_len=8,
+        ffn="moe",
+        moe=MoEConfig(num_experts=E, top_k=K, expert_hidden=F, dispatch="capacity", capacity_factor=100.0),
+    )
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), rules=DEFAULT_RULES))
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (8, 8), 0, 64)
+
+    def logits(state, tokens_BT):
+        return nnx.merge(graphdef, state)(tokens_BT, train=True)[0]
+
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        assert sharding.active_rules_and_mesh() == (None, None)  # nothing set by the caller
+        assert "all-to-all" in jax.jit(logits).lower(state, tokens_BT).compile().as_text()
+        got = jax.jit(logits)(state, tokens_BT)
+        with sharding.use_rules(DEFAULT_RULES, mesh):
+            want = jax.jit(logits)(state, tokens_BT)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab.config.schema import ModelConfig
+from moe_lab.config.schema import DEFAULT_RULES, ModelConfig
 from moe_lab.layers.base import dtype_of, param
 from moe_lab.layers.norms import RMSNorm
 from moe_lab.models import tree
@@ -25,8 +25,13 @@ from moe_lab.parallel import sharding
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """The decoder.  `rules`: the logical -> mesh axis table (config.mesh.rules) its
+    activation constraints and expert parallelism follow whenever it is traced under
+    `jax.set_mesh` (parallel/sharding.py: model_rules)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=DEFAULT_RULES):
         V, D = cfg.vocab_size, cfg.d_model
+        self.rules = tuple(rules)
         pd = dtype_of(cfg.param_dtype)
         self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), std=cfg.init_std, dtype=pd)
         if cfg.stack == "recursive":  # MoR (moe_lab/models/recursive.py)
@@ -60,6 +65,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False, rng=None):
         """Returns (logits_BTV in f32, aux) where aux maps stack name -> per-layer aux."""
+        with sharding.model_rules(self.rules):
+            return self._forward(tokens_BT, positions_BT, segment_ids_BT, train=train, rng=rng)
+
+    def _forward(self, tokens_BT, positions_BT, segment_ids_BT, *, train, rng):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -84,11 +93,12 @@ class Transformer(nnx.Module):
 
     def decode(self, tokens_BT, positions_BT, valid_BT, cache: dict, index):
         """T new tokens at cache slots [index, index+T) -> (logits_BTV, new cache)."""
-        x_BTD = self.embed(tokens_BT)
-        new_cache = {}
-        for name, stack in self.stacks():
-            x_BTD, new_cache[name] = stack.decode(x_BTD, positions_BT, valid_BT, cache[name], index)
-        return self.logits(x_BTD), new_cache
+        with sharding.model_rules(self.rules):
+            x_BTD = self.embed(tokens_BT)
+            new_cache = {}
+            for name, stack in self.stacks():
+                x_BTD, new_cache[name] = stack.decode(x_BTD, positions_BT, valid_BT, cache[name], index)
+            return self.logits(x_BTD), new_cache
 
 
 def total_aux_loss(aux: dict) -> jax.Array:

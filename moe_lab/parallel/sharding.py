@@ -185,6 +185,25 @@ def use_rules(rules, mesh):
         _ACTIVE.update(old)
 
 
+def ambient_mesh():
+    """The mesh of the enclosing `jax.set_mesh` (abstract: this runs while tracing), or
+    None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+@contextlib.contextmanager
+def model_rules(rules):
+    """A model's own rule table, in force while it is traced under `jax.set_mesh` and no
+    caller has set one (`use_rules` wins): the rules travel with the model, so tracing
+    it from a notebook or a new script keeps its constraints and its all-to-all."""
+    if _ACTIVE["rules"] is not None or ambient_mesh() is None:
+        yield
+        return
+    with use_rules(rules, ambient_mesh()):
+        yield
+
+
 def active_rules_and_mesh():
     """(rules, mesh) set by `use_rules` while a model is traced; (None, None) outside."""
     return _ACTIVE["rules"], _ACTIVE["mesh"]

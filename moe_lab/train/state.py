@@ -62,7 +62,7 @@ def build_model(cfg: Config, seed: int | None = None, platform: str | None = Non
     if platform is not None:
         m, _ = kernel_choice.for_platform(m, platform)
     seed = cfg.train.seed if seed is None else seed
-    return Transformer(m, rngs=nnx.Rngs(params=seed))
+    return Transformer(m, rngs=nnx.Rngs(params=seed), rules=cfg.mesh.rules)
 
 
 def split_model(model: nnx.Module):
