@@ -33,7 +33,7 @@ METRICS = [
     ("majority@16", "majority@16 (64 prompts)"),
     ("greedy_accuracy", "greedy (the same 64 prompts)"),
     ("grpo_accuracy_before", "greedy before GRPO (128 prompts)"),
-    ("grpo_accuracy", "greedy after 60 GRPO steps"),
+    ("grpo_accuracy", "greedy after 40 GRPO steps"),
 ]
 BY = ("budget_steps", "top_k", "num_experts")
 
@@ -68,6 +68,10 @@ def _lines(rows):
             yield f"k={k}, {budget} steps ({tpp})", sub
 
 
+def _largest(rows) -> int:
+    return max(r["budget_steps"] for r in rows)
+
+
 def _against_params(ax, rows, key, name):
     for label, sub in _lines(rows):
         x = [r["params_total"] / 1e3 for r in sub]
@@ -75,10 +79,10 @@ def _against_params(ax, rows, key, name):
             x,
             [r[key][0] for r in sub],
             yerr=[r[key][1] for r in sub],
-            fmt="o-",
+            fmt="o",
             capsize=3,
             label=label,
-            ls="-" if "1600" in label else "--",
+            ls="-" if f"{_largest(rows)} steps" in label else "--",
         )
     ax.set_xscale("log")
     ax.set_xlabel("total params (k)")
@@ -122,7 +126,7 @@ def plot(rows: list[dict], out: str) -> str:
         ax.set_title(f"{name} at equal pre-training loss", fontsize=10)
         ax.invert_xaxis()
     ax = axes[1, 2]
-    big = [r for r in rows if r["budget_steps"] == max(r["budget_steps"] for r in rows)]
+    big = [r for r in rows if r["budget_steps"] == _largest(rows)]
     for k in sorted({r["top_k"] for r in big}):
         sub = [r for r in big if r["top_k"] == k]
         x = [r["params_total"] / 1e3 for r in sub]
