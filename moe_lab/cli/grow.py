@@ -24,8 +24,15 @@ import argparse
 
 from moe_lab.config.schema import ConfigError
 from moe_lab.growth.grow import grow_run
-from moe_lab.growth.options import DepthGrowth, GrowOptions, WidthGrowth
-from moe_lab.growth.transforms import WIDTH_INITS
+from moe_lab.growth.options import (
+    DEPTH_METHODS,
+    OPT_STATES,
+    WIDTH_INITS,
+    WIDTH_LAYOUTS,
+    DepthGrowth,
+    GrowOptions,
+    WidthGrowth,
+)
 
 
 def add_grow_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,7 +41,7 @@ def add_grow_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--from", dest="from_dir", required=True, help="the parent run's workdir")
     g.add_argument("--step", type=int, default=None, help="parent checkpoint step (default: latest)")
     g.add_argument("--to", dest="to_dir", required=True, help="new workdir (must not exist or be empty)")
-    g.add_argument("--depth", choices=("interpose", "stack"), default=None)
+    g.add_argument("--depth", choices=DEPTH_METHODS, default=None)
     g.add_argument("--depth-factor", type=int, default=None)
     g.add_argument("--keep-first", type=int, default=None, help="first N layers stay single")
     g.add_argument("--keep-last", type=int, default=None, help="last N layers stay single")
@@ -46,7 +53,7 @@ def add_grow_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument("--width-factor", type=int, default=None)
     g.add_argument("--noise", type=float, default=None, help="relative noise on copies (0.01)")
-    g.add_argument("--width-layout", choices=("append", "interleave"), default=None)
+    g.add_argument("--width-layout", choices=WIDTH_LAYOUTS, default=None)
     g.add_argument(
         "--width-init",
         choices=WIDTH_INITS,
@@ -59,7 +66,7 @@ def add_grow_parser(subparsers) -> argparse.ArgumentParser:
     only.add_argument("--only-e", action="store_true", default=None, help="grow experts, not top-k")
     only.add_argument("--only-k", action="store_true", default=None, help="grow top-k, not experts")
     g.add_argument("--order", choices=("depth,width", "width,depth"), default="depth,width")
-    g.add_argument("--opt-state", choices=("reset", "grow"), default="reset")
+    g.add_argument("--opt-state", choices=OPT_STATES, default="reset")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
         "--no-verify", dest="verify", action="store_false", help="skip the logits check against the parent"
