@@ -19,7 +19,17 @@ def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
         "capacity time(E=8)/time(E=4)",
         "dropless time(E=8)/time(E=4)",
         "capacity(E=4)/dense",
+        "dropless(E=4)/dense",
+        "dropless E=8/E=4 over the ideal layer's",
+        "dropless(E=4)/HF(E=4)",  # the dev extras install transformers: the peer runs
+        "dropless(E=8)/HF(E=8)",
     ]
+    assert times[("torch", 4)] > 0 and r["peer"]["transformers"]
+    # the breakdown: each stage timed, the rest is what the layer spends beyond them
+    for e in (4, 8):
+        b = r["breakdown_ms"][e]
+        assert all(b[st] > 0 for st in moe.STAGES) and b["router"] == round(1e3 * times[("f32", e)], 2)
+        assert b["rest"] == pytest.approx(b["layer"] - sum(b[st] for st in moe.STAGES), abs=0.02)
     assert all(0 < t["value"] < 100 and t["ok"] == (t["value"] <= t["limit"]) for t in r["targets"])
     assert 0 < r["floor_ratio"] < 100 and 0 < r["ideal_ratio"] < 100
     assert times[("f32", 4)] > 0 and times[("f32", 8)] > 0  # the router alone, timed
@@ -27,7 +37,7 @@ def test_moe_bench_quick_reports_ratios_from_its_own_measurements():
         (times[("f32", 8)] - times[("f32", 4)]) / times[("capacity", 4)], abs=1e-4
     )
     for t in r["targets"]:  # the median of the pairs, inside their interquartile range
-        assert t["pairs"] == 3 and t["iqr"][0] <= t["value"] <= t["iqr"][1]
+        assert "iqr" not in t or (t["pairs"] == 3 and t["iqr"][0] <= t["value"] <= t["iqr"][1])
     assert all(v > 0 for v in r["copy_bandwidth_gbs"].values())
 
 
@@ -157,3 +167,15 @@ def test_interop_bench_quick_measures_import_and_export_against_baselines():
         (r["export"]["peak"] - r["export"]["base"]) / nbytes,
     ]
     assert [t["value"] for t in r["targets"]] == pytest.approx(ratios, abs=1e-4)
+
+
+def test_every_bench_result_names_the_commit_it_ran_on():
+    from moe_lab.bench import common
+
+    p = common.provenance()
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert p["commit"] == head.stdout.strip() and isinstance(p["dirty"], bool)
+    else:
+        assert p["commit"].startswith("unknown")
+    assert p["date"].endswith("Z") and p["jax"] and p["host_cores"] >= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+from moe_lab.bench.common import provenance
 from moe_lab.config.schema import ConfigError
 from moe_lab.parallel.host_allocator import tune_host_allocator
 
@@ -28,6 +29,7 @@ def run_benchmark(name: str, *, quick: bool = False, as_json: bool = False) -> d
         tune_host_allocator()  # before the benchmark's jax work: see parallel/host_allocator.py
     module = importlib.import_module(BENCHMARKS[name])
     result = module.run(quick=quick)
+    result["provenance"] = provenance()  # the commit it ran on: regressions are traceable
     if not as_json:
         module.main_print(result)
     return result

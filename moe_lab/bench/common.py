@@ -6,6 +6,9 @@ Every `moe-lab bench NAME` returns a dict of measurements plus `targets`: a list
 
 from __future__ import annotations
 
+import datetime
+import os
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -84,3 +87,33 @@ def print_targets(targets: list[dict]) -> None:
         mark = "OK  " if t["ok"] else "MISS"
         iqr = f", middle half of {t['pairs']} pairs {t['iqr'][0]}-{t['iqr'][1]}" if "iqr" in t else ""
         print(f"  [{mark}] {t['name']}: {t['value']} (target {t['op']} {t['limit']}{iqr})")
+
+
+def host_cores() -> int:
+    """The cores this process may run on: what XLA:CPU's thread pool uses."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def provenance() -> dict:
+    """What a result was measured on: the commit (and whether the tree had changes),
+    the UTC date, jax's version and backend, and the host's cores.  Every bench's JSON
+    carries it, so that a regression can be traced to the commit that brought it."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "commit": commit or "unknown (not a git checkout)",
+        "dirty": bool(status),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "host_cores": host_cores(),
+    }

@@ -22,6 +22,18 @@ if perfectly balanced (no capacity padding, no tiles).  Its ratio is what a
 perfect dispatch built on XLA dots could reach here; the router's f32
 [N, D] x [D, E] matmul, which grows with E by design, is part of it; the
 "router alone" rows time that router by itself.
+
+The peer (bench/hf_peer.py, where transformers is installed): HF's
+`MixtralSparseMoeBlock` on PyTorch CPU, same shape, same threads, timed in the same
+rounds, and paired with moe_lab's dropless layer for the `vs_hf` targets.  And the
+breakdown: the dropless layer's four stages, each jitted fwd+bwd by itself as the
+layer runs it (router with its aux losses; sort and gather; the experts on the
+sorted rows; the weighted combine), so a regression shows which stage moved.
+
+Targets (issue "the CPU MoE layer at the dense floor"): dropless at E_lo at most
+1.1x dense; moe_lab no slower than HF at any E, at most 0.8x HF where HF pays for
+the expert count (E >= 128); the dropless E_hi/E_lo ratio within 1.1x of the
+ideal layer's.
 """
 
 from __future__ import annotations
@@ -33,19 +45,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_lab.accounting.timing import time_fn
-from moe_lab.bench.common import copy_bandwidth_gbs, paired_ratios, print_targets, spread, target
+from moe_lab.bench import hf_peer
+from moe_lab.bench.common import copy_bandwidth_gbs, host_cores, paired_ratios, print_targets, spread, target
 from moe_lab.config.schema import ModelConfig, MoEConfig
 from moe_lab.layers import routing
 from moe_lab.layers.base import router_matmul
 from moe_lab.layers.mlp import SwiGLU
 from moe_lab.layers.moe import MoE
 from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu
+from moe_lab.layers.moe_kernels.cpu_loop import choose_tiles
+from moe_lab.layers.moe_kernels.dispatch import sorted_swiglu
 from moe_lab.layers.moe_kernels.layout import combine_rows, gather_rows, sorted_layout
 
 FULL = {"batch": 16, "seq": 1024, "d_model": 256, "hidden": 512, "experts": (8, 32, 128, 256)}
 QUICK = {"batch": 2, "seq": 64, "d_model": 32, "hidden": 64, "experts": (4, 8)}
 TOP_K, CAPACITY_FACTOR = 2, 1.25
 REFERENCE_MAX_E = 32
+HF_FAST_E = 128  # from here on HF's python loop over experts costs: the 0.8x target
+STAGES = ("router", "dispatch", "experts", "combine")
 
 
 def _grad_fn(module: nnx.Module, is_moe: bool):
@@ -139,6 +156,44 @@ def _router_fn(s: dict, e: int):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (router_DE, x_ND)
 
 
+def _stage_fns(s: dict, e: int) -> dict[str, tuple]:
+    """The dropless CPU layer's stages, each fwd+bwd and jitted by itself, on the
+    routing a real router gives the bench's input: {stage: (fn, args)} for STAGES.
+    Their times add up to about the layer's (each stage's own launch and the
+    layer's reshapes and casts are the difference, printed as "rest")."""
+    n, d, f = s["batch"] * s["seq"], s["d_model"], s["hidden"]
+    router_fn, (router_DE, x_ND) = _router_fn(s, e)
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    shapes = [(e, d, f), (e, d, f), (e, f, d)]
+    weights = [0.02 * jax.random.normal(k, sh) for k, sh in zip(keys, shapes)]
+    tc = routing.SoftmaxTopKRouter()(router_matmul(x_ND, router_DE), None, top_k=TOP_K, renormalize=True)
+    # the layer's own tile choice (dispatch.token_choice_moe, dropless: capacity n)
+    tiles = choose_tiles(min(n, n * TOP_K / e), None, row_macs=d * f)
+
+    def dispatch(x_ND, expert_NK):
+        layout = sorted_layout(expert_NK, e, n, pad=tiles[0])
+        return jnp.sum(gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK))
+
+    layout = sorted_layout(tc.expert_NK, e, n, pad=tiles[0])
+    x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
+
+    def experts(x_SD, weights):
+        return jnp.sum(sorted_swiglu("loop", x_SD, layout.starts_E, layout.counts_E, weights, tiles))
+
+    def combine(y_SD, gate_NK):
+        lay = layout
+        return jnp.sum(
+            combine_rows(y_SD, gate_NK, lay.row_NK, lay.keep_NK, lay.token_S, lay.assign_S, lay.valid_S)
+        )
+
+    return {
+        "router": (router_fn, (router_DE, x_ND)),
+        "dispatch": (jax.jit(jax.grad(dispatch)), (x_ND, tc.expert_NK)),
+        "experts": (jax.jit(jax.grad(experts, argnums=(0, 1))), (x_SD, weights)),
+        "combine": (jax.jit(jax.grad(combine, argnums=(0, 1))), (x_SD, tc.gate_NK)),
+    }
+
+
 def run(quick: bool = False) -> dict:
     s = QUICK if quick else FULL
     iters = 2 if quick else 7
@@ -171,11 +226,19 @@ def run(quick: bool = False) -> dict:
             )
             fn, params = _grad_fn(MoE(cfg, rngs=nnx.Rngs(0)), True)
             cases[("MoE", e, dispatch)] = (fn, (params, x_BTD))
+    hf_missing = hf_peer.available()
+    n, d = s["batch"] * s["seq"], s["d_model"]
+    for e in s["experts"] if hf_missing is None else ():
+        cases[("HF Mixtral block", e, "torch")] = hf_peer.mixtral_block_fn(n, d, s["hidden"], e, TOP_K)
     e_lo, e_hi = s["experts"][0], s["experts"][-1]
     for e in (e_lo, e_hi):
         cases[("matmul floor", e, "balanced")] = _matmul_floor_fn(s, e)
         cases[("ideal layer", e, "balanced")] = _ideal_fn(s, e)
+        # the router alone is also the breakdown's router stage
         cases[("router alone", e, "f32")] = _router_fn(s, e)
+        stages = _stage_fns(s, e)
+        for stage in STAGES[1:]:
+            cases[("dropless stage", e, stage)] = stages[stage]
     # The table: two rounds, the second in reverse order, each case's time = the
     # smaller of its two medians (a shared machine drifts over a minute).
     # Reference: one round, 1 call.  The targets below use paired ratios.
@@ -215,6 +278,38 @@ def run(quick: bool = False) -> dict:
     ]
     floor_ratio = ratio(("matmul floor", e_hi, "balanced"), ("matmul floor", e_lo, "balanced"))
     ideal_ratio = ratio(("ideal layer", e_hi, "balanced"), ("ideal layer", e_lo, "balanced"))
+    dropless_ratio = next(t for t in targets if t["name"].startswith("dropless time"))
+    targets += [
+        target(f"dropless(E={e_lo})/dense", ratio(("MoE", e_lo, "dropless"), dense_key), 1.1),
+        # what the dispatch adds to the E-scaling beyond the ideal layer's own
+        target(
+            f"dropless E={e_hi}/E={e_lo} over the ideal layer's",
+            dropless_ratio["value"] / ideal_ratio["median"],
+            1.1,
+        ),
+    ]
+    if hf_missing is None:
+        targets += [
+            target(
+                f"dropless(E={e})/HF(E={e})",
+                ratio(("MoE", e, "dropless"), ("HF Mixtral block", e, "torch")),
+                0.8 if e >= HF_FAST_E else 1.0,
+            )
+            for e in s["experts"]
+        ]
+    t_layer = {e: times[("dropless", e)] for e in (e_lo, e_hi)}
+    breakdown = {
+        e: {
+            **{st: round(1e3 * times[("f32" if st == "router" else st, e)], 2) for st in STAGES},
+            "layer": round(1e3 * t_layer[e], 2),
+        }
+        for e in (e_lo, e_hi)
+    }
+    for b in breakdown.values():
+        b["rest"] = round(b["layer"] - sum(b[st] for st in STAGES), 2)
+    for r in rows:
+        if hf_missing is None and r["dispatch"] == "dropless" and r["layer"] == "MoE":
+            r["vs_hf"] = r["time_s"] / times[("torch", r["experts"])]
     return {
         "name": "moe",
         "backend": jax.default_backend(),
@@ -227,6 +322,8 @@ def run(quick: bool = False) -> dict:
         },
         "results": rows,
         "targets": targets,
+        "peer": hf_missing or hf_peer.versions() | {"threads": host_cores()},
+        "breakdown_ms": breakdown,
         "floor_ratio": round(floor_ratio["median"], 4),
         "ideal_ratio": round(ideal_ratio["median"], 4),
         "floor_ratio_iqr": [round(floor_ratio["q25"], 4), round(floor_ratio["q75"], 4)],
@@ -250,10 +347,25 @@ def main_print(result: dict) -> None:
         f"MoE layer fwd+bwd on {result['backend']}: {sh['tokens']} tokens, d={sh['d_model']}, "
         f"F={sh['expert_hidden']}, k={sh['top_k']}, cf={sh['capacity_factor']}"
     )
-    print(f"  {'layer':<14}{'E':>5}  {'dispatch':<10}{'time (ms)':>11}{'x dense':>9}")
+    peer = result["peer"]
+    if isinstance(peer, str):
+        print(f"  {peer}")
+    else:
+        print(
+            f"  peer: HF transformers {peer['transformers']} MixtralSparseMoeBlock, torch {peer['torch']}, "
+            f"{peer['threads']} threads (the rows 'HF Mixtral block')"
+        )
+    print(f"  {'layer':<17}{'E':>5}  {'dispatch':<10}{'time (ms)':>11}{'x dense':>9}{'x HF':>7}")
     for r in result["results"]:
-        rel = f"{r['vs_dense']:.2f}" if "vs_dense" in r else "1.00"
-        print(f"  {r['layer']:<14}{r['experts']:>5}  {r['dispatch']:<10}{1e3 * r['time_s']:>11.1f}{rel:>9}")
+        hf = f"{r['vs_hf']:.2f}" if "vs_hf" in r else ""
+        print(
+            f"  {r['layer']:<17}{r['experts']:>5}  {r['dispatch']:<10}{1e3 * r['time_s']:>11.1f}"
+            f"{r['vs_dense']:>9.2f}{hf:>7}"
+        )
+    print("  the dropless layer's stages, fwd+bwd each (ms; rest = layer - stages):")
+    for e, b in result["breakdown_ms"].items():
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in b.items() if k != "layer")
+        print(f"    E={e}: layer {b['layer']:.1f} = {parts}")
     fi, ii = result["floor_ratio_iqr"], result["ideal_ratio_iqr"]
     print(
         f"  matmul floor time(E=hi)/time(E=lo): {result['floor_ratio']} [{fi[0]}-{fi[1]}] "
