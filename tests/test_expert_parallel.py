@@ -262,3 +262,24 @@ def test_rules_travel_with_the_model():
         with sharding.use_rules(DEFAULT_RULES, mesh):
             want = jax.jit(logits)(state, tokens_BT)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_a_standalone_moe_layer_keeps_its_rules():
+    """The MoE layer traced by itself under `jax.set_mesh` (a benchmark, a notebook)
+    runs its expert all-to-all too, and equals the single-device layer."""
+    cfg = ModelConfig(
+        d_model=D,
+        ffn="moe",
+        moe=MoEConfig(num_experts=E, top_k=K, expert_hidden=F, dispatch="capacity", capacity_factor=100.0),
+    )
+    graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+    x_BTD = jax.random.normal(jax.random.PRNGKey(1), (8, 8, D))
+
+    def apply(state, x_BTD):
+        return nnx.merge(graphdef, state)(x_BTD, train=True)[0]
+
+    want = jax.jit(apply)(state, x_BTD)  # no mesh: one device
+    with jax.set_mesh(_mesh()):
+        assert "all-to-all" in jax.jit(apply).lower(state, x_BTD).compile().as_text()
+        got = jax.jit(apply)(state, x_BTD)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_lab.config.schema import ModelConfig
+from moe_lab.config.schema import DEFAULT_RULES, ModelConfig
 from moe_lab.layers import expert_parallel as ep
 from moe_lab.layers import routing
 from moe_lab.layers.base import dtype_of, param, router_matmul
@@ -46,13 +46,19 @@ class MoE(nnx.Module):
     `impl` (a static attribute, model.moe.kernel, default "auto": by backend)
     picks the dispatch kernels: see dispatch.token_choice_moe.  Tests set it to
     exercise the accelerator kernels on CPU.
+
+    `rules`: the logical -> mesh axis table the layer's expert parallelism follows
+    when it is traced by itself under `jax.set_mesh` (a notebook, a benchmark); inside
+    a Transformer the model's table is already in force and wins
+    (parallel/sharding.py: model_rules).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=DEFAULT_RULES):
         m = cfg.moe
         d, f, e = cfg.d_model, cfg.resolved_expert_hidden, m.num_experts
         pd = dtype_of(cfg.param_dtype)
         self.cfg = cfg
+        self.rules = tuple(rules)
         self.impl = cfg.moe.kernel
         self.router_DE = param(rngs, (d, e), ("embed", None), std=cfg.init_std, dtype=pd)
         self.gate_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=cfg.init_std, dtype=pd)
@@ -100,6 +106,10 @@ class MoE(nnx.Module):
         """active_BT: tokens counted in the load, balance, z-loss and drop statistics
         (all if None).  Every token is still computed; a recursive stack's dense path
         passes the tokens its recursion step really runs."""
+        with sharding.model_rules(self.rules):
+            return self._apply(x_BTD, train=train, rng=rng, active_BT=active_BT)
+
+    def _apply(self, x_BTD, *, train: bool, rng, active_BT) -> tuple[jax.Array, dict[str, jax.Array]]:
         m = self.cfg.moe
         b, t, d = x_BTD.shape
         n, e, k = b * t, m.num_experts, m.top_k
