@@ -29,6 +29,7 @@ def test_tiny_config_loads_and_overrides_apply():
         ({"model.nonsense": 1}, "unknown config key 'model.nonsense'"),
         ({"train.steps": "abc"}, "'train.steps': expected an int"),
         ({"train.steps": 0}, "'train.steps' must be > 0"),
+        ({"train.microbatches": 3}, "train.microbatches=3 does not divide train.batch_size="),
         ({"model.num_heads": 5}, "num_heads=5 does not divide model.d_model=128"),
         ({"model.num_kv_heads": 3}, "num_kv_heads=3 does not divide model.num_heads=4"),
         ({"model.ffn": "sparse"}, "'model.ffn'='sparse' is not one of"),
@@ -98,6 +99,10 @@ def test_expert_axis_must_divide_experts():
     )
     with pytest.raises(ConfigError, match="num_experts=6 is not divisible by mesh.expert=4"):
         validate_for_devices(cfg, 8)
+    # every microbatch spans every batch shard
+    sliced = _load(**{"train.batch_size": 16, "train.microbatches": 4, "mesh.data": -1})
+    with pytest.raises(ConfigError, match="batch_size / train.microbatches = 4 is not divisible by"):
+        validate_for_devices(sliced, 8)
 
 
 def test_missing_config_file_and_bad_arg():

@@ -213,6 +213,9 @@ class DataConfig:
 class TrainConfig:
     steps: int = 300
     batch_size: int = 16  # global batch, sequences
+    # gradient accumulation: the step runs the batch as this many slices, one at a
+    # time (activation memory / microbatches; same update up to the aux losses)
+    microbatches: int = 1
     seed: int = 0
     lr: float = 3e-3
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # cosine | wsd | constant

@@ -100,6 +100,7 @@ def validate(cfg: Config) -> Config:
         "model.rope_theta",
         "train.steps",
         "train.batch_size",
+        "train.microbatches",
         "train.log_every",
         "train.eval_every",
         "train.checkpoint_every",
@@ -118,6 +119,10 @@ def validate(cfg: Config) -> Config:
         if _get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0 (0: default), got {_get(cfg, key)}")
     _validate_rules(cfg.mesh.rules)
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}"
+        )
     if t.loss_on == "completion" and {n for n, _ in parse_mixture(d.mixture)} <= {"corpus"}:
         raise ConfigError(
             "train.loss_on='completion' needs prompt/answer rows in data.mixture "
@@ -333,6 +338,12 @@ def validate_for_devices(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by the "
             f"data*fsdp*expert mesh size {batch_shards}"
+        )
+    m = cfg.train.microbatches
+    if (cfg.train.batch_size // m) % batch_shards:
+        raise ConfigError(
+            f"train.batch_size / train.microbatches = {cfg.train.batch_size // m} is not divisible by "
+            f"the data*fsdp*expert mesh size {batch_shards} (every microbatch spans every batch shard)"
         )
     if cfg.model.ffn == "moe" and cfg.model.moe.num_experts % expert:
         raise ConfigError(

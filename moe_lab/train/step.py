@@ -148,6 +148,30 @@ def update_router_biases(
     return new
 
 
+def merge_microbatch_aux(aux_M: dict) -> dict:
+    """The layers' aux of a batch from its microbatches' (every leaf stacked on a
+    leading [M] axis): token counts add, the worst violation is the max, every other
+    entry (load fractions, losses, histograms) is the mean over microbatches,
+    weighted by the tokens each counted where the dict has `num_tokens` (a recursion
+    step that ran few tokens in one slice weighs little)."""
+    out = {}
+    for name, value in aux_M.items():
+        if isinstance(value, dict):
+            out[name] = merge_microbatch_aux(value)
+        elif name == "num_tokens":
+            out[name] = jnp.sum(value, axis=0)
+        elif name == "max_violation":
+            out[name] = jnp.max(value, axis=0)
+        elif "num_tokens" in aux_M and aux_M["num_tokens"].shape == value.shape[: aux_M["num_tokens"].ndim]:
+            w = aux_M["num_tokens"].reshape(
+                aux_M["num_tokens"].shape + (1,) * (value.ndim - aux_M["num_tokens"].ndim)
+            )
+            out[name] = jnp.sum(value * w, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1.0)
+        else:
+            out[name] = jnp.mean(value, axis=0)
+    return out
+
+
 def loss_weights(batch, loss_on: str, eos_id: int | None) -> jax.Array:
     """[B, T] weights of the training loss: every real token (all), or the completion
     tokens (answer_mask) and the EOS target right after a completion (completion: SFT;
@@ -186,14 +210,58 @@ def make_train_step(
         aux_loss = total_aux_loss(aux)
         return lm_loss + aux_loss, (lm_loss, aux_loss, ce_BT, aux)
 
+    microbatches = cfg.train.microbatches
+
+    def accumulated_grads(params, model_state, batch, rng):
+        """Gradient accumulation over `microbatches` slices of the batch (lax.scan:
+        one microbatch's activations live at a time).  The LM loss of each slice is
+        its sum over the whole batch's weight, so the summed gradients are exactly the
+        full batch's; the aux losses (balance, z-loss) are each slice's own, averaged
+        (as MaxText's gradient accumulation does: they are batch statistics)."""
+        w_total = jnp.maximum(jnp.sum(loss_weights(batch, cfg.train.loss_on, eos_id)), 1.0)
+        b = batch["inputs"].shape[0]
+        # microbatch j = rows j, j + M, j + 2M, ...: every slice spans every batch shard
+        slices = {
+            k: jnp.swapaxes(v.reshape(b // microbatches, microbatches, *v.shape[1:]), 0, 1)
+            for k, v in batch.items()
+        }
+
+        def slice_loss(params, mb, rng):
+            logits_BTV, aux = forward(graphdef, params, model_state, mb, train=True, rng=rng)
+            ce_BT = token_losses(logits_BTV, mb["targets"])
+            lm_part = jnp.sum(ce_BT * loss_weights(mb, cfg.train.loss_on, eos_id)) / w_total
+            aux_loss = total_aux_loss(aux)
+            return lm_part + aux_loss / microbatches, (lm_part, aux_loss, ce_BT, aux)
+
+        def body(grads_acc, xs):
+            mb, i = xs
+            (total, (lm_part, aux_loss, ce_BT, aux)), grads = jax.value_and_grad(slice_loss, has_aux=True)(
+                params, mb, jax.random.fold_in(rng, i)
+            )
+            num, den = per_task_sums(ce_BT, mb["weights"], mb["task_ids"], num_tasks)
+            return jax.tree.map(jnp.add, grads_acc, grads), (total, lm_part, aux_loss, num, den, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (total_M, lm_M, aux_loss_M, num_M, den_M, aux_M) = jax.lax.scan(
+            body, zeros, (slices, jnp.arange(microbatches))
+        )
+        sums = (jnp.sum(total_M), jnp.sum(lm_M), jnp.mean(aux_loss_M), num_M.sum(0), den_M.sum(0))
+        return sums, merge_microbatch_aux(aux_M), grads
+
     def train_step(state, batch):
         # the key is made inside the trace: an eager key would run on the host's default
         # device, which an AOT compile for another platform (moe-lab compile) cannot use
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (total, (lm_loss, aux_loss, ce_BT, aux)), grads = grad_fn(
-            state["params"], state["model_state"], batch, rng
-        )
+        if microbatches == 1:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (total, (lm_loss, aux_loss, ce_BT, aux)), grads = grad_fn(
+                state["params"], state["model_state"], batch, rng
+            )
+            num, den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
+        else:
+            (total, lm_loss, aux_loss, num, den), aux, grads = accumulated_grads(
+                state["params"], state["model_state"], batch, rng
+            )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         model_state = state["model_state"]
@@ -203,7 +271,6 @@ def make_train_step(
             )
         if cfg.model.stack == "recursive":
             model_state = update_mor_state(model_state, aux, cfg.model.mor.bias_update_rate)
-        num, den = per_task_sums(ce_BT, batch["weights"], batch["task_ids"], num_tasks)
         metrics = {
             "loss": lm_loss,
             "total_loss": total,
