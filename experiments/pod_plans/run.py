@@ -92,6 +92,7 @@ def compile_row(label, config, topology, overrides) -> dict:
     if train.ok:
         row.update(
             compiler_gib=train.memory["total"] / GIB,
+            peak_gib=train.memory.get("peak", 0) / GIB,
             temp_gib=train.memory["temporaries"] / GIB,
             kernels=train.kernels,
             collectives={k: v["count"] for k, v in train.collectives.items()},

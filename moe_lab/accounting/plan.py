@@ -57,11 +57,17 @@ def activation_bytes(
                             gate / up / down or the router) plus the input
       recomputed layer      full / dots: one layer's set again, with the fused
                             softmax's 4 + b bytes a score pair
-      logits                T V 2 b (the logits and their gradient; the f32
-                            cross-entropy is fused)
+      logits                T V (b + 4): the LM head's output in the compute dtype
+                            (then the gradient the backward matmuls read) and its f32
+                            cast, which the cross-entropy reads and whose gradient
+                            reuses the buffer: both [B, T, V] are live together
 
     Layers count by application: a recursive stack's shared layers once per
     recursion step, on the tokens the step keeps (flops.layer_applications).
+
+    The terms add up, as the compiler's total (arguments + temp_size_in_bytes) does;
+    its live peak (peak_memory_in_bytes) is lower on scanned stacks, where the logits
+    and the recomputed layer are never live together (experiments/pod_plans/README.md).
     """
     m = cfg.model
     remat = remat or m.remat
@@ -99,7 +105,13 @@ def activation_bytes(
     }[remat]
     recomputed = 0 if remat == "none" else layer_vals + attn_recomputed
     tokens = batch_per_device * T
-    logits = tokens * m.vocab_size * 2 * b
+    # the logits are cast to f32 for the cross-entropy (models/transformer.py: logits), and
+    # the compiler materialises that cast beside the compute-dtype logits: libtpu's buffer
+    # assignment holds f32[B,T,V] and bf16[B,T,V] at once (mor_360m vanilla, 16 x 2048
+    # tokens a device: 6 + 3 GiB), and the compiled total grows by 6.0 bytes a logit from
+    # V 16384 to 49152 (32768 tokens a device, remat=full); 2 b, i.e. a fused f32
+    # cross-entropy, left 2 bytes a logit out (3 GiB a device on the MoR configs)
+    logits = tokens * m.vocab_size * (b + 4)
     return int(tokens * (layer_applications(m, T) * saved + recomputed) + logits)
 
 
@@ -133,7 +145,8 @@ def memory_plan(cfg: Config, setup, mesh) -> dict:
     """Per-device bytes of params, optimizer state, grads and activations.  The kernels
     are those of the setup's platform, else of the config's pod (mesh.plan_hardware)."""
     data, fsdp, expert, _ = (mesh.shape[a] for a in MESH_AXES)
-    batch_per_device = max(1, cfg.train.batch_size // (data * fsdp * expert))
+    # activations live one microbatch at a time (train.microbatches: gradient accumulation)
+    batch_per_device = max(1, cfg.train.batch_size // (data * fsdp * expert * cfg.train.microbatches))
     p = sharded_bytes(setup.abstract_state["params"], setup.specs["params"], mesh)
     o = sharded_bytes(setup.abstract_state["opt_state"], setup.specs["opt_state"], mesh)
     platform = getattr(setup, "platform", None) or plan_platform(cfg.mesh.plan_hardware)

@@ -99,7 +99,17 @@ def memory_stats(compiled) -> dict:
         "code": m.generated_code_size_in_bytes,
     }
     out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+    # the most bytes live at once (arguments included): what the compiler's own HBM check
+    # enforces.  Below the total on scanned stacks, whose temp_size counts buffers that
+    # are never live together (experiments/pod_plans/README.md); 0 where not reported
+    out["peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
     return out
+
+
+def resident_bytes(memory: dict) -> int:
+    """Bytes a program needs on the device: the compiler's peak where it reports one,
+    else the total (arguments + outputs - aliased + temporaries + code)."""
+    return memory.get("peak") or memory["total"]
 
 
 def _first_line(e: Exception) -> str:
@@ -247,4 +257,4 @@ def _compile_moe_layer(cfg: Config, setup, devices) -> Program:
 
 def fits(result: CompileResult, hbm_bytes: float, headroom: float = 1.0) -> bool:
     train = result.programs.get("train")
-    return bool(train and train.ok and train.memory["total"] <= headroom * hbm_bytes)
+    return bool(train and train.ok and resident_bytes(train.memory) <= headroom * hbm_bytes)

@@ -4,7 +4,7 @@ kernels, the MoE layer's FLOPs check, and the one line that says why a run canno
 from __future__ import annotations
 
 from moe_lab.accounting.plan import device_memory_gib
-from moe_lab.aot.compile import CompileResult, Program
+from moe_lab.aot.compile import CompileResult, Program, resident_bytes
 from moe_lab.config.schema import Config
 from moe_lab.parallel.topology import Topology, tpu_generation_of
 
@@ -98,9 +98,12 @@ def format_report(result: CompileResult, where: str) -> str:
             lines.append(f"{name:<9} FAILED after {p.seconds:.1f} s: {p.error}")
             continue
         mem = p.memory
+        resident = resident_bytes(mem)
         line = (
-            f"{name:<9} {p.seconds:6.1f} s | per device: total {_gib(mem['total'])}"
-            + (f" = {100 * mem['total'] / hbm:.0f}% of {hbm / GIB:g} GiB HBM" if hbm else "")
+            f"{name:<9} {p.seconds:6.1f} s | per device: "
+            + (f"peak {_gib(mem['peak'])}, " if mem.get("peak") else "")
+            + f"total {_gib(mem['total'])}"
+            + (f"; {100 * resident / hbm:.0f}% of {hbm / GIB:g} GiB HBM" if hbm else "")
             + f" (args {_gib(mem['arguments'])}, out {_gib(mem['outputs'])}, aliased "
             f"{_gib(mem['aliased'])}, temp {_gib(mem['temporaries'])})"
         )
@@ -136,10 +139,10 @@ def failure_line(result: CompileResult) -> str:
     if not train.ok:
         return f"the train step does not compile: {train.error}"
     hbm = hbm_bytes_per_device(result)
-    if hbm and train.memory["total"] > hbm:
+    if hbm and resident_bytes(train.memory) > hbm:
         big = "; ".join(f"{desc} {_bytes(b)}" for b, desc in train.largest)
         return (
-            f"the train step does not fit: {_gib(train.memory['total'])} per device > "
+            f"the train step does not fit: {_gib(resident_bytes(train.memory))} per device > "
             f"{hbm / GIB:g} GiB HBM (temporaries {_gib(train.memory['temporaries'])}; "
             f"largest buffers: {big})"
         )

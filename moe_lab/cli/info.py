@@ -95,7 +95,8 @@ def print_info(
     gib = 2**30
     steady = plan["params"] + plan["opt_state"] + plan["grads"]
     print(
-        f"memory per device (mesh {dict(mesh.shape)}, {plan['batch_per_device']} sequences/device): "
+        f"memory per device (mesh {dict(mesh.shape)}, {plan['batch_per_device']} sequences/device"
+        f"{f' per microbatch of {cfg.train.microbatches}' if cfg.train.microbatches > 1 else ''}): "
         f"params {plan['params'] / gib:.3f} GiB, optimizer {plan['opt_state'] / gib:.3f} GiB, "
         f"grads {plan['grads'] / gib:.3f} GiB, activations ~{plan['activations'] / gib:.3f} GiB "
         f"with remat={m.remat} (remat=full: ~{plan['activations_remat_full'] / gib:.3f} GiB)"

@@ -45,7 +45,11 @@ def compile_point(cfg, devices) -> dict:
     if hbm:
         row["hbm_gib"] = hbm / GIB
     if train.ok:
-        row.update(gib_per_device=train.memory["total"] / GIB, kernels=train.kernels)
+        row.update(
+            gib_per_device=train.memory["total"] / GIB,
+            peak_gib_per_device=train.memory.get("peak", 0) / GIB,
+            kernels=train.kernels,
+        )
     return row
 
 
