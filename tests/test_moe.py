@@ -164,6 +164,53 @@ def test_loop_kernel_multi_tile_vs_reference(tiles, empty, capacity=70):
     assert_trees_close(g1, g2, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("skew", ["balanced", "one_expert_most", "an_expert_empty"])
+def test_bulk_and_loop_kernel_vs_reference(skew):
+    """The CPU dropless path at enough rows per expert (layout.bulk_layout): the first
+    C0 rows of every expert at static offsets in one batched einsum, the rest through
+    the loop; (one_expert_most) an expert whose overflow spans several full loop tiles
+    while others leave bulk slots empty; (an_expert_empty) an expert with no row."""
+    from moe_lab.layers.moe_kernels.dispatch import token_choice_moe
+    from moe_lab.layers.moe_kernels.layout import bulk_rows
+    from moe_lab.layers.moe_kernels.reference import dense_gates, reference_moe
+
+    n, d, f, e, k = 400, 8, 16, 4, 2
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    x_ND = jax.random.normal(keys[0], (n, d))
+    logits_NE = jax.random.normal(keys[1], (n, e)) + {
+        "balanced": 0.0,
+        "one_expert_most": jnp.array([3.0, 0, 0, 0]),
+        "an_expert_empty": jnp.array([0, -1e9, 0, 0]),
+    }[skew]
+    expert_NK = jax.lax.top_k(logits_NE, k)[1].astype(jnp.int32)
+    gate_NK = jax.random.uniform(keys[2], (n, k))
+    weights = tuple(
+        jax.random.normal(kk, sh) * 0.5 for kk, sh in zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)])
+    )
+    c0 = bulk_rows(n * k, e)
+    assert c0 == 176  # the bulk path runs (0.9 x 200 rows, a multiple of 8)
+
+    def fast(x_ND, gate_NK, weights):
+        y, layout = token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=None, impl="loop")
+        assert layout.valid_S.shape[0] >= e * c0 + n * k  # bulk slots, then the worst-case overflow
+        return jnp.sum(y**2)
+
+    def ref(x_ND, gate_NK, weights):
+        return jnp.sum(reference_moe(x_ND, dense_gates(expert_NK, gate_NK, e), *weights) ** 2)
+
+    v1, g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
+    v2, g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
+    load_E = np.bincount(np.asarray(expert_NK).ravel(), minlength=e)
+    if skew == "one_expert_most":
+        # the loop runs the overflow in 40-row tiles here (choose_tiles of 24 expected rows):
+        # expert 0's 221 overflow rows span several full tiles; the others leave bulk slots empty
+        assert load_E.max() - c0 > 4 * 40 and load_E.min() < c0
+    if skew == "an_expert_empty":
+        assert load_E[1] == 0
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    assert_trees_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("skew, n", [(False, 150), (True, 150), (False, 2)])
 def test_block_kernel_vs_reference(skew, n):
     """The GPU dropless kernel: groups of several blocks, partial last blocks,

@@ -54,8 +54,8 @@ from moe_lab.layers.mlp import SwiGLU
 from moe_lab.layers.moe import MoE
 from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu
 from moe_lab.layers.moe_kernels.cpu_loop import choose_tiles
-from moe_lab.layers.moe_kernels.dispatch import sorted_swiglu
-from moe_lab.layers.moe_kernels.layout import combine_rows, gather_rows, sorted_layout
+from moe_lab.layers.moe_kernels.dispatch import loop_dropless, sorted_swiglu
+from moe_lab.layers.moe_kernels.layout import bulk_rows, combine_rows, gather_rows, sorted_layout
 
 FULL = {"batch": 16, "seq": 1024, "d_model": 256, "hidden": 512, "experts": (8, 32, 128, 256)}
 QUICK = {"batch": 2, "seq": 64, "d_model": 32, "hidden": 64, "experts": (4, 8)}
@@ -158,39 +158,51 @@ def _router_fn(s: dict, e: int):
 
 def _stage_fns(s: dict, e: int) -> dict[str, tuple]:
     """The dropless CPU layer's stages, each fwd+bwd and jitted by itself, on the
-    routing a real router gives the bench's input: {stage: (fn, args)} for STAGES.
-    Their times add up to about the layer's (each stage's own launch and the
-    layer's reshapes and casts are the difference, printed as "rest")."""
+    routing a real router gives the bench's input: {stage: (fn, args)} for STAGES[1:]
+    (the router stage is the "router alone" row).  The layouts are arguments, not
+    constants (XLA would fold constant row offsets into static slices, which the layer
+    never gets).  Their times add up to about the layer's ("rest": the difference)."""
     n, d, f = s["batch"] * s["seq"], s["d_model"], s["hidden"]
-    router_fn, (router_DE, x_ND) = _router_fn(s, e)
+    _router, (router_DE, x_ND) = _router_fn(s, e)
     keys = jax.random.split(jax.random.PRNGKey(2), 3)
     shapes = [(e, d, f), (e, d, f), (e, f, d)]
     weights = [0.02 * jax.random.normal(k, sh) for k, sh in zip(keys, shapes)]
     tc = routing.SoftmaxTopKRouter()(router_matmul(x_ND, router_DE), None, top_k=TOP_K, renormalize=True)
-    # the layer's own tile choice (dispatch.token_choice_moe, dropless: capacity n)
-    tiles = choose_tiles(min(n, n * TOP_K / e), None, row_macs=d * f)
+    # the layer's own path (dispatch.token_choice_moe, dropless, impl loop)
+    if bulk_rows(n * TOP_K, e):
+
+        def make_layout(expert_NK):
+            return loop_dropless(expert_NK, e, d * f)[0]
+
+        experts = loop_dropless(tc.expert_NK, e, d * f)[1]  # its tiles depend on the shapes only
+    else:
+        tiles = choose_tiles(min(n, n * TOP_K / e), None, row_macs=d * f)
+
+        def make_layout(expert_NK):
+            return sorted_layout(expert_NK, e, n, pad=tiles[0])
+
+        def experts(x_SD, lay, weights):
+            return sorted_swiglu("loop", x_SD, lay.starts_E, lay.counts_E, weights, tiles)
 
     def dispatch(x_ND, expert_NK):
-        layout = sorted_layout(expert_NK, e, n, pad=tiles[0])
-        return jnp.sum(gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK))
+        lay = make_layout(expert_NK)
+        return jnp.sum(gather_rows(x_ND, lay.token_S, lay.row_NK, lay.keep_NK))
 
-    layout = sorted_layout(tc.expert_NK, e, n, pad=tiles[0])
+    layout = jax.jit(make_layout)(tc.expert_NK)
     x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
 
-    def experts(x_SD, weights):
-        return jnp.sum(sorted_swiglu("loop", x_SD, layout.starts_E, layout.counts_E, weights, tiles))
-
-    def combine(y_SD, gate_NK):
-        lay = layout
+    def combine(y_SD, gate_NK, lay):
         return jnp.sum(
             combine_rows(y_SD, gate_NK, lay.row_NK, lay.keep_NK, lay.token_S, lay.assign_S, lay.valid_S)
         )
 
     return {
-        "router": (router_fn, (router_DE, x_ND)),
         "dispatch": (jax.jit(jax.grad(dispatch)), (x_ND, tc.expert_NK)),
-        "experts": (jax.jit(jax.grad(experts, argnums=(0, 1))), (x_SD, weights)),
-        "combine": (jax.jit(jax.grad(combine, argnums=(0, 1))), (x_SD, tc.gate_NK)),
+        "experts": (
+            jax.jit(jax.grad(lambda x, w, lay: jnp.sum(experts(x, lay, w)), argnums=(0, 1))),
+            (x_SD, weights, layout),
+        ),
+        "combine": (jax.jit(jax.grad(combine, argnums=(0, 1))), (x_SD, tc.gate_NK, layout)),
     }
 
 

@@ -110,8 +110,8 @@ def logical_to_spec(
     spec = []
     for i, la in enumerate(logical_axes):
         axes = tuple(a for a in _as_tuple(table.get(la)) if a not in used) if la else ()
-        if mesh is not None:
-            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        if mesh is not None:  # an axis the mesh lacks (a hand-made mesh) shards nothing
+            axes = tuple(a for a in axes if dict(mesh.shape).get(a, 1) > 1)
         if shape is not None and mesh is not None and axes:
             size = math.prod(mesh.shape[a] for a in axes)
             if shape[i] % size:
