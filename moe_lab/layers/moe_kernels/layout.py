@@ -77,17 +77,22 @@ def sorted_layout(expert_NK, num_experts: int, capacity: int, pad: int) -> Layou
 # kernel with runtime starts was 1.36-1.43x the dense layer against 1.14-1.19x with the
 # same starts as compile-time constants (XLA slices them for free), and the bulk split
 # took the experts + dispatch from 1.42x to 1.17x dense at 0.9 (1.26x at 1.0, where
-# the bulk holds padding for every expert below the mean); E = 32: 1.64 -> 1.37x,
-# E = 128: 2.02 -> 1.75x, E = 256: no change (experiments/moe_kernels/README.md).
+# the bulk holds padding for every expert below the mean).
+# In the layer (bench moe, one run): E = 8 1.46 -> 1.22x dense, E = 32 1.65 -> 1.36x,
+# E = 128 2.02 -> 1.97x, but E = 256 2.65 -> 3.46x (the loop over 256 experts stays,
+# for a few overflow rows each, and both paths write [E, D, F] weight gradients): so
+# the split runs from BULK_MIN_EXPECTED_ROWS expected rows per expert on
+# (experiments/moe_kernels/README.md).
 BULK_FRACTION = 0.9
-BULK_MIN_ROWS = 64  # below this many rows per expert the split buys nothing: one path
+BULK_MIN_EXPECTED_ROWS = 512
 
 
-def bulk_rows(assignments: int, num_experts: int, min_rows: int = BULK_MIN_ROWS) -> int:
+def bulk_rows(assignments: int, num_experts: int) -> int:
     """C0, the rows per expert at static offsets in `bulk_layout` (a multiple of 8), or 0
     where the expected rows per expert are too few for the split to pay."""
-    c0 = int(BULK_FRACTION * assignments / num_experts) // 8 * 8
-    return c0 if c0 >= min_rows else 0
+    if assignments / num_experts < BULK_MIN_EXPECTED_ROWS:
+        return 0
+    return int(BULK_FRACTION * assignments / num_experts) // 8 * 8
 
 
 def bulk_layout(expert_NK, num_experts: int, bulk: int, pad: int) -> Layout:
