@@ -17,7 +17,7 @@ TINY = [
     "--config",
     "configs/tiny.py",
     "--config.model.d_model=32",
-    "--config.model.num_layers=2",
+    "--config.model.num_layers=1",  # one layer: four processes compile it
     "--config.model.mlp_hidden=64",
     "--config.data.seq_len=32",
     "--config.train.batch_size=8",
