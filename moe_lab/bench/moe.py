@@ -53,9 +53,8 @@ from moe_lab.layers.base import router_matmul
 from moe_lab.layers.mlp import SwiGLU
 from moe_lab.layers.moe import MoE
 from moe_lab.layers.moe_kernels.accelerator import buffer_swiglu
-from moe_lab.layers.moe_kernels.cpu_loop import choose_tiles
-from moe_lab.layers.moe_kernels.dispatch import loop_dropless, sorted_swiglu
-from moe_lab.layers.moe_kernels.layout import bulk_rows, combine_rows, gather_rows, sorted_layout
+from moe_lab.layers.moe_kernels.dispatch import loop_dropless
+from moe_lab.layers.moe_kernels.layout import combine_rows, gather_rows, sorted_layout
 
 FULL = {"batch": 16, "seq": 1024, "d_model": 256, "hidden": 512, "experts": (8, 32, 128, 256)}
 QUICK = {"batch": 2, "seq": 64, "d_model": 32, "hidden": 64, "experts": (4, 8)}
@@ -162,27 +161,18 @@ def _stage_fns(s: dict, e: int) -> dict[str, tuple]:
     (the router stage is the "router alone" row).  The layouts are arguments, not
     constants (XLA would fold constant row offsets into static slices, which the layer
     never gets).  Their times add up to about the layer's ("rest": the difference)."""
-    n, d, f = s["batch"] * s["seq"], s["d_model"], s["hidden"]
-    _router, (router_DE, x_ND) = _router_fn(s, e)
+    d, f = s["d_model"], s["hidden"]
+    _router, (router_DE, x_ND) = _router_fn(s, e)  # the router stage's inputs
     keys = jax.random.split(jax.random.PRNGKey(2), 3)
     shapes = [(e, d, f), (e, d, f), (e, f, d)]
     weights = [0.02 * jax.random.normal(k, sh) for k, sh in zip(keys, shapes)]
     tc = routing.SoftmaxTopKRouter()(router_matmul(x_ND, router_DE), None, top_k=TOP_K, renormalize=True)
-    # the layer's own path (dispatch.token_choice_moe, dropless, impl loop)
-    if bulk_rows(n * TOP_K, e):
+    # the layer's own path (dispatch.token_choice_moe, dropless, impl loop); the
+    # experts function depends on the shapes only, not on the routing it is built from
+    experts = loop_dropless(tc.expert_NK, e, d * f)[1]
 
-        def make_layout(expert_NK):
-            return loop_dropless(expert_NK, e, d * f)[0]
-
-        experts = loop_dropless(tc.expert_NK, e, d * f)[1]  # its tiles depend on the shapes only
-    else:
-        tiles = choose_tiles(min(n, n * TOP_K / e), None, row_macs=d * f)
-
-        def make_layout(expert_NK):
-            return sorted_layout(expert_NK, e, n, pad=tiles[0])
-
-        def experts(x_SD, lay, weights):
-            return sorted_swiglu("loop", x_SD, lay.starts_E, lay.counts_E, weights, tiles)
+    def make_layout(expert_NK):
+        return loop_dropless(expert_NK, e, d * f)[0]
 
     def dispatch(x_ND, expert_NK):
         lay = make_layout(expert_NK)

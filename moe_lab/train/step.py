@@ -202,15 +202,21 @@ def make_train_step(
         ).applications
     seed = cfg.train.seed + 1
 
-    def loss_fn(params, model_state, batch, rng):
+    microbatches = cfg.train.microbatches
+
+    def loss_fn(params, model_state, batch, rng, w_total=None):
+        """w_total: the whole batch's loss weight when `batch` is one of its
+        microbatches (the LM loss is then this slice's share of the batch's mean, and
+        the aux losses a 1/microbatches share of their average)."""
         logits_BTV, aux = forward(graphdef, params, model_state, batch, train=True, rng=rng)
         ce_BT = token_losses(logits_BTV, batch["targets"])
         w_BT = loss_weights(batch, cfg.train.loss_on, eos_id)
-        lm_loss = jnp.sum(ce_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
         aux_loss = total_aux_loss(aux)
-        return lm_loss + aux_loss, (lm_loss, aux_loss, ce_BT, aux)
-
-    microbatches = cfg.train.microbatches
+        if w_total is None:
+            lm_loss = jnp.sum(ce_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+            return lm_loss + aux_loss, (lm_loss, aux_loss, ce_BT, aux)
+        lm_part = jnp.sum(ce_BT * w_BT) / w_total
+        return lm_part + aux_loss / microbatches, (lm_part, aux_loss, ce_BT, aux)
 
     def accumulated_grads(params, model_state, batch, rng):
         """Gradient accumulation over `microbatches` slices of the batch (lax.scan:
@@ -226,17 +232,10 @@ def make_train_step(
             for k, v in batch.items()
         }
 
-        def slice_loss(params, mb, rng):
-            logits_BTV, aux = forward(graphdef, params, model_state, mb, train=True, rng=rng)
-            ce_BT = token_losses(logits_BTV, mb["targets"])
-            lm_part = jnp.sum(ce_BT * loss_weights(mb, cfg.train.loss_on, eos_id)) / w_total
-            aux_loss = total_aux_loss(aux)
-            return lm_part + aux_loss / microbatches, (lm_part, aux_loss, ce_BT, aux)
-
         def body(grads_acc, xs):
             mb, i = xs
-            (total, (lm_part, aux_loss, ce_BT, aux)), grads = jax.value_and_grad(slice_loss, has_aux=True)(
-                params, mb, jax.random.fold_in(rng, i)
+            (total, (lm_part, aux_loss, ce_BT, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, model_state, mb, jax.random.fold_in(rng, i), w_total
             )
             num, den = per_task_sums(ce_BT, mb["weights"], mb["task_ids"], num_tasks)
             return jax.tree.map(jnp.add, grads_acc, grads), (total, lm_part, aux_loss, num, den, aux)

@@ -114,14 +114,23 @@ def bulk_and_loop_swiglu(x_SD, bulk: int, over_starts_E, over_counts_E, weights,
 
 
 def loop_dropless(expert_NK, num_experts: int, row_macs: int, tiles: tuple[int, int] | None = None):
-    """(layout, experts) of the CPU dropless path with a bulk (`bulk_rows` > 0): the
-    `bulk_layout` of the assignments and experts(x_SD, layout, weights) -> y_SD.  Most
-    rows at static offsets (one batched einsum), the rest through the loop, in tiles
-    sized for the expected overflow per expert (`bench moe` times the stages alone)."""
+    """(layout, experts) of the CPU dropless path: the layout of the assignments and
+    experts(x_SD, layout, weights) -> y_SD (`bench moe` times the two apart).
+
+    With `bulk_rows` > 0, the `bulk_layout`: most rows at static offsets (one batched
+    einsum), the rest through the loop, in tiles sized for the expected overflow per
+    expert; else the `sorted_layout` and the loop over all rows."""
     n, k = expert_NK.shape
     bulk = bulk_rows(n * k, num_experts)
-    over_rows = max(8.0, n * k / num_experts - bulk)
-    tiles = tiles or choose_tiles(over_rows, None, row_macs=row_macs)
+    if not bulk:  # an expert gets each token at most once: n rows at most
+        tiles = tiles or choose_tiles(min(n, n * k / num_experts), None, row_macs=row_macs)
+        layout = sorted_layout(expert_NK, num_experts, n, pad=tiles[0])
+
+        def experts(x_SD, layout, weights):
+            return grouped_swiglu_loop(x_SD, layout.starts_E, layout.counts_E, *weights, tiles)
+
+        return layout, experts
+    tiles = tiles or choose_tiles(max(8.0, n * k / num_experts - bulk), None, row_macs=row_macs)
     layout = bulk_layout(expert_NK, num_experts, bulk, pad=tiles[0])
 
     def experts(x_SD, layout, weights):
@@ -164,7 +173,7 @@ def token_choice_moe(
         layout = buffer_layout(expert_NK, num_experts, cap)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = buffer_swiglu(x_SD.reshape(num_experts, cap, -1), *weights).reshape(x_SD.shape)
-    elif impl == "loop" and capacity is None and bulk_rows(n * k, num_experts):
+    elif impl == "loop" and capacity is None:
         layout, experts = loop_dropless(expert_NK, num_experts, x_ND.shape[1] * weights[0].shape[-1], tiles)
         x_SD = gather_rows(x_ND, layout.token_S, layout.row_NK, layout.keep_NK)
         y_SD = experts(x_SD, layout, weights)

@@ -112,17 +112,22 @@ def bulk_layout(expert_NK, num_experts: int, bulk: int, pad: int) -> Layout:
     row_A = jnp.where(
         pos_A < bulk, e_A * bulk + pos_A, num_experts * bulk + over_start_E[e_A] + pos_A - bulk
     ).astype(jnp.int32)
-    rows = num_experts * bulk + a + pad
-    arange_A = jnp.arange(a, dtype=jnp.int32)
-    assign_S = jnp.zeros((rows,), jnp.int32).at[row_A].set(arange_A)
+    return _dropless_layout(row_A, num_experts * bulk + a + pad, (n, k), over_start_E, over_E, load_E)
+
+
+def _dropless_layout(row_A, rows: int, nk: tuple[int, int], starts_E, counts_E, load_E) -> Layout:
+    """The Layout of dropless rows from the row of every assignment (row_A, distinct
+    rows in [0, rows)): rows no assignment holds are invalid (never combined)."""
+    n, k = nk
+    assign_S = jnp.zeros((rows,), jnp.int32).at[row_A].set(jnp.arange(n * k, dtype=jnp.int32))
     return Layout(
         token_S=assign_S // k,
         assign_S=assign_S,
         valid_S=jnp.zeros((rows,), bool).at[row_A].set(True),
         row_NK=row_A.reshape(n, k),
         keep_NK=jnp.ones((n, k), bool),
-        starts_E=over_start_E,
-        counts_E=over_E,
+        starts_E=starts_E,
+        counts_E=counts_E,
         load_E=load_E,
     )
 
@@ -168,23 +173,10 @@ def block_layout(expert_NK, num_experts: int, block: int) -> tuple[Layout, jax.A
     end_E = jnp.cumsum(blocks_E).astype(jnp.int32)  # exclusive end block of each expert
     starts_E = (end_E - blocks_E) * block
     row_A = starts_E[e_A] + pos_A  # assignment (n, k) -> its row
-    rows = num_blocks * block
-    arange_A = jnp.arange(a, dtype=jnp.int32)
-    assign_S = jnp.zeros((rows,), jnp.int32).at[row_A].set(arange_A)
     block_expert_J = jnp.minimum(
         jnp.searchsorted(end_E, jnp.arange(num_blocks, dtype=jnp.int32), side="right"), num_experts - 1
     ).astype(jnp.int32)
-    layout = Layout(
-        token_S=assign_S // k,
-        assign_S=assign_S,
-        valid_S=jnp.zeros((rows,), bool).at[row_A].set(True),
-        row_NK=row_A.reshape(n, k),
-        keep_NK=jnp.ones((n, k), bool),
-        starts_E=starts_E,
-        counts_E=load_E,
-        load_E=load_E,
-    )
-    return layout, block_expert_J
+    return _dropless_layout(row_A, num_blocks * block, (n, k), starts_E, load_E, load_E), block_expert_J
 
 
 def choose_block(assignments: int, num_experts: int) -> int:
