@@ -196,13 +196,15 @@ def test_bulk_and_loop_kernel_vs_reference(skew):
     def fast(x_ND, gate_NK, weights):
         y, layout = token_choice_moe(x_ND, expert_NK, gate_NK, weights, capacity=None, impl="loop")
         assert layout.valid_S.shape[0] >= e * c0 + n * k  # bulk slots, then the worst-case overflow
-        return jnp.sum(y**2)
+        return jnp.sum(y**2), y
 
     def ref(x_ND, gate_NK, weights):
-        return jnp.sum(reference_moe(x_ND, dense_gates(expert_NK, gate_NK, e), *weights) ** 2)
+        y = reference_moe(x_ND, dense_gates(expert_NK, gate_NK, e), *weights)
+        return jnp.sum(y**2), y
 
-    v1, g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
-    v2, g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2)))(x_ND, gate_NK, weights)
+    (v1, y1), g1 = jax.jit(jax.value_and_grad(fast, argnums=(0, 1, 2), has_aux=True))(x_ND, gate_NK, weights)
+    (v2, y2), g2 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True))(x_ND, gate_NK, weights)
+    assert_trees_close(y1, y2, rtol=1e-4, atol=1e-4)  # outputs, every token
     load_E = np.bincount(np.asarray(expert_NK).ravel(), minlength=e)
     if skew == "one_expert_most":
         # the loop runs the overflow in 88-row tiles here (choose_tiles of 56 expected rows):
